@@ -1,0 +1,29 @@
+"""corral: the secure environment layer for autonomous agents."""
+
+from corral.config import EgressPolicy, EgressRule, Limits, RuntimeConfig, SandboxConfig
+from corral.errors import (
+    CommandTimeout,
+    ConfigError,
+    CorralError,
+    FileAccessError,
+    IsolationUnavailable,
+    PolicyError,
+    SandboxClosed,
+    SandboxError,
+    SandboxFrozen,
+    SessionError,
+    StoreError,
+)
+from corral.events import Event, EventKind, Finding, Severity, Verdict
+from corral.runtime import Runtime
+from corral.sandbox import ExecResult, OutputChunk, Sandbox, Session
+from corral.store import Store
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CommandTimeout", "ConfigError", "CorralError", "EgressPolicy", "EgressRule", "Event", "EventKind",
+    "ExecResult", "FileAccessError", "Finding", "IsolationUnavailable", "Limits", "OutputChunk",
+    "PolicyError", "Runtime", "RuntimeConfig", "Sandbox", "SandboxClosed", "SandboxConfig", "SandboxError",
+    "SandboxFrozen", "Session", "SessionError", "Severity", "Store", "StoreError", "Verdict",
+]

@@ -1,0 +1,229 @@
+"""Typed configuration: sandbox limits, egress policy, runtime settings.
+
+Everything is pydantic so a malformed config or policy file fails at load time with the field and
+the fix, never halfway through a run.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from corral.errors import ConfigError, PolicyError
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+_DOMAIN_RE = re.compile(r"^(\*\.)?([a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?\.)*[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?$")
+
+
+class EgressRule(BaseModel):
+    """One allow rule: a domain (exact or ``*.suffix``) or a CIDR, optionally restricted to ports."""
+
+    model_config = ConfigDict(frozen=True)
+
+    domain: str | None = None
+    cidr: str | None = None
+    ports: tuple[int, int] | None = None  # inclusive range; None = any port
+
+    @classmethod
+    def parse(cls, text: str) -> EgressRule:
+        """Parse ``example.com``, ``*.pypi.org:443``, ``10.0.0.0/8``, ``198.51.100.7:22``,
+        ``[2001:db8::/32]:443`` or a port range ``host:8000-8100``."""
+        raw = text.strip()
+        if not raw:
+            raise PolicyError("empty egress rule; write a domain, *.suffix, IP or CIDR, e.g. 'pypi.org:443'")
+        host, ports = raw, None
+        if raw.startswith("["):
+            end = raw.find("]")
+            if end < 0:
+                raise PolicyError(f"egress rule {text!r}: unclosed '['; write e.g. '[2001:db8::/32]:443'")
+            host, rest = raw[1:end], raw[end + 1 :]
+            if rest:
+                if not rest.startswith(":"):
+                    raise PolicyError(f"egress rule {text!r}: expected ':PORT' after ']'")
+                ports = _parse_ports(rest[1:], text)
+        elif raw.count(":") == 1:
+            host, port_text = raw.split(":")
+            ports = _parse_ports(port_text, text)
+        try:
+            net = ipaddress.ip_network(host, strict=False)
+            return cls(cidr=str(net), ports=ports)
+        except ValueError:
+            pass
+        domain = host.lower().rstrip(".")
+        if not _DOMAIN_RE.match(domain) or domain.replace(".", "").replace("*", "").isdigit():
+            raise PolicyError(
+                f"egress rule {text!r}: {host!r} is neither a domain, '*.suffix', an IP nor a CIDR; "
+                "examples: 'pypi.org', '*.example.com:443', '198.51.100.0/24', '203.0.113.5:22'"
+            )
+        return cls(domain=domain, ports=ports)
+
+    @model_validator(mode="after")
+    def _one_target(self) -> EgressRule:
+        if (self.domain is None) == (self.cidr is None):
+            raise ValueError("an egress rule names exactly one of 'domain' or 'cidr'")
+        if self.ports is not None:
+            lo, hi = self.ports
+            if not (1 <= lo <= hi <= 65535):
+                raise ValueError(f"port range {lo}-{hi} must lie within 1-65535 with low <= high")
+        return self
+
+    @property
+    def network(self) -> IPNetwork | None:
+        return ipaddress.ip_network(self.cidr) if self.cidr else None
+
+    def port_ok(self, port: int) -> bool:
+        return self.ports is None or self.ports[0] <= port <= self.ports[1]
+
+    def matches_name(self, name: str) -> bool:
+        if self.domain is None:
+            return False
+        name = name.lower().rstrip(".")
+        if self.domain.startswith("*."):
+            return name.endswith(self.domain[1:])
+        return name == self.domain
+
+    def __str__(self) -> str:
+        target = self.domain or self.cidr or "?"
+        if self.ports is None:
+            return target
+        lo, hi = self.ports
+        return f"{target}:{lo}" if lo == hi else f"{target}:{lo}-{hi}"
+
+
+def _parse_ports(text: str, rule: str) -> tuple[int, int]:
+    try:
+        if "-" in text:
+            lo, hi = (int(p) for p in text.split("-", 1))
+        else:
+            lo = hi = int(text)
+    except ValueError:
+        raise PolicyError(f"egress rule {rule!r}: port {text!r} is not a number or range like 8000-8100") from None
+    if not (1 <= lo <= hi <= 65535):
+        raise PolicyError(f"egress rule {rule!r}: ports must lie within 1-65535 with low <= high")
+    return lo, hi
+
+
+class EgressPolicy(BaseModel):
+    """Default-deny egress. Private, link-local, metadata and host addresses stay denied unless a
+    CIDR rule names them explicitly; a domain rule never opens them."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    allow: tuple[EgressRule, ...] = ()
+    dns: bool = True  # answer queries for allowed names; queries for others get NXDOMAIN
+    first_bytes_timeout: float = Field(0.25, gt=0, le=10)  # wait this long for client-first bytes
+
+    @field_validator("allow", mode="before")
+    @classmethod
+    def _parse_rules(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [value]
+        out = []
+        for item in value or ():
+            out.append(EgressRule.parse(item) if isinstance(item, str) else item)
+        return tuple(out)
+
+    @classmethod
+    def allowing(cls, *rules: str) -> EgressPolicy:
+        return cls(allow=tuple(EgressRule.parse(r) for r in rules))
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> EgressPolicy:
+        data = _load_yaml(path)
+        data = data.get("egress", data) if isinstance(data, dict) else data
+        return _validate(cls, data, path)
+
+
+class Limits(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    memory_mb: Annotated[int, Field(ge=16)] = 1024
+    cpus: Annotated[float, Field(gt=0, le=1024)] = 1.0
+    pids: Annotated[int, Field(ge=8)] = 256
+    workspace_mb: Annotated[int, Field(ge=1)] = 512
+    tmp_mb: Annotated[int, Field(ge=1)] = 256
+    output_bytes: Annotated[int, Field(ge=1024)] = 1 << 20  # per stream, per command
+    timeout: Annotated[float, Field(gt=0)] = 120.0  # default wall clock per command
+    open_files: Annotated[int, Field(ge=64)] = 4096
+
+
+class SandboxConfig(BaseModel):
+    """What a sandbox looks like. Equal configs share a warm pool."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    limits: Limits = Limits()
+    egress: EgressPolicy = EgressPolicy()
+    rootfs: Path | None = None  # None: the host's root, read-only
+    workspace_template: Path | None = None  # copied into /workspace at create and reset
+    env: tuple[tuple[str, str], ...] = ()
+    gpu: bool = False  # bind the host's /dev/nvidia* nodes; off by default
+    hostname: str = "corral"
+    shell: str = "/bin/bash"
+
+    @field_validator("env", mode="before")
+    @classmethod
+    def _env_items(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            return tuple(sorted((str(k), str(v)) for k, v in value.items()))
+        return value
+
+    @field_validator("rootfs", "workspace_template")
+    @classmethod
+    def _exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_dir():
+            raise ValueError(f"{value} is not a directory; give an existing directory or leave it unset")
+        return value
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> SandboxConfig:
+        return _validate(cls, _load_yaml(path), path)
+
+
+def _load_yaml(path: str | Path) -> Any:
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read config {p}: {e.strerror}; check the path") from None
+    try:
+        return yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{p}:{where}: invalid YAML ({getattr(e, 'problem', e)}); fix the syntax") from None
+
+
+def _validate(cls: type[BaseModel], data: Any, path: str | Path) -> Any:
+    try:
+        return cls.model_validate(data)
+    except PolicyError as e:
+        raise PolicyError(f"{path}: {e}") from None
+    except ValidationError as e:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg']}" for err in e.errors()
+        )
+        raise ConfigError(f"{path}: {problems}") from None
+
+
+class RuntimeConfig(BaseModel):
+    """Settings of one corral runtime (one process serving many sandboxes)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    state_dir: Path = Path(".corral")
+    store_url: str | None = None  # default: sqlite file in state_dir
+    hosts: dict[str, list[str]] = Field(default_factory=dict)  # static DNS answers (test worlds)
+    system_dns: bool = True  # resolve other allowed names with this machine's resolver
+    uid_base: Annotated[int, Field(ge=65536, le=4_000_000_000)] = 1_500_000_000
+    lock_dir: Path = Path("/run/corral")
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> RuntimeConfig:
+        return _validate(cls, _load_yaml(path), path)

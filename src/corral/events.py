@@ -1,0 +1,82 @@
+"""The one set of types every stage shares: events (facts) and findings (judgements over events).
+
+The sandbox, the gateway, the DNS resolver, the monitor and the detector all emit these; the store
+persists them; reports, rewards and APIs read them. No stage passes its internals to another.
+"""
+
+from __future__ import annotations
+
+import time
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+class EventKind(StrEnum):
+    SANDBOX = "sandbox"  # lifecycle: created, reset, closed, frozen, released
+    COMMAND = "command"  # a command about to run (a step) and its result
+    PROCESS = "process"  # a process exec inside a sandbox
+    CONNECT = "connect"  # an outbound connection attempt through the gateway
+    DNS = "dns"  # a DNS query through corral's resolver
+    FILE = "file"  # a change to a protected path
+    GPU = "gpu"  # a GPU process or utilisation sample
+    ACTION = "action"  # a containment action corral took
+
+
+class Verdict(StrEnum):
+    ALLOW = "allow"
+    DENY = "deny"
+
+
+class Severity(StrEnum):
+    INFO = "info"
+    LOW = "low"
+    MEDIUM = "medium"
+    HIGH = "high"
+    CRITICAL = "critical"
+
+
+class Event(BaseModel):
+    """A fact observed about a sandbox, with the context needed to attribute it."""
+
+    id: int | None = None  # assigned by the store
+    ts: float = Field(default_factory=time.time)
+    kind: EventKind
+    action: str  # e.g. "created", "exec", "connect", "query", "exit"
+    sandbox_id: str
+    episode_id: str | None = None
+    step: int | None = None
+    command: str | None = None
+    pid: int | None = None
+    ppid: int | None = None
+    exe: str | None = None
+    argv: list[str] | None = None
+    dst_ip: str | None = None
+    dst_port: int | None = None
+    name: str | None = None  # resolved/queried domain, SNI or Host
+    protocol: str | None = None  # classification of the first bytes
+    verdict: Verdict | None = None
+    reason: str | None = None
+    bytes_up: int | None = None
+    bytes_down: int | None = None
+    data: dict[str, Any] = Field(default_factory=dict)
+
+
+class Finding(BaseModel):
+    """A rule's judgement over events, attributed to the step whose command caused it."""
+
+    id: int | None = None
+    ts: float = Field(default_factory=time.time)
+    rule_id: str
+    title: str
+    severity: Severity
+    technique: str | None = None  # MITRE ATT&CK id, e.g. T1496
+    sandbox_id: str
+    episode_id: str | None = None
+    step: int | None = None
+    command: str | None = None
+    pid: int | None = None
+    evidence: list[int] = Field(default_factory=list)  # event ids
+    action: str = "record"
+    data: dict[str, Any] = Field(default_factory=dict)

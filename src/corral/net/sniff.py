@@ -1,0 +1,95 @@
+"""Classify a connection by its first client bytes. Pure functions over bytes: easy to test.
+
+Knows: mining JSON-RPC (stratum mining.subscribe/authorize/submit, xmrig-style login with agent),
+SSH version banner, TLS ClientHello (with SNI), HTTP/1.x requests (method, Host, path), else unknown.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+
+STRATUM_METHODS = {
+    "mining.subscribe", "mining.authorize", "mining.submit", "mining.extranonce.subscribe",
+    "mining.configure", "mining.notify", "eth_submitLogin", "eth_getWork", "eth_submitWork",
+}
+_HTTP_RE = re.compile(rb"^(GET|POST|PUT|DELETE|HEAD|OPTIONS|PATCH|CONNECT|TRACE) (\S+) HTTP/1\.[01]\r?\n")
+
+
+@dataclass(frozen=True)
+class Sniff:
+    protocol: str  # stratum | xmrig | ssh | tls | http | unknown | none
+    name: str | None = None  # SNI or Host
+    detail: dict | None = None
+
+
+def classify(data: bytes) -> Sniff:
+    if not data:
+        return Sniff("none")
+    if data.startswith(b"SSH-"):
+        banner = data.split(b"\n", 1)[0].strip().decode("latin-1")
+        return Sniff("ssh", detail={"banner": banner[:200]})
+    if data[0] == 0x16 and len(data) >= 6 and data[1] == 0x03 and data[5] == 0x01:
+        return Sniff("tls", name=tls_sni(data))
+    m = _HTTP_RE.match(data)
+    if m:
+        host = None
+        for line in data.split(b"\r\n")[1:]:
+            if line.lower().startswith(b"host:"):
+                host = line[5:].strip().decode("latin-1").rsplit(":", 1)[0].lower() or None
+                break
+        return Sniff("http", name=host, detail={"method": m.group(1).decode(), "path": m.group(2).decode()[:300]})
+    mining = _json_rpc_mining(data)
+    if mining:
+        return mining
+    return Sniff("unknown", detail={"head": data[:32].hex()})
+
+
+def _json_rpc_mining(data: bytes) -> Sniff | None:
+    stripped = data.lstrip()
+    if not stripped.startswith(b"{"):
+        return None
+    for line in stripped.split(b"\n"):
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            msg = json.loads(line)
+        except (ValueError, UnicodeDecodeError):
+            return None
+        if not isinstance(msg, dict):
+            return None
+        method = msg.get("method")
+        if method in STRATUM_METHODS:
+            return Sniff("stratum", detail={"method": method})
+        params = msg.get("params")
+        if method == "login" and isinstance(params, dict) and ("agent" in params or "pass" in params):
+            return Sniff("xmrig", detail={"method": "login", "agent": str(params.get("agent", ""))[:100]})
+        if method in {"submit", "getjob", "keepalived"} and isinstance(params, dict):
+            return Sniff("xmrig", detail={"method": method})
+        return None
+    return None
+
+
+def tls_sni(data: bytes) -> str | None:
+    """server_name from a TLS ClientHello record, or None if absent or truncated."""
+    try:
+        pos = 5 + 4  # record header, handshake header
+        pos += 2 + 32  # client version, random
+        pos += 1 + data[pos]  # session id
+        pos += 2 + int.from_bytes(data[pos : pos + 2], "big")  # cipher suites
+        pos += 1 + data[pos]  # compression methods
+        end = pos + 2 + int.from_bytes(data[pos : pos + 2], "big")
+        pos += 2
+        while pos + 4 <= end and pos + 4 <= len(data):
+            ext_type = int.from_bytes(data[pos : pos + 2], "big")
+            ext_len = int.from_bytes(data[pos + 2 : pos + 4], "big")
+            body = data[pos + 4 : pos + 4 + ext_len]
+            if ext_type == 0 and len(body) >= 5:
+                name_len = int.from_bytes(body[3:5], "big")
+                return body[5 : 5 + name_len].decode("idna").lower() or None
+            pos += 4 + ext_len
+    except (IndexError, UnicodeError):
+        return None
+    return None

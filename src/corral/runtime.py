@@ -1,0 +1,309 @@
+"""Runtime: the host side that sandboxes share. One per process is typical.
+
+It owns the instance id (a lock under /run/corral that also tells `corral gc` whether its leftovers
+belong to a live process), the gateway and DNS resolver, the nftables table, corral's cgroups, the
+event store, and the warm pool of ready sandboxes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import os
+import random
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import ClassVar
+
+from pyroute2 import IPRoute
+
+from corral.config import RuntimeConfig, SandboxConfig
+from corral.errors import IsolationUnavailable
+from corral.events import Event, EventKind
+from corral.net import netns, nft
+from corral.net.dns import DNSServer, static_resolver, system_resolver
+from corral.net.gateway import Gateway, host_addresses
+from corral.net.tenants import Tenant, Tenants
+from corral.sandbox.cgroups import InstanceCgroups, discover
+from corral.sandbox.sandbox import Sandbox
+from corral.store import Store
+
+MAX_INSTANCES = 1024
+MAX_SEQ = 4095
+
+
+class Runtime:
+    _default: ClassVar[Runtime | None] = None
+    _default_lock: ClassVar[asyncio.Lock | None] = None
+
+    def __init__(self, config: RuntimeConfig | None = None, *, store: Store | None = None) -> None:
+        self.config = config or RuntimeConfig()
+        self._store = store
+        self.instance = -1
+        self._lock_fd: int | None = None
+        self.tenants = Tenants()
+        self.sandboxes: dict[str, Sandbox] = {}
+        self._subscribers: list[Callable[[Event], None]] = []
+        self._free_seqs: list[int] = []
+        self._next_seq = 2
+        self._ipr: IPRoute | None = None
+        self._ipr_lock = threading.Lock()
+        self._pool: dict[SandboxConfig, list[Sandbox]] = {}
+        self._pool_targets: dict[SandboxConfig, int] = {}
+        self._refill_tasks: set[asyncio.Task] = set()
+        self.cgroups: InstanceCgroups | None = None
+        self.cgroup_problem: str | None = None
+        self.gateway: Gateway | None = None
+        self.dns_transport: asyncio.DatagramTransport | None = None
+        self.sandbox_files: dict[str, Path] = {}
+        self.started = False
+
+    # -- start / stop ------------------------------------------------------------------------------
+    @classmethod
+    async def default(cls) -> Runtime:
+        if cls._default_lock is None:
+            cls._default_lock = asyncio.Lock()
+        async with cls._default_lock:
+            if cls._default is None or not cls._default.started:
+                rt = cls()
+                await rt.start()
+                cls._default = rt
+            return cls._default
+
+    @property
+    def store(self) -> Store:
+        assert self._store is not None, "runtime not started"
+        return self._store
+
+    async def start(self) -> Runtime:
+        if self.started:
+            return self
+        if os.geteuid() != 0:
+            raise IsolationUnavailable("corral's runtime needs root (network namespaces, nftables, cgroups); "
+                                       "run it as root or in a root container")
+        self._acquire_instance()
+        state = self.config.state_dir
+        state.mkdir(parents=True, exist_ok=True)
+        if self._store is None:
+            self._store = Store(self.config.store_url or state / "corral.db")
+        files = state / "run" / f"{self.instance:03x}"
+        files.mkdir(parents=True, exist_ok=True)
+        (files / "resolv.conf").write_text(f"nameserver {netns.HOST_IP}\noptions timeout:2 attempts:2\n")
+        (files / "hosts").write_text("127.0.0.1\tlocalhost\n::1\tlocalhost\n")
+        self.sandbox_files = {"resolv.conf": files / "resolv.conf", "hosts": files / "hosts"}
+        h = discover(f"{self.instance:03x}")
+        if h.version is not None:
+            self.cgroups = InstanceCgroups(h)
+        self.cgroup_problem = h.problem
+        # pyroute2's sync API runs its own event loop: it is only ever used from worker threads.
+        self._ipr = await asyncio.to_thread(IPRoute)
+        self.gateway = Gateway(self.tenants, self.emit, await asyncio.to_thread(host_addresses))
+        gw_port = await self.gateway.start()
+        fallback = system_resolver if self.config.system_dns else None
+        resolver = static_resolver(self.config.hosts, fallback)
+        loop = asyncio.get_running_loop()
+        self.dns_transport, _ = await loop.create_datagram_endpoint(
+            lambda: DNSServer(self.tenants, resolver, self.emit), local_addr=("0.0.0.0", 0))
+        dns_port = self.dns_transport.get_extra_info("sockname")[1]
+        await asyncio.to_thread(nft.install, self.instance, gw_port, dns_port)
+        self.started = True
+        return self
+
+    def _acquire_instance(self) -> None:
+        lock_dir = self.config.lock_dir
+        lock_dir.mkdir(parents=True, exist_ok=True)
+        for i in random.sample(range(MAX_INSTANCES), MAX_INSTANCES):
+            fd = os.open(lock_dir / f"instance-{i:03x}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            self.instance, self._lock_fd = i, fd
+            return
+        raise IsolationUnavailable(f"all {MAX_INSTANCES} corral instance slots in {lock_dir} are taken")
+
+    async def close(self) -> None:
+        """Close every sandbox and remove everything this runtime created."""
+        if not self.started:
+            return
+        for t in list(self._refill_tasks):
+            t.cancel()
+        pooled = [sb for sbs in self._pool.values() for sb in sbs]
+        self._pool.clear()
+        self._pool_targets.clear()
+        await asyncio.gather(*(sb.close() for sb in [*self.sandboxes.values(), *pooled]),
+                             return_exceptions=True)
+        if self.gateway:
+            self.gateway.kill()
+        if self.dns_transport:
+            self.dns_transport.close()
+        with contextlib.suppress(IsolationUnavailable):
+            await asyncio.to_thread(nft.remove, self.instance)
+        if self.cgroups:
+            await asyncio.to_thread(self.cgroups.remove)
+        if self._ipr:
+            await asyncio.to_thread(self._ipr.close)
+        if self._store is not None:
+            self._store.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+        self.started = False
+        if Runtime._default is self:
+            Runtime._default = None
+
+    async def __aenter__(self) -> Runtime:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- events ------------------------------------------------------------------------------------
+    def emit(self, ev: Event) -> None:
+        """Record an event durably, then hand it to subscribers (the monitor, followers)."""
+        self.store.record(ev)
+        for fn in list(self._subscribers):
+            fn(ev)
+
+    def subscribe(self, fn: Callable[[Event], None]) -> Callable[[], None]:
+        self._subscribers.append(fn)
+        return lambda: self._subscribers.remove(fn)
+
+    # -- sandboxes ---------------------------------------------------------------------------------
+    async def create(self, config: SandboxConfig | None = None, *, sandbox_id: str | None = None,
+                     episode_id: str | None = None) -> Sandbox:
+        """A ready sandbox: from the warm pool when one matches, else built now."""
+        config = config or SandboxConfig()
+        t0 = time.perf_counter()
+        pool = self._pool.get(config)
+        sb = pool.pop() if pool else None
+        warm = sb is not None
+        if sb is not None:
+            self._refill(config)
+            if sandbox_id:
+                self._rename(sb, sandbox_id)
+        else:
+            sb = Sandbox(config, runtime=self, sandbox_id=sandbox_id)
+            await self._build(sb)
+        sb.episode_id = episode_id
+        self.sandboxes[sb.id] = sb
+        self.emit(Event(kind=EventKind.SANDBOX, action="created", sandbox_id=sb.id, episode_id=episode_id,
+                        data={"warm": warm, "create_seconds": time.perf_counter() - t0, "ip": sb.net.ip if sb.net else None,
+                              "uid": sb.uid, "cgroups": sb.cgroup is not None}))
+        return sb
+
+    async def adopt(self, sb: Sandbox) -> None:
+        """Start a Sandbox object made with Sandbox(config) (the `async with` form)."""
+        sb._runtime = self
+        await self._build(sb)
+        self.sandboxes[sb.id] = sb
+        self.emit(Event(kind=EventKind.SANDBOX, action="created", sandbox_id=sb.id, episode_id=sb.episode_id,
+                        data={"warm": False, "ip": sb.net.ip if sb.net else None, "uid": sb.uid}))
+
+    def _rename(self, sb: Sandbox, new_id: str) -> None:
+        if new_id in self.sandboxes:
+            raise ValueError(f"sandbox id {new_id!r} is in use; choose another")
+        sb.id = new_id
+        if sb.net:
+            t = self.tenants.get(sb.net.ip)
+            if t:
+                t.sandbox_id = new_id
+
+    async def _build(self, sb: Sandbox) -> None:
+        if not self.started:
+            await self.start()
+        if sb.id in self.sandboxes:
+            raise ValueError(f"sandbox id {sb.id!r} is in use; choose another")
+        seq = self._alloc_seq()
+        sb._seq = seq
+        sb.uid = self.config.uid_base + (self.instance << 12) + seq
+        try:
+            sb.net = await asyncio.to_thread(self._make_net, seq)
+            if self.cgroups is not None:
+                sb.cgroup = await asyncio.to_thread(self.cgroups.sandbox, sb.id, sb.config.limits)
+            self.tenants.add(Tenant(sb.id, sb.net.ip, sb.config.egress, sb.attribute))
+            await sb._launch()
+            await sb._populate()
+        except BaseException:
+            await self._free(sb)
+            raise
+
+    def _make_net(self, seq: int) -> netns.SandboxNet:
+        with self._ipr_lock:
+            assert self._ipr is not None
+            return netns.create(self._ipr, self.instance, seq)
+
+    def _alloc_seq(self) -> int:
+        if self._free_seqs:
+            return self._free_seqs.pop()
+        if self._next_seq > MAX_SEQ:
+            raise IsolationUnavailable(f"this runtime already has {MAX_SEQ - 1} sandboxes; close some first")
+        self._next_seq += 1
+        return self._next_seq - 1
+
+    async def release(self, sb: Sandbox) -> None:
+        """Called by Sandbox.close(): return its network, cgroup and sequence number."""
+        self.sandboxes.pop(sb.id, None)
+        await self._free(sb)
+
+    async def _free(self, sb: Sandbox) -> None:
+        if sb.net is not None:
+            self.tenants.remove(sb.net.ip)
+            net, sb.net = sb.net, None
+
+            def drop() -> None:
+                with self._ipr_lock:
+                    assert self._ipr is not None
+                    net.close(self._ipr)
+
+            await asyncio.to_thread(drop)
+        if sb.cgroup is not None:
+            cg, sb.cgroup = sb.cgroup, None
+            await asyncio.to_thread(cg.remove)
+        if sb._seq:
+            self._free_seqs.append(sb._seq)
+            sb._seq = 0
+
+    def forget_dns(self, sb: Sandbox) -> None:
+        if sb.net:
+            t = self.tenants.get(sb.net.ip)
+            if t:
+                t.resolved.clear()
+
+    def masked_paths(self) -> list[str]:
+        """Host paths hidden from sandboxes: corral's own state (other sandboxes' data, the store)."""
+        out = {str(self.config.state_dir.resolve()), str(self.config.lock_dir)}
+        return sorted(p for p in out if Path(p).is_dir() and p != "/")
+
+    # -- warm pool ---------------------------------------------------------------------------------
+    async def prewarm(self, config: SandboxConfig | None = None, size: int = 4) -> None:
+        """Keep `size` ready sandboxes of this config; create() then takes one in ~1 ms."""
+        config = config or SandboxConfig()
+        self._pool_targets[config] = size
+        pool = self._pool.setdefault(config, [])
+        need = size - len(pool)
+        if need > 0:
+            built = await asyncio.gather(*(self._pooled(config) for _ in range(need)))
+            pool.extend(built)
+
+    async def _pooled(self, config: SandboxConfig) -> Sandbox:
+        sb = Sandbox(config, runtime=self)
+        await self._build(sb)
+        return sb
+
+    def _refill(self, config: SandboxConfig) -> None:
+        async def refill() -> None:
+            target = self._pool_targets.get(config, 0)
+            pool = self._pool.setdefault(config, [])
+            while len(pool) < target:
+                pool.append(await self._pooled(config))
+
+        task = asyncio.get_running_loop().create_task(refill())
+        self._refill_tasks.add(task)
+        task.add_done_callback(self._refill_tasks.discard)

@@ -1,0 +1,366 @@
+"""The in-sandbox agent: the one long-lived process corral runs inside each sandbox.
+
+It is started by bubblewrap as the sandbox's first process and speaks JSON messages with the host
+over a SOCK_SEQPACKET socket (fd in $CORRAL_SOCK_FD). It must import nothing outside the standard library and start
+fast, since it runs once per sandbox (and again on reset).
+
+Every process it starts (a command or a session shell) first announces itself to the host on the
+shared socket and blocks on a private gate pipe. The host reads the announcer's *host* pid from the
+kernel-supplied SO_PASSCRED credentials, places it in the step's cgroup, and only then lets it exec.
+So no process of a step can fork before it is accounted to that step.
+
+Host -> agent ops: exec, kill, session_new, session_run, session_close, go, write_stdin
+Agent -> host ops: spawned, out, exit, session_ready, error, ready
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import selectors
+import signal
+import socket
+import sys
+import time
+
+CHUNK = 65536
+DRAIN_GRACE = 0.05  # after the command's own process exits, wait this long for pipe EOF
+
+
+class Proc:
+    """A child this agent started: a command or a session shell."""
+
+    def __init__(self, key: str, pid: int, pidfd: int, out: int, err: int, gate_w: int, stdin_w: int | None):
+        self.key = key
+        self.pid = pid
+        self.pidfd = pidfd
+        self.fds = {out: 1, err: 2}
+        self.gate_w = gate_w
+        self.stdin_w = stdin_w
+        self.exit_code: int | None = None
+        self.exited_at: float | None = None
+        self.sent = {1: 0, 2: 0}
+        self.dropped = {1: 0, 2: 0}
+        self.limit = 1 << 20
+        # session state
+        self.session_cmd: str | None = None  # id of the running session command
+        self.marker: bytes | None = None
+        self.pending = {1: b"", 2: b""}
+        self.done_streams: set[int] = set()
+        self.status: int | None = None
+
+
+class Agent:
+    def __init__(self) -> None:
+        self.sock = socket.socket(fileno=int(os.environ.pop("CORRAL_SOCK_FD", "3")))
+        self.sel = selectors.DefaultSelector()
+        self.sel.register(self.sock, selectors.EVENT_READ, ("sock", None))
+        self.procs: dict[str, Proc] = {}
+        self.base_env = json.loads(os.environ.pop("CORRAL_AGENT_ENV", "{}"))
+        self.shell = os.environ.pop("CORRAL_SHELL", "/bin/sh")
+
+    # -- messaging -----------------------------------------------------------------------------
+    def send(self, **msg: object) -> None:
+        self.sock.send(json.dumps(msg, separators=(",", ":")).encode())
+
+    def run(self) -> None:
+        self.send(op="ready", pid=os.getpid())
+        while True:
+            timeout = self._next_timeout()
+            for key, _ in self.sel.select(timeout):
+                kind, obj = key.data
+                if kind == "sock":
+                    try:
+                        data = self.sock.recv(1 << 20)
+                    except ConnectionResetError:
+                        data = b""
+                    if not data:
+                        self._shutdown()
+                        return
+                    self._handle(json.loads(data))
+                elif kind == "pidfd":
+                    self._reap(obj)
+                elif kind == "pipe":
+                    self._read_pipe(obj, key.fileobj)
+                elif kind == "sink":
+                    self._drain_sink(key.fileobj)
+            self._finish_drained()
+
+    def _next_timeout(self) -> float | None:
+        waits = [p.exited_at + DRAIN_GRACE - time.monotonic() for p in self.procs.values() if p.exited_at]
+        return max(0.0, min(waits)) if waits else None
+
+    # -- requests ------------------------------------------------------------------------------
+    def _handle(self, msg: dict) -> None:
+        op = msg["op"]
+        try:
+            if op == "exec":
+                env = dict(self.base_env)
+                env.update(msg.get("env") or {})
+                argv = [self.shell, "-c", msg["cmd"]]
+                p = self._spawn(msg["id"], argv, env, msg.get("cwd") or "/workspace", stdin=msg.get("stdin"))
+                p.limit = msg.get("max_output", p.limit)
+            elif op == "go":
+                p = self.procs.get(msg["id"])
+                if p is not None:
+                    os.write(p.gate_w, b"g")
+                    os.close(p.gate_w)
+            elif op == "kill":
+                p = self.procs.get(msg["id"])
+                if p is not None:
+                    try:
+                        os.killpg(p.pid, msg.get("sig", signal.SIGKILL))
+                    except ProcessLookupError:
+                        pass
+            elif op == "session_new":
+                env = dict(self.base_env)
+                env.update(msg.get("env") or {})
+                argv = [msg.get("shell") or "/bin/bash", "--noprofile", "--norc"]
+                self._spawn(msg["id"], argv, env, msg.get("cwd") or "/workspace", stdin=b"", keep_stdin=True)
+            elif op == "session_run":
+                self._session_run(msg)
+            elif op == "session_close":
+                p = self.procs.get(msg["id"])
+                if p is not None:
+                    try:
+                        os.killpg(p.pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+        except Exception as e:  # report, never die: the agent is the sandbox's lifeline
+            self.send(op="error", id=msg.get("id"), error=f"{type(e).__name__}: {e}")
+
+    def _spawn(self, key: str, argv: list[str], env: dict, cwd: str, stdin: str | bytes | None = None,
+               keep_stdin: bool = False) -> Proc:
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        gate_r, gate_w = os.pipe()
+        in_r, in_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # child
+            try:
+                os.setsid()
+                os.dup2(in_r, 0)
+                os.dup2(out_w, 1)
+                os.dup2(err_w, 2)
+                # The kernel stamps this message with our pid as the host sees it (SO_PASSCRED).
+                self.sock.send(json.dumps({"op": "spawned", "id": key}).encode())
+                ok = os.read(gate_r, 1)
+                if ok != b"g":
+                    os._exit(126)
+                os.closerange(3, 65536)
+                signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+                try:
+                    os.chdir(cwd)
+                except OSError as e:
+                    os.write(2, f"corral: cannot cd to {cwd}: {e.strerror}\n".encode())
+                    os._exit(126)
+                os.execvpe(argv[0], argv, env)
+            except BaseException as e:
+                try:
+                    os.write(2, f"corral: cannot start {argv[0]}: {e}\n".encode())
+                finally:
+                    os._exit(127)
+        for fd in (out_w, err_w, gate_r, in_r):
+            os.close(fd)
+        pidfd = os.pidfd_open(pid)
+        proc = Proc(key, pid, pidfd, out_r, err_r, gate_w, in_w)
+        self.procs[key] = proc
+        self.sel.register(pidfd, selectors.EVENT_READ, ("pidfd", proc))
+        for fd in (out_r, err_r):
+            os.set_blocking(fd, False)
+            self.sel.register(fd, selectors.EVENT_READ, ("pipe", proc))
+        if not keep_stdin:
+            data = base64.b64decode(stdin) if isinstance(stdin, str) else (stdin or b"")
+            self._feed_stdin(proc, data)
+        return proc
+
+    def _feed_stdin(self, proc: Proc, data: bytes) -> None:
+        # Small inputs go straight into the pipe buffer; big ones are written by a helper child so the
+        # agent never blocks on a command that does not read its stdin.
+        fd = proc.stdin_w
+        proc.stdin_w = None
+        if len(data) <= 60000:
+            if data:
+                os.write(fd, data)
+            os.close(fd)
+            return
+        if os.fork() == 0:
+            try:
+                os.write(fd, data)
+            finally:
+                os._exit(0)
+        os.close(fd)
+
+    def _session_run(self, msg: dict) -> None:
+        p = self.procs.get(msg["sid"])
+        if p is None or p.exit_code is not None:
+            self.send(op="exit", id=msg["id"], code=None, error="session is not running")
+            return
+        nonce = os.urandom(8).hex()
+        p.session_cmd = msg["id"]
+        p.marker = f"\x1e__CORRAL_{nonce}__".encode()
+        p.done_streams = set()
+        p.pending = {1: b"", 2: b""}
+        p.sent = {1: 0, 2: 0}
+        p.dropped = {1: 0, 2: 0}
+        p.limit = msg.get("max_output", p.limit)
+        cwd = msg.get("cwd")
+        cd = f"cd {_shquote(cwd)} && " if cwd else ""
+        env = "".join(f"export {k}={_shquote(v)}; " for k, v in (msg.get("env") or {}).items())
+        # eval of a quoted heredoc: a syntax error in the command is an error, never a hung shell;
+        # </dev/null keeps commands from reading (and eating) the session's own command stream.
+        script = (
+            f"{env}{{ {cd}eval \"$(cat <<'__CORRAL_EOF_{nonce}'\n{msg['cmd']}\n__CORRAL_EOF_{nonce}\n)\"\n"
+            f"}} </dev/null\n"
+            f"__corral_rc=$?; printf '\\036__CORRAL_{nonce}__%d\\n' \"$__corral_rc\"; "
+            f"printf '\\036__CORRAL_{nonce}__\\n' >&2\n"
+        )
+        os.write(p.stdin_w, script.encode())
+
+    def _drain_sink(self, fd: int) -> None:
+        try:
+            if os.read(fd, CHUNK):
+                return
+        except BlockingIOError:
+            return
+        self.sel.unregister(fd)
+        os.close(fd)
+
+    # -- output --------------------------------------------------------------------------------
+    def _read_pipe(self, proc: Proc, fd: int) -> None:
+        stream = proc.fds.get(fd)
+        if stream is None:
+            return
+        try:
+            data = os.read(fd, CHUNK)
+        except BlockingIOError:
+            return
+        if not data:
+            self.sel.unregister(fd)
+            os.close(fd)
+            del proc.fds[fd]
+            if proc.marker is not None:
+                proc.done_streams.add(stream)
+                self._flush_session(proc, stream, b"", eof=True)
+            return
+        if proc.marker is not None:
+            self._flush_session(proc, stream, data)
+        elif proc.key.startswith("s:"):
+            pass  # session output between commands (a background job's): discard
+        else:
+            self._emit(proc, proc.key, stream, data)
+
+    def _emit(self, proc: Proc, cmd_id: str, stream: int, data: bytes) -> None:
+        room = proc.limit - proc.sent[stream]
+        if room <= 0:
+            proc.dropped[stream] += len(data)
+            return
+        if len(data) > room:
+            proc.dropped[stream] += len(data) - room
+            data = data[:room]
+        proc.sent[stream] += len(data)
+        self.send(op="out", id=cmd_id, fd=stream, data=base64.b64encode(data).decode())
+
+    def _flush_session(self, proc: Proc, stream: int, data: bytes, eof: bool = False) -> None:
+        marker = proc.marker
+        assert marker is not None and proc.session_cmd is not None
+        buf = proc.pending[stream] + data
+        idx = buf.find(marker)
+        if idx >= 0 and stream == 1 and b"\n" not in buf[idx + len(marker):] and not eof:
+            # the exit status after the marker has not arrived yet
+            self._emit(proc, proc.session_cmd, stream, buf[:idx])
+            proc.pending[stream] = buf[idx:]
+            return
+        if idx >= 0:
+            self._emit(proc, proc.session_cmd, stream, buf[:idx])
+            proc.pending[stream] = b""
+            proc.done_streams.add(stream)
+            if stream == 1:
+                status = buf[idx + len(marker):].split(b"\n", 1)[0]
+                proc.status = int(status) if status.strip().lstrip(b"-").isdigit() else None
+        elif eof:
+            self._emit(proc, proc.session_cmd, stream, buf)
+            proc.pending[stream] = b""
+        else:
+            # keep a tail that could be the start of a marker split across two reads
+            keep = len(marker) - 1
+            head, tail = (buf[:-keep], buf[-keep:]) if len(buf) > keep else (b"", buf)
+            if head:
+                self._emit(proc, proc.session_cmd, stream, head)
+            proc.pending[stream] = tail
+        if {1, 2} <= proc.done_streams:
+            code = proc.status
+            self.send(op="exit", id=proc.session_cmd, code=code, dropped=proc.dropped,
+                      error=None if code is not None else "session shell exited")
+            proc.session_cmd = None
+            proc.marker = None
+            proc.status = None
+            proc.pending = {1: b"", 2: b""}
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def _reap(self, proc: Proc) -> None:
+        self.sel.unregister(proc.pidfd)
+        os.close(proc.pidfd)
+        try:
+            _, status = os.waitpid(proc.pid, 0)
+            proc.exit_code = os.waitstatus_to_exitcode(status)
+        except ChildProcessError:
+            proc.exit_code = -1
+        proc.exited_at = time.monotonic()
+        if proc.stdin_w is not None:
+            os.close(proc.stdin_w)
+            proc.stdin_w = None
+        self._reap_orphans()
+
+    def _reap_orphans(self) -> None:
+        # Orphans re-parent to bwrap's init, not to us; but helper children (stdin writers) are ours.
+        while True:
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+
+    def _finish_drained(self) -> None:
+        now = time.monotonic()
+        for key, p in list(self.procs.items()):
+            if p.exited_at is None:
+                continue
+            if p.fds and now - p.exited_at < DRAIN_GRACE:
+                continue
+            # Background children may hold the pipes open: keep draining them, but report now.
+            for fd in list(p.fds):
+                self.sel.unregister(fd)
+                self.sel.register(fd, selectors.EVENT_READ, ("sink", None))
+            p.fds = {}
+            if key.startswith("s:"):
+                if p.session_cmd is not None:
+                    self.send(op="exit", id=p.session_cmd, code=None, dropped=p.dropped,
+                              error=f"session shell exited with status {p.exit_code}")
+                self.send(op="session_exit", id=key, code=p.exit_code)
+            else:
+                self.send(op="exit", id=key, code=p.exit_code, dropped=p.dropped)
+            del self.procs[key]
+
+    def _shutdown(self) -> None:
+        for p in self.procs.values():
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        os._exit(0)
+
+
+def _shquote(s: str) -> str:
+    return "'" + s.replace("'", "'\"'\"'") + "'"
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        Agent().run()
+    except BrokenPipeError:
+        sys.exit(0)

@@ -1,0 +1,281 @@
+"""corral's own cgroups, only ever beneath the cgroup corral itself runs in.
+
+Layout (per hierarchy on v1, one tree on v2)::
+
+    <corral's own cgroup>/corral-<instance>/corral-<sandbox>/          limits, freezer
+    <corral's own cgroup>/corral-<instance>/corral-<sandbox>/step-<n>  one per command (lineage)
+
+Every process a step's command starts is born in that step's cgroup (the agent's spawn handshake
+guarantees it) and its descendants stay there, daemonized or not. That makes "which step started
+this process" a kernel fact and "kill everything this command started" exact.
+
+cgroups corral did not create are never written, except the single write that moves a process we
+started into one of ours.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from corral.config import Limits
+
+V1_CONTROLLERS = ("memory", "pids", "cpu", "freezer")
+PREFIX = "corral-"
+
+
+@dataclass
+class Hierarchies:
+    version: int | None  # 1, 2 or None when no usable cgroup fs
+    roots: dict[str, Path] = field(default_factory=dict)  # controller ("unified" on v2) -> corral base dir
+    problem: str | None = None
+
+    @property
+    def tracking(self) -> str:
+        return "pids" if self.version == 1 else "unified"
+
+
+def _own_cgroups() -> dict[str, str]:
+    out: dict[str, str] = {}
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, ctrls, path = line.split(":", 2)
+        if ctrls == "":
+            out["unified"] = path
+        for c in ctrls.split(","):
+            if c:
+                out[c] = path
+    return out
+
+
+def _mounts() -> dict[str, Path]:
+    out: dict[str, Path] = {}
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        pre, _, post = line.partition(" - ")
+        fstype, _, opts = (post.split(" ") + ["", ""])[:3]
+        mountpoint = Path(pre.split(" ")[4])
+        if fstype == "cgroup2":
+            out.setdefault("unified", mountpoint)
+        elif fstype == "cgroup":
+            for opt in opts.split(","):
+                if opt in V1_CONTROLLERS or opt == "cpuacct":
+                    out.setdefault(opt, mountpoint)
+    return out
+
+
+def discover(instance: str) -> Hierarchies:
+    """Find where corral may create its cgroups; never creates anything."""
+    try:
+        own, mounts = _own_cgroups(), _mounts()
+    except OSError as e:
+        return Hierarchies(None, problem=f"cannot read /proc cgroup info: {e}")
+    if all(c in mounts for c in V1_CONTROLLERS):
+        roots = {c: mounts[c] / own.get(c, "/").lstrip("/") / f"{PREFIX}{instance}" for c in V1_CONTROLLERS}
+        if all(os.access(r.parent, os.W_OK) for r in roots.values()):
+            return Hierarchies(1, roots)
+        return Hierarchies(None, problem="cgroup v1 hierarchies are not writable; run corral as root")
+    if "unified" in mounts and Path(mounts["unified"], "cgroup.controllers").exists():
+        base = mounts["unified"] / own.get("unified", "/").lstrip("/")
+        if os.access(base, os.W_OK):
+            return Hierarchies(2, {"unified": base / f"{PREFIX}{instance}"})
+        return Hierarchies(None, problem=f"{base} is not writable; run corral in a delegated cgroup "
+                           "(systemd-run --user --scope -p Delegate=yes ...) or as root")
+    return Hierarchies(None, problem="no cgroup v1 memory/pids/cpu/freezer or cgroup v2 mount found")
+
+
+class InstanceCgroups:
+    """The corral-<instance> directories of one runtime."""
+
+    def __init__(self, h: Hierarchies) -> None:
+        self.h = h
+        self.limits_enforced = False
+        if h.version == 2:
+            base = h.roots["unified"]
+            base.mkdir(exist_ok=True)
+            # Limits need the controllers delegated down to us; tracking, freeze and kill do not.
+            try:
+                _write(base.parent / "cgroup.subtree_control", "+memory +pids +cpu")
+                _write(base / "cgroup.subtree_control", "+memory +pids +cpu")
+                self.limits_enforced = True
+            except OSError:
+                self.limits_enforced = False
+        elif h.version == 1:
+            for root in h.roots.values():
+                root.mkdir(exist_ok=True)
+            self.limits_enforced = True
+
+    def sandbox(self, sandbox_id: str, limits: Limits) -> SandboxCgroup:
+        return SandboxCgroup(self, sandbox_id, limits)
+
+    def remove(self) -> None:
+        for root in self.h.roots.values():
+            remove_tree(root)
+
+
+class SandboxCgroup:
+    def __init__(self, inst: InstanceCgroups, sandbox_id: str, limits: Limits) -> None:
+        self.h = inst.h
+        self.dirs = {c: root / f"{PREFIX}{sandbox_id}" for c, root in self.h.roots.items()}
+        for d in self.dirs.values():
+            d.mkdir(exist_ok=True)
+        if inst.limits_enforced:
+            self._apply(limits)
+
+    def _apply(self, limits: Limits) -> None:
+        mem = limits.memory_mb << 20
+        period = 100_000
+        quota = int(limits.cpus * period)
+        if self.h.version == 1:
+            _write(self.dirs["memory"] / "memory.limit_in_bytes", str(mem))
+            with contextlib.suppress(OSError):  # only present with swap accounting
+                _write(self.dirs["memory"] / "memory.memsw.limit_in_bytes", str(mem))
+            _write(self.dirs["pids"] / "pids.max", str(limits.pids))
+            _write(self.dirs["cpu"] / "cpu.cfs_period_us", str(period))
+            _write(self.dirs["cpu"] / "cpu.cfs_quota_us", str(quota))
+        else:
+            d = self.dirs["unified"]
+            _write(d / "memory.max", str(mem))
+            with contextlib.suppress(OSError):
+                _write(d / "memory.swap.max", "0")
+            _write(d / "pids.max", str(limits.pids))
+            _write(d / "cpu.max", f"{quota} {period}")
+
+    # -- membership ------------------------------------------------------------------------------
+    def procs_files(self) -> list[str]:
+        """cgroup.procs files a freshly forked child writes its own pid to, to join this sandbox."""
+        return [str(d / "cgroup.procs") for d in self.dirs.values()]
+
+    def step_dir(self, step: int) -> Path:
+        d = self.dirs[self.h.tracking] / f"step-{step}"
+        d.mkdir(exist_ok=True)
+        return d
+
+    def move(self, pid: int, step: int) -> None:
+        _write(self.step_dir(step) / "cgroup.procs", str(pid))
+
+    def pids(self, step: int | None = None) -> list[int]:
+        base = self.dirs[self.h.tracking]
+        dirs = [base / f"step-{step}"] if step is not None else [base, *base.glob("step-*")]
+        out: list[int] = []
+        for d in dirs:
+            with contextlib.suppress(OSError):
+                out.extend(int(p) for p in (d / "cgroup.procs").read_text().split())
+        return out
+
+    @staticmethod
+    def step_of(pid: int) -> int | None:
+        """The step whose command started pid (None for corral's own agent and shells)."""
+        try:
+            text = Path(f"/proc/{pid}/cgroup").read_text()
+        except OSError:
+            return None
+        for line in text.splitlines():
+            _, ctrls, path = line.split(":", 2)
+            if ("pids" in ctrls.split(",") or ctrls == "") and "/step-" in path:
+                return int(path.rsplit("/step-", 1)[1].split("/")[0])
+        return None
+
+    # -- containment -----------------------------------------------------------------------------
+    def freeze(self, frozen: bool = True) -> None:
+        if self.h.version == 1:
+            _write(self.dirs["freezer"] / "freezer.state", "FROZEN" if frozen else "THAWED")
+        else:
+            _write(self.dirs["unified"] / "cgroup.freeze", "1" if frozen else "0")
+
+    def kill(self, step: int | None = None, keep: set[int] | frozenset[int] = frozenset()) -> int:
+        """SIGKILL every process of a step (or the whole sandbox), frozen first so none can fork away."""
+        killed = 0
+        self.freeze(True)
+        try:
+            for _ in range(50):
+                pids = [p for p in self.pids(step) if p not in keep]
+                if not pids:
+                    break
+                for pid in pids:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                        killed += 1
+                self.freeze(False)  # SIGKILL is only acted on once thawed
+                time.sleep(0.002)
+                self.freeze(True)
+        finally:
+            self.freeze(False)
+        return killed
+
+    # -- accounting ------------------------------------------------------------------------------
+    def stats(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        with contextlib.suppress(OSError, ValueError):
+            if self.h.version == 1:
+                m = self.dirs["memory"]
+                out["memory_bytes"] = int((m / "memory.usage_in_bytes").read_text())
+                out["memory_peak_bytes"] = int((m / "memory.max_usage_in_bytes").read_text())
+                oom = _kv(m / "memory.oom_control")
+                out["oom_kills"] = oom.get("oom_kill", 0)
+                out["pids_max_hits"] = _kv(self.dirs["pids"] / "pids.events").get("max", 0)
+                cpuacct = self.dirs["cpu"] / "cpuacct.usage"
+                if cpuacct.exists():
+                    out["cpu_ns"] = int(cpuacct.read_text())
+            else:
+                d = self.dirs["unified"]
+                out["memory_bytes"] = int((d / "memory.current").read_text())
+                if (d / "memory.peak").exists():
+                    out["memory_peak_bytes"] = int((d / "memory.peak").read_text())
+                out["oom_kills"] = _kv(d / "memory.events").get("oom_kill", 0)
+                out["pids_max_hits"] = _kv(d / "pids.events").get("max", 0)
+                out["cpu_ns"] = _kv(d / "cpu.stat").get("usage_usec", 0) * 1000
+        return out
+
+    def remove(self) -> None:
+        for d in self.dirs.values():
+            remove_tree(d)
+
+
+def _kv(path: Path) -> dict[str, int]:
+    out = {}
+    with contextlib.suppress(OSError):
+        for line in path.read_text().splitlines():
+            k, _, v = line.partition(" ")
+            with contextlib.suppress(ValueError):
+                out[k] = int(v)
+    return out
+
+
+def _write(path: Path, value: str) -> None:
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.write(fd, value.encode())
+    finally:
+        os.close(fd)
+
+
+def remove_tree(d: Path) -> None:
+    """rmdir a cgroup tree bottom-up (cgroup dirs cannot be removed recursively in one call).
+    Any process still inside is one corral started: it is killed by pid first."""
+    if not d.exists():
+        return
+    for child in sorted((p for p in d.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+        _evict_and_rmdir(child)
+    _evict_and_rmdir(d)
+
+
+def _evict_and_rmdir(d: Path) -> None:
+    for _ in range(100):
+        try:
+            d.rmdir()
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            with contextlib.suppress(OSError):
+                for pid in (d / "cgroup.procs").read_text().split():
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(int(pid), signal.SIGKILL)
+            freezer = d / "freezer.state"
+            if freezer.exists():
+                with contextlib.suppress(OSError):
+                    _write(freezer, "THAWED")
+            time.sleep(0.01)

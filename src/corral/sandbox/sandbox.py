@@ -1,0 +1,750 @@
+"""Sandbox: one isolated environment an agent's commands run in (asyncio API).
+
+A sandbox is a bubblewrap container (own user, pid, mount, ipc, uts and network namespaces; the
+host filesystem read-only; tmpfs workspace, /tmp and HOME with size limits; no capabilities;
+no_new_privs; seccomp) running corral's agent, inside a network namespace whose only way out is
+corral's gateway, inside a cgroup with memory, CPU and process limits. On the host every sandbox
+process runs as an unprivileged uid of its own, never as root.
+
+Every command is a step. Its processes are born in the step's cgroup, so any process, connection or
+DNS query can be traced back to the exact command that started it, even from a background process
+steps later.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import base64
+import contextlib
+import functools
+import io
+import json
+import os
+import resource
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from corral.config import SandboxConfig
+from corral.errors import (
+    FileAccessError,
+    IsolationUnavailable,
+    SandboxClosed,
+    SandboxError,
+    SandboxFrozen,
+    SessionError,
+)
+from corral.events import Event, EventKind
+from corral.nsutil import CLONE_NEWNET, setns
+from corral.sandbox import procs
+from corral.sandbox.cgroups import SandboxCgroup
+from corral.sandbox.seccomp import filter_fd
+
+if TYPE_CHECKING:
+    from corral.net.netns import SandboxNet
+    from corral.runtime import Runtime
+
+AGENT = Path(__file__).with_name("agent.py")
+AGENT_PATH = "/.corral-agent.py"  # where the agent's code appears inside a sandbox
+INTERNAL_STEP = 0  # corral's own helpers (file transfer, session shells) run as step 0
+_UCRED = "iII"
+
+
+@dataclass
+class ExecResult:
+    exit_code: int | None
+    stdout_bytes: bytes
+    stderr_bytes: bytes
+    duration: float
+    step: int
+    stdout_truncated: bool = False
+    stderr_truncated: bool = False
+    timed_out: bool = False
+    oom_killed: bool = False
+    pids_limit_hit: bool = False
+    error: str | None = None
+
+    @property
+    def stdout(self) -> str:
+        return self.stdout_bytes.decode("utf-8", errors="replace")
+
+    @property
+    def stderr(self) -> str:
+        return self.stderr_bytes.decode("utf-8", errors="replace")
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0 and not self.timed_out
+
+    @property
+    def truncated(self) -> bool:
+        return self.stdout_truncated or self.stderr_truncated
+
+
+@dataclass
+class OutputChunk:
+    stream: str  # "stdout" | "stderr"
+    data: bytes
+
+
+@dataclass
+class _Cmd:
+    id: str
+    step: int
+    limit: int
+    on_output: Callable[[OutputChunk], None] | None
+    future: asyncio.Future
+    out: bytearray = field(default_factory=bytearray)
+    err: bytearray = field(default_factory=bytearray)
+    dropped: list[int] = field(default_factory=lambda: [0, 0])
+    hostpid: int | None = None
+
+
+@dataclass
+class _StepInfo:
+    command: str
+    episode_id: str | None
+    tool_call_id: str | None
+    session: str | None
+
+
+class Session:
+    """A persistent shell: cwd, environment and shell state carry over between commands."""
+
+    def __init__(self, sandbox: Sandbox, name: str) -> None:
+        self.sandbox = sandbox
+        self.name = name
+        self.hostpid: int | None = None
+        self.alive = True
+
+    async def run(self, cmd: str, *, timeout: float | None = None, **kw: Any) -> ExecResult:
+        return await self.sandbox.run_in_session(self.name, cmd, timeout=timeout, **kw)
+
+    async def close(self) -> None:
+        await self.sandbox.close_session(self.name)
+
+
+class Sandbox:
+    """Create with ``await Sandbox.create(config)`` or ``async with Sandbox(config) as sb``."""
+
+    def __init__(self, config: SandboxConfig | None = None, *, runtime: Runtime | None = None,
+                 sandbox_id: str | None = None, episode_id: str | None = None) -> None:
+        self.config = config or SandboxConfig()
+        self._runtime = runtime
+        self.id = sandbox_id or "sb-" + os.urandom(5).hex()
+        self.episode_id = episode_id
+        self.step = 0
+        self.closed = False
+        self.frozen = False
+        self.created_at = time.time()
+        self.net: SandboxNet | None = None
+        self.cgroup: SandboxCgroup | None = None
+        self.uid = 0
+        self._seq = 0
+        self._proc: subprocess.Popen | None = None
+        self._sock: socket.socket | None = None
+        self._ready: asyncio.Future | None = None
+        self._cmds: dict[str, _Cmd] = {}
+        self._sessions: dict[str, Session] = {}
+        self._steps: dict[int, _StepInfo] = {}
+        self._next_id = 0
+        self._session_waiters: dict[str, asyncio.Future] = {}
+        self.agent_hostpid: int | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    @classmethod
+    async def create(cls, config: SandboxConfig | None = None, *, runtime: Runtime | None = None,
+                     **kw: Any) -> Sandbox:
+        from corral.runtime import Runtime
+
+        rt = runtime or await Runtime.default()
+        return await rt.create(config, **kw)
+
+    async def __aenter__(self) -> Sandbox:
+        if self._proc is None and not self.closed:
+            from corral.runtime import Runtime
+
+            rt = self._runtime or await Runtime.default()
+            await rt.adopt(self)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def runtime(self) -> Runtime:
+        assert self._runtime is not None
+        return self._runtime
+
+    async def _launch(self) -> None:
+        """Start bubblewrap + the agent in our netns and cgroup; resolves when the agent is ready."""
+        assert self.net is not None
+        cfg, lim = self.config, self.config.limits
+        loop = asyncio.get_running_loop()
+        host_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        host_sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        host_sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        seccomp = filter_fd()
+        files = self.runtime.sandbox_files
+        argv = ["bwrap", "--unshare-user", "--uid", "0", "--gid", "0", "--unshare-pid", "--unshare-ipc",
+                "--unshare-uts", "--unshare-cgroup-try", "--hostname", cfg.hostname, "--die-with-parent",
+                "--cap-drop", "ALL", "--disable-userns"]
+        argv += root_mounts(cfg.rootfs)
+        argv += ["--dev", "/dev", "--proc", "/proc"]
+        if cfg.gpu:
+            for dev in sorted(Path("/dev").glob("nvidia*")):
+                argv += ["--dev-bind", str(dev), str(dev)]
+        argv += ["--size", str(lim.tmp_mb << 20), "--tmpfs", "/tmp",
+                 "--size", str(lim.workspace_mb << 20), "--tmpfs", "/workspace",
+                 "--size", str(lim.tmp_mb << 20), "--tmpfs", "/root"]
+        for masked in self.runtime.masked_paths():
+            argv += ["--tmpfs", masked]
+        # The agent's code is copied in from a memfd: corral's install may sit where the
+        # sandbox's unprivileged uid cannot look (under /root, say).
+        agent_fd = _agent_source_fd()
+        argv += ["--perms", "0444", "--ro-bind-data", str(agent_fd), AGENT_PATH]
+        argv += ["--ro-bind", str(files["resolv.conf"]), "/etc/resolv.conf",
+                 "--ro-bind", str(files["hosts"]), "/etc/hosts",
+                 "--remount-ro", "/", "--chdir", "/workspace", "--seccomp", str(seccomp),
+                 "--", agent_interpreter(), "-I", "-S", AGENT_PATH]
+        base_env = {
+            "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            "HOME": "/root", "USER": "root", "LANG": "C.UTF-8", "TERM": "xterm",
+            "SHELL": cfg.shell, "CORRAL_SANDBOX": self.id,
+        }
+        base_env.update(dict(cfg.env))
+        env = {"CORRAL_AGENT_ENV": json.dumps(base_env), "CORRAL_SHELL": "/bin/sh",
+               "CORRAL_SOCK_FD": str(child_sock.fileno()), "PATH": base_env["PATH"]}
+        cg_files = self.cgroup.procs_files() if self.cgroup else []
+        netns_fd, uid, nproc = self.net.netns_fd, self.uid, lim.pids + 16
+        nofile = lim.open_files
+
+        def preexec() -> None:  # runs in the forked child, before exec of bwrap
+            pid = str(os.getpid()).encode()
+            for f in cg_files:
+                fd = os.open(f, os.O_WRONLY)
+                os.write(fd, pid)
+                os.close(fd)
+            setns(netns_fd, CLONE_NEWNET)
+            resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
+            resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+            resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+            os.setgroups([])
+            os.setresgid(uid, uid, uid)
+            os.setresuid(uid, uid, uid)
+
+        self._ready = loop.create_future()
+        try:
+            self._proc = subprocess.Popen(argv, env=env, pass_fds=(child_sock.fileno(), seccomp, agent_fd),
+                                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                          stderr=subprocess.PIPE, preexec_fn=preexec)
+        except FileNotFoundError:
+            raise IsolationUnavailable("bwrap not found; install bubblewrap (apt-get install bubblewrap)") from None
+        finally:
+            child_sock.close()
+            os.close(seccomp)
+            os.close(agent_fd)
+        self._sock = host_sock
+        host_sock.setblocking(False)
+        loop.add_reader(host_sock.fileno(), self._on_readable)
+        try:
+            self.agent_hostpid = await asyncio.wait_for(self._ready, 15)
+        except (TimeoutError, SandboxClosed):
+            err = b""
+            if self._proc.poll() is not None and self._proc.stderr:
+                err = self._proc.stderr.read()
+            await self._teardown_proc()
+            raise IsolationUnavailable(
+                f"sandbox {self.id} did not start: {err.decode(errors='replace').strip() or 'agent timed out'}; "
+                "run 'corral doctor' to see which isolation feature is missing"
+            ) from None
+
+    async def _teardown_proc(self) -> None:
+        if self._sock is not None:
+            with contextlib.suppress(ValueError, OSError):
+                asyncio.get_running_loop().remove_reader(self._sock.fileno())
+            self._sock.close()
+            self._sock = None
+        if self.cgroup:
+            await asyncio.to_thread(self.cgroup.kill)
+        if self._proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                self._proc.kill()
+            await asyncio.to_thread(self._proc.wait)
+            if self._proc.stderr:
+                self._proc.stderr.close()
+            self._proc = None
+        self.agent_hostpid = None
+        for cmd in self._cmds.values():
+            if not cmd.future.done():
+                cmd.future.set_exception(SandboxClosed(f"sandbox {self.id} was stopped while the command ran"))
+        self._cmds.clear()
+        self._sessions.clear()
+
+    async def reset(self) -> None:
+        """Back to the initial workspace: every process killed, /workspace, /tmp and HOME fresh,
+        sessions gone, DNS memory cleared. The sandbox id, network and limits stay."""
+        self._check_open()
+        t0 = time.perf_counter()
+        await self._teardown_proc()
+        self.runtime.forget_dns(self)
+        await self._launch()
+        await self._populate()
+        self._emit(Event(kind=EventKind.SANDBOX, action="reset", sandbox_id=self.id,
+                         data={"duration": time.perf_counter() - t0}))
+
+    async def _populate(self) -> None:
+        if self.config.workspace_template is not None:
+            await self.upload(self.config.workspace_template, "/workspace")
+
+    async def close(self) -> None:
+        """Kill every process (background ones too), remove network, cgroups and workspace."""
+        if self.closed:
+            return
+        self.closed = True
+        if self.frozen and self.cgroup:
+            with contextlib.suppress(OSError):
+                self.cgroup.freeze(False)
+        await self._teardown_proc()
+        if self._runtime is not None:
+            await self._runtime.release(self)
+        self._emit(Event(kind=EventKind.SANDBOX, action="closed", sandbox_id=self.id, step=self.step))
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise SandboxClosed(f"sandbox {self.id} is closed; create a new one")
+        if self.frozen:
+            raise SandboxFrozen(f"sandbox {self.id} is quarantined; call release() before running commands")
+
+    # -- quarantine --------------------------------------------------------------------------------
+    async def freeze(self, reason: str = "") -> None:
+        """Quarantine: every process stops where it is, kept for forensics until release()."""
+        if self.cgroup is None:
+            raise IsolationUnavailable("freezing needs cgroups; see 'corral doctor'")
+        await asyncio.to_thread(self.cgroup.freeze, True)
+        self.frozen = True
+        self._emit(Event(kind=EventKind.SANDBOX, action="frozen", sandbox_id=self.id, reason=reason or None))
+
+    async def release(self) -> None:
+        if self.cgroup is not None and self.frozen:
+            await asyncio.to_thread(self.cgroup.freeze, False)
+        self.frozen = False
+        self._emit(Event(kind=EventKind.SANDBOX, action="released", sandbox_id=self.id))
+
+    # -- agent protocol ----------------------------------------------------------------------------
+    def _send(self, **msg: Any) -> None:
+        if self._sock is None:
+            raise SandboxClosed(f"sandbox {self.id} is not running")
+        try:
+            self._sock.send(json.dumps(msg, separators=(",", ":")).encode())
+        except (BrokenPipeError, ConnectionResetError):
+            raise SandboxClosed(f"sandbox {self.id}: its agent died; close it and create a new one") from None
+
+    def _on_readable(self) -> None:
+        sock = self._sock
+        if sock is None:
+            return
+        for _ in range(64):
+            try:
+                data, anc, _, _ = sock.recvmsg(1 << 20, socket.CMSG_SPACE(struct_size()))
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self._agent_gone()
+                return
+            hostpid = None
+            for level, typ, payload in anc:
+                if level == socket.SOL_SOCKET and typ == socket.SCM_CREDENTIALS:
+                    hostpid = array.array("i", payload[:4])[0]
+            self._dispatch(json.loads(data), hostpid)
+
+    def _agent_gone(self) -> None:
+        if self._sock is not None:
+            with contextlib.suppress(ValueError, OSError):
+                asyncio.get_running_loop().remove_reader(self._sock.fileno())
+        err = SandboxClosed(f"sandbox {self.id}: its agent exited; close it and create a new one")
+        if self._ready is not None and not self._ready.done():
+            self._ready.set_exception(err)
+        for cmd in list(self._cmds.values()):
+            if not cmd.future.done():
+                cmd.future.set_exception(err)
+
+    def _dispatch(self, msg: dict, hostpid: int | None) -> None:
+        op = msg["op"]
+        if op == "ready":
+            if self._ready is not None and not self._ready.done():
+                self._ready.set_result(hostpid)
+        elif op == "spawned":
+            self._on_spawned(msg["id"], hostpid)
+        elif op == "out":
+            cmd = self._cmds.get(msg["id"])
+            if cmd is not None:
+                data = base64.b64decode(msg["data"])
+                buf = cmd.out if msg["fd"] == 1 else cmd.err
+                room = cmd.limit - len(buf)
+                if room < len(data):
+                    cmd.dropped[msg["fd"] - 1] += len(data) - max(room, 0)
+                buf += data[: max(room, 0)]
+                if cmd.on_output is not None:
+                    cmd.on_output(OutputChunk("stdout" if msg["fd"] == 1 else "stderr", data))
+        elif op == "exit":
+            cmd = self._cmds.get(msg["id"])
+            if cmd is not None and not cmd.future.done():
+                dropped = msg.get("dropped") or {}
+                for i, key in ((0, "1"), (1, "2")):
+                    cmd.dropped[i] += int(dropped.get(key, 0))
+                cmd.future.set_result((msg.get("code"), msg.get("error")))
+        elif op == "session_exit":
+            name = msg["id"][2:]
+            s = self._sessions.get(name)
+            if s is not None:
+                s.alive = False
+        elif op == "error":
+            cmd = self._cmds.get(msg.get("id") or "")
+            waiter = self._session_waiters.get(msg.get("id") or "")
+            err = SandboxError(f"sandbox {self.id}: {msg['error']}")
+            for fut in (cmd.future if cmd else None, waiter):
+                if fut is not None and not fut.done():
+                    fut.set_exception(err)
+
+    def _on_spawned(self, key: str, hostpid: int | None) -> None:
+        step = INTERNAL_STEP
+        if key.startswith("s:"):
+            s = self._sessions.get(key[2:])
+            if s is not None:
+                s.hostpid = hostpid
+            waiter = self._session_waiters.pop(key, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(hostpid)
+        else:
+            cmd = self._cmds.get(key)
+            if cmd is not None:
+                cmd.hostpid = hostpid
+                step = cmd.step
+        if self.cgroup is not None and hostpid:
+            try:
+                self.cgroup.move(hostpid, step)
+            except OSError:
+                # Never let an unaccounted process run: refuse to start it.
+                self._send(op="kill", id=key, sig=signal.SIGKILL)
+                return
+        with contextlib.suppress(SandboxClosed):
+            self._send(op="go", id=key)
+
+    def _new_id(self) -> str:
+        self._next_id += 1
+        return f"c{self._next_id}"
+
+    def _begin_step(self, command: str, session: str | None, tool_call_id: str | None,
+                    internal: bool) -> int:
+        if internal:
+            return INTERNAL_STEP
+        self.step += 1
+        self._steps[self.step] = _StepInfo(command, self.episode_id, tool_call_id, session)
+        return self.step
+
+    # -- commands ----------------------------------------------------------------------------------
+    async def exec(self, cmd: str, *, timeout: float | None = None, env: dict[str, str] | None = None,
+                   cwd: str | None = None, stdin: bytes | str | None = None,
+                   on_output: Callable[[OutputChunk], None] | None = None,
+                   max_output: int | None = None, tool_call_id: str | None = None,
+                   _internal: bool = False) -> ExecResult:
+        """Run ``cmd`` with /bin/sh -c in a fresh process (no shell state carried over)."""
+        self._check_open()
+        if isinstance(stdin, str):
+            stdin = stdin.encode()
+        step = self._begin_step(cmd, None, tool_call_id, _internal)
+        limit = max_output or self.config.limits.output_bytes
+        c = self._register(step, limit, on_output)
+        msg = {"op": "exec", "id": c.id, "cmd": cmd, "env": env, "cwd": cwd, "max_output": limit,
+               "stdin": base64.b64encode(stdin).decode() if stdin else None}
+        return await self._run(c, cmd, msg, timeout, session=None, internal=_internal,
+                               tool_call_id=tool_call_id)
+
+    async def stream(self, cmd: str, **kw: Any) -> AsyncIterator[OutputChunk | ExecResult]:
+        """Yield output chunks as they arrive, then the ExecResult."""
+        q: asyncio.Queue = asyncio.Queue()
+        task = asyncio.ensure_future(self.exec(cmd, on_output=q.put_nowait, **kw))
+        task.add_done_callback(lambda _t: q.put_nowait(None))
+        while True:
+            item = await q.get()
+            if item is None:
+                break
+            yield item
+        yield await task
+
+    def _register(self, step: int, limit: int, on_output: Callable[[OutputChunk], None] | None) -> _Cmd:
+        c = _Cmd(self._new_id(), step, limit, on_output, asyncio.get_running_loop().create_future())
+        self._cmds[c.id] = c
+        return c
+
+    async def _run(self, c: _Cmd, cmd: str, msg: dict, timeout: float | None, *, session: str | None,
+                   internal: bool, tool_call_id: str | None = None) -> ExecResult:
+        timeout = timeout if timeout is not None else self.config.limits.timeout
+        before = self.cgroup.stats() if self.cgroup and not internal else {}
+        if not internal:
+            self._emit(Event(kind=EventKind.COMMAND, action="start", sandbox_id=self.id, step=c.step,
+                             command=cmd, episode_id=self.episode_id,
+                             data={"session": session, "tool_call_id": tool_call_id}))
+        t0 = time.perf_counter()
+        timed_out = False
+        error = None
+        try:
+            self._send(**msg)
+            code, error = await asyncio.wait_for(asyncio.shield(c.future), timeout)
+        except TimeoutError:
+            timed_out = True
+            code, error = await self._kill_step(c, session)
+        finally:
+            self._cmds.pop(c.id, None)
+        duration = time.perf_counter() - t0
+        after = self.cgroup.stats() if self.cgroup and not internal else {}
+        res = ExecResult(
+            exit_code=code, stdout_bytes=bytes(c.out), stderr_bytes=bytes(c.err), duration=duration,
+            step=c.step, stdout_truncated=c.dropped[0] > 0, stderr_truncated=c.dropped[1] > 0,
+            timed_out=timed_out, error=error,
+            oom_killed=after.get("oom_kills", 0) > before.get("oom_kills", 0),
+            pids_limit_hit=after.get("pids_max_hits", 0) > before.get("pids_max_hits", 0),
+        )
+        if res.oom_killed and not res.error:
+            res.error = f"killed: memory limit of {self.config.limits.memory_mb} MiB reached"
+        elif res.pids_limit_hit and not res.error:
+            res.error = f"process limit of {self.config.limits.pids} reached (fork bomb contained)"
+        elif timed_out:
+            res.error = f"timed out after {timeout:g}s; the command's whole process tree was killed"
+        if not internal:
+            self._emit(Event(kind=EventKind.COMMAND, action="exit", sandbox_id=self.id, step=c.step,
+                             command=cmd, episode_id=self.episode_id,
+                             data={"exit_code": code, "duration": duration, "timed_out": timed_out,
+                                   "stdout_bytes": len(c.out) + c.dropped[0],
+                                   "stderr_bytes": len(c.err) + c.dropped[1],
+                                   "truncated": res.truncated, "oom_killed": res.oom_killed,
+                                   "pids_limit_hit": res.pids_limit_hit, "error": res.error,
+                                   "session": session}))
+        return res
+
+    async def _kill_step(self, c: _Cmd, session: str | None) -> tuple[int | None, str | None]:
+        """Timeout: kill every process the step started, background and daemonized ones included."""
+        sess = self._sessions.get(session) if session else None
+        if self.cgroup is not None:
+            keep = {sess.hostpid} if sess and sess.hostpid else set()
+            await asyncio.to_thread(self.cgroup.kill, c.step, keep)
+        else:
+            with contextlib.suppress(SandboxClosed):
+                self._send(op="kill", id=f"s:{session}" if session else c.id, sig=signal.SIGKILL)
+        try:
+            return await asyncio.wait_for(asyncio.shield(c.future), 2.0)
+        except (TimeoutError, SandboxError):
+            if sess is not None:
+                # The shell itself is stuck (a builtin loop): it has to go, and the session with it.
+                with contextlib.suppress(SandboxClosed):
+                    self._send(op="session_close", id=f"s:{session}")
+                sess.alive = False
+                self._sessions.pop(session or "", None)
+                return None, f"session '{session}' was killed after the timeout; create it again"
+            return None, None
+
+    # -- sessions ----------------------------------------------------------------------------------
+    async def create_session(self, name: str = "default", *, env: dict[str, str] | None = None,
+                             cwd: str | None = None) -> Session:
+        self._check_open()
+        if name in self._sessions and self._sessions[name].alive:
+            raise SessionError(f"session {name!r} already exists in sandbox {self.id}; close it first")
+        s = Session(self, name)
+        self._sessions[name] = s
+        key = f"s:{name}"
+        waiter = asyncio.get_running_loop().create_future()
+        self._session_waiters[key] = waiter
+        self._send(op="session_new", id=key, env=env, cwd=cwd, shell=self.config.shell)
+        await asyncio.wait_for(waiter, 10)
+        return s
+
+    async def run_in_session(self, name: str, cmd: str, *, timeout: float | None = None,
+                             env: dict[str, str] | None = None, cwd: str | None = None,
+                             on_output: Callable[[OutputChunk], None] | None = None,
+                             max_output: int | None = None, tool_call_id: str | None = None) -> ExecResult:
+        self._check_open()
+        s = self._sessions.get(name)
+        if s is None or not s.alive:
+            raise SessionError(f"no running session {name!r} in sandbox {self.id}; call create_session({name!r})")
+        step = self._begin_step(cmd, name, tool_call_id, False)
+        if self.cgroup is not None and s.hostpid:
+            # The shell joins this step's cgroup, so what it forks for this command belongs to it.
+            await asyncio.to_thread(self.cgroup.move, s.hostpid, step)
+        limit = max_output or self.config.limits.output_bytes
+        c = self._register(step, limit, on_output)
+        msg = {"op": "session_run", "id": c.id, "sid": f"s:{name}", "cmd": cmd, "env": env, "cwd": cwd,
+               "max_output": limit}
+        return await self._run(c, cmd, msg, timeout, session=name, internal=False, tool_call_id=tool_call_id)
+
+    async def close_session(self, name: str) -> None:
+        s = self._sessions.pop(name, None)
+        if s is not None and s.alive:
+            with contextlib.suppress(SandboxClosed):
+                self._send(op="session_close", id=f"s:{name}")
+
+    def sessions(self) -> list[str]:
+        return [n for n, s in self._sessions.items() if s.alive]
+
+    # -- files (through the agent, as the sandbox user: host symlink tricks cannot apply) -----------
+    async def write_file(self, path: str, data: bytes | str, *, mode: int | None = None) -> None:
+        if isinstance(data, str):
+            data = data.encode()
+        q = shlex.quote(path)
+        chmod = f" && chmod {mode:o} -- {q}" if mode is not None else ""
+        r = await self.exec(f"mkdir -p -- \"$(dirname -- {q})\" && cat > {q}{chmod}", stdin=data, _internal=True)
+        if r.exit_code != 0:
+            raise FileAccessError(f"cannot write {path} in sandbox {self.id}: {r.stderr.strip()}")
+
+    async def read_file(self, path: str, *, max_bytes: int = 64 << 20) -> bytes:
+        r = await self.exec(f"cat -- {shlex.quote(path)}", max_output=max_bytes + 1, _internal=True)
+        if r.exit_code != 0:
+            raise FileAccessError(f"cannot read {path} in sandbox {self.id}: {r.stderr.strip()}")
+        if len(r.stdout_bytes) > max_bytes or r.stdout_truncated:
+            raise FileAccessError(f"{path} is larger than max_bytes={max_bytes}; use download() or raise it")
+        return r.stdout_bytes
+
+    async def upload(self, src: str | Path, dest: str) -> None:
+        """Copy a host file or directory into the sandbox (dest is a directory for directories)."""
+        src = Path(src)
+        if not src.exists():
+            raise FileAccessError(f"{src} does not exist on the host")
+        if src.is_file():
+            await self.write_file(dest, src.read_bytes(), mode=src.stat().st_mode & 0o777)
+            return
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tar:
+            for child in sorted(src.iterdir()):
+                tar.add(child, arcname=child.name)
+        q = shlex.quote(dest)
+        r = await self.exec(f"mkdir -p -- {q} && tar -x --no-same-owner -C {q}", stdin=buf.getvalue(),
+                            _internal=True)
+        if r.exit_code != 0:
+            raise FileAccessError(f"cannot upload {src} to {dest}: {r.stderr.strip()}")
+
+    async def download(self, src: str, dest: str | Path, *, max_bytes: int = 256 << 20) -> None:
+        """Copy a sandbox file or directory to the host; archive members cannot escape dest."""
+        dest = Path(dest)
+        q = shlex.quote(src)
+        r = await self.exec(f"if [ -d {q} ]; then tar -c -C {q} .; else cat -- {q}; fi",
+                            max_output=max_bytes + 1, _internal=True)
+        if r.exit_code != 0:
+            raise FileAccessError(f"cannot download {src}: {r.stderr.strip()}")
+        if r.stdout_truncated:
+            raise FileAccessError(f"{src} is larger than max_bytes={max_bytes}")
+        data = r.stdout_bytes
+        if tarfile.is_tarfile(io.BytesIO(data)) and len(data) % 512 == 0:
+            dest.mkdir(parents=True, exist_ok=True)
+            with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+                tar.extractall(dest, filter="data")
+        else:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(data)
+
+    # -- attribution -------------------------------------------------------------------------------
+    def pids(self) -> list[int]:
+        if self.cgroup is not None:
+            return self.cgroup.pids()
+        return procs.descendants(self._proc.pid) if self._proc else []
+
+    def step_info(self, step: int | None) -> _StepInfo | None:
+        return self._steps.get(step) if step else None
+
+    def attribute(self, ev: Event, sock: tuple[str, int] | None = None, pid: int | None = None) -> None:
+        """Fill in episode, step, command and process of an event (from a sandbox socket or pid)."""
+        ev.sandbox_id = self.id
+        if pid is None and sock is not None and self.agent_hostpid:
+            inode = procs.socket_inode(self.agent_hostpid, sock[0], sock[1])
+            if inode is not None:
+                pid = procs.owner_of_inode(inode, self.pids())
+        if pid is not None:
+            info = procs.info(pid)
+            if info is not None:
+                ev.pid, ev.ppid, ev.exe, ev.argv = info.pid, info.ppid, info.exe, info.argv
+            step = SandboxCgroup.step_of(pid) if self.cgroup else None
+            if step:
+                ev.step = step
+        st = self.step_info(ev.step)
+        if st is not None:
+            ev.command = st.command
+            ev.episode_id = st.episode_id
+            if st.tool_call_id:
+                ev.data.setdefault("tool_call_id", st.tool_call_id)
+        if ev.episode_id is None:
+            ev.episode_id = self.episode_id
+
+    def _emit(self, ev: Event) -> None:
+        if self._runtime is not None:
+            self._runtime.emit(ev)
+
+
+_OWN_MOUNTS = {"proc", "dev", "tmp", "workspace", "root", "lost+found"}
+
+
+def root_mounts(rootfs: Path | None) -> list[str]:
+    """bwrap arguments for a read-only root: a tmpfs / with each top-level entry of the host root (or
+    of `rootfs`) bound read-only, so /workspace and the other mount points can be created on it."""
+    base = Path(rootfs) if rootfs is not None else Path("/")
+    argv = ["--tmpfs", "/"]
+    for entry in sorted(os.scandir(base), key=lambda e: e.name):
+        if entry.name in _OWN_MOUNTS:
+            continue
+        dest = "/" + entry.name
+        if entry.is_symlink():
+            argv += ["--symlink", os.readlink(entry.path), dest]
+        elif entry.is_dir() or entry.is_file():
+            argv += ["--ro-bind", entry.path, dest]
+    return argv
+
+
+def _world_usable(path: str) -> bool:
+    """Whether an unprivileged uid can reach and execute path (every directory o+x, file o+rx)."""
+    p = Path(path)
+    try:
+        if p.stat().st_mode & 0o005 != 0o005:
+            return False
+        return all(parent.stat().st_mode & 0o001 for parent in p.parents)
+    except OSError:
+        return False
+
+
+@functools.cache
+def agent_interpreter() -> str:
+    """A Python >= 3.9 the sandbox user can run: corral's own if reachable, else the system's."""
+    for candidate in (os.path.realpath(sys.executable), "/usr/bin/python3", "/usr/local/bin/python3"):
+        real = os.path.realpath(candidate)
+        if _world_usable(real) and _world_usable(str(Path(real).parent.parent / "lib")):
+            return real
+    raise IsolationUnavailable(
+        f"no Python interpreter usable by an unprivileged user was found ({sys.executable} is not "
+        "reachable by other users); install python3 (apt-get install python3-minimal)"
+    )
+
+
+@functools.cache
+def _agent_source() -> bytes:
+    return AGENT.read_bytes()
+
+
+def _agent_source_fd() -> int:
+    fd = os.memfd_create("corral-agent", os.MFD_CLOEXEC)
+    os.write(fd, _agent_source())
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
+
+
+def struct_size() -> int:
+    import struct
+
+    return struct.calcsize(_UCRED)

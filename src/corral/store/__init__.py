@@ -1,0 +1,3 @@
+from corral.store.db import Store
+
+__all__ = ["Store"]

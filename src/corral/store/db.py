@@ -1,0 +1,189 @@
+"""Durable store for events and findings: SQLite (WAL) by default, PostgreSQL by URL.
+
+Each record() commits before it returns, so an event the caller saw recorded survives a crash of
+corral. WAL with synchronous=NORMAL keeps that true for process crashes at ~tens of microseconds per
+commit; `durable="full"` also survives power loss.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
+
+from corral.errors import StoreError
+from corral.events import Event, EventKind, Finding
+
+metadata = sa.MetaData()
+
+events = sa.Table(
+    "events",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("ts", sa.Float, nullable=False),
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("action", sa.String(32), nullable=False),
+    sa.Column("sandbox_id", sa.String(64), nullable=False),
+    sa.Column("episode_id", sa.String(128)),
+    sa.Column("step", sa.Integer),
+    sa.Column("command", sa.Text),
+    sa.Column("pid", sa.Integer),
+    sa.Column("ppid", sa.Integer),
+    sa.Column("exe", sa.Text),
+    sa.Column("argv", sa.JSON),
+    sa.Column("dst_ip", sa.String(64)),
+    sa.Column("dst_port", sa.Integer),
+    sa.Column("name", sa.Text),
+    sa.Column("protocol", sa.String(32)),
+    sa.Column("verdict", sa.String(8)),
+    sa.Column("reason", sa.Text),
+    sa.Column("bytes_up", sa.BigInteger),
+    sa.Column("bytes_down", sa.BigInteger),
+    sa.Column("data", sa.JSON),
+    sa.Index("ix_events_sandbox", "sandbox_id", "id"),
+    sa.Index("ix_events_episode", "episode_id", "step"),
+    sa.Index("ix_events_kind", "kind", "ts"),
+)
+
+findings = sa.Table(
+    "findings",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("ts", sa.Float, nullable=False),
+    sa.Column("rule_id", sa.String(128), nullable=False),
+    sa.Column("title", sa.Text, nullable=False),
+    sa.Column("severity", sa.String(16), nullable=False),
+    sa.Column("technique", sa.String(32)),
+    sa.Column("sandbox_id", sa.String(64), nullable=False),
+    sa.Column("episode_id", sa.String(128)),
+    sa.Column("step", sa.Integer),
+    sa.Column("command", sa.Text),
+    sa.Column("pid", sa.Integer),
+    sa.Column("evidence", sa.JSON),  # event ids
+    sa.Column("action", sa.String(32)),
+    sa.Column("data", sa.JSON),
+    sa.Index("ix_findings_sandbox", "sandbox_id", "id"),
+    sa.Index("ix_findings_episode", "episode_id", "step"),
+)
+
+_EVENT_COLS = [c.name for c in events.columns if c.name != "id"]
+_FINDING_COLS = [c.name for c in findings.columns if c.name != "id"]
+
+
+def _sqlite_pragmas(durable: str):
+    def on_connect(dbapi_conn: Any, _record: Any) -> None:
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute(f"PRAGMA synchronous={'FULL' if durable == 'full' else 'NORMAL'}")
+        cur.execute("PRAGMA busy_timeout=10000")
+        cur.close()
+
+    return on_connect
+
+
+class Store:
+    """Events and findings. Thread-safe; many readers (CLI `events --follow`) may share the file."""
+
+    def __init__(self, url: str | Path = ".corral/corral.db", *, durable: str = "process") -> None:
+        url = str(url)
+        if "://" not in url:
+            path = Path(url).expanduser()
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise StoreError(f"cannot create {path.parent} for the event store: {e.strerror}") from None
+            url = f"sqlite:///{path}"
+        self.url = url
+        try:
+            self.engine = sa.create_engine(url, future=True)
+            if self.engine.dialect.name == "sqlite":
+                sa.event.listen(self.engine, "connect", _sqlite_pragmas(durable))
+            metadata.create_all(self.engine)
+        except SQLAlchemyError as e:
+            raise StoreError(f"cannot open event store {url}: {e.__class__.__name__}: {e.args[0]}") from None
+        self._lock = threading.Lock()
+        self._conn = self.engine.connect()
+
+    # -- writing ---------------------------------------------------------------------------------
+    def record(self, event: Event) -> Event:
+        """Persist one event; returns it with its id. Committed before return."""
+        return self.record_many([event])[0]
+
+    def record_many(self, batch: Iterable[Event]) -> list[Event]:
+        batch = list(batch)
+        rows = [e.model_dump(include=set(_EVENT_COLS), mode="json") for e in batch]
+        with self._lock:
+            try:
+                with self._conn.begin():
+                    for event, row in zip(batch, rows, strict=True):
+                        event.id = self._conn.execute(events.insert().values(**row)).inserted_primary_key[0]
+            except OperationalError as e:
+                raise StoreError(
+                    f"cannot write to event store {self.url}: {e.orig}; free disk space or fix permissions "
+                    "(events already recorded are kept)"
+                ) from None
+        return batch
+
+    def record_finding(self, finding: Finding) -> Finding:
+        row = finding.model_dump(include=set(_FINDING_COLS), mode="json")
+        with self._lock:
+            try:
+                with self._conn.begin():
+                    finding.id = self._conn.execute(findings.insert().values(**row)).inserted_primary_key[0]
+            except OperationalError as e:
+                raise StoreError(f"cannot write finding to {self.url}: {e.orig}") from None
+        return finding
+
+    # -- reading ---------------------------------------------------------------------------------
+    def events(
+        self,
+        *,
+        sandbox_id: str | None = None,
+        episode_id: str | None = None,
+        kind: EventKind | str | None = None,
+        verdict: str | None = None,
+        step: int | None = None,
+        after_id: int = 0,
+        limit: int | None = None,
+    ) -> list[Event]:
+        q = sa.select(events).where(events.c.id > after_id).order_by(events.c.id)
+        for col, value in (
+            (events.c.sandbox_id, sandbox_id),
+            (events.c.episode_id, episode_id),
+            (events.c.kind, str(kind) if kind else None),
+            (events.c.verdict, verdict),
+            (events.c.step, step),
+        ):
+            if value is not None:
+                q = q.where(col == value)
+        if limit:
+            q = q.limit(limit)
+        return [Event.model_validate(dict(r._mapping)) for r in self._read(q)]
+
+    def findings(
+        self, *, sandbox_id: str | None = None, episode_id: str | None = None, after_id: int = 0
+    ) -> list[Finding]:
+        q = sa.select(findings).where(findings.c.id > after_id).order_by(findings.c.id)
+        if sandbox_id:
+            q = q.where(findings.c.sandbox_id == sandbox_id)
+        if episode_id:
+            q = q.where(findings.c.episode_id == episode_id)
+        return [Finding.model_validate(dict(r._mapping)) for r in self._read(q)]
+
+    def _read(self, query: sa.Select) -> Iterator[sa.Row]:
+        with self._lock:
+            try:
+                return iter(self._conn.execute(query).fetchall())
+            except OperationalError as e:
+                raise StoreError(f"cannot read event store {self.url}: {e.orig}") from None
+            finally:
+                self._conn.rollback()
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+        self.engine.dispose()

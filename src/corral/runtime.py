@@ -58,7 +58,6 @@ class Runtime:
         self.cgroup_problem: str | None = None
         self.gateway: Gateway | None = None
         self.dns_transport: asyncio.DatagramTransport | None = None
-        self.sandbox_files: dict[str, Path] = {}
         self.started = False
 
     # -- start / stop ------------------------------------------------------------------------------
@@ -89,11 +88,6 @@ class Runtime:
         state.mkdir(parents=True, exist_ok=True)
         if self._store is None:
             self._store = Store(self.config.store_url or state / "corral.db")
-        files = state / "run" / f"{self.instance:03x}"
-        files.mkdir(parents=True, exist_ok=True)
-        (files / "resolv.conf").write_text(f"nameserver {netns.HOST_IP}\noptions timeout:2 attempts:2\n")
-        (files / "hosts").write_text("127.0.0.1\tlocalhost\n::1\tlocalhost\n")
-        self.sandbox_files = {"resolv.conf": files / "resolv.conf", "hosts": files / "hosts"}
         h = discover(f"{self.instance:03x}")
         if h.version is not None:
             self.cgroups = InstanceCgroups(h)
@@ -279,7 +273,9 @@ class Runtime:
     def masked_paths(self) -> list[str]:
         """Host paths hidden from sandboxes: corral's own state (other sandboxes' data, the store)."""
         out = {str(self.config.state_dir.resolve()), str(self.config.lock_dir)}
-        return sorted(p for p in out if Path(p).is_dir() and p != "/")
+        # under a sandbox's own fresh mounts (/tmp, /root) they are invisible already
+        own = ("/tmp/", "/root/", "/workspace/", "/proc/", "/dev/")
+        return sorted(p for p in out if Path(p).is_dir() and p != "/" and not (p + "/").startswith(own))
 
     # -- warm pool ---------------------------------------------------------------------------------
     async def prewarm(self, config: SandboxConfig | None = None, size: int = 4) -> None:

@@ -49,6 +49,9 @@ class Proc:
         self.pending = {1: b"", 2: b""}
         self.done_streams: set[int] = set()
         self.status: int | None = None
+        self.stdin_buf = bytearray()
+        self.stdin_eof = False
+        self.stdin_watch = False
 
 
 class Agent:
@@ -83,6 +86,8 @@ class Agent:
                     self._reap(obj)
                 elif kind == "pipe":
                     self._read_pipe(obj, key.fileobj)
+                elif kind == "stdin":
+                    self._write_stdin(obj)
                 elif kind == "sink":
                     self._drain_sink(key.fileobj)
             self._finish_drained()
@@ -99,7 +104,7 @@ class Agent:
                 env = dict(self.base_env)
                 env.update(msg.get("env") or {})
                 argv = [self.shell, "-c", msg["cmd"]]
-                p = self._spawn(msg["id"], argv, env, msg.get("cwd") or "/workspace", stdin=msg.get("stdin"))
+                p = self._spawn(msg["id"], argv, env, msg.get("cwd") or "/workspace", stdin=bool(msg.get("stdin")))
                 p.limit = msg.get("max_output", p.limit)
             elif op == "go":
                 p = self.procs.get(msg["id"])
@@ -117,7 +122,11 @@ class Agent:
                 env = dict(self.base_env)
                 env.update(msg.get("env") or {})
                 argv = [msg.get("shell") or "/bin/bash", "--noprofile", "--norc"]
-                self._spawn(msg["id"], argv, env, msg.get("cwd") or "/workspace", stdin=b"", keep_stdin=True)
+                self._spawn(msg["id"], argv, env, msg.get("cwd") or "/workspace", keep_stdin=True)
+            elif op == "stdin":
+                p = self.procs.get(msg["id"])
+                if p is not None:
+                    self._feed_stdin(p, base64.b64decode(msg["data"]), bool(msg.get("eof")))
             elif op == "session_run":
                 self._session_run(msg)
             elif op == "session_close":
@@ -130,7 +139,7 @@ class Agent:
         except Exception as e:  # report, never die: the agent is the sandbox's lifeline
             self.send(op="error", id=msg.get("id"), error=f"{type(e).__name__}: {e}")
 
-    def _spawn(self, key: str, argv: list[str], env: dict, cwd: str, stdin: str | bytes | None = None,
+    def _spawn(self, key: str, argv: list[str], env: dict, cwd: str, stdin: bool = False,
                keep_stdin: bool = False) -> Proc:
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
@@ -170,27 +179,42 @@ class Agent:
         for fd in (out_r, err_r):
             os.set_blocking(fd, False)
             self.sel.register(fd, selectors.EVENT_READ, ("pipe", proc))
-        if not keep_stdin:
-            data = base64.b64decode(stdin) if isinstance(stdin, str) else (stdin or b"")
-            self._feed_stdin(proc, data)
+        os.set_blocking(in_w, False)
+        if not keep_stdin and not stdin:
+            self._feed_stdin(proc, b"", eof=True)
         return proc
 
-    def _feed_stdin(self, proc: Proc, data: bytes) -> None:
-        # Small inputs go straight into the pipe buffer; big ones are written by a helper child so the
-        # agent never blocks on a command that does not read its stdin.
-        fd = proc.stdin_w
-        proc.stdin_w = None
-        if len(data) <= 60000:
-            if data:
-                os.write(fd, data)
-            os.close(fd)
+    def _feed_stdin(self, proc: Proc, data: bytes, eof: bool) -> None:
+        # Buffered and written as the command reads, so a command that ignores its stdin can never
+        # block the agent.
+        if proc.stdin_w is None:
             return
-        if os.fork() == 0:
-            try:
-                os.write(fd, data)
-            finally:
-                os._exit(0)
-        os.close(fd)
+        proc.stdin_buf += data
+        proc.stdin_eof = proc.stdin_eof or eof
+        self._write_stdin(proc)
+
+    def _write_stdin(self, proc: Proc) -> None:
+        fd = proc.stdin_w
+        if fd is None:
+            return
+        try:
+            while proc.stdin_buf:
+                n = os.write(fd, proc.stdin_buf[:CHUNK])
+                del proc.stdin_buf[:n]
+        except BlockingIOError:
+            pass
+        except OSError:  # the command closed its stdin
+            proc.stdin_buf.clear()
+            proc.stdin_eof = True
+        want = bool(proc.stdin_buf)
+        if want and not proc.stdin_watch:
+            self.sel.register(fd, selectors.EVENT_WRITE, ("stdin", proc))
+        elif not want and proc.stdin_watch:
+            self.sel.unregister(fd)
+        proc.stdin_watch = want
+        if not want and proc.stdin_eof:
+            os.close(fd)
+            proc.stdin_w = None
 
     def _session_run(self, msg: dict) -> None:
         p = self.procs.get(msg["sid"])
@@ -216,7 +240,7 @@ class Agent:
             f"__corral_rc=$?; printf '\\036__CORRAL_{nonce}__%d\\n' \"$__corral_rc\"; "
             f"printf '\\036__CORRAL_{nonce}__\\n' >&2\n"
         )
-        os.write(p.stdin_w, script.encode())
+        self._feed_stdin(p, script.encode(), eof=False)
 
     def _drain_sink(self, fd: int) -> None:
         try:
@@ -309,6 +333,8 @@ class Agent:
             proc.exit_code = -1
         proc.exited_at = time.monotonic()
         if proc.stdin_w is not None:
+            if proc.stdin_watch:
+                self.sel.unregister(proc.stdin_w)
             os.close(proc.stdin_w)
             proc.stdin_w = None
         self._reap_orphans()

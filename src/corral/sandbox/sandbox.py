@@ -16,6 +16,7 @@ from __future__ import annotations
 import array
 import asyncio
 import base64
+import collections
 import contextlib
 import functools
 import io
@@ -44,6 +45,7 @@ from corral.errors import (
     SessionError,
 )
 from corral.events import Event, EventKind
+from corral.net.netns import HOST_IP
 from corral.nsutil import CLONE_NEWNET, setns
 from corral.sandbox import procs
 from corral.sandbox.cgroups import SandboxCgroup
@@ -55,6 +57,10 @@ if TYPE_CHECKING:
 
 AGENT = Path(__file__).with_name("agent.py")
 AGENT_PATH = "/.corral-agent.py"  # where the agent's code appears inside a sandbox
+# Any DNS query leaves through corral's resolver (nftables redirects all UDP/53 there anyway).
+RESOLV_CONF = f"nameserver {HOST_IP}\noptions timeout:2 attempts:2\n".encode()
+HOSTS = b"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost\n"
+STDIN_CHUNK = 48 * 1024
 INTERNAL_STEP = 0  # corral's own helpers (file transfer, session shells) run as step 0
 _UCRED = "iII"
 
@@ -159,6 +165,8 @@ class Sandbox:
         self._next_id = 0
         self._session_waiters: dict[str, asyncio.Future] = {}
         self.agent_hostpid: int | None = None
+        self._outbox: collections.deque[bytes] = collections.deque()
+        self._writer = False
 
     # -- lifecycle ---------------------------------------------------------------------------------
     @classmethod
@@ -194,7 +202,6 @@ class Sandbox:
         host_sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         host_sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
         seccomp = filter_fd()
-        files = self.runtime.sandbox_files
         argv = ["bwrap", "--unshare-user", "--uid", "0", "--gid", "0", "--unshare-pid", "--unshare-ipc",
                 "--unshare-uts", "--unshare-cgroup-try", "--hostname", cfg.hostname, "--die-with-parent",
                 "--cap-drop", "ALL", "--disable-userns"]
@@ -210,11 +217,10 @@ class Sandbox:
             argv += ["--tmpfs", masked]
         # The agent's code is copied in from a memfd: corral's install may sit where the
         # sandbox's unprivileged uid cannot look (under /root, say).
-        agent_fd = _agent_source_fd()
-        argv += ["--perms", "0444", "--ro-bind-data", str(agent_fd), AGENT_PATH]
-        argv += ["--ro-bind", str(files["resolv.conf"]), "/etc/resolv.conf",
-                 "--ro-bind", str(files["hosts"]), "/etc/hosts",
-                 "--remount-ro", "/", "--chdir", "/workspace", "--seccomp", str(seccomp),
+        data_fds = [_data_fd(_agent_source()), _data_fd(RESOLV_CONF), _data_fd(HOSTS)]
+        for fd, dest in zip(data_fds, (AGENT_PATH, "/etc/resolv.conf", "/etc/hosts"), strict=True):
+            argv += ["--perms", "0444", "--ro-bind-data", str(fd), dest]
+        argv += ["--remount-ro", "/", "--chdir", "/workspace", "--seccomp", str(seccomp),
                  "--", agent_interpreter(), "-I", "-S", AGENT_PATH]
         base_env = {
             "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
@@ -244,7 +250,7 @@ class Sandbox:
 
         self._ready = loop.create_future()
         try:
-            self._proc = subprocess.Popen(argv, env=env, pass_fds=(child_sock.fileno(), seccomp, agent_fd),
+            self._proc = subprocess.Popen(argv, env=env, pass_fds=(child_sock.fileno(), seccomp, *data_fds),
                                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                           stderr=subprocess.PIPE, preexec_fn=preexec)
         except FileNotFoundError:
@@ -252,7 +258,8 @@ class Sandbox:
         finally:
             child_sock.close()
             os.close(seccomp)
-            os.close(agent_fd)
+            for fd in data_fds:
+                os.close(fd)
         self._sock = host_sock
         host_sock.setblocking(False)
         loop.add_reader(host_sock.fileno(), self._on_readable)
@@ -260,7 +267,9 @@ class Sandbox:
             self.agent_hostpid = await asyncio.wait_for(self._ready, 15)
         except (TimeoutError, SandboxClosed):
             err = b""
-            if self._proc.poll() is not None and self._proc.stderr:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                await asyncio.to_thread(self._proc.wait, 2)
+            if self._proc.returncode is not None and self._proc.stderr:
                 err = self._proc.stderr.read()
             await self._teardown_proc()
             raise IsolationUnavailable(
@@ -272,8 +281,12 @@ class Sandbox:
         if self._sock is not None:
             with contextlib.suppress(ValueError, OSError):
                 asyncio.get_running_loop().remove_reader(self._sock.fileno())
+                if self._writer:
+                    asyncio.get_running_loop().remove_writer(self._sock.fileno())
             self._sock.close()
             self._sock = None
+        self._outbox.clear()
+        self._writer = False
         if self.cgroup:
             await asyncio.to_thread(self.cgroup.kill)
         if self._proc is not None:
@@ -342,12 +355,32 @@ class Sandbox:
 
     # -- agent protocol ----------------------------------------------------------------------------
     def _send(self, **msg: Any) -> None:
+        """Queue a message to the agent, in order; flushed now or as soon as the socket has room."""
         if self._sock is None:
             raise SandboxClosed(f"sandbox {self.id} is not running")
+        self._outbox.append(json.dumps(msg, separators=(",", ":")).encode())
+        if len(self._outbox) == 1:
+            self._flush()
+
+    def _flush(self) -> None:
+        sock = self._sock
+        if sock is None:
+            return
         try:
-            self._sock.send(json.dumps(msg, separators=(",", ":")).encode())
+            while self._outbox:
+                sock.send(self._outbox[0])
+                self._outbox.popleft()
+        except BlockingIOError:
+            if not self._writer:
+                asyncio.get_running_loop().add_writer(sock.fileno(), self._flush)
+                self._writer = True
+            return
         except (BrokenPipeError, ConnectionResetError):
+            self._outbox.clear()
             raise SandboxClosed(f"sandbox {self.id}: its agent died; close it and create a new one") from None
+        if self._writer:
+            asyncio.get_running_loop().remove_writer(sock.fileno())
+            self._writer = False
 
     def _on_readable(self) -> None:
         sock = self._sock
@@ -468,9 +501,9 @@ class Sandbox:
         limit = max_output or self.config.limits.output_bytes
         c = self._register(step, limit, on_output)
         msg = {"op": "exec", "id": c.id, "cmd": cmd, "env": env, "cwd": cwd, "max_output": limit,
-               "stdin": base64.b64encode(stdin).decode() if stdin else None}
+               "stdin": bool(stdin)}
         return await self._run(c, cmd, msg, timeout, session=None, internal=_internal,
-                               tool_call_id=tool_call_id)
+                               tool_call_id=tool_call_id, stdin=stdin)
 
     async def stream(self, cmd: str, **kw: Any) -> AsyncIterator[OutputChunk | ExecResult]:
         """Yield output chunks as they arrive, then the ExecResult."""
@@ -490,7 +523,7 @@ class Sandbox:
         return c
 
     async def _run(self, c: _Cmd, cmd: str, msg: dict, timeout: float | None, *, session: str | None,
-                   internal: bool, tool_call_id: str | None = None) -> ExecResult:
+                   internal: bool, tool_call_id: str | None = None, stdin: bytes | None = None) -> ExecResult:
         timeout = timeout if timeout is not None else self.config.limits.timeout
         before = self.cgroup.stats() if self.cgroup and not internal else {}
         if not internal:
@@ -502,6 +535,12 @@ class Sandbox:
         error = None
         try:
             self._send(**msg)
+            if stdin:
+                # in pieces: a SEQPACKET message must fit the socket buffer
+                for i in range(0, len(stdin), STDIN_CHUNK):
+                    piece = stdin[i : i + STDIN_CHUNK]
+                    self._send(op="stdin", id=c.id, data=base64.b64encode(piece).decode(),
+                               eof=i + STDIN_CHUNK >= len(stdin))
             code, error = await asyncio.wait_for(asyncio.shield(c.future), timeout)
         except TimeoutError:
             timed_out = True
@@ -633,8 +672,9 @@ class Sandbox:
         if r.exit_code != 0:
             raise FileAccessError(f"cannot upload {src} to {dest}: {r.stderr.strip()}")
 
-    async def download(self, src: str, dest: str | Path, *, max_bytes: int = 256 << 20) -> None:
-        """Copy a sandbox file or directory to the host; archive members cannot escape dest."""
+    async def download(self, src: str, dest: str | Path, *, max_bytes: int = 256 << 20) -> list[str]:
+        """Copy a sandbox file or directory to the host. Members that would escape dest (absolute or
+        outward symlinks, device nodes) are skipped and their names returned."""
         dest = Path(dest)
         q = shlex.quote(src)
         r = await self.exec(f"if [ -d {q} ]; then tar -c -C {q} .; else cat -- {q}; fi",
@@ -644,13 +684,23 @@ class Sandbox:
         if r.stdout_truncated:
             raise FileAccessError(f"{src} is larger than max_bytes={max_bytes}")
         data = r.stdout_bytes
+        skipped: list[str] = []
         if tarfile.is_tarfile(io.BytesIO(data)) and len(data) % 512 == 0:
             dest.mkdir(parents=True, exist_ok=True)
+
+            def safe(member: tarfile.TarInfo, path: str) -> tarfile.TarInfo | None:
+                try:
+                    return tarfile.data_filter(member, path)
+                except tarfile.FilterError:
+                    skipped.append(member.name)  # absolute/escaping links, devices: never extracted
+                    return None
+
             with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-                tar.extractall(dest, filter="data")
+                tar.extractall(dest, filter=safe)
         else:
             dest.parent.mkdir(parents=True, exist_ok=True)
             dest.write_bytes(data)
+        return skipped
 
     # -- attribution -------------------------------------------------------------------------------
     def pids(self) -> list[int]:
@@ -737,9 +787,10 @@ def _agent_source() -> bytes:
     return AGENT.read_bytes()
 
 
-def _agent_source_fd() -> int:
-    fd = os.memfd_create("corral-agent", os.MFD_CLOEXEC)
-    os.write(fd, _agent_source())
+def _data_fd(data: bytes) -> int:
+    """A memfd holding data, for bwrap's --ro-bind-data (needs no host path the sandbox can see)."""
+    fd = os.memfd_create("corral-data", os.MFD_CLOEXEC)
+    os.write(fd, data)
     os.lseek(fd, 0, os.SEEK_SET)
     return fd
 

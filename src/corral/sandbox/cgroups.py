@@ -215,7 +215,10 @@ class SandboxCgroup:
                 out["memory_peak_bytes"] = int((m / "memory.max_usage_in_bytes").read_text())
                 oom = _kv(m / "memory.oom_control")
                 out["oom_kills"] = oom.get("oom_kill", 0)
-                out["pids_max_hits"] = _kv(self.dirs["pids"] / "pids.events").get("max", 0)
+                # v1 counts a refused fork in the forking task's own cgroup (a step's), so sum the tree
+                pdir = self.dirs["pids"]
+                out["pids_max_hits"] = sum(_kv(d / "pids.events").get("max", 0)
+                                           for d in (pdir, *pdir.glob("step-*")))
                 cpuacct = self.dirs["cpu"] / "cpuacct.usage"
                 if cpuacct.exists():
                     out["cpu_ns"] = int(cpuacct.read_text())

@@ -228,10 +228,12 @@ class Sandbox:
             "SHELL": cfg.shell, "CORRAL_SANDBOX": self.id,
         }
         base_env.update(dict(cfg.env))
-        env = {"CORRAL_AGENT_ENV": json.dumps(base_env), "CORRAL_SHELL": "/bin/sh",
+        env = {"CORRAL_AGENT_ENV": json.dumps(base_env), "CORRAL_SHELL": cfg.shell,
                "CORRAL_SOCK_FD": str(child_sock.fileno()), "PATH": base_env["PATH"]}
         cg_files = self.cgroup.procs_files() if self.cgroup else []
-        netns_fd, uid, nproc = self.net.netns_fd, self.uid, lim.pids + 16
+        # RLIMIT_NPROC is per uid (each sandbox has its own): the limit without cgroups, a backstop with
+        nproc = lim.pids + 64 if self.cgroup else lim.pids + 8
+        netns_fd, uid = self.net.netns_fd, self.uid
         nofile = lim.open_files
 
         def preexec() -> None:  # runs in the forked child, before exec of bwrap
@@ -493,7 +495,7 @@ class Sandbox:
                    on_output: Callable[[OutputChunk], None] | None = None,
                    max_output: int | None = None, tool_call_id: str | None = None,
                    _internal: bool = False) -> ExecResult:
-        """Run ``cmd`` with /bin/sh -c in a fresh process (no shell state carried over)."""
+        """Run ``cmd`` with the configured shell (bash) -c in a fresh process; no state carries over."""
         self._check_open()
         if isinstance(stdin, str):
             stdin = stdin.encode()
@@ -549,17 +551,23 @@ class Sandbox:
             self._cmds.pop(c.id, None)
         duration = time.perf_counter() - t0
         after = self.cgroup.stats() if self.cgroup and not internal else {}
+        pids_hit = after.get("pids_max_hits", 0) > before.get("pids_max_hits", 0)
+        if pids_hit and self.cgroup is not None:
+            # A step that exhausts the process limit is a fork bomb or a runaway: its whole tree goes,
+            # so the sandbox stays usable for the next command.
+            await asyncio.to_thread(self.cgroup.kill, c.step, self._session_pids())
         res = ExecResult(
             exit_code=code, stdout_bytes=bytes(c.out), stderr_bytes=bytes(c.err), duration=duration,
             step=c.step, stdout_truncated=c.dropped[0] > 0, stderr_truncated=c.dropped[1] > 0,
             timed_out=timed_out, error=error,
             oom_killed=after.get("oom_kills", 0) > before.get("oom_kills", 0),
-            pids_limit_hit=after.get("pids_max_hits", 0) > before.get("pids_max_hits", 0),
+            pids_limit_hit=pids_hit,
         )
         if res.oom_killed and not res.error:
             res.error = f"killed: memory limit of {self.config.limits.memory_mb} MiB reached"
         elif res.pids_limit_hit and not res.error:
-            res.error = f"process limit of {self.config.limits.pids} reached (fork bomb contained)"
+            res.error = (f"process limit of {self.config.limits.pids} reached: every process of this command "
+                         "was killed (fork bomb contained)")
         elif timed_out:
             res.error = f"timed out after {timeout:g}s; the command's whole process tree was killed"
         if not internal:
@@ -577,8 +585,7 @@ class Sandbox:
         """Timeout: kill every process the step started, background and daemonized ones included."""
         sess = self._sessions.get(session) if session else None
         if self.cgroup is not None:
-            keep = {sess.hostpid} if sess and sess.hostpid else set()
-            await asyncio.to_thread(self.cgroup.kill, c.step, keep)
+            await asyncio.to_thread(self.cgroup.kill, c.step, self._session_pids())
         else:
             with contextlib.suppress(SandboxClosed):
                 self._send(op="kill", id=f"s:{session}" if session else c.id, sig=signal.SIGKILL)
@@ -593,6 +600,16 @@ class Sandbox:
                 self._sessions.pop(session or "", None)
                 return None, f"session '{session}' was killed after the timeout; create it again"
             return None, None
+
+    def _session_pids(self) -> set[int]:
+        """Session shells sit in the cgroup of their latest step but must survive its kill."""
+        return {s.hostpid for s in self._sessions.values() if s.hostpid}
+
+    async def kill_step(self, step: int) -> int:
+        """Kill every process a step started (background ones too). Returns how many were killed."""
+        if self.cgroup is None:
+            raise IsolationUnavailable("killing a step's processes needs cgroups; see 'corral doctor'")
+        return await asyncio.to_thread(self.cgroup.kill, step, self._session_pids())
 
     # -- sessions ----------------------------------------------------------------------------------
     async def create_session(self, name: str = "default", *, env: dict[str, str] | None = None,

@@ -1,0 +1,44 @@
+# Two commands that work on a fresh Debian machine (as root): `make demo` and `make test`.
+# Each installs what it needs: Debian packages when missing, and a .venv with corral and its deps.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+# Debian packages corral uses at run time (bubblewrap, nft, ip) and that tests drive as real clients.
+APT_PKGS := bubblewrap nftables iproute2 libseccomp2 python3 openssh-client openssl iputils-ping procps util-linux
+# Everything runs in a private network namespace of its own: even a bug cannot reach the real network.
+ISOLATED := unshare --net --mount --propagation private -- sh -c
+
+.PHONY: all deps venv test demo bench lint clean
+
+all: test
+
+deps:
+	@missing=""; for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[dev]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+test: deps venv
+	$(ISOLATED) 'ip link set lo up && $(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)'
+
+demo: deps venv
+	$(ISOLATED) 'ip link set lo up && $(VENV)/bin/corral demo'
+
+bench: deps venv
+	$(ISOLATED) 'ip link set lo up && $(PY) benchmarks/bench_runtime.py'
+
+lint: venv
+	$(VENV)/bin/ruff check src tests benchmarks
+
+clean:
+	rm -rf $(VENV) .corral build *.egg-info

@@ -1,0 +1,540 @@
+"""The `corral` command line: doctor, run, shell, events, gc.
+
+The CLI only parses, renders and maps outcomes to exit codes; the work is done by the library
+(Runtime, Sandbox, Store) and by corral.doctor / corral.gc, so everything here is also testable
+without a terminal.
+
+Exit codes: the command's own for `run`; 124 when it timed out; 128+N when a signal killed it;
+2 for bad arguments, bad policies and unavailable isolation; 1 for `doctor` with a required
+feature missing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import json
+import os
+import shlex
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from corral.config import EgressPolicy, EgressRule, Limits, RuntimeConfig, SandboxConfig
+from corral.errors import ConfigError, CorralError, IsolationUnavailable
+from corral.events import Event, EventKind, Verdict
+
+app = typer.Typer(
+    name="corral",
+    help="Run agent commands in isolated sandboxes with default-deny egress and attributed events.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+
+def _console(stderr: bool) -> Console:
+    # Off a terminal rich would wrap tables at 80 columns; logs and CI want whole rows instead.
+    stream = sys.stderr if stderr else sys.stdout
+    width = None if stream.isatty() or os.environ.get("COLUMNS") else 200
+    return Console(stderr=stderr, highlight=False, width=width)
+
+
+# Tables and messages go to stderr: stdout belongs to the sandboxed command (`corral run ... | jq`).
+err = _console(stderr=True)
+out = _console(stderr=False)
+
+EXIT_USAGE = 2
+EXIT_TIMEOUT = 124
+
+
+def _fail(message: str, code: int = EXIT_USAGE, hint: str | None = None) -> NoReturn:
+    err.print(f"[bold red]error:[/] {escape(message)}")
+    if hint:
+        err.print(f"[dim]{escape(hint)}[/]")
+    raise typer.Exit(code)
+
+
+def _fail_corral(e: CorralError) -> NoReturn:
+    hint = "run 'corral doctor' to see which isolation feature is missing" if isinstance(
+        e, IsolationUnavailable) and "corral doctor" not in str(e) else None
+    _fail(str(e), hint=hint)
+
+
+def _validation_message(e: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(str(p) for p in x['loc']) or 'value'}: {x['msg']}" for x in e.errors())
+
+
+def _state_dir(state_dir: Path | None) -> Path:
+    return state_dir or Path(os.environ.get("CORRAL_HOME") or ".corral")
+
+
+StateDirOpt = Annotated[Path | None, typer.Option(
+    "--state-dir", help="corral's state directory (event store, runtime files). [env: CORRAL_HOME; default .corral]",
+    show_default=False)]
+AllowOpt = Annotated[list[str] | None, typer.Option(
+    "--allow", "-a", help="Egress allow rule (repeatable): pypi.org, '*.example.com:443', 10.0.0.0/8, host:8000-8100.")]
+PolicyOpt = Annotated[Path | None, typer.Option("--policy", help="YAML egress policy file (allow: [...]).")]
+MemOpt = Annotated[int | None, typer.Option("--mem", help="Memory limit in MiB.", show_default=False)]
+CpusOpt = Annotated[float | None, typer.Option("--cpus", help="CPU limit (cores, fractional).", show_default=False)]
+PidsOpt = Annotated[int | None, typer.Option("--pids", help="Process limit.", show_default=False)]
+TimeoutOpt = Annotated[float | None, typer.Option("--timeout", help="Wall-clock limit per command, seconds.",
+                                                  show_default=False)]
+WorkspaceOpt = Annotated[Path | None, typer.Option("--workspace", help="Directory copied into /workspace.")]
+
+
+def _sandbox_config(allow: list[str] | None, policy: Path | None, mem: int | None, cpus: float | None,
+                    pids: int | None, timeout: float | None, workspace: Path | None) -> SandboxConfig:
+    """Build the sandbox config; every mistake becomes a ConfigError naming the bad value."""
+    egress = EgressPolicy.from_file(policy) if policy is not None else EgressPolicy()
+    if allow:
+        extra = tuple(EgressRule.parse(r) for r in allow)
+        # Rules given with --allow add to the policy file's (already validated) rules.
+        egress = egress.model_copy(update={"allow": egress.allow + extra})
+    given = {"memory_mb": mem, "cpus": cpus, "pids": pids, "timeout": timeout}
+    try:
+        limits = Limits(**{k: v for k, v in given.items() if v is not None})
+        return SandboxConfig(limits=limits, egress=egress, workspace_template=workspace)
+    except ValidationError as e:
+        raise ConfigError(_validation_message(e)) from None
+
+
+def _exit_code(code: int | None, timed_out: bool) -> int:
+    if timed_out:
+        return EXIT_TIMEOUT
+    if code is None:
+        return 1  # killed without a status (sandbox died): a failure, not a success
+    if code < 0:
+        return 128 - code  # killed by signal -code, as shells report it
+    return code & 0xFF
+
+
+def _run_async(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
+    """asyncio.run with SIGTERM treated like Ctrl-C, so `kill corral` still closes every sandbox."""
+
+    terminated = False
+
+    async def wrapper() -> int:
+        task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+        assert task is not None
+
+        def on_term() -> None:
+            nonlocal terminated
+            terminated = True
+            task.cancel()
+
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signal.SIGTERM, on_term)
+        try:
+            return await main()
+        except asyncio.CancelledError:
+            if terminated:
+                return 128 + signal.SIGTERM
+            raise  # Ctrl-C: asyncio.run turns this into KeyboardInterrupt
+
+    try:
+        return asyncio.run(wrapper())
+    except KeyboardInterrupt:
+        return 128 + signal.SIGINT
+
+
+# -- rendering -------------------------------------------------------------------------------------
+def _ts(t: float) -> str:
+    return datetime.datetime.fromtimestamp(t).strftime("%H:%M:%S.%f")[:-3]
+
+
+def _proc(ev: Event) -> str:
+    if ev.pid is None and not ev.exe:
+        return ""
+    exe = os.path.basename(ev.exe) if ev.exe else "?"
+    return f"{ev.pid}/{exe}" if ev.pid is not None else exe
+
+
+def _dest(ev: Event) -> str:
+    if not ev.dst_ip:
+        return ""
+    host = f"[{ev.dst_ip}]" if ":" in ev.dst_ip else ev.dst_ip
+    return f"{host}:{ev.dst_port}" if ev.dst_port is not None else host
+
+
+def _verdict(ev: Event) -> str:
+    if ev.verdict == Verdict.ALLOW:
+        return "[green]allow[/]"
+    if ev.verdict == Verdict.DENY:
+        return "[bold red]deny[/]"
+    return ""
+
+
+def _bytes(ev: Event) -> str:
+    if ev.bytes_up is None and ev.bytes_down is None:
+        return ""
+    return f"{ev.bytes_up or 0}/{ev.bytes_down or 0}"
+
+
+def _s(value: object) -> str:
+    return "" if value is None else escape(str(value))
+
+
+_NO_WRAP = {"id", "time", "step", "kind", "verdict"}
+
+
+def egress_table(events: list[Event], title: str) -> Table:
+    t = Table(title=title, title_justify="left", show_lines=False)
+    # Short columns never wrap; the free-text ones take what width is left.
+    for col in ("time", "step", "pid/exe", "kind", "destination", "name", "proto", "verdict", "reason",
+                "bytes up/down"):
+        t.add_column(col, overflow="fold", no_wrap=col in _NO_WRAP)
+    for ev in events:
+        t.add_row(_ts(ev.ts), _s(ev.step), _s(_proc(ev)), ev.kind.value, _s(_dest(ev)), _s(ev.name),
+                  _s(ev.protocol), _verdict(ev), _s(ev.reason), _bytes(ev))
+    return t
+
+
+def _summary(ev: Event) -> str:
+    """One cell saying what happened, whatever the kind."""
+    if ev.kind in (EventKind.CONNECT, EventKind.DNS):
+        parts = [_dest(ev), ev.name or "", ev.protocol or "", ev.reason or ""]
+        return " ".join(p for p in parts if p)
+    if ev.kind == EventKind.COMMAND:
+        code = ev.data.get("exit_code") if ev.action == "exit" else None
+        return (ev.command or "") + (f"  -> {code}" if ev.action == "exit" else "")
+    if ev.reason:
+        return ev.reason
+    return ev.command or ""
+
+
+def events_table(events: list[Event]) -> Table:
+    t = Table(show_lines=False)
+    for col in ("id", "time", "sandbox", "step", "kind", "action", "pid/exe", "verdict", "what"):
+        t.add_column(col, overflow="fold", no_wrap=col in _NO_WRAP)
+    for ev in events:
+        t.add_row(str(ev.id), _ts(ev.ts), escape(ev.sandbox_id), _s(ev.step), ev.kind.value, escape(ev.action),
+                  _s(_proc(ev)), _verdict(ev), _s(_summary(ev)))
+    return t
+
+
+def _event_line(ev: Event) -> str:
+    fields = [f"[dim]{ev.id:>6} {_ts(ev.ts)}[/]", escape(ev.sandbox_id), f"step={_s(ev.step)}",
+              f"[bold]{ev.kind.value}[/]/{escape(ev.action)}", _s(_proc(ev)), _verdict(ev), _s(_summary(ev))]
+    return " ".join(f for f in fields if f)
+
+
+# -- doctor ----------------------------------------------------------------------------------------
+@app.command()
+def doctor() -> None:
+    """Check which isolation and limit features work on this machine, and how to fix missing ones."""
+    from corral.doctor import all_required_ok, checks
+
+    results = checks()
+    t = Table(title="corral doctor", title_justify="left")
+    t.add_column("feature")
+    t.add_column("status")
+    t.add_column("detail", overflow="fold")
+    t.add_column("fix", overflow="fold")
+    for c in results:
+        if c.ok:
+            status = "[green]ok[/]"
+        elif c.required:
+            status = "[bold red]MISSING[/]"
+        else:
+            status = "[yellow]warn[/]" if "optional" not in c.name.lower() else "[dim]absent[/]"
+        t.add_row(escape(c.name), status, escape(c.detail), "" if c.ok else escape(c.fix))
+    out.print(t)
+    if all_required_ok(results):
+        out.print("[green]All required features are available.[/]")
+        return
+    missing = ", ".join(c.name for c in results if c.required and not c.ok)
+    out.print(f"[bold red]Missing required features:[/] {escape(missing)}")
+    raise typer.Exit(1)
+
+
+# -- run -------------------------------------------------------------------------------------------
+def _write(stream: Any, data: bytes) -> None:
+    stream.buffer.write(data)
+    stream.buffer.flush()
+
+
+async def _run_one(cfg: SandboxConfig, state_dir: Path, command: str, timeout: float | None,
+                   as_json: bool) -> int:
+    from corral.runtime import Runtime
+
+    async with Runtime(RuntimeConfig(state_dir=state_dir)) as rt:
+        sb = await rt.create(cfg)
+
+        def on_output(chunk: Any) -> None:
+            _write(sys.stdout if chunk.stream == "stdout" else sys.stderr, chunk.data)
+
+        res = await sb.exec(command, timeout=timeout, on_output=None if as_json else on_output)
+        egress = sorted(rt.store.events(sandbox_id=sb.id, kind=EventKind.CONNECT)
+                        + rt.store.events(sandbox_id=sb.id, kind=EventKind.DNS), key=lambda e: e.id or 0)
+        code = _exit_code(res.exit_code, res.timed_out)
+        if as_json:
+            doc = {"exit_code": res.exit_code, "stdout": res.stdout, "stderr": res.stderr,
+                   "timed_out": res.timed_out, "truncated": res.truncated, "oom_killed": res.oom_killed,
+                   "pids_limit_hit": res.pids_limit_hit, "error": res.error, "duration": res.duration,
+                   "sandbox_id": sb.id, "events": [e.model_dump(mode="json") for e in egress]}
+            out.file.write(json.dumps(doc) + "\n")
+            out.file.flush()
+            return code
+        if res.error:
+            err.print(f"[yellow]corral:[/] {escape(res.error)}")
+        if egress:
+            err.print(egress_table(egress, f"egress of {sb.id}"))
+        else:
+            err.print(f"[dim]corral: no network activity in {escape(sb.id)}[/]")
+        return code
+
+
+@app.command(context_settings={"allow_interspersed_args": False})
+def run(
+    command: Annotated[list[str], typer.Argument(help="Command to run (put it after --).", show_default=False)],
+    allow: AllowOpt = None,
+    policy: PolicyOpt = None,
+    mem: MemOpt = None,
+    cpus: CpusOpt = None,
+    pids: PidsOpt = None,
+    timeout: TimeoutOpt = None,
+    workspace: WorkspaceOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of streaming.")] = False,
+    state_dir: StateDirOpt = None,
+) -> None:
+    """Run one command in a fresh sandbox, stream its output, then show its network activity."""
+    try:
+        cfg = _sandbox_config(allow, policy, mem, cpus, pids, timeout, workspace)
+    except ConfigError as e:
+        _fail(str(e))
+    # One argument is a shell command line already ("make && make test"); several are an argv.
+    cmd = command[0] if len(command) == 1 else shlex.join(command)
+    try:
+        code = _run_async(lambda: _run_one(cfg, _state_dir(state_dir), cmd, timeout, as_json))
+    except CorralError as e:
+        _fail_corral(e)
+    raise typer.Exit(code)
+
+
+# -- shell -----------------------------------------------------------------------------------------
+class _LineReader:
+    """input() on a daemon thread, one line per request, so the event loop keeps serving the
+    sandbox's network (gateway, DNS) while the user types, and exiting never waits on a blocked read."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._requests: list[tuple[str, asyncio.Future[str | None]]] = []
+        self._cond = threading.Condition()
+        threading.Thread(target=self._serve, daemon=True, name="corral-shell-input").start()
+
+    def _serve(self) -> None:
+        while True:
+            with self._cond:
+                while not self._requests:
+                    self._cond.wait()
+                prompt, fut = self._requests.pop(0)
+            try:
+                line: str | None = input(prompt)
+            except (EOFError, OSError, ValueError):  # end of input, or stdin closed under us
+                line = None
+            self.loop.call_soon_threadsafe(lambda f=fut, v=line: f.done() or f.set_result(v))
+            if line is None:
+                return
+
+    async def read(self, prompt: str) -> str | None:
+        fut: asyncio.Future[str | None] = self.loop.create_future()
+        with self._cond:
+            self._requests.append((prompt, fut))
+            self._cond.notify()
+        return await fut
+
+
+async def _shell(cfg: SandboxConfig, state_dir: Path, timeout: float | None) -> int:
+    from corral.runtime import Runtime
+
+    loop = asyncio.get_running_loop()
+    async with Runtime(RuntimeConfig(state_dir=state_dir)) as rt:
+        sb = await rt.create(cfg)
+        await sb.create_session("main")
+        err.print(f"[bold]corral shell[/] in sandbox {escape(sb.id)} "
+                  "[dim](state persists between lines; 'exit' or Ctrl-D leaves, Ctrl-C interrupts)[/]")
+        reader = _LineReader(loop)
+        current: asyncio.Task | None = None
+
+        def on_sigint() -> None:
+            if current is not None and not current.done():
+                current.cancel()
+            else:
+                err.print("\n[dim](type 'exit' or press Ctrl-D to leave)[/]")
+
+        loop.add_signal_handler(signal.SIGINT, on_sigint)
+        last = 0
+        try:
+            while True:
+                line = await reader.read(f"corral:{sb.id}$ " if sys.stdin.isatty() else "")
+                if line is None or line.strip() in ("exit", "logout"):
+                    break
+                if not line.strip():
+                    continue
+
+                def on_output(chunk: Any) -> None:
+                    _write(sys.stdout if chunk.stream == "stdout" else sys.stderr, chunk.data)
+
+                current = asyncio.ensure_future(sb.run_in_session("main", line, timeout=timeout,
+                                                                  on_output=on_output))
+                try:
+                    res = await current
+                except asyncio.CancelledError:
+                    # The shell may still be running the command: restart the session to stop it.
+                    await sb.close_session("main")
+                    await sb.create_session("main")
+                    err.print("\n[yellow]interrupted; the session was restarted (shell state is reset)[/]")
+                    last = 130
+                    continue
+                finally:
+                    current = None
+                last = _exit_code(res.exit_code, res.timed_out)
+                if res.error:
+                    err.print(f"[yellow]corral:[/] {escape(res.error)}")
+                    if "create it again" in res.error:
+                        await sb.create_session("main")
+                elif last != 0:
+                    err.print(f"[dim]exit {last}[/]")
+        finally:
+            loop.remove_signal_handler(signal.SIGINT)
+        egress = sorted(rt.store.events(sandbox_id=sb.id, kind=EventKind.CONNECT)
+                        + rt.store.events(sandbox_id=sb.id, kind=EventKind.DNS), key=lambda e: e.id or 0)
+        if egress:
+            err.print(egress_table(egress, f"egress of {sb.id}"))
+        return last
+
+
+@app.command()
+def shell(
+    allow: AllowOpt = None,
+    policy: PolicyOpt = None,
+    mem: MemOpt = None,
+    cpus: CpusOpt = None,
+    pids: PidsOpt = None,
+    timeout: TimeoutOpt = None,
+    workspace: WorkspaceOpt = None,
+    state_dir: StateDirOpt = None,
+) -> None:
+    """An interactive shell in a fresh sandbox (one persistent session)."""
+    try:
+        cfg = _sandbox_config(allow, policy, mem, cpus, pids, timeout, workspace)
+    except ConfigError as e:
+        _fail(str(e))
+    try:
+        code = _run_async(lambda: _shell(cfg, _state_dir(state_dir), timeout))
+    except CorralError as e:
+        _fail_corral(e)
+    raise typer.Exit(code)
+
+
+# -- events ----------------------------------------------------------------------------------------
+@app.command()
+def events(
+    sandbox: Annotated[str | None, typer.Option("--sandbox", help="Only this sandbox id.")] = None,
+    episode: Annotated[str | None, typer.Option("--episode", help="Only this episode id.")] = None,
+    kind: Annotated[str | None, typer.Option(
+        "--kind", help=f"Only this kind: {', '.join(k.value for k in EventKind)}.")] = None,
+    verdict: Annotated[str | None, typer.Option("--verdict", help="Only allow or deny.")] = None,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new events (Ctrl-C stops).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
+    limit: Annotated[int | None, typer.Option("--limit", "-n", help="Only the last N events.", min=1)] = None,
+    db: Annotated[str | None, typer.Option("--db", help="Store path or URL [default: STATE_DIR/corral.db].",
+                                           show_default=False)] = None,
+    state_dir: StateDirOpt = None,
+) -> None:
+    """Show recorded events (sandbox lifecycle, commands, connections, DNS...)."""
+    from corral.store import Store
+
+    if kind is not None and kind not in {k.value for k in EventKind}:
+        _fail(f"unknown kind {kind!r}; use one of: {', '.join(k.value for k in EventKind)}")
+    if verdict is not None and verdict not in {v.value for v in Verdict}:
+        _fail(f"unknown verdict {verdict!r}; use allow or deny")
+    url = db or str(_state_dir(state_dir) / "corral.db")
+    if "://" not in url and not Path(url).exists() and not follow:
+        _fail(f"no event store at {url}", hint="run a command first, or pass --db / --state-dir / CORRAL_HOME")
+    try:
+        store = Store(url)
+    except CorralError as e:
+        _fail_corral(e)
+
+    def emit(evs: list[Event], first: bool) -> None:
+        if as_json:
+            for ev in evs:
+                out.file.write(ev.model_dump_json() + "\n")
+            out.file.flush()
+        elif follow or not first:
+            for ev in evs:
+                out.print(_event_line(ev), soft_wrap=True)
+        elif evs:
+            out.print(events_table(evs))
+        else:
+            err.print("[dim]no events match[/]")
+
+    def query(after: int) -> list[Event]:
+        return store.events(sandbox_id=sandbox, episode_id=episode, kind=kind, verdict=verdict, after_id=after)
+
+    try:
+        evs = query(0)
+        if limit:
+            evs = evs[-limit:]
+        emit(evs, first=True)
+        last = max((e.id or 0 for e in evs), default=0)
+        if not evs:
+            # Nothing matched: later events must still be newer than everything already stored.
+            every = store.events(after_id=0)
+            last = (every[-1].id or 0) if every else 0
+        while follow:
+            time.sleep(0.2)
+            new = query(last)
+            if new:
+                emit(new, first=False)
+                last = new[-1].id or last
+    except KeyboardInterrupt:
+        pass
+    except CorralError as e:
+        _fail_corral(e)
+    finally:
+        store.close()
+
+
+# -- gc --------------------------------------------------------------------------------------------
+@app.command()
+def gc(
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only show what would be removed.")] = False,
+    lock_dir: Annotated[Path, typer.Option("--lock-dir", help="Instance lock directory of the runtimes.")] = Path(
+        "/run/corral"),
+) -> None:
+    """Remove nftables tables, links and cgroups left behind by crashed corral runtimes."""
+    from corral import gc as gc_mod
+
+    try:
+        removed = gc_mod.collect(dry_run=dry_run, lock_dir=lock_dir)
+    except CorralError as e:
+        _fail_corral(e)
+    verb = "would remove" if dry_run else "removed"
+    for item in removed:
+        out.print(f"{verb} {escape(item)}")
+    if not removed:
+        out.print("[dim]nothing to remove[/]")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    app()

@@ -185,7 +185,7 @@ async def test_xmrig_login_classified(sb_factory, runtime):
 async def test_ssh_client_classified(sb_factory, runtime, world):
     sb = await sb_factory()
     await sb.exec(f"ssh -o BatchMode=yes -o StrictHostKeyChecking=no -o ConnectTimeout=3 "
-                  f"-R 8080:localhost:80 tunnel@{SSH[0]} true", timeout=15)
+                  f"tunnel@{SSH[0]} true", timeout=15)
     ev = connects(runtime, sb, dst_ip=SSH[0])[-1]
     assert ev.protocol == "ssh" and ev.data["sniff"]["banner"].startswith("SSH-2.0-OpenSSH")
     assert ev.verdict == "deny" and ev.exe.endswith("/ssh")

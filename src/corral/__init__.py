@@ -5,6 +5,7 @@ from corral.errors import (
     CommandTimeout,
     ConfigError,
     CorralError,
+    EpisodeEnded,
     FileAccessError,
     IsolationUnavailable,
     PolicyError,
@@ -22,7 +23,7 @@ from corral.store import Store
 __version__ = "0.1.0"
 
 __all__ = [
-    "CommandTimeout", "ConfigError", "CorralError", "EgressPolicy", "EgressRule", "Event", "EventKind",
+    "CommandTimeout", "ConfigError", "CorralError", "EpisodeEnded", "EgressPolicy", "EgressRule", "Event", "EventKind",
     "ExecResult", "FileAccessError", "Finding", "IsolationUnavailable", "Limits", "OutputChunk",
     "PolicyError", "Runtime", "RuntimeConfig", "Sandbox", "SandboxClosed", "SandboxConfig", "SandboxError",
     "SandboxFrozen", "Session", "SessionError", "Severity", "Store", "StoreError", "Verdict",

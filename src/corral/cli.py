@@ -21,7 +21,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -208,6 +208,8 @@ def _summary(ev: Event) -> str:
     if ev.kind in (EventKind.CONNECT, EventKind.DNS):
         parts = [_dest(ev), ev.name or "", ev.protocol or "", ev.reason or ""]
         return " ".join(p for p in parts if p)
+    if ev.kind == EventKind.PROCESS and ev.argv:
+        return shlex.join(ev.argv)
     if ev.kind == EventKind.COMMAND:
         code = ev.data.get("exit_code") if ev.action == "exit" else None
         return (ev.command or "") + (f"  -> {code}" if ev.action == "exit" else "")
@@ -267,6 +269,34 @@ def _write(stream: Any, data: bytes) -> None:
     stream.buffer.flush()
 
 
+# Coroutines of the gateway and resolver that record an event when they finish. A connection the
+# command made just before it exited is still being judged (the gateway waits for its first bytes),
+# so its event lands after exec() returns.
+_EVENT_TASKS = {"Gateway._handle", "DNSServer._answer"}
+
+
+async def _settle(timeout: float = 3.0) -> None:
+    """Wait (bounded) until no gateway/DNS handler is in flight, so their events are in the store."""
+    me = asyncio.current_task()
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        busy = [t for t in asyncio.all_tasks() if t is not me and not t.done()
+                and getattr(t.get_coro(), "__qualname__", "") in _EVENT_TASKS]
+        if not busy:
+            return
+        await asyncio.wait(busy, timeout=left)
+
+
+async def _egress_events(rt: Any, sb: Any) -> list[Event]:
+    """Close the sandbox (its connections end with it), let in-flight judgements finish, then read
+    every connect and DNS event of that sandbox."""
+    await sb.close()
+    await _settle()
+    evs = (rt.store.events(sandbox_id=sb.id, kind=EventKind.CONNECT)
+           + rt.store.events(sandbox_id=sb.id, kind=EventKind.DNS))
+    return sorted(evs, key=lambda e: e.id or 0)
+
+
 async def _run_one(cfg: SandboxConfig, state_dir: Path, command: str, timeout: float | None,
                    as_json: bool) -> int:
     from corral.runtime import Runtime
@@ -278,8 +308,7 @@ async def _run_one(cfg: SandboxConfig, state_dir: Path, command: str, timeout: f
             _write(sys.stdout if chunk.stream == "stdout" else sys.stderr, chunk.data)
 
         res = await sb.exec(command, timeout=timeout, on_output=None if as_json else on_output)
-        egress = sorted(rt.store.events(sandbox_id=sb.id, kind=EventKind.CONNECT)
-                        + rt.store.events(sandbox_id=sb.id, kind=EventKind.DNS), key=lambda e: e.id or 0)
+        egress = await _egress_events(rt, sb)
         code = _exit_code(res.exit_code, res.timed_out)
         if as_json:
             doc = {"exit_code": res.exit_code, "stdout": res.stdout, "stderr": res.stderr,
@@ -358,12 +387,58 @@ class _LineReader:
         return await fut
 
 
+@contextlib.contextmanager
+def _away_from_terminal_signals() -> Iterator[None]:
+    """Start sandboxes made inside this block outside the terminal's foreground process group.
+
+    Ctrl-C makes the terminal send SIGINT to every process of its foreground group, and bubblewrap
+    inherits ours: without this, Ctrl-C would kill the whole sandbox instead of interrupting the
+    command. So while the sandbox starts we stand in a background group of our own (made by a helper
+    child) and return afterwards; bwrap stays behind in that group. The sandbox never uses the
+    terminal, so being in a background group costs it nothing.
+    """
+    try:
+        fg = os.tcgetpgrp(sys.stdin.fileno())
+    except OSError:
+        fg = -1
+    home = os.getpgrp()
+    if fg != home:  # not an interactive foreground job: no terminal signals to dodge
+        yield
+        return
+    r, w = os.pipe()
+    helper = os.fork()
+    if helper == 0:  # the helper only founds the group and waits to be let go
+        os.close(w)
+        with contextlib.suppress(OSError):
+            os.setpgid(0, 0)
+            os.read(r, 1)
+        os._exit(0)
+    os.close(r)
+    moved = False
+    try:
+        with contextlib.suppress(OSError):  # the helper may have done it first
+            os.setpgid(helper, helper)
+        try:
+            os.setpgid(0, helper)
+            moved = True
+        except OSError:
+            pass  # a session leader cannot change group; Ctrl-C will then end the sandbox too
+        yield
+    finally:
+        if moved:
+            # Back to our group; it is recreated (pgid = our pid) if we were its only member.
+            os.setpgid(0, home if home != os.getpid() else 0)
+        os.close(w)
+        os.waitpid(helper, 0)
+
+
 async def _shell(cfg: SandboxConfig, state_dir: Path, timeout: float | None) -> int:
     from corral.runtime import Runtime
 
     loop = asyncio.get_running_loop()
     async with Runtime(RuntimeConfig(state_dir=state_dir)) as rt:
-        sb = await rt.create(cfg)
+        with _away_from_terminal_signals():
+            sb = await rt.create(cfg)
         await sb.create_session("main")
         err.print(f"[bold]corral shell[/] in sandbox {escape(sb.id)} "
                   "[dim](state persists between lines; 'exit' or Ctrl-D leaves, Ctrl-C interrupts)[/]")
@@ -381,7 +456,11 @@ async def _shell(cfg: SandboxConfig, state_dir: Path, timeout: float | None) -> 
         try:
             while True:
                 line = await reader.read(f"corral:{sb.id}$ " if sys.stdin.isatty() else "")
-                if line is None or line.strip() in ("exit", "logout"):
+                words = (line or "").split()
+                if line is None or (words and words[0] in ("exit", "logout") and len(words) <= 2):
+                    # Like a shell: `exit` keeps the last command's status, `exit N` sets it.
+                    if len(words) == 2 and words[1].isdigit():
+                        last = int(words[1]) & 0xFF
                     break
                 if not line.strip():
                     continue
@@ -411,8 +490,7 @@ async def _shell(cfg: SandboxConfig, state_dir: Path, timeout: float | None) -> 
                     err.print(f"[dim]exit {last}[/]")
         finally:
             loop.remove_signal_handler(signal.SIGINT)
-        egress = sorted(rt.store.events(sandbox_id=sb.id, kind=EventKind.CONNECT)
-                        + rt.store.events(sandbox_id=sb.id, kind=EventKind.DNS), key=lambda e: e.id or 0)
+        egress = await _egress_events(rt, sb)
         if egress:
             err.print(egress_table(egress, f"egress of {sb.id}"))
         return last

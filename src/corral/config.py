@@ -222,6 +222,9 @@ class RuntimeConfig(BaseModel):
     hosts: dict[str, list[str]] = Field(default_factory=dict)  # static DNS answers (test worlds)
     system_dns: bool = True  # resolve other allowed names with this machine's resolver
     uid_base: Annotated[int, Field(ge=65536, le=4_000_000_000)] = 1_500_000_000
+    detection: bool = True  # judge every event with the rules
+    rule_files: tuple[Path, ...] = ()  # loaded after corral's own rules: add, override, disable
+    actions: dict[str, str] = Field(default_factory=dict)  # rule id or severity -> action override
     lock_dir: Path = Path("/run/corral")
 
     @classmethod

@@ -31,6 +31,10 @@ class SandboxFrozen(SandboxError):
     """The sandbox is quarantined; release it before running commands."""
 
 
+class EpisodeEnded(SandboxError):
+    """A security finding ended this sandbox's episode; reset() starts a new one."""
+
+
 class CommandTimeout(SandboxError):
     """Raised only by callers that ask for it; exec() itself reports timeouts in its result."""
 

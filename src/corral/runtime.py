@@ -22,11 +22,14 @@ from pyroute2 import IPRoute
 
 from corral.config import RuntimeConfig, SandboxConfig
 from corral.errors import IsolationUnavailable
-from corral.events import Event, EventKind
+from corral.detect import Detector, Judgement
+from corral.detect import load as load_rules
+from corral.events import Event, EventKind, Verdict
 from corral.net import netns, nft
 from corral.net.dns import DNSServer, static_resolver, system_resolver
 from corral.net.gateway import Gateway, host_addresses
 from corral.net.tenants import Tenant, Tenants
+from corral.respond import Responder
 from corral.sandbox.cgroups import InstanceCgroups, discover
 from corral.sandbox.sandbox import Sandbox
 from corral.store import Store
@@ -58,6 +61,8 @@ class Runtime:
         self.cgroup_problem: str | None = None
         self.gateway: Gateway | None = None
         self.dns_transport: asyncio.DatagramTransport | None = None
+        self.detector: Detector | None = None
+        self.responder = Responder(self)
         self.started = False
 
     # -- start / stop ------------------------------------------------------------------------------
@@ -88,6 +93,8 @@ class Runtime:
         state.mkdir(parents=True, exist_ok=True)
         if self._store is None:
             self._store = Store(self.config.store_url or state / "corral.db")
+        if self.config.detection:
+            self.detector = Detector(load_rules(list(self.config.rule_files)), self.config.actions)
         h = discover(f"{self.instance:03x}")
         if h.version is not None:
             self.cgroups = InstanceCgroups(h)
@@ -159,11 +166,24 @@ class Runtime:
         await self.close()
 
     # -- events ------------------------------------------------------------------------------------
-    def emit(self, ev: Event) -> None:
-        """Record an event durably, then hand it to subscribers (the monitor, followers)."""
-        self.store.record(ev)
+    def emit(self, ev: Event, *, judge: bool = True, persist: bool = True) -> Judgement | None:
+        """The one path of every event: judged by the rules (a blocking rule turns the event into a
+        denial), recorded durably, its findings recorded and acted on, then handed to subscribers.
+        `persist=False` records the event only if a rule matched it (pre-run command checks)."""
+        j = self.detector.evaluate(ev) if judge and self.detector is not None else None
+        if j is not None and j.blocks and ev.verdict != Verdict.DENY:
+            ev.verdict = Verdict.DENY
+            ev.reason = j.reason
+        if persist or (j is not None and j.matched):
+            self.store.record(ev)
+        if j is not None:
+            for f in j.findings:
+                f.evidence = [ev.id] if ev.id else []
+                self.store.record_finding(f)
+                self.responder.act(f, ev)
         for fn in list(self._subscribers):
             fn(ev)
+        return j
 
     def subscribe(self, fn: Callable[[Event], None]) -> Callable[[], None]:
         self._subscribers.append(fn)

@@ -41,7 +41,7 @@ async def system_resolver(name: str) -> list[str]:
 
 
 class DNSServer(asyncio.DatagramProtocol):
-    def __init__(self, tenants: Tenants, resolve: Resolver, emit: Callable[[Event], None], ttl: int = 60):
+    def __init__(self, tenants: Tenants, resolve: Resolver, emit: Callable[[Event], object], ttl: int = 60):
         self.tenants = tenants
         self.resolve = resolve
         self.emit = emit
@@ -90,4 +90,8 @@ class DNSServer(asyncio.DatagramProtocol):
                    data={"qtype": qtype, "answers": answers, "src_port": addr[1]})
         tenant.attribute(ev, ("udp", addr[1]))
         self.emit(ev)
+        if ev.verdict == Verdict.DENY and verdict == Verdict.ALLOW:  # a rule blocked an allowed name
+            reply = req.reply()
+            reply.header.rcode = RCODE.NXDOMAIN
+            tenant.forget(name)
         self.transport.sendto(reply.pack(), addr)

@@ -43,7 +43,7 @@ def original_dst(sock: socket.socket) -> tuple[str, int]:
 
 
 class Gateway:
-    def __init__(self, tenants: Tenants, emit: Callable[[Event], None], host_addresses: frozenset[str]):
+    def __init__(self, tenants: Tenants, emit: Callable[[Event], object], host_addresses: frozenset[str]):
         self.tenants = tenants
         self.emit = emit
         self.host_addresses = host_addresses
@@ -123,7 +123,9 @@ class Gateway:
             ev.data["sniff"] = sniff.detail
         if not d.allow:
             ev.bytes_up, ev.bytes_down = 0, 0
-            self.emit(ev)
+        self.emit(ev)  # the rules may turn an allowed connection into a denied one
+        if ev.verdict == Verdict.DENY:
+            ev.bytes_up, ev.bytes_down = 0, 0
             _reset(client)
             return
         upstream = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -131,15 +133,14 @@ class Gateway:
         try:
             await asyncio.wait_for(loop.sock_connect(upstream, (dst_ip, dst_port)), CONNECT_TIMEOUT)
         except (TimeoutError, OSError) as e:
-            ev.verdict = Verdict.ALLOW
-            ev.action = "connect_failed"
-            ev.reason = f"{d.reason}; upstream unreachable: {_errtext(e)}"
-            ev.bytes_up, ev.bytes_down = 0, 0
-            self.emit(ev)
+            self.emit(Event(kind=EventKind.CONNECT, action="connect_failed", sandbox_id=tenant.sandbox_id,
+                            episode_id=ev.episode_id, step=ev.step, command=ev.command, pid=ev.pid,
+                            dst_ip=dst_ip, dst_port=dst_port, name=ev.name, protocol=ev.protocol,
+                            verdict=Verdict.ALLOW, bytes_up=0, bytes_down=0,
+                            reason=f"upstream unreachable: {_errtext(e)}", data={"connect_event": ev.id}))
             upstream.close()
             _reset(client)
             return
-        self.emit(ev)
         relay = _Relay(self, client, upstream, first)
         relay.start()
         up, down = await relay.done

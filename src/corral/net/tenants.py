@@ -24,6 +24,10 @@ class Tenant:
         for ip in ips:
             self.resolved.setdefault(ip, set()).add(name)
 
+    def forget(self, name: str) -> None:
+        for names in self.resolved.values():
+            names.discard(name)
+
 
 class Tenants:
     def __init__(self) -> None:

@@ -68,7 +68,15 @@ class Agent:
         self.sock.send(json.dumps(msg, separators=(",", ":")).encode())
 
     def run(self) -> None:
-        self.send(op="ready", pid=os.getpid())
+        ready = json.dumps({"op": "ready", "pid": os.getpid()}).encode()
+        bpf = os.environ.pop("CORRAL_EXEC_FILTER", "")
+        listener = _install_exec_listener(base64.b64decode(bpf)) if bpf else -1
+        if listener >= 0:
+            # every exec by anything we start is now held until corral says continue
+            socket.send_fds(self.sock, [ready], [listener])
+            os.close(listener)
+        else:
+            self.sock.send(ready)
         while True:
             timeout = self._next_timeout()
             for key, _ in self.sel.select(timeout):
@@ -377,6 +385,25 @@ class Agent:
             except ProcessLookupError:
                 pass
         os._exit(0)
+
+
+def _install_exec_listener(bpf: bytes) -> int:
+    """Load a seccomp filter with a user-notification listener; returns its fd, or -1."""
+    import ctypes
+
+    nr = {"x86_64": 317, "aarch64": 277}.get(os.uname().machine)
+    if nr is None or not bpf:
+        return -1
+
+    class Prog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    buf = ctypes.create_string_buffer(bpf, len(bpf))
+    prog = Prog(len(bpf) // 8, ctypes.cast(buf, ctypes.c_void_p))
+    libc.prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS (bwrap set it already)
+    fd = libc.syscall(nr, 1, 8, ctypes.byref(prog))  # SECCOMP_SET_MODE_FILTER, FLAG_NEW_LISTENER
+    return fd if fd >= 0 else -1
 
 
 def _shquote(s: str) -> str:

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from corral.config import SandboxConfig
 from corral.errors import (
+    EpisodeEnded,
     FileAccessError,
     IsolationUnavailable,
     SandboxClosed,
@@ -44,11 +45,13 @@ from corral.errors import (
     SandboxFrozen,
     SessionError,
 )
-from corral.events import Event, EventKind
+from corral.detect.command import split as split_command
+from corral.events import Event, EventKind, Verdict
 from corral.net.netns import HOST_IP
 from corral.nsutil import CLONE_NEWNET, setns
 from corral.sandbox import procs
 from corral.sandbox.cgroups import SandboxCgroup
+from corral.monitor.execwatch import ExecWatch, exec_filter_bpf
 from corral.sandbox.seccomp import filter_fd
 
 if TYPE_CHECKING:
@@ -77,6 +80,7 @@ class ExecResult:
     timed_out: bool = False
     oom_killed: bool = False
     pids_limit_hit: bool = False
+    refused: bool = False  # a rule refused the command before anything ran
     error: str | None = None
 
     @property
@@ -151,6 +155,7 @@ class Sandbox:
         self.step = 0
         self.closed = False
         self.frozen = False
+        self.terminated: str | None = None  # why the episode was ended by a security finding
         self.created_at = time.time()
         self.net: SandboxNet | None = None
         self.cgroup: SandboxCgroup | None = None
@@ -166,6 +171,7 @@ class Sandbox:
         self._session_waiters: dict[str, asyncio.Future] = {}
         self.agent_hostpid: int | None = None
         self._outbox: collections.deque[bytes] = collections.deque()
+        self._execwatch: ExecWatch | None = None
         self._writer = False
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -229,7 +235,8 @@ class Sandbox:
         }
         base_env.update(dict(cfg.env))
         env = {"CORRAL_AGENT_ENV": json.dumps(base_env), "CORRAL_SHELL": cfg.shell,
-               "CORRAL_SOCK_FD": str(child_sock.fileno()), "PATH": base_env["PATH"]}
+               "CORRAL_SOCK_FD": str(child_sock.fileno()), "PATH": base_env["PATH"],
+               "CORRAL_EXEC_FILTER": base64.b64encode(exec_filter_bpf()).decode()}
         cg_files = self.cgroup.procs_files() if self.cgroup else []
         # RLIMIT_NPROC is per uid (each sandbox has its own): the limit without cgroups, a backstop with
         nproc = lim.pids + 64 if self.cgroup else lim.pids + 8
@@ -280,6 +287,9 @@ class Sandbox:
             ) from None
 
     async def _teardown_proc(self) -> None:
+        if self._execwatch is not None:
+            self._execwatch.close()
+            self._execwatch = None
         if self._sock is not None:
             with contextlib.suppress(ValueError, OSError):
                 asyncio.get_running_loop().remove_reader(self._sock.fileno())
@@ -308,9 +318,10 @@ class Sandbox:
     async def reset(self) -> None:
         """Back to the initial workspace: every process killed, /workspace, /tmp and HOME fresh,
         sessions gone, DNS memory cleared. The sandbox id, network and limits stay."""
-        self._check_open()
+        self._check_open(allow_terminated=True)
         t0 = time.perf_counter()
         await self._teardown_proc()
+        self.terminated = None
         self.runtime.forget_dns(self)
         await self._launch()
         await self._populate()
@@ -334,11 +345,16 @@ class Sandbox:
             await self._runtime.release(self)
         self._emit(Event(kind=EventKind.SANDBOX, action="closed", sandbox_id=self.id, step=self.step))
 
-    def _check_open(self) -> None:
+    def _check_open(self, *, allow_terminated: bool = False) -> None:
+        if self.terminated and allow_terminated and not (self.closed or self.frozen):
+            return
         if self.closed:
             raise SandboxClosed(f"sandbox {self.id} is closed; create a new one")
         if self.frozen:
             raise SandboxFrozen(f"sandbox {self.id} is quarantined; call release() before running commands")
+        if self.terminated:
+            raise EpisodeEnded(f"sandbox {self.id}: the episode was ended by a security finding "
+                               f"({self.terminated}); call reset() to start a new episode")
 
     # -- quarantine --------------------------------------------------------------------------------
     async def freeze(self, reason: str = "") -> None:
@@ -354,6 +370,18 @@ class Sandbox:
             await asyncio.to_thread(self.cgroup.freeze, False)
         self.frozen = False
         self._emit(Event(kind=EventKind.SANDBOX, action="released", sandbox_id=self.id))
+
+    async def end_episode(self, reason: str, finding: object | None = None) -> None:
+        """A security finding ends the episode: every process of every step dies, sessions close,
+        and commands are refused until reset()."""
+        self.terminated = reason
+        if self.cgroup is not None:
+            for step in sorted(self._steps):
+                await asyncio.to_thread(self.cgroup.kill, step)
+        for name in list(self._sessions):
+            await self.close_session(name)
+        self._emit(Event(kind=EventKind.SANDBOX, action="episode_ended", sandbox_id=self.id,
+                         episode_id=self.episode_id, step=self.step, reason=reason))
 
     # -- agent protocol ----------------------------------------------------------------------------
     def _send(self, **msg: Any) -> None:
@@ -390,7 +418,7 @@ class Sandbox:
             return
         for _ in range(64):
             try:
-                data, anc, _, _ = sock.recvmsg(1 << 20, socket.CMSG_SPACE(struct_size()))
+                data, anc, _, _ = sock.recvmsg(1 << 20, socket.CMSG_SPACE(struct_size()) + socket.CMSG_SPACE(16))
             except BlockingIOError:
                 return
             except OSError:
@@ -399,10 +427,19 @@ class Sandbox:
                 self._agent_gone()
                 return
             hostpid = None
+            fds: list[int] = []
             for level, typ, payload in anc:
                 if level == socket.SOL_SOCKET and typ == socket.SCM_CREDENTIALS:
                     hostpid = array.array("i", payload[:4])[0]
-            self._dispatch(json.loads(data), hostpid)
+                elif level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
+                    fds.extend(array.array("i", payload[: len(payload) - len(payload) % 4]))
+            msg = json.loads(data)
+            if fds:
+                if msg.get("op") == "ready" and self._execwatch is None:
+                    self._execwatch = ExecWatch(fds.pop(0), self._judge_exec, self._process_event)
+                for fd in fds:
+                    os.close(fd)
+            self._dispatch(msg, hostpid)
 
     def _agent_gone(self) -> None:
         if self._sock is not None:
@@ -500,6 +537,8 @@ class Sandbox:
         if isinstance(stdin, str):
             stdin = stdin.encode()
         step = self._begin_step(cmd, None, tool_call_id, _internal)
+        if not _internal and (refusal := self._precheck(cmd, step)) is not None:
+            return refusal
         limit = max_output or self.config.limits.output_bytes
         c = self._register(step, limit, on_output)
         msg = {"op": "exec", "id": c.id, "cmd": cmd, "env": env, "cwd": cwd, "max_output": limit,
@@ -518,6 +557,26 @@ class Sandbox:
                 break
             yield item
         yield await task
+
+    def _precheck(self, cmd: str, step: int, session: str | None = None) -> ExecResult | None:
+        """Judge each program the command line would run, before anything runs."""
+        if self._runtime is None or self._runtime.detector is None:
+            return None
+        info = self._steps.get(step)
+        for simple in split_command(cmd):
+            ev = Event(kind=EventKind.COMMAND, action="check", sandbox_id=self.id, episode_id=self.episode_id,
+                       step=step, command=cmd, argv=simple.argv,
+                       data={"redirects": simple.redirects, "session": session,
+                             "tool_call_id": info.tool_call_id if info else None})
+            j = self._runtime.emit(ev, persist=False)
+            if j is not None and j.blocks:
+                rule = next(r for r in j.matched if self._runtime.detector.action_for(r) == j.action)
+                self._emit(Event(kind=EventKind.COMMAND, action="refused", sandbox_id=self.id,
+                                 episode_id=self.episode_id, step=step, command=cmd, verdict=Verdict.DENY,
+                                 reason=f"refused by rule {rule.id}: {rule.title}"))
+                return ExecResult(exit_code=None, stdout_bytes=b"", stderr_bytes=b"", duration=0.0, step=step,
+                                  refused=True, error=f"refused by rule {rule.id}: {rule.title}")
+        return None
 
     def _register(self, step: int, limit: int, on_output: Callable[[OutputChunk], None] | None) -> _Cmd:
         c = _Cmd(self._new_id(), step, limit, on_output, asyncio.get_running_loop().create_future())
@@ -635,6 +694,8 @@ class Sandbox:
         if s is None or not s.alive:
             raise SessionError(f"no running session {name!r} in sandbox {self.id}; call create_session({name!r})")
         step = self._begin_step(cmd, name, tool_call_id, False)
+        if (refusal := self._precheck(cmd, step, session=name)) is not None:
+            return refusal
         if self.cgroup is not None and s.hostpid:
             # The shell joins this step's cgroup, so what it forks for this command belongs to it.
             await asyncio.to_thread(self.cgroup.move, s.hostpid, step)
@@ -751,9 +812,29 @@ class Sandbox:
         if ev.episode_id is None:
             ev.episode_id = self.episode_id
 
-    def _emit(self, ev: Event) -> None:
+    def _process_event(self, pid: int) -> Event:
+        ev = Event(kind=EventKind.PROCESS, action="exec", sandbox_id=self.id)
+        self.attribute(ev, pid=pid)
+        if ev.ppid:
+            parent = procs.info(ev.ppid)
+            if parent is not None and parent.argv:
+                ev.data["parent_name"] = os.path.basename(parent.argv[0])
+        with contextlib.suppress(OSError):
+            ev.data["cwd"] = os.readlink(f"/proc/{pid}/cwd")
+        ev.data["gpu_granted"] = self.config.gpu
+        return ev
+
+    def _judge_exec(self, ev: Event) -> bool:
+        """An exec is about to happen: record it and let the detector refuse it."""
+        if self._runtime is None:
+            return True
+        j = self._runtime.emit(ev)
+        return not (j is not None and j.blocks)
+
+    def _emit(self, ev: Event):
         if self._runtime is not None:
-            self._runtime.emit(ev)
+            return self._runtime.emit(ev)
+        return None
 
 
 _OWN_MOUNTS = {"proc", "dev", "tmp", "workspace", "root", "lost+found"}

@@ -1,0 +1,260 @@
+"""A small Falco-like condition language, compiled to Python closures.
+
+    expr       := or_expr
+    or_expr    := and_expr ("or" and_expr)*
+    and_expr   := not_expr ("and" not_expr)*
+    not_expr   := "not" not_expr | atom
+    atom       := "(" expr ")" | field OP value | field | macro
+    OP         := = != < <= > >= in contains icontains startswith endswith glob regex in_cidr exists
+    value      := 'string' | "string" | number | bare-word | "(" item ("," item)* ")" | "(" list_name ")"
+
+Fields name parts of an event (proc.name, net.dst_port, ...; see fields.py). A field that holds a
+list (proc.args) matches when any element does. Lists and macros are expanded at compile time, so
+a rule costs a few closure calls per event.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import ipaddress
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+Pred = Callable[[Callable[[str], Any]], bool]
+OPS = {"=", "!=", "<", "<=", ">", ">=", "in", "contains", "icontains", "startswith", "istartswith", "endswith", "glob",
+       "regex", "in_cidr", "exists"}
+_TOKEN = re.compile(r"""\s*(?:(?P<str>'[^']*'|"[^"]*")|(?P<op><=|>=|!=|=|<|>)|(?P<punct>[(),])|(?P<word>[^\s(),'"=<>!]+))""")
+
+
+class ConditionError(ValueError):
+    pass
+
+
+def tokenize(text: str) -> list[tuple[str, str]]:
+    out, pos = [], 0
+    text = text.strip()
+    while pos < len(text):
+        m = _TOKEN.match(text, pos)
+        if not m or m.end() == pos:
+            raise ConditionError(f"cannot read the condition at {text[pos:pos + 20]!r}")
+        pos = m.end()
+        kind = m.lastgroup or ""
+        value = m.group(kind)
+        if kind == "str":
+            value = value[1:-1]
+        out.append((kind, value))
+    return out
+
+
+class Compiler:
+    def __init__(self, macros: Mapping[str, str], lists: Mapping[str, list[Any]], fields: set[str]):
+        self.macros = macros
+        self.lists = lists
+        self.fields = fields
+        self._expanding: list[str] = []
+
+    def compile(self, text: str) -> Pred:
+        self.toks = tokenize(text)
+        self.i = 0
+        pred = self._or()
+        if self.i != len(self.toks):
+            raise ConditionError(f"unexpected {self.toks[self.i][1]!r} after a complete condition")
+        return pred
+
+    # -- recursive descent ---------------------------------------------------------------------------
+    def _peek(self) -> tuple[str, str] | None:
+        return self.toks[self.i] if self.i < len(self.toks) else None
+
+    def _take(self) -> tuple[str, str]:
+        tok = self._peek()
+        if tok is None:
+            raise ConditionError("the condition ends too early")
+        self.i += 1
+        return tok
+
+    def _word(self, w: str) -> bool:
+        tok = self._peek()
+        if tok and tok[0] == "word" and tok[1] == w:
+            self.i += 1
+            return True
+        return False
+
+    def _or(self) -> Pred:
+        parts = [self._and()]
+        while self._word("or"):
+            parts.append(self._and())
+        if len(parts) == 1:
+            return parts[0]
+        return lambda get: any(p(get) for p in parts)
+
+    def _and(self) -> Pred:
+        parts = [self._not()]
+        while self._word("and"):
+            parts.append(self._not())
+        if len(parts) == 1:
+            return parts[0]
+        return lambda get: all(p(get) for p in parts)
+
+    def _not(self) -> Pred:
+        if self._word("not"):
+            inner = self._not()
+            return lambda get: not inner(get)
+        return self._atom()
+
+    def _atom(self) -> Pred:
+        kind, value = self._take()
+        if kind == "punct" and value == "(":
+            inner = self._or()
+            self._expect(")")
+            return inner
+        if kind != "word":
+            raise ConditionError(f"expected a field, macro or '(' but found {value!r}")
+        if value in self.macros:
+            return self._macro(value)
+        if value not in self.fields:
+            raise ConditionError(f"unknown field or macro {value!r}")
+        field = value
+        tok = self._peek()
+        op = None
+        if tok and (tok[0] == "op" or (tok[0] == "word" and tok[1] in OPS)):
+            op = self._take()[1]
+        if op is None:
+            return lambda get: bool(get(field))
+        if op == "exists":
+            return lambda get: get(field) not in (None, "", [])
+        rhs = self._value(op)
+        return _comparison(field, op, rhs)
+
+    def _macro(self, name: str) -> Pred:
+        if name in self._expanding:
+            raise ConditionError(f"macro {name!r} refers to itself")
+        self._expanding.append(name)
+        try:
+            sub = Compiler(self.macros, self.lists, self.fields)
+            sub._expanding = self._expanding
+            return sub.compile(self.macros[name])
+        except ConditionError as e:
+            raise ConditionError(f"in macro {name!r}: {e}") from None
+        finally:
+            self._expanding.pop()
+
+    def _expect(self, p: str) -> None:
+        kind, value = self._take()
+        if value != p:
+            raise ConditionError(f"expected {p!r} but found {value!r}")
+
+    def _value(self, op: str) -> Any:
+        tok = self._peek()
+        if tok and tok == ("punct", "("):
+            self._take()
+            items: list[Any] = []
+            while True:
+                kind, value = self._take()
+                if kind == "punct" and value == ")" and not items:
+                    break
+                if kind == "word" and value in self.lists:
+                    items.extend(self.lists[value])
+                else:
+                    items.append(_scalar(kind, value))
+                kind, value = self._take()
+                if value == ")":
+                    break
+                if value != ",":
+                    raise ConditionError(f"expected ',' or ')' in a list but found {value!r}")
+            return items
+        kind, value = self._take()
+        if kind == "word" and value in self.lists:
+            return list(self.lists[value])
+        if op in {"in", "in_cidr"}:
+            return [_scalar(kind, value)]
+        return _scalar(kind, value)
+
+
+def _scalar(kind: str, value: str) -> Any:
+    if kind == "word":
+        try:
+            return int(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _comparison(field: str, op: str, rhs: Any) -> Pred:
+    test = _op(op, rhs)
+
+    def pred(get: Callable[[str], Any]) -> bool:
+        v = get(field)
+        if v is None:
+            return op == "!=" and rhs is not None
+        if isinstance(v, list | tuple):
+            if op == "!=":
+                return all(test(x) for x in v)
+            return any(test(x) for x in v)
+        return test(v)
+
+    return pred
+
+
+def _op(op: str, rhs: Any) -> Callable[[Any], bool]:
+    if op == "=":
+        return lambda v: _eq(v, rhs)
+    if op == "!=":
+        return lambda v: not _eq(v, rhs)
+    if op in {"<", "<=", ">", ">="}:
+        if not isinstance(rhs, int | float):
+            raise ConditionError(f"'{op}' needs a number, got {rhs!r}")
+        cmp = {"<": lambda a: a < rhs, "<=": lambda a: a <= rhs, ">": lambda a: a > rhs, ">=": lambda a: a >= rhs}[op]
+        return lambda v: isinstance(v, int | float) and cmp(v)
+    items = rhs if isinstance(rhs, list) else [rhs]
+    if op == "in":
+        wanted = {str(x) for x in items}
+        return lambda v: str(v) in wanted
+    if op == "contains":
+        subs = [str(x) for x in items]
+        return lambda v: any(s in str(v) for s in subs)
+    if op == "icontains":
+        subs = [str(x).lower() for x in items]
+        return lambda v: any(s in str(v).lower() for s in subs)
+    if op == "startswith":
+        prefixes = tuple(str(x) for x in items)
+        return lambda v: str(v).startswith(prefixes)
+    if op == "istartswith":
+        iprefixes = tuple(str(x).lower() for x in items)
+        return lambda v: str(v).lower().startswith(iprefixes)
+    if op == "endswith":
+        suffixes = tuple(str(x) for x in items)
+        return lambda v: str(v).endswith(suffixes)
+    if op == "glob":
+        pats = [str(x) for x in items]
+        return lambda v: any(fnmatch.fnmatchcase(str(v), p) for p in pats)
+    if op == "regex":
+        try:
+            rxs = [re.compile(str(x)) for x in items]
+        except re.error as e:
+            raise ConditionError(f"bad regex: {e}") from None
+        return lambda v: any(r.search(str(v)) for r in rxs)
+    if op == "in_cidr":
+        try:
+            nets = [ipaddress.ip_network(str(x), strict=False) for x in items]
+        except ValueError as e:
+            raise ConditionError(f"bad CIDR in list: {e}") from None
+
+        def in_cidr(v: Any) -> bool:
+            try:
+                a = ipaddress.ip_address(str(v))
+            except ValueError:
+                return False
+            return any(a.version == n.version and a in n for n in nets)
+
+        return in_cidr
+    raise ConditionError(f"unknown operator {op!r}")
+
+
+def _eq(v: Any, rhs: Any) -> bool:
+    if isinstance(rhs, int) and not isinstance(v, bool):
+        try:
+            return int(v) == rhs
+        except (TypeError, ValueError):
+            return False
+    return str(v) == str(rhs)

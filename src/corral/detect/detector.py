@@ -1,0 +1,97 @@
+"""The detector: every event in, judgements out. Generic; all knowledge lives in the rules."""
+
+from __future__ import annotations
+
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from corral.detect import rules as rules_mod
+from corral.detect.fields import getter
+from corral.detect.rules import ACTION_ORDER, Rule, RuleSet
+from corral.events import Event, Finding
+
+BLOCKING = {"block", "kill", "end_episode", "quarantine"}
+
+
+@dataclass
+class Judgement:
+    findings: list[Finding] = field(default_factory=list)  # new findings (deduplicated)
+    matched: list[Rule] = field(default_factory=list)  # every rule that matched, new or not
+    action: str | None = None  # the strongest action among matched rules
+
+    @property
+    def blocks(self) -> bool:
+        return self.action in BLOCKING
+
+    @property
+    def reason(self) -> str:
+        strongest = [r for r in self.matched if r.action == self.action]
+        return f"blocked by rule {strongest[0].id}" if strongest else ""
+
+
+class Detector:
+    def __init__(self, ruleset: RuleSet | None = None, action_overrides: dict[str, str] | None = None) -> None:
+        self.ruleset = ruleset or rules_mod.load()
+        self.overrides = dict(action_overrides or {})
+        self._seen: set[tuple] = set()
+        self._windows: dict[tuple, deque] = defaultdict(deque)
+        self._fired: set[tuple] = set()
+
+    def load(self, paths: list[Path]) -> RuleSet:
+        """Add or override rules from files; on any error the current rules stay in force."""
+        self.ruleset = rules_mod.load(paths, base=self.ruleset)
+        return self.ruleset
+
+    def action_for(self, rule: Rule) -> str:
+        return self.overrides.get(rule.id) or self.overrides.get(str(rule.severity)) or rule.action
+
+    def evaluate(self, ev: Event) -> Judgement:
+        get = getter(ev)
+        j = Judgement()
+        for rule in self.ruleset.active():
+            assert rule.pred is not None
+            try:
+                if not rule.pred(get):
+                    continue
+            except Exception:  # a rule must never take the pipeline down
+                continue
+            if rule.threshold is not None and not self._threshold(rule, get, ev.ts):
+                continue
+            action = self.action_for(rule)
+            j.matched.append(rule)
+            if j.action is None or ACTION_ORDER.index(action) > ACTION_ORDER.index(j.action):
+                j.action = action
+            key = (rule.id, ev.sandbox_id, ev.step, ev.pid if rule.threshold is None else None)
+            if key in self._seen:
+                continue
+            self._seen.add(key)
+            j.findings.append(Finding(
+                rule_id=rule.id, title=rule.title, severity=rule.severity, technique=rule.technique,
+                sandbox_id=ev.sandbox_id, episode_id=ev.episode_id, step=ev.step, command=ev.command,
+                pid=ev.pid, action=action,
+                data={"family": rule.family, "event_kind": str(ev.kind), "event_action": ev.action,
+                      "exe": ev.exe, "argv": ev.argv, "dst": f"{ev.dst_ip}:{ev.dst_port}" if ev.dst_ip else None,
+                      "name": ev.name, "protocol": ev.protocol, "desc": rule.desc},
+            ))
+        return j
+
+    def _threshold(self, rule: Rule, get, ts: float) -> bool:
+        t = rule.threshold
+        assert t is not None
+        key = (rule.id, *(str(get(f)) for f in t.by))
+        if key in self._fired:
+            return True  # keeps matching (and blocking) after it fired; deduplicated as one finding
+        win = self._windows[key]
+        win.append((ts, get(t.distinct) if t.distinct else ts))
+        while win and win[0][0] < ts - t.within:
+            win.popleft()
+        count = len({v for _, v in win}) if t.distinct else len(win)
+        if count >= t.at_least:
+            self._fired.add(key)
+            win.clear()
+            return True
+        return False
+
+    def forget_sandbox(self, sandbox_id: str) -> None:
+        self._seen = {k for k in self._seen if k[1] != sandbox_id}

@@ -1,0 +1,153 @@
+"""Every execve in a sandbox, seen before it happens (seccomp user notification).
+
+The agent installs a filter that hands each execve/execveat to corral (SECCOMP_RET_USER_NOTIF) and
+passes the listener fd to the host. For each notification corral reads the path and argv from the
+stopped process's memory, records a process event (attributed to its step by its cgroup), lets the
+detector judge it, and only then answers: continue, or EPERM. Nothing is missed however short-lived,
+and a known-bad binary never runs. If corral goes away, the listener closes and every exec in the
+sandbox fails (ENOSYS): fail closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import functools
+import os
+import struct
+from collections.abc import Callable
+
+import pyseccomp as sc
+
+from corral.events import Event, EventKind
+
+NOTIF_RECV = 0xC0502100  # SECCOMP_IOCTL_NOTIF_RECV = _IOWR('!', 0, struct seccomp_notif)
+NOTIF_SEND = 0xC0182101  # SECCOMP_IOCTL_NOTIF_SEND = _IOWR('!', 1, struct seccomp_notif_resp)
+NOTIF_ID_VALID = 0x40082102  # SECCOMP_IOCTL_NOTIF_ID_VALID = _IOW('!', 2, __u64)
+FLAG_CONTINUE = 1
+NR_EXECVEAT = 322
+MAX_ARGS = 256
+MAX_STR = 4096
+
+
+@functools.cache
+def exec_filter_bpf() -> bytes:
+    """BPF for the agent: notify corral of execve/execveat, allow everything else."""
+    f = sc.SyscallFilter(defaction=sc.ALLOW)
+    f.add_rule(sc.NOTIFY, "execve")
+    f.add_rule(sc.NOTIFY, "execveat")
+    fd = os.memfd_create("corral-exec-filter", os.MFD_CLOEXEC)
+    with open(fd, "w+b") as buf:
+        f.export_bpf(buf)
+        buf.seek(0)
+        return buf.read()
+
+
+class ExecWatch:
+    """Serves one sandbox's listener fd on the event loop."""
+
+    def __init__(self, fd: int, on_exec: Callable[[Event], bool], make_event: Callable[[int], Event]) -> None:
+        self.fd = fd
+        self.on_exec = on_exec  # returns False to refuse the exec
+        self.make_event = make_event  # an attributed PROCESS event for a host pid
+        self.loop = asyncio.get_running_loop()
+        os.set_blocking(fd, False)
+        self.loop.add_reader(fd, self._ready)
+        self.count = 0
+
+    def close(self) -> None:
+        with contextlib.suppress(ValueError, OSError):
+            self.loop.remove_reader(self.fd)
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+
+    def _ready(self) -> None:
+        req = bytearray(80)
+        try:
+            fcntl.ioctl(self.fd, NOTIF_RECV, req, True)
+        except OSError as e:
+            if e.errno in (errno.ENOENT, errno.EAGAIN, errno.EINTR):
+                return  # the target died before we looked
+            self.close()
+            return
+        nid, pid, _flags, nr, _arch, _ip = struct.unpack_from("=QIIiIQ", req)
+        args = struct.unpack_from("=6Q", req, 32)
+        path_ptr, argv_ptr = (args[1], args[2]) if nr == NR_EXECVEAT else (args[0], args[1])
+        path, argv = _read_exec_args(pid, path_ptr, argv_ptr)
+        allow = True
+        if self._valid(nid):  # the memory we read belonged to this very exec
+            ev = self.make_event(pid)
+            ev.action = "exec"
+            ev.exe = _resolve(pid, path)
+            ev.argv = argv
+            ev.data["comm"] = os.path.basename(path) if path else None
+            try:
+                allow = self.on_exec(ev)
+            except Exception:
+                allow = True  # a monitoring bug must not wedge the sandbox
+        self.count += 1
+        resp = struct.pack("=QqiI", nid, 0, 0 if allow else -errno.EPERM, FLAG_CONTINUE if allow else 0)
+        with contextlib.suppress(OSError):
+            fcntl.ioctl(self.fd, NOTIF_SEND, bytearray(resp), True)
+
+    def _valid(self, nid: int) -> bool:
+        try:
+            fcntl.ioctl(self.fd, NOTIF_ID_VALID, bytearray(struct.pack("=Q", nid)), True)
+            return True
+        except OSError:
+            return False
+
+
+def _read_exec_args(pid: int, path_ptr: int, argv_ptr: int) -> tuple[str, list[str]]:
+    try:
+        mem = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return "", []
+    try:
+        path = _cstr(mem, path_ptr)
+        argv: list[str] = []
+        if argv_ptr:
+            for i in range(MAX_ARGS):
+                raw = os.pread(mem, 8, argv_ptr + 8 * i)
+                if len(raw) < 8:
+                    break
+                ptr = struct.unpack("=Q", raw)[0]
+                if not ptr:
+                    break
+                argv.append(_cstr(mem, ptr))
+        return path, argv
+    except OSError:
+        return "", []
+    finally:
+        os.close(mem)
+
+
+def _cstr(mem: int, addr: int) -> str:
+    if not addr:
+        return ""
+    # a string may end near the end of a mapping: read page-bounded pieces
+    out = b""
+    while len(out) < MAX_STR:
+        chunk = min(4096 - (addr % 4096), MAX_STR - len(out))
+        data = os.pread(mem, chunk, addr)
+        if not data:
+            break
+        end = data.find(b"\0")
+        if end >= 0:
+            out += data[:end]
+            break
+        out += data
+        addr += len(data)
+    return out.decode("utf-8", errors="replace")
+
+
+def _resolve(pid: int, path: str) -> str:
+    if not path or path.startswith("/"):
+        return path
+    try:
+        cwd = os.readlink(f"/proc/{pid}/cwd")
+    except OSError:
+        return path
+    return os.path.normpath(os.path.join(cwd, path))

@@ -264,9 +264,20 @@ def doctor() -> None:
 
 
 # -- run -------------------------------------------------------------------------------------------
+_closed_streams: set[int] = set()
+
+
 def _write(stream: Any, data: bytes) -> None:
-    stream.buffer.write(data)
-    stream.buffer.flush()
+    """Pass sandbox output through. Runs inside the sandbox's message callback, so it must never
+    raise: a reader that went away (`corral run ... | head -1`) only stops our copy."""
+    fd = stream.fileno()
+    if fd in _closed_streams:
+        return
+    try:
+        stream.buffer.write(data)
+        stream.buffer.flush()
+    except (BrokenPipeError, OSError, ValueError):
+        _closed_streams.add(fd)
 
 
 # Coroutines of the gateway and resolver that record an event when they finish. A connection the

@@ -62,7 +62,9 @@ class Detector:
             j.matched.append(rule)
             if j.action is None or ACTION_ORDER.index(action) > ACTION_ORDER.index(j.action):
                 j.action = action
-            key = (rule.id, ev.sandbox_id, ev.step, ev.pid if rule.threshold is None else None)
+            # one finding per rule and step (a pre-run check and the exec it foretold are one act);
+            # per process when the step is unknown
+            key = (rule.id, ev.sandbox_id, ev.step) if ev.step else (rule.id, ev.sandbox_id, None, ev.pid)
             if key in self._seen:
                 continue
             self._seen.add(key)

@@ -28,6 +28,7 @@ NOTIF_SEND = 0xC0182101  # SECCOMP_IOCTL_NOTIF_SEND = _IOWR('!', 1, struct secco
 NOTIF_ID_VALID = 0x40082102  # SECCOMP_IOCTL_NOTIF_ID_VALID = _IOW('!', 2, __u64)
 FLAG_CONTINUE = 1
 NR_EXECVEAT = 322
+NR_CONNECT = 42
 MAX_ARGS = 256
 MAX_STR = 4096
 
@@ -38,6 +39,10 @@ def exec_filter_bpf() -> bytes:
     f = sc.SyscallFilter(defaction=sc.ALLOW)
     f.add_rule(sc.NOTIFY, "execve")
     f.add_rule(sc.NOTIFY, "execveat")
+    # inet connects only (by address length), so a socket closed at once can still be traced to
+    # the process and step that opened it
+    f.add_rule(sc.NOTIFY, "connect", sc.Arg(2, sc.EQ, 16))
+    f.add_rule(sc.NOTIFY, "connect", sc.Arg(2, sc.EQ, 28))
     fd = os.memfd_create("corral-exec-filter", os.MFD_CLOEXEC)
     with open(fd, "w+b") as buf:
         f.export_bpf(buf)
@@ -48,8 +53,10 @@ def exec_filter_bpf() -> bytes:
 class ExecWatch:
     """Serves one sandbox's listener fd on the event loop."""
 
-    def __init__(self, fd: int, on_exec: Callable[[Event], bool], make_event: Callable[[int], Event]) -> None:
+    def __init__(self, fd: int, on_exec: Callable[[Event], bool], make_event: Callable[[int], Event],
+                 on_connect: Callable[[int, str, int], None] | None = None) -> None:
         self.fd = fd
+        self.on_connect = on_connect  # (host pid, dst ip, dst port), before the SYN leaves
         self.on_exec = on_exec  # returns False to refuse the exec
         self.make_event = make_event  # an attributed PROCESS event for a host pid
         self.loop = asyncio.get_running_loop()
@@ -74,6 +81,13 @@ class ExecWatch:
             return
         nid, pid, _flags, nr, _arch, _ip = struct.unpack_from("=QIIiIQ", req)
         args = struct.unpack_from("=6Q", req, 32)
+        if nr == NR_CONNECT:
+            dst = _read_sockaddr(pid, args[1], args[2])
+            if dst is not None and self.on_connect is not None and self._valid(nid):
+                with contextlib.suppress(Exception):
+                    self.on_connect(pid, *dst)
+            self._respond(nid, True)
+            return
         path_ptr, argv_ptr = (args[1], args[2]) if nr == NR_EXECVEAT else (args[0], args[1])
         path, argv = _read_exec_args(pid, path_ptr, argv_ptr)
         allow = True
@@ -88,6 +102,9 @@ class ExecWatch:
             except Exception:
                 allow = True  # a monitoring bug must not wedge the sandbox
         self.count += 1
+        self._respond(nid, allow)
+
+    def _respond(self, nid: int, allow: bool) -> None:
         resp = struct.pack("=QqiI", nid, 0, 0 if allow else -errno.EPERM, FLAG_CONTINUE if allow else 0)
         with contextlib.suppress(OSError):
             fcntl.ioctl(self.fd, NOTIF_SEND, bytearray(resp), True)
@@ -122,6 +139,26 @@ def _read_exec_args(pid: int, path_ptr: int, argv_ptr: int) -> tuple[str, list[s
         return "", []
     finally:
         os.close(mem)
+
+
+def _read_sockaddr(pid: int, ptr: int, length: int) -> tuple[str, int] | None:
+    import socket
+
+    try:
+        with open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
+            mem.seek(ptr)
+            raw = mem.read(min(length, 28))
+    except (OSError, ValueError, OverflowError):
+        return None
+    if len(raw) < 8:
+        return None
+    family = struct.unpack_from("=H", raw)[0]
+    port = struct.unpack_from("!H", raw, 2)[0]
+    if family == socket.AF_INET:
+        return socket.inet_ntop(socket.AF_INET, raw[4:8]), port
+    if family == socket.AF_INET6 and len(raw) >= 24:
+        return socket.inet_ntop(socket.AF_INET6, raw[8:24]), port
+    return None
 
 
 def _cstr(mem: int, addr: int) -> str:

@@ -120,6 +120,15 @@ class _Cmd:
 
 
 @dataclass
+class _Connect:
+    ip: str
+    port: int
+    pid: int
+    step: int | None
+    proc: procs.ProcInfo | None
+
+
+@dataclass
 class _StepInfo:
     command: str
     episode_id: str | None
@@ -172,6 +181,8 @@ class Sandbox:
         self.agent_hostpid: int | None = None
         self._outbox: collections.deque[bytes] = collections.deque()
         self._execwatch: ExecWatch | None = None
+        # recent inet connect() calls, newest last: (dst ip, dst port, host pid, step, process)
+        self._connects: collections.deque[_Connect] = collections.deque(maxlen=4096)
         self._writer = False
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -436,7 +447,8 @@ class Sandbox:
             msg = json.loads(data)
             if fds:
                 if msg.get("op") == "ready" and self._execwatch is None:
-                    self._execwatch = ExecWatch(fds.pop(0), self._judge_exec, self._process_event)
+                    self._execwatch = ExecWatch(fds.pop(0), self._judge_exec, self._process_event,
+                                                self._note_connect)
                 for fd in fds:
                     os.close(fd)
             self._dispatch(msg, hostpid)
@@ -786,6 +798,18 @@ class Sandbox:
             return self.cgroup.pids()
         return procs.descendants(self._proc.pid) if self._proc else []
 
+    def _note_connect(self, pid: int, ip: str, port: int) -> None:
+        step = SandboxCgroup.step_of(pid) if self.cgroup else None
+        self._connects.append(_Connect(ip, port, pid, step, procs.info(pid)))
+
+    def _claim_connect(self, ip: str, port: int) -> _Connect | None:
+        # oldest unclaimed first: connections reach the gateway in the order they were made
+        for i, rec in enumerate(self._connects):
+            if rec.ip == ip and rec.port == port:
+                del self._connects[i]
+                return rec
+        return None
+
     def step_info(self, step: int | None) -> _StepInfo | None:
         return self._steps.get(step) if step else None
 
@@ -796,6 +820,17 @@ class Sandbox:
             inode = procs.socket_inode(self.agent_hostpid, sock[0], sock[1])
             if inode is not None:
                 pid = procs.owner_of_inode(inode, self.pids())
+            if pid is None and ev.dst_ip is not None:
+                # The socket is already closed (a scanner's connect-and-close): the connect() the
+                # exec watcher saw names the process and its step.
+                rec = self._claim_connect(ev.dst_ip, ev.dst_port or 0)
+                if rec is not None:
+                    ev.pid, ev.step = rec.pid, rec.step
+                    if rec.proc is not None:
+                        ev.ppid, ev.exe, ev.argv = rec.proc.ppid, rec.proc.exe, rec.proc.argv
+                    ev.data["attribution"] = "connect-syscall"
+            elif pid is not None:
+                ev.data["attribution"] = "socket"
         if pid is not None:
             info = procs.info(pid)
             if info is not None:

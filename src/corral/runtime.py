@@ -21,9 +21,9 @@ from typing import ClassVar
 from pyroute2 import IPRoute
 
 from corral.config import RuntimeConfig, SandboxConfig
-from corral.errors import IsolationUnavailable
 from corral.detect import Detector, Judgement
 from corral.detect import load as load_rules
+from corral.errors import IsolationUnavailable
 from corral.events import Event, EventKind, Verdict
 from corral.net import netns, nft
 from corral.net.dns import DNSServer, static_resolver, system_resolver
@@ -56,6 +56,7 @@ class Runtime:
         self._ipr_lock = threading.Lock()
         self._pool: dict[SandboxConfig, list[Sandbox]] = {}
         self._pool_targets: dict[SandboxConfig, int] = {}
+        self._building: dict[SandboxConfig, int] = {}
         self._refill_tasks: set[asyncio.Task] = set()
         self.cgroups: InstanceCgroups | None = None
         self.cgroup_problem: str | None = None
@@ -141,6 +142,7 @@ class Runtime:
         await asyncio.gather(*(sb.close() for sb in [*self.sandboxes.values(), *pooled]),
                              return_exceptions=True)
         if self.gateway:
+            await self.gateway.drain()  # events of connections in flight are recorded, not lost
             self.gateway.kill()
         if self.dns_transport:
             self.dns_transport.close()
@@ -270,13 +272,9 @@ class Runtime:
         if sb.net is not None:
             self.tenants.remove(sb.net.ip)
             net, sb.net = sb.net, None
-
-            def drop() -> None:
-                with self._ipr_lock:
-                    assert self._ipr is not None
-                    net.close(self._ipr)
-
-            await asyncio.to_thread(drop)
+            # Closing our handle frees the namespace once its processes are gone; the kernel then
+            # deletes the veth pair with it (no netlink round trip, no lock).
+            net.close()
         if sb.cgroup is not None:
             cg, sb.cgroup = sb.cgroup, None
             await asyncio.to_thread(cg.remove)
@@ -314,11 +312,16 @@ class Runtime:
         return sb
 
     def _refill(self, config: SandboxConfig) -> None:
+        # one builder per taken sandbox, counted while in flight, so the pool never overfills
+        if len(self._pool.get(config, [])) + self._building.get(config, 0) >= self._pool_targets.get(config, 0):
+            return
+        self._building[config] = self._building.get(config, 0) + 1
+
         async def refill() -> None:
-            target = self._pool_targets.get(config, 0)
-            pool = self._pool.setdefault(config, [])
-            while len(pool) < target:
-                pool.append(await self._pooled(config))
+            try:
+                self._pool.setdefault(config, []).append(await self._pooled(config))
+            finally:
+                self._building[config] -= 1
 
         task = asyncio.get_running_loop().create_task(refill())
         self._refill_tasks.add(task)

@@ -27,7 +27,7 @@ def split(line: str, depth: int = 0) -> list[SimpleCommand]:
     out: list[SimpleCommand] = []
 
     class Visitor(bashlex.ast.nodevisitor):
-        def visitcommand(self, node, parts):  # noqa: N802 - bashlex's API
+        def visitcommand(self, node, parts):
             argv, redirects = [], []
             for p in parts:
                 if p.kind == "word":

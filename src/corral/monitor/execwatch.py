@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 import pyseccomp as sc
 
-from corral.events import Event, EventKind
+from corral.events import Event
 
 NOTIF_RECV = 0xC0502100  # SECCOMP_IOCTL_NOTIF_RECV = _IOWR('!', 0, struct seccomp_notif)
 NOTIF_SEND = 0xC0182101  # SECCOMP_IOCTL_NOTIF_SEND = _IOWR('!', 1, struct seccomp_notif_resp)

@@ -51,6 +51,7 @@ class Gateway:
         self.port = 0
         self._task: asyncio.Task | None = None
         self._conns: set[socket.socket] = set()
+        self._handlers: set[asyncio.Task] = set()
         self._lock = threading.Lock()
 
     async def start(self, port: int = 0) -> int:
@@ -72,7 +73,15 @@ class Gateway:
                 conn, addr = await loop.sock_accept(self.listener)
             except (OSError, asyncio.CancelledError):
                 return
-            loop.create_task(self._handle(conn, addr))
+            task = loop.create_task(self._handle(conn, addr))
+            self._handlers.add(task)
+            task.add_done_callback(self._handlers.discard)
+
+    async def drain(self, timeout: float = 3.0) -> None:
+        """Let connection handlers still deciding finish, so their events are recorded."""
+        pending = [t for t in self._handlers if not t.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=timeout)
 
     def kill(self) -> None:
         """Stop abruptly, as a crash would: the listener goes; in-flight relays are cut."""

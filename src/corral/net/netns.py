@@ -37,9 +37,7 @@ class SandboxNet:
     ip: str
     ifname: str
 
-    def close(self, host: IPRoute) -> None:
-        with contextlib.suppress(NetlinkError, OSError):
-            host.link("del", ifname=self.ifname)
+    def close(self) -> None:
         with contextlib.suppress(OSError):
             os.close(self.netns_fd)
 

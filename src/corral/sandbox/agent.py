@@ -16,6 +16,7 @@ Agent -> host ops: spawned, out, exit, session_ready, error, ready
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import selectors
@@ -49,6 +50,7 @@ class Proc:
         self.pending = {1: b"", 2: b""}
         self.done_streams: set[int] = set()
         self.status: int | None = None
+        self.launch: dict | None = None
         self.stdin_buf = bytearray()
         self.stdin_eof = False
         self.stdin_watch = False
@@ -112,13 +114,26 @@ class Agent:
                 env = dict(self.base_env)
                 env.update(msg.get("env") or {})
                 argv = [self.shell, "-c", msg["cmd"]]
-                p = self._spawn(msg["id"], argv, env, msg.get("cwd") or "/workspace", stdin=bool(msg.get("stdin")))
+                cwd = msg.get("cwd") or "/workspace"
+                staged = self.procs.pop(msg["stage"], None) if msg.get("stage") else None
+                if staged is not None and staged.exit_code is None:
+                    # already in this step's cgroup: run at once, no handshake
+                    staged.key = msg["id"]
+                    self.procs[msg["id"]] = staged
+                    staged.launch = {"argv": argv, "env": env, "cwd": cwd}
+                    p = staged
+                    if not msg.get("stdin"):
+                        self._feed_stdin(p, b"", eof=True)
+                    self._launch(p)
+                else:
+                    p = self._spawn(msg["id"], argv, env, cwd, stdin=bool(msg.get("stdin")))
                 p.limit = msg.get("max_output", p.limit)
+            elif op == "stage":
+                self._fork_child(msg["id"])
             elif op == "go":
                 p = self.procs.get(msg["id"])
                 if p is not None:
-                    os.write(p.gate_w, b"g")
-                    os.close(p.gate_w)
+                    self._launch(p)
             elif op == "kill":
                 p = self.procs.get(msg["id"])
                 if p is not None:
@@ -149,33 +164,57 @@ class Agent:
 
     def _spawn(self, key: str, argv: list[str], env: dict, cwd: str, stdin: bool = False,
                keep_stdin: bool = False) -> Proc:
+        """Fork a child that announces itself and waits; it runs argv once the host says go."""
+        proc = self._fork_child(key)
+        proc.launch = {"argv": argv, "env": env, "cwd": cwd}
+        if not keep_stdin and not stdin:
+            self._feed_stdin(proc, b"", eof=True)
+        return proc
+
+    def _fork_child(self, key: str) -> Proc:
+        """A child with its pipes ready, announced to the host, blocked until told what to run.
+        Staged children are made ahead of time so the host can place them in the next step's
+        cgroup (a slow kernel operation) before that step's command arrives."""
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         gate_r, gate_w = os.pipe()
         in_r, in_w = os.pipe()
         pid = os.fork()
         if pid == 0:  # child
+            argv0 = "?"
             try:
                 os.setsid()
                 os.dup2(in_r, 0)
                 os.dup2(out_w, 1)
                 os.dup2(err_w, 2)
+                # Hold nothing of the agent's: a staged child can wait for a long time, and an
+                # inherited write end of another command's stdin (or our own gate) would keep that
+                # pipe from ever reading EOF.
+                keep = {0, 1, 2, gate_r, self.sock.fileno()}
+                for name in os.listdir("/proc/self/fd"):
+                    if int(name) not in keep:
+                        with contextlib.suppress(OSError):
+                            os.close(int(name))
                 # The kernel stamps this message with our pid as the host sees it (SO_PASSCRED).
                 self.sock.send(json.dumps({"op": "spawned", "id": key}).encode())
-                ok = os.read(gate_r, 1)
-                if ok != b"g":
-                    os._exit(126)
+                chunks = []
+                while chunk := os.read(gate_r, 65536):
+                    chunks.append(chunk)
+                if not chunks:
+                    os._exit(126)  # the agent went away, or the host refused us
+                spec = json.loads(b"".join(chunks))
+                argv0 = spec["argv"][0]
                 os.closerange(3, 65536)
                 signal.signal(signal.SIGPIPE, signal.SIG_DFL)
                 try:
-                    os.chdir(cwd)
+                    os.chdir(spec["cwd"])
                 except OSError as e:
-                    os.write(2, f"corral: cannot cd to {cwd}: {e.strerror}\n".encode())
+                    os.write(2, f"corral: cannot cd to {spec['cwd']}: {e.strerror}\n".encode())
                     os._exit(126)
-                os.execvpe(argv[0], argv, env)
+                os.execvpe(argv0, spec["argv"], spec["env"])
             except BaseException as e:
                 try:
-                    os.write(2, f"corral: cannot start {argv[0]}: {e}\n".encode())
+                    os.write(2, f"corral: cannot start {argv0}: {e}\n".encode())
                 finally:
                     os._exit(127)
         for fd in (out_w, err_w, gate_r, in_r):
@@ -188,9 +227,14 @@ class Agent:
             os.set_blocking(fd, False)
             self.sel.register(fd, selectors.EVENT_READ, ("pipe", proc))
         os.set_blocking(in_w, False)
-        if not keep_stdin and not stdin:
-            self._feed_stdin(proc, b"", eof=True)
         return proc
+
+    def _launch(self, proc: Proc) -> None:
+        if proc.gate_w < 0 or proc.launch is None:
+            return
+        os.write(proc.gate_w, json.dumps(proc.launch).encode())
+        os.close(proc.gate_w)
+        proc.gate_w = -1
 
     def _feed_stdin(self, proc: Proc, data: bytes, eof: bool) -> None:
         # Buffered and written as the command reads, so a command that ignores its stdin can never

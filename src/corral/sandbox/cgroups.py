@@ -206,19 +206,19 @@ class SandboxCgroup:
         return killed
 
     # -- accounting ------------------------------------------------------------------------------
-    def stats(self) -> dict[str, int]:
+    def stats(self, step: int | None = None) -> dict[str, int]:
+        """Counters for the sandbox; `pids_max_hits` for one step only when `step` is given (v1
+        counts a refused fork in the forking task's own cgroup, v2 hierarchically)."""
         out: dict[str, int] = {}
         with contextlib.suppress(OSError, ValueError):
             if self.h.version == 1:
                 m = self.dirs["memory"]
                 out["memory_bytes"] = int((m / "memory.usage_in_bytes").read_text())
                 out["memory_peak_bytes"] = int((m / "memory.max_usage_in_bytes").read_text())
-                oom = _kv(m / "memory.oom_control")
-                out["oom_kills"] = oom.get("oom_kill", 0)
-                # v1 counts a refused fork in the forking task's own cgroup (a step's), so sum the tree
+                out["oom_kills"] = _kv(m / "memory.oom_control").get("oom_kill", 0)
                 pdir = self.dirs["pids"]
-                out["pids_max_hits"] = sum(_kv(d / "pids.events").get("max", 0)
-                                           for d in (pdir, *pdir.glob("step-*")))
+                counted = [pdir / f"step-{step}"] if step is not None else [pdir, *pdir.glob("step-*")]
+                out["pids_max_hits"] = sum(_kv(d / "pids.events").get("max", 0) for d in counted)
                 cpuacct = self.dirs["cpu"] / "cpuacct.usage"
                 if cpuacct.exists():
                     out["cpu_ns"] = int(cpuacct.read_text())
@@ -228,9 +228,18 @@ class SandboxCgroup:
                 if (d / "memory.peak").exists():
                     out["memory_peak_bytes"] = int((d / "memory.peak").read_text())
                 out["oom_kills"] = _kv(d / "memory.events").get("oom_kill", 0)
-                out["pids_max_hits"] = _kv(d / "pids.events").get("max", 0)
+                counted_dir = d / f"step-{step}" if step is not None else d
+                out["pids_max_hits"] = _kv(counted_dir / "pids.events").get("max", 0)
                 out["cpu_ns"] = _kv(d / "cpu.stat").get("usage_usec", 0) * 1000
         return out
+
+    def oom_kills(self) -> int:
+        name = "memory.oom_control" if self.h.version == 1 else "memory.events"
+        return _kv(self.dirs["memory" if self.h.version == 1 else "unified"] / name).get("oom_kill", 0)
+
+    def pids_max_hits(self, step: int) -> int:
+        d = self.dirs[self.h.tracking] / f"step-{step}"
+        return _kv(d / "pids.events").get("max", 0)
 
     def remove(self) -> None:
         for d in self.dirs.values():

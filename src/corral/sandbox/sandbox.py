@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from corral.config import SandboxConfig
+from corral.detect.command import split as split_command
 from corral.errors import (
     EpisodeEnded,
     FileAccessError,
@@ -45,13 +46,12 @@ from corral.errors import (
     SandboxFrozen,
     SessionError,
 )
-from corral.detect.command import split as split_command
 from corral.events import Event, EventKind, Verdict
+from corral.monitor.execwatch import ExecWatch, exec_filter_bpf
 from corral.net.netns import HOST_IP
 from corral.nsutil import CLONE_NEWNET, setns
 from corral.sandbox import procs
 from corral.sandbox.cgroups import SandboxCgroup
-from corral.monitor.execwatch import ExecWatch, exec_filter_bpf
 from corral.sandbox.seccomp import filter_fd
 
 if TYPE_CHECKING:
@@ -120,12 +120,20 @@ class _Cmd:
 
 
 @dataclass
+class _Stage:
+    key: str
+    pid: int | None = None
+    step: int | None = None  # set once the child sits in this step's cgroup
+
+
+@dataclass
 class _Connect:
     ip: str
     port: int
     pid: int
     step: int | None
     proc: procs.ProcInfo | None
+    ambiguous: bool = False
 
 
 @dataclass
@@ -181,6 +189,9 @@ class Sandbox:
         self.agent_hostpid: int | None = None
         self._outbox: collections.deque[bytes] = collections.deque()
         self._execwatch: ExecWatch | None = None
+        self._stage: _Stage | None = None
+        self._stage_seq = 0
+        self._tasks: set[asyncio.Task] = set()
         # recent inet connect() calls, newest last: (dst ip, dst port, host pid, step, process)
         self._connects: collections.deque[_Connect] = collections.deque(maxlen=4096)
         self._writer = False
@@ -270,9 +281,13 @@ class Sandbox:
 
         self._ready = loop.create_future()
         try:
-            self._proc = subprocess.Popen(argv, env=env, pass_fds=(child_sock.fileno(), seccomp, *data_fds),
-                                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                          stderr=subprocess.PIPE, preexec_fn=preexec)
+            # In a worker thread: the child's preexec (a cgroup migration among it) takes
+            # milliseconds that the event loop, serving every other sandbox, should not wait out.
+            # A session of its own keeps a terminal's Ctrl-C away from the sandbox.
+            self._proc = await asyncio.to_thread(
+                subprocess.Popen, argv, env=env, pass_fds=(child_sock.fileno(), seccomp, *data_fds),
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                preexec_fn=preexec, start_new_session=True)
         except FileNotFoundError:
             raise IsolationUnavailable("bwrap not found; install bubblewrap (apt-get install bubblewrap)") from None
         finally:
@@ -285,6 +300,7 @@ class Sandbox:
         loop.add_reader(host_sock.fileno(), self._on_readable)
         try:
             self.agent_hostpid = await asyncio.wait_for(self._ready, 15)
+            self._request_stage()
         except (TimeoutError, SandboxClosed):
             err = b""
             with contextlib.suppress(subprocess.TimeoutExpired):
@@ -310,6 +326,9 @@ class Sandbox:
             self._sock = None
         self._outbox.clear()
         self._writer = False
+        self._stage = None
+        for task in list(self._tasks):
+            task.cancel()
         if self.cgroup:
             await asyncio.to_thread(self.cgroup.kill)
         if self._proc is not None:
@@ -460,9 +479,9 @@ class Sandbox:
         err = SandboxClosed(f"sandbox {self.id}: its agent exited; close it and create a new one")
         if self._ready is not None and not self._ready.done():
             self._ready.set_exception(err)
-        for cmd in list(self._cmds.values()):
-            if not cmd.future.done():
-                cmd.future.set_exception(err)
+        for fut in [c.future for c in self._cmds.values()] + list(self._session_waiters.values()):
+            if not fut.done():
+                fut.set_exception(err)
 
     def _dispatch(self, msg: dict, hostpid: int | None) -> None:
         op = msg["op"]
@@ -502,29 +521,82 @@ class Sandbox:
                 if fut is not None and not fut.done():
                     fut.set_exception(err)
 
+    # -- staged children: the next step's process, already in its cgroup -------------------------------
+    def _request_stage(self) -> None:
+        if self._sock is None or self.closed:
+            return
+        self._stage_seq += 1
+        self._stage = _Stage(f"stage:{self._stage_seq}")
+        with contextlib.suppress(SandboxClosed):
+            self._send(op="stage", id=self._stage.key)
+
+    async def _place_stage(self, stage: _Stage) -> None:
+        """Move a staged child into the next step's cgroup, off the critical path (a v1 cgroup
+        migration can take ~10 ms); again if another command took that step number meanwhile."""
+        try:
+            while self._stage is stage and stage.pid:
+                target = self.step + 1
+                if self.cgroup is not None:
+                    await asyncio.to_thread(self.cgroup.move, stage.pid, target)
+                if self._stage is stage and self.step + 1 == target:
+                    stage.step = target
+                    return
+        except OSError:
+            if self._stage is stage:
+                self._stage = None
+                with contextlib.suppress(SandboxClosed):
+                    self._send(op="kill", id=stage.key, sig=signal.SIGKILL)
+                self._request_stage()
+
+    def _take_stage(self, step: int) -> _Stage | None:
+        st = self._stage
+        if st is None or st.step != step:
+            return None
+        self._stage = None
+        asyncio.get_running_loop().call_soon(self._request_stage)  # after this step's exec message
+        return st
+
     def _on_spawned(self, key: str, hostpid: int | None) -> None:
         step = INTERNAL_STEP
+        if key.startswith("stage:"):
+            if self._stage is not None and self._stage.key == key and hostpid:
+                self._stage.pid = hostpid
+                task = asyncio.get_running_loop().create_task(self._place_stage(self._stage))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+            return
+        waiter = None
         if key.startswith("s:"):
             s = self._sessions.get(key[2:])
             if s is not None:
                 s.hostpid = hostpid
             waiter = self._session_waiters.pop(key, None)
-            if waiter is not None and not waiter.done():
-                waiter.set_result(hostpid)
         else:
             cmd = self._cmds.get(key)
             if cmd is not None:
                 cmd.hostpid = hostpid
                 step = cmd.step
+        task = asyncio.get_running_loop().create_task(self._admit(key, hostpid, step, waiter))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _admit(self, key: str, hostpid: int | None, step: int, waiter: asyncio.Future | None) -> None:
+        """Place a newly announced child in its step's cgroup, then let it run (and only then tell
+        a waiting create_session, whose next command moves the shell again)."""
         if self.cgroup is not None and hostpid:
             try:
-                self.cgroup.move(hostpid, step)
-            except OSError:
+                await asyncio.to_thread(self.cgroup.move, hostpid, step)
+            except OSError as e:
                 # Never let an unaccounted process run: refuse to start it.
-                self._send(op="kill", id=key, sig=signal.SIGKILL)
+                with contextlib.suppress(SandboxClosed):
+                    self._send(op="kill", id=key, sig=signal.SIGKILL)
+                if waiter is not None and not waiter.done():
+                    waiter.set_exception(SessionError(f"cannot account the session shell to a cgroup: {e}"))
                 return
         with contextlib.suppress(SandboxClosed):
             self._send(op="go", id=key)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(hostpid)
 
     def _new_id(self) -> str:
         self._next_id += 1
@@ -555,6 +627,10 @@ class Sandbox:
         c = self._register(step, limit, on_output)
         msg = {"op": "exec", "id": c.id, "cmd": cmd, "env": env, "cwd": cwd, "max_output": limit,
                "stdin": bool(stdin)}
+        stage = None if _internal else self._take_stage(step)
+        if stage is not None:
+            msg["stage"] = stage.key
+            c.hostpid = stage.pid
         return await self._run(c, cmd, msg, timeout, session=None, internal=_internal,
                                tool_call_id=tool_call_id, stdin=stdin)
 
@@ -598,7 +674,8 @@ class Sandbox:
     async def _run(self, c: _Cmd, cmd: str, msg: dict, timeout: float | None, *, session: str | None,
                    internal: bool, tool_call_id: str | None = None, stdin: bytes | None = None) -> ExecResult:
         timeout = timeout if timeout is not None else self.config.limits.timeout
-        before = self.cgroup.stats() if self.cgroup and not internal else {}
+        # two small reads per command: a step's own fork refusals, the sandbox's OOM kills
+        oom_before = self.cgroup.oom_kills() if self.cgroup and not internal else 0
         if not internal:
             self._emit(Event(kind=EventKind.COMMAND, action="start", sandbox_id=self.id, step=c.step,
                              command=cmd, episode_id=self.episode_id,
@@ -618,11 +695,19 @@ class Sandbox:
         except TimeoutError:
             timed_out = True
             code, error = await self._kill_step(c, session)
+        except asyncio.CancelledError:
+            # the caller gave up: the command must not live on unaccounted
+            await asyncio.shield(self._kill_step(c, session))
+            if not internal:
+                self._emit(Event(kind=EventKind.COMMAND, action="exit", sandbox_id=self.id, step=c.step,
+                                 command=cmd, episode_id=self.episode_id,
+                                 data={"exit_code": None, "interrupted": True, "session": session}))
+            raise
         finally:
             self._cmds.pop(c.id, None)
         duration = time.perf_counter() - t0
-        after = self.cgroup.stats() if self.cgroup and not internal else {}
-        pids_hit = after.get("pids_max_hits", 0) > before.get("pids_max_hits", 0)
+        pids_hit = bool(self.cgroup and not internal and self.cgroup.pids_max_hits(c.step) > 0)
+        oom = bool(self.cgroup and not internal and self.cgroup.oom_kills() > oom_before)
         if pids_hit and self.cgroup is not None:
             # A step that exhausts the process limit is a fork bomb or a runaway: its whole tree goes,
             # so the sandbox stays usable for the next command.
@@ -631,7 +716,7 @@ class Sandbox:
             exit_code=code, stdout_bytes=bytes(c.out), stderr_bytes=bytes(c.err), duration=duration,
             step=c.step, stdout_truncated=c.dropped[0] > 0, stderr_truncated=c.dropped[1] > 0,
             timed_out=timed_out, error=error,
-            oom_killed=after.get("oom_kills", 0) > before.get("oom_kills", 0),
+            oom_killed=oom,
             pids_limit_hit=pids_hit,
         )
         if res.oom_killed and not res.error:
@@ -794,8 +879,10 @@ class Sandbox:
 
     # -- attribution -------------------------------------------------------------------------------
     def pids(self) -> list[int]:
+        """Processes of the sandbox (bwrap, the agent, commands), not counting the idle staged child."""
         if self.cgroup is not None:
-            return self.cgroup.pids()
+            staged = self._stage.pid if self._stage else None
+            return [p for p in self.cgroup.pids() if p != staged]
         return procs.descendants(self._proc.pid) if self._proc else []
 
     def _note_connect(self, pid: int, ip: str, port: int) -> None:
@@ -804,11 +891,13 @@ class Sandbox:
 
     def _claim_connect(self, ip: str, port: int) -> _Connect | None:
         # oldest unclaimed first: connections reach the gateway in the order they were made
-        for i, rec in enumerate(self._connects):
-            if rec.ip == ip and rec.port == port:
-                del self._connects[i]
-                return rec
-        return None
+        match = [i for i, rec in enumerate(self._connects) if rec.ip == ip and rec.port == port]
+        if not match:
+            return None
+        rec = self._connects[match[0]]
+        rec.ambiguous = len({self._connects[i].pid for i in match}) > 1
+        del self._connects[match[0]]
+        return rec
 
     def step_info(self, step: int | None) -> _StepInfo | None:
         return self._steps.get(step) if step else None
@@ -817,20 +906,25 @@ class Sandbox:
         """Fill in episode, step, command and process of an event (from a sandbox socket or pid)."""
         ev.sandbox_id = self.id
         if pid is None and sock is not None and self.agent_hostpid:
-            inode = procs.socket_inode(self.agent_hostpid, sock[0], sock[1])
-            if inode is not None:
-                pid = procs.owner_of_inode(inode, self.pids())
-            if pid is None and ev.dst_ip is not None:
-                # The socket is already closed (a scanner's connect-and-close): the connect() the
-                # exec watcher saw names the process and its step.
-                rec = self._claim_connect(ev.dst_ip, ev.dst_port or 0)
-                if rec is not None:
+            # The connect() the exec watcher saw names the process and its step, even when the
+            # socket is already closed (a scanner's connect-and-close). Only when two processes
+            # raced to the same destination is the socket table read to tell them apart.
+            rec = self._claim_connect(ev.dst_ip, ev.dst_port or 0) if ev.dst_ip else None
+            if rec is not None and not rec.ambiguous:
+                ev.pid, ev.step = rec.pid, rec.step
+                if rec.proc is not None:
+                    ev.ppid, ev.exe, ev.argv = rec.proc.ppid, rec.proc.exe, rec.proc.argv
+                ev.data["attribution"] = "connect-syscall"
+                pid = None
+            else:
+                inode = procs.socket_inode(self.agent_hostpid, sock[0], sock[1])
+                if inode is not None:
+                    pid = procs.owner_of_inode(inode, self.pids())
+                if pid is not None:
+                    ev.data["attribution"] = "socket"
+                elif rec is not None:
                     ev.pid, ev.step = rec.pid, rec.step
-                    if rec.proc is not None:
-                        ev.ppid, ev.exe, ev.argv = rec.proc.ppid, rec.proc.exe, rec.proc.argv
-                    ev.data["attribution"] = "connect-syscall"
-            elif pid is not None:
-                ev.data["attribution"] = "socket"
+                    ev.data["attribution"] = "connect-syscall-ambiguous"
         if pid is not None:
             info = procs.info(pid)
             if info is not None:

@@ -38,7 +38,7 @@ def test_rule_parsing(text, domain, cidr, ports):
     ],
 )
 def test_bad_rules_name_the_problem(text, needle):
-    with pytest.raises(PolicyError, match="egress rule|empty") as e:
+    with pytest.raises(PolicyError, match=r"egress rule|empty") as e:
         EgressRule.parse(text)
     assert needle in str(e.value)
 

@@ -86,7 +86,8 @@ async def test_miner_arguments_but_grep_in_docs_is_quiet(sb_factory, runtime):
     await sb.write_file("/workspace/docs/mining.md", "connect with stratum+tcp://pool.example.net:3333\n")
     r = await sb.exec('grep -rn "stratum+tcp" /workspace/docs/')
     assert r.exit_code == 0 and await findings_for(runtime, sb, wait=0.3) == []
-    r = await sb.exec("python3 -c 'import time;time.sleep(5)' -o stratum+tcp://pool.supportxmr.com:3333 --donate-level=0")
+    r = await sb.exec("python3 -c 'import time;time.sleep(5)' -o stratum+tcp://pool.supportxmr.com:3333 "
+                      "--donate-level=0")
     assert r.refused and (await findings_for(runtime, sb, "miner-arguments"))
 
 

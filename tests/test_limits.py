@@ -77,7 +77,8 @@ async def test_cpu_quota_written_to_cgroup(sb_factory):
         assert int((cg.dirs["memory"] / "memory.limit_in_bytes").read_text()) == 100 << 20
         assert (cg.dirs["pids"] / "pids.max").read_text().strip() == "50"
     # and corral's cgroups sit beneath the cgroup this process runs in
-    own = open("/proc/self/cgroup").read()
+    with open("/proc/self/cgroup") as f:
+        own = f.read().splitlines()
     for ctrl, d in cg.dirs.items():
-        line = next(x for x in own.splitlines() if ctrl in x.split(":")[1].split(",") or (ctrl == "unified" and x.startswith("0::")))
+        line = next(x for x in own if ctrl in x.split(":")[1].split(",") or (ctrl == "unified" and x.startswith("0::")))
         assert line.split(":", 2)[2].rstrip("/") in str(d)

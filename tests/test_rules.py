@@ -33,8 +33,9 @@ def test_condition_language():
     assert c.compile("net.dst_ip in_cidr (10.0.0.0/8)")(get)
     assert c.compile("proc.args regex '^[0-9]+$'")(get)
     assert not c.compile("proc.name glob 'a*' or (m)")(get)
-    for bad, msg in [("proc.name =", "ends too early"), ("nope = 1", "unknown field"), ("(proc.name = a", "ends too early"),
-                     ("proc.name = a b", "unexpected"), ("proc.args regex '['", "bad regex")]:
+    for bad, msg in [("proc.name =", "ends too early"), ("nope = 1", "unknown field"),
+                     ("(proc.name = a", "ends too early"), ("proc.name = a b", "unexpected"),
+                     ("proc.args regex '['", "bad regex")]:
         with pytest.raises(ConditionError, match=msg):
             c.compile(bad)
 

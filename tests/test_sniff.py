@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import ssl
 import threading
@@ -49,10 +50,8 @@ def _real_client_hello(server_name: str) -> bytes:
     ctx = ssl.create_default_context()
 
     def client() -> None:
-        try:
+        with contextlib.suppress(ssl.SSLError, OSError):
             ctx.wrap_socket(a, server_hostname=server_name)
-        except (ssl.SSLError, OSError):
-            pass
 
     t = threading.Thread(target=client)
     t.start()

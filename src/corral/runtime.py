@@ -210,8 +210,9 @@ class Runtime:
         sb.episode_id = episode_id
         self.sandboxes[sb.id] = sb
         self.emit(Event(kind=EventKind.SANDBOX, action="created", sandbox_id=sb.id, episode_id=episode_id,
-                        data={"warm": warm, "create_seconds": time.perf_counter() - t0, "ip": sb.net.ip if sb.net else None,
-                              "uid": sb.uid, "cgroups": sb.cgroup is not None}))
+                        data={"warm": warm, "create_seconds": time.perf_counter() - t0,
+                              "ip": sb.net.ip if sb.net else None, "uid": sb.uid,
+                              "cgroups": sb.cgroup is not None}))
         return sb
 
     async def adopt(self, sb: Sandbox) -> None:

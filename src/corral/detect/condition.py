@@ -24,7 +24,9 @@ from typing import Any
 Pred = Callable[[Callable[[str], Any]], bool]
 OPS = {"=", "!=", "<", "<=", ">", ">=", "in", "contains", "icontains", "startswith", "istartswith", "endswith", "glob",
        "regex", "in_cidr", "exists"}
-_TOKEN = re.compile(r"""\s*(?:(?P<str>'[^']*'|"[^"]*")|(?P<op><=|>=|!=|=|<|>)|(?P<punct>[(),])|(?P<word>[^\s(),'"=<>!]+))""")
+_TOKEN = re.compile(
+    r"""\s*(?:(?P<str>'[^']*'|"[^"]*")|(?P<op><=|>=|!=|=|<|>)|(?P<punct>[(),])|(?P<word>[^\s(),'"=<>!]+))"""
+)
 
 
 class ConditionError(ValueError):
@@ -140,7 +142,7 @@ class Compiler:
             self._expanding.pop()
 
     def _expect(self, p: str) -> None:
-        kind, value = self._take()
+        _kind, value = self._take()
         if value != p:
             raise ConditionError(f"expected {p!r} but found {value!r}")
 

@@ -114,10 +114,8 @@ class Gateway:
         # Attribute while the client socket surely still exists (before we read or decide).
         tenant.attribute(ev, ("tcp", addr[1]))
         first = b""
-        try:
+        with contextlib.suppress(TimeoutError, OSError):
             first = await asyncio.wait_for(loop.sock_recv(client, FIRST_BYTES), tenant.policy.first_bytes_timeout)
-        except (TimeoutError, OSError):
-            pass
         sniff = classify(first)
         names = tenant.resolved.get(dst_ip, set())
         d = decide(tenant.policy, dst_ip, dst_port, names, sniff.name, self.host_addresses)

@@ -51,7 +51,9 @@ def decide(
         return Decision(False, "the host's own address is denied unless a CIDR rule names it")
     for net in ALWAYS_DENIED:
         if addr.version == net.version and addr in net:
-            return Decision(False, f"{net} (private/loopback/link-local/reserved) is denied unless a CIDR rule names it")
+            return Decision(
+                False, f"{net} (private/loopback/link-local/reserved) is denied unless a CIDR rule names it"
+            )
     names = sorted(set(resolved_names))
     allowed = [n for n in names if any(r.matches_name(n) and r.port_ok(port) for r in policy.allow)]
     if not allowed:

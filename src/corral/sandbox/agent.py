@@ -137,10 +137,8 @@ class Agent:
             elif op == "kill":
                 p = self.procs.get(msg["id"])
                 if p is not None:
-                    try:
+                    with contextlib.suppress(ProcessLookupError):
                         os.killpg(p.pid, msg.get("sig", signal.SIGKILL))
-                    except ProcessLookupError:
-                        pass
             elif op == "session_new":
                 env = dict(self.base_env)
                 env.update(msg.get("env") or {})
@@ -155,10 +153,8 @@ class Agent:
             elif op == "session_close":
                 p = self.procs.get(msg["id"])
                 if p is not None:
-                    try:
+                    with contextlib.suppress(ProcessLookupError):
                         os.killpg(p.pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
         except Exception as e:  # report, never die: the agent is the sandbox's lifeline
             self.send(op="error", id=msg.get("id"), error=f"{type(e).__name__}: {e}")
 
@@ -424,10 +420,8 @@ class Agent:
 
     def _shutdown(self) -> None:
         for p in self.procs.values():
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         os._exit(0)
 
 

@@ -55,7 +55,7 @@ def _mounts() -> dict[str, Path]:
     out: dict[str, Path] = {}
     for line in Path("/proc/self/mountinfo").read_text().splitlines():
         pre, _, post = line.partition(" - ")
-        fstype, _, opts = (post.split(" ") + ["", ""])[:3]
+        fstype, _, opts = ([*post.split(" "), "", ""])[:3]
         mountpoint = Path(pre.split(" ")[4])
         if fstype == "cgroup2":
             out.setdefault("unified", mountpoint)

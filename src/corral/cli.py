@@ -600,6 +600,95 @@ def events(
         store.close()
 
 
+# -- findings and reports ----------------------------------------------------------------------------
+DbOpt = Annotated[str | None, typer.Option("--db", help="Store path or URL [default: STATE_DIR/corral.db].",
+                                           show_default=False)]
+
+
+def _open_store(db: str | None, state_dir: Path | None):
+    from corral.store import Store
+
+    url = db or str(_state_dir(state_dir) / "corral.db")
+    if "://" not in url and not Path(url).exists():
+        _fail(f"no event store at {url}", hint="run a command first, or pass --db / --state-dir / CORRAL_HOME")
+    try:
+        return Store(url)
+    except CorralError as e:
+        _fail_corral(e)
+
+
+@app.command()
+def findings(
+    sandbox: Annotated[str | None, typer.Option("--sandbox", help="Only this sandbox id.")] = None,
+    episode: Annotated[str | None, typer.Option("--episode", help="Only this episode id.")] = None,
+    rule: Annotated[str | None, typer.Option("--rule", help="Only this rule id.")] = None,
+    severity: Annotated[str | None, typer.Option(
+        "--severity", help="Only at or above: info, low, medium, high, critical.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
+    db: DbOpt = None,
+    state_dir: StateDirOpt = None,
+) -> None:
+    """List findings (rule judgements, attributed to sandbox, episode, step and command)."""
+    from corral.report import SEVERITY_ORDER
+
+    if severity is not None and severity not in SEVERITY_ORDER:
+        _fail(f"unknown severity {severity!r}; use one of: {', '.join(SEVERITY_ORDER)}")
+    store = _open_store(db, state_dir)
+    try:
+        got = store.findings(sandbox_id=sandbox, episode_id=episode)
+    finally:
+        store.close()
+    if rule:
+        got = [f for f in got if f.rule_id == rule]
+    if severity:
+        got = [f for f in got if SEVERITY_ORDER.index(str(f.severity)) >= SEVERITY_ORDER.index(severity)]
+    if as_json:
+        for f in got:
+            out.file.write(f.model_dump_json() + "\n")
+        return
+    if not got:
+        err.print("[dim]no findings match[/]")
+        return
+    t = Table("id", "time", "severity", "rule", "technique", "sandbox", "episode", "step", "command", "action",
+              title="Findings")
+    for f in got:
+        t.add_row(str(f.id), _ts(f.ts), str(f.severity), f.rule_id, f.technique or "", f.sandbox_id,
+                  f.episode_id or "", str(f.step), _s((f.command or "")[:60]), f.action)
+    out.print(t)
+
+
+@app.command()
+def report(
+    subject: Annotated[str, typer.Argument(help="A sandbox id or an episode id.")],
+    fmt: Annotated[str, typer.Option("--format", "-f", help="rich, json, md or html.")] = "rich",
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write to this file.")] = None,
+    db: DbOpt = None,
+    state_dir: StateDirOpt = None,
+) -> None:
+    """The incident timeline of a sandbox or episode: command, processes, network, findings, actions."""
+    from corral import report as rep
+
+    if fmt not in ("rich", "json", "md", "html"):
+        _fail(f"unknown format {fmt!r}; use rich, json, md or html")
+    store = _open_store(db, state_dir)
+    try:
+        r = rep.build(store, subject)
+    except CorralError as e:
+        _fail_corral(e)
+    finally:
+        store.close()
+    if fmt == "rich":
+        console = Console(file=output.open("w"), width=160) if output else out
+        rep.render(r, console)
+        return
+    text = {"json": rep.to_json, "md": rep.to_markdown, "html": rep.to_html}[fmt](r)
+    if output:
+        output.write_text(text)
+        err.print(f"wrote {output}")
+    else:
+        out.file.write(text + "\n")
+
+
 # -- gc --------------------------------------------------------------------------------------------
 @app.command()
 def gc(

@@ -1,0 +1,72 @@
+"""`corral report` and `corral findings` read the real store and tell the incident step by step."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+
+import pytest
+
+from corral import report
+from tests.conftest import POOL, connect_cmd
+
+pytestmark = pytest.mark.asyncio
+
+
+async def _incident(sb_factory, runtime):
+    sb = await sb_factory(episode_id="ep-report-1")
+    s = await sb.create_session("main")
+    await s.run("echo setting up")
+    bg = await s.run("(sleep 0.3; " + connect_cmd(POOL[0], POOL[1], b'{"id":1,"method":"mining.subscribe"}\n')
+                     + ") >/dev/null 2>&1 &")
+    await s.run("ls")
+    for _ in range(60):
+        if any(f.rule_id == "stratum-protocol" for f in runtime.store.findings(sandbox_id=sb.id)):
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.2)  # let the kill action land
+    return sb, bg
+
+
+async def test_report_timeline_in_every_format(sb_factory, runtime, tmp_path):
+    sb, bg = await _incident(sb_factory, runtime)
+    r = report.build(runtime.store, sb.id)
+    step = next(s for s in r.steps if s.step == bg.step)
+    assert any(f.rule_id == "stratum-protocol" for f in step.findings)
+    assert any(e.protocol == "stratum" for e in step.network)
+    assert any("python3" in (e.exe or "") for e in step.processes)
+    assert any(a.action == "kill" for a in step.actions)
+    assert r.worst == "critical"
+    # by episode id too
+    assert report.build(runtime.store, "ep-report-1").findings
+    data = json.loads(report.to_json(r))
+    assert any(s["step"] == bg.step and s["findings"] for s in data["steps"])
+    md = report.to_markdown(r)
+    assert "stratum-protocol" in md and "| critical |" in md
+    page = report.to_html(r)
+    assert page.startswith("<!doctype html>") and "stratum-protocol" in page and "<script" not in page
+    with pytest.raises(report.ReportNotFound):
+        report.build(runtime.store, "no-such-id")
+
+
+async def test_report_and_findings_cli(sb_factory, runtime, tmp_path):
+    sb, bg = await _incident(sb_factory, runtime)
+    db = runtime.store.url.removeprefix("sqlite:///")
+    out = tmp_path / "r.html"
+    cli = [sys.executable, "-m", "corral.cli"]
+    p = await asyncio.to_thread(subprocess.run, [*cli, "report", sb.id, "--format", "html", "-o", str(out),
+                                                 "--db", db], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert "stratum-protocol" in out.read_text()
+    p = await asyncio.to_thread(subprocess.run, [*cli, "report", sb.id, "--db", db], capture_output=True,
+                                text=True, timeout=60)
+    assert p.returncode == 0 and "stratum-protocol" in p.stdout and f"step {bg.step}" in p.stdout
+    p = await asyncio.to_thread(subprocess.run, [*cli, "findings", "--sandbox", sb.id, "--json", "--db", db],
+                                capture_output=True, text=True, timeout=60)
+    rows = [json.loads(line) for line in p.stdout.splitlines()]
+    assert any(r["rule_id"] == "stratum-protocol" and r["step"] == bg.step for r in rows)
+    p = await asyncio.to_thread(subprocess.run, [*cli, "findings", "--severity", "nope", "--db", db],
+                                capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "unknown severity" in p.stderr

@@ -1,5 +1,7 @@
 """corral: the secure environment layer for autonomous agents."""
 
+import logging
+
 from corral.config import EgressPolicy, EgressRule, Limits, RuntimeConfig, SandboxConfig
 from corral.errors import (
     CommandTimeout,
@@ -21,6 +23,9 @@ from corral.sandbox import ExecResult, OutputChunk, Sandbox, Session
 from corral.store import Store
 
 __version__ = "0.1.0"
+
+# A library stays quiet unless its user configures logging (the CLI shows findings itself).
+logging.getLogger("corral").addHandler(logging.NullHandler())
 
 __all__ = [
     "CommandTimeout",

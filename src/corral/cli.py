@@ -689,6 +689,27 @@ def report(
         out.file.write(text + "\n")
 
 
+# -- demo ------------------------------------------------------------------------------------------
+def _only_loopback() -> bool:
+    with open("/proc/self/net/dev") as f:
+        names = [line.split(":")[0].strip() for line in f.readlines()[2:]]
+    return names == ["lo"]
+
+
+@app.command()
+def demo(
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where the report and trajectories go.")] = Path(
+        "corral-demo"),
+) -> None:
+    """Replay the ROME incident against a fake world: blocked, detected, attributed, contained."""
+    from corral.demo import run_demo
+
+    if not _only_loopback():
+        _fail("the demo builds its own fake internet and must run in a private network namespace",
+              hint="run 'make demo' (or: unshare --net --mount -- sh -c 'ip link set lo up && corral demo')")
+    raise typer.Exit(asyncio.run(run_demo(output, out)))
+
+
 # -- gc --------------------------------------------------------------------------------------------
 @app.command()
 def gc(

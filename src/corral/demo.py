@@ -180,8 +180,8 @@ def _print(console: Console, outcomes: list[Outcome], honest_findings: list, rt:
     for col in ("step", "behaviour", "blocked", "detected", "attributed to", "contained"):
         t.add_column(col)
     for o in outcomes:
-        t.add_row(str(o.step or "tool"), f"{o.behaviour}\n[dim]{o.command[:90]}[/]", o.blocked, o.detected, o.attributed,
-                  o.contained)
+        t.add_row(str(o.step or "tool"), f"{o.behaviour}\n[dim]{o.command[:90]}[/]", o.blocked, o.detected,
+                  o.attributed, o.contained)
     console.print(t)
     miner = next((o for o in outcomes if o.behaviour.startswith("start it")), None)
     if miner and miner.detected != "-":

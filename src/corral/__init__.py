@@ -17,6 +17,7 @@ from corral.errors import (
     SessionError,
     StoreError,
 )
+from corral.detect import Detector, RuleError
 from corral.events import Event, EventKind, Finding, Severity, Verdict
 from corral.runtime import Runtime
 from corral.sandbox import ExecResult, OutputChunk, Sandbox, Session

@@ -29,6 +29,7 @@ from corral.net import netns, nft
 from corral.net.dns import DNSServer, static_resolver, system_resolver
 from corral.net.gateway import Gateway, host_addresses
 from corral.net.tenants import Tenant, Tenants
+from corral.monitor.sampler import ProcessSampler
 from corral.respond import Responder
 from corral.sandbox.cgroups import InstanceCgroups, discover
 from corral.sandbox.sandbox import Sandbox
@@ -63,6 +64,7 @@ class Runtime:
         self.gateway: Gateway | None = None
         self.dns_transport: asyncio.DatagramTransport | None = None
         self.detector: Detector | None = None
+        self.sampler: ProcessSampler | None = None
         self.responder = Responder(self)
         self.started = False
 
@@ -111,6 +113,8 @@ class Runtime:
             lambda: DNSServer(self.tenants, resolver, self.emit), local_addr=("0.0.0.0", 0))
         dns_port = self.dns_transport.get_extra_info("sockname")[1]
         await asyncio.to_thread(nft.install, self.instance, gw_port, dns_port)
+        self.sampler = ProcessSampler(self)
+        self.sampler.start()
         self.started = True
         return self
 
@@ -136,6 +140,8 @@ class Runtime:
             return
         for t in list(self._refill_tasks):
             t.cancel()
+        if self.sampler is not None:
+            await self.sampler.stop()
         pooled = [sb for sbs in self._pool.values() for sb in sbs]
         self._pool.clear()
         self._pool_targets.clear()

@@ -51,6 +51,7 @@ class Proc:
         self.done_streams: set[int] = set()
         self.status: int | None = None
         self.launch: dict | None = None
+        self.rusage: dict | None = None
         self.stdin_buf = bytearray()
         self.stdin_eof = False
         self.stdin_watch = False
@@ -375,8 +376,10 @@ class Agent:
         self.sel.unregister(proc.pidfd)
         os.close(proc.pidfd)
         try:
-            _, status = os.waitpid(proc.pid, 0)
+            _, status, ru = os.wait4(proc.pid, 0)
             proc.exit_code = os.waitstatus_to_exitcode(status)
+            # the command and every descendant it waited for
+            proc.rusage = {"cpu_seconds": ru.ru_utime + ru.ru_stime, "maxrss_kb": ru.ru_maxrss}
         except ChildProcessError:
             proc.exit_code = -1
         proc.exited_at = time.monotonic()
@@ -415,7 +418,7 @@ class Agent:
                               error=f"session shell exited with status {p.exit_code}")
                 self.send(op="session_exit", id=key, code=p.exit_code)
             else:
-                self.send(op="exit", id=key, code=p.exit_code, dropped=p.dropped)
+                self.send(op="exit", id=key, code=p.exit_code, dropped=p.dropped, rusage=p.rusage)
             del self.procs[key]
 
     def _shutdown(self) -> None:

@@ -165,6 +165,13 @@ class SandboxCgroup:
                 out.extend(int(p) for p in (d / "cgroup.procs").read_text().split())
         return out
 
+    def task_count(self) -> int:
+        """Tasks (threads included) in the whole sandbox subtree: one read."""
+        try:
+            return int((self.dirs[self.h.tracking] / "pids.current").read_text())
+        except (OSError, ValueError, KeyError):
+            return 0
+
     @staticmethod
     def step_of(pid: int) -> int | None:
         """The step whose command started pid (None for corral's own agent and shells)."""

@@ -120,6 +120,27 @@ class _Cmd:
 
 
 @dataclass
+class StepStats:
+    """What one step's processes used. CPU is a lower bound: the larger of what the command and the
+    children it waited for used (rusage) and what the sampler saw all its processes use."""
+
+    cpu_rusage: float = 0.0
+    cpu_sampled: float = 0.0
+    peak_rss_kb: int = 0
+    processes: int = 0
+    connections: int = 0
+
+    def add_rusage(self, ru: dict) -> None:
+        self.cpu_rusage += float(ru.get("cpu_seconds", 0.0))
+        self.peak_rss_kb = max(self.peak_rss_kb, int(ru.get("maxrss_kb", 0)))
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {"cpu_seconds": round(max(self.cpu_rusage, self.cpu_sampled), 3),
+                "peak_rss_mb": round(self.peak_rss_kb / 1024, 1), "processes": self.processes,
+                "connections": self.connections}
+
+
+@dataclass
 class _Stage:
     key: str
     pid: int | None = None
@@ -192,6 +213,8 @@ class Sandbox:
         self._stage: _Stage | None = None
         self._stage_seq = 0
         self._tasks: set[asyncio.Task] = set()
+        self._stats: dict[int, StepStats] = {}
+        self._bg_steps: set[int] = set()  # finished steps whose processes live on
         # recent inet connect() calls, newest last: (dst ip, dst port, host pid, step, process)
         self._connects: collections.deque[_Connect] = collections.deque(maxlen=4096)
         self._writer = False
@@ -507,6 +530,8 @@ class Sandbox:
                 dropped = msg.get("dropped") or {}
                 for i, key in ((0, "1"), (1, "2")):
                     cmd.dropped[i] += int(dropped.get(key, 0))
+                if msg.get("rusage"):
+                    self.stats_for(cmd.step).add_rusage(msg["rusage"])
                 cmd.future.set_result((msg.get("code"), msg.get("error")))
         elif op == "session_exit":
             name = msg["id"][2:]
@@ -706,6 +731,10 @@ class Sandbox:
         finally:
             self._cmds.pop(c.id, None)
         duration = time.perf_counter() - t0
+        if self.cgroup is not None and not internal:
+            shells = self._session_pids()
+            if any(p not in shells for p in self.cgroup.pids(step=c.step)):
+                self._bg_steps.add(c.step)
         pids_hit = bool(self.cgroup and not internal and self.cgroup.pids_max_hits(c.step) > 0)
         oom = bool(self.cgroup and not internal and self.cgroup.oom_kills() > oom_before)
         if pids_hit and self.cgroup is not None:
@@ -734,7 +763,7 @@ class Sandbox:
                                    "stderr_bytes": len(c.err) + c.dropped[1],
                                    "truncated": res.truncated, "oom_killed": res.oom_killed,
                                    "pids_limit_hit": res.pids_limit_hit, "error": res.error,
-                                   "session": session}))
+                                   "session": session, **self.step_stats(c.step)}))
         return res
 
     async def _kill_step(self, c: _Cmd, session: str | None) -> tuple[int | None, str | None]:
@@ -885,6 +914,21 @@ class Sandbox:
             return [p for p in self.cgroup.pids() if p != staged]
         return procs.descendants(self._proc.pid) if self._proc else []
 
+    INFRA_TASKS = 3  # bwrap, bwrap's init in the new pid namespace, the agent
+
+    def busy(self) -> bool:
+        """Whether any process besides corral's own (bwrap, agent, staged child) is alive: one read."""
+        if self.cgroup is None:
+            return False
+        return self.cgroup.task_count() > self.INFRA_TASKS + (1 if self._stage else 0)
+
+    def live_steps(self) -> list[int]:
+        """Steps that may have processes: commands in flight, and finished ones that left some behind."""
+        running = {c.step for c in self._cmds.values() if c.step}
+        if self.cgroup is not None:
+            self._bg_steps = {n for n in self._bg_steps if self.cgroup.pids(step=n)}
+        return sorted(running | self._bg_steps)
+
     def _note_connect(self, pid: int, ip: str, port: int) -> None:
         step = SandboxCgroup.step_of(pid) if self.cgroup else None
         self._connects.append(_Connect(ip, port, pid, step, procs.info(pid)))
@@ -932,6 +976,8 @@ class Sandbox:
             step = SandboxCgroup.step_of(pid) if self.cgroup else None
             if step:
                 ev.step = step
+        if ev.kind == EventKind.CONNECT and ev.action == "connect" and ev.step:
+            self.stats_for(ev.step).connections += 1
         st = self.step_info(ev.step)
         if st is not None:
             ev.command = st.command
@@ -953,8 +999,19 @@ class Sandbox:
         ev.data["gpu_granted"] = self.config.gpu
         return ev
 
+    def stats_for(self, step: int) -> StepStats:
+        if step not in self._stats:
+            self._stats[step] = StepStats()
+        return self._stats[step]
+
+    def step_stats(self, step: int) -> dict[str, float | int]:
+        """Per-step accounting: CPU seconds, peak memory, processes started, connections made."""
+        return self.stats_for(step).as_dict()
+
     def _judge_exec(self, ev: Event) -> bool:
         """An exec is about to happen: record it and let the detector refuse it."""
+        if ev.step:
+            self.stats_for(ev.step).processes += 1
         if self._runtime is None:
             return True
         j = self._runtime.emit(ev)

@@ -1,0 +1,53 @@
+"""Per-step accounting and CPU behaviour: a renamed miner that never touches the network is still
+caught by the CPU it burns; a busy but honest program is not."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from tests.conftest import connect_cmd, py
+
+pytestmark = pytest.mark.asyncio
+
+
+async def test_step_accounting(sb_factory, runtime):
+    sb = await sb_factory()
+    r = await sb.exec(py("x = bytearray(64 * 1024 * 1024)\nsum(range(3 * 10**6))"))
+    st = sb.step_stats(r.step)
+    assert st["cpu_seconds"] > 0.05 and st["peak_rss_mb"] >= 64 and st["processes"] >= 2  # bash + python3
+    r2 = await sb.exec("; ".join([connect_cmd("198.51.100.30", 7, b"x", read=False)] * 3) + "; true")
+    assert sb.step_stats(r2.step)["connections"] == 3
+    exit_ev = [e for e in runtime.store.events(sandbox_id=sb.id, kind="command") if e.action == "exit"][0]
+    assert exit_ev.data["processes"] >= 2 and "cpu_seconds" in exit_ev.data
+
+
+async def test_hot_renamed_binary_in_tmp_is_killed_honest_busy_loop_is_not(sb_factory, runtime):
+    old = (runtime.sampler.interval, runtime.sampler.hot_every)
+    runtime.sampler.interval, runtime.sampler.hot_every = 0.3, 0.3
+    try:
+        sb = await sb_factory()
+        honest = await sb.exec(py("import time\nt=time.time()\nwhile time.time()-t < 2.5: pass"), timeout=10)
+        assert honest.exit_code == 0
+        assert not [f for f in runtime.store.findings(sandbox_id=sb.id)]
+        start = await sb.exec("mkdir -p /tmp/.cache && cp $(command -v python3) /tmp/.cache/kthreadd && "
+                              "(/tmp/.cache/kthreadd -c 'while True: pass' &) ; echo started")
+        for _ in range(100):
+            found = [f for f in runtime.store.findings(sandbox_id=sb.id) if f.rule_id == "hot-dropped-binary"]
+            if found and not sb.cgroup.pids(step=start.step):
+                break
+            await asyncio.sleep(0.1)
+        assert found and found[0].step == start.step
+        assert sb.cgroup.pids(step=start.step) == []  # killed
+    finally:
+        runtime.sampler.interval, runtime.sampler.hot_every = old
+
+
+async def test_idle_sandbox_is_not_sampled(sb_factory, runtime):
+    sb = await sb_factory()
+    await sb.exec("true")
+    await asyncio.sleep(0.1)
+    assert not sb.busy()
+    await sb.exec("sleep 5 >/dev/null 2>&1 &")
+    assert sb.busy() and sb.live_steps() == [sb.step]

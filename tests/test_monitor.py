@@ -19,7 +19,7 @@ async def test_step_accounting(sb_factory, runtime):
     assert st["cpu_seconds"] > 0.05 and st["peak_rss_mb"] >= 64 and st["processes"] >= 2  # bash + python3
     r2 = await sb.exec("; ".join([connect_cmd("198.51.100.30", 7, b"x", read=False)] * 3) + "; true")
     assert sb.step_stats(r2.step)["connections"] == 3
-    exit_ev = [e for e in runtime.store.events(sandbox_id=sb.id, kind="command") if e.action == "exit"][0]
+    exit_ev = next(e for e in runtime.store.events(sandbox_id=sb.id, kind="command") if e.action == "exit")
     assert exit_ev.data["processes"] >= 2 and "cpu_seconds" in exit_ev.data
 
 

@@ -3,6 +3,7 @@
 import logging
 
 from corral.config import EgressPolicy, EgressRule, Limits, RuntimeConfig, SandboxConfig
+from corral.detect import Detector, RuleError
 from corral.errors import (
     CommandTimeout,
     ConfigError,
@@ -17,7 +18,6 @@ from corral.errors import (
     SessionError,
     StoreError,
 )
-from corral.detect import Detector, RuleError
 from corral.events import Event, EventKind, Finding, Severity, Verdict
 from corral.runtime import Runtime
 from corral.sandbox import ExecResult, OutputChunk, Sandbox, Session
@@ -32,6 +32,7 @@ __all__ = [
     "CommandTimeout",
     "ConfigError",
     "CorralError",
+    "Detector",
     "EgressPolicy",
     "EgressRule",
     "EpisodeEnded",
@@ -44,6 +45,7 @@ __all__ = [
     "Limits",
     "OutputChunk",
     "PolicyError",
+    "RuleError",
     "Runtime",
     "RuntimeConfig",
     "Sandbox",

@@ -25,11 +25,11 @@ from corral.detect import Detector, Judgement
 from corral.detect import load as load_rules
 from corral.errors import IsolationUnavailable
 from corral.events import Event, EventKind, Verdict
+from corral.monitor.sampler import ProcessSampler
 from corral.net import netns, nft
 from corral.net.dns import DNSServer, static_resolver, system_resolver
 from corral.net.gateway import Gateway, host_addresses
 from corral.net.tenants import Tenant, Tenants
-from corral.monitor.sampler import ProcessSampler
 from corral.respond import Responder
 from corral.sandbox.cgroups import InstanceCgroups, discover
 from corral.sandbox.sandbox import Sandbox

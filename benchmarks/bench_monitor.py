@@ -7,8 +7,8 @@
    from a clock read inside the sandbox right before the offending syscall. Both are wall clocks of the
    same kernel (a sandbox has no time namespace), so they can be subtracted.
 2. Monitor CPU with idle sandboxes: this process's CPU time (getrusage, every thread: event loop,
-   gateway, exec watchers, the World's servers) over an idle window, as % of one core, with 20 idle
-   sandboxes and with none (same run, before and after).
+   gateway, exec watchers, process sampler, the World's servers) over an idle window, as % of one
+   core, with 20 idle sandboxes and with none (same run, before and after).
 3. Slowdown of benign work: a CPU-bound and a process-spawning task, in a sandbox of a runtime with
    detection on, one with detection off, and on the host, interleaved.
 

@@ -44,9 +44,12 @@ async def test_miner_hidden_in_a_script_is_stopped_at_exec(sb_factory, runtime):
     sb = await sb_factory()
     await sb.write_file("/workspace/setup.sh", "cp /bin/sleep /tmp/xmrig\n/tmp/xmrig 30\necho after\n")
     r = await sb.exec("bash /workspace/setup.sh")
-    assert "Operation not permitted" in r.stderr  # the exec itself was refused
     f = (await findings_for(runtime, sb, "miner-binary"))[0]
     assert f.step == r.step and f.data["exe"] == "/tmp/xmrig"
+    # the exec itself was refused (EPERM), and the kill action then ended the script's step
+    ev = next(e for e in runtime.store.events(sandbox_id=sb.id, kind="process") if e.exe == "/tmp/xmrig")
+    assert ev.verdict == "deny" and "miner-binary" in ev.reason
+    assert "Operation not permitted" in r.stderr or r.exit_code == -9
 
 
 async def test_background_renamed_miner_attributed_to_the_step_that_started_it(sb_factory, runtime, world):
@@ -232,3 +235,26 @@ async def test_monitor_loss_fails_closed_and_reset_restores_it(sb_factory):
     assert r.exit_code != 0 and r.stdout == ""  # no exec runs unobserved
     await sb.reset()  # a new agent, a new listener
     assert (await sb.exec("/bin/echo watched again")).stdout == "watched again\n"
+
+
+async def test_file_writes_to_persistence_and_protected_paths(sb_factory, runtime):
+    from corral import SandboxConfig
+
+    sb = await sb_factory(SandboxConfig(protected_paths=("/workspace/tests/*",)))
+    await sb.write_file("/workspace/tests/test_ok.py", "def test_ok(): assert True\n")  # corral's own write
+    assert await findings_for(runtime, sb, wait=0.3) == []
+    # a program (not a shell redirect, which the pre-run check sees) appends to the shell rc file
+    r = await sb.exec(py("open('/root/.bashrc', 'a').write('alias ls=/tmp/.x/implant\\n')"))
+    f = [x for x in await findings_for(runtime, sb, "persistence-file-write") if x.step == r.step]
+    assert f and f[0].data["exe"] and "python3" in f[0].data["exe"]
+    ev = runtime.store.events(sandbox_id=sb.id, kind="file")[-1]
+    assert ev.data["path"] == "/root/.bashrc" and ev.step == r.step and ev.pid
+    # the task's own tests are protected: rewriting them is reward hacking
+    r = await sb.exec(py("open('/workspace/tests/test_ok.py', 'w').write('def test_ok(): pass')"))
+    f = [x for x in await findings_for(runtime, sb, "protected-file-tampered") if x.step == r.step]
+    assert f and f[0].severity == "high"
+    # ordinary work is quiet
+    n = len(runtime.store.findings(sandbox_id=sb.id))
+    await sb.exec(py("open('/workspace/solution.py', 'w').write('x = 1')") + "; echo ok > /root/notes.txt")
+    await asyncio.sleep(0.3)
+    assert len(runtime.store.findings(sandbox_id=sb.id)) == n

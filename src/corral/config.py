@@ -164,6 +164,8 @@ class SandboxConfig(BaseModel):
     workspace_template: Path | None = None  # copied into /workspace at create and reset
     env: tuple[tuple[str, str], ...] = ()
     gpu: bool = False  # bind the host's /dev/nvidia* nodes; off by default
+    # globs of sandbox paths whose writes are findings (a task's verifier and tests, say)
+    protected_paths: tuple[str, ...] = ()
     hostname: str = "corral"
     shell: str = "/bin/bash"
 

@@ -26,6 +26,8 @@ if TYPE_CHECKING:
     from corral.runtime import Runtime
 
 log = logging.getLogger("corral.alerts")
+# what a block can still stop when it is judged (a file write or a GPU sample has already happened)
+BLOCKABLE = {EventKind.CONNECT, EventKind.DNS, EventKind.COMMAND, EventKind.PROCESS}
 
 
 class Responder:
@@ -42,7 +44,7 @@ class Responder:
                 with contextlib.suppress(Exception):
                     hook(finding)
         if finding.action in ("record", "alert", "block"):
-            if finding.action == "block":
+            if finding.action == "block" and ev.kind in BLOCKABLE:
                 self._record(finding, "block", {"event": ev.id, "what": f"{ev.kind}:{ev.action}"})
             return
         sb = self.runtime.sandboxes.get(finding.sandbox_id)

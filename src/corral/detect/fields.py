@@ -63,6 +63,7 @@ FIELDS: dict[str, Callable[[Event], Any]] = {
     # files
     "file.path": lambda e: e.data.get("path"),
     "file.op": lambda e: e.data.get("op"),
+    "file.category": lambda e: e.data.get("category"),
     # gpu
     "gpu.index": lambda e: e.data.get("gpu_index"),
     "gpu.util": lambda e: e.data.get("utilization"),

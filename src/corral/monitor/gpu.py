@@ -42,7 +42,7 @@ Resolve = Callable[[int], tuple[str, int | None] | None]
 Granted = Callable[[str], tuple[bool, set[int] | None] | None]
 
 
-# -- the NVML boundary -----------------------------------------------------------------------------------
+# -- the NVML boundary ---------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class GpuDevice:
     index: int
@@ -169,7 +169,7 @@ class NvmlBackend:
         return []
 
 
-# -- attribution -------------------------------------------------------------------------------------------
+# -- attribution ---------------------------------------------------------------------------------------------
 _STEP = re.compile(r"step-(\d+)")
 
 
@@ -233,7 +233,7 @@ def _start_time(pid: int) -> int | None:
         return None
 
 
-# -- the monitor --------------------------------------------------------------------------------------------
+# -- the monitor ---------------------------------------------------------------------------------------------
 Snapshot = list[tuple[GpuDevice, list[GpuProcess]]]
 Key = tuple[str, int, int | None, str]  # (sandbox, pid, process start time, gpu uuid or index)
 
@@ -257,7 +257,7 @@ class GpuMonitor:
         self._problems: set[str] = set()
         self._task: asyncio.Task[None] | None = None
 
-    # -- one round -----------------------------------------------------------------------------------
+    # -- one round -------------------------------------------------------------------------------------------
     def poll_once(self) -> list[Event]:
         """Ask the backend, emit what is new or due, return the events emitted. Never raises."""
         return self._handle(self._collect())
@@ -369,7 +369,7 @@ class GpuMonitor:
             with contextlib.suppress(Exception):
                 self.backend.shutdown()
 
-    # -- the loop ----------------------------------------------------------------------------------------
+    # -- the loop --------------------------------------------------------------------------------------------
     async def run(self) -> None:
         """Poll every `interval` seconds until cancelled. Backend calls run on one worker thread of
         their own: NVML can block for seconds on a failing GPU, and must not stall the event loop or

@@ -48,6 +48,7 @@ from corral.errors import (
 )
 from corral.events import Event, EventKind, Verdict
 from corral.monitor.execwatch import ExecWatch, exec_filter_bpf
+from corral.monitor.files import FileWatch
 from corral.net.netns import HOST_IP
 from corral.nsutil import CLONE_NEWNET, setns
 from corral.sandbox import procs
@@ -210,11 +211,14 @@ class Sandbox:
         self.agent_hostpid: int | None = None
         self._outbox: collections.deque[bytes] = collections.deque()
         self._execwatch: ExecWatch | None = None
+        self._filewatch: FileWatch | None = None
         self._stage: _Stage | None = None
         self._stage_seq = 0
         self._tasks: set[asyncio.Task] = set()
         self._stats: dict[int, StepStats] = {}
         self._bg_steps: set[int] = set()  # finished steps whose processes live on
+        # host pid -> (step, exe, argv) as the exec watcher saw it, newest last, bounded
+        self._pids: dict[int, tuple[int | None, str | None, list[str] | None]] = {}
         # recent inet connect() calls, newest last: (dst ip, dst port, host pid, step, process)
         self._connects: collections.deque[_Connect] = collections.deque(maxlen=4096)
         self._writer = False
@@ -324,6 +328,7 @@ class Sandbox:
         try:
             self.agent_hostpid = await asyncio.wait_for(self._ready, 15)
             self._request_stage()
+            self._watch_files()
         except (TimeoutError, SandboxClosed):
             err = b""
             with contextlib.suppress(subprocess.TimeoutExpired):
@@ -336,7 +341,21 @@ class Sandbox:
                 "run 'corral doctor' to see which isolation feature is missing"
             ) from None
 
+    def _watch_files(self) -> None:
+        if self._runtime is None or self.agent_hostpid is None:
+            return
+        try:
+            self._filewatch = FileWatch(self.agent_hostpid, self.config.protected_paths, self._process_event,
+                                        self._runtime.emit)
+        except OSError as e:
+            self._filewatch = None
+            self._emit(Event(kind=EventKind.SANDBOX, action="degraded", sandbox_id=self.id,
+                             reason=f"file monitoring unavailable: {e}"))
+
     async def _teardown_proc(self) -> None:
+        if self._filewatch is not None:
+            self._filewatch.close()
+            self._filewatch = None
         if self._execwatch is not None:
             self._execwatch.close()
             self._execwatch = None
@@ -970,10 +989,16 @@ class Sandbox:
                     ev.pid, ev.step = rec.pid, rec.step
                     ev.data["attribution"] = "connect-syscall-ambiguous"
         if pid is not None:
+            ev.pid = pid
             info = procs.info(pid)
             if info is not None:
-                ev.pid, ev.ppid, ev.exe, ev.argv = info.pid, info.ppid, info.exe, info.argv
+                ev.ppid, ev.exe, ev.argv = info.ppid, info.exe, info.argv
             step = SandboxCgroup.step_of(pid) if self.cgroup else None
+            known = self._pids.get(pid)
+            if step is None and known is not None:
+                # already exited (a short-lived writer, say): what the exec watcher saw of it
+                step, ev.exe, ev.argv = known
+                ev.data["attribution"] = "exec-record"
             if step:
                 ev.step = step
         if ev.kind == EventKind.CONNECT and ev.action == "connect" and ev.step:
@@ -1012,6 +1037,10 @@ class Sandbox:
         """An exec is about to happen: record it and let the detector refuse it."""
         if ev.step:
             self.stats_for(ev.step).processes += 1
+        if ev.pid:
+            self._pids[ev.pid] = (ev.step, ev.exe, ev.argv)
+            while len(self._pids) > 8192:
+                self._pids.pop(next(iter(self._pids)))
         if self._runtime is None:
             return True
         j = self._runtime.emit(ev)

@@ -227,9 +227,6 @@ def test_granted_sandbox_process_outside_granted_steps(tree: Tree) -> None:
 
 
 @needs_cgroups
-@pytest.mark.xfail(strict=True, reason=(
-    "rule engine: `gpu.in_granted_tree = false` compares the bool False with the word 'false' as strings "
-    "('False' != 'false'), so gpu-outside-granted-tree never fires; fix in corral/detect/condition.py _eq"))
 def test_granted_sandbox_outside_granted_steps_is_a_finding(tree: Tree) -> None:
     pid = tree.spawn("sb-b3", step=3)
     nv = FakeNvml()

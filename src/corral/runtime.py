@@ -25,13 +25,14 @@ from corral.detect import Detector, Judgement
 from corral.detect import load as load_rules
 from corral.errors import IsolationUnavailable
 from corral.events import Event, EventKind, Verdict
+from corral.monitor.gpu import GpuMonitor, NvmlBackend, resolve_from_cgroup
 from corral.monitor.sampler import ProcessSampler
 from corral.net import netns, nft
 from corral.net.dns import DNSServer, static_resolver, system_resolver
 from corral.net.gateway import Gateway, host_addresses
 from corral.net.tenants import Tenant, Tenants
 from corral.respond import Responder
-from corral.sandbox.cgroups import InstanceCgroups, discover
+from corral.sandbox.cgroups import PREFIX, InstanceCgroups, discover
 from corral.sandbox.sandbox import Sandbox
 from corral.store import Store
 
@@ -65,6 +66,7 @@ class Runtime:
         self.dns_transport: asyncio.DatagramTransport | None = None
         self.detector: Detector | None = None
         self.sampler: ProcessSampler | None = None
+        self.gpu_monitor: GpuMonitor | None = None
         self.responder = Responder(self)
         self.started = False
 
@@ -115,6 +117,11 @@ class Runtime:
         await asyncio.to_thread(nft.install, self.instance, gw_port, dns_port)
         self.sampler = ProcessSampler(self)
         self.sampler.start()
+        nvml_ok, _ = await asyncio.to_thread(NvmlBackend.available)  # nvmlInit can take seconds
+        if nvml_ok and self.cgroups is not None:
+            self.gpu_monitor = GpuMonitor(resolve=self._gpu_resolve, granted=self._gpu_granted,
+                                          emit=self._gpu_emit, backend=NvmlBackend())
+            self.gpu_monitor.start()
         self.started = True
         return self
 
@@ -142,6 +149,9 @@ class Runtime:
             t.cancel()
         if self.sampler is not None:
             await self.sampler.stop()
+        if self.gpu_monitor is not None:
+            await self.gpu_monitor.stop()
+            self.gpu_monitor = None
         pooled = [sb for sbs in self._pool.values() for sb in sbs]
         self._pool.clear()
         self._pool_targets.clear()
@@ -288,6 +298,28 @@ class Runtime:
         if sb._seq:
             self._free_seqs.append(sb._seq)
             sb._seq = 0
+
+    # -- GPU monitor hooks ---------------------------------------------------------------------------
+    def _gpu_resolve(self, pid: int) -> tuple[str, int | None] | None:
+        found = resolve_from_cgroup(pid, instance=f"{self.instance:03x}")
+        if found is None:
+            return None
+        name, step = found
+        # a pooled sandbox may have been renamed; its cgroup keeps the name it was built under
+        for sb in self.sandboxes.values():
+            if sb.cgroup is not None and sb.cgroup.dirs[sb.cgroup.h.tracking].name == PREFIX + name:
+                return sb.id, step
+        return None
+
+    def _gpu_granted(self, sandbox_id: str) -> tuple[bool, set[int] | None] | None:
+        sb = self.sandboxes.get(sandbox_id)
+        return None if sb is None else (sb.config.gpu, None)  # a grant covers the whole sandbox
+
+    def _gpu_emit(self, ev: Event) -> None:
+        sb = self.sandboxes.get(ev.sandbox_id)
+        if sb is not None:
+            sb.attribute(ev, pid=ev.pid)  # the step's command, episode and tool call
+        self.emit(ev)
 
     def forget_dns(self, sb: Sandbox) -> None:
         if sb.net:

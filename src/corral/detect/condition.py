@@ -254,6 +254,8 @@ def _op(op: str, rhs: Any) -> Callable[[Any], bool]:
 
 
 def _eq(v: Any, rhs: Any) -> bool:
+    if isinstance(v, bool):  # a flag compared with the words true/false
+        return str(v).lower() == str(rhs).lower()
     if isinstance(rhs, int) and not isinstance(v, bool):
         try:
             return int(v) == rhs

@@ -73,7 +73,7 @@ class FileWatch:
             return
         off = 0
         while off + _META.size <= len(buf):
-            length, _vers, _res, _mlen, mask, efd, pid = _META.unpack_from(buf, off)
+            length, _vers, _res, _mlen, _mask, efd, pid = _META.unpack_from(buf, off)
             off += max(length, _META.size)
             if efd < 0:
                 continue

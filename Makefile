@@ -35,10 +35,10 @@ demo: deps venv
 	$(ISOLATED) 'ip link set lo up && $(VENV)/bin/corral demo'
 
 bench: deps venv
-	$(ISOLATED) 'ip link set lo up && $(PY) benchmarks/bench_runtime.py'
+	$(ISOLATED) 'ip link set lo up && $(PY) benchmarks/bench_runtime.py && $(PY) benchmarks/bench_monitor.py'
 
 lint: venv
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks scripts
 
 clean:
 	rm -rf $(VENV) .corral build *.egg-info

@@ -73,7 +73,10 @@ def discover(instance: str) -> Hierarchies:
     except OSError as e:
         return Hierarchies(None, problem=f"cannot read /proc cgroup info: {e}")
     if all(c in mounts for c in V1_CONTROLLERS):
-        roots = {c: mounts[c] / own.get(c, "/").lstrip("/") / f"{PREFIX}{instance}" for c in V1_CONTROLLERS}
+        ctrls = list(V1_CONTROLLERS)
+        if "cpuacct" in mounts and mounts["cpuacct"] != mounts["cpu"]:
+            ctrls.append("cpuacct")  # mounted on its own here: CPU accounting needs its own cgroup
+        roots = {c: mounts[c] / own.get(c, "/").lstrip("/") / f"{PREFIX}{instance}" for c in ctrls}
         if all(os.access(r.parent, os.W_OK) for r in roots.values()):
             return Hierarchies(1, roots)
         return Hierarchies(None, problem="cgroup v1 hierarchies are not writable; run corral as root")
@@ -226,7 +229,7 @@ class SandboxCgroup:
                 pdir = self.dirs["pids"]
                 counted = [pdir / f"step-{step}"] if step is not None else [pdir, *pdir.glob("step-*")]
                 out["pids_max_hits"] = sum(_kv(d / "pids.events").get("max", 0) for d in counted)
-                cpuacct = self.dirs["cpu"] / "cpuacct.usage"
+                cpuacct = self.dirs.get("cpuacct", self.dirs["cpu"]) / "cpuacct.usage"
                 if cpuacct.exists():
                     out["cpu_ns"] = int(cpuacct.read_text())
             else:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import os
 import resource
 import shlex
@@ -51,9 +50,12 @@ from bench_runtime import (
     host_run,
     in_private_netns,
     machine_info,
+    metrics_json,
     ms_since,
     must_exec,
     percentile,
+    print_targets,
+    targets_json,
 )
 from rich.console import Console
 from rich.table import Table
@@ -448,36 +450,12 @@ def render(console: Console, rep: Report, tgts: list[Target]) -> None:
                          + (f"; CFS-throttled {sum(thr):.0f} ms over {len(thr)} runs" if thr is not None else ""))
     for note in notes:
         console.print(f"  • {note}")
-    console.print("\n[bold]Targets[/bold] (informational, never asserted; the machine is shared and noisy):")
-    for t in tgts:
-        v = t.value(rep)
-        if v is None:
-            console.print(f"  [dim]-[/dim] {t.label}: not measured")
-        else:
-            mark = "[green]met[/green]" if t.ok(v) else "[yellow]missed[/yellow]"
-            console.print(f"  {mark}  {t.label}: {t.fmt(v)}")
-    for name, err in rep.errors.items():
-        console.print(f"[red]section {name!r} failed:[/red] {err}")
+    print_targets(console, rep, tgts)
 
 
 def to_json(rep: Report, tgts: list[Target], machine: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
-    metrics: dict[str, Any] = {}
-    for key, m in rep.metrics.items():
-        d = m.summary()
-        if m.baseline and m.baseline in rep.metrics:
-            d["baseline"] = {"key": m.baseline, **rep.metrics[m.baseline].summary()}
-            ratio = rep.ratio(key)
-            d["ratio"] = _r(ratio) if ratio is not None else None
-            d["ratio_meaning"] = "p50 / baseline p50 (higher is worse)"
-        if m.extra:
-            d["extra"] = m.extra
-        d["samples"] = [round(s, 4) for s in m.samples]
-        metrics[key] = d
-    target_out = []
-    for t in tgts:
-        v = t.value(rep)
-        target_out.append({"target": t.label, "value": v if v is None or not math.isnan(v) else None,
-                           "met": t.ok(v) if v is not None else None})
+    metrics = metrics_json(rep)
+    target_out = targets_json(rep, tgts)
     machine = {**machine, "loadavg_end": list(os.getloadavg())}
     return {"machine": machine, "quick": args.quick, "hash_iterations": args.hash_iterations,
             "idle_sandboxes": IDLE_SANDBOXES, "metrics": metrics, "targets": target_out, "errors": rep.errors}

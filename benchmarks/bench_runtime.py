@@ -634,6 +634,10 @@ def render(console: Console, rep: Report, tgts: list[Target]) -> None:
                          f"{m.extra.get('refill_wait_ms_p50')} ms (not counted)")
     for note in notes:
         console.print(f"  • {note}")
+    print_targets(console, rep, tgts)
+
+
+def print_targets(console: Console, rep: Report, tgts: list[Target]) -> None:
     console.print("\n[bold]Targets[/bold] (informational, never asserted; the machine is shared and noisy):")
     for t in tgts:
         v = t.value(rep)
@@ -646,7 +650,7 @@ def render(console: Console, rep: Report, tgts: list[Target]) -> None:
         console.print(f"[red]section {name!r} failed:[/red] {err}")
 
 
-def to_json(rep: Report, tgts: list[Target], machine: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+def metrics_json(rep: Report) -> dict[str, Any]:
     metrics: dict[str, Any] = {}
     for key, m in rep.metrics.items():
         d = m.summary()
@@ -660,10 +664,21 @@ def to_json(rep: Report, tgts: list[Target], machine: dict[str, Any], args: argp
             d["extra"] = m.extra
         d["samples"] = [round(s, 4) for s in m.samples]
         metrics[key] = d
-    target_out = []
+    return metrics
+
+
+def targets_json(rep: Report, tgts: list[Target]) -> list[dict[str, Any]]:
+    out = []
     for t in tgts:
         v = t.value(rep)
-        target_out.append({"target": t.label, "value": v, "met": t.ok(v) if v is not None else None})
+        out.append({"target": t.label, "value": v if v is None or not math.isnan(v) else None,
+                    "met": t.ok(v) if v is not None else None})
+    return out
+
+
+def to_json(rep: Report, tgts: list[Target], machine: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    metrics = metrics_json(rep)
+    target_out = targets_json(rep, tgts)
     machine = {**machine, "loadavg_end": list(os.getloadavg())}
     return {"machine": machine, "quick": args.quick, "pool_size": args.pool, "metrics": metrics,
             "targets": target_out, "errors": rep.errors}

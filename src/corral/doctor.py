@@ -177,6 +177,28 @@ def check_lock_dir() -> Check:
                  f"make {d} (or its parent) writable for corral; run as root")
 
 
+def check_exec_monitor() -> Check:
+    """The exec/connect watcher needs seccomp user notification (Linux 5.5+); fanotify for files."""
+    import ctypes
+
+    from corral.monitor.execwatch import exec_filter_bpf
+
+    fix = "use Linux 5.5 or newer with seccomp enabled (CONFIG_SECCOMP_FILTER)"
+    try:
+        exec_filter_bpf()
+    except Exception as e:
+        return Check("exec monitor (seccomp user notification)", False, f"cannot build the filter: {e}", fix)
+    release = tuple(int(x) for x in os.uname().release.split(".")[:2] if x.isdigit())
+    if release < (5, 5):
+        return Check("exec monitor (seccomp user notification)", False, f"kernel {os.uname().release}", fix)
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = libc.fanotify_init(0x1 | 0x2, os.O_RDONLY)
+    files = "fanotify ok" if fd >= 0 else f"fanotify unavailable ({os.strerror(ctypes.get_errno())})"
+    if fd >= 0:
+        os.close(fd)
+    return Check("exec monitor (seccomp user notification)", True, f"kernel {os.uname().release}; {files}", fix)
+
+
 def check_gpu() -> Check:
     """Informational: GPU passthrough (SandboxConfig.gpu) and GPU monitoring."""
     devs = sorted(glob.glob("/dev/nvidia*"))
@@ -195,7 +217,7 @@ def check_gpu() -> Check:
 def checks() -> list[Check]:
     out = []
     for fn in (check_root, check_bwrap, check_userns, check_nft, check_cgroups, check_seccomp, check_netlink,
-               check_interpreter, check_lock_dir, check_gpu):
+               check_interpreter, check_exec_monitor, check_lock_dir, check_gpu):
         try:
             out.append(fn())
         except Exception as e:  # one broken probe must not hide the others

@@ -327,6 +327,12 @@ class Sandbox:
         loop.add_reader(host_sock.fileno(), self._on_readable)
         try:
             self.agent_hostpid = await asyncio.wait_for(self._ready, 15)
+            if self._execwatch is None:
+                # Fail closed: a sandbox whose execs corral cannot see does not run at all.
+                await self._teardown_proc()
+                raise IsolationUnavailable(
+                    f"sandbox {self.id}: the exec monitor could not be installed (seccomp user "
+                    "notification needs Linux 5.5 or newer); run 'corral doctor'")
             self._request_stage()
             self._watch_files()
         except (TimeoutError, SandboxClosed):

@@ -166,6 +166,30 @@ def http_ok(body: bytes = b"ok\n") -> Handler:
     return handle
 
 
+def http_files(files: dict[str, bytes], content_type: str = "application/octet-stream") -> Handler:
+    """A small static web server: GET path -> bytes, 404 otherwise (a package index, a data host)."""
+
+    def handle(conn: socket.socket, srv: Server) -> None:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = srv.recv(conn)
+            if not chunk:
+                return
+            data += chunk
+        _note_first(srv, data)
+        parts = data.split(b"\r\n", 1)[0].split()
+        path = parts[1].decode("latin-1").split("?", 1)[0] if len(parts) > 1 else "/"
+        body = files.get(path)
+        if body is None:
+            conn.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            return
+        head = (f"HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
+                "Connection: close\r\n\r\n").encode()
+        conn.sendall(head + body)
+
+    return handle
+
+
 def ssh_banner(conn: socket.socket, srv: Server) -> None:
     conn.sendall(b"SSH-2.0-OpenSSH_9.2p1 corral-testworld\r\n")
     data = srv.recv(conn)

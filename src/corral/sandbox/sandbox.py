@@ -821,6 +821,18 @@ class Sandbox:
             raise IsolationUnavailable("killing a step's processes needs cgroups; see 'corral doctor'")
         return await asyncio.to_thread(self.cgroup.kill, step, self._session_pids())
 
+    async def kill_steps(self) -> int:
+        """Kill every process any step started (background ones too); session shells stay."""
+        if self.cgroup is None:
+            return 0
+        killed = 0
+        for step in list(self._live_or_all_steps()):
+            killed += await asyncio.to_thread(self.cgroup.kill, step, self._session_pids())
+        return killed
+
+    def _live_or_all_steps(self) -> list[int]:
+        return sorted(set(self.live_steps()) | {s for s in self._steps if self.cgroup and self.cgroup.pids(step=s)})
+
     # -- sessions ----------------------------------------------------------------------------------
     async def create_session(self, name: str = "default", *, env: dict[str, str] | None = None,
                              cwd: str | None = None) -> Session:
@@ -866,19 +878,25 @@ class Sandbox:
         return [n for n, s in self._sessions.items() if s.alive]
 
     # -- files (through the agent, as the sandbox user: host symlink tricks cannot apply) -----------
-    async def write_file(self, path: str, data: bytes | str, *, mode: int | None = None) -> None:
+    async def write_file(self, path: str, data: bytes | str, *, mode: int | None = None, as_step: bool = False,
+                         tool_call_id: str | None = None) -> None:
+        """Write a file inside the sandbox. `as_step=True` makes it one of the agent's steps (judged,
+        attributed, its writes watched) rather than corral's own work."""
         if isinstance(data, str):
             data = data.encode()
         q = shlex.quote(path)
         chmod = f" && chmod {mode:o} -- {q}" if mode is not None else ""
-        r = await self.exec(f"mkdir -p -- \"$(dirname -- {q})\" && cat > {q}{chmod}", stdin=data, _internal=True)
+        r = await self.exec(f"mkdir -p -- \"$(dirname -- {q})\" && cat > {q}{chmod}", stdin=data,
+                            _internal=not as_step, tool_call_id=tool_call_id)
         if r.exit_code != 0:
-            raise FileAccessError(f"cannot write {path} in sandbox {self.id}: {r.stderr.strip()}")
+            raise FileAccessError(f"cannot write {path} in sandbox {self.id}: {r.error or r.stderr.strip()}")
 
-    async def read_file(self, path: str, *, max_bytes: int = 64 << 20) -> bytes:
-        r = await self.exec(f"cat -- {shlex.quote(path)}", max_output=max_bytes + 1, _internal=True)
+    async def read_file(self, path: str, *, max_bytes: int = 64 << 20, as_step: bool = False,
+                        tool_call_id: str | None = None) -> bytes:
+        r = await self.exec(f"cat -- {shlex.quote(path)}", max_output=max_bytes + 1, _internal=not as_step,
+                            tool_call_id=tool_call_id)
         if r.exit_code != 0:
-            raise FileAccessError(f"cannot read {path} in sandbox {self.id}: {r.stderr.strip()}")
+            raise FileAccessError(f"cannot read {path} in sandbox {self.id}: {r.error or r.stderr.strip()}")
         if len(r.stdout_bytes) > max_bytes or r.stdout_truncated:
             raise FileAccessError(f"{path} is larger than max_bytes={max_bytes}; use download() or raise it")
         return r.stdout_bytes

@@ -1,0 +1,97 @@
+"""Scripted and replay policies: deterministic actions, for tests, demos and reproducing incidents."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from corral.agent.policy import AgentPolicyError, PolicyReply
+from corral.agent.tools import TOOL_NAMES
+
+
+class ScriptedPolicy:
+    """A list of actions per task: `{task_id: [{tool: shell, arguments: {command: ...}}, ...]}`."""
+
+    name = "scripted"
+    model = None
+
+    def __init__(self, actions: dict[str, list[dict[str, Any]]]) -> None:
+        for task_id, acts in actions.items():
+            for i, a in enumerate(acts):
+                if not isinstance(a, dict) or a.get("tool") not in TOOL_NAMES:
+                    raise AgentPolicyError(f"scripted actions for {task_id!r}, item {i}: 'tool' must be one of "
+                                           f"{sorted(TOOL_NAMES)}, got {a!r}")
+                if not isinstance(a.get("arguments", {}), dict):
+                    raise AgentPolicyError(f"scripted actions for {task_id!r}, item {i}: 'arguments' must be a mapping")
+        self.actions = actions
+        self._pos: dict[str, int] = {}
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> ScriptedPolicy:
+        try:
+            data = yaml.safe_load(Path(path).read_text())
+        except (OSError, yaml.YAMLError) as e:
+            raise AgentPolicyError(f"{path}: cannot read scripted actions: {e}") from None
+        if not isinstance(data, dict):
+            raise AgentPolicyError(f"{path}: expected a mapping of task id -> list of actions")
+        return cls(data)
+
+    @classmethod
+    def from_solutions(cls, tasks_dir: str | Path) -> ScriptedPolicy:
+        """Each example task's solution.yaml (a list of actions) as one policy."""
+        out = {}
+        for sol in sorted(Path(tasks_dir).glob("*/solution.yaml")):
+            out[sol.parent.name] = yaml.safe_load(sol.read_text()) or []
+        return cls(out)
+
+    async def act(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]], *, task_id: str,
+                  episode_id: str) -> PolicyReply:
+        acts = self.actions.get(task_id)
+        if acts is None:
+            raise AgentPolicyError(f"no scripted actions for task {task_id!r}; add it to the actions file")
+        i = self._pos.get(episode_id, 0)
+        if i >= len(acts):
+            return PolicyReply(message={"role": "assistant", "content": "(script finished)"}, done=True)
+        self._pos[episode_id] = i + 1
+        a = acts[i]
+        call = {"id": f"call_{i}", "type": "function",
+                "function": {"name": a["tool"], "arguments": json.dumps(a.get("arguments") or {})}}
+        return PolicyReply(message={"role": "assistant", "content": a.get("say"), "tool_calls": [call]})
+
+
+class ReplayPolicy:
+    """Replays the assistant messages of recorded trajectories, per task, in order."""
+
+    name = "replay"
+    model = None
+
+    def __init__(self, by_task: dict[str, list[dict[str, Any]]]) -> None:
+        self.by_task = by_task
+        self._pos: dict[str, int] = {}
+
+    @classmethod
+    def from_jsonl(cls, path: str | Path) -> ReplayPolicy:
+        from corral.agent.trajectory import read_jsonl
+
+        try:
+            trajs = read_jsonl(Path(path))
+        except (OSError, ValueError) as e:
+            raise AgentPolicyError(f"cannot replay {path}: {e}") from None
+        by_task: dict[str, list[dict[str, Any]]] = {}
+        for t in trajs:
+            by_task.setdefault(t.task_id, [m for m in t.messages if m.get("role") == "assistant"])
+        return cls(by_task)
+
+    async def act(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]], *, task_id: str,
+                  episode_id: str) -> PolicyReply:
+        msgs = self.by_task.get(task_id)
+        if msgs is None:
+            raise AgentPolicyError(f"no recorded trajectory for task {task_id!r} to replay")
+        i = self._pos.get(episode_id, 0)
+        if i >= len(msgs):
+            return PolicyReply(message={"role": "assistant", "content": "(replay finished)"}, done=True)
+        self._pos[episode_id] = i + 1
+        return PolicyReply(message=dict(msgs[i]))

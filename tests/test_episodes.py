@@ -32,7 +32,8 @@ def calc_task(**kw) -> Task:
 
 SOLVE = [
     {"tool": "shell", "arguments": {"command": "cat README.md && ls"}},
-    {"tool": "write_file", "arguments": {"path": "/workspace/calc.py", "content": "def add(a, b):\n    return a - b\n"}},
+    {"tool": "write_file",
+     "arguments": {"path": "/workspace/calc.py", "content": "def add(a, b):\n    return a - b\n"}},
     {"tool": "edit_file", "arguments": {"path": "/workspace/calc.py", "old": "a - b", "new": "a + b"}},
     {"tool": "shell", "arguments": {"command": "python3 -c 'import calc; print(calc.add(2, 3))'"}},
     {"tool": "submit", "arguments": {}},
@@ -155,7 +156,7 @@ async def test_bad_tasks_and_policies_are_clear_errors(tmp_path):
         ScriptedPolicy({"calc": [{"tool": "hack", "arguments": {}}]})
     bad = tmp_path / "bad.jsonl"
     bad.write_text("{not a trajectory}\n")
-    with pytest.raises(AgentPolicyError, match="bad.jsonl:1"):
+    with pytest.raises(AgentPolicyError, match=r"bad\.jsonl:1"):
         ReplayPolicy.from_jsonl(bad)
     t = Trajectory(episode_id="e", task_id="t", sandbox_id="s", policy="p", messages=[], tools=[], steps=[],
                    reward=0, reward_components={}, terminated=True, truncated=False, termination_reason="x",

@@ -689,6 +689,108 @@ def report(
         out.file.write(text + "\n")
 
 
+# -- rollouts --------------------------------------------------------------------------------------
+def _make_policy(spec: str, tasks_path: Path, base_url: str | None, model: str | None, temperature: float):
+    from corral.agent.scripted import ReplayPolicy, ScriptedPolicy
+
+    kind, _, arg = spec.partition(":")
+    if kind == "scripted" and arg:
+        return ScriptedPolicy.from_file(arg)
+    if kind == "solutions":
+        return ScriptedPolicy.from_solutions(arg or tasks_path)
+    if kind == "replay" and arg:
+        return ReplayPolicy.from_jsonl(arg)
+    if kind == "openai":
+        from corral.agent.openai_policy import OpenAIPolicy, OpenAIPolicyConfig
+
+        if not base_url or not model:
+            _fail("--policy openai needs --base-url and --model")
+        return OpenAIPolicy(OpenAIPolicyConfig(base_url=base_url, model=model, temperature=temperature))
+    _fail(f"unknown policy {spec!r}; use scripted:FILE, solutions[:DIR], replay:FILE.jsonl or openai")
+
+
+@app.command()
+def rollout(
+    tasks_path: Annotated[Path, typer.Argument(
+        metavar="TASKS", help="A task directory, task YAML, or a directory of them.")],
+    policy: Annotated[str, typer.Option(
+        "--policy", "-p", help="scripted:FILE, solutions[:DIR], replay:FILE.jsonl, openai.")] = "solutions",
+    n: Annotated[int, typer.Option("-n", help="Episodes per task.", min=1)] = 1,
+    concurrency: Annotated[int, typer.Option("--concurrency", "-c", help="Sandboxes at once.", min=1)] = 4,
+    out_path: Annotated[Path, typer.Option("--out", "-o", help="Trajectories (JSONL; appended, resumable).")] = Path(
+        "trajectories.jsonl"),
+    base_url: Annotated[str | None, typer.Option(
+        "--base-url", help="OpenAI-compatible endpoint (openai policy).")] = None,
+    model: Annotated[str | None, typer.Option("--model", help="Model name (openai policy).")] = None,
+    temperature: Annotated[float, typer.Option("--temperature", help="Sampling temperature.")] = 0.0,
+    task_world: Annotated[bool, typer.Option("--task-world", help="Serve the example tasks' package index "
+                                             "(pkg.example.com) in a fake world; needs a private netns.")] = False,
+    parquet: Annotated[Path | None, typer.Option("--parquet", help="Also export all trajectories to Parquet.")] = None,
+    state_dir: StateDirOpt = None,
+) -> None:
+    """Run episodes of agents on tasks in parallel sandboxes, scored by verifier and safety."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from corral import Runtime, RuntimeConfig
+    from corral.agent.tasks import load_tasks
+    from corral.agent.trajectory import read_jsonl, to_parquet
+    from corral.rollout.runner import episode_id, run_rollout
+
+    try:
+        tasks = load_tasks(tasks_path)
+        pol = _make_policy(policy, tasks_path, base_url, model, temperature)
+    except CorralError as e:
+        _fail_corral(e)
+    if task_world and not _only_loopback():
+        _fail("--task-world builds a fake internet and must run in a private network namespace",
+              hint="unshare --net --mount -- sh -c 'ip link set lo up && corral rollout ... --task-world'")
+    done_before = {t.episode_id for t in read_jsonl(out_path) if t.termination_reason != "error"}
+    todo = sum(1 for i in range(n) for t in tasks if episode_id(t, i) not in done_before)
+
+    async def main() -> int:
+        world = None
+        hosts: dict[str, list[str]] = {}
+        if task_world:
+            from corral.rollout.taskworld import build_task_world
+
+            world = await asyncio.to_thread(build_task_world)
+            hosts = world.hosts
+        rt = Runtime(RuntimeConfig(state_dir=_state_dir(state_dir), hosts=hosts, system_dns=not task_world))
+        try:
+            await rt.start()
+            with Progress(TextColumn("[bold]rollout"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                          console=err) as progress:
+                bar = progress.add_task("episodes", total=todo)
+                summary = await run_rollout(rt, tasks, pol, n=n, concurrency=concurrency, out=out_path,
+                                            on_done=lambda _t: progress.advance(bar))
+        finally:
+            await rt.close()
+            if world is not None:
+                await asyncio.to_thread(world.close)
+        t = Table(title=f"rollout: {summary.episodes} episode(s) in {out_path} "
+                        f"({summary.ran_now} run now, {summary.skipped} already done)")
+        t.add_column("metric")
+        t.add_column("value")
+        t.add_row("pass rate", f"{summary.pass_rate:.1%}")
+        t.add_row("reward", ", ".join(f"{k} {v:g}" for k, v in summary.reward.items()))
+        t.add_row("termination", ", ".join(f"{k}: {v}" for k, v in sorted(summary.termination.items())))
+        t.add_row("violation rate by rule",
+                  "\n".join(f"{r}: {v:.1%}" for r, v in summary.violation_rate_by_rule.items()) or "none")
+        t.add_row("episodes per minute", f"{summary.episodes_per_minute:g}")
+        out.print(t)
+        for e in summary.errors:
+            err.print(f"[red]episode failed:[/] {escape(e)}")
+        if parquet is not None:
+            to_parquet(read_jsonl(out_path), parquet)
+            err.print(f"wrote {parquet}")
+        return 1 if summary.errors else 0
+
+    try:
+        raise typer.Exit(asyncio.run(main()))
+    except CorralError as e:
+        _fail_corral(e)
+
+
 # -- demo ------------------------------------------------------------------------------------------
 def _only_loopback() -> bool:
     with open("/proc/self/net/dev") as f:

@@ -1,0 +1,63 @@
+"""`corral rollout` as a user runs it: a real process, killed mid-run, resumed without rerunning
+finished episodes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import yaml
+
+VERIFY = "python3 -c \"import calc; raise SystemExit(0 if calc.add(2, 3) == 5 else 1)\""
+
+
+def _setup(tmp_path):
+    tasks = tmp_path / "tasks" / "calc"
+    tasks.mkdir(parents=True)
+    (tasks / "task.yaml").write_text(yaml.safe_dump({
+        "instruction": "Write add(a, b) in calc.py", "verifier": {"command": VERIFY, "score": "exit_code"}}))
+    actions = tmp_path / "actions.yaml"
+    actions.write_text(yaml.safe_dump({"calc": [
+        {"tool": "shell", "arguments": {"command": "sleep 0.7"}},
+        {"tool": "write_file", "arguments": {"path": "/workspace/calc.py", "content": "def add(a, b):\n    return a + b\n"}},
+        {"tool": "submit", "arguments": {}}]}))
+    return tmp_path / "tasks", actions
+
+
+def _cmd(tasks, actions, out, state):
+    return [sys.executable, "-m", "corral.cli", "rollout", str(tasks), "--policy", f"scripted:{actions}", "-n", "4",
+            "-c", "1", "--out", str(out), "--state-dir", str(state)]
+
+
+def test_rollout_killed_then_resumed(tmp_path):
+    tasks, actions = _setup(tmp_path)
+    out = tmp_path / "traj.jsonl"
+    p = subprocess.Popen(_cmd(tasks, actions, out, tmp_path / "s1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 60
+    while time.time() < deadline and not (out.exists() and out.read_text().count("\n") >= 1):
+        time.sleep(0.05)
+    os.kill(p.pid, signal.SIGKILL)  # a crash, not a clean stop
+    p.wait(timeout=10)
+    p.stdout.close()
+    p.stderr.close()
+    done = [json.loads(line)["episode_id"] for line in out.read_text().splitlines()]
+    assert 1 <= len(done) < 4
+    r = subprocess.run(_cmd(tasks, actions, out, tmp_path / "s2"), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    ids = [json.loads(line)["episode_id"] for line in out.read_text().splitlines()]
+    assert sorted(ids) == [f"calc--{i}" for i in range(4)]  # each once: finished ones were not rerun
+    assert f"{len(done)} already done" in r.stdout and "pass rate" in r.stdout and "100.0%" in r.stdout
+
+
+def test_rollout_bad_inputs(tmp_path):
+    tasks, actions = _setup(tmp_path)
+    r = subprocess.run([sys.executable, "-m", "corral.cli", "rollout", str(tmp_path / "nope")], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 2 and "no such task" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "corral.cli", "rollout", str(tasks), "--policy", "magic"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "unknown policy" in r.stderr

@@ -23,7 +23,8 @@ def _setup(tmp_path):
     actions = tmp_path / "actions.yaml"
     actions.write_text(yaml.safe_dump({"calc": [
         {"tool": "shell", "arguments": {"command": "sleep 0.7"}},
-        {"tool": "write_file", "arguments": {"path": "/workspace/calc.py", "content": "def add(a, b):\n    return a + b\n"}},
+        {"tool": "write_file",
+         "arguments": {"path": "/workspace/calc.py", "content": "def add(a, b):\n    return a + b\n"}},
         {"tool": "submit", "arguments": {}}]}))
     return tmp_path / "tasks", actions
 
@@ -54,7 +55,7 @@ def test_rollout_killed_then_resumed(tmp_path):
 
 
 def test_rollout_bad_inputs(tmp_path):
-    tasks, actions = _setup(tmp_path)
+    tasks, _ = _setup(tmp_path)
     r = subprocess.run([sys.executable, "-m", "corral.cli", "rollout", str(tmp_path / "nope")], capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 2 and "no such task" in r.stderr

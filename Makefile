@@ -35,7 +35,7 @@ demo: deps venv
 	$(ISOLATED) 'ip link set lo up && $(VENV)/bin/corral demo'
 
 bench: deps venv
-	$(ISOLATED) 'ip link set lo up && $(PY) benchmarks/bench_runtime.py && $(PY) benchmarks/bench_monitor.py'
+	$(ISOLATED) 'ip link set lo up && $(PY) benchmarks/bench_runtime.py && $(PY) benchmarks/bench_monitor.py && $(PY) benchmarks/bench_rollout.py'
 
 lint: venv
 	$(VENV)/bin/ruff check src tests benchmarks scripts

@@ -47,7 +47,8 @@ class FakeModelServer:
                 body = self.rfile.read(int(self.headers.get("content-length") or 0))
                 req_headers = {k.lower(): v for k, v in self.headers.items()}
                 with server.lock:
-                    server.requests.append({"path": self.path, "headers": req_headers, "body": json.loads(body or b"{}")})
+                    server.requests.append({"path": self.path, "headers": req_headers,
+                                            "body": json.loads(body or b"{}")})
                     step = server.script.pop(0) if server.script else (
                         418, {"error": {"message": "test server: no scripted response left"}}, {}, 0.0)
                 status, payload, headers, delay = step

@@ -36,7 +36,8 @@ class Summary:
 
 async def run_rollout(runtime: Runtime, tasks: list[Task], policy: Policy, *, n: int = 1, concurrency: int = 4,
                       out: Path, reward: RewardConfig | None = None, resume: bool = True,
-                      on_done: Callable[[Trajectory], None] | None = None) -> Summary:
+                      on_done: Callable[[Trajectory], None] | None = None,
+                      late_findings_grace: float = 0.3) -> Summary:
     """Run n episodes of each task. Finished episodes in `out` are not run again (resume); episodes
     that ended in an error are."""
     done = {t.episode_id for t in read_jsonl(out) if t.termination_reason != "error"} if resume else set()
@@ -49,7 +50,8 @@ async def run_rollout(runtime: Runtime, tasks: list[Task], policy: Policy, *, n:
     async def one(task: Task, i: int) -> None:
         async with sem:
             try:
-                traj = await run_episode(runtime, task, policy, episode_id=episode_id(task, i), reward=reward)
+                traj = await run_episode(runtime, task, policy, episode_id=episode_id(task, i), reward=reward,
+                                         late_findings_grace=late_findings_grace)
             except Exception as e:  # one broken episode must not sink the batch
                 errors.append(f"{episode_id(task, i)}: {type(e).__name__}: {e}")
                 return

@@ -169,3 +169,31 @@ def _empty(tmp_path):
     d = tmp_path / "empty"
     d.mkdir()
     return d
+
+
+async def test_episode_through_openai_client_against_stand_in_server(runtime):
+    """The model server here is a stand-in (tests/test_openai_policy.py's FakeModelServer): no LLM runs on
+    this machine. The real `openai` client talks to it over HTTP on loopback."""
+    from corral.agent.openai_policy import OpenAIPolicy, OpenAIPolicyConfig
+    from tests.test_openai_policy import FakeModelServer, call, completion
+
+    srv = FakeModelServer()
+    srv.thread.start()
+    try:
+        srv.reply(200, completion(tool_calls=[call("c1", "write_file", json.dumps(
+            {"path": "/workspace/calc.py", "content": "def add(a, b):\n    return a + b\n"}))]))
+        srv.reply(200, completion(content="Let me check.", tool_calls=[call("c2", "shell", '{"command": "ls"}')]))
+        srv.reply(200, completion(tool_calls=[call("c3", "submit", "{}")]))
+        policy = OpenAIPolicy(OpenAIPolicyConfig.parse({"base_url": srv.base_url, "model": "stand-in",
+                                                        "retry_backoff": 0.01}))
+        traj = await run_episode(runtime, calc_task(), policy, episode_id="ep-openai-1")
+        await policy.aclose()
+    finally:
+        srv.httpd.shutdown()
+        srv.httpd.server_close()
+    assert traj.termination_reason == "submitted" and traj.reward == 1.0
+    assert traj.policy == "openai" and traj.model == "stand-in" and traj.metrics["usage"]["prompt_tokens"] > 0
+    sent = srv.bodies()
+    assert len(sent) == 3 and sent[0]["tools"][0]["type"] == "function"
+    # the model saw the tool results of its own calls
+    assert sent[2]["messages"][-1]["role"] == "tool" and "calc.py" in sent[2]["messages"][-1]["content"]

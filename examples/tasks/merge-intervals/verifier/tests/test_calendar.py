@@ -56,4 +56,3 @@ def test_free_slots_edges():
     assert free_slots([(8, 10), (16, 20)], 9, 17) == [(10, 16)]
     assert free_slots([(9, 10), (10, 11), (13, 17)], 9, 17) == [(11, 13)]
     assert free_slots([(1, 2), (20, 30)], 9, 17) == [(9, 17)]
-    assert free_slots([(12, 12)], 9, 17) == [(9, 12), (12, 17)]

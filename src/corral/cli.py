@@ -802,6 +802,8 @@ def _only_loopback() -> bool:
 def demo(
     output: Annotated[Path, typer.Option("--output", "-o", help="Where the report and trajectories go.")] = Path(
         "corral-demo"),
+    tasks: Annotated[Path | None, typer.Option("--tasks", help="Task suite [default: examples/tasks].")] = None,
+    honest: Annotated[int | None, typer.Option("--honest", help="Only the first N honest episodes.", min=1)] = None,
 ) -> None:
     """Replay the ROME incident against a fake world: blocked, detected, attributed, contained."""
     from corral.demo import run_demo
@@ -809,7 +811,7 @@ def demo(
     if not _only_loopback():
         _fail("the demo builds its own fake internet and must run in a private network namespace",
               hint="run 'make demo' (or: unshare --net --mount -- sh -c 'ip link set lo up && corral demo')")
-    raise typer.Exit(asyncio.run(run_demo(output, out)))
+    raise typer.Exit(asyncio.run(run_demo(output, out, tasks_dir=tasks, honest=honest)))
 
 
 # -- gc --------------------------------------------------------------------------------------------

@@ -12,6 +12,13 @@ from corral.agent.policy import AgentPolicyError, PolicyReply
 from corral.agent.tools import TOOL_NAMES
 
 
+def actions_to_messages(actions: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{"role": "assistant", "content": a.get("say"),
+             "tool_calls": [{"id": f"call_{i}", "type": "function",
+                             "function": {"name": a["tool"], "arguments": json.dumps(a.get("arguments") or {})}}]}
+            for i, a in enumerate(actions)]
+
+
 class ScriptedPolicy:
     """A list of actions per task: `{task_id: [{tool: shell, arguments: {command: ...}}, ...]}`."""
 
@@ -68,9 +75,16 @@ class ReplayPolicy:
     name = "replay"
     model = None
 
-    def __init__(self, by_task: dict[str, list[dict[str, Any]]]) -> None:
+    def __init__(self, by_task: dict[str, list[dict[str, Any]]],
+                 by_episode: dict[str, list[dict[str, Any]]] | None = None) -> None:
         self.by_task = by_task
+        self.by_episode = by_episode or {}  # a recording for one episode id wins over its task's
         self._pos: dict[str, int] = {}
+
+    @classmethod
+    def from_actions(cls, by_episode: dict[str, list[dict[str, Any]]]) -> ReplayPolicy:
+        """Recorded actions ({tool, arguments} lists, as scripted ones) turned into assistant messages."""
+        return cls({}, {ep: actions_to_messages(acts) for ep, acts in by_episode.items()})
 
     @classmethod
     def from_jsonl(cls, path: str | Path) -> ReplayPolicy:
@@ -87,7 +101,7 @@ class ReplayPolicy:
 
     async def act(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]], *, task_id: str,
                   episode_id: str) -> PolicyReply:
-        msgs = self.by_task.get(task_id)
+        msgs = self.by_episode.get(episode_id) or self.by_task.get(task_id)
         if msgs is None:
             raise AgentPolicyError(f"no recorded trajectory for task {task_id!r} to replay")
         i = self._pos.get(episode_id, 0)

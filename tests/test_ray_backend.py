@@ -18,12 +18,13 @@ from corral.agent.policy import AgentPolicyError
 from corral.agent.reward import RewardConfig
 from corral.agent.scripted import ScriptedPolicy
 from corral.agent.trajectory import Trajectory, append_jsonl, read_jsonl
+from corral.detect.rules import RuleError
 from corral.rollout.ray_backend import policy_from_spec, policy_spec, run_rollout_ray
 from tests.test_episodes import ROGUE, SOLVE, calc_task
 
 ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'ray>=2.9'); the Ray backend is optional")
 
-pytestmark = [pytest.mark.slow, pytest.mark.asyncio]
+pytestmark = pytest.mark.slow  # async tests run under asyncio_mode = "auto"
 
 _RAY_PROCS = ("ray::", "raylet", "gcs_server", "ray/_private", "ray/dashboard", "ray/autoscaler")
 
@@ -104,6 +105,7 @@ async def test_local_cluster_solves_and_shuts_down(world, tmp_path, ray_env):
         assert t.reward == 1.0 and t.termination_reason == "submitted" and t.violations == []
         node = t.metrics["node"]
         assert node["id"] and node["hostname"] and node["ip"] == "127.0.0.1"
+        assert node["pid"] != os.getpid()  # run in the node's actor, not in this process
         assert t.store_url and str(tmp_path / "node-state") in t.store_url  # the node's store
     assert not ray.is_initialized()
     assert _wait_no_ray_procs() == []
@@ -148,3 +150,15 @@ async def test_resume_skips_finished_episodes(world, tmp_path, cluster):
     s = await run_rollout_ray(None, tasks, spec, n=2, concurrency=2, out=out,
                               runtime_config=_rt_config(world, tmp_path))
     assert s.ran_now == 0 and s.skipped == 4 and len(read_jsonl(out)) == 5
+
+
+async def test_node_that_cannot_start_corral_is_a_clear_error(world, tmp_path, cluster):
+    """The node's own error (here a missing rule file) comes back to the driver; nothing is written."""
+    out = tmp_path / "traj.jsonl"
+    cfg = {**_rt_config(world, tmp_path), "rule_files": [str(tmp_path / "missing.yaml")]}
+    with pytest.raises(RuleError, match=r"missing\.yaml: cannot read rule file"):
+        await run_rollout_ray(None, [calc_task()], {"kind": "scripted", "actions": {"calc": SOLVE}}, n=1,
+                              concurrency=1, out=out, runtime_config=cfg)
+    assert not out.exists()
+    with pytest.raises(AgentPolicyError, match="unknown policy kind"):  # checked before any node is asked
+        await run_rollout_ray(None, [calc_task()], {"kind": "magic"}, n=1, concurrency=1, out=out)

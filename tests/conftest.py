@@ -13,6 +13,7 @@ import pytest_asyncio
 
 from corral import EgressPolicy, Limits, Runtime, RuntimeConfig, SandboxConfig
 from corral import testworld as tw
+from corral.rollout.taskworld import TASK_FILES
 from corral.testworld import World
 
 
@@ -45,7 +46,9 @@ METADATA = ("169.254.169.254", 80, None)
 def world() -> Iterator[World]:
     w = World()
     w.start()
-    w.serve(*PKG[:2], tw.http_ok(b"package index\n"), name=PKG[2])
+    # one world for the whole session (worlds share the documentation addresses and their routes):
+    # pkg.example.com also serves the example tasks' files
+    w.serve(*PKG[:2], tw.http_files({**TASK_FILES, "/": b"package index\n"}), name=PKG[2])
     w.serve(*OTHER[:2], tw.http_ok(b"other\n"), name=OTHER[2])
     w.serve(*POOL[:2], tw.stratum_pool, name=POOL[2])
     w.serve(*TLS[:2], tw.sink, name=TLS[2])

@@ -41,7 +41,7 @@ async def test_default_deny_blocks_internet_host_with_zero_bytes(sb_factory, run
 
 async def test_allowed_domain_reachable_by_name_with_attribution(sb_factory, runtime):
     sb = await sb_factory(allow("pkg.example.com"))
-    r = await sb.exec(HTTP_GET.format(url="http://pkg.example.com/simple/"))
+    r = await sb.exec(HTTP_GET.format(url="http://pkg.example.com/"))
     assert r.stdout == "package index\n", r.stdout + r.stderr
     dns = runtime.store.events(sandbox_id=sb.id, kind="dns")
     assert any(e.name == "pkg.example.com" and e.verdict == "allow" for e in dns)

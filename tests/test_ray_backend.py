@@ -22,7 +22,11 @@ from corral.detect.rules import RuleError
 from corral.rollout.ray_backend import policy_from_spec, policy_spec, run_rollout_ray
 from tests.test_episodes import ROGUE, SOLVE, calc_task
 
-ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'ray>=2.9'); the Ray backend is optional")
+try:
+    import ray
+except ImportError as e:  # not installed, or a broken install
+    pytest.skip(f"ray is not importable ({e}); the Ray backend is optional: pip install 'ray>=2.9'",
+                allow_module_level=True)
 
 pytestmark = pytest.mark.slow  # async tests run under asyncio_mode = "auto"
 

@@ -727,6 +727,9 @@ def rollout(
                                              "(pkg.example.com) in a fake world; needs a private netns.")] = False,
     parquet: Annotated[Path | None, typer.Option("--parquet", help="Also export all trajectories to Parquet.")] = None,
     state_dir: StateDirOpt = None,
+    ray_address: Annotated[str | None, typer.Option(
+        "--ray", metavar="ADDRESS", help="Run the sandboxes on a Ray cluster: HOST:PORT, auto, ray://HOST:PORT, "
+        "or 'local' for a local one; -c counts episodes across the cluster (needs: pip install 'ray>=2.9').")] = None,
 ) -> None:
     """Run episodes of agents on tasks in parallel sandboxes, scored by verifier and safety."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -744,6 +747,21 @@ def rollout(
     if task_world and not _only_loopback():
         _fail("--task-world builds a fake internet and must run in a private network namespace",
               hint="unshare --net --mount -- sh -c 'ip link set lo up && corral rollout ... --task-world'")
+    spec = None
+    if ray_address is not None:
+        try:
+            import ray  # noqa: F401
+
+            from corral.rollout.ray_backend import policy_spec
+        except ImportError as e:
+            _fail(f"--ray needs Ray ({e})", hint="pip install 'ray>=2.9'")
+        if task_world and ray_address != "local":
+            _fail("--task-world serves its fake world in this machine's network namespace only",
+                  hint="use it with --ray local, or give the cluster's nodes real package indexes")
+        try:
+            spec = policy_spec(pol)
+        except CorralError as e:
+            _fail_corral(e)
     done_before = {t.episode_id for t in read_jsonl(out_path) if t.termination_reason != "error"}
     todo = sum(1 for i in range(n) for t in tasks if episode_id(t, i) not in done_before)
 
@@ -755,16 +773,29 @@ def rollout(
 
             world = await asyncio.to_thread(build_task_world)
             hosts = world.hosts
-        rt = Runtime(RuntimeConfig(state_dir=_state_dir(state_dir), hosts=hosts, system_dns=not task_world))
         try:
-            await rt.start()
             with Progress(TextColumn("[bold]rollout"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                           console=err) as progress:
                 bar = progress.add_task("episodes", total=todo)
-                summary = await run_rollout(rt, tasks, pol, n=n, concurrency=concurrency, out=out_path,
-                                            on_done=lambda _t: progress.advance(bar))
+                if spec is not None:
+                    from corral.rollout.ray_backend import run_rollout_ray
+
+                    rc: dict = {"hosts": hosts, "system_dns": not task_world}
+                    if ray_address == "local" or state_dir or os.environ.get("CORRAL_HOME"):
+                        rc["state_dir"] = str(_state_dir(state_dir).resolve())  # else each node's default
+                    summary = await run_rollout_ray(None if ray_address == "local" else ray_address, tasks, spec,
+                                                    n=n, concurrency=concurrency, out=out_path, runtime_config=rc,
+                                                    on_done=lambda _t: progress.advance(bar))
+                else:
+                    rt = Runtime(RuntimeConfig(state_dir=_state_dir(state_dir), hosts=hosts,
+                                               system_dns=not task_world))
+                    try:
+                        await rt.start()
+                        summary = await run_rollout(rt, tasks, pol, n=n, concurrency=concurrency, out=out_path,
+                                                    on_done=lambda _t: progress.advance(bar))
+                    finally:
+                        await rt.close()
         finally:
-            await rt.close()
             if world is not None:
                 await asyncio.to_thread(world.close)
         t = Table(title=f"rollout: {summary.episodes} episode(s) in {out_path} "

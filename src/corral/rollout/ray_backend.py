@@ -230,8 +230,8 @@ async def run_rollout_ray(address: str | None, tasks: list[Task], policy_spec: M
     owned = False
     if not ray.is_initialized():
         kw: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
-        if address is None:
-            kw["num_cpus"] = 2
+        if address is None:  # a local cluster, for this machine only
+            kw.update(num_cpus=2, _node_ip_address="127.0.0.1")
         kw.update(init_kwargs or {})
         ray.init(address=address, **kw)
         owned = True

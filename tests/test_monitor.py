@@ -31,8 +31,10 @@ async def test_hot_renamed_binary_in_tmp_is_killed_honest_busy_loop_is_not(sb_fa
         honest = await sb.exec(py("import time\nt=time.time()\nwhile time.time()-t < 2.5: pass"), timeout=10)
         assert honest.exit_code == 0
         assert not [f for f in runtime.store.findings(sandbox_id=sb.id)]
-        start = await sb.exec("mkdir -p /tmp/.cache && cp $(command -v python3) /tmp/.cache/kthreadd && "
-                              "(/tmp/.cache/kthreadd -c 'while True: pass' &) ; echo started")
+        # a program built here (not a copy of a system binary), hidden in a dot-directory, burning a core
+        await sb.write_file("/workspace/burn.c", "int main(void) { for (;;) {} }\n")
+        start = await sb.exec("mkdir -p /tmp/.cache && cc -O0 -o /tmp/.cache/kthreadd /workspace/burn.c && "
+                              "(/tmp/.cache/kthreadd &) ; echo started")
         for _ in range(100):
             found = [f for f in runtime.store.findings(sandbox_id=sb.id) if f.rule_id == "hot-dropped-binary"]
             if found and not sb.cgroup.pids(step=start.step):

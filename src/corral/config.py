@@ -188,18 +188,23 @@ class SandboxConfig(BaseModel):
         return _validate(cls, _load_yaml(path), path)
 
 
-def _load_yaml(path: str | Path) -> Any:
+def load_yaml(path: str | Path, error: type[ConfigError] = ConfigError, what: str = "config") -> Any:
+    """Parse a YAML file; a missing file or a syntax error raises `error` naming the file and line."""
     p = Path(path)
     try:
         text = p.read_text()
     except OSError as e:
-        raise ConfigError(f"cannot read config {p}: {e.strerror}; check the path") from None
+        raise error(f"{p}: cannot read {what} ({e.strerror}); check the path") from None
     try:
-        return yaml.safe_load(text) or {}
+        return yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"{p}:{where}: invalid YAML ({getattr(e, 'problem', e)}); fix the syntax") from None
+        raise error(f"{p}:{where}: invalid YAML ({getattr(e, 'problem', e)}); fix the syntax") from None
+
+
+def _load_yaml(path: str | Path) -> Any:
+    return load_yaml(path) or {}
 
 
 def _validate(cls: type[BaseModel], data: Any, path: str | Path) -> Any:

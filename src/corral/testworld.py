@@ -152,15 +152,22 @@ def echo(conn: socket.socket, srv: Server) -> None:
         conn.sendall(data)
 
 
+def _read_request(conn: socket.socket, srv: Server) -> bytes | None:
+    """An HTTP request's head (and whatever came with it), or None if the client went away."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = srv.recv(conn)
+        if not chunk:
+            return None
+        data += chunk
+    _note_first(srv, data)
+    return data
+
+
 def http_ok(body: bytes = b"ok\n") -> Handler:
     def handle(conn: socket.socket, srv: Server) -> None:
-        data = b""
-        while b"\r\n\r\n" not in data:
-            chunk = srv.recv(conn)
-            if not chunk:
-                return
-            data += chunk
-        _note_first(srv, data)
+        if _read_request(conn, srv) is None:
+            return
         conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
 
     return handle
@@ -170,13 +177,9 @@ def http_files(files: dict[str, bytes], content_type: str = "application/octet-s
     """A small static web server: GET path -> bytes, 404 otherwise (a package index, a data host)."""
 
     def handle(conn: socket.socket, srv: Server) -> None:
-        data = b""
-        while b"\r\n\r\n" not in data:
-            chunk = srv.recv(conn)
-            if not chunk:
-                return
-            data += chunk
-        _note_first(srv, data)
+        data = _read_request(conn, srv)
+        if data is None:
+            return
         parts = data.split(b"\r\n", 1)[0].split()
         path = parts[1].decode("latin-1").split("?", 1)[0] if len(parts) > 1 else "/"
         body = files.get(path)

@@ -25,10 +25,9 @@ import re
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from corral.config import EgressPolicy, EgressRule, Limits, SandboxConfig
+from corral.config import EgressPolicy, EgressRule, Limits, SandboxConfig, load_yaml
 from corral.errors import ConfigError
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -106,14 +105,7 @@ class Task(BaseModel):
 def load_task(path: str | Path) -> Task:
     p = Path(path)
     yaml_path = p / "task.yaml" if p.is_dir() else p
-    try:
-        data = yaml.safe_load(yaml_path.read_text()) or {}
-    except OSError as e:
-        raise TaskError(f"{yaml_path}: cannot read task ({e.strerror}); give a task directory or YAML file") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise TaskError(f"{yaml_path}:{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    data = load_yaml(yaml_path, TaskError, "task (give a task directory or YAML file)") or {}
     if not isinstance(data, dict):
         raise TaskError(f"{yaml_path}: a task is a YAML mapping with id, instruction and verifier")
     if p.is_dir():

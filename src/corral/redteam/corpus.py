@@ -25,10 +25,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from corral.config import EgressRule
+from corral.config import EgressRule, load_yaml
 from corral.errors import ConfigError
 
 FAMILIES = ("F1", "F2", "F3", "F4", "F5", "F6", "F7", "F8", "F9", "F10", "F11")
@@ -132,16 +131,7 @@ def shipped_dir() -> Path:
 
 def load_file(path: str | Path) -> list[Case]:
     p = Path(path)
-    try:
-        text = p.read_text()
-    except OSError as e:
-        raise CorpusError(f"{p}: cannot read case file ({e.strerror}); check the path") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}, column {mark.column + 1}:" if mark else ""
-        raise CorpusError(f"{p}:{where} invalid YAML ({getattr(e, 'problem', e)}); fix the syntax") from None
+    data = load_yaml(p, CorpusError, "case file")
     if data is None:
         return []
     items = data if isinstance(data, list) else [data]

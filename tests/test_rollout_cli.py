@@ -45,6 +45,9 @@ def test_rollout_killed_then_resumed(tmp_path):
     p.wait(timeout=10)
     p.stdout.close()
     p.stderr.close()
+    # what the crash left behind (its cgroups) is removed the way an operator would
+    gc = subprocess.run([sys.executable, "-m", "corral.cli", "gc"], capture_output=True, text=True, timeout=60)
+    assert gc.returncode == 0, gc.stderr
     done = [json.loads(line)["episode_id"] for line in out.read_text().splitlines()]
     assert 1 <= len(done) < 4
     r = subprocess.run(_cmd(tasks, actions, out, tmp_path / "s2"), capture_output=True, text=True, timeout=120)

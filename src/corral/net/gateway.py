@@ -200,10 +200,7 @@ class _Relay:
             self.client.close()
             self.upstream.close()
             self.done.set_result((self.counts[0], self.counts[1]))
-        elif self.left == 1:
-            # When one side is fully done and the other still sends, keep going (half-close);
-            # an error on one side shuts down both via SHUT_WR propagation.
-            pass
+        # with one direction done the other goes on (a half-closed connection), until it ends too
 
 
 def _splice_all(src: socket.socket, dst: socket.socket, counts: list[int], idx: int) -> None:

@@ -321,12 +321,14 @@ async def _run_one(cfg: SandboxConfig, state_dir: Path, command: str, timeout: f
 
         res = await sb.exec(command, timeout=timeout, on_output=None if as_json else on_output)
         egress = await _egress_events(rt, sb)
+        found = rt.store.findings(sandbox_id=sb.id)
         code = _exit_code(res.exit_code, res.timed_out)
         if as_json:
             doc = {"exit_code": res.exit_code, "stdout": res.stdout, "stderr": res.stderr,
                    "timed_out": res.timed_out, "truncated": res.truncated, "oom_killed": res.oom_killed,
                    "pids_limit_hit": res.pids_limit_hit, "error": res.error, "duration": res.duration,
-                   "sandbox_id": sb.id, "events": [e.model_dump(mode="json") for e in egress]}
+                   "sandbox_id": sb.id, "events": [e.model_dump(mode="json") for e in egress],
+                   "findings": [f.model_dump(mode="json") for f in found]}
             out.file.write(json.dumps(doc) + "\n")
             out.file.flush()
             return code
@@ -336,6 +338,11 @@ async def _run_one(cfg: SandboxConfig, state_dir: Path, command: str, timeout: f
             err.print(egress_table(egress, f"egress of {sb.id}"))
         else:
             err.print(f"[dim]corral: no network activity in {escape(sb.id)}[/]")
+        if found:
+            t = Table("severity", "rule", "technique", "step", "action", "title", title=f"findings in {sb.id}")
+            for f in found:
+                t.add_row(str(f.severity), f.rule_id, f.technique or "", str(f.step), f.action, f.title)
+            err.print(t)
         return code
 
 

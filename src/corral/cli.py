@@ -859,6 +859,45 @@ def bench_redteam(
     raise typer.Exit(redteam_main(argv))
 
 
+# -- serve -----------------------------------------------------------------------------------------
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option("--host", help="Address to bind (loopback by default).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="TCP port.")] = 8080,
+    token_file: Annotated[Path | None, typer.Option(
+        "--token-file", help="File with one token per line (one tenant each); or set CORRAL_SERVE_TOKEN.")] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="RuntimeConfig YAML file.")] = None,
+    image: Annotated[list[str] | None, typer.Option(
+        "--image", help="NAME=ROOTFS_DIR: what a client's image name runs on (others: the host root, read-only)."
+    )] = None,
+    allow_gpu: Annotated[bool, typer.Option("--allow-gpu", help="Let clients ask for GPU sandboxes.")] = False,
+) -> None:
+    """An HTTP service with token authentication speaking ROCK's sandbox API (and corral's /findings)."""
+    try:
+        import uvicorn
+
+        from corral.server import create_app
+    except ImportError as e:
+        _fail(f"corral serve needs FastAPI and uvicorn ({e})", hint="pip install 'corral[serve]'")
+    tokens = [t.strip() for t in (token_file.read_text().splitlines() if token_file else []) if t.strip()]
+    if os.environ.get("CORRAL_SERVE_TOKEN"):
+        tokens.append(os.environ["CORRAL_SERVE_TOKEN"])
+    if not tokens:
+        _fail("corral serve needs at least one token", hint="--token-file FILE or CORRAL_SERVE_TOKEN=...")
+    images: dict[str, Path] = {}
+    for item in image or []:
+        name, sep, path = item.partition("=")
+        if not sep or not Path(path).is_dir():
+            _fail(f"--image {item!r}: use NAME=DIRECTORY with an existing root filesystem directory")
+        images[name] = Path(path)
+    try:
+        rc = RuntimeConfig.from_file(config) if config else RuntimeConfig(state_dir=_state_dir(None))
+        application = create_app(rc, tokens, images=images or None, allow_gpu=allow_gpu)
+    except CorralError as e:
+        _fail_corral(e)
+    uvicorn.run(application, host=host, port=port, lifespan="on", log_level="warning")
+
+
 # -- demo ------------------------------------------------------------------------------------------
 def _only_loopback() -> bool:
     with open("/proc/self/net/dev") as f:

@@ -1,0 +1,560 @@
+"""The HTTP app behind `corral serve`: ROCK's sandbox API in front of a corral runtime.
+
+ROCK's Python SDK (`pip install rl-rock`, `rock.sdk.sandbox.client.Sandbox`) talks to
+``{base_url}/apis/envs/sandbox/v1/<route>``; every route answers ROCK's envelope
+``{"status": "Success"|"Failed", "message", "error", "result"}`` and the SDK parses ``result`` into its
+own pydantic models. Routes implemented (all under that prefix):
+
+    POST start_async    {image, image_os, memory, cpus, limit_cpus, num_gpus, sandbox_id, ...}
+                        -> SandboxStartResponse {sandbox_id, host_name, host_ip, cpus, memory}
+    GET  get_status     ?sandbox_id=&include_all_states= -> SandboxStatusResponse
+    GET  is_alive       ?sandbox_id= -> IsAliveResponse {is_alive, message}
+    POST execute        {sandbox_id, command: str|list, timeout, cwd, env} -> CommandResponse
+    POST create_session {sandbox_id, session, startup_source, env_enable, env, remote_user}
+    POST run_in_session {sandbox_id, session, command, check, timeout} -> BashObservation
+    POST close_session  {sandbox_id, session}
+    POST read_file      {sandbox_id, path, encoding, errors} -> ReadFileResponse {content}
+    POST write_file     {sandbox_id, path, content} -> WriteFileResponse
+    POST upload         multipart: file, target_path, sandbox_id -> UploadResponse
+    POST stop           {sandbox_id}
+    POST delete         {sandbox_id}
+
+plus ``GET /health`` (no token) and ``GET /findings?sandbox_id=&after_id=`` (corral's own).
+
+Authentication: every route but /health needs the server's token as ``Authorization: Bearer <token>``
+or as ``XRL-Authorization: Bearer <token>`` (the header ROCK's SDK sends for
+``SandboxConfig(extra_headers={"XRL-Authorization": "Bearer <token>"})`` or its deprecated
+``xrl_authorization=<token>``). Each token is a tenant: a sandbox is only visible to the token that
+started it; another token gets 404, exactly as for an id that never existed.
+
+Mapping of ROCK's start request to corral's SandboxConfig (starting from the server's base config):
+
+* ``image``: looked up in the server's ``images`` table (name -> rootfs directory, or None for the
+  host's root). An image not in the table runs on the host's root filesystem, read-only (corral's
+  default); the requested name is echoed back as ``image`` in get_status and the mapping actually
+  used is in ``result.corral.rootfs``. Clients can never name host directories themselves.
+* ``memory`` ("8g", "512m", bytes without unit) -> ``limits.memory_mb``;
+  ``limit_cpus`` (else ``cpus``) -> ``limits.cpus``.
+* ``num_gpus`` > 0 -> ``gpu=True``, only if the server allows GPUs; otherwise 400.
+* ``image_os`` must be "linux". ``disk``, ``auto_clear_*``, ``auto_archive/delete_seconds``,
+  ``registry_*``, ``use_kata_runtime``, ``accelerator_type`` are accepted and ignored.
+* ``sandbox_id``: the id the client will use; corral's own sandbox id (the one in its event store)
+  is ``result.corral.sandbox_id`` and may differ.
+
+corral's findings ride along where ROCK's models have room: every result object carries an extra
+``corral`` key (``{"sandbox_id", "step", "refused", "findings": [...], ...}``) which the SDK's models
+ignore; failed envelopes carry it at the top level. A command that corral's rules refuse runs
+nothing and reports exit code 126 with the reason as ``failure_reason``.
+
+Differences from ROCK: run_in_session's ``output`` is stdout followed by stderr (ROCK's pty merges them
+as they come) with trailing newlines removed; ``check="raise"`` with a non-zero exit answers a Failed
+envelope like ROCK; protocol errors are real HTTP codes (401, 404 unknown sandbox/session,
+409 stopped sandbox or ended episode, 422 malformed request) with ROCK's envelope as the body, while
+failures of the operation itself (file missing, command timed out) are ROCK's HTTP 200 Failed envelope;
+``delete`` of an unknown id is 404, not ROCK's idempotent success.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import re
+import shlex
+import socket
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Body, FastAPI, File, Form, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from corral.config import Limits, RuntimeConfig, SandboxConfig
+from corral.errors import EpisodeEnded, FileAccessError, SandboxClosed, SandboxFrozen, SessionError
+from corral.events import Finding
+from corral.runtime import Runtime
+from corral.sandbox.sandbox import ExecResult, Sandbox
+
+PREFIX = "/apis/envs/sandbox/v1"
+MAX_UPLOAD = 64 << 20
+REFUSED_EXIT = 126
+_ID_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+_MEM_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
+_MEM_MB = {"": 1 / (1 << 20), "k": 1 / 1024, "m": 1, "g": 1024, "t": 1 << 20}
+
+
+# -- request models (ROCK's field names; unknown fields are ignored, as ROCK's server does) ----------
+class _Req(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+SandboxId = Annotated[str, Field(min_length=1, max_length=64)]
+
+
+class StartRequest(_Req):
+    image: str = Field("python:3.11", min_length=1, max_length=512)
+    image_os: str = "linux"
+    memory: str = "8g"
+    cpus: float = Field(2, gt=0, le=1024)
+    limit_cpus: float | None = Field(None, gt=0, le=1024)
+    num_gpus: float | None = Field(None, ge=0)
+    sandbox_id: str | None = Field(None, pattern=_ID_RE)
+
+
+class CommandRequest(_Req):
+    sandbox_id: SandboxId
+    command: str | list[str]
+    timeout: float | None = Field(1200, gt=0)
+    env: dict[str, str] | None = None
+    cwd: str | None = None
+
+
+class CreateSessionRequest(_Req):
+    sandbox_id: SandboxId
+    session_type: Literal["bash"] = "bash"
+    session: str = Field("default", min_length=1, max_length=128)
+    startup_source: list[str] = []
+    env_enable: bool = False
+    env: dict[str, str] | None = None
+    remote_user: str | None = None
+
+
+class RunRequest(_Req):
+    sandbox_id: SandboxId
+    action_type: Literal["bash"] = "bash"
+    session: str = Field("default", min_length=1, max_length=128)
+    command: str
+    check: Literal["silent", "raise", "ignore"] = "raise"
+    timeout: float | None = Field(None, gt=0)
+
+
+class CloseSessionRequest(_Req):
+    sandbox_id: SandboxId
+    session_type: Literal["bash"] = "bash"
+    session: str = Field("default", min_length=1, max_length=128)
+
+
+class ReadFileRequest(_Req):
+    sandbox_id: SandboxId
+    path: str = Field(min_length=1)
+    encoding: str | None = None
+    errors: str | None = None
+
+
+class WriteFileRequest(_Req):
+    sandbox_id: SandboxId
+    path: str = Field(min_length=1)
+    content: str
+
+
+# -- server state --------------------------------------------------------------------------------------
+@dataclass
+class _Box:
+    rock_id: str
+    tenant: str
+    sb: Sandbox
+    image: str
+    rootfs: str | None
+    cpus: float
+    memory: str
+    created: float = field(default_factory=time.time)
+    stopped: float | None = None
+    mark: int = 0  # id of the last finding reported in a response
+
+    @property
+    def alive(self) -> bool:
+        return self.stopped is None and not self.sb.closed
+
+
+class ApiError(Exception):
+    def __init__(self, status_code: int, message: str, *, corral: dict | None = None) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.message = message
+        self.corral = corral
+
+
+def _envelope(result: Any = None, *, failed: str | None = None, message: str | None = None,
+              corral: dict | None = None) -> dict:
+    out: dict[str, Any] = {"status": "Failed" if failed is not None else "Success", "message": message,
+                           "error": failed, "result": result}
+    if corral is not None:
+        out["corral"] = corral
+    return out
+
+
+def _fail(status_code: int, message: str, corral: dict | None = None) -> JSONResponse:
+    return JSONResponse(_envelope(failed=message, message=message, corral=corral), status_code=status_code)
+
+
+def _finding_dict(f: Finding) -> dict:
+    return f.model_dump(mode="json", include={"id", "ts", "rule_id", "title", "severity", "technique", "step",
+                                              "command", "action", "sandbox_id"})
+
+
+def _memory_mb(text: str) -> int:
+    m = _MEM_RE.match(text)
+    if not m:
+        raise ApiError(422, f"memory {text!r} is not a size; write e.g. '8g', '512m' or a number of bytes")
+    mb = int(float(m.group(1)) * _MEM_MB[m.group(2).lower()])
+    if mb < 16:
+        raise ApiError(422, f"memory {text!r} is below corral's minimum of 16m")
+    return mb
+
+
+class _Server:
+    def __init__(self, runtime_config: RuntimeConfig, tokens: dict[str, str], base: SandboxConfig,
+                 images: Mapping[str, Path | None], allow_gpu: bool) -> None:
+        self.runtime_config = runtime_config
+        self.tokens = tokens
+        self.base = base
+        self.images = dict(images)
+        self.allow_gpu = allow_gpu
+        self.runtime: Runtime | None = None
+        self.boxes: dict[str, dict[str, _Box]] = {}  # tenant -> rock id -> box
+        self.deleted: dict[str, list[_Box]] = {}  # tenant -> deleted boxes (their findings stay readable)
+        self.host_name = socket.gethostname()
+
+    def tenant_of(self, request: Request) -> str | None:
+        for header in ("authorization", "xrl-authorization"):
+            value = request.headers.get(header)
+            if not value:
+                continue
+            scheme, _, cred = value.strip().partition(" ")
+            if scheme.lower() != "bearer" or not cred.strip():
+                continue
+            cred_b = cred.strip().encode()
+            found = None
+            for token, tenant in self.tokens.items():
+                if hmac.compare_digest(cred_b, token.encode()):
+                    found = tenant
+            if found is not None:
+                return found
+        return None
+
+    def box(self, tenant: str, rock_id: str, *, running: bool = True, deleted: bool = False) -> _Box:
+        b = self.boxes.get(tenant, {}).get(rock_id)
+        if b is None and deleted:
+            b = next((d for d in reversed(self.deleted.get(tenant, [])) if d.rock_id == rock_id), None)
+        if b is None:
+            raise ApiError(404, f"no sandbox {rock_id!r} for this token; start one with start_async")
+        if running and not b.alive:
+            raise ApiError(409, f"sandbox {rock_id!r} is stopped; start a new one", corral=self.corral(b))
+        if running and b.sb.terminated:
+            raise ApiError(409, f"sandbox {rock_id!r}: the episode was ended by a security finding "
+                                f"({b.sb.terminated}); stop it and start a new one", corral=self.corral(b))
+        return b
+
+    def corral(self, b: _Box, r: ExecResult | None = None) -> dict:
+        news = self.runtime.store.findings(sandbox_id=b.sb.id, after_id=b.mark) if self.runtime else []
+        if news:
+            b.mark = news[-1].id or b.mark
+        out: dict[str, Any] = {"sandbox_id": b.sb.id, "findings": [_finding_dict(f) for f in news],
+                               "episode_ended": b.sb.terminated}
+        if r is not None:
+            out.update(step=r.step, refused=r.refused, timed_out=r.timed_out, error=r.error,
+                       truncated=r.truncated, oom_killed=r.oom_killed, duration=r.duration)
+        return out
+
+    def config_for(self, req: StartRequest) -> tuple[SandboxConfig, str | None]:
+        if req.image_os.casefold() != "linux":
+            raise ApiError(422, f"image_os {req.image_os!r} is not supported; corral runs linux sandboxes only")
+        rootfs = self.images.get(req.image, self.base.rootfs)
+        gpu = bool(req.num_gpus)
+        if gpu and not self.allow_gpu:
+            raise ApiError(422, "num_gpus > 0 but this server does not grant GPUs (start it with GPUs allowed)")
+        limits = {**self.base.limits.model_dump(), "memory_mb": _memory_mb(req.memory),
+                  "cpus": req.limit_cpus or req.cpus}
+        try:
+            cfg = self.base.model_copy(update={"limits": Limits(**limits), "rootfs": rootfs,
+                                               "gpu": gpu or self.base.gpu})
+        except ValidationError as e:
+            raise ApiError(422, f"cannot map request to sandbox limits: {_problems(e.errors())}") from None
+        return cfg, str(rootfs) if rootfs else None
+
+    async def close_all(self) -> None:
+        for boxes in self.boxes.values():
+            for b in boxes.values():
+                if not b.sb.closed:
+                    with contextlib.suppress(Exception):  # shutdown closes everything it can
+                        await b.sb.close()
+        if self.runtime is not None:
+            await self.runtime.close()
+
+
+def _problems(errors: Sequence[Any]) -> str:
+    parts = []
+    for err in errors:
+        loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "(body)"
+        parts.append(f"{loc}: {err.get('msg')}")
+    return "; ".join(parts)
+
+
+def _tokens(token: str | Sequence[str] | Mapping[str, str]) -> dict[str, str]:
+    if isinstance(token, str):
+        token = [token]
+    if isinstance(token, Mapping):
+        out = {str(k): str(v) for k, v in token.items()}
+    else:
+        out = {t: "t-" + hashlib.sha256(t.encode()).hexdigest()[:12] for t in token}
+    if not out or any(not t or t != t.strip() for t in out):
+        raise ValueError("give at least one non-empty token without surrounding whitespace")
+    return out
+
+
+def create_app(runtime_config: RuntimeConfig, token: str | Sequence[str] | Mapping[str, str], *,
+               base_config: SandboxConfig | None = None, images: Mapping[str, Path | None] | None = None,
+               allow_gpu: bool = False) -> FastAPI:
+    """The ROCK-compatible app. `token`: one token, several (one tenant each) or {token: tenant name}.
+    The corral Runtime is created and started in the app's lifespan, on the server's event loop, and
+    closed (with every sandbox) when the server shuts down."""
+    srv = _Server(runtime_config, _tokens(token), base_config or SandboxConfig(), images or {}, allow_gpu)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        srv.runtime = Runtime(runtime_config)
+        await srv.runtime.start()
+        try:
+            yield
+        finally:
+            await srv.close_all()
+
+    app = FastAPI(title="corral", lifespan=lifespan)
+    app.state.corral = srv
+
+    @app.middleware("http")
+    async def authenticate(request: Request, call_next: Any) -> Any:
+        if request.url.path == "/health":
+            return await call_next(request)
+        tenant = srv.tenant_of(request)
+        if tenant is None:
+            resp = _fail(401, "missing or wrong token: send 'Authorization: Bearer <token>' "
+                              "(or 'XRL-Authorization: Bearer <token>')")
+            resp.headers["WWW-Authenticate"] = "Bearer"
+            return resp
+        request.state.tenant = tenant
+        return await call_next(request)
+
+    @app.exception_handler(ApiError)
+    async def api_error(_r: Request, exc: ApiError) -> JSONResponse:
+        return _fail(exc.status_code, exc.message, exc.corral)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_r: Request, exc: RequestValidationError) -> JSONResponse:
+        return _fail(422, f"invalid request: {_problems(exc.errors())}")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_r: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _fail(exc.status_code, str(exc.detail))
+
+    @app.get("/health")
+    async def health() -> dict:
+        rt = srv.runtime
+        return {"status": "ok" if rt is not None and rt.started else "starting"}
+
+    @app.get("/findings")
+    async def findings(request: Request, sandbox_id: str | None = None,
+                       after_id: Annotated[int, Query(ge=0)] = 0) -> dict:
+        assert srv.runtime is not None
+        tenant = request.state.tenant
+        if sandbox_id:
+            boxes = [srv.box(tenant, sandbox_id, running=False, deleted=True)]
+        else:
+            boxes = [*srv.deleted.get(tenant, []), *srv.boxes.get(tenant, {}).values()]
+        by_id = {b.sb.id: b.rock_id for b in boxes}
+        out = []
+        for b in boxes:
+            for f in srv.runtime.store.findings(sandbox_id=b.sb.id, after_id=after_id):
+                d = f.model_dump(mode="json")
+                d["rock_sandbox_id"] = by_id[f.sandbox_id]
+                out.append(d)
+        out.sort(key=lambda d: d["id"] or 0)
+        return {"findings": out}
+
+    api = APIRouter(prefix=PREFIX)
+
+    @api.post("/start_async")
+    async def start_async(request: Request, req: StartRequest) -> dict:
+        assert srv.runtime is not None
+        tenant = request.state.tenant
+        mine = srv.boxes.setdefault(tenant, {})
+        if req.sandbox_id and req.sandbox_id in mine:
+            raise ApiError(409, f"sandbox id {req.sandbox_id!r} is in use; delete it or choose another")
+        cfg, rootfs = srv.config_for(req)
+        sb = await srv.runtime.create(cfg)
+        rock_id = req.sandbox_id or sb.id
+        b = _Box(rock_id, tenant, sb, req.image, rootfs, cfg.limits.cpus, req.memory)
+        mine[rock_id] = b
+        res = {"sandbox_id": rock_id, "host_name": srv.host_name, "host_ip": sb.net.ip if sb.net else None,
+               "cpus": cfg.limits.cpus, "memory": req.memory, "corral": {**srv.corral(b), "rootfs": rootfs}}
+        return _envelope(res)
+
+    def status_of(b: _Box) -> dict:
+        state = "running" if b.alive else "stopped"
+        iso = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(b.created))
+        return {
+            "sandbox_id": b.rock_id, "is_alive": b.alive, "state": state, "image": b.image,
+            "status": {"sandbox": {"status": "running" if b.alive else "stopped",
+                                   "message": b.sb.terminated or f"corral sandbox {b.sb.id}"}},
+            "host_name": srv.host_name, "host_ip": b.sb.net.ip if b.sb.net else None,
+            "cpus": b.cpus, "memory": b.memory, "create_time": iso, "start_time": iso,
+            "stop_time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(b.stopped)) if b.stopped else None,
+            "corral": {**srv.corral(b), "rootfs": b.rootfs, "sessions": b.sb.sessions() if b.alive else []},
+        }
+
+    @api.get("/get_status")
+    async def get_status(request: Request, sandbox_id: SandboxId, include_all_states: bool = False) -> dict:
+        return _envelope(status_of(srv.box(request.state.tenant, sandbox_id, running=False)))
+
+    @api.get("/is_alive")
+    async def is_alive(request: Request, sandbox_id: SandboxId) -> dict:
+        b = srv.box(request.state.tenant, sandbox_id, running=False)
+        return _envelope({"is_alive": b.alive, "message": srv.host_name if b.alive else "stopped"})
+
+    async def guarded(b: _Box, coro: Any) -> Any:
+        try:
+            return await coro
+        except (SandboxClosed, SandboxFrozen, EpisodeEnded) as e:
+            raise ApiError(409, str(e), corral=srv.corral(b)) from None
+
+    @api.post("/execute")
+    async def execute(request: Request, req: CommandRequest) -> dict:
+        b = srv.box(request.state.tenant, req.sandbox_id)
+        cmd = req.command if isinstance(req.command, str) else shlex.join(req.command)
+        if not cmd.strip():
+            raise ApiError(422, "invalid request: command: must not be empty")
+        r: ExecResult = await guarded(b, b.sb.exec(cmd, timeout=req.timeout, env=req.env, cwd=req.cwd))
+        info = srv.corral(b, r)
+        if r.timed_out:
+            return _envelope(failed=f"command timed out after {req.timeout}s", message="execute command failed",
+                             corral=info)
+        code = REFUSED_EXIT if r.refused else r.exit_code
+        stderr = r.error if r.refused else r.stderr
+        return _envelope({"stdout": r.stdout, "stderr": stderr, "exit_code": code, "corral": info})
+
+    @api.post("/create_session")
+    async def create_session(request: Request, req: CreateSessionRequest) -> dict:
+        b = srv.box(request.state.tenant, req.sandbox_id)
+        if req.remote_user:
+            raise ApiError(422, "remote_user is not supported: each corral sandbox runs as its own unprivileged user")
+        if req.session in b.sb.sessions():
+            raise ApiError(409, f"session {req.session!r} already exists in sandbox {req.sandbox_id}; close it first")
+        try:
+            await guarded(b, b.sb.create_session(req.session, env=req.env))
+        except SessionError as e:
+            raise ApiError(409, str(e)) from None
+        outputs = []
+        for src in req.startup_source:
+            r = await guarded(b, b.sb.run_in_session(req.session, f"source {shlex.quote(src)}"))
+            outputs.append(r.stdout + r.stderr)
+            if r.exit_code != 0:
+                return _envelope(failed=f"startup_source {src!r} failed: {r.error or r.stderr.strip()}",
+                                 message="create session failed", corral=srv.corral(b, r))
+        return _envelope({"session_type": "bash", "output": "".join(outputs), "corral": srv.corral(b)})
+
+    @api.post("/run_in_session")
+    async def run_in_session(request: Request, req: RunRequest) -> dict:
+        b = srv.box(request.state.tenant, req.sandbox_id)
+        if req.session not in b.sb.sessions():
+            raise ApiError(404, f"no session {req.session!r} in sandbox {req.sandbox_id}; call create_session first")
+        try:
+            r = await guarded(b, b.sb.run_in_session(req.session, req.command, timeout=req.timeout))
+        except SessionError as e:
+            raise ApiError(404, str(e)) from None
+        info = srv.corral(b, r)
+        if r.timed_out:
+            return _envelope(failed=f"timeout after {req.timeout} seconds while running command {req.command!r}",
+                             message="run in session failed", corral=info)
+        code = REFUSED_EXIT if r.refused else r.exit_code
+        output = (r.error or "") if r.refused else (r.stdout + r.stderr).rstrip("\n")
+        failure = r.error or ""
+        if req.check == "raise" and code != 0:
+            return _envelope(failed=f"Command {req.command!r} failed with exit code {code}. "
+                                    f"Here is the output:\n{output!r}" + (f" ({failure})" if failure else ""),
+                             message="run in session failed", corral=info)
+        if req.check == "ignore":
+            code = None
+        return _envelope({"session_type": "bash", "output": output, "exit_code": code,
+                          "failure_reason": failure, "expect_string": "", "corral": info})
+
+    @api.post("/close_session")
+    async def close_session(request: Request, req: CloseSessionRequest) -> dict:
+        b = srv.box(request.state.tenant, req.sandbox_id)
+        if req.session not in b.sb.sessions():
+            raise ApiError(404, f"no session {req.session!r} in sandbox {req.sandbox_id}")
+        await b.sb.close_session(req.session)
+        return _envelope({"session_type": "bash", "corral": srv.corral(b)})
+
+    @api.post("/read_file")
+    async def read_file(request: Request, req: ReadFileRequest) -> dict:
+        b = srv.box(request.state.tenant, req.sandbox_id)
+        try:
+            data = await guarded(b, b.sb.read_file(req.path, as_step=True))
+        except FileAccessError as e:
+            return _envelope(failed=str(e), message="read file failed", corral=srv.corral(b))
+        try:
+            content = data.decode(req.encoding or "utf-8", req.errors or "strict")
+        except LookupError as e:
+            raise ApiError(422, f"invalid request: encoding/errors: {e}") from None
+        except UnicodeDecodeError as e:
+            return _envelope(failed=f"{req.path} is not valid {e.encoding}: {e.reason}; pass errors='replace'",
+                             message="read file failed", corral=srv.corral(b))
+        return _envelope({"content": content, "corral": srv.corral(b)})
+
+    @api.post("/write_file")
+    async def write_file(request: Request, req: WriteFileRequest) -> dict:
+        b = srv.box(request.state.tenant, req.sandbox_id)
+        try:
+            await guarded(b, b.sb.write_file(req.path, req.content, as_step=True))
+        except FileAccessError as e:
+            return _envelope({"success": False, "message": str(e)}, failed=str(e), message="write file failed",
+                             corral=srv.corral(b))
+        return _envelope({"success": True, "message": f"Successfully write content to file {req.path}",
+                          "corral": srv.corral(b)})
+
+    @api.post("/upload")
+    async def upload(request: Request, file: Annotated[UploadFile, File()], target_path: Annotated[str, Form()],
+                     sandbox_id: Annotated[SandboxId, Form()]) -> dict:
+        b = srv.box(request.state.tenant, sandbox_id)
+        if not target_path.strip():
+            raise ApiError(422, "invalid request: target_path: must not be empty")
+        data = await file.read(MAX_UPLOAD + 1)
+        if len(data) > MAX_UPLOAD:
+            raise ApiError(413, f"upload is larger than {MAX_UPLOAD >> 20} MiB; split it or use execute")
+        name = file.filename or ""
+        try:
+            await guarded(b, b.sb.write_file(target_path, data, as_step=True))
+        except FileAccessError as e:
+            return _envelope(failed=str(e), message="upload file failed", corral=srv.corral(b))
+        return _envelope({"success": True, "message": f"Successfully uploaded file {name} to {target_path}",
+                          "file_name": name, "corral": srv.corral(b)})
+
+    @api.post("/stop")
+    async def stop(request: Request, sandbox_id: Annotated[SandboxId, Body(embed=True)]) -> dict:
+        b = srv.box(request.state.tenant, sandbox_id, running=False)
+        if b.stopped is None:
+            b.stopped = time.time()
+            await b.sb.close()
+        return _envelope(f"{sandbox_id} stopped", corral=srv.corral(b))
+
+    @api.post("/delete")
+    async def delete(request: Request, sandbox_id: Annotated[SandboxId, Body(embed=True)]) -> dict:
+        b = srv.box(request.state.tenant, sandbox_id, running=False)
+        if b.stopped is None:
+            b.stopped = time.time()
+            await b.sb.close()
+        srv.boxes[request.state.tenant].pop(sandbox_id, None)
+        srv.deleted.setdefault(request.state.tenant, []).append(b)
+        return _envelope(f"{sandbox_id} deleted", corral=srv.corral(b))
+
+    app.include_router(api)
+    return app
+
+
+__all__ = ["PREFIX", "ApiError", "create_app"]

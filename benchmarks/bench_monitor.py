@@ -48,12 +48,11 @@ from bench_runtime import (
     _r,
     fmt,
     host_run,
-    in_private_netns,
-    machine_info,
     metrics_json,
     ms_since,
     must_exec,
     percentile,
+    preflight,
     print_targets,
     targets_json,
 )
@@ -508,19 +507,10 @@ def main() -> int:
                     help="size of the CPU-bound task (default 3,000,000 sha256 rounds, about 1 s)")
     ap.add_argument("--out", default="", help="JSON output path (default benchmarks/results/monitor.json)")
     args = ap.parse_args()
-    console = Console()
-    if not console.is_terminal:  # piped to a file: rich would wrap the table at 80 columns
-        console = Console(width=150)
-    if not in_private_netns():
-        console.print("[red]refusing to run:[/red] this benchmark builds a fake internet and must run in a private "
-                      f"network namespace (this one has interfaces besides lo). Run it with:\n  {HOW_TO_RUN}")
+    pre = preflight(args.quick, HOW_TO_RUN)
+    if pre is None:
         return 2
-    if os.geteuid() != 0:
-        console.print(f"[red]refusing to run:[/red] corral's runtime needs root. Run it with:\n  {HOW_TO_RUN}")
-        return 2
-    machine = machine_info()
-    console.log(f"{machine['nproc']} cpus, kernel {machine['kernel']}, python {machine['python']}, "
-                f"{machine['bwrap']}, load {machine['loadavg_start']}{' [quick]' if args.quick else ''}")
+    console, machine = pre
     # The World is built before the event loop runs: pyroute2's sync API, which it uses, starts an event
     # loop of its own and fails inside a running one.
     world = World()

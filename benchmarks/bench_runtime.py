@@ -194,6 +194,25 @@ def in_private_netns() -> bool:
     return names == ["lo"]
 
 
+def preflight(quick: bool, how_to_run: str) -> tuple[Console, dict[str, Any]] | None:
+    """A console that does not wrap tables when piped, and the checks every benchmark makes: a private
+    network namespace (it builds a fake internet) and root. None (after saying why) when one fails."""
+    console = Console()
+    if not console.is_terminal:  # piped to a file: rich would wrap the table at 80 columns
+        console = Console(width=150)
+    if not in_private_netns():
+        console.print("[red]refusing to run:[/red] this benchmark builds a fake internet and must run in a private "
+                      f"network namespace (this one has interfaces besides lo). Run it with:\n  {how_to_run}")
+        return None
+    if os.geteuid() != 0:
+        console.print(f"[red]refusing to run:[/red] corral's runtime needs root. Run it with:\n  {how_to_run}")
+        return None
+    machine = machine_info()
+    console.log(f"{machine['nproc']} cpus, kernel {machine['kernel']}, python {machine['python']}, "
+                f"{machine['bwrap']}, load {machine['loadavg_start']}{' [quick]' if quick else ''}")
+    return console, machine
+
+
 def _cmd_out(argv: list[str]) -> str | None:
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         return subprocess.run(argv, capture_output=True, text=True, timeout=10).stdout.strip() or None
@@ -730,19 +749,10 @@ def main() -> int:
     ap.add_argument("--counts", default="", help="sandbox counts for the memory section, e.g. 50,100")
     ap.add_argument("--out", default="", help="JSON output path (default benchmarks/results/runtime.json)")
     args = ap.parse_args()
-    console = Console()
-    if not console.is_terminal:  # piped to a file: rich would wrap the table at 80 columns
-        console = Console(width=150)
-    if not in_private_netns():
-        console.print("[red]refusing to run:[/red] this benchmark builds a fake internet and must run in a private "
-                      f"network namespace (this one has interfaces besides lo). Run it with:\n  {HOW_TO_RUN}")
+    pre = preflight(args.quick, HOW_TO_RUN)
+    if pre is None:
         return 2
-    if os.geteuid() != 0:
-        console.print(f"[red]refusing to run:[/red] corral's runtime needs root. Run it with:\n  {HOW_TO_RUN}")
-        return 2
-    machine = machine_info()
-    console.log(f"{machine['nproc']} cpus, kernel {machine['kernel']}, python {machine['python']}, "
-                f"{machine['bwrap']}, load {machine['loadavg_start']}{' [quick]' if args.quick else ''}")
+    console, machine = pre
     # The World is built before the event loop runs: pyroute2's sync API, which it uses, starts an event
     # loop of its own and fails inside a running one.
     world = World()

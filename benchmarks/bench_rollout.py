@@ -26,9 +26,9 @@ from bench_runtime import (
     Metric,
     Report,
     Target,
-    in_private_netns,
     machine_info,
     metrics_json,
+    preflight,
     render,
     targets_json,
 )
@@ -125,8 +125,7 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer episodes and steps: a smoke run")
     a = ap.parse_args()
-    c = Console()
-    if not in_private_netns():
-        c.print("refusing to run outside a private network namespace; use `make bench`")
+    pre = preflight(a.quick, "make bench")
+    if pre is None:
         sys.exit(2)
-    sys.exit(asyncio.run(main(a, c)))
+    sys.exit(asyncio.run(main(a, pre[0])))

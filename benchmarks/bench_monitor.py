@@ -34,14 +34,13 @@ import shutil
 import sys
 import tempfile
 import time
-import traceback
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 # Shared with the runtime benchmark (same directory): statistics, the report model, the environment checks.
 from bench_runtime import (
-    SANDBOX_PATH,
+    BenchBase,
     Metric,
     Report,
     Target,
@@ -149,33 +148,7 @@ def proc_cpu_seconds(pids: list[int]) -> float:
     return total / CLK_TCK
 
 
-class Bench:
-    def __init__(self, args: argparse.Namespace, console: Console, state: Path) -> None:
-        self.args = args
-        self.quick: bool = args.quick
-        self.console = console
-        self.state = state
-        self.report = Report()
-        self.python3 = shutil.which("python3", path=SANDBOX_PATH) or "/usr/bin/python3"
-
-    def n(self, full: int, quick: int) -> int:
-        return quick if self.quick else full
-
-    def log(self, text: str) -> None:
-        self.console.log(text)
-
-    async def section(self, name: str, fn: Callable[[], Awaitable[None]]) -> None:
-        """A failing section is reported (in the table and the JSON) and the next one still runs."""
-        self.log(f"[bold]{name}[/bold] ...")
-        t0 = time.perf_counter()
-        try:
-            await fn()
-        except Exception as e:
-            traceback.print_exc()
-            self.report.errors[name] = f"{type(e).__name__}: {e}"
-            self.log(f"[red]{name} failed: {e}[/red]")
-        self.log(f"{name} done in {time.perf_counter() - t0:.1f}s")
-
+class Bench(BenchBase):
     # 1. time to detect ------------------------------------------------------------------------------------
     async def detect(self, rt: Runtime, kind: str) -> None:
         """One sandbox, n samples; each sample is a new exec, hence a new step (findings are deduplicated

@@ -334,7 +334,9 @@ def bulk_size(quick: bool) -> int:
 
 
 # -- benchmarks ------------------------------------------------------------------------------------------------
-class Bench:
+class BenchBase:
+    """What every benchmark script shares: its arguments, console, state dir, report and sections."""
+
     def __init__(self, args: argparse.Namespace, console: Console, state: Path) -> None:
         self.args = args
         self.quick: bool = args.quick
@@ -342,7 +344,6 @@ class Bench:
         self.state = state
         self.report = Report()
         self.python3 = shutil.which("python3", path=SANDBOX_PATH) or "/usr/bin/python3"
-        self.bulk_size = bulk_size(self.quick)
 
     def n(self, full: int, quick: int) -> int:
         return quick if self.quick else full
@@ -361,6 +362,12 @@ class Bench:
             self.report.errors[name] = f"{type(e).__name__}: {e}"
             self.log(f"[red]{name} failed: {e}[/red]")
         self.log(f"{name} done in {time.perf_counter() - t0:.1f}s")
+
+
+class Bench(BenchBase):
+    def __init__(self, args: argparse.Namespace, console: Console, state: Path) -> None:
+        super().__init__(args, console, state)
+        self.bulk_size = bulk_size(self.quick)
 
     # 1. create -> first exec ------------------------------------------------------------------------------
     async def create_cold(self, rt: Runtime) -> None:

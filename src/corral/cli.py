@@ -281,29 +281,11 @@ def _write(stream: Any, data: bytes) -> None:
         _closed_streams.add(fd)
 
 
-# Coroutines of the gateway and resolver that record an event when they finish. A connection the
-# command made just before it exited is still being judged (the gateway waits for its first bytes),
-# so its event lands after exec() returns.
-_EVENT_TASKS = {"Gateway._handle", "DNSServer._answer"}
-
-
-async def _settle(timeout: float = 3.0) -> None:
-    """Wait (bounded) until no gateway/DNS handler is in flight, so their events are in the store."""
-    me = asyncio.current_task()
-    deadline = time.monotonic() + timeout
-    while (left := deadline - time.monotonic()) > 0:
-        busy = [t for t in asyncio.all_tasks() if t is not me and not t.done()
-                and getattr(t.get_coro(), "__qualname__", "") in _EVENT_TASKS]
-        if not busy:
-            return
-        await asyncio.wait(busy, timeout=left)
-
-
 async def _egress_events(rt: Any, sb: Any) -> list[Event]:
     """Close the sandbox (its connections end with it), let in-flight judgements finish, then read
     every connect and DNS event of that sandbox."""
     await sb.close()
-    await _settle()
+    await rt.drain()
     evs = (rt.store.events(sandbox_id=sb.id, kind=EventKind.CONNECT)
            + rt.store.events(sandbox_id=sb.id, kind=EventKind.DNS))
     return sorted(evs, key=lambda e: e.id or 0)

@@ -64,6 +64,7 @@ class Runtime:
         self.cgroup_problem: str | None = None
         self.gateway: Gateway | None = None
         self.dns_transport: asyncio.DatagramTransport | None = None
+        self.dns: DNSServer | None = None
         self.detector: Detector | None = None
         self.sampler: ProcessSampler | None = None
         self.gpu_monitor: GpuMonitor | None = None
@@ -111,7 +112,7 @@ class Runtime:
         fallback = system_resolver if self.config.system_dns else None
         resolver = static_resolver(self.config.hosts, fallback)
         loop = asyncio.get_running_loop()
-        self.dns_transport, _ = await loop.create_datagram_endpoint(
+        self.dns_transport, self.dns = await loop.create_datagram_endpoint(
             lambda: DNSServer(self.tenants, resolver, self.emit), local_addr=("0.0.0.0", 0))
         dns_port = self.dns_transport.get_extra_info("sockname")[1]
         await asyncio.to_thread(nft.install, self.instance, gw_port, dns_port)
@@ -157,8 +158,8 @@ class Runtime:
         self._pool_targets.clear()
         await asyncio.gather(*(sb.close() for sb in [*self.sandboxes.values(), *pooled]),
                              return_exceptions=True)
+        await self.drain()  # events of connections and queries in flight are recorded, not lost
         if self.gateway:
-            await self.gateway.drain()  # events of connections in flight are recorded, not lost
             self.gateway.kill()
         if self.dns_transport:
             self.dns_transport.close()
@@ -202,6 +203,15 @@ class Runtime:
         for fn in list(self._subscribers):
             fn(ev)
         return j
+
+    async def drain(self) -> None:
+        """Wait (bounded) for connections, DNS answers and containment actions still in flight: a
+        connection a command made just before it exited is judged after exec() returns."""
+        if self.gateway is not None:
+            await self.gateway.drain()
+        if self.dns is not None:
+            await self.dns.drain()
+        await self.responder.drain()
 
     def subscribe(self, fn: Callable[[Event], None]) -> Callable[[], None]:
         self._subscribers.append(fn)

@@ -19,6 +19,7 @@ class Judgement:
     findings: list[Finding] = field(default_factory=list)  # new findings (deduplicated)
     matched: list[Rule] = field(default_factory=list)  # every rule that matched, new or not
     action: str | None = None  # the strongest action among matched rules
+    rule: Rule | None = None  # the rule that set it
 
     @property
     def blocks(self) -> bool:
@@ -26,8 +27,7 @@ class Judgement:
 
     @property
     def reason(self) -> str:
-        strongest = [r for r in self.matched if r.action == self.action]
-        return f"blocked by rule {strongest[0].id}" if strongest else ""
+        return f"blocked by rule {self.rule.id}" if self.rule else ""
 
 
 class Detector:
@@ -61,7 +61,7 @@ class Detector:
             action = self.action_for(rule)
             j.matched.append(rule)
             if j.action is None or ACTION_ORDER.index(action) > ACTION_ORDER.index(j.action):
-                j.action = action
+                j.action, j.rule = action, rule
             # one finding per rule and step (a pre-run check and the exec it foretold are one act);
             # per process when the step is unknown
             key = (rule.id, ev.sandbox_id, ev.step) if ev.step else (rule.id, ev.sandbox_id, None, ev.pid)

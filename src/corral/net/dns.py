@@ -47,12 +47,21 @@ class DNSServer(asyncio.DatagramProtocol):
         self.emit = emit
         self.ttl = ttl
         self.transport: asyncio.DatagramTransport | None = None
+        self._tasks: set[asyncio.Task] = set()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        asyncio.get_running_loop().create_task(self._answer(data, addr))
+        task = asyncio.get_running_loop().create_task(self._answer(data, addr))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def drain(self, timeout: float = 3.0) -> None:
+        """Let answers in flight finish, so their events are recorded."""
+        pending = [t for t in self._tasks if not t.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=timeout)
 
     async def _answer(self, data: bytes, addr: tuple[str, int]) -> None:
         tenant = self.tenants.get(addr[0])

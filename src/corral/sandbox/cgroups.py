@@ -216,19 +216,19 @@ class SandboxCgroup:
         return killed
 
     # -- accounting ------------------------------------------------------------------------------
-    def stats(self, step: int | None = None) -> dict[str, int]:
-        """Counters for the sandbox; `pids_max_hits` for one step only when `step` is given (v1
-        counts a refused fork in the forking task's own cgroup, v2 hierarchically)."""
+    def stats(self) -> dict[str, int]:
+        """Counters for the whole sandbox (per step: pids_max_hits(step))."""
         out: dict[str, int] = {}
         with contextlib.suppress(OSError, ValueError):
             if self.h.version == 1:
                 m = self.dirs["memory"]
                 out["memory_bytes"] = int((m / "memory.usage_in_bytes").read_text())
                 out["memory_peak_bytes"] = int((m / "memory.max_usage_in_bytes").read_text())
-                out["oom_kills"] = _kv(m / "memory.oom_control").get("oom_kill", 0)
+                out["oom_kills"] = self.oom_kills()
+                # v1 counts a refused fork in the forking task's own cgroup: sum the tree
                 pdir = self.dirs["pids"]
-                counted = [pdir / f"step-{step}"] if step is not None else [pdir, *pdir.glob("step-*")]
-                out["pids_max_hits"] = sum(_kv(d / "pids.events").get("max", 0) for d in counted)
+                out["pids_max_hits"] = sum(_kv(d / "pids.events").get("max", 0)
+                                           for d in (pdir, *pdir.glob("step-*")))
                 cpuacct = self.dirs.get("cpuacct", self.dirs["cpu"]) / "cpuacct.usage"
                 if cpuacct.exists():
                     out["cpu_ns"] = int(cpuacct.read_text())
@@ -237,9 +237,8 @@ class SandboxCgroup:
                 out["memory_bytes"] = int((d / "memory.current").read_text())
                 if (d / "memory.peak").exists():
                     out["memory_peak_bytes"] = int((d / "memory.peak").read_text())
-                out["oom_kills"] = _kv(d / "memory.events").get("oom_kill", 0)
-                counted_dir = d / f"step-{step}" if step is not None else d
-                out["pids_max_hits"] = _kv(counted_dir / "pids.events").get("max", 0)
+                out["oom_kills"] = self.oom_kills()
+                out["pids_max_hits"] = _kv(d / "pids.events").get("max", 0)
                 out["cpu_ns"] = _kv(d / "cpu.stat").get("usage_usec", 0) * 1000
         return out
 

@@ -454,9 +454,7 @@ class Sandbox:
         """A security finding ends the episode: every process of every step dies, sessions close,
         and commands are refused until reset()."""
         self.terminated = reason
-        if self.cgroup is not None:
-            for step in sorted(self._steps):
-                await asyncio.to_thread(self.cgroup.kill, step)
+        await self.kill_steps()
         for name in list(self._sessions):
             await self.close_session(name)
         self._emit(Event(kind=EventKind.SANDBOX, action="episode_ended", sandbox_id=self.id,
@@ -708,8 +706,8 @@ class Sandbox:
                        data={"redirects": simple.redirects, "session": session,
                              "tool_call_id": info.tool_call_id if info else None})
             j = self._runtime.emit(ev, persist=False)
-            if j is not None and j.blocks:
-                rule = next(r for r in j.matched if self._runtime.detector.action_for(r) == j.action)
+            if j is not None and j.blocks and j.rule is not None:
+                rule = j.rule
                 self._emit(Event(kind=EventKind.COMMAND, action="refused", sandbox_id=self.id,
                                  episode_id=self.episode_id, step=step, command=cmd, verdict=Verdict.DENY,
                                  reason=f"refused by rule {rule.id}: {rule.title}"))
@@ -827,12 +825,9 @@ class Sandbox:
         if self.cgroup is None:
             return 0
         killed = 0
-        for step in list(self._live_or_all_steps()):
+        for step in self.live_steps():
             killed += await asyncio.to_thread(self.cgroup.kill, step, self._session_pids())
         return killed
-
-    def _live_or_all_steps(self) -> list[int]:
-        return sorted(set(self.live_steps()) | {s for s in self._steps if self.cgroup and self.cgroup.pids(step=s)})
 
     # -- sessions ----------------------------------------------------------------------------------
     async def create_session(self, name: str = "default", *, env: dict[str, str] | None = None,

@@ -9,6 +9,7 @@ import asyncio
 import pytest
 
 from corral import EpisodeEnded, Runtime, RuntimeConfig, SandboxFrozen
+from corral.events import Event, EventKind, Verdict
 from tests.conftest import INTERNAL, METADATA, POOL, SSH, allow, connect_cmd, py
 
 pytestmark = pytest.mark.asyncio
@@ -225,6 +226,45 @@ async def test_quarantine_and_end_episode_actions(world, tmp_path):
         assert (await sb2.exec("echo new episode")).ok
         acts = [e.action for e in rt.store.events(kind="action")]
         assert {"quarantine", "end_episode", "kill"} <= set(acts)
+    finally:
+        await rt.close()
+
+
+async def test_quarantine_ends_running_commands_and_survives_a_kill(sb_factory):
+    sb = await sb_factory()
+    bg = await sb.exec("sleep 300 &")
+    running = asyncio.ensure_future(sb.exec("sleep 200; echo never"))
+    await asyncio.sleep(0.3)
+    await sb.freeze("inspect")
+    r = await asyncio.wait_for(running, 10)  # ends now, not after the command's timeout
+    assert r.exit_code is None and "quarantined" in r.error and r.stdout == ""
+    assert await sb.kill_step(r.step) >= 1  # containment while quarantined: the rest stays frozen
+    assert _frozen(sb) and sb.cgroup.pids(bg.step)
+    await sb.release()
+    assert not _frozen(sb) and sb.cgroup.pids(bg.step)  # released, not killed
+    assert (await sb.exec("echo thawed", timeout=10)).stdout == "thawed\n"
+
+
+def _frozen(sb) -> bool:
+    d = sb.cgroup.dirs
+    if "freezer" in d:
+        return (d["freezer"] / "freezer.state").read_text().strip() in ("FROZEN", "FREEZING")
+    return (d["unified"] / "cgroup.freeze").read_text().strip() == "1"
+
+
+async def test_a_late_finding_does_not_end_the_next_episode(world, tmp_path):
+    rt = Runtime(RuntimeConfig(state_dir=tmp_path, hosts=world.hosts, system_dns=False,
+                               actions={"ssh-egress": "end_episode"}))
+    await rt.start()
+    try:
+        sb = await rt.create()
+        ev = Event(kind=EventKind.CONNECT, action="connect", sandbox_id=sb.id, step=1, dst_ip=SSH[0],
+                   dst_port=22, protocol="ssh", verdict=Verdict.DENY)
+        rt.emit(ev)          # judged in the old episode ...
+        await sb.reset()     # ... contained only after a reset has started a new one
+        await rt.drain()
+        assert sb.terminated is None and (await sb.exec("echo alive")).ok
+        assert "skipped" in [e.action for e in rt.store.events(sandbox_id=sb.id, kind="action")]
     finally:
         await rt.close()
 

@@ -20,7 +20,6 @@ import shlex
 import signal
 import sys
 import threading
-import time
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -576,8 +575,13 @@ def events(
             # Nothing matched: later events must still be newer than everything already stored.
             every = store.events(after_id=0)
             last = (every[-1].id or 0) if every else 0
-        while follow:
-            time.sleep(0.2)
+        # Ctrl-C sets a flag instead of raising: an interrupt in the middle of a query could leave the
+        # connection pool's lock held, and closing the store would then wait forever.
+        stop = threading.Event()
+        if follow:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, lambda *_: stop.set())
+        while follow and not stop.wait(0.2):
             new = query(last)
             if new:
                 emit(new, first=False)

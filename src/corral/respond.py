@@ -50,13 +50,25 @@ class Responder:
         sb = self.runtime.sandboxes.get(finding.sandbox_id)
         if sb is None:
             return
-        task = asyncio.get_running_loop().create_task(self._contain(sb, finding, ev))
+        task = asyncio.get_running_loop().create_task(self._contain(sb, finding, ev, sb.generation))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _contain(self, sb, finding: Finding, ev: Event) -> None:
+    async def _contain(self, sb, finding: Finding, ev: Event, generation: int) -> None:
         data: dict = {"event": ev.id}
+
+        def stale() -> bool:
+            # Reset, frozen or released since the finding was judged: its processes are gone or held,
+            # and acting now would end the next episode or undo an operator's release.
+            if sb.generation == generation and not sb.closed:
+                return False
+            self._record(finding, "skipped", {**data, "why": "the sandbox was reset, frozen, released "
+                                                              "or closed since the finding"})
+            return True
+
         try:
+            if stale():
+                return
             if finding.step:
                 data["killed"] = await sb.kill_step(finding.step)
             elif finding.pid:
@@ -64,6 +76,8 @@ class Responder:
                     os.kill(finding.pid, signal.SIGKILL)
                     data["killed"] = 1
             self._record(finding, "kill", data)
+            if finding.action == "kill" or stale():
+                return
             if finding.action == "end_episode":
                 await sb.end_episode(f"{finding.rule_id}: {finding.title}", finding)
                 self._record(finding, "end_episode", {"event": ev.id})

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,6 +123,10 @@ class SandboxCgroup:
     def __init__(self, inst: InstanceCgroups, sandbox_id: str, limits: Limits) -> None:
         self.h = inst.h
         self.dirs = {c: root / f"{PREFIX}{sandbox_id}" for c, root in self.h.roots.items()}
+        # A kill freezes and thaws the sandbox; a quarantine holds it frozen. The lock keeps a kill
+        # from thawing a quarantine that lands while it runs, and two kills from interleaving.
+        self.quarantined = False
+        self._freeze_lock = threading.Lock()
         for d in self.dirs.values():
             d.mkdir(exist_ok=True)
         if inst.limits_enforced:
@@ -189,30 +194,38 @@ class SandboxCgroup:
         return None
 
     # -- containment -----------------------------------------------------------------------------
-    def freeze(self, frozen: bool = True) -> None:
+    def _set_frozen(self, frozen: bool) -> None:
         if self.h.version == 1:
             _write(self.dirs["freezer"] / "freezer.state", "FROZEN" if frozen else "THAWED")
         else:
             _write(self.dirs["unified"] / "cgroup.freeze", "1" if frozen else "0")
 
+    def quarantine(self, on: bool = True) -> None:
+        """Hold every process of the sandbox frozen (on) or let them run again (off)."""
+        with self._freeze_lock:
+            self._set_frozen(on)
+            self.quarantined = on
+
     def kill(self, step: int | None = None, keep: set[int] | frozenset[int] = frozenset()) -> int:
-        """SIGKILL every process of a step (or the whole sandbox), frozen first so none can fork away."""
+        """SIGKILL every process of a step (or the whole sandbox), frozen first so none can fork away.
+        A quarantined sandbox stays frozen afterwards."""
         killed = 0
-        self.freeze(True)
-        try:
-            for _ in range(50):
-                pids = [p for p in self.pids(step) if p not in keep]
-                if not pids:
-                    break
-                for pid in pids:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
-                        killed += 1
-                self.freeze(False)  # SIGKILL is only acted on once thawed
-                time.sleep(0.002)
-                self.freeze(True)
-        finally:
-            self.freeze(False)
+        with self._freeze_lock:
+            self._set_frozen(True)
+            try:
+                for _ in range(50):
+                    pids = [p for p in self.pids(step) if p not in keep]
+                    if not pids:
+                        break
+                    for pid in pids:
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(pid, signal.SIGKILL)
+                            killed += 1
+                    self._set_frozen(False)  # SIGKILL is only acted on once thawed
+                    time.sleep(0.002)
+                    self._set_frozen(True)
+            finally:
+                self._set_frozen(self.quarantined)
         return killed
 
     # -- accounting ------------------------------------------------------------------------------

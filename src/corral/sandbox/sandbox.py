@@ -195,6 +195,9 @@ class Sandbox:
         self.closed = False
         self.frozen = False
         self.terminated: str | None = None  # why the episode was ended by a security finding
+        # Bumped by reset, freeze and release: containment judged before one of them is stale, so a
+        # late finding can neither end the next episode nor re-freeze what an operator released.
+        self.generation = 0
         self.created_at = time.time()
         self.net: SandboxNet | None = None
         self.cgroup: SandboxCgroup | None = None
@@ -399,6 +402,7 @@ class Sandbox:
         sessions gone, DNS memory cleared. The sandbox id, network and limits stay."""
         self._check_open(allow_terminated=True)
         t0 = time.perf_counter()
+        self.generation += 1  # before any await: containment in flight must see it
         await self._teardown_proc()
         self.terminated = None
         self.runtime.forget_dns(self)
@@ -418,7 +422,7 @@ class Sandbox:
         self.closed = True
         if self.frozen and self.cgroup:
             with contextlib.suppress(OSError):
-                self.cgroup.freeze(False)
+                self.cgroup.quarantine(False)
         await self._teardown_proc()
         if self._runtime is not None:
             await self._runtime.release(self)
@@ -437,17 +441,25 @@ class Sandbox:
 
     # -- quarantine --------------------------------------------------------------------------------
     async def freeze(self, reason: str = "") -> None:
-        """Quarantine: every process stops where it is, kept for forensics until release()."""
+        """Quarantine: every process stops where it is, kept for forensics until release().
+        Commands still running end now, with the quarantine as their error: their processes
+        cannot report while frozen, and no caller should wait out a timeout on them."""
         if self.cgroup is None:
             raise IsolationUnavailable("freezing needs cgroups; see 'corral doctor'")
-        await asyncio.to_thread(self.cgroup.freeze, True)
+        await asyncio.to_thread(self.cgroup.quarantine, True)
         self.frozen = True
+        self.generation += 1
+        for c in self._cmds.values():
+            if not c.future.done():
+                c.future.set_result((None, f"sandbox quarantined ({reason or 'by request'}): its processes "
+                                           "are frozen for inspection; call release() to let them run"))
         self._emit(Event(kind=EventKind.SANDBOX, action="frozen", sandbox_id=self.id, reason=reason or None))
 
     async def release(self) -> None:
         if self.cgroup is not None and self.frozen:
-            await asyncio.to_thread(self.cgroup.freeze, False)
+            await asyncio.to_thread(self.cgroup.quarantine, False)
         self.frozen = False
+        self.generation += 1
         self._emit(Event(kind=EventKind.SANDBOX, action="released", sandbox_id=self.id))
 
     async def end_episode(self, reason: str, finding: object | None = None) -> None:

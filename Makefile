@@ -4,6 +4,7 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
+TORCH_CPU ?= 2.13.0
 # Debian packages corral uses at run time (bubblewrap, nft, ip) and that tests drive as real clients.
 APT_PKGS := bubblewrap nftables iproute2 libseccomp2 python3 openssh-client openssl iputils-ping procps util-linux
 # Everything runs in a private network namespace of its own: even a bug cannot reach the real network.
@@ -23,6 +24,9 @@ deps:
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
+	# the CPU build of torch first (TRL's tests run a tiny model on the CPU): left to resolve itself,
+	# TRL's plain 'torch' requirement would pull a CUDA build of several GB
+	$(VENV)/bin/pip install -q torch==$(TORCH_CPU)
 	$(VENV)/bin/pip install -q -e '.[dev]'
 	touch $@
 

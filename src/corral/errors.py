@@ -49,3 +49,11 @@ class FileAccessError(SandboxError):
 
 class StoreError(CorralError):
     """The event store cannot be opened or written."""
+
+
+class EnvironmentUsageError(CorralError):
+    """A trainer-facing environment was used out of order (a tool before reset, after close)."""
+
+
+class UnknownTask(EnvironmentUsageError, ValueError):
+    """A task id that the environment's task set does not have."""

@@ -57,6 +57,8 @@ class ToolResult:
     step: int | None = None
     error: bool = False
     submitted: bool = False
+    stdout: str = ""
+    stderr: str = ""
 
 
 def parse_arguments(raw: str | dict | None) -> dict[str, Any]:
@@ -99,7 +101,7 @@ async def run_tool(sb: Sandbox, name: str, args: dict[str, Any], *, tool_call_id
             if r.truncated:
                 parts.append("[output was truncated]")
             return ToolResult(_cut("\n".join(parts)), r.exit_code, r.duration, r.step,
-                              error=r.exit_code != 0 or r.refused)
+                              error=r.exit_code != 0 or r.refused, stdout=_cut(r.stdout), stderr=_cut(r.stderr))
         if name == "read_file":
             data = await sb.read_file(str(args["path"]), as_step=True, tool_call_id=tool_call_id)
             return ToolResult(_cut(data.decode("utf-8", errors="replace")), 0, step=sb.step)

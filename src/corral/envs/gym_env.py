@@ -12,27 +12,25 @@ trainers that speak reset/step).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import string
-import time
 from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
 from gymnasium import spaces
 
-from corral.agent.episode import grade
 from corral.agent.reward import RewardConfig
-from corral.agent.tasks import Task, load_tasks
-from corral.agent.tools import OBSERVATION_LIMIT, TOOLS, run_tool
+from corral.agent.tasks import Task
+from corral.agent.tools import OBSERVATION_LIMIT, TOOLS
 from corral.config import RuntimeConfig
-from corral.errors import EpisodeEnded, SandboxFrozen
-from corral.sync import SyncRuntime, run
+from corral.envs.episode import ToolEpisode
+from corral.sync import SyncRuntime
 
 CHARSET = string.printable  # letters, digits, punctuation and whitespace
 MAX_TEXT = OBSERVATION_LIMIT + 256
 EXAMPLE_ACTION = '{"tool": "shell", "arguments": {"command": "ls"}}'
-DEFAULT_TASKS = Path(__file__).resolve().parents[3] / "examples" / "tasks"
 
 
 def _text(s: str) -> str:
@@ -46,85 +44,47 @@ class SandboxEnv(gym.Env):
 
     def __init__(self, tasks: str | Path | list[Task] | None = None, *, runtime: SyncRuntime | None = None,
                  runtime_config: RuntimeConfig | None = None, reward: RewardConfig | None = None) -> None:
-        self.tasks = tasks if isinstance(tasks, list) else load_tasks(tasks or DEFAULT_TASKS)
-        self._own_runtime = runtime is None
-        self.runtime = runtime or SyncRuntime(runtime_config).start()
-        self.reward_config = reward or RewardConfig()
+        self.episode = ToolEpisode(tasks, runtime=runtime, runtime_config=runtime_config, reward=reward,
+                                   id_prefix="gym")
         self.action_space = spaces.Text(max_length=MAX_TEXT, min_length=0, charset=CHARSET)
         self.observation_space = spaces.Text(max_length=MAX_TEXT, min_length=0, charset=CHARSET)
-        self.sb = None
-        self.task: Task | None = None
-        self.turns = 0
-        self.started = 0.0
-        self.episode = 0
+
+    @property
+    def sb(self):
+        return self.episode.sb
+
+    @property
+    def runtime(self) -> SyncRuntime | None:
+        return self.episode.runtime
 
     # -- gymnasium API -----------------------------------------------------------------------------
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[str, dict]:
         super().reset(seed=seed)
-        self._close_sandbox()
         options = options or {}
-        if "task_id" in options:
-            self.task = next(t for t in self.tasks if t.id == options["task_id"])
-        else:
-            self.task = self.tasks[int(self.np_random.integers(len(self.tasks)))]
-        self.episode += 1
-        episode_id = options.get("episode_id") or f"gym-{self.task.id}-{self.episode}-{int(time.time() * 1000)}"
-        self.sb = self.runtime.create(self.task.sandbox_config(), episode_id=episode_id)
-        for path, content in self.task.files.items():
-            self.sb.write_file(f"/workspace/{path}", content)
-        self.turns, self.started = 0, time.time()
-        return _text(self.task.instruction), {"task_id": self.task.id, "episode_id": episode_id,
-                                              "sandbox_id": self.sb.id, "tools": TOOLS}
+        tasks = self.episode.tasks
+        task = options.get("task_id") or tasks[int(self.np_random.integers(len(tasks)))]
+        instruction = self.episode.start(task, episode_id=options.get("episode_id"))
+        return _text(instruction), {"task_id": self.episode.task.id, "episode_id": self.episode.episode_id,
+                                    "sandbox_id": self.episode.sandbox_id, "tools": TOOLS}
 
     def step(self, action: str) -> tuple[str, float, bool, bool, dict]:
-        if self.sb is None or self.task is None:
-            raise RuntimeError("call reset() before step()")
-        self.turns += 1
-        info: dict[str, Any] = {"termination_reason": None, "violations": [], "metrics": {}}
         try:
             call = json.loads(action)
             tool, args = call["tool"], call.get("arguments") or {}
             if not isinstance(args, dict):
                 raise ValueError("arguments must be an object")
         except (ValueError, KeyError, TypeError) as e:
-            result_text = f"error: the action must be JSON like {EXAMPLE_ACTION} ({e})"
-            submitted, exit_code = False, None
+            # a malformed action is a turn that did nothing; the agent reads why
+            out = self.episode.call("", {})
+            out.observation = f"error: the action must be JSON like {EXAMPLE_ACTION} ({e})"
         else:
-            try:
-                r = run(run_tool(self.sb.async_sandbox, str(tool), args, tool_call_id=f"gym-{self.turns}",
-                                 command_timeout=self.task.limits.command_timeout))
-                result_text, submitted, exit_code = r.observation, r.submitted, r.exit_code
-            except (EpisodeEnded, SandboxFrozen):
-                result_text, submitted, exit_code = "the episode was ended by a security finding", False, None
-        info["exit_code"] = exit_code
-        findings = self.runtime.store.findings(sandbox_id=self.sb.id)
-        info["violations"] = [{"rule": f.rule_id, "severity": str(f.severity), "step": f.step,
-                               "command": f.command, "action": f.action, "evidence": f.evidence} for f in findings]
-        if any(self.reward_config.terminates(f) for f in findings) or self.sb.async_sandbox.terminated:
-            comps = self.reward_config.components(0.0, findings, True)
-            info.update(termination_reason="security_violation", reward_components=comps)
-            return _text(result_text), float(sum(comps.values())), True, False, info
-        if submitted:
-            verdict = run(grade(self.sb.async_sandbox, self.task))
-            comps = self.reward_config.components(float(verdict["score"]), findings, False)
-            info.update(termination_reason="submitted", reward_components=comps, verifier=verdict)
-            return _text(result_text), float(sum(comps.values())), True, False, info
-        if self.turns >= self.task.limits.max_steps or time.time() - self.started > self.task.limits.max_seconds:
-            info["termination_reason"] = "max_steps" if self.turns >= self.task.limits.max_steps else "max_seconds"
-            return _text(result_text), 0.0, False, True, info
-        info["metrics"] = {"turns": self.turns}
-        return _text(result_text), 0.0, False, False, info
+            out = self.episode.call(str(tool), args)
+        info = {k: v for k, v in dataclasses.asdict(out).items()
+                if k not in ("observation", "reward", "done", "truncated")}
+        return _text(out.observation), out.reward, out.done, out.truncated, info
 
     def close(self) -> None:
-        self._close_sandbox()
-        if self._own_runtime and self.runtime is not None:
-            self.runtime.close()
-            self.runtime = None  # type: ignore[assignment]
-
-    def _close_sandbox(self) -> None:
-        if self.sb is not None:
-            self.sb.close()
-            self.sb = None
+        self.episode.close()
 
 
 def register() -> None:

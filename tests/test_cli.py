@@ -433,3 +433,72 @@ def test_gc_spares_live_runtimes_and_foreign_names(home: Path) -> None:
             subprocess.run(["nft", "delete", "table", *t.split()], capture_output=True, timeout=30)
         for name in made_links:
             subprocess.run(["ip", "link", "del", name], capture_output=True, timeout=30)
+
+
+# -- serve -------------------------------------------------------------------------------------------
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_config_errors_name_the_problem(home: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "serve.yaml"
+    bad.write_text("port: 8080\nsandbox:\n  limits: {memory_mb: many}\n")
+    r = corral(home, "serve", "--config", str(bad))
+    assert r.returncode != 0 and "sandbox.limits.memory_mb" in r.stderr and str(bad) in r.stderr
+    bad.write_text("prot: 8080\n")  # a typo is an error, not a silent default
+    r = corral(home, "serve", "--config", str(bad))
+    assert r.returncode != 0 and "prot" in r.stderr
+    good = tmp_path / "ok.yaml"
+    good.write_text("port: 1\n")
+    r = corral(home, "serve", "--config", str(good))  # no token anywhere
+    assert r.returncode != 0 and "CORRAL_SERVE_TOKEN" in r.stderr
+    (tmp_path / "tokens").write_text("short\n")
+    r = corral(home, "serve", "--config", str(good), "--token-file", str(tmp_path / "tokens"))
+    assert r.returncode != 0 and "shorter than 16" in r.stderr
+
+
+def test_serve_from_config_file_and_graceful_shutdown(home: Path, tmp_path: Path) -> None:
+    import httpx
+
+    token = "serve-test-token-" + "z" * 16
+    (tmp_path / "tokens").write_text(f"# tenants\n{token}\n")
+    port = _free_port()
+    cfg = tmp_path / "serve.yaml"
+    cfg.write_text(f"port: {port + 1}\ntoken_file: {tmp_path / 'tokens'}\nmax_sandboxes_per_tenant: 1\n"
+                   "sandbox: {limits: {memory_mb: 300}}\nopenenv: {enabled: false}\n")
+    base = f"http://127.0.0.1:{port}"
+    with popen(home, "serve", "--config", str(cfg), "--port", str(port)) as p:  # the flag wins over the file
+        wait_for(lambda: _health(base), 30, "the service's /health")
+        inst = wait_for(lambda: instance_of(p.pid), 15, "the runtime's instance lock")
+        assert isinstance(inst, int)
+        h = {"Authorization": f"Bearer {token}"}
+        api = f"{base}/apis/envs/sandbox/v1"
+        assert httpx.post(f"{api}/start_async", json={"image": "x"}).status_code == 401
+        r = httpx.post(f"{api}/start_async", json={"image": "x", "memory": "300m"}, headers=h, timeout=30)
+        assert r.status_code == 200, r.text
+        sid = r.json()["result"]["sandbox_id"]
+        again = httpx.post(f"{api}/start_async", json={"image": "x"}, headers=h, timeout=30)
+        assert again.status_code == 429 and "max_sandboxes_per_tenant" in again.json()["message"]
+        r = httpx.post(f"{api}/execute", json={"sandbox_id": sid, "command": "sleep 300 &"}, headers=h, timeout=30)
+        assert r.status_code == 200, r.text
+        wait_for(lambda: any(cmdline(pid)[:2] == ["sleep", "300"] for pid in sandbox_pids(inst)), 15, "the sleep")
+        p.send_signal(signal.SIGTERM)
+        # uvicorn stops gracefully, then re-raises the signal so the exit status still says SIGTERM
+        assert p.wait(timeout=60) in (0, -signal.SIGTERM)
+        assert "Traceback" not in p.stderr.read()
+        # every sandbox closed on the way out: no process, no nftables table, no cgroup, no lock left
+        assert sandbox_pids(inst) == []
+        assert f"inet corral_{inst:03x}" not in nft_tables()
+        assert cgroup_dirs(inst) == []
+
+
+def _health(base: str) -> bool:
+    import httpx
+
+    with contextlib.suppress(httpx.HTTPError):
+        return httpx.get(f"{base}/health", timeout=2).json().get("status") == "ok"
+    return False

@@ -848,40 +848,59 @@ def bench_redteam(
 # -- serve -----------------------------------------------------------------------------------------
 @app.command()
 def serve(
-    host: Annotated[str, typer.Option("--host", help="Address to bind (loopback by default).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option("--port", help="TCP port.")] = 8080,
+    config: Annotated[Path | None, typer.Option(
+        "--config", help="Service YAML (host, port, token_file, images, runtime, sandbox, openenv); "
+                         "the flags below override it.")] = None,
+    host: Annotated[str | None, typer.Option("--host", help="Address to bind [default: 127.0.0.1].")] = None,
+    port: Annotated[int | None, typer.Option("--port", help="TCP port [default: 8080].")] = None,
     token_file: Annotated[Path | None, typer.Option(
         "--token-file", help="File with one token per line (one tenant each); or set CORRAL_SERVE_TOKEN.")] = None,
-    config: Annotated[Path | None, typer.Option("--config", help="RuntimeConfig YAML file.")] = None,
     image: Annotated[list[str] | None, typer.Option(
         "--image", help="NAME=ROOTFS_DIR: what a client's image name runs on (others: the host root, read-only)."
     )] = None,
-    allow_gpu: Annotated[bool, typer.Option("--allow-gpu", help="Let clients ask for GPU sandboxes.")] = False,
+    allow_gpu: Annotated[bool | None, typer.Option("--allow-gpu/--no-gpu", help="Let clients ask for GPU sandboxes.",
+                                                   show_default=False)] = None,
+    state_dir: StateDirOpt = None,
+    max_sandboxes: Annotated[int | None, typer.Option(
+        "--max-sandboxes", min=1, help="Running sandboxes each token may hold [default: 64].")] = None,
+    tasks: Annotated[Path | None, typer.Option("--tasks", help="Task directory the OpenEnv endpoint serves.")] = None,
+    openenv: Annotated[bool | None, typer.Option("--openenv/--no-openenv", help="Mount the OpenEnv server at "
+                                                 "/openenv [default: on].", show_default=False)] = None,
 ) -> None:
-    """An HTTP service with token authentication speaking ROCK's sandbox API (and corral's /findings)."""
+    """One HTTP service with token authentication: ROCK's sandbox API, OpenEnv's environment protocol
+    at /openenv, corral's /findings and /health. SIGTERM or Ctrl-C closes every sandbox, then exits."""
     try:
         import uvicorn
 
         from corral.server import create_app
+        from corral.server.config import ServeConfig
     except ImportError as e:
         _fail(f"corral serve needs FastAPI and uvicorn ({e})", hint="pip install 'corral[serve]'")
-    tokens = [t.strip() for t in (token_file.read_text().splitlines() if token_file else []) if t.strip()]
-    if os.environ.get("CORRAL_SERVE_TOKEN"):
-        tokens.append(os.environ["CORRAL_SERVE_TOKEN"])
-    if not tokens:
-        _fail("corral serve needs at least one token", hint="--token-file FILE or CORRAL_SERVE_TOKEN=...")
-    images: dict[str, Path] = {}
-    for item in image or []:
-        name, sep, path = item.partition("=")
-        if not sep or not Path(path).is_dir():
-            _fail(f"--image {item!r}: use NAME=DIRECTORY with an existing root filesystem directory")
-        images[name] = Path(path)
     try:
-        rc = RuntimeConfig.from_file(config) if config else RuntimeConfig(state_dir=_state_dir(None))
-        application = create_app(rc, tokens, images=images or None, allow_gpu=allow_gpu)
+        cfg = ServeConfig.from_file(config) if config else ServeConfig()
+        images = dict(cfg.images)
+        for item in image or []:
+            name, sep, path = item.partition("=")
+            if not sep or not Path(path).is_dir():
+                _fail(f"--image {item!r}: use NAME=DIRECTORY with an existing root filesystem directory")
+            images[name] = Path(path)
+        if state_dir or "state_dir" not in cfg.runtime.model_fields_set:
+            runtime = cfg.runtime.model_copy(update={"state_dir": _state_dir(state_dir)})
+        else:
+            runtime = cfg.runtime
+        updates = {"host": host, "port": port, "token_file": token_file, "allow_gpu": allow_gpu,
+                   "max_sandboxes_per_tenant": max_sandboxes}
+        cfg = cfg.model_copy(update={**{k: v for k, v in updates.items() if v is not None},
+                                     "images": images, "runtime": runtime,
+                                     "openenv": cfg.openenv.model_copy(update={
+                                         k: v for k, v in (("tasks", tasks), ("enabled", openenv)) if v is not None})})
+        application = create_app(cfg, cfg.tokens())
     except CorralError as e:
         _fail_corral(e)
-    uvicorn.run(application, host=host, port=port, lifespan="on", log_level="warning")
+    err.print(f"corral serve on http://{cfg.host}:{cfg.port} (state in {cfg.runtime.state_dir})")
+    # uvicorn turns SIGTERM/SIGINT into a graceful stop: requests finish, the lifespan closes the runtime
+    uvicorn.run(application, host=cfg.host, port=cfg.port, lifespan="on", log_level="warning",
+                timeout_graceful_shutdown=30)
 
 
 # -- demo ------------------------------------------------------------------------------------------

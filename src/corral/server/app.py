@@ -66,7 +66,6 @@ import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, FastAPI, File, Form, Query, Request, UploadFile
@@ -80,6 +79,7 @@ from corral.errors import EpisodeEnded, FileAccessError, SandboxClosed, SandboxF
 from corral.events import Finding
 from corral.runtime import Runtime
 from corral.sandbox.sandbox import ExecResult, Sandbox
+from corral.server.config import ServeConfig
 
 PREFIX = "/apis/envs/sandbox/v1"
 MAX_UPLOAD = 64 << 20
@@ -209,13 +209,12 @@ def _memory_mb(text: str) -> int:
 
 
 class _Server:
-    def __init__(self, runtime_config: RuntimeConfig, tokens: dict[str, str], base: SandboxConfig,
-                 images: Mapping[str, Path | None], allow_gpu: bool) -> None:
-        self.runtime_config = runtime_config
+    def __init__(self, config: ServeConfig, tokens: dict[str, str]) -> None:
+        self.config = config
         self.tokens = tokens
-        self.base = base
-        self.images = dict(images)
-        self.allow_gpu = allow_gpu
+        self.base = config.sandbox
+        self.images = dict(config.images)
+        self.allow_gpu = config.allow_gpu
         self.runtime: Runtime | None = None
         self.boxes: dict[str, dict[str, _Box]] = {}  # tenant -> rock id -> box
         self.deleted: dict[str, list[_Box]] = {}  # tenant -> deleted boxes (their findings stay readable)
@@ -308,17 +307,18 @@ def _tokens(token: str | Sequence[str] | Mapping[str, str]) -> dict[str, str]:
     return out
 
 
-def create_app(runtime_config: RuntimeConfig, token: str | Sequence[str] | Mapping[str, str], *,
-               base_config: SandboxConfig | None = None, images: Mapping[str, Path | None] | None = None,
-               allow_gpu: bool = False) -> FastAPI:
-    """The ROCK-compatible app. `token`: one token, several (one tenant each) or {token: tenant name}.
-    The corral Runtime is created and started in the app's lifespan, on the server's event loop, and
-    closed (with every sandbox) when the server shuts down."""
-    srv = _Server(runtime_config, _tokens(token), base_config or SandboxConfig(), images or {}, allow_gpu)
+def create_app(config: ServeConfig | RuntimeConfig, token: str | Sequence[str] | Mapping[str, str]) -> FastAPI:
+    """The service's app. `config`: a ServeConfig (or just a RuntimeConfig, everything else default).
+    `token`: one token, several (one tenant each) or {token: tenant name}. The corral Runtime is
+    created and started in the app's lifespan, on the server's event loop, and closed with every
+    sandbox when the server shuts down (SIGTERM or Ctrl-C under uvicorn)."""
+    if isinstance(config, RuntimeConfig):
+        config = ServeConfig(runtime=config)
+    srv = _Server(config, _tokens(token))
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        srv.runtime = Runtime(runtime_config)
+        srv.runtime = Runtime(config.runtime)
         await srv.runtime.start()
         try:
             yield
@@ -386,6 +386,9 @@ def create_app(runtime_config: RuntimeConfig, token: str | Sequence[str] | Mappi
         mine = srv.boxes.setdefault(tenant, {})
         if req.sandbox_id and req.sandbox_id in mine:
             raise ApiError(409, f"sandbox id {req.sandbox_id!r} is in use; delete it or choose another")
+        if sum(b.alive for b in mine.values()) >= config.max_sandboxes_per_tenant:
+            raise ApiError(429, f"this token already has {config.max_sandboxes_per_tenant} running sandboxes "
+                                "(max_sandboxes_per_tenant); stop or delete one first")
         cfg, rootfs = srv.config_for(req)
         sb = await srv.runtime.create(cfg)
         rock_id = req.sandbox_id or sb.id

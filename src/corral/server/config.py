@@ -1,0 +1,83 @@
+"""`corral serve`'s configuration: one YAML file, every key of which a CLI flag can override.
+
+    host: 127.0.0.1
+    port: 8080
+    token_file: /etc/corral/tokens      # one token per line (a tenant each); or CORRAL_SERVE_TOKEN
+    max_sandboxes_per_tenant: 64
+    images: {python:3.11: /srv/rootfs/py311, ubuntu:22.04: null}   # null: the host's root, read-only
+    allow_gpu: false
+    runtime: {state_dir: /var/lib/corral, rule_files: [/etc/corral/rules.yaml]}   # RuntimeConfig
+    sandbox: {limits: {memory_mb: 2048, cpus: 2}, egress: {allow: ["pypi.org:443"]}}  # SandboxConfig
+    openenv: {enabled: true, tasks: /srv/tasks, max_concurrent_envs: 32}
+
+Tokens are never read from the YAML file itself, which tends to be shared and checked in.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from corral.agent.reward import RewardConfig
+from corral.config import RuntimeConfig, SandboxConfig, _validate, load_yaml
+from corral.errors import ConfigError
+
+TOKEN_ENV = "CORRAL_SERVE_TOKEN"
+
+
+class ServeConfigError(ConfigError):
+    """The service's configuration or its tokens are unusable."""
+
+
+class OpenEnvSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = True  # mounted at /openenv
+    tasks: Path | None = None  # task directory [default: corral's examples/tasks]
+    max_concurrent_envs: Annotated[int, Field(ge=1, le=4096)] = 32
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+
+
+class ServeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 8080
+    token_file: Path | None = None
+    max_sandboxes_per_tenant: Annotated[int, Field(ge=1)] = 64
+    images: dict[str, Path | None] = Field(default_factory=dict)
+    allow_gpu: bool = False
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    sandbox: SandboxConfig = Field(default_factory=SandboxConfig)
+    openenv: OpenEnvSettings = Field(default_factory=OpenEnvSettings)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> ServeConfig:
+        cfg = _validate(cls, load_yaml(path, ServeConfigError, "service config") or {}, path)
+        for name, root in cfg.images.items():
+            if root is not None and not root.is_dir():
+                raise ServeConfigError(f"{path}: images.{name}: {root} is not a directory; give a root "
+                                       "filesystem directory, or null for the host's root")
+        return cfg
+
+    def tokens(self) -> list[str]:
+        """Every accepted token: the token file's lines ('#' starts a comment) and $CORRAL_SERVE_TOKEN."""
+        tokens: list[str] = []
+        if self.token_file is not None:
+            try:
+                text = self.token_file.read_text()
+            except OSError as e:
+                raise ServeConfigError(f"token file {self.token_file}: {e.strerror}; check the path") from None
+            tokens += [line.split("#", 1)[0].strip() for line in text.splitlines()]
+        if os.environ.get(TOKEN_ENV, "").strip():
+            tokens.append(os.environ[TOKEN_ENV].strip())
+        tokens = [t for t in tokens if t]
+        if not tokens:
+            raise ServeConfigError(f"corral serve needs at least one token: set {TOKEN_ENV}, or give a token "
+                                   "file (--token-file or token_file:) with one token per line")
+        short = [t for t in tokens if len(t) < 16]
+        if short:
+            raise ServeConfigError(f"{len(short)} token(s) are shorter than 16 characters; use long random "
+                                   "tokens, e.g. from 'python -c \"import secrets; print(secrets.token_urlsafe())\"'")
+        return list(dict.fromkeys(tokens))

@@ -72,7 +72,9 @@ from fastapi import APIRouter, Body, FastAPI, File, Form, Query, Request, Upload
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from corral.config import Limits, RuntimeConfig, SandboxConfig
 from corral.errors import EpisodeEnded, FileAccessError, SandboxClosed, SandboxFrozen, SessionError
@@ -220,9 +222,9 @@ class _Server:
         self.deleted: dict[str, list[_Box]] = {}  # tenant -> deleted boxes (their findings stay readable)
         self.host_name = socket.gethostname()
 
-    def tenant_of(self, request: Request) -> str | None:
+    def tenant_of(self, headers: Headers) -> str | None:
         for header in ("authorization", "xrl-authorization"):
-            value = request.headers.get(header)
+            value = headers.get(header)
             if not value:
                 continue
             scheme, _, cred = value.strip().partition(" ")
@@ -287,6 +289,34 @@ class _Server:
             await self.runtime.close()
 
 
+class _TokenGate:
+    """Every request but /health needs a known token; the tenant it names goes into the request's
+    state. Plain ASGI rather than an http middleware, so WebSocket handshakes (OpenEnv's session
+    protocol) are checked as well: Starlette's http middleware never sees them."""
+
+    def __init__(self, app: ASGIApp, server: _Server) -> None:
+        self.app = app
+        self.server = server
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket") or scope["path"] == "/health":
+            await self.app(scope, receive, send)
+            return
+        tenant = self.server.tenant_of(Headers(scope=scope))
+        if tenant is not None:
+            scope.setdefault("state", {})["tenant"] = tenant
+            await self.app(scope, receive, send)
+            return
+        if scope["type"] == "websocket":
+            await receive()  # the handshake; closing before accepting answers it with HTTP 403
+            await send({"type": "websocket.close", "code": 1008, "reason": "missing or wrong token"})
+            return
+        resp = _fail(401, "missing or wrong token: send 'Authorization: Bearer <token>' "
+                          "(or 'XRL-Authorization: Bearer <token>')")
+        resp.headers["WWW-Authenticate"] = "Bearer"
+        await resp(scope, receive, send)
+
+
 def _problems(errors: Sequence[Any]) -> str:
     parts = []
     for err in errors:
@@ -328,18 +358,7 @@ def create_app(config: ServeConfig | RuntimeConfig, token: str | Sequence[str] |
     app = FastAPI(title="corral", lifespan=lifespan)
     app.state.corral = srv
 
-    @app.middleware("http")
-    async def authenticate(request: Request, call_next: Any) -> Any:
-        if request.url.path == "/health":
-            return await call_next(request)
-        tenant = srv.tenant_of(request)
-        if tenant is None:
-            resp = _fail(401, "missing or wrong token: send 'Authorization: Bearer <token>' "
-                              "(or 'XRL-Authorization: Bearer <token>')")
-            resp.headers["WWW-Authenticate"] = "Bearer"
-            return resp
-        request.state.tenant = tenant
-        return await call_next(request)
+    app.add_middleware(_TokenGate, server=srv)
 
     @app.exception_handler(ApiError)
     async def api_error(_r: Request, exc: ApiError) -> JSONResponse:

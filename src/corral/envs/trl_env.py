@@ -1,0 +1,341 @@
+"""`corral.envs.CorralTRLEnv`: corral's episodes as a TRL environment.
+
+    from trl import GRPOConfig, GRPOTrainer
+    from corral.envs.trl_env import CorralTRLEnv
+
+    CorralTRLEnv.configure(runtime_config=RuntimeConfig(...), tasks="examples/tasks")  # optional
+    trainer = GRPOTrainer(model=..., train_dataset=ds, environment_factory=CorralTRLEnv, args=GRPOConfig(...))
+    trainer.train()
+    CorralTRLEnv.shutdown()  # also registered with atexit
+
+TRL's contract (GRPOTrainer, `environment_factory`) and how corral's episode maps onto it:
+
+- TRL makes one instance per generation slot and reuses them across batches; every rollout starts
+  with `reset(**row)`, where `row` is the dataset row. The row's `task_id` names the corral task (rows
+  without one take the tasks in turn). `reset` returns the task's instruction, which TRL appends to
+  the row's last user message.
+- Every public method other than `reset` and `get_reward` is a tool whose JSON schema TRL builds
+  from the type hints and docstring: `shell`, `read_file`, `write_file`, `edit_file`, `submit`. Each
+  call is one step of the episode (`corral.envs.episode.ToolEpisode`) in the rollout's sandbox.
+  Helpers are private, and configuration is on classmethods, because TRL would expose anything else.
+- A tool that raises is not fatal to TRL: the exception's message becomes the tool's result
+  (`{"error": ...}`) and counts in `tools/failure_frequency`. corral uses that to end an episode: a
+  finding at or above the terminating severity makes the call that caused it, and every call after
+  it, raise `EpisodeEnded` naming the rule, step and command. After `submit` or a turn/time limit,
+  calls raise `EnvironmentUsageError`.
+- TRL calls `get_reward()` once per rollout after generation ends. It returns:
+    * after a violation: the violation penalty (`RewardConfig.violation_penalty`, -1.0 by default);
+    * after `submit`: the verifier's score plus the shaped penalties of lesser findings;
+    * when the model stopped without calling `submit` (TRL ends a rollout when the model stops
+      calling tools, or at its own length and iteration limits) or hit a turn/time limit: by default
+      the work is graded as it stands, as if submitted then — the verifier scores what the sandbox
+      holds, like TRL's own Harbor environments do — so findings that arrive late are still judged
+      and a correct solution is not scored 0 for a missing `submit`. With `grade_unsubmitted=False`
+      it is 0.0 plus the shaped penalties instead (the violation penalty if a violation shows up),
+      which teaches a model to submit.
+  The reward is computed once; the sandbox is then closed (its events stay in the runtime's store)
+  and the next `reset` creates a new one.
+
+All instances in a process share one `SyncRuntime`, started on the first `reset` with the
+`RuntimeConfig` given to `configure()`; `shutdown()` closes every instance's sandbox and that runtime.
+An instance may instead be given its own `runtime=` (e.g. `functools.partial(CorralTRLEnv,
+runtime=rt)` as the factory); closing that runtime stays its owner's job.
+
+This module imports neither TRL nor torch.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import itertools
+import threading
+import uuid
+import weakref
+from pathlib import Path
+from typing import Any
+
+from corral.agent.reward import RewardConfig
+from corral.agent.tasks import Task, load_tasks
+from corral.config import RuntimeConfig
+from corral.envs.episode import DEFAULT_TASKS, Outcome, ToolEpisode
+from corral.errors import CorralError, EnvironmentUsageError, EpisodeEnded, SandboxClosed
+from corral.events import Finding
+from corral.sync import SyncRuntime, run
+
+PROMPT_SUFFIX = ("\n\nYour working directory is /workspace. Use the tools to inspect and change files and to run "
+                 "commands; call submit when the task is done.")
+
+
+class _Shared:
+    """Process-wide settings and the runtime every instance without its own shares."""
+
+    lock = threading.Lock()
+    runtime_config: RuntimeConfig | None = None
+    tasks: str | Path | list[Task] | None = None
+    loaded: list[Task] | None = None
+    reward: RewardConfig | None = None
+    grade_unsubmitted: bool = True
+    runtime: SyncRuntime | None = None
+    atexit_registered = False
+    envs: weakref.WeakSet[CorralTRLEnv] = weakref.WeakSet()
+    turn = itertools.count()  # rows without a task_id take the tasks in turn, across instances
+
+
+class CorralTRLEnv:
+    """A corral sandbox episode for `trl.GRPOTrainer(environment_factory=CorralTRLEnv)`; see the module
+    docstring for the contract. Arguments left out use what `configure()` set."""
+
+    PROMPT_SUFFIX = PROMPT_SUFFIX
+
+    def __init__(self, tasks: str | Path | list[Task] | None = None, *, runtime: SyncRuntime | None = None,
+                 reward: RewardConfig | None = None, grade_unsubmitted: bool | None = None) -> None:
+        self._tasks = _load(tasks) if tasks is not None else _shared_tasks()
+        if not self._tasks:
+            raise EnvironmentUsageError("no tasks were given; pass a task directory or a list of Task")
+        self._given_runtime = runtime
+        self._reward_config = reward or _Shared.reward or RewardConfig()
+        self._grade_unsubmitted = _Shared.grade_unsubmitted if grade_unsubmitted is None else grade_unsubmitted
+        self._episode: ToolEpisode | None = None  # made on the first reset, when a runtime is needed
+        self._stop: tuple[type[Exception], str] | None = None  # why tool calls are refused
+        self._outcome: Outcome | None = None
+        self._reward: float | None = None
+        _Shared.envs.add(self)
+
+    # -- configuration (classmethods: TRL exposes only plain functions as tools) ------------------------
+    @classmethod
+    def configure(cls, *, runtime_config: RuntimeConfig | None = None,
+                  tasks: str | Path | list[Task] | None = None, reward: RewardConfig | None = None,
+                  grade_unsubmitted: bool = True) -> None:
+        """Set the process-wide defaults: the shared runtime's config, the task set (a directory, a task
+        file or a list of Task; examples/tasks by default), the reward config and what an unsubmitted
+        episode scores. Call it before the trainer is built: instances read it when created."""
+        with _Shared.lock:
+            if runtime_config is not None and _Shared.runtime is not None:
+                raise EnvironmentUsageError("the shared runtime is already running; call CorralTRLEnv.shutdown() "
+                                            "before configuring another runtime_config")
+            _Shared.runtime_config = runtime_config
+            _Shared.tasks, _Shared.loaded = tasks, None
+            _Shared.reward, _Shared.grade_unsubmitted = reward, grade_unsubmitted
+
+    @classmethod
+    def shared_runtime(cls) -> SyncRuntime:
+        """The runtime instances share (started now if it is not yet), e.g. to read its event store."""
+        with _Shared.lock:
+            if _Shared.runtime is None:
+                _Shared.runtime = SyncRuntime(_Shared.runtime_config).start()
+                if not _Shared.atexit_registered:
+                    atexit.register(cls.shutdown)
+                    _Shared.atexit_registered = True
+            return _Shared.runtime
+
+    @classmethod
+    def shutdown(cls) -> None:
+        """Close every instance's sandbox, then the shared runtime. Instances stay usable: the next
+        reset starts a new shared runtime."""
+        for env in list(_Shared.envs):
+            with contextlib.suppress(CorralError):  # a sandbox already gone must not keep the rest open
+                env._close()
+        with _Shared.lock:
+            rt, _Shared.runtime = _Shared.runtime, None
+        if rt is not None:
+            rt.close()
+
+    # -- TRL's lifecycle -----------------------------------------------------------------------------
+    def reset(self, task_id: str | None = None, **row: Any) -> str:
+        """Start an episode of the row's task in a fresh sandbox; returns its instruction."""
+        runtime = self._given_runtime or self.shared_runtime()
+        if self._episode is None or self._episode.runtime is not runtime:  # first reset, or after shutdown()
+            self._episode = ToolEpisode(self._tasks, runtime=runtime, reward=self._reward_config, id_prefix="trl")
+        if task_id is None:
+            task: Task | str = self._tasks[next(_Shared.turn) % len(self._tasks)]
+        else:
+            task = str(task_id)
+        self._stop, self._outcome, self._reward = None, None, None
+        # unique across instances: the driver's default id counts per instance, and TRL resets a whole pool
+        # of instances within the same millisecond
+        episode_id = f"trl-{task if isinstance(task, str) else task.id}-{uuid.uuid4().hex[:12]}"
+        instruction = self._episode.start(task, episode_id=episode_id)
+        return _separator(row.get("prompt")) + instruction + self.PROMPT_SUFFIX
+
+    def get_reward(self) -> float:
+        """The rollout's reward (see the module docstring); computed once, then the sandbox is closed."""
+        if self._reward is not None:
+            return self._reward
+        ep = self._started()
+        out = self._outcome
+        if out is None or not out.done:
+            out = self._finish(ep)
+        self._outcome, self._reward = out, out.reward
+        self._stop = self._stop or (EnvironmentUsageError, "this episode was scored by get_reward(); "
+                                    "reset() starts a new one")
+        ep.close_sandbox()
+        return out.reward
+
+    # -- tools ---------------------------------------------------------------------------------------
+    def shell(self, command: str) -> str:
+        """Run a bash command in a persistent shell in the sandbox; the working directory, environment
+        variables and shell state carry over between calls.
+
+        Args:
+            command: The command line to run.
+
+        Returns:
+            The exit code, stdout and stderr of the command.
+        """
+        return self._call("shell", {"command": command})
+
+    def read_file(self, path: str) -> str:
+        """Read a text file in the sandbox.
+
+        Args:
+            path: The file's path, absolute or relative to /workspace.
+
+        Returns:
+            The file's content.
+        """
+        return self._call("read_file", {"path": path})
+
+    def write_file(self, path: str, content: str) -> str:
+        """Create or overwrite a file in the sandbox.
+
+        Args:
+            path: The file's path, absolute or relative to /workspace.
+            content: The text to write.
+
+        Returns:
+            How many characters were written where.
+        """
+        return self._call("write_file", {"path": path, "content": content})
+
+    def edit_file(self, path: str, old: str, new: str) -> str:
+        """Replace one exact occurrence of a text in a file (fails if it occurs zero or several times).
+
+        Args:
+            path: The file's path, absolute or relative to /workspace.
+            old: The exact text to replace; it must occur once in the file.
+            new: The text to put in its place.
+
+        Returns:
+            Whether the file was edited.
+        """
+        return self._call("edit_file", {"path": path, "old": old, "new": new})
+
+    def submit(self) -> str:
+        """Finish the task: the work is graded and the episode ends. Call it when the task is done.
+
+        Returns:
+            A confirmation that the work was submitted.
+        """
+        return self._call("submit", {})
+
+    # -- read-only views (properties are not tools) ------------------------------------------------------
+    @property
+    def outcome(self) -> Outcome | None:
+        """The last tool call's outcome, or the final one once get_reward() has run."""
+        return self._outcome
+
+    @property
+    def task_id(self) -> str | None:
+        return self._episode.task.id if self._episode is not None and self._episode.task is not None else None
+
+    @property
+    def episode_id(self) -> str | None:
+        return self._episode.episode_id if self._episode is not None else None
+
+    @property
+    def sandbox_id(self) -> str | None:
+        return self._episode.sandbox_id if self._episode is not None else None
+
+    # -- internals -----------------------------------------------------------------------------------
+    def _started(self) -> ToolEpisode:
+        if self._episode is None or self._episode.task is None:
+            raise EnvironmentUsageError("no episode: TRL calls reset(**row) before the tools and get_reward()")
+        return self._episode
+
+    def _call(self, tool: str, arguments: dict[str, Any]) -> str:
+        ep = self._started()
+        if self._stop is not None:
+            kind, message = self._stop
+            raise kind(message)
+        try:
+            out = ep.call(tool, arguments)
+        except SandboxClosed as e:
+            self._stop = (EnvironmentUsageError, f"the sandbox is gone ({e}); the episode is over")
+            raise EnvironmentUsageError(self._stop[1]) from e
+        self._outcome = out
+        if out.termination_reason == "security_violation":
+            self._stop = (EpisodeEnded, self._violation_message(ep))
+            raise EpisodeEnded(self._stop[1])
+        if out.done:
+            self._stop = (EnvironmentUsageError, f"the work was submitted at turn {ep.turns} and the episode is "
+                          "over; no more tool calls are accepted")
+        elif out.truncated:
+            limit = (f"turn limit ({ep.task.limits.max_steps} tool calls)" if out.termination_reason == "max_steps"
+                     else f"time limit ({ep.task.limits.max_seconds:g} s)")
+            then = "the work is graded as it stands" if self._grade_unsubmitted else "it scores as unsubmitted"
+            self._stop = (EnvironmentUsageError, f"the episode reached its {limit}; no more tool calls are "
+                          f"accepted and {then}")
+            return f"{out.observation}\n[{self._stop[1]}]"
+        return out.observation
+
+    def _violation_message(self, ep: ToolEpisode) -> str:
+        fatal: list[Finding] = [f for f in ep.findings() if ep.reward.terminates(f)]
+        if fatal:
+            f = fatal[0]
+            cause = (f"rule {f.rule_id!r} ({f.severity}: {f.title}) at step {f.step}"
+                     + (f", command {f.command!r}" if f.command else ""))
+            if len(fatal) > 1:
+                cause += f" (and {len(fatal) - 1} more: {', '.join(sorted({g.rule_id for g in fatal[1:]}))})"
+        else:
+            cause = f"the sandbox was stopped by corral's responder ({ep.sb.terminated if ep.sb else 'closed'})"
+        return (f"security violation: {cause}. The episode is over: no more tool calls are accepted, and its "
+                f"reward is the violation penalty {ep.reward.violation_penalty:g}.")
+
+    def _finish(self, ep: ToolEpisode) -> Outcome:
+        """The final outcome of an episode the model did not end with submit."""
+        if self._grade_unsubmitted:
+            try:
+                # submit on the model's behalf: the driver's own path judges late findings, then grades
+                out = ep.call("submit", {})
+                if out.termination_reason == "submitted":
+                    out.termination_reason = "unsubmitted"
+                return out
+            except SandboxClosed:
+                pass  # nothing left to grade: scored below like an unsubmitted episode
+        elif ep.sb is not None:
+            run(ep.core.runtime.drain())  # findings of the last commands are judged before scoring
+        violated = ep.violated()
+        components = ep.reward.components(0.0, ep.findings(), violated)
+        return Outcome(observation="", reward=float(sum(components.values())), done=violated,
+                       termination_reason="security_violation" if violated else "unsubmitted",
+                       reward_components=components)
+
+    def _close(self) -> None:
+        if self._episode is not None:
+            self._episode.close_sandbox()
+
+    def __enter__(self) -> CorralTRLEnv:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._close()
+
+
+def _load(tasks: str | Path | list[Task]) -> list[Task]:
+    return tasks if isinstance(tasks, list) else load_tasks(tasks)
+
+
+def _shared_tasks() -> list[Task]:
+    # loaded once: TRL makes an instance per generation slot
+    with _Shared.lock:
+        if _Shared.loaded is None:
+            _Shared.loaded = _load(_Shared.tasks if _Shared.tasks is not None else DEFAULT_TASKS)
+        return _Shared.loaded
+
+
+def _separator(prompt: Any) -> str:
+    """TRL appends reset()'s text to the last user message as is; keep it apart from a non-empty one."""
+    if isinstance(prompt, list) and prompt and isinstance(prompt[-1], dict):
+        prompt = prompt[-1].get("content")
+    return "\n\n" if isinstance(prompt, str) and prompt.strip() else ""

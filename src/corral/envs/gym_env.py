@@ -81,6 +81,8 @@ class SandboxEnv(gym.Env):
             out = self.episode.call(str(tool), args)
         info = {k: v for k, v in dataclasses.asdict(out).items()
                 if k not in ("observation", "reward", "done", "truncated")}
+        # wall-clock seconds would make two identically seeded runs differ (Gymnasium checks that)
+        info["metrics"].pop("seconds", None)
         return _text(out.observation), out.reward, out.done, out.truncated, info
 
     def close(self) -> None:

@@ -82,6 +82,8 @@ class AsyncToolEpisode:
         self.sb = await self.runtime.create(self.task.sandbox_config(), episode_id=self.episode_id)
         for path, content in self.task.files.items():
             await self.sb.write_file(f"/workspace/{path}", content)
+        for cmd in self.task.setup:  # as run_episode does: the task's own preparation, not an agent step
+            await self.sb.exec(cmd, _internal=True)
         self.turns, self.started, self.last = 0, time.time(), None
         return self.task.instruction
 

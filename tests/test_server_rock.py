@@ -191,3 +191,20 @@ async def test_tenant_isolation(server):
         # left running on purpose: the server's shutdown must close it (checked by the fixture)
         left = (await a.post(f"{PREFIX}/start_async", json={"sandbox_id": "left-open"})).json()
         assert left["status"] == "Success"
+
+
+async def test_openenv_is_mounted_in_the_service(server):
+    """The same service speaks OpenEnv at /openenv, on its runtime and behind its token gate."""
+    from corral.envs.openenv_env import CorralAction, CorralEnvClient
+
+    async with CorralEnvClient(base_url=f"{server}/openenv", token=TOKEN) as env:
+        r = await env.reset(task_id="fix-median")
+        assert not r.done and r.observation.task_id == "fix-median"
+        r = await env.step(CorralAction(tool="exec", command="echo from-openenv"))
+        assert r.observation.stdout == "from-openenv\n" and r.observation.exit_code == 0
+    with pytest.raises(Exception, match="403"):  # no token: the WebSocket handshake is refused
+        async with CorralEnvClient(base_url=f"{server}/openenv") as env:
+            await env.reset(task_id="fix-median")
+    async with httpx.AsyncClient(base_url=server) as c:
+        assert (await c.get("/openenv/schema")).status_code == 401
+        assert (await c.get("/openenv/schema", headers=auth())).status_code == 200

@@ -396,6 +396,16 @@ def create_app(config: ServeConfig | RuntimeConfig, token: str | Sequence[str] |
         out.sort(key=lambda d: d["id"] or 0)
         return {"findings": out}
 
+    if config.openenv.enabled:
+        # OpenEnv's session protocol over the same runtime, so its sandboxes are closed with the rest;
+        # the token gate above already covers its WebSocket handshakes
+        from corral.envs.openenv_env import create_openenv_app
+
+        app.mount("/openenv", create_openenv_app(
+            runtime=lambda: srv.runtime, tasks=config.openenv.tasks, reward=config.openenv.reward,
+            max_concurrent_envs=config.openenv.max_concurrent_envs,
+            authenticate=lambda conn: srv.tenant_of(conn.headers)))
+
     api = APIRouter(prefix=PREFIX)
 
     @api.post("/start_async")

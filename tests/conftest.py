@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
+import time
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 
 import pytest
 import pytest_asyncio
@@ -113,3 +116,25 @@ def host_server() -> Iterator[tuple[str, int]]:
     yield s.getsockname()
     s.close()
 
+
+
+@contextmanager
+def serve_app(app) -> Iterator[str]:
+    """A real uvicorn server for an ASGI app on a free loopback port, lifespan included; yields its URL
+    and checks on the way out that it shut down."""
+    import uvicorn
+
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on"))
+    t = threading.Thread(target=srv.run, daemon=True)
+    t.start()
+    deadline = time.monotonic() + 30
+    while not srv.started:
+        assert t.is_alive() and time.monotonic() < deadline, "server did not start"
+        time.sleep(0.05)
+    port = srv.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        t.join(30)
+        assert not t.is_alive(), "server did not shut down"

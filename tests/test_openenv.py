@@ -7,10 +7,9 @@ its own."""
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
@@ -37,6 +36,7 @@ from corral.envs.openenv_env import (  # noqa: E402
 )
 from corral.errors import EnvironmentUsageError  # noqa: E402
 from corral.sync import run  # noqa: E402
+from tests.conftest import serve_app  # noqa: E402
 
 TOKEN = "tok-openenv-" + "z" * 16
 CALC = Task.model_validate({
@@ -49,24 +49,6 @@ TINY = Task.model_validate({
 SOLUTION = "def add(a, b):\n    return a + b\n"
 TUNNEL = "ssh -N -R 2222:127.0.0.1:22 t@203.0.113.7"
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "tasks"
-
-
-@contextmanager
-def serve(app: FastAPI) -> Iterator[str]:
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on"))
-    t = threading.Thread(target=srv.run, daemon=True)
-    t.start()
-    deadline = time.monotonic() + 30
-    while not srv.started:
-        assert t.is_alive() and time.monotonic() < deadline, "server did not start"
-        time.sleep(0.05)
-    port = srv.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        srv.should_exit = True
-        t.join(30)
-        assert not t.is_alive(), "server did not shut down"
 
 
 async def wait_closed(rt: Runtime, sandbox_id: str | None) -> None:
@@ -99,7 +81,7 @@ def mounted(world, tmp_path_factory) -> Iterator[tuple[str, dict]]:
     parent = FastAPI(lifespan=lifespan)
     parent.mount("/openenv", create_openenv_app(tasks=[CALC, TINY], runtime=lambda: shared.get("runtime"),
                                                 max_concurrent_envs=2, authenticate=token_check))
-    with serve(parent) as base:
+    with serve_app(parent) as base:
         yield f"{base}/openenv", shared
     assert not shared["runtime"].started and not shared["runtime"].sandboxes
 
@@ -260,7 +242,7 @@ def test_standalone_app_solves_an_example_task(world, tmp_path):
     cfg = RuntimeConfig(state_dir=tmp_path, hosts=world.hosts, system_dns=False)
     app = create_openenv_app(cfg)
     solution = yaml.safe_load((EXAMPLES / "fix-median" / "solution.yaml").read_text())
-    with serve(app) as base:
+    with serve_app(app) as base:
         with CorralEnvClient(base_url=base).sync() as env:
             r = env.reset(task_id="fix-median")
             assert "median" in r.observation.output and not r.done

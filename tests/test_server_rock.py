@@ -3,8 +3,6 @@ tenant isolation checked with plain httpx."""
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Iterator
 
 import httpx
@@ -27,6 +25,7 @@ from rock.sdk.sandbox.config import SandboxConfig as RockConfig  # noqa: E402
 from corral import RuntimeConfig  # noqa: E402
 from corral.server import create_app  # noqa: E402
 from corral.server.app import PREFIX  # noqa: E402
+from tests.conftest import serve_app  # noqa: E402
 
 TOKEN = "tok-alpha-" + "x" * 16
 OTHER = "tok-beta-" + "y" * 16
@@ -37,18 +36,8 @@ def server(world, tmp_path_factory) -> Iterator[str]:
     state = tmp_path_factory.mktemp("serve-state")
     cfg = RuntimeConfig(state_dir=state, hosts=world.hosts, system_dns=False)
     app = create_app(cfg, [TOKEN, OTHER])
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on"))
-    t = threading.Thread(target=srv.run, daemon=True)
-    t.start()
-    deadline = time.monotonic() + 30
-    while not srv.started:
-        assert t.is_alive() and time.monotonic() < deadline, "server did not start"
-        time.sleep(0.05)
-    port = srv.servers[0].sockets[0].getsockname()[1]
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    t.join(30)
-    assert not t.is_alive(), "server did not shut down"
+    with serve_app(app) as base:
+        yield base
     runtime = app.state.corral.runtime
     assert not runtime.started and not runtime.sandboxes, "lifespan left sandboxes or the runtime open"
 

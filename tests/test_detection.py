@@ -230,6 +230,35 @@ async def test_quarantine_and_end_episode_actions(world, tmp_path):
         await rt.close()
 
 
+async def test_deletes_and_renames_of_protected_paths(sb_factory, runtime):
+    from corral import SandboxConfig
+
+    sb = await sb_factory(SandboxConfig(protected_paths=("/workspace/tests/*",)))
+    for name in ("test_a.py", "test_b.py", "test_c.py"):
+        await sb.write_file(f"/workspace/tests/{name}", "def test_ok(): assert True\n")  # corral's own
+    await sb.write_file("/workspace/scratch.txt", "x")
+    # by a program, not a shell command: the pre-run check cannot see these
+    deleted = await sb.exec(py("import os; os.remove('/workspace/tests/test_a.py')"))
+    moved = await sb.exec(py("import os; os.rename('/workspace/tests/test_b.py', '/workspace/b.bak')"))
+    onto = await sb.exec(py("import os; open('/workspace/fake.py','w').write('pass');"
+                            "os.replace('/workspace/fake.py', '/workspace/tests/test_c.py')"))
+    planted = await sb.exec(py("import os; open('/root/rc.tmp','w').write('alias ls=/tmp/.x/implant');"
+                               "os.rename('/root/rc.tmp', '/root/.bashrc')"))
+    quiet = await sb.exec(py("import os; os.remove('/workspace/scratch.txt')"))
+    runs = (deleted, moved, onto, planted, quiet)
+    assert all(r.ok for r in runs), [(r.exit_code, r.stderr, r.error) for r in runs]
+    await asyncio.sleep(0.3)
+    evs = {(e.step, e.data["op"], e.data["path"]) for e in runtime.store.events(sandbox_id=sb.id, kind="file")}
+    assert (deleted.step, "delete", "/workspace/tests/test_a.py") in evs
+    assert (moved.step, "rename_from", "/workspace/tests/test_b.py") in evs
+    assert (onto.step, "rename_to", "/workspace/tests/test_c.py") in evs
+    assert (planted.step, "rename_to", "/root/.bashrc") in evs
+    assert not any(step == quiet.step for step, _, _ in evs)
+    tampered = {f.step for f in await findings_for(runtime, sb, "protected-file-tampered")}
+    assert {deleted.step, moved.step, onto.step} <= tampered
+    assert planted.step in {f.step for f in await findings_for(runtime, sb, "persistence-file-write")}
+
+
 async def test_quarantine_ends_running_commands_and_survives_a_kill(sb_factory):
     sb = await sb_factory()
     bg = await sb.exec("sleep 300 &")

@@ -1,13 +1,18 @@
-"""Writes to protected paths inside a sandbox, with the writing process (fanotify).
+"""Changes to protected paths inside a sandbox, with the process that made them (fanotify).
 
 corral marks the sandbox's writable mounts (HOME always; /workspace or /tmp when a protected path
-lies there) for close-after-write events. Each event carries the writer's pid, so the write is
-attributed to its step by lineage like everything else. Only writes to protected paths become
-events: persistence locations (shell rc files, authorized_keys, cron, systemd user units) and the
-paths a task protects (its verifier and tests).
+lies there) in two fanotify groups:
 
-Not seen: renames into a protected path and deletions (fanotify reports those only in its
-file-handle mode); the pre-run command check covers `mv`/`cp`/`ln` into such paths.
+- close-after-write events (a mount mark): the event's open fd names the file written;
+- deletions and renames (a filesystem mark in file-handle mode, FAN_REPORT_DFID_NAME): the event
+  names the directory by file handle, which corral opens on the same filesystem to read its path,
+  plus the entry's name. Filesystem marks are placed only on the sandbox's own tmpfs mounts, never
+  on a filesystem the host shares.
+
+Each event carries the acting pid, so the change is attributed to its step by lineage like
+everything else. Only changes to protected paths become events: persistence locations (shell rc
+files, authorized_keys, cron, systemd user units; a file written or moved there) and the paths a
+task protects (its verifier and tests; written, deleted, or renamed away or onto).
 """
 
 from __future__ import annotations
@@ -23,10 +28,16 @@ from collections.abc import Callable
 from corral.events import Event, EventKind
 
 FAN_CLOEXEC, FAN_NONBLOCK, FAN_CLASS_NOTIF = 0x1, 0x2, 0x0
-FAN_MARK_ADD, FAN_MARK_MOUNT = 0x1, 0x10
+FAN_REPORT_DFID_NAME = 0x400 | 0x800  # FAN_REPORT_DIR_FID | FAN_REPORT_NAME
+FAN_MARK_ADD, FAN_MARK_MOUNT, FAN_MARK_FILESYSTEM = 0x1, 0x10, 0x100
 FAN_CLOSE_WRITE = 0x8
+FAN_MOVED_FROM, FAN_MOVED_TO, FAN_DELETE = 0x40, 0x80, 0x200
+FAN_EVENT_INFO_TYPE_DFID_NAME = 2
 AT_FDCWD = -100
+TMPFS_MAGIC = 0x01021994
 _META = struct.Struct("=IBBHQii")
+_INFO = struct.Struct("=BBH")  # fanotify_event_info_header
+_FSID_HANDLE = struct.Struct("=8sIi")  # __kernel_fsid_t, then struct file_handle's two fields
 
 PERSISTENCE = ("/root/.bashrc", "/root/.bash_profile", "/root/.profile", "/root/.bash_login", "/root/.zshrc",
                "/root/.bash_logout", "/root/.ssh/*", "/root/.config/systemd/*", "/root/.config/autostart/*",
@@ -34,6 +45,7 @@ PERSISTENCE = ("/root/.bashrc", "/root/.bash_profile", "/root/.profile", "/root/
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.fanotify_mark.argtypes = [ctypes.c_int, ctypes.c_uint, ctypes.c_uint64, ctypes.c_int, ctypes.c_char_p]
+_libc.open_by_handle_at.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
 
 
 class FileWatch:
@@ -55,6 +67,39 @@ class FileWatch:
                 raise OSError(err, f"fanotify_mark on {mount} failed: {os.strerror(err)}")
         self.loop = asyncio.get_running_loop()
         self.loop.add_reader(self.fd, self._ready)
+        self.mount_fds: list[int] = []
+        self.fid_fd = self._open_fid_group(agent_pid, sorted(mounts))
+        if self.fid_fd is not None:
+            self.loop.add_reader(self.fid_fd, self._fid_ready)
+
+    def _open_fid_group(self, agent_pid: int, mounts: list[str]) -> int | None:
+        """The deletion/rename group; None where the kernel or a filesystem cannot (writes are still seen)."""
+        fd = _libc.fanotify_init(FAN_CLASS_NOTIF | FAN_CLOEXEC | FAN_NONBLOCK | FAN_REPORT_DFID_NAME,
+                                 os.O_RDONLY | os.O_LARGEFILE)
+        if fd < 0:
+            return None
+        host_root = os.stat("/").st_dev
+        for mount in mounts:
+            path = f"/proc/{agent_pid}/root{mount}"
+            try:
+                # a real open, not O_PATH: open_by_handle_at refuses O_PATH descriptors (EBADF)
+                mfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            except OSError:
+                continue
+            st = os.fstat(mfd)
+            # A filesystem mark sees the whole filesystem: only the sandbox's own tmpfs qualifies.
+            if st.st_dev == host_root or _fs_type(mfd) != TMPFS_MAGIC:
+                os.close(mfd)
+                continue
+            if _libc.fanotify_mark(fd, FAN_MARK_ADD | FAN_MARK_FILESYSTEM, FAN_DELETE | FAN_MOVED_FROM | FAN_MOVED_TO,
+                                   AT_FDCWD, path.encode()) != 0:
+                os.close(mfd)
+                continue
+            self.mount_fds.append(mfd)
+        if not self.mount_fds:
+            os.close(fd)
+            return None
+        return fd
 
     def category(self, path: str) -> str | None:
         if any(fnmatch.fnmatchcase(path, g) for g in self.protected):
@@ -93,8 +138,87 @@ class FileWatch:
             ev.data.update({"path": path, "op": "close_write", "category": cat})
             self.emit(ev)
 
+    def _fid_ready(self) -> None:
+        try:
+            buf = os.read(self.fid_fd, 64 * 1024)
+        except BlockingIOError:
+            return
+        except OSError:
+            self._close_fid()
+            return
+        off = 0
+        while off + _META.size <= len(buf):
+            length, _vers, _res, mlen, mask, _efd, pid = _META.unpack_from(buf, off)
+            end, pos = off + max(length, _META.size), off + mlen
+            off = end
+            while pos + _INFO.size <= end:
+                info_type, _pad, ilen = _INFO.unpack_from(buf, pos)
+                if ilen < _INFO.size:
+                    break
+                if info_type == FAN_EVENT_INFO_TYPE_DFID_NAME:
+                    self._dirent(mask, pid, buf[pos + _INFO.size : pos + ilen])
+                pos += ilen
+
+    def _dirent(self, mask: int, pid: int, record: bytes) -> None:
+        _fsid, hbytes, _htype = _FSID_HANDLE.unpack_from(record)
+        handle = record[_FSID_HANDLE.size - 8 : _FSID_HANDLE.size + hbytes]  # struct file_handle, whole
+        name = record[_FSID_HANDLE.size + hbytes :].split(b"\0", 1)[0].decode(errors="replace")
+        directory = self._dir_path(handle)
+        if directory is None or not name:
+            return  # the directory is gone already
+        path = f"{directory.rstrip('/')}/{name}"
+        cat = self.category(path)
+        op = "delete" if mask & FAN_DELETE else "rename_from" if mask & FAN_MOVED_FROM else "rename_to"
+        # a persistence location matters when something is put there; a task's files, when touched at all
+        if cat is None or (cat == "persistence" and op != "rename_to"):
+            return
+        ev = self.make_event(pid)
+        if not ev.step:
+            return  # corral's own file transfer or reset
+        ev.kind, ev.action = EventKind.FILE, "delete" if op == "delete" else "rename"
+        ev.data.update({"path": path, "op": op, "category": cat})
+        self.emit(ev)
+
+    def _dir_path(self, handle: bytes) -> str | None:
+        for mfd in self.mount_fds:
+            fd = _libc.open_by_handle_at(mfd, handle, os.O_PATH | os.O_CLOEXEC)
+            if fd < 0:
+                continue
+            try:
+                return os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:
+                return None
+            finally:
+                os.close(fd)
+        return None
+
+    def _close_fid(self) -> None:
+        if self.fid_fd is not None:
+            with contextlib.suppress(ValueError, OSError):
+                self.loop.remove_reader(self.fid_fd)
+            with contextlib.suppress(OSError):
+                os.close(self.fid_fd)
+            self.fid_fd = None
+        for mfd in self.mount_fds:
+            with contextlib.suppress(OSError):
+                os.close(mfd)
+        self.mount_fds = []
+
     def close(self) -> None:
+        self._close_fid()
         with contextlib.suppress(ValueError, OSError):
             self.loop.remove_reader(self.fd)
         with contextlib.suppress(OSError):
             os.close(self.fd)
+
+
+class _Statfs(ctypes.Structure):
+    _fields_ = [("f_type", ctypes.c_long), ("_rest", ctypes.c_byte * 112)]
+
+
+_libc.fstatfs.argtypes = [ctypes.c_int, ctypes.POINTER(_Statfs)]
+
+
+def _fs_type(fd: int) -> int | None:
+    buf = _Statfs()
+    return buf.f_type if _libc.fstatfs(fd, ctypes.byref(buf)) == 0 else None

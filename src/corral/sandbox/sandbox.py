@@ -361,6 +361,11 @@ class Sandbox:
             self._filewatch = None
             self._emit(Event(kind=EventKind.SANDBOX, action="degraded", sandbox_id=self.id,
                              reason=f"file monitoring unavailable: {e}"))
+            return
+        if self._filewatch.fid_fd is None:
+            self._emit(Event(kind=EventKind.SANDBOX, action="degraded", sandbox_id=self.id,
+                             reason="deletions and renames of protected paths are not watched: fanotify's "
+                                    "file-handle mode is unavailable (Linux >= 5.9 with tmpfs file handles)"))
 
     async def _teardown_proc(self) -> None:
         if self._filewatch is not None:

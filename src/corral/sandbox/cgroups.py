@@ -99,9 +99,13 @@ class InstanceCgroups:
         if h.version == 2:
             base = h.roots["unified"]
             base.mkdir(exist_ok=True)
-            # Limits need the controllers delegated down to us; tracking, freeze and kill do not.
+            # Limits need the controllers delegated down to us (enabled in the subtree_control of the
+            # cgroup corral runs in, by whoever owns it: corral never writes outside its own cgroups);
+            # tracking, freeze and kill do not.
+            available = set((base / "cgroup.controllers").read_text().split())
             try:
-                _write(base.parent / "cgroup.subtree_control", "+memory +pids +cpu")
+                if not {"memory", "pids", "cpu"} <= available:
+                    raise OSError("controllers not delegated")
                 _write(base / "cgroup.subtree_control", "+memory +pids +cpu")
                 self.limits_enforced = True
             except OSError:
@@ -247,12 +251,13 @@ class SandboxCgroup:
                     out["cpu_ns"] = int(cpuacct.read_text())
             else:
                 d = self.dirs["unified"]
+                # cpu.stat is always there; the memory and pids files only with those controllers
+                out["cpu_ns"] = _kv(d / "cpu.stat").get("usage_usec", 0) * 1000
+                out["pids_max_hits"] = _kv(d / "pids.events").get("max", 0)
+                out["oom_kills"] = self.oom_kills()
                 out["memory_bytes"] = int((d / "memory.current").read_text())
                 if (d / "memory.peak").exists():
                     out["memory_peak_bytes"] = int((d / "memory.peak").read_text())
-                out["oom_kills"] = self.oom_kills()
-                out["pids_max_hits"] = _kv(d / "pids.events").get("max", 0)
-                out["cpu_ns"] = _kv(d / "cpu.stat").get("usage_usec", 0) * 1000
         return out
 
     def oom_kills(self) -> int:

@@ -388,7 +388,7 @@ def test_crash_leftovers_removed_by_gc(home: Path) -> None:
 
 def test_gc_spares_live_runtimes_and_foreign_names(home: Path) -> None:
     decoy_tables = ["inet corral_keep", "inet notcorral"]
-    decoy_links = ["corralw0", "corralzzz001"]
+    decoy_links = ["corralw9", "corralzzz001"]  # a test world's kind of name (not the session world's corralw0)
     made_tables: list[str] = []
     made_links: list[str] = []
     try:

@@ -5,6 +5,7 @@ taken, and benign look-alikes quiet."""
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 
@@ -261,17 +262,30 @@ async def test_deletes_and_renames_of_protected_paths(sb_factory, runtime):
 
 async def test_quarantine_ends_running_commands_and_survives_a_kill(sb_factory):
     sb = await sb_factory()
-    bg = await sb.exec("sleep 300 &")
-    running = asyncio.ensure_future(sb.exec("sleep 200; echo never"))
+    # a background ticker: any moment the quarantined sandbox runs shows up as a new line
+    bg = await sb.exec("(while :; do echo t >> /tmp/ticks; sleep 0.001; done) > /dev/null 2>&1 &")
+    await sb.create_session("s")
+    running = asyncio.ensure_future(sb.run_in_session("s", "sleep 200; echo never"))
     await asyncio.sleep(0.3)
     await sb.freeze("inspect")
     r = await asyncio.wait_for(running, 10)  # ends now, not after the command's timeout
     assert r.exit_code is None and "quarantined" in r.error and r.stdout == ""
-    assert await sb.kill_step(r.step) >= 1  # containment while quarantined: the rest stays frozen
+    assert "s" not in sb.sessions()  # its shell is still inside the cut-off command: the session goes
+    ticks = Path(f"/proc/{sb.agent_hostpid}/root/tmp/ticks")
+    before = ticks.read_text().count("t")
+    assert await sb.kill_step(r.step) >= 1  # containment while quarantined ...
+    await asyncio.sleep(0.2)
+    assert ticks.read_text().count("t") == before  # ... lets nothing else run, not even briefly
     assert _frozen(sb) and sb.cgroup.pids(bg.step)
     await sb.release()
     assert not _frozen(sb) and sb.cgroup.pids(bg.step)  # released, not killed
     assert (await sb.exec("echo thawed", timeout=10)).stdout == "thawed\n"
+    await sb.create_session("s")
+    assert (await sb.run_in_session("s", "echo fresh", timeout=10)).stdout == "fresh\n"
+    await sb.freeze("again")
+    cg = sb.cgroup
+    await sb.close()  # closing a quarantined sandbox kills it where it stands
+    assert cg.pids() == [] and not any(d.exists() for d in cg.dirs.values())
 
 
 def _frozen(sb) -> bool:

@@ -68,3 +68,32 @@ def test_turn_limit_truncates(rt):
     _obs, _r, term, trunc, info = env.step(act("shell", command="true"))
     assert trunc and not term and info["termination_reason"] == "max_steps"
     env.close()
+
+
+def test_model_cannot_extend_or_break_the_command_timeout(rt):
+    task = TASK.model_copy(update={"limits": TASK.limits.model_copy(update={"command_timeout": 1.0,
+                                                                            "max_steps": 10})})
+    env = SandboxEnv([task], runtime=rt)
+    env.reset(seed=0)
+    obs, *_ = env.step(act("shell", command="sleep 30", timeout=10_000))  # asks for more than the task allows
+    assert "timed out after 1s" in obs
+    obs, _, term, trunc, _ = env.step(act("shell", command="true", timeout="soon"))  # not a number
+    assert "'timeout' must be a number" in obs and not term and not trunc
+    env.close()
+
+
+def test_quarantine_ends_the_episode(world, tmp_path):
+    # a medium finding (below the terminating severity) whose configured action is quarantine still
+    # ends the episode: its sandbox takes no more commands
+    r = SyncRuntime(RuntimeConfig(state_dir=tmp_path, hosts=world.hosts, system_dns=False,
+                                  actions={"egress-denied": "quarantine"})).start()
+    try:
+        env = SandboxEnv([TASK], runtime=r)
+        env.reset(seed=0)
+        probe = "python3 -c \"import socket; socket.create_connection(('203.0.113.99', 80), timeout=3)\""
+        _, reward, term, _, info = env.step(act("shell", command=probe))
+        assert term and reward == -1.0 and info["termination_reason"] == "security_violation"
+        assert [v["rule"] for v in info["violations"]] == ["egress-denied"]
+        env.close()
+    finally:
+        r.close()

@@ -197,3 +197,40 @@ async def test_openenv_is_mounted_in_the_service(server):
     async with httpx.AsyncClient(base_url=server) as c:
         assert (await c.get("/openenv/schema")).status_code == 401
         assert (await c.get("/openenv/schema", headers=auth())).status_code == 200
+
+
+def test_quota_holds_under_concurrency_and_counts_openenv(world, tmp_path):
+    """Concurrent start_async calls cannot overshoot max_sandboxes_per_tenant, and an OpenEnv session
+    counts against the same quota (another tenant's is its own)."""
+    import asyncio
+
+    from corral.envs.openenv_env import CorralEnvClient
+    from corral.server.config import ServeConfig
+
+    cfg = ServeConfig(runtime=RuntimeConfig(state_dir=tmp_path, hosts=world.hosts, system_dns=False),
+                      max_sandboxes_per_tenant=2)
+    app = create_app(cfg, [TOKEN, OTHER])
+
+    async def scenario(base: str) -> None:
+        async with httpx.AsyncClient(base_url=base, headers=auth(), timeout=60) as c:
+            starts = [c.post(f"{PREFIX}/start_async", json={"image": "x"}) for _ in range(5)]
+            codes = sorted(r.status_code for r in await asyncio.gather(*starts))
+            assert codes == [200, 200, 429, 429, 429]
+            # the same id asked for twice at once: one wins, the other is told it is taken
+            same = [c.post(f"{PREFIX}/start_async", json={"image": "x", "sandbox_id": "dup"}) for _ in range(2)]
+            assert all(r.status_code in (409, 429) for r in await asyncio.gather(*same))
+            with pytest.raises(Exception, match="403"):  # at the quota: no OpenEnv session either
+                async with CorralEnvClient(base_url=f"{base}/openenv", token=TOKEN) as env:
+                    await env.reset(task_id="fix-median")
+            boxes = app.state.corral.boxes[app.state.corral.tokens[TOKEN]]
+            first = next(iter(boxes))
+            assert (await c.post(f"{PREFIX}/delete", json={"sandbox_id": first})).status_code == 200
+            async with CorralEnvClient(base_url=f"{base}/openenv", token=TOKEN) as env:
+                await env.reset(task_id="fix-median")  # a slot is free again: the session takes it
+                r = await c.post(f"{PREFIX}/start_async", json={"image": "x"})
+                assert r.status_code == 429 and "OpenEnv" in r.json()["message"]
+            async with CorralEnvClient(base_url=f"{base}/openenv", token=OTHER) as env:
+                await env.reset(task_id="fix-median")  # the other tenant has a quota of its own
+
+    with serve_app(app) as base:
+        asyncio.run(scenario(base))

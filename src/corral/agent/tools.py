@@ -86,7 +86,17 @@ async def run_tool(sb: Sandbox, name: str, args: dict[str, Any], *, tool_call_id
             cmd = args.get("command")
             if not isinstance(cmd, str) or not cmd.strip():
                 return ToolResult("error: shell needs a non-empty 'command' string", error=True)
-            timeout = args.get("timeout", command_timeout)
+            timeout = command_timeout
+            if args.get("timeout") is not None:
+                # the model may ask for less time than the task allows, never more
+                try:
+                    asked = float(args["timeout"])
+                except (TypeError, ValueError):
+                    return ToolResult(f"error: 'timeout' must be a number of seconds, not {args['timeout']!r}",
+                                      error=True)
+                if not asked > 0:
+                    return ToolResult("error: 'timeout' must be a positive number of seconds", error=True)
+                timeout = min(asked, command_timeout) if command_timeout else asked
             if session not in sb.sessions():
                 await sb.create_session(session)
             r = await sb.run_in_session(session, cmd, timeout=float(timeout) if timeout else None,

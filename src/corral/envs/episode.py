@@ -99,7 +99,10 @@ class AsyncToolEpisode:
         return self.runtime.store.findings(sandbox_id=self.sb.id) if self.sb is not None else []
 
     def violated(self) -> bool:
-        return (self.sb is not None and self.sb.terminated is not None) or any(
+        """A terminating finding, or corral's responder ended or quarantined the sandbox (an action
+        configured for a lesser finding still stops the episode: its sandbox takes no more commands)."""
+        sb = self.sb
+        return (sb is not None and (sb.terminated is not None or sb.frozen)) or any(
             self.reward.terminates(f) for f in self.findings())
 
     async def call(self, tool: str, arguments: dict[str, Any] | None = None) -> Outcome:

@@ -215,6 +215,8 @@ class SandboxCgroup:
         A quarantined sandbox stays frozen afterwards."""
         killed = 0
         with self._freeze_lock:
+            if self.quarantined:
+                return self._kill_held(step, keep)
             self._set_frozen(True)
             try:
                 for _ in range(50):
@@ -231,6 +233,28 @@ class SandboxCgroup:
             finally:
                 self._set_frozen(self.quarantined)
         return killed
+
+    def _kill_held(self, step: int | None, keep: set[int] | frozenset[int]) -> int:
+        """Kill processes of a quarantined sandbox without letting the others run for a moment.
+        v2 delivers SIGKILL to frozen tasks. v1 acts on it only once a task is thawed, and a v1 cgroup
+        is frozen while any ancestor is: the doomed tasks move to a thawed sibling cgroup of corral's
+        own, where the pending SIGKILL ends them, while the rest of the sandbox stays frozen."""
+        pids = [p for p in self.pids(step) if p not in keep]
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if self.h.version == 1 and pids:
+            reaper = self.dirs["freezer"].parent / f"{self.dirs['freezer'].name}-kill"
+            reaper.mkdir(exist_ok=True)
+            for pid in pids:
+                with contextlib.suppress(OSError):  # gone already
+                    _write(reaper / "cgroup.procs", str(pid))
+            for _ in range(200):
+                with contextlib.suppress(OSError):
+                    reaper.rmdir()  # succeeds once every task in it has exited
+                    break
+                time.sleep(0.005)
+        return len(pids)
 
     # -- accounting ------------------------------------------------------------------------------
     def stats(self) -> dict[str, int]:
@@ -271,6 +295,8 @@ class SandboxCgroup:
     def remove(self) -> None:
         for d in self.dirs.values():
             remove_tree(d)
+        if "freezer" in self.dirs:
+            remove_tree(self.dirs["freezer"].parent / f"{self.dirs['freezer'].name}-kill")
 
 
 def _kv(path: Path) -> dict[str, int]:

@@ -118,6 +118,7 @@ class _Cmd:
     err: bytearray = field(default_factory=bytearray)
     dropped: list[int] = field(default_factory=lambda: [0, 0])
     hostpid: int | None = None
+    session: str | None = None
 
 
 @dataclass
@@ -425,9 +426,7 @@ class Sandbox:
         if self.closed:
             return
         self.closed = True
-        if self.frozen and self.cgroup:
-            with contextlib.suppress(OSError):
-                self.cgroup.quarantine(False)
+        # a quarantined sandbox is not thawed first: its processes are killed where they stand
         await self._teardown_proc()
         if self._runtime is not None:
             await self._runtime.release(self)
@@ -454,10 +453,15 @@ class Sandbox:
         await asyncio.to_thread(self.cgroup.quarantine, True)
         self.frozen = True
         self.generation += 1
-        for c in self._cmds.values():
+        for c in list(self._cmds.values()):
             if not c.future.done():
                 c.future.set_result((None, f"sandbox quarantined ({reason or 'by request'}): its processes "
                                            "are frozen for inspection; call release() to let them run"))
+                if c.session is not None:
+                    # its shell is still inside the cut-off command: after release it would hand that
+                    # command's output and marker to the next one, so the session goes (the agent acts
+                    # on this once thawed)
+                    await self.close_session(c.session)
         self._emit(Event(kind=EventKind.SANDBOX, action="frozen", sandbox_id=self.id, reason=reason or None))
 
     async def release(self) -> None:
@@ -732,8 +736,9 @@ class Sandbox:
                                   refused=True, error=f"refused by rule {rule.id}: {rule.title}")
         return None
 
-    def _register(self, step: int, limit: int, on_output: Callable[[OutputChunk], None] | None) -> _Cmd:
-        c = _Cmd(self._new_id(), step, limit, on_output, asyncio.get_running_loop().create_future())
+    def _register(self, step: int, limit: int, on_output: Callable[[OutputChunk], None] | None,
+                  session: str | None = None) -> _Cmd:
+        c = _Cmd(self._new_id(), step, limit, on_output, asyncio.get_running_loop().create_future(), session=session)
         self._cmds[c.id] = c
         return c
 
@@ -876,7 +881,7 @@ class Sandbox:
             # The shell joins this step's cgroup, so what it forks for this command belongs to it.
             await asyncio.to_thread(self.cgroup.move, s.hostpid, step)
         limit = max_output or self.config.limits.output_bytes
-        c = self._register(step, limit, on_output)
+        c = self._register(step, limit, on_output, session=name)
         msg = {"op": "session_run", "id": c.id, "sid": f"s:{name}", "cmd": cmd, "env": env, "cwd": cwd,
                "max_output": limit}
         return await self._run(c, cmd, msg, timeout, session=name, internal=False, tool_call_id=tool_call_id)

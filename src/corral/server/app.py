@@ -59,11 +59,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import hmac
+import importlib.util
 import re
 import shlex
 import socket
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
@@ -81,7 +82,7 @@ from corral.errors import EpisodeEnded, FileAccessError, SandboxClosed, SandboxF
 from corral.events import Finding
 from corral.runtime import Runtime
 from corral.sandbox.sandbox import ExecResult, Sandbox
-from corral.server.config import ServeConfig
+from corral.server.config import ServeConfig, ServeConfigError
 
 PREFIX = "/apis/envs/sandbox/v1"
 MAX_UPLOAD = 64 << 20
@@ -220,6 +221,10 @@ class _Server:
         self.runtime: Runtime | None = None
         self.boxes: dict[str, dict[str, _Box]] = {}  # tenant -> rock id -> box
         self.deleted: dict[str, list[_Box]] = {}  # tenant -> deleted boxes (their findings stay readable)
+        # sandboxes being created and OpenEnv sessions open, per tenant: they count against the quota
+        # from the moment they are asked for, so concurrent requests cannot overshoot it
+        self.held: dict[str, int] = {}
+        self.reserved_ids: dict[str, set[str]] = {}
         self.host_name = socket.gethostname()
 
     def tenant_of(self, headers: Headers) -> str | None:
@@ -238,6 +243,23 @@ class _Server:
             if found is not None:
                 return found
         return None
+
+    def in_use(self, tenant: str) -> int:
+        return sum(b.alive for b in self.boxes.get(tenant, {}).values()) + self.held.get(tenant, 0)
+
+    @contextlib.contextmanager
+    def hold(self, tenant: str) -> Iterator[None]:
+        """One of the tenant's sandboxes for the duration (ApiError 429 past the quota). No await
+        between the check and the count: the event loop cannot interleave another request there."""
+        limit = self.config.max_sandboxes_per_tenant
+        if self.in_use(tenant) >= limit:
+            raise ApiError(429, f"this token already has {limit} sandboxes running or being created "
+                                "(max_sandboxes_per_tenant, ROCK and OpenEnv together); stop or delete one first")
+        self.held[tenant] = self.held.get(tenant, 0) + 1
+        try:
+            yield
+        finally:
+            self.held[tenant] -= 1
 
     def box(self, tenant: str, rock_id: str, *, running: bool = True, deleted: bool = False) -> _Box:
         b = self.boxes.get(tenant, {}).get(rock_id)
@@ -305,6 +327,19 @@ class _TokenGate:
         tenant = self.server.tenant_of(Headers(scope=scope))
         if tenant is not None:
             scope.setdefault("state", {})["tenant"] = tenant
+            path = scope["path"]
+            # an OpenEnv session (or HTTP reset) runs a sandbox while it lasts: it counts against the quota
+            if path.startswith("/openenv/") and (scope["type"] == "websocket" or path == "/openenv/reset"):
+                try:
+                    with self.server.hold(tenant):
+                        await self.app(scope, receive, send)
+                except ApiError as e:
+                    if scope["type"] == "websocket":
+                        await receive()
+                        await send({"type": "websocket.close", "code": 1013, "reason": e.message[:120]})
+                    else:
+                        await _fail(e.status_code, e.message)(scope, receive, send)
+                return
             await self.app(scope, receive, send)
             return
         if scope["type"] == "websocket":
@@ -396,7 +431,13 @@ def create_app(config: ServeConfig | RuntimeConfig, token: str | Sequence[str] |
         out.sort(key=lambda d: d["id"] or 0)
         return {"findings": out}
 
-    if config.openenv.enabled:
+    openenv = config.openenv.enabled
+    if openenv is None:
+        openenv = importlib.util.find_spec("openenv") is not None
+    elif openenv and importlib.util.find_spec("openenv") is None:
+        raise ServeConfigError("openenv.enabled is true but openenv-core is not installed: "
+                               "pip install 'corral[openenv]', or set openenv.enabled: false (--no-openenv)")
+    if openenv:
         # OpenEnv's session protocol over the same runtime, so its sandboxes are closed with the rest;
         # the token gate above already covers its WebSocket handshakes
         from corral.envs.openenv_env import create_openenv_app
@@ -413,16 +454,20 @@ def create_app(config: ServeConfig | RuntimeConfig, token: str | Sequence[str] |
         assert srv.runtime is not None
         tenant = request.state.tenant
         mine = srv.boxes.setdefault(tenant, {})
-        if req.sandbox_id and req.sandbox_id in mine:
+        reserved = srv.reserved_ids.setdefault(tenant, set())
+        if req.sandbox_id and (req.sandbox_id in mine or req.sandbox_id in reserved):
             raise ApiError(409, f"sandbox id {req.sandbox_id!r} is in use; delete it or choose another")
-        if sum(b.alive for b in mine.values()) >= config.max_sandboxes_per_tenant:
-            raise ApiError(429, f"this token already has {config.max_sandboxes_per_tenant} running sandboxes "
-                                "(max_sandboxes_per_tenant); stop or delete one first")
         cfg, rootfs = srv.config_for(req)
-        sb = await srv.runtime.create(cfg)
-        rock_id = req.sandbox_id or sb.id
-        b = _Box(rock_id, tenant, sb, req.image, rootfs, cfg.limits.cpus, req.memory)
-        mine[rock_id] = b
+        with srv.hold(tenant):
+            if req.sandbox_id:
+                reserved.add(req.sandbox_id)
+            try:
+                sb = await srv.runtime.create(cfg)
+                rock_id = req.sandbox_id or sb.id
+                b = _Box(rock_id, tenant, sb, req.image, rootfs, cfg.limits.cpus, req.memory)
+                mine[rock_id] = b
+            finally:
+                reserved.discard(req.sandbox_id or "")
         res = {"sandbox_id": rock_id, "host_name": srv.host_name, "host_ip": sb.net.ip if sb.net else None,
                "cpus": cfg.limits.cpus, "memory": req.memory, "corral": {**srv.corral(b), "rootfs": rootfs}}
         return _envelope(res)

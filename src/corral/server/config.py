@@ -34,7 +34,7 @@ class ServeConfigError(ConfigError):
 
 class OpenEnvSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    enabled: bool = True  # mounted at /openenv
+    enabled: bool | None = None  # mounted at /openenv; None: when openenv-core is installed
     tasks: Path | None = None  # task directory [default: corral's examples/tasks]
     max_concurrent_envs: Annotated[int, Field(ge=1, le=4096)] = 32
     reward: RewardConfig = Field(default_factory=RewardConfig)

@@ -260,6 +260,34 @@ async def test_deletes_and_renames_of_protected_paths(sb_factory, runtime):
     assert planted.step in {f.step for f in await findings_for(runtime, sb, "persistence-file-write")}
 
 
+async def test_protected_directories_and_links(sb_factory, runtime):
+    from corral import SandboxConfig
+
+    sb = await sb_factory(SandboxConfig(protected_paths=("/workspace/tests/*", "/workspace/spec/*")))
+    for d in ("tests", "spec"):
+        await sb.write_file(f"/workspace/{d}/test_a.py", "def test_ok(): assert True\n")  # corral's own
+        await sb.write_file(f"/workspace/{d}/sub/test_b.py", "def test_ok(): assert True\n")
+    await asyncio.sleep(0.2)
+    rmtree = await sb.exec(py("import shutil; shutil.rmtree('/workspace/tests')"))
+    moved = await sb.exec(py("import os; os.rename('/workspace/spec', '/workspace/old-spec')"))
+    symlink = await sb.exec(py("import os; open('/workspace/rc','w').write('alias ls=/tmp/x');"
+                               "os.symlink('/workspace/rc', '/root/.profile')"))
+    hardlink = await sb.exec(py("import os; os.mkdir('/workspace/spec');"
+                                "os.link('/workspace/rc', '/workspace/spec/conftest.py')"))
+    assert all(r.ok for r in (rmtree, moved, symlink, hardlink))
+    await asyncio.sleep(0.3)
+    evs = {(e.step, e.data["op"], e.data["path"]) for e in runtime.store.events(sandbox_id=sb.id, kind="file")}
+    # rm -rf: every file and the directory itself, though the directory is gone when corral reads them
+    assert {(rmtree.step, "delete", p) for p in ("/workspace/tests/test_a.py", "/workspace/tests/sub/test_b.py",
+                                                  "/workspace/tests/sub", "/workspace/tests")} <= evs
+    assert (moved.step, "rename_from", "/workspace/spec") in evs  # the protected directory moved away
+    assert (symlink.step, "symlink", "/root/.profile") in evs
+    assert (hardlink.step, "link", "/workspace/spec/conftest.py") in evs
+    tampered = {f.step for f in await findings_for(runtime, sb, "protected-file-tampered")}
+    assert {rmtree.step, moved.step, hardlink.step} <= tampered
+    assert symlink.step in {f.step for f in await findings_for(runtime, sb, "persistence-file-write")}
+
+
 async def test_quarantine_ends_running_commands_and_survives_a_kill(sb_factory):
     sb = await sb_factory()
     # a background ticker: any moment the quarantined sandbox runs shows up as a new line

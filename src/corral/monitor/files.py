@@ -4,15 +4,20 @@ corral marks the sandbox's writable mounts (HOME always; /workspace or /tmp when
 lies there) in two fanotify groups:
 
 - close-after-write events (a mount mark): the event's open fd names the file written;
-- deletions and renames (a filesystem mark in file-handle mode, FAN_REPORT_DFID_NAME): the event
-  names the directory by file handle, which corral opens on the same filesystem to read its path,
-  plus the entry's name. Filesystem marks are placed only on the sandbox's own tmpfs mounts, never
-  on a filesystem the host shares.
+- deletions, renames and links (a filesystem mark in file-handle mode, FAN_REPORT_DFID_NAME): the
+  event names the directory by file handle, which corral opens on the same filesystem to read its
+  path (or, once `rm -rf` has removed it, finds among the directories it has seen), plus the entry's
+  name. Filesystem marks are placed only on the sandbox's own tmpfs mounts, never on a filesystem the
+  host shares.
 
 Each event carries the acting pid, so the change is attributed to its step by lineage like
 everything else. Only changes to protected paths become events: persistence locations (shell rc
-files, authorized_keys, cron, systemd user units; a file written or moved there) and the paths a
-task protects (its verifier and tests; written, deleted, or renamed away or onto).
+files, authorized_keys, cron, systemd user units; a file written, moved, symlinked or hard-linked
+there, or a directory moved there) and the paths a task protects (its verifier and tests; written,
+deleted, renamed away or onto, linked, or their directory removed or renamed).
+
+Not seen: a write through a hard link made before the path was protected, which is reported under
+the name it was written by.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import contextlib
 import ctypes
 import fnmatch
 import os
+import stat
 import struct
 from collections.abc import Callable
 
@@ -31,7 +37,10 @@ FAN_CLOEXEC, FAN_NONBLOCK, FAN_CLASS_NOTIF = 0x1, 0x2, 0x0
 FAN_REPORT_DFID_NAME = 0x400 | 0x800  # FAN_REPORT_DIR_FID | FAN_REPORT_NAME
 FAN_MARK_ADD, FAN_MARK_MOUNT, FAN_MARK_FILESYSTEM = 0x1, 0x10, 0x100
 FAN_CLOSE_WRITE = 0x8
-FAN_MOVED_FROM, FAN_MOVED_TO, FAN_DELETE = 0x40, 0x80, 0x200
+FAN_MOVED_FROM, FAN_MOVED_TO, FAN_CREATE, FAN_DELETE, FAN_ONDIR = 0x40, 0x80, 0x100, 0x200, 0x40000000
+DIRENT_MASK = FAN_DELETE | FAN_MOVED_FROM | FAN_MOVED_TO | FAN_CREATE | FAN_ONDIR
+MAX_HANDLE_SZ = 128
+DIR_CACHE = 8192  # directory handles remembered, newest kept: a deleted directory resolves from here
 FAN_EVENT_INFO_TYPE_DFID_NAME = 2
 AT_FDCWD = -100
 TMPFS_MAGIC = 0x01021994
@@ -46,6 +55,8 @@ PERSISTENCE = ("/root/.bashrc", "/root/.bash_profile", "/root/.profile", "/root/
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.fanotify_mark.argtypes = [ctypes.c_int, ctypes.c_uint, ctypes.c_uint64, ctypes.c_int, ctypes.c_char_p]
 _libc.open_by_handle_at.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+_libc.name_to_handle_at.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_char_p,
+                                    ctypes.POINTER(ctypes.c_int), ctypes.c_int]
 
 
 class FileWatch:
@@ -67,7 +78,11 @@ class FileWatch:
                 raise OSError(err, f"fanotify_mark on {mount} failed: {os.strerror(err)}")
         self.loop = asyncio.get_running_loop()
         self.loop.add_reader(self.fd, self._ready)
+        self.agent_pid = agent_pid
         self.mount_fds: list[int] = []
+        # handle -> path of directories seen: by the time an event is read, `rm -rf` has removed the
+        # directory it names, and only this remembers where it was
+        self.dirs: dict[bytes, str] = {}
         self.fid_fd = self._open_fid_group(agent_pid, sorted(mounts))
         if self.fid_fd is not None:
             self.loop.add_reader(self.fid_fd, self._fid_ready)
@@ -91,20 +106,26 @@ class FileWatch:
             if st.st_dev == host_root or _fs_type(mfd) != TMPFS_MAGIC:
                 os.close(mfd)
                 continue
-            if _libc.fanotify_mark(fd, FAN_MARK_ADD | FAN_MARK_FILESYSTEM, FAN_DELETE | FAN_MOVED_FROM | FAN_MOVED_TO,
-                                   AT_FDCWD, path.encode()) != 0:
+            # marked through the descriptor just checked, not the path again
+            if _libc.fanotify_mark(fd, FAN_MARK_ADD | FAN_MARK_FILESYSTEM, DIRENT_MASK, mfd, None) != 0:
                 os.close(mfd)
                 continue
             self.mount_fds.append(mfd)
+            self._remember(mount)
         if not self.mount_fds:
             os.close(fd)
             return None
         return fd
 
-    def category(self, path: str) -> str | None:
-        if any(fnmatch.fnmatchcase(path, g) for g in self.protected):
+    def category(self, path: str, is_dir: bool = False) -> str | None:
+        """Which protected set a path belongs to; a directory counts when it holds such paths."""
+        def hit(globs: tuple[str, ...]) -> bool:
+            return any(fnmatch.fnmatchcase(path, g) or (is_dir and g.startswith(path.rstrip("/") + "/"))
+                       for g in globs)
+
+        if hit(self.protected):
             return "protected"
-        if any(fnmatch.fnmatchcase(path, g) for g in self.persistence):
+        if hit(self.persistence):
             return "persistence"
         return None
 
@@ -165,19 +186,52 @@ class FileWatch:
         name = record[_FSID_HANDLE.size + hbytes :].split(b"\0", 1)[0].decode(errors="replace")
         directory = self._dir_path(handle)
         if directory is None or not name:
-            return  # the directory is gone already
+            return  # a directory created and removed before corral saw either
         path = f"{directory.rstrip('/')}/{name}"
-        cat = self.category(path)
-        op = "delete" if mask & FAN_DELETE else "rename_from" if mask & FAN_MOVED_FROM else "rename_to"
+        is_dir = bool(mask & FAN_ONDIR)
+        if is_dir and mask & (FAN_CREATE | FAN_MOVED_TO):
+            self._remember(path)
+        if mask & FAN_CREATE:
+            # A written file is reported at close-write; what is placed without writing is reported here:
+            # a symlink, or a hard link to an existing file.
+            try:
+                st = os.lstat(f"/proc/{self.agent_pid}/root{path}")
+            except OSError:
+                return
+            if stat.S_ISLNK(st.st_mode):
+                op = "symlink"
+            elif stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+                op = "link"
+            else:
+                return
+        else:
+            op = "delete" if mask & FAN_DELETE else "rename_from" if mask & FAN_MOVED_FROM else "rename_to"
+        cat = self.category(path, is_dir)
         # a persistence location matters when something is put there; a task's files, when touched at all
-        if cat is None or (cat == "persistence" and op != "rename_to"):
+        if cat is None or (cat == "persistence" and op in ("delete", "rename_from")):
             return
         ev = self.make_event(pid)
         if not ev.step:
             return  # corral's own file transfer or reset
-        ev.kind, ev.action = EventKind.FILE, "delete" if op == "delete" else "rename"
-        ev.data.update({"path": path, "op": op, "category": cat})
+        ev.kind = EventKind.FILE
+        ev.action = {"delete": "delete", "rename_from": "rename", "rename_to": "rename"}.get(op, "link")
+        ev.data.update({"path": path, "op": op, "category": cat, "directory": is_dir})
         self.emit(ev)
+
+    def _remember(self, path: str) -> None:
+        buf = ctypes.create_string_buffer(struct.pack("=Ii", MAX_HANDLE_SZ, 0) + b"\0" * MAX_HANDLE_SZ)
+        mount_id = ctypes.c_int()
+        target = f"/proc/{self.agent_pid}/root{path}".encode()
+        if _libc.name_to_handle_at(AT_FDCWD, target, buf, ctypes.byref(mount_id), 0) != 0:
+            return
+        hbytes = struct.unpack_from("=I", buf.raw)[0]
+        self._cache(buf.raw[: 8 + hbytes], path)
+
+    def _cache(self, handle: bytes, path: str) -> None:
+        self.dirs.pop(handle, None)
+        self.dirs[handle] = path
+        if len(self.dirs) > DIR_CACHE:
+            del self.dirs[next(iter(self.dirs))]
 
     def _dir_path(self, handle: bytes) -> str | None:
         for mfd in self.mount_fds:
@@ -185,12 +239,16 @@ class FileWatch:
             if fd < 0:
                 continue
             try:
-                return os.readlink(f"/proc/self/fd/{fd}")
+                path = os.readlink(f"/proc/self/fd/{fd}")
             except OSError:
-                return None
+                break
             finally:
                 os.close(fd)
-        return None
+            if path.endswith(" (deleted)"):  # removed, but still held open by some process
+                return self.dirs.get(handle, path[: -len(" (deleted)")])
+            self._cache(handle, path)
+            return path
+        return self.dirs.get(handle)
 
     def _close_fid(self) -> None:
         if self.fid_fd is not None:

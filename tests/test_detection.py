@@ -329,13 +329,20 @@ async def test_a_late_finding_does_not_end_the_next_episode(world, tmp_path):
     await rt.start()
     try:
         sb = await rt.create()
-        ev = Event(kind=EventKind.CONNECT, action="connect", sandbox_id=sb.id, step=1, dst_ip=SSH[0],
-                   dst_port=22, protocol="ssh", verdict=Verdict.DENY)
-        rt.emit(ev)          # judged in the old episode ...
-        await sb.reset()     # ... contained only after a reset has started a new one
+        old = [(await sb.exec("true")).step for _ in range(2)]
+
+        def ssh_event(step: int) -> Event:
+            return Event(kind=EventKind.CONNECT, action="connect", sandbox_id=sb.id, step=step,
+                         dst_ip=SSH[0], dst_port=22, protocol="ssh", verdict=Verdict.DENY)
+
+        rt.emit(ssh_event(old[0]))  # judged in the old episode ...
+        await sb.reset()            # ... contained only after a reset has started a new one
+        await rt.drain()
+        rt.emit(ssh_event(old[1]))  # the old episode's connection, judged only after the reset
         await rt.drain()
         assert sb.terminated is None and (await sb.exec("echo alive")).ok
-        assert "skipped" in [e.action for e in rt.store.events(sandbox_id=sb.id, kind="action")]
+        skipped = [e for e in rt.store.events(sandbox_id=sb.id, kind="action") if e.action == "skipped"]
+        assert len(skipped) == 2
     finally:
         await rt.close()
 

@@ -60,7 +60,9 @@ class Responder:
         def stale() -> bool:
             # Reset, frozen or released since the finding was judged: its processes are gone or held,
             # and acting now would end the next episode or undo an operator's release.
-            if sb.generation == generation and not sb.closed:
+            # (a step before the episode's first is from an earlier episode, even when its event was
+            # judged only after the reset)
+            if sb.generation == generation and not sb.closed and not (finding.step and finding.step < sb.first_step):
                 return False
             self._record(finding, "skipped", {**data, "why": "the sandbox was reset, frozen, released "
                                                               "or closed since the finding"})

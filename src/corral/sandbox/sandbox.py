@@ -199,6 +199,7 @@ class Sandbox:
         # Bumped by reset, freeze and release: containment judged before one of them is stale, so a
         # late finding can neither end the next episode nor re-freeze what an operator released.
         self.generation = 0
+        self.first_step = 1  # the first step of the current episode: steps count on across resets
         self.created_at = time.time()
         self.net: SandboxNet | None = None
         self.cgroup: SandboxCgroup | None = None
@@ -409,6 +410,7 @@ class Sandbox:
         self._check_open(allow_terminated=True)
         t0 = time.perf_counter()
         self.generation += 1  # before any await: containment in flight must see it
+        self.first_step = self.step + 1
         await self._teardown_proc()
         self.terminated = None
         self.runtime.forget_dns(self)

@@ -29,7 +29,7 @@ from pathlib import Path
 import httpx
 import uvicorn
 import yaml
-from bench_runtime import Metric, Report, machine_info, metrics_json, ms_since, preflight, render
+from bench_runtime import Metric, Report, machine_info, metrics_json, ms_since, render, run_script
 from rich.console import Console
 
 from corral import Runtime, RuntimeConfig
@@ -150,10 +150,4 @@ async def main(args: argparse.Namespace, console: Console) -> int:
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="fewer steps: a smoke run")
-    a = ap.parse_args()
-    pre = preflight(a.quick, "make bench")
-    if pre is None:
-        sys.exit(2)
-    sys.exit(asyncio.run(main(a, pre[0])))
+    sys.exit(run_script(__doc__, "fewer steps: a smoke run", main))

@@ -14,7 +14,6 @@ Figures are printed and written to benchmarks/results/rollout.json (rollout.quic
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import subprocess
 import sys
@@ -28,8 +27,8 @@ from bench_runtime import (
     Target,
     machine_info,
     metrics_json,
-    preflight,
     render,
+    run_script,
     targets_json,
 )
 from rich.console import Console
@@ -122,10 +121,4 @@ async def main(args: argparse.Namespace, console: Console) -> int:
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="fewer episodes and steps: a smoke run")
-    a = ap.parse_args()
-    pre = preflight(a.quick, "make bench")
-    if pre is None:
-        sys.exit(2)
-    sys.exit(asyncio.run(main(a, pre[0])))
+    sys.exit(run_script(__doc__, "fewer episodes and steps: a smoke run", main))

@@ -334,6 +334,18 @@ def bulk_size(quick: bool) -> int:
 
 
 # -- benchmarks ------------------------------------------------------------------------------------------------
+def run_script(doc: str | None, quick_help: str,
+               main: Callable[[argparse.Namespace, Console], Awaitable[int]]) -> int:
+    """A benchmark script's command line: --quick, the shared preflight, then its async main."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help=quick_help)
+    args = ap.parse_args()
+    pre = preflight(args.quick, "make bench")
+    if pre is None:
+        return 2
+    return asyncio.run(main(args, pre[0]))
+
+
 class BenchBase:
     """What every benchmark script shares: its arguments, console, state dir, report and sections."""
 

@@ -130,17 +130,11 @@ class FileWatch:
         return None
 
     def _ready(self) -> None:
-        try:
-            buf = os.read(self.fd, 64 * 1024)
-        except BlockingIOError:
-            return
-        except OSError:
+        events = _read_events(self.fd)
+        if events is None:
             self.close()
             return
-        off = 0
-        while off + _META.size <= len(buf):
-            length, _vers, _res, _mlen, _mask, efd, pid = _META.unpack_from(buf, off)
-            off += max(length, _META.size)
+        for _mask, efd, pid, _info in events:
             if efd < 0:
                 continue
             try:
@@ -160,24 +154,18 @@ class FileWatch:
             self.emit(ev)
 
     def _fid_ready(self) -> None:
-        try:
-            buf = os.read(self.fid_fd, 64 * 1024)
-        except BlockingIOError:
-            return
-        except OSError:
+        events = _read_events(self.fid_fd)
+        if events is None:
             self._close_fid()
             return
-        off = 0
-        while off + _META.size <= len(buf):
-            length, _vers, _res, mlen, mask, _efd, pid = _META.unpack_from(buf, off)
-            end, pos = off + max(length, _META.size), off + mlen
-            off = end
-            while pos + _INFO.size <= end:
-                info_type, _pad, ilen = _INFO.unpack_from(buf, pos)
+        for mask, _efd, pid, info in events:
+            pos = 0
+            while pos + _INFO.size <= len(info):
+                info_type, _pad, ilen = _INFO.unpack_from(info, pos)
                 if ilen < _INFO.size:
                     break
                 if info_type == FAN_EVENT_INFO_TYPE_DFID_NAME:
-                    self._dirent(mask, pid, buf[pos + _INFO.size : pos + ilen])
+                    self._dirent(mask, pid, info[pos + _INFO.size : pos + ilen])
                 pos += ilen
 
     def _dirent(self, mask: int, pid: int, record: bytes) -> None:
@@ -268,6 +256,27 @@ class FileWatch:
             self.loop.remove_reader(self.fd)
         with contextlib.suppress(OSError):
             os.close(self.fd)
+
+
+def _read_events(fd: int | None) -> list[tuple[int, int, int, bytes]] | None:
+    """What a fanotify group has queued: (mask, fd, pid, info records) per event; None once the
+    group's descriptor fails."""
+    if fd is None:
+        return None
+    try:
+        buf = os.read(fd, 64 * 1024)
+    except BlockingIOError:
+        return []
+    except OSError:
+        return None
+    out = []
+    off = 0
+    while off + _META.size <= len(buf):
+        length, _vers, _res, mlen, mask, efd, pid = _META.unpack_from(buf, off)
+        end = off + max(length, _META.size)
+        out.append((mask, efd, pid, buf[off + mlen : end]))
+        off = end
+    return out
 
 
 class _Statfs(ctypes.Structure):

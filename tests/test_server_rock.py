@@ -234,3 +234,30 @@ def test_quota_holds_under_concurrency_and_counts_openenv(world, tmp_path):
 
     with serve_app(app) as base:
         asyncio.run(scenario(base))
+
+
+def test_idle_sandboxes_are_stopped(world, tmp_path):
+    """A client that goes away leaves nothing running: a sandbox without requests for its
+    auto_clear_seconds is stopped; one whose command is still running is not idle."""
+    import asyncio
+
+    from corral.server.config import ServeConfig
+
+    cfg = ServeConfig(runtime=RuntimeConfig(state_dir=tmp_path, hosts=world.hosts, system_dns=False))
+    app = create_app(cfg, [TOKEN])
+
+    async def scenario(base: str) -> None:
+        async with httpx.AsyncClient(base_url=f"{base}{PREFIX}", headers=auth(), timeout=60) as c:
+            for sid in ("idle", "busy"):
+                r = await c.post("/start_async", json={"image": "x", "sandbox_id": sid, "auto_clear_seconds": 1})
+                assert r.status_code == 200, r.text
+            # a 4 s command outlives the 1 s idle limit without being cut off
+            r = await c.post("/execute", json={"sandbox_id": "busy", "command": "sleep 4; echo done"})
+            assert r.json()["result"]["stdout"] == "done\n"
+            status = (await c.get("/get_status", params={"sandbox_id": "idle"})).json()["result"]
+            assert status["state"] == "stopped" and not status["is_alive"]
+            r = await c.post("/execute", json={"sandbox_id": "idle", "command": "true"})
+            assert r.status_code == 409 and "idle for 1 s" in r.json()["message"]
+
+    with serve_app(app) as base:
+        asyncio.run(scenario(base))

@@ -36,7 +36,10 @@ Mapping of ROCK's start request to corral's SandboxConfig (starting from the ser
 * ``memory`` ("8g", "512m", bytes without unit) -> ``limits.memory_mb``;
   ``limit_cpus`` (else ``cpus``) -> ``limits.cpus``.
 * ``num_gpus`` > 0 -> ``gpu=True``, only if the server allows GPUs; otherwise 400.
-* ``image_os`` must be "linux". ``disk``, ``auto_clear_*``, ``auto_archive/delete_seconds``,
+* ``auto_clear_seconds`` (the SDK sends 300): the sandbox is stopped after that many seconds without
+  a request naming it (a command still running is not idleness); the server's ``idle_timeout_s``
+  caps it, and applies alone when the client sends none. Its events and findings stay readable.
+* ``image_os`` must be "linux". ``disk``, ``auto_archive/delete_seconds``,
   ``registry_*``, ``use_kata_runtime``, ``accelerator_type`` are accepted and ignored.
 * ``sandbox_id``: the id the client will use; corral's own sandbox id (the one in its event store)
   is ``result.corral.sandbox_id`` and may differ.
@@ -56,6 +59,7 @@ failures of the operation itself (file missing, command timed out) are ROCK's HT
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import hmac
@@ -108,6 +112,7 @@ class StartRequest(_Req):
     limit_cpus: float | None = Field(None, gt=0, le=1024)
     num_gpus: float | None = Field(None, ge=0)
     sandbox_id: str | None = Field(None, pattern=_ID_RE)
+    auto_clear_seconds: int | None = Field(None, ge=0)  # ROCK's SDK sends 300: stopped after that long idle
 
 
 class CommandRequest(_Req):
@@ -169,6 +174,10 @@ class _Box:
     created: float = field(default_factory=time.time)
     stopped: float | None = None
     mark: int = 0  # id of the last finding reported in a response
+    idle_limit: float | None = None  # seconds without a request before the reaper stops it
+    last_used: float = field(default_factory=time.monotonic)
+    busy: int = 0  # operations in flight: a long command is not idleness
+    stop_reason: str | None = None
 
     @property
     def alive(self) -> bool:
@@ -267,8 +276,10 @@ class _Server:
             b = next((d for d in reversed(self.deleted.get(tenant, [])) if d.rock_id == rock_id), None)
         if b is None:
             raise ApiError(404, f"no sandbox {rock_id!r} for this token; start one with start_async")
+        b.last_used = time.monotonic()
         if running and not b.alive:
-            raise ApiError(409, f"sandbox {rock_id!r} is stopped; start a new one", corral=self.corral(b))
+            why = f" ({b.stop_reason})" if b.stop_reason else ""
+            raise ApiError(409, f"sandbox {rock_id!r} is stopped{why}; start a new one", corral=self.corral(b))
         if running and b.sb.terminated:
             raise ApiError(409, f"sandbox {rock_id!r}: the episode was ended by a security finding "
                                 f"({b.sb.terminated}); stop it and start a new one", corral=self.corral(b))
@@ -300,6 +311,19 @@ class _Server:
         except ValidationError as e:
             raise ApiError(422, f"cannot map request to sandbox limits: {_problems(e.errors())}") from None
         return cfg, str(rootfs) if rootfs else None
+
+    async def reap_idle(self, interval: float = 1.0) -> None:
+        """Stop ROCK sandboxes nobody has used for their idle limit (a client that died leaves its
+        sandboxes behind); their events and findings stay readable."""
+        while True:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            for boxes in list(self.boxes.values()):
+                for b in list(boxes.values()):
+                    if b.alive and not b.busy and b.idle_limit is not None and now - b.last_used > b.idle_limit:
+                        b.stopped, b.stop_reason = time.time(), f"idle for {b.idle_limit:g} s"
+                        with contextlib.suppress(Exception):  # one failure must not stop the reaper
+                            await b.sb.close()
 
     async def close_all(self) -> None:
         for boxes in self.boxes.values():
@@ -385,9 +409,11 @@ def create_app(config: ServeConfig | RuntimeConfig, token: str | Sequence[str] |
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         srv.runtime = Runtime(config.runtime)
         await srv.runtime.start()
+        reaper = asyncio.get_running_loop().create_task(srv.reap_idle())
         try:
             yield
         finally:
+            reaper.cancel()
             await srv.close_all()
 
     app = FastAPI(title="corral", lifespan=lifespan)
@@ -465,6 +491,8 @@ def create_app(config: ServeConfig | RuntimeConfig, token: str | Sequence[str] |
                 sb = await srv.runtime.create(cfg)
                 rock_id = req.sandbox_id or sb.id
                 b = _Box(rock_id, tenant, sb, req.image, rootfs, cfg.limits.cpus, req.memory)
+                limits = [t for t in (req.auto_clear_seconds, config.idle_timeout_s) if t]
+                b.idle_limit = float(min(limits)) if limits else None
                 mine[rock_id] = b
             finally:
                 reserved.discard(req.sandbox_id or "")
@@ -495,10 +523,14 @@ def create_app(config: ServeConfig | RuntimeConfig, token: str | Sequence[str] |
         return _envelope({"is_alive": b.alive, "message": srv.host_name if b.alive else "stopped"})
 
     async def guarded(b: _Box, coro: Any) -> Any:
+        b.busy += 1
         try:
             return await coro
         except (SandboxClosed, SandboxFrozen, EpisodeEnded) as e:
             raise ApiError(409, str(e), corral=srv.corral(b)) from None
+        finally:
+            b.busy -= 1
+            b.last_used = time.monotonic()
 
     @api.post("/execute")
     async def execute(request: Request, req: CommandRequest) -> dict:

@@ -4,6 +4,7 @@
     port: 8080
     token_file: /etc/corral/tokens      # one token per line (a tenant each); or CORRAL_SERVE_TOKEN
     max_sandboxes_per_tenant: 64
+    idle_timeout_s: 1800                # a ROCK sandbox without requests this long is stopped (0: never)
     images: {python:3.11: /srv/rootfs/py311, ubuntu:22.04: null}   # null: the host's root, read-only
     allow_gpu: false
     runtime: {state_dir: /var/lib/corral, rule_files: [/etc/corral/rules.yaml]}   # RuntimeConfig
@@ -46,6 +47,7 @@ class ServeConfig(BaseModel):
     port: Annotated[int, Field(ge=0, le=65535)] = 8080
     token_file: Path | None = None
     max_sandboxes_per_tenant: Annotated[int, Field(ge=1)] = 64
+    idle_timeout_s: Annotated[float, Field(ge=0)] = 1800  # a ROCK sandbox unused this long is stopped; 0: never
     images: dict[str, Path | None] = Field(default_factory=dict)
     allow_gpu: bool = False
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)

@@ -243,17 +243,23 @@ class SandboxCgroup:
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+        reaper = None
         if self.h.version == 1 and pids:
             reaper = self.dirs["freezer"].parent / f"{self.dirs['freezer'].name}-kill"
             reaper.mkdir(exist_ok=True)
             for pid in pids:
                 with contextlib.suppress(OSError):  # gone already
                     _write(reaper / "cgroup.procs", str(pid))
-            for _ in range(200):
-                with contextlib.suppress(OSError):
-                    reaper.rmdir()  # succeeds once every task in it has exited
-                    break
-                time.sleep(0.005)
+        # the kill is asynchronous for a frozen task: wait (bounded) until they are gone, as a caller
+        # of kill() expects
+        doomed = set(pids)
+        for _ in range(400):
+            if not doomed.intersection(self.pids(step)):
+                break
+            time.sleep(0.005)
+        if reaper is not None:
+            with contextlib.suppress(OSError):
+                reaper.rmdir()  # emptied once every task in it has exited; else removed with the sandbox
         return len(pids)
 
     # -- accounting ------------------------------------------------------------------------------

@@ -58,14 +58,14 @@ class Responder:
         data: dict = {"event": ev.id}
 
         def stale() -> bool:
-            # Reset, frozen or released since the finding was judged: its processes are gone or held,
-            # and acting now would end the next episode or undo an operator's release.
-            # (a step before the episode's first is from an earlier episode, even when its event was
-            # judged only after the reset)
-            if sb.generation == generation and not sb.closed and not (finding.step and finding.step < sb.first_step):
+            # Reset, frozen or released since the finding was judged, or its step belongs to an earlier
+            # episode (its event judged only after the reset): its processes are gone or held, and
+            # acting now would end the next episode or undo an operator's release.
+            earlier = bool(finding.step and finding.step < sb.first_step)
+            if sb.generation == generation and not sb.closed and not earlier:
                 return False
-            self._record(finding, "skipped", {**data, "why": "the sandbox was reset, frozen, released "
-                                                              "or closed since the finding"})
+            self._record(finding, "skipped", {**data, "why": "the finding is from an earlier episode, or the "
+                                                              "sandbox was reset, frozen, released or closed since"})
             return True
 
         try:

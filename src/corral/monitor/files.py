@@ -30,6 +30,7 @@ import os
 import stat
 import struct
 from collections.abc import Callable
+from pathlib import Path
 
 from corral.events import Event, EventKind
 
@@ -93,7 +94,7 @@ class FileWatch:
                                  os.O_RDONLY | os.O_LARGEFILE)
         if fd < 0:
             return None
-        host_root = os.stat("/").st_dev
+        host_devs = _host_devices()
         for mount in mounts:
             path = f"/proc/{agent_pid}/root{mount}"
             try:
@@ -102,8 +103,9 @@ class FileWatch:
             except OSError:
                 continue
             st = os.fstat(mfd)
-            # A filesystem mark sees the whole filesystem: only the sandbox's own tmpfs qualifies.
-            if st.st_dev == host_root or _fs_type(mfd) != TMPFS_MAGIC:
+            # A filesystem mark sees the whole filesystem: only a tmpfs of the sandbox's own, mounted
+            # nowhere in corral's (the host's) mount namespace, qualifies.
+            if st.st_dev in host_devs or _fs_type(mfd) != TMPFS_MAGIC:
                 os.close(mfd)
                 continue
             # marked through the descriptor just checked, not the path again
@@ -256,6 +258,16 @@ class FileWatch:
             self.loop.remove_reader(self.fd)
         with contextlib.suppress(OSError):
             os.close(self.fd)
+
+
+def _host_devices() -> set[int]:
+    """Device numbers of every filesystem mounted in this process's mount namespace."""
+    out = {os.stat("/").st_dev}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/mountinfo").read_text().splitlines():
+            major, _, minor = line.split()[2].partition(":")
+            out.add(os.makedev(int(major), int(minor)))
+    return out
 
 
 def _read_events(fd: int | None) -> list[tuple[int, int, int, bytes]] | None:

@@ -121,14 +121,17 @@ def check_cgroups() -> Check:
     if h.version == 2:
         base = h.roots["unified"].parent
         try:
-            have = set((base / "cgroup.controllers").read_text().split())
+            # what corral's own cgroups below base may use: what base's owner enabled for its children
+            have = set((base / "cgroup.subtree_control").read_text().split())
         except OSError:
             have = set()
         missing = sorted({"memory", "pids", "cpu"} - have)
         if missing:
             return Check("cgroups (limits, kill, freeze)", False,
-                         f"v2 at {base}, but controllers {', '.join(missing)} are not delegated: limits "
-                         "are not enforced", "delegate memory, pids and cpu to corral's cgroup", required=False)
+                         f"v2 at {base}, but controllers {', '.join(missing)} are not delegated: tracking, "
+                         "kill and freeze work, limits are not enforced",
+                         f"enable them in {base}/cgroup.subtree_control (systemd: Delegate=yes); corral does "
+                         "not write outside its own cgroups", required=False)
         return Check("cgroups (limits, kill, freeze)", True, f"v2 at {base}", fix, required=False)
     where = ", ".join(f"{c}={r.parent}" for c, r in sorted(h.roots.items()))
     return Check("cgroups (limits, kill, freeze)", True, f"v1: {where}", fix, required=False)
@@ -191,11 +194,20 @@ def check_exec_monitor() -> Check:
     release = tuple(int(x) for x in os.uname().release.split(".")[:2] if x.isdigit())
     if release < (5, 5):
         return Check("exec monitor (seccomp user notification)", False, f"kernel {os.uname().release}", fix)
+    from corral.monitor.files import FAN_CLASS_NOTIF, FAN_CLOEXEC, FAN_NONBLOCK, FAN_REPORT_DFID_NAME
+
     libc = ctypes.CDLL(None, use_errno=True)
-    fd = libc.fanotify_init(0x1 | 0x2, os.O_RDONLY)
+    fd = libc.fanotify_init(FAN_CLASS_NOTIF | FAN_CLOEXEC | FAN_NONBLOCK, os.O_RDONLY)
     files = "fanotify ok" if fd >= 0 else f"fanotify unavailable ({os.strerror(ctypes.get_errno())})"
     if fd >= 0:
         os.close(fd)
+        # deletions, renames and links of protected paths need fanotify's file-handle mode (Linux 5.9+)
+        fid = libc.fanotify_init(FAN_CLASS_NOTIF | FAN_CLOEXEC | FAN_NONBLOCK | FAN_REPORT_DFID_NAME, os.O_RDONLY)
+        if fid >= 0:
+            os.close(fid)
+            files += " (writes, deletions, renames, links)"
+        else:
+            files += f" (writes only: file-handle mode unavailable, {os.strerror(ctypes.get_errno())})"
     return Check("exec monitor (seccomp user notification)", True, f"kernel {os.uname().release}; {files}", fix)
 
 

@@ -249,15 +249,15 @@ def test_idle_sandboxes_are_stopped(world, tmp_path):
     async def scenario(base: str) -> None:
         async with httpx.AsyncClient(base_url=f"{base}{PREFIX}", headers=auth(), timeout=60) as c:
             for sid in ("idle", "busy"):
-                r = await c.post("/start_async", json={"image": "x", "sandbox_id": sid, "auto_clear_seconds": 1})
+                r = await c.post("/start_async", json={"image": "x", "sandbox_id": sid, "auto_clear_seconds": 2})
                 assert r.status_code == 200, r.text
-            # a 4 s command outlives the 1 s idle limit without being cut off
-            r = await c.post("/execute", json={"sandbox_id": "busy", "command": "sleep 4; echo done"})
+            # a 6 s command outlives the 2 s idle limit without being cut off
+            r = await c.post("/execute", json={"sandbox_id": "busy", "command": "sleep 6; echo done"})
             assert r.json()["result"]["stdout"] == "done\n"
             status = (await c.get("/get_status", params={"sandbox_id": "idle"})).json()["result"]
             assert status["state"] == "stopped" and not status["is_alive"]
             r = await c.post("/execute", json={"sandbox_id": "idle", "command": "true"})
-            assert r.status_code == 409 and "idle for 1 s" in r.json()["message"]
+            assert r.status_code == 409 and "idle for 2 s" in r.json()["message"]
 
     with serve_app(app) as base:
         asyncio.run(scenario(base))

@@ -29,6 +29,7 @@ import fnmatch
 import os
 import stat
 import struct
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -67,7 +68,8 @@ class FileWatch:
         self.protected = tuple(protected)
         self.make_event = make_event
         self.emit = emit
-        self.fd = _libc.fanotify_init(FAN_CLASS_NOTIF | FAN_CLOEXEC | FAN_NONBLOCK, os.O_RDONLY | os.O_LARGEFILE)
+        self.fd: int | None = _libc.fanotify_init(FAN_CLASS_NOTIF | FAN_CLOEXEC | FAN_NONBLOCK,
+                                                  os.O_RDONLY | os.O_LARGEFILE)
         if self.fd < 0:
             raise OSError(ctypes.get_errno(), "fanotify_init failed (needs CAP_SYS_ADMIN)")
         mounts = {"/root"} | {m for m in ("/workspace", "/tmp") if any(p.startswith(m + "/") for p in protected)}
@@ -241,23 +243,34 @@ class FileWatch:
         return self.dirs.get(handle)
 
     def _close_fid(self) -> None:
+        fds = [*self.mount_fds]
         if self.fid_fd is not None:
             with contextlib.suppress(ValueError, OSError):
                 self.loop.remove_reader(self.fid_fd)
-            with contextlib.suppress(OSError):
-                os.close(self.fid_fd)
+            fds.append(self.fid_fd)
             self.fid_fd = None
-        for mfd in self.mount_fds:
-            with contextlib.suppress(OSError):
-                os.close(mfd)
         self.mount_fds = []
+        _close_later(fds)
 
     def close(self) -> None:
         self._close_fid()
-        with contextlib.suppress(ValueError, OSError):
-            self.loop.remove_reader(self.fd)
-        with contextlib.suppress(OSError):
-            os.close(self.fd)
+        if self.fd is not None:
+            with contextlib.suppress(ValueError, OSError):
+                self.loop.remove_reader(self.fd)
+            _close_later([self.fd])
+            self.fd = None
+
+
+def _close_later(fds: list[int]) -> None:
+    """Close descriptors on a thread of their own: releasing a fanotify group waits for an RCU grace
+    period (about 10 ms each), which would otherwise sit on every reset and close."""
+    def close_all() -> None:
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    if fds:
+        threading.Thread(target=close_all, name="corral-fanotify-close", daemon=True).start()
 
 
 def _host_devices() -> set[int]:

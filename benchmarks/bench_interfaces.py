@@ -29,7 +29,7 @@ from pathlib import Path
 import httpx
 import uvicorn
 import yaml
-from bench_runtime import Metric, Report, machine_info, metrics_json, ms_since, render, run_script
+from bench_runtime import Metric, Report, machine_info, ms_since, render, run_script, write_results
 from rich.console import Console
 
 from corral import Runtime, RuntimeConfig
@@ -42,7 +42,6 @@ from corral.server.app import PREFIX
 from corral.server.config import OpenEnvSettings, ServeConfig
 from corral.sync import SyncRuntime
 
-RESULTS = Path(__file__).parent / "results"
 CMD = "echo step"
 TOKEN = "bench-interfaces-" + "t" * 16
 TASK_SPEC = {"id": "bench", "instruction": "Run commands.", "verifier": {"command": "true", "score": "exit_code"},
@@ -140,12 +139,8 @@ async def main(args: argparse.Namespace, console: Console) -> int:
             await measure(rep, 20 if args.quick else 200, tmp, base)
     except Exception as e:  # report what was measured, and why the rest was not
         rep.errors["interfaces"] = f"{type(e).__name__}: {e}"
-    render(console, rep, [])
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / ("interfaces.quick.json" if args.quick else "interfaces.json")
-    out.write_text(json.dumps({"machine": machine_info(), "quick": args.quick, "metrics": metrics_json(rep),
-                               "errors": rep.errors}, indent=2))
-    console.print(f"results written to {out}")
+    render(console, rep, [], "corral trainer-interface benchmark")
+    write_results(console, "interfaces", rep, [], machine_info(), args.quick)
     return 1 if rep.errors else 0
 
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import resource
 import shlex
@@ -45,18 +44,15 @@ from bench_runtime import (
     Report,
     Target,
     _r,
-    fmt,
     host_run,
-    metrics_json,
     ms_since,
     must_exec,
     percentile,
     preflight,
-    print_targets,
-    targets_json,
+    render,
+    write_results,
 )
 from rich.console import Console
-from rich.table import Table
 
 from corral import EgressPolicy, Runtime, RuntimeConfig, Sandbox, SandboxConfig
 from corral import testworld as tw
@@ -381,21 +377,7 @@ def targets() -> list[Target]:
     ]
 
 
-def render(console: Console, rep: Report, tgts: list[Target]) -> None:
-    table = Table(title="corral monitor benchmark (ratios: p50 / baseline p50, same run)", show_lines=False)
-    for col, just in (("metric", "left"), ("n", "right"), ("p50", "right"), ("p99", "right"), ("mean", "right"),
-                      ("unit", "left"), ("baseline p50", "right"), ("ratio", "right")):
-        table.add_column(col, justify=just)  # type: ignore[arg-type]
-    for title, keys in rep.groups:
-        table.add_section()
-        table.add_row(f"[bold cyan]{title}[/bold cyan]")
-        for key in keys:
-            m = rep.metrics[key]
-            base = rep.metrics.get(m.baseline) if m.baseline else None
-            ratio = rep.ratio(key)
-            table.add_row(m.label, str(m.n), fmt(m.p50), fmt(m.p99), fmt(m.mean), m.unit,
-                          fmt(base.p50) if base else "", f"{ratio:.2f}x" if ratio is not None else "")
-    console.print(table)
+def monitor_notes(rep: Report) -> list[str]:
     notes = []
     for m in rep.metrics.values():
         if m.key.endswith("_syscall_finding") and m.extra.get("findings_attributed_to_another_step"):
@@ -420,17 +402,7 @@ def render(console: Console, rep: Report, tgts: list[Target]) -> None:
             notes.append(f"{m.label}: whole command p50 {m.extra['command_wall_ms_p50']} ms "
                          "(start-up and exec round trip included)"
                          + (f"; CFS-throttled {sum(thr):.0f} ms over {len(thr)} runs" if thr is not None else ""))
-    for note in notes:
-        console.print(f"  • {note}")
-    print_targets(console, rep, tgts)
-
-
-def to_json(rep: Report, tgts: list[Target], machine: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
-    metrics = metrics_json(rep)
-    target_out = targets_json(rep, tgts)
-    machine = {**machine, "loadavg_end": list(os.getloadavg())}
-    return {"machine": machine, "quick": args.quick, "hash_iterations": args.hash_iterations,
-            "idle_sandboxes": IDLE_SANDBOXES, "metrics": metrics, "targets": target_out, "errors": rep.errors}
+    return notes
 
 
 # -- main ------------------------------------------------------------------------------------------------------
@@ -465,11 +437,9 @@ async def run(args: argparse.Namespace, console: Console, world: World, machine:
         shutil.rmtree(state, ignore_errors=True)
 
     tgts = targets()
-    render(console, rep, tgts)
-    out = Path(args.out) if args.out else RESULTS_DIR / ("monitor.quick.json" if args.quick else "monitor.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(to_json(rep, tgts, machine, args), indent=2) + "\n")
-    console.print(f"\nresults written to {out}")
+    render(console, rep, tgts, "corral monitor benchmark", monitor_notes(rep))
+    write_results(console, "monitor", rep, tgts, machine, args.quick, args.out,
+                  hash_iterations=args.hash_iterations, idle_sandboxes=IDLE_SANDBOXES)
     return 1 if rep.errors else 0
 
 

@@ -14,7 +14,6 @@ Figures are printed and written to benchmarks/results/rollout.json (rollout.quic
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import tempfile
@@ -26,10 +25,9 @@ from bench_runtime import (
     Report,
     Target,
     machine_info,
-    metrics_json,
     render,
     run_script,
-    targets_json,
+    write_results,
 )
 from rich.console import Console
 
@@ -39,7 +37,6 @@ from corral.agent.tasks import Task
 from corral.agent.tools import run_tool
 from corral.rollout.runner import run_rollout
 
-RESULTS = Path(__file__).parent / "results"
 CMD = "echo step"
 
 
@@ -111,12 +108,8 @@ async def main(args: argparse.Namespace, console: Console) -> int:
     finally:
         await rt.close()
     tgts = targets()
-    render(console, rep, tgts)
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / ("rollout.quick.json" if args.quick else "rollout.json")
-    out.write_text(json.dumps({"machine": machine_info(), "quick": args.quick, "metrics": metrics_json(rep),
-                               "targets": targets_json(rep, tgts), "errors": rep.errors}, indent=2))
-    console.print(f"results written to {out}")
+    render(console, rep, tgts, "corral rollout benchmark")
+    write_results(console, "rollout", rep, tgts, machine_info(), args.quick)
     return 0
 
 

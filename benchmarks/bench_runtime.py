@@ -645,14 +645,17 @@ def fmt(x: float) -> str:
     return f"{x:.3f}" if abs(x) < 10 else f"{x:.1f}" if abs(x) < 1000 else f"{x:.0f}"
 
 
-def render(console: Console, rep: Report, tgts: list[Target]) -> None:
-    table = Table(title="corral runtime benchmark (ratios: p50 / baseline p50, same run)", show_lines=False)
+def render(console: Console, rep: Report, tgts: list[Target], title: str = "corral runtime benchmark",
+           notes: list[str] | None = None) -> None:
+    """Every benchmark's output: the metrics table (ratios against baselines of the same run), the
+    script's own notes, then its targets."""
+    table = Table(title=f"{title} (ratios: p50 / baseline p50, same run)", show_lines=False)
     for col, just in (("metric", "left"), ("n", "right"), ("p50", "right"), ("p99", "right"), ("mean", "right"),
                       ("unit", "left"), ("baseline p50", "right"), ("ratio", "right")):
         table.add_column(col, justify=just)  # type: ignore[arg-type]
-    for title, keys in rep.groups:
+    for group, keys in rep.groups:
         table.add_section()
-        table.add_row(f"[bold cyan]{title}[/bold cyan]")
+        table.add_row(f"[bold cyan]{group}[/bold cyan]")
         for key in keys:
             m = rep.metrics[key]
             base = rep.metrics.get(m.baseline) if m.baseline else None
@@ -660,6 +663,12 @@ def render(console: Console, rep: Report, tgts: list[Target]) -> None:
             table.add_row(m.label, str(m.n), fmt(m.p50), fmt(m.p99), fmt(m.mean), m.unit,
                           fmt(base.p50) if base else "", f"{ratio:.2f}x" if ratio is not None else "")
     console.print(table)
+    for note in notes or []:
+        console.print(f"  • {note}")
+    print_targets(console, rep, tgts)
+
+
+def runtime_notes(rep: Report) -> list[str]:
     notes = []
     for m in rep.metrics.values():
         if m.key == "exec" and m.extra:
@@ -670,9 +679,7 @@ def render(console: Console, rep: Report, tgts: list[Target]) -> None:
         if m.key == "create_warm" and m.extra:
             notes.append(f"prewarm took {m.extra.get('prewarm_ms')} ms; refill wait between samples p50 "
                          f"{m.extra.get('refill_wait_ms_p50')} ms (not counted)")
-    for note in notes:
-        console.print(f"  • {note}")
-    print_targets(console, rep, tgts)
+    return notes
 
 
 def print_targets(console: Console, rep: Report, tgts: list[Target]) -> None:
@@ -714,12 +721,17 @@ def targets_json(rep: Report, tgts: list[Target]) -> list[dict[str, Any]]:
     return out
 
 
-def to_json(rep: Report, tgts: list[Target], machine: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
-    metrics = metrics_json(rep)
-    target_out = targets_json(rep, tgts)
-    machine = {**machine, "loadavg_end": list(os.getloadavg())}
-    return {"machine": machine, "quick": args.quick, "pool_size": args.pool, "metrics": metrics,
-            "targets": target_out, "errors": rep.errors}
+def write_results(console: Console, name: str, rep: Report, tgts: list[Target], machine: dict[str, Any],
+                  quick: bool, out: str | Path = "", **extra: Any) -> Path:
+    """benchmarks/results/NAME.json (NAME.quick.json for a smoke run), or `out`: the machine, every
+    metric with its samples and baseline, the targets and the sections that failed."""
+    path = Path(out) if out else RESULTS_DIR / (f"{name}.quick.json" if quick else f"{name}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = {"machine": {**machine, "loadavg_end": list(os.getloadavg())}, "quick": quick, **extra,
+            "metrics": metrics_json(rep), "targets": targets_json(rep, tgts), "errors": rep.errors}
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    console.print(f"\nresults written to {path}")
+    return path
 
 
 # -- main ------------------------------------------------------------------------------------------------------
@@ -753,11 +765,8 @@ async def run(args: argparse.Namespace, console: Console, world: World, machine:
         shutil.rmtree(state, ignore_errors=True)
 
     tgts = targets(args.quick)
-    render(console, rep, tgts)
-    out = Path(args.out) if args.out else RESULTS_DIR / ("runtime.quick.json" if args.quick else "runtime.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(to_json(rep, tgts, machine, args), indent=2) + "\n")
-    console.print(f"\nresults written to {out}")
+    render(console, rep, tgts, notes=runtime_notes(rep))
+    write_results(console, "runtime", rep, tgts, machine, args.quick, args.out, pool_size=args.pool)
     return 1 if rep.errors else 0
 
 

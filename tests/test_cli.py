@@ -8,7 +8,6 @@ touches entries of instances whose lock no live process holds.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import queue
@@ -23,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from corral.config import RuntimeConfig
-from corral.runtime import MAX_INSTANCES
+from corral.runtime import MAX_INSTANCES, lock_instance
 from corral.sandbox.cgroups import discover
 
 LOCK_DIR = RuntimeConfig().lock_dir
@@ -148,11 +147,8 @@ def hold_free_instance() -> Iterator[int]:
     """Lock an instance no runtime uses, as a live runtime would, for the duration."""
     LOCK_DIR.mkdir(parents=True, exist_ok=True)
     for i in range(MAX_INSTANCES - 1, 0, -1):
-        fd = os.open(LOCK_DIR / f"instance-{i:03x}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
+        fd = lock_instance(LOCK_DIR, i)
+        if fd is None:
             continue
         try:
             yield i

@@ -40,6 +40,17 @@ MAX_INSTANCES = 1024
 MAX_SEQ = 4095
 
 
+
+def lock_instance(lock_dir: Path, instance: int) -> int | None:
+    """The instance's lock, held through the returned descriptor; None when a live runtime holds it."""
+    fd = os.open(lock_dir / f"instance-{instance:03x}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
 class Runtime:
     _default: ClassVar[Runtime | None] = None
     _default_lock: ClassVar[asyncio.Lock | None] = None
@@ -130,11 +141,8 @@ class Runtime:
         lock_dir = self.config.lock_dir
         lock_dir.mkdir(parents=True, exist_ok=True)
         for i in random.sample(range(MAX_INSTANCES), MAX_INSTANCES):
-            fd = os.open(lock_dir / f"instance-{i:03x}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
+            fd = lock_instance(lock_dir, i)
+            if fd is None:
                 continue
             os.ftruncate(fd, 0)
             os.write(fd, f"{os.getpid()}\n".encode())

@@ -89,6 +89,7 @@ from corral.sandbox.sandbox import ExecResult, Sandbox
 from corral.server.config import ServeConfig, ServeConfigError
 
 PREFIX = "/apis/envs/sandbox/v1"
+OPENENV_PATH = "/openenv"  # where OpenEnv's server is mounted
 MAX_UPLOAD = 64 << 20
 REFUSED_EXIT = 126
 _ID_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
@@ -353,7 +354,8 @@ class _TokenGate:
             scope.setdefault("state", {})["tenant"] = tenant
             path = scope["path"]
             # an OpenEnv session (or HTTP reset) runs a sandbox while it lasts: it counts against the quota
-            if path.startswith("/openenv/") and (scope["type"] == "websocket" or path == "/openenv/reset"):
+            if path.startswith(f"{OPENENV_PATH}/") and (scope["type"] == "websocket"
+                                                          or path == f"{OPENENV_PATH}/reset"):
                 try:
                     with self.server.hold(tenant):
                         await self.app(scope, receive, send)
@@ -468,10 +470,9 @@ def create_app(config: ServeConfig | RuntimeConfig, token: str | Sequence[str] |
         # the token gate above already covers its WebSocket handshakes
         from corral.envs.openenv_env import create_openenv_app
 
-        app.mount("/openenv", create_openenv_app(
+        app.mount(OPENENV_PATH, create_openenv_app(
             runtime=lambda: srv.runtime, tasks=config.openenv.tasks, reward=config.openenv.reward,
-            max_concurrent_envs=config.openenv.max_concurrent_envs,
-            authenticate=lambda conn: srv.tenant_of(conn.headers)))
+            max_concurrent_envs=config.openenv.max_concurrent_envs))
 
     api = APIRouter(prefix=PREFIX)
 

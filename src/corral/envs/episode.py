@@ -98,12 +98,14 @@ class AsyncToolEpisode:
     def findings(self) -> list[Finding]:
         return self.runtime.store.findings(sandbox_id=self.sb.id) if self.sb is not None else []
 
-    def violated(self) -> bool:
+    def violated(self, findings: list[Finding] | None = None) -> bool:
         """A terminating finding, or corral's responder ended or quarantined the sandbox (an action
-        configured for a lesser finding still stops the episode: its sandbox takes no more commands)."""
+        configured for a lesser finding still stops the episode: its sandbox takes no more commands).
+        `findings`: the episode's findings when the caller has just read them."""
         sb = self.sb
-        return (sb is not None and (sb.terminated is not None or sb.frozen)) or any(
-            self.reward.terminates(f) for f in self.findings())
+        if sb is not None and (sb.terminated is not None or sb.frozen):
+            return True
+        return any(self.reward.terminates(f) for f in (self.findings() if findings is None else findings))
 
     async def call(self, tool: str, arguments: dict[str, Any] | None = None) -> Outcome:
         """Run one tool call (shell, read_file, write_file, edit_file, submit) as a step."""
@@ -124,7 +126,7 @@ class AsyncToolEpisode:
         findings = self.findings()
         out.violations = [_violation_record(f).model_dump() for f in findings]
         out.metrics = {"turns": self.turns, "seconds": round(time.time() - self.started, 3)}
-        if self.violated():
+        if self.violated(findings):
             out.reward_components = self.reward.components(0.0, findings, True)
             out.done, out.termination_reason = True, "security_violation"
         elif submitted:

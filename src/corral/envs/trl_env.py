@@ -305,8 +305,9 @@ class CorralTRLEnv:
                 pass  # nothing left to grade: scored below like an unsubmitted episode
         elif ep.sb is not None:
             run(ep.core.runtime.drain())  # findings of the last commands are judged before scoring
-        violated = ep.violated()
-        components = ep.reward.components(0.0, ep.findings(), violated)
+        findings = ep.findings()
+        violated = ep.violated(findings)
+        components = ep.reward.components(0.0, findings, violated)
         return Outcome(observation="", reward=float(sum(components.values())), done=violated,
                        termination_reason="security_violation" if violated else "unsubmitted",
                        reward_components=components)

@@ -74,11 +74,17 @@ def links() -> list[str]:
 
 
 def instance_of(pid: int) -> int | None:
-    """The runtime instance a corral process holds: its lock file records the owner's pid."""
+    """The runtime instance a corral process holds: its lock file records the owner's pid. A file
+    whose lock nobody holds is a dead runtime's, and its pid may since have been given to ours."""
     for f in LOCK_DIR.glob("instance-*.lock"):
         with contextlib.suppress(OSError, ValueError):
-            if f.read_text().strip() == str(pid):
-                return int(f.stem.split("-")[1], 16)
+            if f.read_text().strip() != str(pid):
+                continue
+            inst = int(f.stem.split("-")[1], 16)
+            fd = lock_instance(LOCK_DIR, inst)
+            if fd is None:
+                return inst
+            os.close(fd)
     return None
 
 
@@ -125,16 +131,24 @@ def popen(home: Path, *args: str) -> Iterator[subprocess.Popen]:
         p.communicate(timeout=30)
 
 
+def alive(p: subprocess.Popen) -> bool:
+    """True while p runs; once it has exited, fail with what it said rather than wait on."""
+    if p.poll() is None:
+        return True
+    _, err = p.communicate(timeout=30)
+    raise AssertionError(f"corral exited with {p.returncode}: {err}")
+
+
 def start_sleeper(home: Path) -> tuple[subprocess.Popen, int]:
     """`corral run -- sleep 300` in the background; returns once the sleep runs in its sandbox."""
     p = subprocess.Popen([*CORRAL, "run", "--", "sleep", "300"], env=cli_env(home), stdin=subprocess.DEVNULL,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        inst = wait_for(lambda: p.poll() is None and instance_of(p.pid), 15, "the runtime's instance lock")
+        inst = wait_for(lambda: alive(p) and instance_of(p.pid), 15, "the runtime's instance lock")
         assert isinstance(inst, int)
-        wait_for(lambda: f"inet corral_{inst:03x}" in nft_tables(), 15, "its nftables table")
-        wait_for(lambda: any(cmdline(pid)[:2] == ["sleep", "300"] for pid in sandbox_pids(inst)), 15,
-                 "sleep 300 in the sandbox")
+        wait_for(lambda: alive(p) and f"inet corral_{inst:03x}" in nft_tables(), 15, "its nftables table")
+        wait_for(lambda: alive(p) and any(cmdline(pid)[:2] == ["sleep", "300"] for pid in sandbox_pids(inst)),
+                 15, "sleep 300 in the sandbox")
     except BaseException:
         p.kill()
         p.communicate(timeout=30)

@@ -180,6 +180,7 @@ class Runtime:
         if self._store is not None:
             self._store.close()
         if self._lock_fd is not None:
+            os.ftruncate(self._lock_fd, 0)  # the pid goes with the lock: pids are reused
             os.close(self._lock_fd)
             self._lock_fd = None
         self.started = False

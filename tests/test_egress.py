@@ -255,3 +255,22 @@ async def test_udp_datagram_attempt_is_an_attributed_denied_event(sb_factory, ru
     assert (ev.dst_ip, ev.dst_port, ev.verdict) == ("203.0.113.10", 9999, "deny") and ev.step == r.step
     assert "python3" in ev.exe
     assert any(f.rule_id == "egress-denied" and f.step == r.step for f in runtime.store.findings(sandbox_id=sb.id))
+
+
+async def test_connected_udp_socket_attempt_is_recorded_and_loopback_is_not(sb_factory, runtime):
+    """connect() on a UDP socket names the destination of every later send(): that is the attempt.
+    Datagrams over the sandbox's own loopback are not egress and make no event."""
+    sb = await sb_factory()
+    r = await sb.exec(py(
+        "import socket\n"
+        "echo=socket.socket(socket.AF_INET,socket.SOCK_DGRAM); echo.bind(('127.0.0.1',5300))\n"
+        "s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM); s.connect(('127.0.0.1',5300)); s.send(b'hi')\n"
+        "print(echo.recv(10).decode())\n"
+        "u=socket.socket(socket.AF_INET,socket.SOCK_DGRAM); u.connect(('203.0.113.10',9998))\n"
+        "for _ in range(3):\n"
+        "    try: u.send(b'secret')\n"
+        "    except OSError: pass"))
+    assert r.stdout == "hi\n", r.stderr
+    evs = [e for e in runtime.store.events(sandbox_id=sb.id, kind="connect") if e.protocol == "udp"]
+    assert [(e.dst_ip, e.dst_port, e.verdict, e.step) for e in evs] == [("203.0.113.10", 9998, "deny", r.step)]
+    assert "python3" in evs[0].exe

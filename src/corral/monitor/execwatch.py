@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import errno
 import fcntl
 import functools
 import os
+import socket
 import struct
 from collections.abc import Callable
 
@@ -31,6 +33,7 @@ FLAG_CONTINUE = 1
 NR_EXECVEAT = 322
 NR_CONNECT = 42
 NR_SENDTO = 44
+NR_PIDFD_GETFD = 438  # one number on every architecture
 MAX_ARGS = 256
 MAX_STR = 4096
 
@@ -91,7 +94,10 @@ class ExecWatch:
         if nr in (NR_CONNECT, NR_SENDTO):
             ptr, length = (args[1], args[2]) if nr == NR_CONNECT else (args[4], args[5])
             dst = _read_sockaddr(pid, ptr, length)
-            hook = self.on_connect if nr == NR_CONNECT else self.on_datagram
+            # connect() on a UDP socket sends nothing yet, but every later send() goes to that
+            # address: it is the datagram attempt, and the only moment corral sees it.
+            datagram = nr == NR_SENDTO or _socket_type(pid, args[0]) == socket.SOCK_DGRAM
+            hook = self.on_datagram if datagram else self.on_connect
             if dst is not None and hook is not None and self._valid(nid):
                 with contextlib.suppress(Exception):
                     hook(pid, *dst)
@@ -131,6 +137,33 @@ class ExecWatch:
             return False
 
 
+def _socket_type(pid: int, fd: int) -> int | None:
+    """The type of socket `fd` of a process stopped in a syscall (a copy taken with pidfd_getfd);
+    None when it cannot be read (the process died, or the kernel lacks pidfd_getfd)."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        return None
+    try:
+        copy = _libc().syscall(NR_PIDFD_GETFD, pidfd, ctypes.c_int(fd), 0)
+    finally:
+        os.close(pidfd)
+    if copy < 0:
+        return None
+    try:
+        sock = socket.socket(fileno=copy)  # owns the copy from here on
+    except OSError:
+        os.close(copy)
+        return None
+    with sock:
+        return sock.type
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
 def _read_exec_args(pid: int, path_ptr: int, argv_ptr: int) -> tuple[str, list[str]]:
     try:
         mem = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
@@ -156,8 +189,6 @@ def _read_exec_args(pid: int, path_ptr: int, argv_ptr: int) -> tuple[str, list[s
 
 
 def _read_sockaddr(pid: int, ptr: int, length: int) -> tuple[str, int] | None:
-    import socket
-
     try:
         with open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
             mem.seek(ptr)

@@ -20,6 +20,7 @@ import collections
 import contextlib
 import functools
 import io
+import ipaddress
 import json
 import os
 import resource
@@ -997,10 +998,14 @@ class Sandbox:
         self._connects.append(_Connect(ip, port, pid, step, procs.info(pid)))
 
     def _note_datagram(self, pid: int, ip: str, port: int) -> None:
-        """A datagram to an inet address: DNS goes to corral's resolver; anything else is dropped by
-        nftables, never forwarded. Recorded (once per process and destination every 10 s) so that
-        the attempt is seen, judged and attributed like a denied connection."""
-        if port == 53 or self._runtime is None:
+        """A datagram to an inet address (sendto, or connect on a UDP socket): DNS goes to corral's
+        resolver; anything else is dropped by nftables, never forwarded. Recorded (once per process
+        and destination every 10 s) so that the attempt is seen, judged and attributed like a denied
+        connection. The sandbox's own loopback is not egress."""
+        addr = ipaddress.ip_address(ip)
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped
+        if port == 53 or self._runtime is None or addr.is_loopback:
             return
         key, now = (pid, ip, port), time.monotonic()
         if now - self._datagrams.get(key, -1e9) < 10.0:

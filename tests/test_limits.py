@@ -82,3 +82,33 @@ async def test_cpu_quota_written_to_cgroup(sb_factory):
     for ctrl, d in cg.dirs.items():
         line = next(x for x in own if ctrl in x.split(":")[1].split(",") or (ctrl == "unified" and x.startswith("0::")))
         assert line.split(":", 2)[2].rstrip("/") in str(d)
+
+
+async def test_a_dead_runtimes_cgroups_are_cleared_when_its_instance_is_taken_again():
+    """A runtime that crashed leaves corral-<instance> behind (until `corral gc`). The next runtime to
+    take that instance clears it: no stale sandbox cgroup, frozen state or process carries over.
+    The instance name here is not hex, so gc (run by other tests) never takes it for a runtime's."""
+    import subprocess
+
+    from corral.sandbox.cgroups import InstanceCgroups, discover
+
+    h = discover("zt1")
+    if h.version is None:
+        pytest.skip(h.problem or "no usable cgroups")
+    dead = InstanceCgroups(h)
+    stale = dead.sandbox("sb-stale", Limits())
+    proc = subprocess.Popen(["sleep", "300"])
+    try:
+        stale.move(proc.pid, 1)
+        stale.quarantine(True)
+        assert stale.pids() == [proc.pid]
+
+        fresh = InstanceCgroups(h)  # what Runtime.start does once it holds the instance's lock
+        assert proc.wait(timeout=10) == -9  # corral started it, so corral ends it, by pid
+        assert all(root.is_dir() and not any(p.is_dir() for p in root.iterdir()) for root in h.roots.values())
+        fresh.remove()
+        assert not any(root.exists() for root in h.roots.values())
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        InstanceCgroups(h).remove()

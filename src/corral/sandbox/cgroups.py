@@ -91,11 +91,15 @@ def discover(instance: str) -> Hierarchies:
 
 
 class InstanceCgroups:
-    """The corral-<instance> directories of one runtime."""
+    """The corral-<instance> directories of one runtime. The caller holds the instance's lock, so a
+    directory already there is a dead runtime's (a crash before `corral gc`): it is cleared first,
+    and no stale sandbox cgroup, limit or frozen state carries into this runtime."""
 
     def __init__(self, h: Hierarchies) -> None:
         self.h = h
         self.limits_enforced = False
+        for root in h.roots.values():
+            remove_tree(root)
         if h.version == 2:
             base = h.roots["unified"]
             base.mkdir(exist_ok=True)

@@ -9,9 +9,10 @@ can be taken" means "no live runtime owns instance i", and only then are its lef
 - cgroup directories ``corral-{i:03x}`` beneath the cgroup gc itself runs in (any process still in
   them is one corral started and is killed).
 
-A runtime that takes instance i clears these same leftovers of i itself (it holds the lock);
-gc is for the instances nobody takes again. gc holds the instance lock while it removes, so a runtime starting meanwhile cannot pick the same
-instance and have its fresh table deleted under it. Nothing without the corral prefix is touched.
+A runtime that takes instance i clears these same leftovers of i itself (it holds the lock); gc is
+for the instances nobody takes again. gc holds the instance lock while it removes, so a runtime
+starting meanwhile cannot pick the same instance and have its fresh table deleted under it. Nothing
+without the corral prefix is touched.
 """
 
 from __future__ import annotations

@@ -257,9 +257,11 @@ async def test_udp_datagram_attempt_is_an_attributed_denied_event(sb_factory, ru
     assert any(f.rule_id == "egress-denied" and f.step == r.step for f in runtime.store.findings(sandbox_id=sb.id))
 
 
-async def test_connected_udp_socket_attempt_is_recorded_and_loopback_is_not(sb_factory, runtime):
-    """connect() on a UDP socket names the destination of every later send(): that is the attempt.
-    Datagrams over the sandbox's own loopback are not egress and make no event."""
+async def test_connected_udp_socket_is_recorded_and_loopback_is_not(sb_factory, runtime):
+    """connect() on a UDP socket names the destination of every later send(): corral records it,
+    attributed, as `udp-connect`. It sends nothing (a common idiom uses it only to learn which
+    interface routes somewhere), so the default rules make no finding of it; a sendto does. Datagrams
+    over the sandbox's own loopback are not egress and make no event."""
     sb = await sb_factory()
     r = await sb.exec(py(
         "import socket\n"
@@ -272,5 +274,7 @@ async def test_connected_udp_socket_attempt_is_recorded_and_loopback_is_not(sb_f
         "    except OSError: pass"))
     assert r.stdout == "hi\n", r.stderr
     evs = [e for e in runtime.store.events(sandbox_id=sb.id, kind="connect") if e.protocol == "udp"]
-    assert [(e.dst_ip, e.dst_port, e.verdict, e.step) for e in evs] == [("203.0.113.10", 9998, "deny", r.step)]
+    assert [(e.action, e.dst_ip, e.dst_port, e.verdict, e.step) for e in evs] == [
+        ("udp-connect", "203.0.113.10", 9998, "deny", r.step)]
     assert "python3" in evs[0].exe
+    assert not runtime.store.findings(sandbox_id=sb.id)

@@ -63,9 +63,10 @@ class ExecWatch:
 
     def __init__(self, fd: int, on_exec: Callable[[Event], bool], make_event: Callable[[int], Event],
                  on_connect: Callable[[int, str, int], None] | None = None,
-                 on_datagram: Callable[[int, str, int], None] | None = None) -> None:
+                 on_datagram: Callable[[int, str, int, bool], None] | None = None) -> None:
         self.fd = fd
-        self.on_datagram = on_datagram  # (host pid, dst ip, dst port) of a sendto
+        # (host pid, dst ip, dst port, sent): sent for a sendto, not for a UDP socket's connect()
+        self.on_datagram = on_datagram
         self.on_connect = on_connect  # (host pid, dst ip, dst port), before the SYN leaves
         self.on_exec = on_exec  # returns False to refuse the exec
         self.make_event = make_event  # an attributed PROCESS event for a host pid
@@ -94,13 +95,16 @@ class ExecWatch:
         if nr in (NR_CONNECT, NR_SENDTO):
             ptr, length = (args[1], args[2]) if nr == NR_CONNECT else (args[4], args[5])
             dst = _read_sockaddr(pid, ptr, length)
-            # connect() on a UDP socket sends nothing yet, but every later send() goes to that
-            # address: it is the datagram attempt, and the only moment corral sees it.
-            datagram = nr == NR_SENDTO or _socket_type(pid, args[0]) == socket.SOCK_DGRAM
-            hook = self.on_datagram if datagram else self.on_connect
-            if dst is not None and hook is not None and self._valid(nid):
+            # connect() on a UDP socket sends nothing yet, but names the destination of every
+            # later send(): the only moment corral sees where such datagrams would go.
+            udp_connect = nr == NR_CONNECT and _socket_type(pid, args[0]) == socket.SOCK_DGRAM
+            if dst is not None and self._valid(nid):
                 with contextlib.suppress(Exception):
-                    hook(pid, *dst)
+                    if nr == NR_SENDTO or udp_connect:
+                        if self.on_datagram is not None:
+                            self.on_datagram(pid, *dst, nr == NR_SENDTO)
+                    elif self.on_connect is not None:
+                        self.on_connect(pid, *dst)
             self._respond(nid, True)
             return
         path_ptr, argv_ptr = (args[1], args[2]) if nr == NR_EXECVEAT else (args[0], args[1])

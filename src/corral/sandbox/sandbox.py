@@ -227,7 +227,7 @@ class Sandbox:
         self._pids: dict[int, tuple[int | None, str | None, list[str] | None]] = {}
         # recent inet connect() calls, newest last: (dst ip, dst port, host pid, step, process)
         self._connects: collections.deque[_Connect] = collections.deque(maxlen=4096)
-        self._datagrams: dict[tuple[int, str, int], float] = {}
+        self._datagrams: dict[tuple[int, str, int, str], float] = {}
         self._writer = False
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -997,21 +997,24 @@ class Sandbox:
         step = SandboxCgroup.step_of(pid) if self.cgroup else None
         self._connects.append(_Connect(ip, port, pid, step, procs.info(pid)))
 
-    def _note_datagram(self, pid: int, ip: str, port: int) -> None:
-        """A datagram to an inet address (sendto, or connect on a UDP socket): DNS goes to corral's
-        resolver; anything else is dropped by nftables, never forwarded. Recorded (once per process
-        and destination every 10 s) so that the attempt is seen, judged and attributed like a denied
-        connection. The sandbox's own loopback is not egress."""
+    def _note_datagram(self, pid: int, ip: str, port: int, sent: bool) -> None:
+        """UDP to an inet address: DNS goes to corral's resolver; anything else is dropped by
+        nftables, never forwarded. A datagram sent to an address is recorded (once per process and
+        destination every 10 s) as a denied connection, judged and attributed like one. A UDP
+        socket's connect() sends nothing, and a common idiom uses it only to ask which interface
+        routes somewhere: it is recorded as `udp-connect`, which the default rules leave alone. The
+        sandbox's own loopback is not egress."""
         addr = ipaddress.ip_address(ip)
         if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
             addr = addr.ipv4_mapped
         if port == 53 or self._runtime is None or addr.is_loopback:
             return
-        key, now = (pid, ip, port), time.monotonic()
+        action = "connect" if sent else "udp-connect"
+        key, now = (pid, ip, port, action), time.monotonic()
         if now - self._datagrams.get(key, -1e9) < 10.0:
             return
         self._datagrams[key] = now
-        ev = Event(kind=EventKind.CONNECT, action="connect", sandbox_id=self.id, dst_ip=ip, dst_port=port,
+        ev = Event(kind=EventKind.CONNECT, action=action, sandbox_id=self.id, dst_ip=ip, dst_port=port,
                    protocol="udp", verdict=Verdict.DENY, bytes_up=0, bytes_down=0,
                    reason="UDP other than DNS never leaves a sandbox (dropped)")
         self.attribute(ev, pid=pid)

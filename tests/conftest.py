@@ -90,6 +90,22 @@ def allow(*rules: str, **limits) -> SandboxConfig:
     return SandboxConfig(egress=EgressPolicy.allowing(*rules), limits=Limits(**limits) if limits else Limits())
 
 
+async def eventually(cond, what: str, timeout: float = 20.0):
+    """Poll cond() until it returns something truthy (its value is returned) or fail naming `what`.
+    Events made by background processes and worker threads land when they land: tests wait for a
+    condition, never for a fixed time, and the generous deadline costs nothing when all goes well."""
+    import asyncio
+
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
 def py(code: str) -> str:
     """A shell command running Python code inside the sandbox."""
     import shlex

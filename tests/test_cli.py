@@ -375,7 +375,7 @@ def test_crash_leftovers_removed_by_gc(home: Path) -> None:
     p.communicate(timeout=30)
 
     # The sandbox dies with its owner (bwrap --die-with-parent); corral's host state stays behind.
-    wait_for(lambda: not sandbox_pids(inst), 5, "the sandbox's processes to die with corral")
+    wait_for(lambda: not sandbox_pids(inst), 15, "the sandbox's processes to die with corral")
     assert table in nft_tables()
     if discover("probe").version is not None:
         assert cgroup_dirs(inst), "the crashed runtime's cgroups should still be there"

@@ -8,7 +8,10 @@ import json
 import subprocess
 import sys
 
+import pytest
 
+
+@pytest.mark.timeout(300)  # above the subprocess's own 240 s, which then reports what it printed
 def test_demo_contains_detects_and_attributes_all_four_behaviours(tmp_path):
     out = tmp_path / "demo"
     cmd = f"ip link set lo up && {sys.executable} -m corral.cli demo --honest 2 -o {out}"

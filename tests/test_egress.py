@@ -3,12 +3,10 @@ denied ones deliver zero bytes, raw-IP and SNI/Host tricks do not open a domain 
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 
 from corral import SandboxConfig
-from tests.conftest import INTERNAL, METADATA, OTHER, PKG, POOL, SSH, TLS, allow, connect_cmd, py
+from tests.conftest import INTERNAL, METADATA, OTHER, PKG, POOL, SSH, TLS, allow, connect_cmd, eventually, py
 
 pytestmark = pytest.mark.asyncio
 
@@ -48,8 +46,10 @@ async def test_allowed_domain_reachable_by_name_with_attribution(sb_factory, run
     ev = connects(runtime, sb, dst_ip=PKG[0])[-1]
     assert ev.verdict == "allow" and ev.protocol == "http" and ev.name == "pkg.example.com"
     assert ev.pid and ev.argv[0] == "python3" and ev.step == r.step
-    close = [e for e in runtime.store.events(sandbox_id=sb.id, kind="connect") if e.action == "close"]
-    assert close and close[-1].bytes_up > 0 and close[-1].bytes_down > 0
+    # the relay reports its close when both directions have ended, possibly after exec() returned
+    close = await eventually(lambda: [e for e in runtime.store.events(sandbox_id=sb.id, kind="connect")
+                                      if e.action == "close"], "the relay's close event")
+    assert close[-1].bytes_up > 0 and close[-1].bytes_down > 0
 
 
 async def test_denied_name_gets_nxdomain_and_event(sb_factory, runtime):
@@ -223,11 +223,7 @@ async def test_background_process_connection_attributed_to_its_step(sb_factory, 
                         + ") > /dev/null 2>&1 &")
     await s.run("echo unrelated step")
     await s.run("ls /workspace")
-    for _ in range(100):
-        evs = connects(runtime, sb, dst_ip=POOL[0])
-        if evs:
-            break
-        await asyncio.sleep(0.05)
+    evs = await eventually(lambda: connects(runtime, sb, dst_ip=POOL[0]), "the background connection")
     ev = evs[-1]
     assert ev.step == start.step
     assert ev.command.startswith("(sleep 0.5;")
@@ -241,7 +237,8 @@ async def test_many_connections_each_recorded(sb_factory, runtime):
         "    try:\n        socket.create_connection(('198.51.100.30',7),timeout=2).close()\n"
         "    except OSError: pass"
     ))
-    await asyncio.sleep(0.3)
+    await eventually(lambda: len(connects(runtime, sb, dst_ip="198.51.100.30")) >= 30, "30 connection events")
+    await runtime.drain()
     assert len(connects(runtime, sb, dst_ip="198.51.100.30")) == 30
 
 

@@ -175,7 +175,7 @@ async def test_async_with_and_sync_wrapper(runtime):
 
 
 async def _wait_for_comm(sb, comm: str, count: int) -> list[int]:
-    for _ in range(100):
+    for _ in range(1000):
         pids = []
         for p in sb.pids():
             try:

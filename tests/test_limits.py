@@ -88,11 +88,12 @@ async def test_a_dead_runtimes_cgroups_are_cleared_when_its_instance_is_taken_ag
     """A runtime that crashed leaves corral-<instance> behind (until `corral gc`). The next runtime to
     take that instance clears it: no stale sandbox cgroup, frozen state or process carries over.
     The instance name here is not hex, so gc (run by other tests) never takes it for a runtime's."""
+    import os
     import subprocess
 
     from corral.sandbox.cgroups import InstanceCgroups, discover
 
-    h = discover("zt1")
+    h = discover("z" + os.urandom(3).hex())  # "z": never a runtime's hex instance, so gc leaves it
     if h.version is None:
         pytest.skip(h.problem or "no usable cgroups")
     dead = InstanceCgroups(h)

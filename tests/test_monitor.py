@@ -4,10 +4,11 @@ caught by the CPU it burns; a busy but honest program is not."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
-from tests.conftest import connect_cmd, py
+from tests.conftest import connect_cmd, eventually, py
 
 pytestmark = pytest.mark.asyncio
 
@@ -18,6 +19,8 @@ async def test_step_accounting(sb_factory, runtime):
     st = sb.step_stats(r.step)
     assert st["cpu_seconds"] > 0.05 and st["peak_rss_mb"] >= 64 and st["processes"] >= 2  # bash + python3
     r2 = await sb.exec("; ".join([connect_cmd("198.51.100.30", 7, b"x", read=False)] * 3) + "; true")
+    # a client that sends and leaves can exit before the gateway has judged its connection
+    await eventually(lambda: sb.step_stats(r2.step)["connections"] >= 3, "three connections counted")
     assert sb.step_stats(r2.step)["connections"] == 3
     exit_ev = next(e for e in runtime.store.events(sandbox_id=sb.id, kind="command") if e.action == "exit")
     assert exit_ev.data["processes"] >= 2 and "cpu_seconds" in exit_ev.data
@@ -35,11 +38,18 @@ async def test_hot_renamed_binary_in_tmp_is_killed_honest_busy_loop_is_not(sb_fa
         await sb.write_file("/workspace/burn.c", "int main(void) { for (;;) {} }\n")
         start = await sb.exec("mkdir -p /tmp/.cache && cc -O0 -o /tmp/.cache/kthreadd /workspace/burn.c && "
                               "(/tmp/.cache/kthreadd &) ; echo started")
-        for _ in range(100):
+        t0, cpu0 = time.monotonic(), sb.cgroup.stats().get("cpu_ns", 0)
+        for _ in range(300):
             found = [f for f in runtime.store.findings(sandbox_id=sb.id) if f.rule_id == "hot-dropped-binary"]
             if found and not sb.cgroup.pids(step=start.step):
                 break
             await asyncio.sleep(0.1)
+        if not found:
+            # The rule asks for most of a core, sample after sample. On a machine so busy that the
+            # burner never gets that, the rule cannot be exercised here: say so rather than fail.
+            share = (sb.cgroup.stats().get("cpu_ns", 0) - cpu0) / 1e9 / (time.monotonic() - t0)
+            if share < 0.8:
+                pytest.skip(f"the burner got only {share:.0%} of a core on this busy machine")
         assert found and found[0].step == start.step
         assert sb.cgroup.pids(step=start.step) == []  # killed
     finally:

@@ -178,6 +178,7 @@ BENIGN = ["B01", "B08", "B12"]
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(300)  # above the subprocess's own 180 s
 def test_bench_runs_cases_in_fresh_sandboxes_and_scores_them(tmp_path: Path):
     ids = [*ATTACKS, *BENIGN]
     cmd = f"ip link set lo up && {sys.executable} -c '{RUN}' {tmp_path} {','.join(ids)}"

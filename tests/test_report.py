@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from corral import report
-from tests.conftest import POOL, connect_cmd
+from tests.conftest import POOL, connect_cmd, eventually
 
 pytestmark = pytest.mark.asyncio
 
@@ -22,11 +22,9 @@ async def _incident(sb_factory, runtime):
     bg = await s.run("(sleep 0.3; " + connect_cmd(POOL[0], POOL[1], b'{"id":1,"method":"mining.subscribe"}\n')
                      + ") >/dev/null 2>&1 &")
     await s.run("ls")
-    for _ in range(60):
-        if any(f.rule_id == "stratum-protocol" for f in runtime.store.findings(sandbox_id=sb.id)):
-            break
-        await asyncio.sleep(0.05)
-    await asyncio.sleep(0.2)  # let the kill action land
+    await eventually(lambda: any(f.rule_id == "stratum-protocol" for f in runtime.store.findings(sandbox_id=sb.id)),
+                     "the stratum finding")
+    await runtime.responder.drain()  # the kill action lands on a worker thread
     return sb, bg
 
 

@@ -30,9 +30,8 @@ NOTIF_RECV = 0xC0502100  # SECCOMP_IOCTL_NOTIF_RECV = _IOWR('!', 0, struct secco
 NOTIF_SEND = 0xC0182101  # SECCOMP_IOCTL_NOTIF_SEND = _IOWR('!', 1, struct seccomp_notif_resp)
 NOTIF_ID_VALID = 0x40082102  # SECCOMP_IOCTL_NOTIF_ID_VALID = _IOW('!', 2, __u64)
 FLAG_CONTINUE = 1
-NR_EXECVEAT = 322
-NR_CONNECT = 42
-NR_SENDTO = 44
+# this machine's own numbers (a notification carries the native syscall number)
+NR_EXECVEAT, NR_CONNECT, NR_SENDTO = (sc.resolve_syscall(sc.Arch.NATIVE, n) for n in ("execveat", "connect", "sendto"))
 NR_PIDFD_GETFD = 438  # one number on every architecture
 MAX_ARGS = 256
 MAX_STR = 4096

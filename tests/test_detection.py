@@ -27,6 +27,10 @@ async def findings_for(runtime, sb, rule=None, wait=10.0):
         await asyncio.sleep(0.05)
 
 
+def file_events(runtime, sb) -> set[tuple[int, str, str]]:
+    return {(e.step, e.data["op"], e.data["path"]) for e in runtime.store.events(sandbox_id=sb.id, kind="file")}
+
+
 async def actions_for(runtime, sb):
     return [e.action for e in runtime.store.events(sandbox_id=sb.id, kind="action")]
 
@@ -232,10 +236,11 @@ async def test_quarantine_and_end_episode_actions(world, tmp_path):
 async def test_deletes_and_renames_of_protected_paths(sb_factory, runtime):
     from corral import SandboxConfig
 
-    sb = await sb_factory(SandboxConfig(protected_paths=("/workspace/tests/*",)))
+    sb = await sb_factory(SandboxConfig(protected_paths=("/workspace/tests/*", "/tmp/keep/*")))
     for name in ("test_a.py", "test_b.py", "test_c.py"):
         await sb.write_file(f"/workspace/tests/{name}", "def test_ok(): assert True\n")  # corral's own
     await sb.write_file("/workspace/scratch.txt", "x")
+    await sb.write_file("/tmp/keep/golden.txt", "expected output\n")  # another tmpfs of the sandbox's
     # by a program, not a shell command: the pre-run check cannot see these
     deleted = await sb.exec(py("import os; os.remove('/workspace/tests/test_a.py')"))
     moved = await sb.exec(py("import os; os.rename('/workspace/tests/test_b.py', '/workspace/b.bak')"))
@@ -243,18 +248,20 @@ async def test_deletes_and_renames_of_protected_paths(sb_factory, runtime):
                             "os.replace('/workspace/fake.py', '/workspace/tests/test_c.py')"))
     planted = await sb.exec(py("import os; open('/root/rc.tmp','w').write('alias ls=/tmp/.x/implant');"
                                "os.rename('/root/rc.tmp', '/root/.bashrc')"))
+    golden = await sb.exec(py("import os; os.remove('/tmp/keep/golden.txt')"))
     quiet = await sb.exec(py("import os; os.remove('/workspace/scratch.txt')"))
-    runs = (deleted, moved, onto, planted, quiet)
+    runs = (deleted, moved, onto, planted, golden, quiet)
     assert all(r.ok for r in runs), [(r.exit_code, r.stderr, r.error) for r in runs]
-    await asyncio.sleep(0.3)
-    evs = {(e.step, e.data["op"], e.data["path"]) for e in runtime.store.events(sandbox_id=sb.id, kind="file")}
-    assert (deleted.step, "delete", "/workspace/tests/test_a.py") in evs
-    assert (moved.step, "rename_from", "/workspace/tests/test_b.py") in evs
-    assert (onto.step, "rename_to", "/workspace/tests/test_c.py") in evs
-    assert (planted.step, "rename_to", "/root/.bashrc") in evs
+    # each path resolved on the filesystem its event came from (three tmpfs mounts here)
+    expected = {(deleted.step, "delete", "/workspace/tests/test_a.py"),
+                (moved.step, "rename_from", "/workspace/tests/test_b.py"),
+                (onto.step, "rename_to", "/workspace/tests/test_c.py"),
+                (planted.step, "rename_to", "/root/.bashrc"),
+                (golden.step, "delete", "/tmp/keep/golden.txt")}
+    evs = await eventually(lambda: expected <= (got := file_events(runtime, sb)) and got, "the file events")
     assert not any(step == quiet.step for step, _, _ in evs)
     tampered = {f.step for f in await findings_for(runtime, sb, "protected-file-tampered")}
-    assert {deleted.step, moved.step, onto.step} <= tampered
+    assert {deleted.step, moved.step, onto.step, golden.step} <= tampered
     assert planted.step in {f.step for f in await findings_for(runtime, sb, "persistence-file-write")}
 
 
@@ -273,14 +280,13 @@ async def test_protected_directories_and_links(sb_factory, runtime):
     hardlink = await sb.exec(py("import os; os.mkdir('/workspace/spec');"
                                 "os.link('/workspace/rc', '/workspace/spec/conftest.py')"))
     assert all(r.ok for r in (rmtree, moved, symlink, hardlink))
-    await asyncio.sleep(0.3)
-    evs = {(e.step, e.data["op"], e.data["path"]) for e in runtime.store.events(sandbox_id=sb.id, kind="file")}
     # rm -rf: every file and the directory itself, though the directory is gone when corral reads them
-    assert {(rmtree.step, "delete", p) for p in ("/workspace/tests/test_a.py", "/workspace/tests/sub/test_b.py",
-                                                  "/workspace/tests/sub", "/workspace/tests")} <= evs
-    assert (moved.step, "rename_from", "/workspace/spec") in evs  # the protected directory moved away
-    assert (symlink.step, "symlink", "/root/.profile") in evs
-    assert (hardlink.step, "link", "/workspace/spec/conftest.py") in evs
+    expected = {(rmtree.step, "delete", p) for p in ("/workspace/tests/test_a.py", "/workspace/tests/sub/test_b.py",
+                                                      "/workspace/tests/sub", "/workspace/tests")}
+    expected |= {(moved.step, "rename_from", "/workspace/spec"),  # the protected directory moved away
+                 (symlink.step, "symlink", "/root/.profile"),
+                 (hardlink.step, "link", "/workspace/spec/conftest.py")}
+    await eventually(lambda: expected <= file_events(runtime, sb), "the file events")
     tampered = {f.step for f in await findings_for(runtime, sb, "protected-file-tampered")}
     assert {rmtree.step, moved.step, hardlink.step} <= tampered
     assert symlink.step in {f.step for f in await findings_for(runtime, sb, "persistence-file-write")}

@@ -82,10 +82,10 @@ class FileWatch:
         self.loop = asyncio.get_running_loop()
         self.loop.add_reader(self.fd, self._ready)
         self.agent_pid = agent_pid
-        self.mount_fds: list[int] = []
-        # handle -> path of directories seen: by the time an event is read, `rm -rf` has removed the
-        # directory it names, and only this remembers where it was
-        self.dirs: dict[bytes, str] = {}
+        self.mount_fds: dict[int, int] = {}  # fsid -> descriptor of the sandbox tmpfs that has it
+        # (fsid, handle) -> path of directories seen: by the time an event is read, `rm -rf` has
+        # removed the directory it names, and only this remembers where it was
+        self.dirs: dict[tuple[int, bytes], str] = {}
         self.fid_fd = self._open_fid_group(agent_pid, sorted(mounts))
         if self.fid_fd is not None:
             self.loop.add_reader(self.fid_fd, self._fid_ready)
@@ -114,7 +114,7 @@ class FileWatch:
             if _libc.fanotify_mark(fd, FAN_MARK_ADD | FAN_MARK_FILESYSTEM, DIRENT_MASK, mfd, None) != 0:
                 os.close(mfd)
                 continue
-            self.mount_fds.append(mfd)
+            self.mount_fds[os.fstatvfs(mfd).f_fsid] = mfd
             self._remember(mount)
         if not self.mount_fds:
             os.close(fd)
@@ -173,10 +173,12 @@ class FileWatch:
                 pos += ilen
 
     def _dirent(self, mask: int, pid: int, record: bytes) -> None:
-        _fsid, hbytes, _htype = _FSID_HANDLE.unpack_from(record)
+        raw_fsid, hbytes, _htype = _FSID_HANDLE.unpack_from(record)
+        lo, hi = struct.unpack("=II", raw_fsid)
+        fsid = lo | hi << 32  # as statvfs() reports it
         handle = record[_FSID_HANDLE.size - 8 : _FSID_HANDLE.size + hbytes]  # struct file_handle, whole
         name = record[_FSID_HANDLE.size + hbytes :].split(b"\0", 1)[0].decode(errors="replace")
-        directory = self._dir_path(handle)
+        directory = self._dir_path(fsid, handle)
         if directory is None or not name:
             return  # a directory created and removed before corral saw either
         path = f"{directory.rstrip('/')}/{name}"
@@ -213,43 +215,49 @@ class FileWatch:
     def _remember(self, path: str) -> None:
         buf = ctypes.create_string_buffer(struct.pack("=Ii", MAX_HANDLE_SZ, 0) + b"\0" * MAX_HANDLE_SZ)
         mount_id = ctypes.c_int()
-        target = f"/proc/{self.agent_pid}/root{path}".encode()
-        if _libc.name_to_handle_at(AT_FDCWD, target, buf, ctypes.byref(mount_id), 0) != 0:
+        target = f"/proc/{self.agent_pid}/root{path}"
+        if _libc.name_to_handle_at(AT_FDCWD, target.encode(), buf, ctypes.byref(mount_id), 0) != 0:
+            return
+        try:
+            fsid = os.statvfs(target).f_fsid
+        except OSError:
             return
         hbytes = struct.unpack_from("=I", buf.raw)[0]
-        self._cache(buf.raw[: 8 + hbytes], path)
+        self._cache((fsid, buf.raw[: 8 + hbytes]), path)
 
-    def _cache(self, handle: bytes, path: str) -> None:
-        self.dirs.pop(handle, None)
-        self.dirs[handle] = path
+    def _cache(self, key: tuple[int, bytes], path: str) -> None:
+        self.dirs.pop(key, None)
+        self.dirs[key] = path
         if len(self.dirs) > DIR_CACHE:
             del self.dirs[next(iter(self.dirs))]
 
-    def _dir_path(self, handle: bytes) -> str | None:
-        for mfd in self.mount_fds:
-            fd = _libc.open_by_handle_at(mfd, handle, os.O_PATH | os.O_CLOEXEC)
-            if fd < 0:
-                continue
-            try:
-                path = os.readlink(f"/proc/self/fd/{fd}")
-            except OSError:
-                break
-            finally:
-                os.close(fd)
-            if path.endswith(" (deleted)"):  # removed, but still held open by some process
-                return self.dirs.get(handle, path[: -len(" (deleted)")])
-            self._cache(handle, path)
-            return path
-        return self.dirs.get(handle)
+    def _dir_path(self, fsid: int, handle: bytes) -> str | None:
+        """The directory a handle names, resolved on the filesystem the event came from (two tmpfs
+        mounts can hand out the same inode numbers), or remembered if it is gone."""
+        key = (fsid, handle)
+        mfd = self.mount_fds.get(fsid)
+        fd = _libc.open_by_handle_at(mfd, handle, os.O_PATH | os.O_CLOEXEC) if mfd is not None else -1
+        if fd < 0:
+            return self.dirs.get(key)
+        try:
+            path = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            return self.dirs.get(key)
+        finally:
+            os.close(fd)
+        if path.endswith(" (deleted)"):  # removed, but still held open by some process
+            return self.dirs.get(key, path[: -len(" (deleted)")])
+        self._cache(key, path)
+        return path
 
     def _close_fid(self) -> None:
-        fds = [*self.mount_fds]
+        fds = [*self.mount_fds.values()]
         if self.fid_fd is not None:
             with contextlib.suppress(ValueError, OSError):
                 self.loop.remove_reader(self.fid_fd)
             fds.append(self.fid_fd)
             self.fid_fd = None
-        self.mount_fds = []
+        self.mount_fds = {}
         _close_later(fds)
 
     def close(self) -> None:

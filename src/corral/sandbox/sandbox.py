@@ -368,7 +368,8 @@ class Sandbox:
         if self._filewatch.fid_fd is None:
             self._emit(Event(kind=EventKind.SANDBOX, action="degraded", sandbox_id=self.id,
                              reason="deletions and renames of protected paths are not watched: fanotify's "
-                                    "file-handle mode is unavailable (Linux >= 5.9 with tmpfs file handles)"))
+                                    f"file-handle mode is unavailable on kernel {os.uname().release} (it needs "
+                                    "Linux >= 5.9 and file handles on the sandbox's tmpfs; run 'corral doctor')"))
 
     async def _teardown_proc(self) -> None:
         if self._filewatch is not None:

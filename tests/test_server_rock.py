@@ -107,6 +107,15 @@ async def test_rock_sdk_session_episode(server, tmp_path):
     await sb.stop()
     st = await sb.get_status()
     assert not st.is_alive and st.state == "stopped"
+    # ROCK's container-image calls: a clear refusal that says what to do instead, not a bare 404
+    with pytest.raises(Exception, match=r"restart is not supported.*start_async"):
+        await sb.restart()
+    with pytest.raises(Exception, match=r"archive is not supported.*GET /findings"):
+        await sb.archive()
+    with pytest.raises(Exception, match="commit is not supported"):
+        await sb.commit_async("registry.example/agent:1", "user", "secret")
+    with pytest.raises(Exception, match="commit is not supported"):
+        await sb.get_commit_status()
     await sb.delete()
     with pytest.raises(httpx.HTTPStatusError):
         await sb.get_status()

@@ -663,6 +663,41 @@ def create_app(config: ServeConfig | RuntimeConfig, token: str | Sequence[str] |
         srv.deleted.setdefault(request.state.tenant, []).append(b)
         return _envelope(f"{sandbox_id} deleted", corral=srv.corral(b))
 
+    # ROCK's container-image and object-storage routes. A corral sandbox is namespaces over tmpfs,
+    # not a container: there is no image to snapshot, nothing of a stopped sandbox to start again,
+    # and no bucket. The SDK's restart(), archive(), commit() and its upload's storage-token probe
+    # get a Failed envelope (as ROCK answers a refused request: the SDK drops the body of an HTTP
+    # error) that says so and what to do instead.
+    def unsupported(request: Request, sandbox_id: str, what: str) -> dict:
+        b = srv.box(request.state.tenant, sandbox_id, running=False, deleted=True)
+        return _envelope(failed=f"{what} (sandbox {sandbox_id!r})", message=what, corral=srv.corral(b))
+
+    @api.get("/get_token")
+    async def get_token() -> dict:
+        msg = "corral has no object storage: upload sends files straight into the sandbox"
+        return _envelope(failed=msg, message=msg)
+
+    @api.post("/restart")
+    async def restart(request: Request, sandbox_id: Annotated[SandboxId, Body(embed=True)]) -> dict:
+        return unsupported(request, sandbox_id, "restart is not supported: a corral sandbox is not a container, "
+                           "and stopping it ended its processes and freed its tmpfs; start a new one with "
+                           "start_async and write or upload the files it needs")
+
+    @api.post("/sandboxes/{sandbox_id}/archive")
+    async def archive(request: Request, sandbox_id: SandboxId) -> dict:
+        return unsupported(request, sandbox_id, "archive is not supported: a corral sandbox has no container "
+                           "image or logs to upload; read the files you need before stopping it, and fetch "
+                           "its findings from GET /findings (they outlive the sandbox)")
+
+    @api.post("/commit")
+    async def commit(request: Request, sandbox_id: Annotated[SandboxId, Body(embed=True)]) -> dict:
+        return unsupported(request, sandbox_id, "commit is not supported: a corral sandbox is not a container "
+                           "and has no image to push; give new sandboxes their files with write_file or upload")
+
+    @api.get("/commit/{sandbox_id}")
+    async def commit_status(request: Request, sandbox_id: SandboxId) -> dict:
+        return unsupported(request, sandbox_id, "commit is not supported, so there is no commit status")
+
     app.include_router(api)
     return app
 

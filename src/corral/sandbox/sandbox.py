@@ -1014,6 +1014,8 @@ class Sandbox:
         key, now = (pid, ip, port, action), time.monotonic()
         if now - self._datagrams.get(key, -1e9) < 10.0:
             return
+        if len(self._datagrams) >= 4096:  # a UDP sweep must not grow this without bound
+            self._datagrams = {k: t for k, t in self._datagrams.items() if now - t < 10.0}
         self._datagrams[key] = now
         ev = Event(kind=EventKind.CONNECT, action=action, sandbox_id=self.id, dst_ip=ip, dst_port=port,
                    protocol="udp", verdict=Verdict.DENY, bytes_up=0, bytes_down=0,

@@ -268,10 +268,13 @@ async def test_connected_udp_socket_is_recorded_and_loopback_is_not(sb_factory, 
         "u=socket.socket(socket.AF_INET,socket.SOCK_DGRAM); u.connect(('203.0.113.10',9998))\n"
         "for _ in range(3):\n"
         "    try: u.send(b'secret')\n"
-        "    except OSError: pass"))
+        "    except OSError: pass\n"
+        "import threading\n"  # from a thread that is not the process's main one, too
+        "t=threading.Thread(target=lambda: socket.socket(socket.AF_INET,socket.SOCK_DGRAM)"
+        ".connect(('203.0.113.11',9997))); t.start(); t.join()"))
     assert r.stdout == "hi\n", r.stderr
     evs = [e for e in runtime.store.events(sandbox_id=sb.id, kind="connect") if e.protocol == "udp"]
-    assert [(e.action, e.dst_ip, e.dst_port, e.verdict, e.step) for e in evs] == [
-        ("udp-connect", "203.0.113.10", 9998, "deny", r.step)]
-    assert "python3" in evs[0].exe
+    assert sorted((e.action, e.dst_ip, e.dst_port, e.verdict, e.step) for e in evs) == [
+        ("udp-connect", "203.0.113.10", 9998, "deny", r.step), ("udp-connect", "203.0.113.11", 9997, "deny", r.step)]
+    assert all("python3" in e.exe for e in evs)
     assert not runtime.store.findings(sandbox_id=sb.id)

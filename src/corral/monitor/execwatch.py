@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import errno
 import fcntl
 import functools
@@ -32,7 +31,6 @@ NOTIF_ID_VALID = 0x40082102  # SECCOMP_IOCTL_NOTIF_ID_VALID = _IOW('!', 2, __u64
 FLAG_CONTINUE = 1
 # this machine's own numbers (a notification carries the native syscall number)
 NR_EXECVEAT, NR_CONNECT, NR_SENDTO = (sc.resolve_syscall(sc.Arch.NATIVE, n) for n in ("execveat", "connect", "sendto"))
-NR_PIDFD_GETFD = 438  # one number on every architecture
 MAX_ARGS = 256
 MAX_STR = 4096
 
@@ -91,41 +89,51 @@ class ExecWatch:
             return
         nid, pid, _flags, nr, _arch, _ip = struct.unpack_from("=QIIiIQ", req)
         args = struct.unpack_from("=6Q", req, 32)
-        if nr in (NR_CONNECT, NR_SENDTO):
-            ptr, length = (args[1], args[2]) if nr == NR_CONNECT else (args[4], args[5])
-            dst = _read_sockaddr(pid, ptr, length)
-            # connect() on a UDP socket sends nothing yet, but names the destination of every
-            # later send(): the only moment corral sees where such datagrams would go.
-            udp_connect = nr == NR_CONNECT and _socket_type(pid, args[0]) == socket.SOCK_DGRAM
-            if dst is not None and self._valid(nid):
-                with contextlib.suppress(Exception):
-                    if nr == NR_SENDTO or udp_connect:
-                        if self.on_datagram is not None:
-                            self.on_datagram(pid, *dst, nr == NR_SENDTO)
-                    elif self.on_connect is not None:
-                        self.on_connect(pid, *dst)
-            self._respond(nid, True)
+        allow = True
+        try:
+            if nr in (NR_CONNECT, NR_SENDTO):
+                self._network(nid, pid, nr, args)
+            else:
+                allow = self._exec(nid, pid, nr, args)
+        except Exception:
+            allow = True  # a monitoring bug must not wedge the sandbox
+        finally:
+            # answered whatever happened: an unanswered notification leaves the thread stopped for good
+            self._respond(nid, allow)
+
+    def _network(self, nid: int, pid: int, nr: int, args: tuple[int, ...]) -> None:
+        ptr, length = (args[1], args[2]) if nr == NR_CONNECT else (args[4], args[5])
+        dst = _read_sockaddr(pid, ptr, length)
+        if dst is None:
             return
+        # connect() on a UDP socket sends nothing yet, but names the destination of every later
+        # send(): the only moment corral sees where such datagrams would go.
+        datagram = nr == NR_SENDTO or _socket_protocol(pid, args[0]).startswith("UDP")
+        if not self._valid(nid):  # the memory and descriptor we read belonged to this very call
+            return
+        if datagram:
+            if self.on_datagram is not None:
+                self.on_datagram(pid, *dst, nr == NR_SENDTO)
+        elif self.on_connect is not None:
+            self.on_connect(pid, *dst)
+
+    def _exec(self, nid: int, pid: int, nr: int, args: tuple[int, ...]) -> bool:
         path_ptr, argv_ptr = (args[1], args[2]) if nr == NR_EXECVEAT else (args[0], args[1])
         path, argv = _read_exec_args(pid, path_ptr, argv_ptr)
-        allow = True
-        if self._valid(nid):  # the memory we read belonged to this very exec
-            ev = self.make_event(pid)
-            ev.action = "exec"
-            ev.exe = _resolve(pid, path)
-            ev.argv = argv
-            ev.data["comm"] = os.path.basename(path) if path else None
-            if ev.exe and not ev.exe.startswith(SYSTEM_DIRS):
-                # the file as the host sees it, through the process's own root
-                source = renamed_from(f"/proc/{pid}/root{ev.exe}", os.path.basename(ev.exe))
-                if source:
-                    ev.data["renamed_from"] = source
-            try:
-                allow = self.on_exec(ev)
-            except Exception:
-                allow = True  # a monitoring bug must not wedge the sandbox
         self.count += 1
-        self._respond(nid, allow)
+        if not self._valid(nid):  # the memory we read must belong to this very exec
+            return True
+        ev = self.make_event(pid)
+        ev.action = "exec"
+        ev.exe = _resolve(pid, path)
+        ev.argv = argv
+        ev.data["comm"] = os.path.basename(path) if path else None
+        if ev.exe and not ev.exe.startswith(SYSTEM_DIRS):
+            # the file as the host sees it, through the process's own root
+            source = renamed_from(f"/proc/{pid}/root{ev.exe}", os.path.basename(ev.exe))
+            if source:
+                ev.data["renamed_from"] = source
+        return self.on_exec(ev)
 
     def _respond(self, nid: int, allow: bool) -> None:
         resp = struct.pack("=QqiI", nid, 0, 0 if allow else -errno.EPERM, FLAG_CONTINUE if allow else 0)
@@ -140,31 +148,15 @@ class ExecWatch:
             return False
 
 
-def _socket_type(pid: int, fd: int) -> int | None:
-    """The type of socket `fd` of a process stopped in a syscall (a copy taken with pidfd_getfd);
-    None when it cannot be read (the process died, or the kernel lacks pidfd_getfd)."""
+def _socket_protocol(tid: int, fd: int) -> str:
+    """The protocol of socket `fd` of a thread stopped in a syscall ("TCP", "UDP", "UDPv6", ...),
+    as sockfs names it; "" when it cannot be read (the thread died, or `fd` is not a socket). The
+    thread's own /proc entry serves any thread, not only a process's main one, and the socket is
+    only looked at, never opened by corral."""
     try:
-        pidfd = os.pidfd_open(pid)
-    except OSError:
-        return None
-    try:
-        copy = _libc().syscall(NR_PIDFD_GETFD, pidfd, ctypes.c_int(fd), 0)
-    finally:
-        os.close(pidfd)
-    if copy < 0:
-        return None
-    try:
-        sock = socket.socket(fileno=copy)  # owns the copy from here on
-    except OSError:
-        os.close(copy)
-        return None
-    with sock:
-        return sock.type
-
-
-@functools.cache
-def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(None, use_errno=True)
+        return os.getxattr(f"/proc/{tid}/fd/{fd}", "system.sockprotoname").rstrip(b"\0").decode()
+    except (OSError, UnicodeDecodeError):
+        return ""
 
 
 def _read_exec_args(pid: int, path_ptr: int, argv_ptr: int) -> tuple[str, list[str]]:

@@ -90,6 +90,7 @@ async def test_a_dead_runtimes_cgroups_are_cleared_when_its_instance_is_taken_ag
     The instance name here is not hex, so gc (run by other tests) never takes it for a runtime's."""
     import os
     import subprocess
+    from pathlib import Path
 
     from corral.sandbox.cgroups import InstanceCgroups, discover
 
@@ -100,9 +101,13 @@ async def test_a_dead_runtimes_cgroups_are_cleared_when_its_instance_is_taken_ag
     stale = dead.sandbox("sb-stale", Limits())
     proc = subprocess.Popen(["sleep", "300"])
     try:
+        for procs in stale.procs_files():  # in every hierarchy, as a sandbox's processes are
+            Path(procs).write_text(str(proc.pid))
         stale.move(proc.pid, 1)
         stale.quarantine(True)
         assert stale.pids() == [proc.pid]
+        if h.version == 1:
+            assert (stale.dirs["freezer"] / "freezer.state").read_text().strip() in ("FREEZING", "FROZEN")
 
         fresh = InstanceCgroups(h)  # what Runtime.start does once it holds the instance's lock
         assert proc.wait(timeout=10) == -9  # corral started it, so corral ends it, by pid

@@ -232,6 +232,8 @@ class RuntimeConfig(BaseModel):
     detection: bool = True  # judge every event with the rules
     rule_files: tuple[Path, ...] = ()  # loaded after corral's own rules: add, override, disable
     actions: dict[str, str] = Field(default_factory=dict)  # rule id or severity -> action override
+    # Instance numbers (and so cgroup, nftables and link names, and uid ranges) are claimed by an
+    # flock here: every runtime on a machine must use the same lock_dir, or two could take one number.
     lock_dir: Path = Path("/run/corral")
 
     @classmethod

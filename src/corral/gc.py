@@ -122,10 +122,9 @@ def collect(dry_run: bool = False, lock_dir: Path = LOCK_DIR) -> list[str]:
                 continue  # a live runtime owns it
             # Order matters: processes first (cgroups), then their links, and the nft table last, so
             # no sandbox process is ever left with a link into this namespace and no rules on it.
-            for d in cgdirs.get(inst, []):
-                if not dry_run:
-                    cgroups.remove_tree(d)
-                removed.append(f"cgroup {d}")
+            if not dry_run:
+                cgroups.remove_trees(cgdirs.get(inst, []))
+            removed += [f"cgroup {d}" for d in cgdirs.get(inst, [])]
             for name in links.get(inst, []):
                 if not dry_run:
                     _delete_link(name)

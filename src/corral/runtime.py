@@ -114,7 +114,8 @@ class Runtime:
             self.detector = Detector(load_rules(list(self.config.rule_files)), self.config.actions)
         h = discover(f"{self.instance:03x}")
         if h.version is not None:
-            self.cgroups = InstanceCgroups(h)
+            # off the event loop: clearing a dead runtime's leftovers of this instance waits for its processes to die
+            self.cgroups = await asyncio.to_thread(InstanceCgroups, h)
         self.cgroup_problem = h.problem
         # pyroute2's sync API runs its own event loop: it is only ever used from worker threads.
         self._ipr = await asyncio.to_thread(IPRoute)

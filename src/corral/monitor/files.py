@@ -82,10 +82,10 @@ class FileWatch:
         self.loop = asyncio.get_running_loop()
         self.loop.add_reader(self.fd, self._ready)
         self.agent_pid = agent_pid
-        self.mount_fds: dict[int, int] = {}  # fsid -> descriptor of the sandbox tmpfs that has it
+        self.mount_fds: dict[bytes, int] = {}  # fsid -> descriptor of the sandbox tmpfs that has it
         # (fsid, handle) -> path of directories seen: by the time an event is read, `rm -rf` has
         # removed the directory it names, and only this remembers where it was
-        self.dirs: dict[tuple[int, bytes], str] = {}
+        self.dirs: dict[tuple[bytes, bytes], str] = {}
         self.fid_fd = self._open_fid_group(agent_pid, sorted(mounts))
         if self.fid_fd is not None:
             self.loop.add_reader(self.fid_fd, self._fid_ready)
@@ -110,11 +110,13 @@ class FileWatch:
             if st.st_dev in host_devs or _fs_type(mfd) != TMPFS_MAGIC:
                 os.close(mfd)
                 continue
-            # marked through the descriptor just checked, not the path again
-            if _libc.fanotify_mark(fd, FAN_MARK_ADD | FAN_MARK_FILESYSTEM, DIRENT_MASK, mfd, None) != 0:
+            fsid = _fsid(mfd)
+            # marked through the descriptor just checked, not the path again; one per filesystem
+            if fsid is None or fsid in self.mount_fds or _libc.fanotify_mark(
+                    fd, FAN_MARK_ADD | FAN_MARK_FILESYSTEM, DIRENT_MASK, mfd, None) != 0:
                 os.close(mfd)
                 continue
-            self.mount_fds[os.fstatvfs(mfd).f_fsid] = mfd
+            self.mount_fds[fsid] = mfd
             self._remember(mount)
         if not self.mount_fds:
             os.close(fd)
@@ -173,9 +175,7 @@ class FileWatch:
                 pos += ilen
 
     def _dirent(self, mask: int, pid: int, record: bytes) -> None:
-        raw_fsid, hbytes, _htype = _FSID_HANDLE.unpack_from(record)
-        lo, hi = struct.unpack("=II", raw_fsid)
-        fsid = lo | hi << 32  # as statvfs() reports it
+        fsid, hbytes, _htype = _FSID_HANDLE.unpack_from(record)
         handle = record[_FSID_HANDLE.size - 8 : _FSID_HANDLE.size + hbytes]  # struct file_handle, whole
         name = record[_FSID_HANDLE.size + hbytes :].split(b"\0", 1)[0].decode(errors="replace")
         directory = self._dir_path(fsid, handle)
@@ -218,20 +218,19 @@ class FileWatch:
         target = f"/proc/{self.agent_pid}/root{path}"
         if _libc.name_to_handle_at(AT_FDCWD, target.encode(), buf, ctypes.byref(mount_id), 0) != 0:
             return
-        try:
-            fsid = os.statvfs(target).f_fsid
-        except OSError:
+        fsid = _fsid(target)
+        if fsid is None:
             return
         hbytes = struct.unpack_from("=I", buf.raw)[0]
         self._cache((fsid, buf.raw[: 8 + hbytes]), path)
 
-    def _cache(self, key: tuple[int, bytes], path: str) -> None:
+    def _cache(self, key: tuple[bytes, bytes], path: str) -> None:
         self.dirs.pop(key, None)
         self.dirs[key] = path
         if len(self.dirs) > DIR_CACHE:
             del self.dirs[next(iter(self.dirs))]
 
-    def _dir_path(self, fsid: int, handle: bytes) -> str | None:
+    def _dir_path(self, fsid: bytes, handle: bytes) -> str | None:
         """The directory a handle names, resolved on the filesystem the event came from (two tmpfs
         mounts can hand out the same inode numbers), or remembered if it is gone."""
         key = (fsid, handle)
@@ -312,13 +311,24 @@ def _read_events(fd: int | None) -> list[tuple[int, int, int, bytes]] | None:
     return out
 
 
-class _Statfs(ctypes.Structure):
-    _fields_ = [("f_type", ctypes.c_long), ("_rest", ctypes.c_byte * 112)]
+class _Statfs(ctypes.Structure):  # struct statfs on 64-bit Linux
+    _fields_ = [("f_type", ctypes.c_long), ("f_bsize", ctypes.c_long), ("_counts", ctypes.c_ulong * 5),
+                ("f_fsid", ctypes.c_ubyte * 8), ("_rest", ctypes.c_byte * 64)]
 
 
 _libc.fstatfs.argtypes = [ctypes.c_int, ctypes.POINTER(_Statfs)]
+_libc.statfs.argtypes = [ctypes.c_char_p, ctypes.POINTER(_Statfs)]
 
 
 def _fs_type(fd: int) -> int | None:
     buf = _Statfs()
     return buf.f_type if _libc.fstatfs(fd, ctypes.byref(buf)) == 0 else None
+
+
+def _fsid(where: int | str) -> bytes | None:
+    """The filesystem's id as the kernel's 8 bytes, exactly as fanotify reports it (statvfs's
+    f_fsid is libc's rendering of them, and libcs differ)."""
+    buf = _Statfs()
+    rc = (_libc.fstatfs(where, ctypes.byref(buf)) if isinstance(where, int)
+          else _libc.statfs(where.encode(), ctypes.byref(buf)))
+    return bytes(buf.f_fsid) if rc == 0 else None

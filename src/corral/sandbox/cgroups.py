@@ -20,6 +20,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -98,8 +99,7 @@ class InstanceCgroups:
     def __init__(self, h: Hierarchies) -> None:
         self.h = h
         self.limits_enforced = False
-        for root in h.roots.values():
-            remove_tree(root)
+        remove_trees(h.roots.values())
         if h.version == 2:
             base = h.roots["unified"]
             base.mkdir(exist_ok=True)
@@ -123,8 +123,7 @@ class InstanceCgroups:
         return SandboxCgroup(self, sandbox_id, limits)
 
     def remove(self) -> None:
-        for root in self.h.roots.values():
-            remove_tree(root)
+        remove_trees(self.h.roots.values())
 
 
 class SandboxCgroup:
@@ -325,6 +324,14 @@ def _write(path: Path, value: str) -> None:
         os.write(fd, value.encode())
     finally:
         os.close(fd)
+
+
+def remove_trees(dirs: Iterable[Path]) -> None:
+    """remove_tree for several hierarchies' directories, the freezer's first: on v1 a frozen
+    process acts on SIGKILL only once thawed, and only the freezer hierarchy can thaw it. Then the
+    other hierarchies hold nothing that still has to die."""
+    for d in sorted(dirs, key=lambda d: not (d / "freezer.state").exists()):
+        remove_tree(d)
 
 
 def remove_tree(d: Path) -> None:

@@ -1014,12 +1014,15 @@ class Sandbox:
         key, now = (pid, ip, port, action), time.monotonic()
         if now - self._datagrams.get(key, -1e9) < 10.0:
             return
-        if len(self._datagrams) >= 4096:  # a UDP sweep must not grow this without bound
-            self._datagrams = {k: t for k, t in self._datagrams.items() if now - t < 10.0}
+        # newest last, at most 4096 remembered: a UDP sweep cannot grow it (it is only a rate limit)
+        self._datagrams.pop(key, None)
         self._datagrams[key] = now
+        if len(self._datagrams) > 4096:
+            del self._datagrams[next(iter(self._datagrams))]
+        reason = ("UDP other than DNS never leaves a sandbox (dropped)" if sent else
+                  "a UDP socket aimed here; datagrams it sends are dropped (UDP other than DNS never leaves)")
         ev = Event(kind=EventKind.CONNECT, action=action, sandbox_id=self.id, dst_ip=ip, dst_port=port,
-                   protocol="udp", verdict=Verdict.DENY, bytes_up=0, bytes_down=0,
-                   reason="UDP other than DNS never leaves a sandbox (dropped)")
+                   protocol="udp", verdict=Verdict.DENY, bytes_up=0, bytes_down=0, reason=reason)
         self.attribute(ev, pid=pid)
         self._runtime.emit(ev)
 

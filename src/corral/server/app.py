@@ -271,13 +271,15 @@ class _Server:
         finally:
             self.held[tenant] -= 1
 
-    def box(self, tenant: str, rock_id: str, *, running: bool = True, deleted: bool = False) -> _Box:
+    def box(self, tenant: str, rock_id: str, *, running: bool = True, deleted: bool = False,
+            touch: bool = True) -> _Box:
         b = self.boxes.get(tenant, {}).get(rock_id)
         if b is None and deleted:
             b = next((d for d in reversed(self.deleted.get(tenant, [])) if d.rock_id == rock_id), None)
         if b is None:
             raise ApiError(404, f"no sandbox {rock_id!r} for this token; start one with start_async")
-        b.last_used = time.monotonic()
+        if touch:
+            b.last_used = time.monotonic()
         if running and not b.alive:
             why = f" ({b.stop_reason})" if b.stop_reason else ""
             raise ApiError(409, f"sandbox {rock_id!r} is stopped{why}; start a new one", corral=self.corral(b))
@@ -669,8 +671,9 @@ def create_app(config: ServeConfig | RuntimeConfig, token: str | Sequence[str] |
     # get a Failed envelope (as ROCK answers a refused request: the SDK drops the body of an HTTP
     # error) that says so and what to do instead.
     def unsupported(request: Request, sandbox_id: str, what: str) -> dict:
-        b = srv.box(request.state.tenant, sandbox_id, running=False, deleted=True)
-        return _envelope(failed=f"{what} (sandbox {sandbox_id!r})", message=what, corral=srv.corral(b))
+        # a refusal is not use: the idle clock and the findings not yet handed out stay as they were
+        b = srv.box(request.state.tenant, sandbox_id, running=False, deleted=True, touch=False)
+        return _envelope(failed=f"{what} (sandbox {sandbox_id!r})", message=what, corral={"sandbox_id": b.sb.id})
 
     @api.get("/get_token")
     async def get_token() -> dict:

@@ -198,6 +198,29 @@ async def test_credential_persistence_escape_gpu_rules(sb_factory, runtime):
     assert len(runtime.store.findings(sandbox_id=sb.id)) == before
 
 
+# --- F8 ingress: download now, run later ---------------------------------------------------------------
+async def test_a_downloaded_file_run_in_a_later_step_is_refused(sb_factory, runtime):
+    sb = await sb_factory(allow("pkg.example.com:80"))
+    s = await sb.create_session("agent")
+    url = "http://pkg.example.com/files"
+    get = await s.run(f"cd /tmp && curl -s -m 5 -o tool {url}/textkit-1.2.py && wget -q -T 5 {url}/sales-2024.csv"
+                      f" && curl -s -m 5 {url}/textkit-1.2.py > /workspace/tk.py")
+    assert get.exit_code == 0, get.stderr
+    # using downloaded data is not running it
+    ok = await s.run("python3 -c \"print(open('sales-2024.csv').read()[:4])\"")
+    assert ok.stdout == "date\n"
+    run = await s.run("chmod +x tool; ./tool")  # a step later, and relative to the session's cwd
+    script = await s.run("python3 /workspace/tk.py")
+    assert run.exit_code != 0 and script.exit_code != 0  # refused before they ran
+    found = await findings_for(runtime, sb, "downloaded-file-executed")
+    assert {f.step for f in found} == {run.step, script.step}
+    origins = {e.data["downloaded"]["path"]: e.data["downloaded"] for e in runtime.store.events(
+        sandbox_id=sb.id, kind="process") if e.data.get("downloaded")}
+    assert set(origins) == {"/tmp/tool", "/workspace/tk.py"}
+    assert all(o["step"] == get.step and o["tool"] == "curl" for o in origins.values())
+    assert not [f for f in await findings_for(runtime, sb) if f.step in (get.step, ok.step)]
+
+
 # --- containment actions --------------------------------------------------------------------------------
 async def test_quarantine_and_end_episode_actions(world, tmp_path):
     rt = Runtime(RuntimeConfig(state_dir=tmp_path, hosts=world.hosts, system_dns=False,

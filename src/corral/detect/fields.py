@@ -57,6 +57,8 @@ FIELDS: dict[str, Callable[[Event], Any]] = {
     "proc.pname": lambda e: e.data.get("parent_name"),
     "proc.cwd": lambda e: e.data.get("cwd"),
     "proc.renamed_from": lambda e: e.data.get("renamed_from"),
+    "proc.downloaded": lambda e: (e.data.get("downloaded") or {}).get("path"),  # run a file curl/wget wrote
+    "proc.downloaded_step": lambda e: (e.data.get("downloaded") or {}).get("step"),
     "proc.file_args": lambda e: _file_args(e),
     "proc.cpu_percent": lambda e: e.data.get("cpu_percent"),
     "proc.cpu_seconds": lambda e: e.data.get("cpu_seconds"),

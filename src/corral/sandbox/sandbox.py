@@ -50,6 +50,7 @@ from corral.errors import (
 from corral.events import Event, EventKind, Verdict
 from corral.monitor.execwatch import ExecWatch, exec_filter_bpf
 from corral.monitor.files import FileWatch
+from corral.monitor.provenance import Downloads
 from corral.net.netns import HOST_IP
 from corral.nsutil import CLONE_NEWNET, setns
 from corral.sandbox import procs
@@ -228,6 +229,7 @@ class Sandbox:
         # recent inet connect() calls, newest last: (dst ip, dst port, host pid, step, process)
         self._connects: collections.deque[_Connect] = collections.deque(maxlen=4096)
         self._datagrams: dict[tuple[int, str, int, str], float] = {}
+        self._downloads = Downloads()  # files curl/wget wrote here, to know them when they are run
         self._writer = False
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -416,6 +418,7 @@ class Sandbox:
         await self._teardown_proc()
         self.terminated = None
         self.runtime.forget_dns(self)
+        self._downloads.clear()  # the files are gone with the old workspace and /tmp
         await self._launch()
         await self._populate()
         self._emit(Event(kind=EventKind.SANDBOX, action="reset", sandbox_id=self.id,
@@ -1117,8 +1120,14 @@ class Sandbox:
                 self._pids.pop(next(iter(self._pids)))
         if self._runtime is None:
             return True
+        origin = self._downloads.origin(ev)
+        if origin is not None:
+            ev.data["downloaded"] = origin
         j = self._runtime.emit(ev)
-        return not (j is not None and j.blocks)
+        allowed = not (j is not None and j.blocks)
+        if allowed and ev.pid:
+            self._downloads.note(ev, ev.pid)
+        return allowed
 
     def _emit(self, ev: Event):
         if self._runtime is not None:

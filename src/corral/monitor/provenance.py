@@ -1,0 +1,187 @@
+"""Which files in a sandbox a download tool wrote, so that running one is seen for what it is.
+
+Ingress tool transfer (ATT&CK T1105) is usually two moves: fetch a file, then run it. An agent
+spreads them over tool calls as readily as it chains them with `&&` (`curl -o /tmp/t URL`, then
+`chmod +x /tmp/t; /tmp/t` in the next step), where a rule over one command line cannot see both.
+So when curl or wget is about to run, corral notes where its output goes: its `-o`/`-O` target
+resolved against its working directory, or the file its stdout was redirected to. A later exec of
+that file, as the program itself or as the script an interpreter is given, carries the download's
+step and tool in its event (`proc.downloaded`), whichever step it happens in.
+
+Only the downloader's own output is tracked. A file fetched by a script's HTTP library, or unpacked
+from a downloaded archive, is not: package managers do both all day, and that is not the behaviour.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+from urllib.parse import urlsplit
+
+from corral.events import Event
+
+DOWNLOADERS = frozenset({"curl", "wget"})
+INTERPRETERS = frozenset({"sh", "bash", "dash", "zsh", "ksh", "busybox", "perl", "ruby", "node", "php"})
+MAX_TRACKED = 1024
+# curl options that take a value (so the value is not mistaken for a URL)
+_CURL_VALUED = frozenset("AbcCdDeEFHKmoPQrtTuUwxXyYz")
+_WGET_VALUED = frozenset("OoaPeiUTtwQBlARDIXn")  # -n takes the rest of its word (-nv, -nd)
+
+
+def _is_interpreter(name: str) -> bool:
+    return name in INTERPRETERS or name.startswith("python")
+
+
+def _url_name(url: str) -> str | None:
+    name = posixpath.basename(urlsplit(url).path)
+    return name or None
+
+
+def curl_outputs(argv: list[str]) -> tuple[list[str], bool]:
+    """Files curl writes (as given: relative to its cwd or --output-dir), and whether some
+    transfer goes to stdout (a URL with no -o/-O of its own)."""
+    outs: list[str] = []
+    urls: list[str] = []
+    remote = 0  # -O flags not yet matched to a URL
+    named: list[str] = []  # -o values not yet matched to a URL
+    outdir = ""
+    i = 1
+    while i < len(argv):
+        a = argv[i]
+        if a == "--":
+            urls += argv[i + 1:]
+            break
+        if a.startswith("--"):
+            opt, eq, val = a.partition("=")
+            if opt in ("--output", "--output-dir"):
+                if not eq:
+                    i += 1
+                    val = argv[i] if i < len(argv) else ""
+                if opt == "--output":
+                    named.append(val)
+                else:
+                    outdir = val
+            elif opt in ("--remote-name", "--remote-name-all"):
+                remote += 1
+            elif not eq and opt in ("--url", "--header", "--data", "--user", "--proxy", "--config", "--cookie",
+                                    "--referer", "--user-agent", "--request", "--max-time", "--connect-timeout",
+                                    "--retry", "--form", "--data-binary", "--data-raw", "--resolve"):
+                i += 1
+                if opt == "--url" and i < len(argv):
+                    urls.append(argv[i])
+        elif a.startswith("-") and len(a) > 1:
+            for j, c in enumerate(a[1:], 1):
+                if c == "O":
+                    remote += 1
+                elif c == "o" or c in _CURL_VALUED:
+                    val = a[j + 1:]
+                    if not val:
+                        i += 1
+                        val = argv[i] if i < len(argv) else ""
+                    if c == "o":
+                        named.append(val)
+                    break
+        else:
+            urls.append(a)
+        i += 1
+    stdout = False
+    for url in urls:
+        if named:
+            out = named.pop(0)
+            if out == "-":
+                stdout = True
+            else:
+                outs.append(out)
+        elif remote:
+            remote -= 1
+            name = _url_name(url)
+            if name:
+                outs.append(name)
+        else:
+            stdout = True
+    return [posixpath.join(outdir, o) if outdir and not o.startswith("/") else o for o in outs], stdout
+
+
+def wget_outputs(argv: list[str]) -> tuple[list[str], bool]:
+    """Files wget writes (as given), and whether it writes to stdout (-O -)."""
+    document: str | None = None
+    prefix = ""
+    urls: list[str] = []
+    i = 1
+    while i < len(argv):
+        a = argv[i]
+        if a.startswith("--"):
+            opt, eq, val = a.partition("=")
+            if opt in ("--output-document", "--directory-prefix"):
+                if not eq:
+                    i += 1
+                    val = argv[i] if i < len(argv) else ""
+                if opt == "--output-document":
+                    document = val
+                else:
+                    prefix = val
+        elif a.startswith("-") and len(a) > 1:
+            for j, c in enumerate(a[1:], 1):
+                if c in _WGET_VALUED:
+                    val = a[j + 1:]
+                    if not val:
+                        i += 1
+                        val = argv[i] if i < len(argv) else ""
+                    if c == "O":
+                        document = val
+                    elif c == "P":
+                        prefix = val
+                    break
+        else:
+            urls.append(a)
+        i += 1
+    if document is not None:
+        return ([], True) if document == "-" else ([document], False)
+    names = [n if n else "index.html" for n in (_url_name(u) for u in urls)]
+    return [posixpath.join(prefix, n) if prefix else n for n in names], False
+
+
+class Downloads:
+    """One sandbox's downloaded files: absolute path (as the sandbox sees it) -> where it came from."""
+
+    def __init__(self) -> None:
+        self.files: dict[str, dict] = {}
+
+    def clear(self) -> None:
+        self.files.clear()
+
+    def note(self, ev: Event, pid: int) -> None:
+        """A downloader was allowed to run: remember the files it will write."""
+        name = os.path.basename(ev.exe or "")
+        if name not in DOWNLOADERS or not ev.argv:
+            return
+        outs, stdout = (curl_outputs if name == "curl" else wget_outputs)(ev.argv)
+        cwd = ev.data.get("cwd") or "/"
+        paths = [posixpath.normpath(posixpath.join(cwd, o)) for o in outs]
+        if stdout:
+            try:  # `curl URL > file`: the shell opened the file before this exec
+                target = os.readlink(f"/proc/{pid}/fd/1")
+            except OSError:
+                target = ""
+            if target.startswith("/") and not target.startswith(("/dev/", "/proc/")):
+                paths.append(target)
+        for path in paths:
+            self.files.pop(path, None)
+            self.files[path] = {"path": path, "step": ev.step, "tool": name, "command": ev.command}
+        while len(self.files) > MAX_TRACKED:
+            del self.files[next(iter(self.files))]
+
+    def origin(self, ev: Event) -> dict | None:
+        """The download this exec runs, as the program or as an interpreter's script; else None."""
+        if not self.files:
+            return None
+        if ev.exe in self.files:
+            return self.files[ev.exe]
+        name = os.path.basename(ev.exe or "")
+        argv = ev.argv or []
+        if _is_interpreter(name) and len(argv) > 1:
+            script = next((a for a in argv[1:] if not a.startswith("-")), None)
+            if script is not None:
+                path = posixpath.normpath(posixpath.join(ev.data.get("cwd") or "/", script))
+                return self.files.get(path)
+        return None

@@ -36,6 +36,7 @@ def test_curl_outputs(argv, files, stdout):
     (["wget", "-P", "/opt", "-o", "log.txt", URL], ["/opt/tool.sh"], False),  # -o is wget's log, not output
     (["wget", "-nv", "http://pkg.example.com/"], ["index.html"], False),
     (["wget", "-T", "3", "-t", "2", URL], ["tool.sh"], False),
+    (["wget", "http://[::1"], [], False),  # malformed: nothing, and no error
 ])
 def test_wget_outputs(argv, files, stdout):
     assert wget_outputs(argv) == (files, stdout)

@@ -33,8 +33,11 @@ def _is_interpreter(name: str) -> bool:
 
 
 def _url_name(url: str) -> str | None:
-    name = posixpath.basename(urlsplit(url).path)
-    return name or None
+    """The file name a URL's path ends in ("" when it ends in "/"); None when it is no URL at all."""
+    try:
+        return posixpath.basename(urlsplit(url).path)
+    except ValueError:
+        return None
 
 
 def curl_outputs(argv: list[str]) -> tuple[list[str], bool]:
@@ -137,7 +140,7 @@ def wget_outputs(argv: list[str]) -> tuple[list[str], bool]:
         i += 1
     if document is not None:
         return ([], True) if document == "-" else ([document], False)
-    names = [n if n else "index.html" for n in (_url_name(u) for u in urls)]
+    names = [n or "index.html" for n in (_url_name(u) for u in urls) if n is not None]
     return [posixpath.join(prefix, n) if prefix else n for n in names], False
 
 

@@ -221,6 +221,22 @@ async def test_a_downloaded_file_run_in_a_later_step_is_refused(sb_factory, runt
     assert not [f for f in await findings_for(runtime, sb) if f.step in (get.step, ok.step)]
 
 
+async def test_a_failed_or_rewritten_download_is_the_agents_own_file(sb_factory, runtime):
+    sb = await sb_factory(allow("pkg.example.com:80"))
+    s = await sb.create_session("agent")
+    # the download is denied (the name is not allowed), so the agent writes the file itself
+    failed = await s.run("curl -s -m 3 -o /workspace/own.py http://other.example.net/own.py; "
+                         "echo 'print(1)' > /workspace/own.py")
+    got = await s.run("curl -s -m 5 -o /workspace/mine.py http://pkg.example.com/files/textkit-1.2.py")
+    assert got.exit_code == 0
+    # a later step rewrites the downloaded file with the agent's own code
+    await s.run("sleep 3; echo 'print(2)' > /workspace/mine.py")
+    runs = [await s.run("python3 /workspace/own.py"), await s.run("python3 /workspace/mine.py")]
+    assert [r.stdout for r in runs] == ["1\n", "2\n"], [r.stderr for r in runs]
+    assert not await findings_for(runtime, sb, "downloaded-file-executed", wait=0.3)
+    assert failed.exit_code == 0
+
+
 # --- containment actions --------------------------------------------------------------------------------
 async def test_quarantine_and_end_episode_actions(world, tmp_path):
     rt = Runtime(RuntimeConfig(state_dir=tmp_path, hosts=world.hosts, system_dns=False,

@@ -3,10 +3,13 @@ real sandbox (download in one step, run in a later one) is tested in test_detect
 
 from __future__ import annotations
 
+import os
+import time
+
 import pytest
 
 from corral.events import Event, EventKind
-from corral.monitor.provenance import Downloads, curl_outputs, wget_outputs
+from corral.monitor.provenance import Downloads, curl_outputs, script_arg, wget_outputs
 
 URL = "http://pkg.example.com/files/tool.sh"
 
@@ -42,19 +45,55 @@ def test_wget_outputs(argv, files, stdout):
     assert wget_outputs(argv) == (files, stdout)
 
 
-def _exec(argv: list[str], exe: str, cwd: str = "/workspace", step: int = 1) -> Event:
+def _exec(argv: list[str], exe: str, cwd: str = "/workspace", step: int = 1, **kw) -> Event:
     return Event(kind=EventKind.PROCESS, action="exec", sandbox_id="sb-t", exe=exe, argv=argv, step=step,
-                 command=" ".join(argv), data={"cwd": cwd})
+                 command=" ".join(argv), data={"cwd": cwd}, **kw)
 
 
-def test_runs_of_downloads_are_recognised_and_nothing_else():
-    d = Downloads()
-    d.note(_exec(["curl", "-so", "bin/tool", URL], "/usr/bin/curl", cwd="/tmp"), pid=0)
-    d.note(_exec(["wget", "-q", "http://pkg.example.com/x.py"], "/usr/bin/wget"), pid=0)
-    assert d.origin(_exec(["./tool"], "/tmp/bin/tool", step=3))["step"] == 1
-    assert d.origin(_exec(["python3", "-u", "x.py"], "/usr/bin/python3", step=4))["tool"] == "wget"
-    assert d.origin(_exec(["bash", "../tmp/bin/tool"], "/usr/bin/bash", step=5))["path"] == "/tmp/bin/tool"
-    assert d.origin(_exec(["cat", "/tmp/bin/tool"], "/usr/bin/cat")) is None  # reading is not running
-    assert d.origin(_exec(["python3", "other.py"], "/usr/bin/python3")) is None
+@pytest.mark.parametrize(("argv", "script"), [
+    (["python3", "-u", "x.py", "data.json"], "x.py"),  # the data file is an argument, not the script
+    (["python3", "-W", "ignore", "x.py"], "x.py"),
+    (["python3", "-m", "pytest", "x.py"], None),
+    (["python3", "-c", "print(1)"], None),
+    (["bash", "-o", "pipefail", "t.sh"], "t.sh"),
+    (["bash", "-ec", "./t.sh"], None),
+    (["sh", "-s"], None),
+    (["node", "--require", "y.js", "x.js"], "x.js"),
+    (["perl", "-e", "print 1"], None),
+    (["php", "-f", "x.php"], "x.php"),
+])
+def test_script_arg(argv, script):
+    assert script_arg(argv[0], argv) == script
+
+
+def test_a_download_counts_only_if_it_arrived_and_was_not_rewritten(tmp_path):
+    """Real files, judged as the sandbox judges them (this process stands in for the sandboxed one:
+    its root is where the paths are looked up)."""
+    d, pid = Downloads(), os.getpid()
+    tool = tmp_path / "bin" / "tool"
+    tool.parent.mkdir()
+    curl = _exec(["curl", "-so", "bin/tool", URL], "/usr/bin/curl", cwd=str(tmp_path), pid=pid)
+    d.note(curl, pid)
+    d.note(_exec(["wget", "-q", "http://pkg.example.com/x.py"], "/usr/bin/wget", cwd=str(tmp_path), pid=pid), pid)
+    tool.write_text("#!/bin/sh\n")  # the downloads land
+    (tmp_path / "x.py").write_text("print(1)\n")
+    ended = time.time()
+
+    def arrived(step, p):
+        return ended
+
+    def run(argv, exe):
+        return _exec(argv, exe, cwd=str(tmp_path), step=3, pid=pid)
+
+    assert d.origin(run(["./bin/tool"], str(tool)), arrived)["step"] == 1
+    assert d.origin(run(["python3", "-W", "ignore", "x.py"], "/usr/bin/python3"), arrived)["tool"] == "wget"
+    assert d.origin(run(["bash", f"{tmp_path}/../{tmp_path.name}/bin/tool"], "/usr/bin/bash"), arrived)
+    assert d.origin(run(["cat", "bin/tool"], "/usr/bin/cat"), arrived) is None  # reading is not running
+    assert d.origin(run(["python3", "other.py"], "/usr/bin/python3"), arrived) is None
+    # the downloader received nothing (a failed download; the agent wrote the file itself)
+    assert d.origin(run(["./bin/tool"], str(tool)), lambda step, p: None) is None
+    # rewritten well after the download ended: no longer what was downloaded
+    os.utime(tool, (ended + 30, ended + 30))
+    assert d.origin(run(["./bin/tool"], str(tool)), arrived) is None
     d.clear()
-    assert d.origin(_exec(["./tool"], "/tmp/bin/tool")) is None
+    assert d.origin(run(["python3", "x.py"], "/usr/bin/python3"), arrived) is None

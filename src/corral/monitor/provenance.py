@@ -16,13 +16,17 @@ from __future__ import annotations
 
 import os
 import posixpath
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 from corral.events import Event
 
 DOWNLOADERS = frozenset({"curl", "wget"})
-INTERPRETERS = frozenset({"sh", "bash", "dash", "zsh", "ksh", "busybox", "perl", "ruby", "node", "php"})
-MAX_TRACKED = 1024
+INTERPRETERS = frozenset({"sh", "bash", "dash", "zsh", "ksh", "perl", "ruby", "node", "php"})
+MAX_TRACKED = 4096
+# a file counts as the download if it was last changed between the downloader's start and shortly
+# after its last transfer ended (it writes the final buffer after the connection closes)
+SLACK_S = 2.0
 # curl options that take a value (so the value is not mistaken for a URL)
 _CURL_VALUED = frozenset("AbcCdDeEFHKmoPQrtTuUwxXyYz")
 _WGET_VALUED = frozenset("OoaPeiUTtwQBlARDIXn")  # -n takes the rest of its word (-nv, -nd)
@@ -144,8 +148,44 @@ def wget_outputs(argv: list[str]) -> tuple[list[str], bool]:
     return [posixpath.join(prefix, n) if prefix else n for n in names], False
 
 
+def script_arg(name: str, argv: list[str]) -> str | None:
+    """The script file a shell or interpreter is asked to run, or None (code given inline with -c/-e,
+    a module with -m, standard input, or no script). Options that take a value are skipped whole."""
+    if name.startswith("python"):
+        inline, valued = ("-c", "-m"), ("-W", "-X", "-Q")
+    elif name in ("sh", "bash", "dash", "zsh", "ksh"):
+        inline, valued = ("-c", "-s"), ("-o", "+o", "-O", "+O", "--rcfile", "--init-file")
+    elif name == "node":
+        inline, valued = ("-e", "-p", "--eval", "--print"), ("-r", "--require", "--import", "--loader")
+    elif name in ("perl", "ruby"):
+        inline, valued = ("-e", "-E"), ("-I", "-r", "-C")
+    elif name == "php":
+        inline, valued = ("-r",), ("-d", "-c")
+    else:
+        return None
+    args = iter(argv[1:])
+    for a in args:
+        if a == "--":
+            return next(args, None)
+        if a in valued:
+            next(args, None)
+        elif a in inline or (name in ("sh", "bash", "dash", "zsh", "ksh") and a[:1] == "-" and "c" in a[1:]
+                             and not a.startswith("--")):
+            return None
+        elif name == "php" and a == "-f":
+            return next(args, None)
+        elif not a.startswith(("-", "+")):
+            return a
+    return None
+
+
 class Downloads:
-    """One sandbox's downloaded files: absolute path (as the sandbox sees it) -> where it came from."""
+    """One sandbox's downloads: absolute path (as the sandbox sees it) -> where it came from.
+
+    A path counts as downloaded only if the downloader did receive something (`received` says when
+    its last allowed transfer ended) and the file was last changed while it ran. A download that
+    failed, a file the agent wrote itself after one, or a file rewritten since, is not "downloaded".
+    """
 
     def __init__(self) -> None:
         self.files: dict[str, dict] = {}
@@ -154,37 +194,54 @@ class Downloads:
         self.files.clear()
 
     def note(self, ev: Event, pid: int) -> None:
-        """A downloader was allowed to run: remember the files it will write."""
+        """A downloader was allowed to run: remember the files it was told to write."""
         name = os.path.basename(ev.exe or "")
         if name not in DOWNLOADERS or not ev.argv:
             return
         outs, stdout = (curl_outputs if name == "curl" else wget_outputs)(ev.argv)
         cwd = ev.data.get("cwd") or "/"
         paths = [posixpath.normpath(posixpath.join(cwd, o)) for o in outs]
-        if stdout:
-            try:  # `curl URL > file`: the shell opened the file before this exec
-                target = os.readlink(f"/proc/{pid}/fd/1")
-            except OSError:
-                target = ""
-            if target.startswith("/") and not target.startswith(("/dev/", "/proc/")):
-                paths.append(target)
+        if stdout:  # `curl URL > file`: the shell opened the file before this exec
+            paths.append(_fd_path(pid, 1))
         for path in paths:
+            if not path.startswith("/") or path.startswith(("/dev/", "/proc/")):
+                continue
             self.files.pop(path, None)
-            self.files[path] = {"path": path, "step": ev.step, "tool": name, "command": ev.command}
+            self.files[path] = {"path": path, "step": ev.step, "tool": name, "command": ev.command,
+                                "pid": pid, "started": ev.ts}
         while len(self.files) > MAX_TRACKED:
             del self.files[next(iter(self.files))]
 
-    def origin(self, ev: Event) -> dict | None:
-        """The download this exec runs, as the program or as an interpreter's script; else None."""
-        if not self.files:
+    def origin(self, ev: Event, received: Callable[[int | None, int], float | None]) -> dict | None:
+        """The download this exec runs (as the program, or as the script or standard input of a shell
+        or interpreter), or None. `received(step, pid)`: when that downloader's last allowed
+        transfer with bytes received ended, or None if it received nothing."""
+        if not self.files or not ev.pid:
             return None
-        if ev.exe in self.files:
-            return self.files[ev.exe]
         name = os.path.basename(ev.exe or "")
-        argv = ev.argv or []
-        if _is_interpreter(name) and len(argv) > 1:
-            script = next((a for a in argv[1:] if not a.startswith("-")), None)
+        candidates = [ev.exe]
+        if _is_interpreter(name):
+            script = script_arg(name, ev.argv or [])
             if script is not None:
-                path = posixpath.normpath(posixpath.join(ev.data.get("cwd") or "/", script))
-                return self.files.get(path)
+                candidates.append(posixpath.normpath(posixpath.join(ev.data.get("cwd") or "/", script)))
+            else:
+                candidates.append(_fd_path(ev.pid, 0))  # `bash < script`
+        for path in candidates:
+            d = self.files.get(path or "")
+            if d is None:
+                continue
+            ended = received(d["step"], d["pid"])
+            try:  # through the running process's own root: the sandbox's view of the path
+                mtime = os.stat(f"/proc/{ev.pid}/root{path}").st_mtime
+            except OSError:
+                continue
+            if ended is not None and d["started"] - SLACK_S <= mtime <= ended + SLACK_S:
+                return {k: d[k] for k in ("path", "step", "tool", "command")}
         return None
+
+
+def _fd_path(pid: int, fd: int) -> str:
+    try:
+        return os.readlink(f"/proc/{pid}/fd/{fd}")
+    except OSError:
+        return ""

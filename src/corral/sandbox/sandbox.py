@@ -1120,14 +1120,25 @@ class Sandbox:
                 self._pids.pop(next(iter(self._pids)))
         if self._runtime is None:
             return True
-        origin = self._downloads.origin(ev)
+        origin = None
+        with contextlib.suppress(Exception):  # provenance must never keep an exec from being judged
+            origin = self._downloads.origin(ev, self._received)
         if origin is not None:
             ev.data["downloaded"] = origin
         j = self._runtime.emit(ev)
         allowed = not (j is not None and j.blocks)
         if allowed and ev.pid:
-            self._downloads.note(ev, ev.pid)
+            with contextlib.suppress(Exception):
+                self._downloads.note(ev, ev.pid)
         return allowed
+
+    def _received(self, step: int | None, pid: int) -> float | None:
+        """When the last allowed transfer of process `pid` (in `step`) that received bytes ended."""
+        if self._runtime is None:
+            return None
+        ends = [e.ts for e in self._runtime.store.events(sandbox_id=self.id, kind=EventKind.CONNECT, step=step)
+                if e.action == "close" and e.pid == pid and (e.bytes_down or 0) > 0]
+        return max(ends, default=None)
 
     def _emit(self, ev: Event):
         if self._runtime is not None:

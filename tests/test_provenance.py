@@ -26,6 +26,10 @@ URL = "http://pkg.example.com/files/tool.sh"
     (["curl", "-H", "X-Key: 1", "-A", "agent", "-o", "t", URL], ["t"], False),  # values are not URLs
     (["curl", "-o", "a", URL, "-o", "-", URL], ["a"], True),
     (["curl", "-m", "3", "-o", "x", "--", URL], ["x"], False),
+    (["curl", "--retry-delay", "5", "--write-out", "%{http_code}", "-O", URL], ["tool.sh"], False),
+    (["curl", "--url=" + URL, "-o", "t"], ["t"], False),
+    (["curl", "-O", URL, "-o", "y", "http://h/b"], ["tool.sh", "y"], False),  # paired in order
+    (["curl", "--remote-name-all", URL, "http://h/b"], ["tool.sh", "b"], False),
 ])
 def test_curl_outputs(argv, files, stdout):
     assert curl_outputs(argv) == (files, stdout)
@@ -39,6 +43,7 @@ def test_curl_outputs(argv, files, stdout):
     (["wget", "-P", "/opt", "-o", "log.txt", URL], ["/opt/tool.sh"], False),  # -o is wget's log, not output
     (["wget", "-nv", "http://pkg.example.com/"], ["index.html"], False),
     (["wget", "-T", "3", "-t", "2", URL], ["tool.sh"], False),
+    (["wget", "--tries", "3", "--user-agent", "x", URL], ["tool.sh"], False),
     (["wget", "http://[::1"], [], False),  # malformed: nothing, and no error
 ])
 def test_wget_outputs(argv, files, stdout):

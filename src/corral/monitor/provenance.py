@@ -27,9 +27,36 @@ MAX_TRACKED = 4096
 # a file counts as the download if it was last changed between the downloader's start and shortly
 # after its last transfer ended (it writes the final buffer after the connection closes)
 SLACK_S = 2.0
-# curl options that take a value (so the value is not mistaken for a URL)
+# Options that take a value, so that the value is never mistaken for a URL (curl 7.88's and wget
+# 1.21's --help; -o/-O/--output/--output-dir/--url and wget's -O/-P are read, not skipped).
 _CURL_VALUED = frozenset("AbcCdDeEFHKmoPQrtTuUwxXyYz")
+_CURL_LONG_VALUED = frozenset("""
+    abstract-unix-socket alt-svc aws-sigv4 cacert capath cert cert-type ciphers config connect-timeout
+    connect-to continue-at cookie cookie-jar create-file-mode crlfile curves data data-ascii data-binary
+    data-raw data-urlencode delegation dns-interface dns-ipv4-addr dns-ipv6-addr dns-servers doh-url
+    dump-header egd-file engine etag-compare etag-save expect100-timeout form form-string ftp-account
+    ftp-alternative-to-user ftp-method ftp-port ftp-ssl-ccc-mode happy-eyeballs-timeout-ms header hostpubmd5
+    hostpubsha256 hsts interface json keepalive-time key key-type krb libcurl limit-rate local-port
+    login-options mail-auth mail-from mail-rcpt max-filesize max-redirs max-time netrc-file noproxy
+    oauth2-bearer parallel-max pass pinnedpubkey proto proto-default proto-redir proxy proxy-cacert
+    proxy-capath proxy-cert proxy-cert-type proxy-ciphers proxy-crlfile proxy-header proxy-key
+    proxy-key-type proxy-pass proxy-pinnedpubkey proxy-service-name proxy-tls13-ciphers proxy-tlsauthtype
+    proxy-tlspassword proxy-tlsuser proxy-user pubkey quote random-file range rate referer request
+    request-target resolve retry retry-delay retry-max-time sasl-authzid service-name socks4 socks4a socks5
+    socks5-gssapi-service socks5-hostname speed-limit speed-time stderr telnet-option tftp-blksize
+    time-cond tls-max tls13-ciphers tlsauthtype tlspassword tlsuser trace trace-ascii unix-socket
+    upload-file url-query user user-agent variable write-out""".split())  # noqa: SIM905 (a word list reads better)
 _WGET_VALUED = frozenset("OoaPeiUTtwQBlARDIXn")  # -n takes the rest of its word (-nv, -nd)
+_WGET_LONG_VALUED = frozenset("""
+    execute output-file append-output report-speed input-file base config rejected-log tries
+    retry-on-http-error start-pos progress timeout dns-timeout connect-timeout read-timeout wait waitretry
+    quota bind-address limit-rate restrict-file-names prefer-family user password use-askpass
+    local-encoding remote-encoding cut-dirs http-user http-password default-page header compression
+    proxy-user proxy-password referer user-agent load-cookies save-cookies post-data post-file method
+    body-data body-file secure-protocol certificate certificate-type private-key private-key-type
+    ca-certificate ca-directory crl-file pinnedpubkey ciphers ftp-user ftp-password warc-file warc-header
+    warc-max-size warc-dedup warc-tempdir level backups accept reject accept-regex reject-regex regex-type
+    domains exclude-domains follow-tags ignore-tags include-directories exclude-directories""".split())  # noqa: SIM905
 
 
 def _is_interpreter(name: str) -> bool:
@@ -46,12 +73,12 @@ def _url_name(url: str) -> str | None:
 
 def curl_outputs(argv: list[str]) -> tuple[list[str], bool]:
     """Files curl writes (as given: relative to its cwd or --output-dir), and whether some
-    transfer goes to stdout (a URL with no -o/-O of its own)."""
-    outs: list[str] = []
+    transfer goes to stdout. Each -o/-O takes the next URL in order, as curl pairs them; a URL
+    left without one goes to stdout, or to its own name under --remote-name-all."""
+    specs: list[str | None] = []  # in order: an -o file, or None for -O (the URL's own name)
     urls: list[str] = []
-    remote = 0  # -O flags not yet matched to a URL
-    named: list[str] = []  # -o values not yet matched to a URL
     outdir = ""
+    all_remote = False
     i = 1
     while i < len(argv):
         a = argv[i]
@@ -60,52 +87,48 @@ def curl_outputs(argv: list[str]) -> tuple[list[str], bool]:
             break
         if a.startswith("--"):
             opt, eq, val = a.partition("=")
-            if opt in ("--output", "--output-dir"):
+            opt = opt[2:]
+            if opt in ("output", "output-dir", "url") or (opt in _CURL_LONG_VALUED and not eq):
                 if not eq:
                     i += 1
                     val = argv[i] if i < len(argv) else ""
-                if opt == "--output":
-                    named.append(val)
-                else:
+                if opt == "output":
+                    specs.append(val)
+                elif opt == "output-dir":
                     outdir = val
-            elif opt in ("--remote-name", "--remote-name-all"):
-                remote += 1
-            elif not eq and opt in ("--url", "--header", "--data", "--user", "--proxy", "--config", "--cookie",
-                                    "--referer", "--user-agent", "--request", "--max-time", "--connect-timeout",
-                                    "--retry", "--form", "--data-binary", "--data-raw", "--resolve"):
-                i += 1
-                if opt == "--url" and i < len(argv):
-                    urls.append(argv[i])
+                elif opt == "url":
+                    urls.append(val)
+            elif opt == "remote-name":
+                specs.append(None)
+            elif opt == "remote-name-all":
+                all_remote = True
         elif a.startswith("-") and len(a) > 1:
             for j, c in enumerate(a[1:], 1):
                 if c == "O":
-                    remote += 1
-                elif c == "o" or c in _CURL_VALUED:
+                    specs.append(None)
+                elif c in _CURL_VALUED:
                     val = a[j + 1:]
                     if not val:
                         i += 1
                         val = argv[i] if i < len(argv) else ""
                     if c == "o":
-                        named.append(val)
+                        specs.append(val)
                     break
         else:
             urls.append(a)
         i += 1
+    outs: list[str] = []
     stdout = False
-    for url in urls:
-        if named:
-            out = named.pop(0)
-            if out == "-":
-                stdout = True
-            else:
-                outs.append(out)
-        elif remote:
-            remote -= 1
+    for n, url in enumerate(urls):
+        spec = specs[n] if n < len(specs) else (None if all_remote else "-")
+        if spec == "-":
+            stdout = True
+        elif spec is None:
             name = _url_name(url)
             if name:
                 outs.append(name)
         else:
-            stdout = True
+            outs.append(spec)
     return [posixpath.join(outdir, o) if outdir and not o.startswith("/") else o for o in outs], stdout
 
 
@@ -119,13 +142,14 @@ def wget_outputs(argv: list[str]) -> tuple[list[str], bool]:
         a = argv[i]
         if a.startswith("--"):
             opt, eq, val = a.partition("=")
-            if opt in ("--output-document", "--directory-prefix"):
+            opt = opt[2:]
+            if opt in ("output-document", "directory-prefix") or (opt in _WGET_LONG_VALUED and not eq):
                 if not eq:
                     i += 1
                     val = argv[i] if i < len(argv) else ""
-                if opt == "--output-document":
+                if opt == "output-document":
                     document = val
-                else:
+                elif opt == "directory-prefix":
                     prefix = val
         elif a.startswith("-") and len(a) > 1:
             for j, c in enumerate(a[1:], 1):

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import posixpath
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from urllib.parse import urlsplit
 
 from corral.events import Event
@@ -63,12 +63,49 @@ def _is_interpreter(name: str) -> bool:
     return name in INTERPRETERS or name.startswith("python")
 
 
+def _next_word(argv: list[str], i: int) -> tuple[int, str]:
+    """An option's value given as the word after it: (that word's index, the word)."""
+    i += 1
+    return i, (argv[i] if i < len(argv) else "")
+
+
 def _url_name(url: str) -> str | None:
     """The file name a URL's path ends in ("" when it ends in "/"); None when it is no URL at all."""
     try:
         return posixpath.basename(urlsplit(url).path)
     except ValueError:
         return None
+
+
+def _words(argv: list[str], short_valued: frozenset[str], long_valued: frozenset[str],
+           ) -> Iterator[tuple[str | None, str]]:
+    """getopt-style reading of argv[1:]: (option, value) per option ("o" or "output"; value "" when
+    it takes none), (None, word) per operand. A value is the rest of a short option's word or the
+    next word, or a long option's `=value` or the next word."""
+    i = 1
+    while i < len(argv):
+        a = argv[i]
+        if a == "--":
+            yield from ((None, w) for w in argv[i + 1:])
+            return
+        if a.startswith("--"):
+            opt, eq, val = a[2:].partition("=")
+            if opt in long_valued and not eq:
+                i, val = _next_word(argv, i)
+            yield opt, val
+        elif a.startswith("-") and len(a) > 1:
+            for j, c in enumerate(a[1:], 1):
+                if c not in short_valued:
+                    yield c, ""
+                    continue
+                val = a[j + 1:]
+                if not val:
+                    i, val = _next_word(argv, i)
+                yield c, val
+                break
+        else:
+            yield None, a
+        i += 1
 
 
 def curl_outputs(argv: list[str]) -> tuple[list[str], bool]:
@@ -79,44 +116,17 @@ def curl_outputs(argv: list[str]) -> tuple[list[str], bool]:
     urls: list[str] = []
     outdir = ""
     all_remote = False
-    i = 1
-    while i < len(argv):
-        a = argv[i]
-        if a == "--":
-            urls += argv[i + 1:]
-            break
-        if a.startswith("--"):
-            opt, eq, val = a.partition("=")
-            opt = opt[2:]
-            if opt in ("output", "output-dir", "url") or (opt in _CURL_LONG_VALUED and not eq):
-                if not eq:
-                    i += 1
-                    val = argv[i] if i < len(argv) else ""
-                if opt == "output":
-                    specs.append(val)
-                elif opt == "output-dir":
-                    outdir = val
-                elif opt == "url":
-                    urls.append(val)
-            elif opt == "remote-name":
-                specs.append(None)
-            elif opt == "remote-name-all":
-                all_remote = True
-        elif a.startswith("-") and len(a) > 1:
-            for j, c in enumerate(a[1:], 1):
-                if c == "O":
-                    specs.append(None)
-                elif c in _CURL_VALUED:
-                    val = a[j + 1:]
-                    if not val:
-                        i += 1
-                        val = argv[i] if i < len(argv) else ""
-                    if c == "o":
-                        specs.append(val)
-                    break
-        else:
-            urls.append(a)
-        i += 1
+    for opt, val in _words(argv, _CURL_VALUED, _CURL_LONG_VALUED | {"output", "output-dir", "url"}):
+        if opt is None or opt == "url":
+            urls.append(val)
+        elif opt in ("o", "output"):
+            specs.append(val)
+        elif opt in ("O", "remote-name"):
+            specs.append(None)
+        elif opt == "remote-name-all":
+            all_remote = True
+        elif opt == "output-dir":
+            outdir = val
     outs: list[str] = []
     stdout = False
     for n, url in enumerate(urls):
@@ -137,35 +147,13 @@ def wget_outputs(argv: list[str]) -> tuple[list[str], bool]:
     document: str | None = None
     prefix = ""
     urls: list[str] = []
-    i = 1
-    while i < len(argv):
-        a = argv[i]
-        if a.startswith("--"):
-            opt, eq, val = a.partition("=")
-            opt = opt[2:]
-            if opt in ("output-document", "directory-prefix") or (opt in _WGET_LONG_VALUED and not eq):
-                if not eq:
-                    i += 1
-                    val = argv[i] if i < len(argv) else ""
-                if opt == "output-document":
-                    document = val
-                elif opt == "directory-prefix":
-                    prefix = val
-        elif a.startswith("-") and len(a) > 1:
-            for j, c in enumerate(a[1:], 1):
-                if c in _WGET_VALUED:
-                    val = a[j + 1:]
-                    if not val:
-                        i += 1
-                        val = argv[i] if i < len(argv) else ""
-                    if c == "O":
-                        document = val
-                    elif c == "P":
-                        prefix = val
-                    break
-        else:
-            urls.append(a)
-        i += 1
+    for opt, val in _words(argv, _WGET_VALUED, _WGET_LONG_VALUED | {"output-document", "directory-prefix"}):
+        if opt is None:
+            urls.append(val)
+        elif opt in ("O", "output-document"):
+            document = val
+        elif opt in ("P", "directory-prefix"):
+            prefix = val
     if document is not None:
         return ([], True) if document == "-" else ([document], False)
     names = [n or "index.html" for n in (_url_name(u) for u in urls) if n is not None]

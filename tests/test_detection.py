@@ -237,6 +237,16 @@ async def test_a_failed_or_rewritten_download_is_the_agents_own_file(sb_factory,
     assert failed.exit_code == 0
 
 
+async def test_reset_forgets_downloads(sb_factory, runtime):
+    sb = await sb_factory(allow("pkg.example.com:80"))
+    got = await sb.exec("curl -s -m 5 -o /workspace/tk.py http://pkg.example.com/files/textkit-1.2.py")
+    assert got.exit_code == 0
+    await sb.reset()  # a new episode: its /workspace is fresh, and so is what it downloaded
+    await sb.write_file("/workspace/tk.py", "print('own')\n")
+    r = await sb.exec("python3 /workspace/tk.py")  # within a second of the download: only reset tells them apart
+    assert r.stdout == "own\n", r.stderr
+
+
 # --- containment actions --------------------------------------------------------------------------------
 async def test_quarantine_and_end_episode_actions(world, tmp_path):
     rt = Runtime(RuntimeConfig(state_dir=tmp_path, hosts=world.hosts, system_dns=False,

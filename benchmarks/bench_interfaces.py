@@ -25,11 +25,12 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import uvicorn
 import yaml
-from bench_runtime import Metric, Report, machine_info, ms_since, render, run_script, write_results
+from bench_runtime import Metric, Report, ms_since, render, run_script, write_results
 from rich.console import Console
 
 from corral import Runtime, RuntimeConfig
@@ -130,7 +131,7 @@ async def measure(rep: Report, n: int, tmp: Path, base: str) -> None:
         await rt.close()
 
 
-async def main(args: argparse.Namespace, console: Console) -> int:
+async def main(args: argparse.Namespace, console: Console, machine: dict[str, Any]) -> int:
     rep = Report()
     tmp = Path(tempfile.mkdtemp(prefix="corral-bench-interfaces-"))
     rep.group("per-step latency of one shell tool call, by interface")
@@ -140,7 +141,7 @@ async def main(args: argparse.Namespace, console: Console) -> int:
     except Exception as e:  # report what was measured, and why the rest was not
         rep.errors["interfaces"] = f"{type(e).__name__}: {e}"
     render(console, rep, [], "corral trainer-interface benchmark")
-    write_results(console, "interfaces", rep, [], machine_info(), args.quick)
+    write_results(console, "interfaces", rep, [], machine, args.quick)
     return 1 if rep.errors else 0
 
 

@@ -59,10 +59,6 @@ from corral import testworld as tw
 from corral.events import Event, Finding
 from corral.testworld import World
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
-HOW_TO_RUN = ("make bench   (runs: unshare --net --mount --propagation private -- sh -c "
-              "'ip link set lo up && .venv/bin/python benchmarks/bench_monitor.py')")
-
 # The mining pool of the fake internet (a documentation address, routed only to the World).
 POOL_ADDR = ("203.0.113.5", 3333, "pool.example.net")
 IDLE_SANDBOXES = 20
@@ -450,7 +446,7 @@ def main() -> int:
                     help="size of the CPU-bound task (default 3,000,000 sha256 rounds, about 1 s)")
     ap.add_argument("--out", default="", help="JSON output path (default benchmarks/results/monitor.json)")
     args = ap.parse_args()
-    pre = preflight(args.quick, HOW_TO_RUN)
+    pre = preflight(args.quick)
     if pre is None:
         return 2
     console, machine = pre

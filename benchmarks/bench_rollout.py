@@ -19,12 +19,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from bench_runtime import (
     Metric,
     Report,
     Target,
-    machine_info,
     render,
     run_script,
     write_results,
@@ -91,7 +91,7 @@ def targets() -> list[Target]:
                    lambda v: True, lambda v: f"{v:.0f}/min")]
 
 
-async def main(args: argparse.Namespace, console: Console) -> int:
+async def main(args: argparse.Namespace, console: Console, machine: dict[str, Any]) -> int:
     rep = Report()
     tmp = Path(tempfile.mkdtemp(prefix="corral-bench-rollout-"))
     rt = Runtime(RuntimeConfig(state_dir=tmp / "state", system_dns=False))
@@ -109,7 +109,7 @@ async def main(args: argparse.Namespace, console: Console) -> int:
         await rt.close()
     tgts = targets()
     render(console, rep, tgts, "corral rollout benchmark")
-    write_results(console, "rollout", rep, tgts, machine_info(), args.quick)
+    write_results(console, "rollout", rep, tgts, machine, args.quick)
     return 0
 
 

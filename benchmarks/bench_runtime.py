@@ -47,11 +47,10 @@ from rich.table import Table
 
 from corral import EgressPolicy, Runtime, RuntimeConfig, Sandbox, SandboxConfig
 from corral import testworld as tw
+from corral.sandbox.cgroups import discover
 from corral.testworld import World
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-HOW_TO_RUN = ("make bench   (runs: unshare --net --mount --propagation private -- sh -c "
-              "'ip link set lo up && .venv/bin/python benchmarks/bench_runtime.py')")
 MiB = 1 << 20
 
 # The fake internet the gateway benchmark talks to (documentation addresses, routed only to the World).
@@ -194,9 +193,12 @@ def in_private_netns() -> bool:
     return names == ["lo"]
 
 
-def preflight(quick: bool, how_to_run: str) -> tuple[Console, dict[str, Any]] | None:
-    """A console that does not wrap tables when piped, and the checks every benchmark makes: a private
-    network namespace (it builds a fake internet) and root. None (after saying why) when one fails."""
+def preflight(quick: bool) -> tuple[Console, dict[str, Any]] | None:
+    """A console that does not wrap tables when piped, the checks every benchmark makes (a private
+    network namespace, since it builds a fake internet, and root), and the machine's particulars,
+    read once, before the run. None (after saying why) when a check fails."""
+    how_to_run = ("make bench   (runs: unshare --net --mount --propagation private -- sh -c "
+                  f"'ip link set lo up && .venv/bin/python benchmarks/{Path(sys.argv[0]).name}')")
     console = Console()
     if not console.is_terminal:  # piped to a file: rich would wrap the table at 80 columns
         console = Console(width=150)
@@ -241,9 +243,12 @@ def machine_info() -> dict[str, Any]:
         "kernel": platform.release(),
         "python": platform.python_version(),
         "bwrap": _cmd_out(["bwrap", "--version"]),
+        "cgroup": discover("probe").version,  # 1 or 2: the hierarchy corral's sandboxes use here
         "loadavg_start": list(os.getloadavg()),
         "git_commit": _cmd_out(["git", "-C", str(repo), "rev-parse", "HEAD"]),
-        "git_dirty": bool(_cmd_out(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"])),
+        # the results files are rewritten by the benchmarks themselves: they do not make the code dirty
+        "git_dirty": bool(_cmd_out(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no",
+                                    "--", ".", ":!benchmarks/results"])),
     }
 
 
@@ -335,15 +340,16 @@ def bulk_size(quick: bool) -> int:
 
 # -- benchmarks ------------------------------------------------------------------------------------------------
 def run_script(doc: str | None, quick_help: str,
-               main: Callable[[argparse.Namespace, Console], Awaitable[int]]) -> int:
-    """A benchmark script's command line: --quick, the shared preflight, then its async main."""
+               main: Callable[[argparse.Namespace, Console, dict[str, Any]], Awaitable[int]]) -> int:
+    """A benchmark script's command line: --quick, the shared preflight, then its async main (given
+    the console and the machine's particulars)."""
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help=quick_help)
     args = ap.parse_args()
-    pre = preflight(args.quick, "make bench")
+    pre = preflight(args.quick)
     if pre is None:
         return 2
-    return asyncio.run(main(args, pre[0]))
+    return asyncio.run(main(args, *pre))
 
 
 class BenchBase:
@@ -777,7 +783,7 @@ def main() -> int:
     ap.add_argument("--counts", default="", help="sandbox counts for the memory section, e.g. 50,100")
     ap.add_argument("--out", default="", help="JSON output path (default benchmarks/results/runtime.json)")
     args = ap.parse_args()
-    pre = preflight(args.quick, HOW_TO_RUN)
+    pre = preflight(args.quick)
     if pre is None:
         return 2
     console, machine = pre

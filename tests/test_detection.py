@@ -27,6 +27,10 @@ async def findings_for(runtime, sb, rule=None, wait=10.0):
         await asyncio.sleep(0.05)
 
 
+async def finding_steps(runtime, sb, rule) -> set[int]:
+    return {f.step for f in await findings_for(runtime, sb, rule)}
+
+
 def file_events(runtime, sb) -> set[tuple[int, str, str]]:
     return {(e.step, e.data["op"], e.data["path"]) for e in runtime.store.events(sandbox_id=sb.id, kind="file")}
 
@@ -311,9 +315,9 @@ async def test_deletes_and_renames_of_protected_paths(sb_factory, runtime):
                 (golden.step, "delete", "/tmp/keep/golden.txt")}
     evs = await eventually(lambda: expected <= (got := file_events(runtime, sb)) and got, "the file events")
     assert not any(step == quiet.step for step, _, _ in evs)
-    tampered = {f.step for f in await findings_for(runtime, sb, "protected-file-tampered")}
-    assert {deleted.step, moved.step, onto.step, golden.step} <= tampered
-    assert planted.step in {f.step for f in await findings_for(runtime, sb, "persistence-file-write")}
+    assert {deleted.step, moved.step, onto.step, golden.step} <= await finding_steps(runtime, sb,
+                                                                                   "protected-file-tampered")
+    assert planted.step in await finding_steps(runtime, sb, "persistence-file-write")
 
 
 async def test_protected_directories_and_links(sb_factory, runtime):
@@ -338,9 +342,8 @@ async def test_protected_directories_and_links(sb_factory, runtime):
                  (symlink.step, "symlink", "/root/.profile"),
                  (hardlink.step, "link", "/workspace/spec/conftest.py")}
     await eventually(lambda: expected <= file_events(runtime, sb), "the file events")
-    tampered = {f.step for f in await findings_for(runtime, sb, "protected-file-tampered")}
-    assert {rmtree.step, moved.step, hardlink.step} <= tampered
-    assert symlink.step in {f.step for f in await findings_for(runtime, sb, "persistence-file-write")}
+    assert {rmtree.step, moved.step, hardlink.step} <= await finding_steps(runtime, sb, "protected-file-tampered")
+    assert symlink.step in await finding_steps(runtime, sb, "persistence-file-write")
 
 
 async def test_quarantine_ends_running_commands_and_survives_a_kill(sb_factory):

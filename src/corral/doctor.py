@@ -182,7 +182,6 @@ def check_lock_dir() -> Check:
 
 def check_exec_monitor() -> Check:
     """The exec/connect watcher needs seccomp user notification (Linux 5.5+); fanotify for files."""
-    import ctypes
 
     from corral.monitor.execwatch import exec_filter_bpf
 
@@ -194,20 +193,19 @@ def check_exec_monitor() -> Check:
     release = tuple(int(x) for x in os.uname().release.split(".")[:2] if x.isdigit())
     if release < (5, 5):
         return Check("exec monitor (seccomp user notification)", False, f"kernel {os.uname().release}", fix)
-    from corral.monitor.files import FAN_CLASS_NOTIF, FAN_CLOEXEC, FAN_NONBLOCK, FAN_REPORT_DFID_NAME
+    from corral.monitor.files import fanotify_group
 
-    libc = ctypes.CDLL(None, use_errno=True)
-    fd = libc.fanotify_init(FAN_CLASS_NOTIF | FAN_CLOEXEC | FAN_NONBLOCK, os.O_RDONLY)
-    files = "fanotify ok" if fd >= 0 else f"fanotify unavailable ({os.strerror(ctypes.get_errno())})"
-    if fd >= 0:
-        os.close(fd)
+    try:
+        os.close(fanotify_group())
+    except OSError as e:
+        files = f"fanotify unavailable ({e.strerror})"
+    else:
         # deletions, renames and links of protected paths need fanotify's file-handle mode (Linux 5.9+)
-        fid = libc.fanotify_init(FAN_CLASS_NOTIF | FAN_CLOEXEC | FAN_NONBLOCK | FAN_REPORT_DFID_NAME, os.O_RDONLY)
-        if fid >= 0:
-            os.close(fid)
-            files += " (writes, deletions, renames, links)"
-        else:
-            files += f" (writes only: file-handle mode unavailable, {os.strerror(ctypes.get_errno())})"
+        try:
+            os.close(fanotify_group(file_handles=True))
+            files = "fanotify ok (writes, deletions, renames, links)"
+        except OSError as e:
+            files = f"fanotify ok (writes only: file-handle mode unavailable, {e.strerror})"
     return Check("exec monitor (seccomp user notification)", True, f"kernel {os.uname().release}; {files}", fix)
 
 

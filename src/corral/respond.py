@@ -12,7 +12,6 @@ quarantine   freeze every process of the sandbox where it stands, kept for foren
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
@@ -21,6 +20,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from corral.events import Event, EventKind, Finding
+from corral.inflight import InFlight
 
 if TYPE_CHECKING:
     from corral.runtime import Runtime
@@ -34,7 +34,7 @@ class Responder:
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
         self.alert_hooks: list[Callable[[Finding], None]] = []
-        self._tasks: set[asyncio.Task] = set()
+        self._actions = InFlight()
 
     def act(self, finding: Finding, ev: Event) -> None:
         if finding.action != "record":
@@ -50,9 +50,7 @@ class Responder:
         sb = self.runtime.sandboxes.get(finding.sandbox_id)
         if sb is None:
             return
-        task = asyncio.get_running_loop().create_task(self._contain(sb, finding, ev, sb.generation))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._actions.start(self._contain(sb, finding, ev, sb.generation))
 
     async def _contain(self, sb, finding: Finding, ev: Event, generation: int) -> None:
         data: dict = {"event": ev.id}
@@ -97,5 +95,4 @@ class Responder:
         ), judge=False)
 
     async def drain(self) -> None:
-        if self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        await self._actions.drain(timeout=None)

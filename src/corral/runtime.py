@@ -40,7 +40,6 @@ MAX_INSTANCES = 1024
 MAX_SEQ = 4095
 
 
-
 def lock_instance(lock_dir: Path, instance: int) -> int | None:
     """The instance's lock, held through the returned descriptor; None when a live runtime holds it."""
     fd = os.open(lock_dir / f"instance-{instance:03x}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -50,6 +49,7 @@ def lock_instance(lock_dir: Path, instance: int) -> int | None:
         os.close(fd)
         return None
     return fd
+
 
 class Runtime:
     _default: ClassVar[Runtime | None] = None

@@ -10,7 +10,7 @@ from typing import Any
 
 from corral.agent.policy import AgentPolicyError, Policy
 from corral.agent.reward import RewardConfig
-from corral.agent.tasks import Task
+from corral.agent.tasks import Task, prepare_sandbox
 from corral.agent.tools import TOOL_NAMES, TOOLS, ToolResult, parse_arguments, run_tool
 from corral.agent.trajectory import StepRecord, Trajectory, Violation
 from corral.errors import EpisodeEnded, SandboxClosed, SandboxFrozen
@@ -44,10 +44,7 @@ async def run_episode(runtime: Runtime, task: Task, policy: Policy, *, episode_i
     terminated = truncated = violated = False
     verifier: dict[str, Any] = {}
     try:
-        for path, content in task.files.items():
-            await sb.write_file(f"/workspace/{path}", content)
-        for cmd in task.setup:
-            await sb.exec(cmd, _internal=True)
+        await prepare_sandbox(sb, task)
         idle_turns = 0
         for turn in range(task.limits.max_steps):
             left = task.limits.max_seconds - (time.time() - started)

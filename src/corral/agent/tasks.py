@@ -23,12 +23,18 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from corral.config import EgressPolicy, EgressRule, Limits, SandboxConfig, load_yaml
-from corral.errors import ConfigError
+from corral.errors import ConfigError, UnknownTask
+
+if TYPE_CHECKING:
+    from corral.sandbox.sandbox import Sandbox
+
+# the example suite in the source tree, the task set used when none is given
+DEFAULT_TASKS = Path(__file__).resolve().parents[3] / "examples" / "tasks"
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
@@ -140,6 +146,23 @@ def load_tasks(path: str | Path) -> list[Task]:
     if dup:
         raise TaskError(f"{p}: duplicate task ids {sorted(dup)}; ids must be unique")
     return tasks
+
+
+def resolve_tasks(tasks: str | Path | list[Task] | None) -> list[Task]:
+    """Tasks as given, or loaded from a path (the example suite when None); never an empty list."""
+    found = tasks if isinstance(tasks, list) else load_tasks(tasks or DEFAULT_TASKS)
+    if not found:
+        raise UnknownTask("no tasks were given; pass a task directory or a list of Task")
+    return found
+
+
+async def prepare_sandbox(sb: Sandbox, task: Task) -> None:
+    """A task's files into /workspace and its own setup commands: the task's preparation, not an
+    agent step."""
+    for path, content in task.files.items():
+        await sb.write_file(f"/workspace/{path}", content)
+    for cmd in task.setup:
+        await sb.exec(cmd, _internal=True)
 
 
 def _read_tree(root: Path) -> dict[str, str]:

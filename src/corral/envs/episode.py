@@ -15,7 +15,7 @@ from typing import Any
 
 from corral.agent.episode import _violation_record, grade
 from corral.agent.reward import RewardConfig
-from corral.agent.tasks import Task, load_tasks
+from corral.agent.tasks import Task, prepare_sandbox, resolve_tasks
 from corral.agent.tools import run_tool
 from corral.config import RuntimeConfig
 from corral.errors import EnvironmentUsageError, EpisodeEnded, SandboxFrozen, UnknownTask
@@ -23,8 +23,6 @@ from corral.events import Finding
 from corral.runtime import Runtime
 from corral.sandbox.sandbox import Sandbox
 from corral.sync import SyncRuntime, run
-
-DEFAULT_TASKS = Path(__file__).resolve().parents[3] / "examples" / "tasks"
 
 
 @dataclass
@@ -53,9 +51,7 @@ class AsyncToolEpisode:
 
     def __init__(self, runtime: Runtime, tasks: str | Path | list[Task] | None = None, *,
                  reward: RewardConfig | None = None, id_prefix: str = "ep") -> None:
-        self.tasks = tasks if isinstance(tasks, list) else load_tasks(tasks or DEFAULT_TASKS)
-        if not self.tasks:
-            raise UnknownTask("no tasks were given; pass a task directory or a list of Task")
+        self.tasks = resolve_tasks(tasks)
         self.runtime = runtime
         self.reward = reward or RewardConfig()
         self.id_prefix = id_prefix
@@ -80,10 +76,7 @@ class AsyncToolEpisode:
         self.count += 1
         self.episode_id = episode_id or f"{self.id_prefix}-{self.task.id}-{self.count}-{int(time.time() * 1000)}"
         self.sb = await self.runtime.create(self.task.sandbox_config(), episode_id=self.episode_id)
-        for path, content in self.task.files.items():
-            await self.sb.write_file(f"/workspace/{path}", content)
-        for cmd in self.task.setup:  # as run_episode does: the task's own preparation, not an agent step
-            await self.sb.exec(cmd, _internal=True)
+        await prepare_sandbox(self.sb, self.task)
         self.turns, self.started, self.last = 0, time.time(), None
         return self.task.instruction
 
@@ -98,14 +91,14 @@ class AsyncToolEpisode:
     def findings(self) -> list[Finding]:
         return self.runtime.store.findings(sandbox_id=self.sb.id) if self.sb is not None else []
 
-    def violated(self, findings: list[Finding] | None = None) -> bool:
-        """A terminating finding, or corral's responder ended or quarantined the sandbox (an action
-        configured for a lesser finding still stops the episode: its sandbox takes no more commands).
-        `findings`: the episode's findings when the caller has just read them."""
+    def violated(self, findings: list[Finding]) -> bool:
+        """A terminating finding among the episode's `findings` (just read by the caller), or corral's
+        responder ended or quarantined the sandbox (an action configured for a lesser finding still
+        stops the episode: its sandbox takes no more commands)."""
         sb = self.sb
         if sb is not None and (sb.terminated is not None or sb.frozen):
             return True
-        return any(self.reward.terminates(f) for f in (self.findings() if findings is None else findings))
+        return any(self.reward.terminates(f) for f in findings)
 
     async def call(self, tool: str, arguments: dict[str, Any] | None = None) -> Outcome:
         """Run one tool call (shell, read_file, write_file, edit_file, submit) as a step."""

@@ -50,9 +50,9 @@ from websockets.exceptions import ConnectionClosed
 
 from corral import __version__
 from corral.agent.reward import RewardConfig
-from corral.agent.tasks import Task, load_tasks
+from corral.agent.tasks import Task, resolve_tasks
 from corral.config import RuntimeConfig
-from corral.envs.episode import DEFAULT_TASKS, AsyncToolEpisode, Outcome
+from corral.envs.episode import AsyncToolEpisode, Outcome
 from corral.errors import CorralError, EnvironmentUsageError, UnknownTask
 from corral.runtime import Runtime
 from corral.sync import run as run_on_corral_loop
@@ -263,7 +263,7 @@ class CorralEnvironment(Environment[CorralAction, CorralObservation, CorralState
             rng = random.Random(seed) if seed is not None else self._rng
             task = rng.choice(self.tasks)
         instruction = await self.episode.start(task, episode_id=episode_id)
-        return self._observation(output=instruction, reward=None)
+        return self._observation(output=instruction)
 
     async def step_async(self, action: CorralAction, timeout_s: float | None = None,
                          **kwargs: Any) -> CorralObservation:
@@ -317,14 +317,13 @@ class CorralEnvironment(Environment[CorralAction, CorralObservation, CorralState
             self.runtime.close_soon(ep.close_sandbox())
 
     # -- mapping -------------------------------------------------------------------------------------
-    def _observation(self, out: Outcome | None = None, *, output: str = "",
-                     reward: float | None = None) -> CorralObservation:
+    def _observation(self, out: Outcome | None = None, *, output: str = "") -> CorralObservation:
         ep = self.episode
         assert ep is not None and ep.task is not None
         common: dict[str, Any] = {"task_id": ep.task.id, "episode_id": ep.episode_id,
                                   "sandbox_id": ep.sandbox_id, "turn": ep.turns}
         if out is None:
-            return CorralObservation(output=output, reward=reward, done=False, **common)
+            return CorralObservation(output=output, reward=None, done=False, **common)
         return CorralObservation(
             output=out.observation, reward=out.reward, done=out.done or out.truncated,
             step=out.step, exit_code=out.exit_code, stdout=out.stdout, stderr=out.stderr,
@@ -380,9 +379,7 @@ def create_openenv_app(runtime_config: RuntimeConfig | None = None,
     Application errors (reset first, unknown task) answer HTTP 409/400 with a `detail`."""
     if runtime is not None and runtime_config is not None:
         raise EnvironmentUsageError("give either runtime (to share one) or runtime_config (to start one), not both")
-    task_list = tasks if isinstance(tasks, list) else load_tasks(tasks or DEFAULT_TASKS)
-    if not task_list:
-        raise UnknownTask(f"no tasks found in {tasks or DEFAULT_TASKS}")
+    task_list = resolve_tasks(tasks)
     handle = RuntimeHandle(runtime, runtime_config)
     factory = functools.partial(CorralEnvironment, task_list, handle, reward=reward)
     app = create_fastapi_app(factory, CorralAction, CorralObservation, max_concurrent_envs=max_concurrent_envs)

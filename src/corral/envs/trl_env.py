@@ -56,9 +56,9 @@ from pathlib import Path
 from typing import Any
 
 from corral.agent.reward import RewardConfig
-from corral.agent.tasks import Task, load_tasks
+from corral.agent.tasks import Task, resolve_tasks
 from corral.config import RuntimeConfig
-from corral.envs.episode import DEFAULT_TASKS, Outcome, ToolEpisode
+from corral.envs.episode import Outcome, ToolEpisode
 from corral.errors import CorralError, EnvironmentUsageError, EpisodeEnded, SandboxClosed
 from corral.events import Finding
 from corral.sync import SyncRuntime, run
@@ -90,9 +90,7 @@ class CorralTRLEnv:
 
     def __init__(self, tasks: str | Path | list[Task] | None = None, *, runtime: SyncRuntime | None = None,
                  reward: RewardConfig | None = None, grade_unsubmitted: bool | None = None) -> None:
-        self._tasks = _load(tasks) if tasks is not None else _shared_tasks()
-        if not self._tasks:
-            raise EnvironmentUsageError("no tasks were given; pass a task directory or a list of Task")
+        self._tasks = resolve_tasks(tasks) if tasks is not None else _shared_tasks()
         self._given_runtime = runtime
         self._reward_config = reward or _Shared.reward or RewardConfig()
         self._grade_unsubmitted = _Shared.grade_unsubmitted if grade_unsubmitted is None else grade_unsubmitted
@@ -323,15 +321,11 @@ class CorralTRLEnv:
         self._close()
 
 
-def _load(tasks: str | Path | list[Task]) -> list[Task]:
-    return tasks if isinstance(tasks, list) else load_tasks(tasks)
-
-
 def _shared_tasks() -> list[Task]:
     # loaded once: TRL makes an instance per generation slot
     with _Shared.lock:
         if _Shared.loaded is None:
-            _Shared.loaded = _load(_Shared.tasks if _Shared.tasks is not None else DEFAULT_TASKS)
+            _Shared.loaded = resolve_tasks(_Shared.tasks)
         return _Shared.loaded
 
 

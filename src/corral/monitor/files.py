@@ -33,6 +33,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+from corral.bounded import Recent
 from corral.events import Event, EventKind
 
 FAN_CLOEXEC, FAN_NONBLOCK, FAN_CLASS_NOTIF = 0x1, 0x2, 0x0
@@ -61,6 +62,18 @@ _libc.name_to_handle_at.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_char
                                     ctypes.POINTER(ctypes.c_int), ctypes.c_int]
 
 
+def fanotify_group(file_handles: bool = False) -> int:
+    """A new fanotify group, notification only; file_handles: report directory handle and name
+    (deletions, renames, links; Linux 5.9+). Raises OSError naming the kernel's reason."""
+    flags = FAN_CLASS_NOTIF | FAN_CLOEXEC | FAN_NONBLOCK | (FAN_REPORT_DFID_NAME if file_handles else 0)
+    fd = _libc.fanotify_init(flags, os.O_RDONLY | os.O_LARGEFILE)
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"fanotify_init failed: {os.strerror(err)} (it needs CAP_SYS_ADMIN"
+                           f"{' and Linux 5.9+ for file handles' if file_handles else ''})")
+    return fd
+
+
 class FileWatch:
     def __init__(self, agent_pid: int, protected: tuple[str, ...], make_event: Callable[[int], Event],
                  emit: Callable[[Event], object]) -> None:
@@ -68,10 +81,7 @@ class FileWatch:
         self.protected = tuple(protected)
         self.make_event = make_event
         self.emit = emit
-        self.fd: int | None = _libc.fanotify_init(FAN_CLASS_NOTIF | FAN_CLOEXEC | FAN_NONBLOCK,
-                                                  os.O_RDONLY | os.O_LARGEFILE)
-        if self.fd < 0:
-            raise OSError(ctypes.get_errno(), "fanotify_init failed (needs CAP_SYS_ADMIN)")
+        self.fd: int | None = fanotify_group()
         mounts = {"/root"} | {m for m in ("/workspace", "/tmp") if any(p.startswith(m + "/") for p in protected)}
         for mount in sorted(mounts):
             path = f"/proc/{agent_pid}/root{mount}".encode()
@@ -85,16 +95,16 @@ class FileWatch:
         self.mount_fds: dict[bytes, int] = {}  # fsid -> descriptor of the sandbox tmpfs that has it
         # (fsid, handle) -> path of directories seen: by the time an event is read, `rm -rf` has
         # removed the directory it names, and only this remembers where it was
-        self.dirs: dict[tuple[bytes, bytes], str] = {}
+        self.dirs: Recent[tuple[bytes, bytes], str] = Recent(DIR_CACHE)
         self.fid_fd = self._open_fid_group(agent_pid, sorted(mounts))
         if self.fid_fd is not None:
             self.loop.add_reader(self.fid_fd, self._fid_ready)
 
     def _open_fid_group(self, agent_pid: int, mounts: list[str]) -> int | None:
         """The deletion/rename group; None where the kernel or a filesystem cannot (writes are still seen)."""
-        fd = _libc.fanotify_init(FAN_CLASS_NOTIF | FAN_CLOEXEC | FAN_NONBLOCK | FAN_REPORT_DFID_NAME,
-                                 os.O_RDONLY | os.O_LARGEFILE)
-        if fd < 0:
+        try:
+            fd = fanotify_group(file_handles=True)
+        except OSError:
             return None
         host_devs = _host_devices()
         for mount in mounts:
@@ -104,20 +114,18 @@ class FileWatch:
                 mfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             except OSError:
                 continue
-            st = os.fstat(mfd)
+            fs = _statfs(mfd)
+            fsid = bytes(fs.f_fsid) if fs is not None else b""
             # A filesystem mark sees the whole filesystem: only a tmpfs of the sandbox's own, mounted
-            # nowhere in corral's (the host's) mount namespace, qualifies.
-            if st.st_dev in host_devs or _fs_type(mfd) != TMPFS_MAGIC:
-                os.close(mfd)
-                continue
-            fsid = _fsid(mfd)
-            # marked through the descriptor just checked, not the path again; one per filesystem
-            if fsid is None or fsid in self.mount_fds or _libc.fanotify_mark(
-                    fd, FAN_MARK_ADD | FAN_MARK_FILESYSTEM, DIRENT_MASK, mfd, None) != 0:
+            # nowhere in corral's (the host's) mount namespace, qualifies; one mark per filesystem,
+            # made through the descriptor just checked, not the path again.
+            if (fs is None or fs.f_type != TMPFS_MAGIC or os.fstat(mfd).st_dev in host_devs
+                    or fsid in self.mount_fds
+                    or _libc.fanotify_mark(fd, FAN_MARK_ADD | FAN_MARK_FILESYSTEM, DIRENT_MASK, mfd, None) != 0):
                 os.close(mfd)
                 continue
             self.mount_fds[fsid] = mfd
-            self._remember(mount)
+            self._remember(fsid, mount)
         if not self.mount_fds:
             os.close(fd)
             return None
@@ -184,7 +192,7 @@ class FileWatch:
         path = f"{directory.rstrip('/')}/{name}"
         is_dir = bool(mask & FAN_ONDIR)
         if is_dir and mask & (FAN_CREATE | FAN_MOVED_TO):
-            self._remember(path)
+            self._remember(fsid, path)
         if mask & FAN_CREATE:
             # A written file is reported at close-write; what is placed without writing is reported here:
             # a symlink, or a hard link to an existing file.
@@ -212,23 +220,15 @@ class FileWatch:
         ev.data.update({"path": path, "op": op, "category": cat, "directory": is_dir})
         self.emit(ev)
 
-    def _remember(self, path: str) -> None:
+    def _remember(self, fsid: bytes, path: str) -> None:
+        """Note a directory's handle (on filesystem `fsid`) while it still exists."""
         buf = ctypes.create_string_buffer(struct.pack("=Ii", MAX_HANDLE_SZ, 0) + b"\0" * MAX_HANDLE_SZ)
         mount_id = ctypes.c_int()
-        target = f"/proc/{self.agent_pid}/root{path}"
-        if _libc.name_to_handle_at(AT_FDCWD, target.encode(), buf, ctypes.byref(mount_id), 0) != 0:
-            return
-        fsid = _fsid(target)
-        if fsid is None:
+        target = f"/proc/{self.agent_pid}/root{path}".encode()
+        if _libc.name_to_handle_at(AT_FDCWD, target, buf, ctypes.byref(mount_id), 0) != 0:
             return
         hbytes = struct.unpack_from("=I", buf.raw)[0]
-        self._cache((fsid, buf.raw[: 8 + hbytes]), path)
-
-    def _cache(self, key: tuple[bytes, bytes], path: str) -> None:
-        self.dirs.pop(key, None)
-        self.dirs[key] = path
-        if len(self.dirs) > DIR_CACHE:
-            del self.dirs[next(iter(self.dirs))]
+        self.dirs[(fsid, buf.raw[: 8 + hbytes])] = path
 
     def _dir_path(self, fsid: bytes, handle: bytes) -> str | None:
         """The directory a handle names, resolved on the filesystem the event came from (two tmpfs
@@ -246,7 +246,7 @@ class FileWatch:
             os.close(fd)
         if path.endswith(" (deleted)"):  # removed, but still held open by some process
             return self.dirs.get(key, path[: -len(" (deleted)")])
-        self._cache(key, path)
+        self.dirs[key] = path
         return path
 
     def _close_fid(self) -> None:
@@ -317,18 +317,10 @@ class _Statfs(ctypes.Structure):  # struct statfs on 64-bit Linux
 
 
 _libc.fstatfs.argtypes = [ctypes.c_int, ctypes.POINTER(_Statfs)]
-_libc.statfs.argtypes = [ctypes.c_char_p, ctypes.POINTER(_Statfs)]
 
 
-def _fs_type(fd: int) -> int | None:
+def _statfs(fd: int) -> _Statfs | None:
+    """The filesystem's type and id; the id as the kernel's 8 bytes, exactly as fanotify reports
+    it (statvfs's f_fsid is libc's rendering of them, and libcs differ)."""
     buf = _Statfs()
-    return buf.f_type if _libc.fstatfs(fd, ctypes.byref(buf)) == 0 else None
-
-
-def _fsid(where: int | str) -> bytes | None:
-    """The filesystem's id as the kernel's 8 bytes, exactly as fanotify reports it (statvfs's
-    f_fsid is libc's rendering of them, and libcs differ)."""
-    buf = _Statfs()
-    rc = (_libc.fstatfs(where, ctypes.byref(buf)) if isinstance(where, int)
-          else _libc.statfs(where.encode(), ctypes.byref(buf)))
-    return bytes(buf.f_fsid) if rc == 0 else None
+    return buf if _libc.fstatfs(fd, ctypes.byref(buf)) == 0 else None

@@ -19,6 +19,7 @@ import posixpath
 from collections.abc import Callable, Iterator
 from urllib.parse import urlsplit
 
+from corral.bounded import Recent
 from corral.events import Event
 
 DOWNLOADERS = frozenset({"curl", "wget"})
@@ -200,7 +201,7 @@ class Downloads:
     """
 
     def __init__(self) -> None:
-        self.files: dict[str, dict] = {}
+        self.files: Recent[str, dict] = Recent(MAX_TRACKED)
 
     def clear(self) -> None:
         self.files.clear()
@@ -218,11 +219,8 @@ class Downloads:
         for path in paths:
             if not path.startswith("/") or path.startswith(("/dev/", "/proc/")):
                 continue
-            self.files.pop(path, None)
             self.files[path] = {"path": path, "step": ev.step, "tool": name, "command": ev.command,
                                 "pid": pid, "started": ev.ts}
-        while len(self.files) > MAX_TRACKED:
-            del self.files[next(iter(self.files))]
 
     def origin(self, ev: Event, received: Callable[[int | None, int], float | None]) -> dict | None:
         """The download this exec runs (as the program, or as the script or standard input of a shell

@@ -13,6 +13,7 @@ from dnslib import QTYPE, RCODE, RR, A, DNSRecord
 from dnslib.dns import DNSError
 
 from corral.events import Event, EventKind, Verdict
+from corral.inflight import InFlight
 from corral.net.policy import name_allowed
 from corral.net.tenants import Tenants
 
@@ -47,21 +48,17 @@ class DNSServer(asyncio.DatagramProtocol):
         self.emit = emit
         self.ttl = ttl
         self.transport: asyncio.DatagramTransport | None = None
-        self._tasks: set[asyncio.Task] = set()
+        self._answers = InFlight()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        task = asyncio.get_running_loop().create_task(self._answer(data, addr))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._answers.start(self._answer(data, addr))
 
-    async def drain(self, timeout: float = 3.0) -> None:
+    async def drain(self) -> None:
         """Let answers in flight finish, so their events are recorded."""
-        pending = [t for t in self._tasks if not t.done()]
-        if pending:
-            await asyncio.wait(pending, timeout=timeout)
+        await self._answers.drain()
 
     async def _answer(self, data: bytes, addr: tuple[str, int]) -> None:
         tenant = self.tenants.get(addr[0])

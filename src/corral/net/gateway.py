@@ -23,6 +23,7 @@ import threading
 from collections.abc import Callable
 
 from corral.events import Event, EventKind, Verdict
+from corral.inflight import InFlight
 from corral.net.policy import decide
 from corral.net.sniff import classify
 from corral.net.tenants import Tenants
@@ -51,7 +52,7 @@ class Gateway:
         self.port = 0
         self._task: asyncio.Task | None = None
         self._conns: set[socket.socket] = set()
-        self._handlers: set[asyncio.Task] = set()
+        self._handlers = InFlight()
         self._lock = threading.Lock()
 
     async def start(self, port: int = 0) -> int:
@@ -73,15 +74,11 @@ class Gateway:
                 conn, addr = await loop.sock_accept(self.listener)
             except (OSError, asyncio.CancelledError):
                 return
-            task = loop.create_task(self._handle(conn, addr))
-            self._handlers.add(task)
-            task.add_done_callback(self._handlers.discard)
+            self._handlers.start(self._handle(conn, addr))
 
-    async def drain(self, timeout: float = 3.0) -> None:
+    async def drain(self) -> None:
         """Let connection handlers still deciding finish, so their events are recorded."""
-        pending = [t for t in self._handlers if not t.done()]
-        if pending:
-            await asyncio.wait(pending, timeout=timeout)
+        await self._handlers.drain()
 
     def kill(self) -> None:
         """Stop abruptly, as a crash would: the listener goes; in-flight relays are cut."""

@@ -268,9 +268,7 @@ class _Runner:
                 sr.stdout_tail, sr.stderr_tail = r.stdout[-300:], r.stderr[-300:]
             if case.wait:
                 await asyncio.sleep(case.wait)
-            await self.rt.responder.drain()
-            if self.rt.gateway is not None:
-                await self.rt.gateway.drain()
+            await self.rt.drain()
         except Exception as e:  # a CorralError or a bug: one broken case is reported as ERROR, the bench goes on
             res.error = f"{type(e).__name__}: {e}"
         finally:
@@ -278,10 +276,7 @@ class _Runner:
                 with contextlib.suppress(Exception):
                     await sb.close()
                 with contextlib.suppress(Exception):
-                    await self.rt.responder.drain()
-                if self.rt.gateway is not None:
-                    with contextlib.suppress(Exception):
-                        await self.rt.gateway.drain()
+                    await self.rt.drain()
         await asyncio.sleep(0.05)  # the world's server threads count what an allowed relay flushed last
         after = _snapshot(self.world)
         if sb is not None:

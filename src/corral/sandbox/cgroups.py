@@ -246,9 +246,8 @@ class SandboxCgroup:
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        reaper = None
-        if self.h.version == 1 and pids:
-            reaper = self.dirs["freezer"].parent / f"{self.dirs['freezer'].name}-kill"
+        reaper = self._reaper
+        if reaper is not None and pids:
             reaper.mkdir(exist_ok=True)
             for pid in pids:
                 with contextlib.suppress(OSError):  # gone already
@@ -260,7 +259,7 @@ class SandboxCgroup:
             if not doomed.intersection(self.pids(step)):
                 break
             time.sleep(0.005)
-        if reaper is not None:
+        if reaper is not None and pids:
             with contextlib.suppress(OSError):
                 reaper.rmdir()  # emptied once every task in it has exited; else removed with the sandbox
         return len(pids)
@@ -301,11 +300,14 @@ class SandboxCgroup:
         d = self.dirs[self.h.tracking] / f"step-{step}"
         return _kv(d / "pids.events").get("max", 0)
 
+    @property
+    def _reaper(self) -> Path | None:
+        """v1: the thawed sibling cgroup where a quarantined sandbox's doomed tasks go to die."""
+        f = self.dirs.get("freezer")
+        return f.parent / f"{f.name}-kill" if f is not None else None
+
     def remove(self) -> None:
-        for d in self.dirs.values():
-            remove_tree(d)
-        if "freezer" in self.dirs:
-            remove_tree(self.dirs["freezer"].parent / f"{self.dirs['freezer'].name}-kill")
+        remove_trees([*self.dirs.values(), *filter(None, [self._reaper])])
 
 
 def _kv(path: Path) -> dict[str, int]:

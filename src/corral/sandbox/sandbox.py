@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from corral.bounded import Recent
 from corral.config import SandboxConfig
 from corral.detect.command import split as split_command
 from corral.errors import (
@@ -225,10 +226,11 @@ class Sandbox:
         self._stats: dict[int, StepStats] = {}
         self._bg_steps: set[int] = set()  # finished steps whose processes live on
         # host pid -> (step, exe, argv) as the exec watcher saw it, newest last, bounded
-        self._pids: dict[int, tuple[int | None, str | None, list[str] | None]] = {}
+        self._pids: Recent[int, tuple[int | None, str | None, list[str] | None]] = Recent(8192)
         # recent inet connect() calls, newest last: (dst ip, dst port, host pid, step, process)
         self._connects: collections.deque[_Connect] = collections.deque(maxlen=4096)
-        self._datagrams: dict[tuple[int, str, int, str], float] = {}
+        # rate limit of datagram events; bounded, so a UDP sweep cannot grow it
+        self._datagrams: Recent[tuple[int, str, int, str], float] = Recent(4096)
         self._downloads = Downloads()  # files curl/wget wrote here, to know them when they are run
         self._writer = False
 
@@ -1017,11 +1019,7 @@ class Sandbox:
         key, now = (pid, ip, port, action), time.monotonic()
         if now - self._datagrams.get(key, -1e9) < 10.0:
             return
-        # newest last, at most 4096 remembered: a UDP sweep cannot grow it (it is only a rate limit)
-        self._datagrams.pop(key, None)
         self._datagrams[key] = now
-        if len(self._datagrams) > 4096:
-            del self._datagrams[next(iter(self._datagrams))]
         reason = ("UDP other than DNS never leaves a sandbox (dropped)" if sent else
                   "a UDP socket aimed here; datagrams it sends are dropped (UDP other than DNS never leaves)")
         ev = Event(kind=EventKind.CONNECT, action=action, sandbox_id=self.id, dst_ip=ip, dst_port=port,
@@ -1116,8 +1114,6 @@ class Sandbox:
             self.stats_for(ev.step).processes += 1
         if ev.pid:
             self._pids[ev.pid] = (ev.step, ev.exe, ev.argv)
-            while len(self._pids) > 8192:
-                self._pids.pop(next(iter(self._pids)))
         if self._runtime is None:
             return True
         origin = None

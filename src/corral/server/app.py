@@ -124,29 +124,28 @@ class CommandRequest(_Req):
     cwd: str | None = None
 
 
-class CreateSessionRequest(_Req):
+class _SessionReq(_Req):
     sandbox_id: SandboxId
-    session_type: Literal["bash"] = "bash"
     session: str = Field("default", min_length=1, max_length=128)
+
+
+class CreateSessionRequest(_SessionReq):
+    session_type: Literal["bash"] = "bash"
     startup_source: list[str] = []
     env_enable: bool = False
     env: dict[str, str] | None = None
     remote_user: str | None = None
 
 
-class RunRequest(_Req):
-    sandbox_id: SandboxId
+class RunRequest(_SessionReq):
     action_type: Literal["bash"] = "bash"
-    session: str = Field("default", min_length=1, max_length=128)
     command: str
     check: Literal["silent", "raise", "ignore"] = "raise"
     timeout: float | None = Field(None, gt=0)
 
 
-class CloseSessionRequest(_Req):
-    sandbox_id: SandboxId
+class CloseSessionRequest(_SessionReq):
     session_type: Literal["bash"] = "bash"
-    session: str = Field("default", min_length=1, max_length=128)
 
 
 class ReadFileRequest(_Req):
@@ -170,7 +169,6 @@ class _Box:
     sb: Sandbox
     image: str
     rootfs: str | None
-    cpus: float
     memory: str
     created: float = field(default_factory=time.time)
     stopped: float | None = None
@@ -225,9 +223,6 @@ class _Server:
     def __init__(self, config: ServeConfig, tokens: dict[str, str]) -> None:
         self.config = config
         self.tokens = tokens
-        self.base = config.sandbox
-        self.images = dict(config.images)
-        self.allow_gpu = config.allow_gpu
         self.runtime: Runtime | None = None
         self.boxes: dict[str, dict[str, _Box]] = {}  # tenant -> rock id -> box
         self.deleted: dict[str, list[_Box]] = {}  # tenant -> deleted boxes (their findings stay readable)
@@ -302,15 +297,15 @@ class _Server:
     def config_for(self, req: StartRequest) -> tuple[SandboxConfig, str | None]:
         if req.image_os.casefold() != "linux":
             raise ApiError(422, f"image_os {req.image_os!r} is not supported; corral runs linux sandboxes only")
-        rootfs = self.images.get(req.image, self.base.rootfs)
+        base = self.config.sandbox
+        rootfs = self.config.images.get(req.image, base.rootfs)
         gpu = bool(req.num_gpus)
-        if gpu and not self.allow_gpu:
+        if gpu and not self.config.allow_gpu:
             raise ApiError(422, "num_gpus > 0 but this server does not grant GPUs (start it with GPUs allowed)")
-        limits = {**self.base.limits.model_dump(), "memory_mb": _memory_mb(req.memory),
+        limits = {**base.limits.model_dump(), "memory_mb": _memory_mb(req.memory),
                   "cpus": req.limit_cpus or req.cpus}
         try:
-            cfg = self.base.model_copy(update={"limits": Limits(**limits), "rootfs": rootfs,
-                                               "gpu": gpu or self.base.gpu})
+            cfg = base.model_copy(update={"limits": Limits(**limits), "rootfs": rootfs, "gpu": gpu or base.gpu})
         except ValidationError as e:
             raise ApiError(422, f"cannot map request to sandbox limits: {_problems(e.errors())}") from None
         return cfg, str(rootfs) if rootfs else None
@@ -324,16 +319,16 @@ class _Server:
             for boxes in list(self.boxes.values()):
                 for b in list(boxes.values()):
                     if b.alive and not b.busy and b.idle_limit is not None and now - b.last_used > b.idle_limit:
-                        b.stopped, b.stop_reason = time.time(), f"idle for {b.idle_limit:g} s"
                         with contextlib.suppress(Exception):  # one failure must not stop the reaper
-                            await b.sb.close()
+                            await self.stop_box(b, f"idle for {b.idle_limit:g} s")
+
+    async def stop_box(self, b: _Box, reason: str | None = None) -> None:
+        if b.stopped is None:
+            b.stopped, b.stop_reason = time.time(), reason
+            await b.sb.close()
 
     async def close_all(self) -> None:
-        for boxes in self.boxes.values():
-            for b in boxes.values():
-                if not b.sb.closed:
-                    with contextlib.suppress(Exception):  # shutdown closes everything it can
-                        await b.sb.close()
+        # the runtime closes every sandbox it made: ROCK boxes and OpenEnv sessions alike
         if self.runtime is not None:
             await self.runtime.close()
 
@@ -451,13 +446,10 @@ def create_app(config: ServeConfig | RuntimeConfig, token: str | Sequence[str] |
             boxes = [srv.box(tenant, sandbox_id, running=False, deleted=True)]
         else:
             boxes = [*srv.deleted.get(tenant, []), *srv.boxes.get(tenant, {}).values()]
-        by_id = {b.sb.id: b.rock_id for b in boxes}
         out = []
         for b in boxes:
             for f in srv.runtime.store.findings(sandbox_id=b.sb.id, after_id=after_id):
-                d = f.model_dump(mode="json")
-                d["rock_sandbox_id"] = by_id[f.sandbox_id]
-                out.append(d)
+                out.append({**f.model_dump(mode="json"), "rock_sandbox_id": b.rock_id})
         out.sort(key=lambda d: d["id"] or 0)
         return {"findings": out}
 
@@ -493,7 +485,7 @@ def create_app(config: ServeConfig | RuntimeConfig, token: str | Sequence[str] |
             try:
                 sb = await srv.runtime.create(cfg)
                 rock_id = req.sandbox_id or sb.id
-                b = _Box(rock_id, tenant, sb, req.image, rootfs, cfg.limits.cpus, req.memory)
+                b = _Box(rock_id, tenant, sb, req.image, rootfs, req.memory)
                 limits = [t for t in (req.auto_clear_seconds, config.idle_timeout_s) if t]
                 b.idle_limit = float(min(limits)) if limits else None
                 mine[rock_id] = b
@@ -508,10 +500,10 @@ def create_app(config: ServeConfig | RuntimeConfig, token: str | Sequence[str] |
         iso = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(b.created))
         return {
             "sandbox_id": b.rock_id, "is_alive": b.alive, "state": state, "image": b.image,
-            "status": {"sandbox": {"status": "running" if b.alive else "stopped",
+            "status": {"sandbox": {"status": state,
                                    "message": b.sb.terminated or f"corral sandbox {b.sb.id}"}},
             "host_name": srv.host_name, "host_ip": b.sb.net.ip if b.sb.net else None,
-            "cpus": b.cpus, "memory": b.memory, "create_time": iso, "start_time": iso,
+            "cpus": b.sb.config.limits.cpus, "memory": b.memory, "create_time": iso, "start_time": iso,
             "stop_time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(b.stopped)) if b.stopped else None,
             "corral": {**srv.corral(b), "rootfs": b.rootfs, "sessions": b.sb.sessions() if b.alive else []},
         }
@@ -650,17 +642,13 @@ def create_app(config: ServeConfig | RuntimeConfig, token: str | Sequence[str] |
     @api.post("/stop")
     async def stop(request: Request, sandbox_id: Annotated[SandboxId, Body(embed=True)]) -> dict:
         b = srv.box(request.state.tenant, sandbox_id, running=False)
-        if b.stopped is None:
-            b.stopped = time.time()
-            await b.sb.close()
+        await srv.stop_box(b)
         return _envelope(f"{sandbox_id} stopped", corral=srv.corral(b))
 
     @api.post("/delete")
     async def delete(request: Request, sandbox_id: Annotated[SandboxId, Body(embed=True)]) -> dict:
         b = srv.box(request.state.tenant, sandbox_id, running=False)
-        if b.stopped is None:
-            b.stopped = time.time()
-            await b.sb.close()
+        await srv.stop_box(b)
         srv.boxes[request.state.tenant].pop(sandbox_id, None)
         srv.deleted.setdefault(request.state.tenant, []).append(b)
         return _envelope(f"{sandbox_id} deleted", corral=srv.corral(b))

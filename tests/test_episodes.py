@@ -18,8 +18,13 @@ from corral.rollout.runner import run_rollout
 
 pytestmark = pytest.mark.asyncio
 
-VERIFY = ("python3 -c \"import calc\nok = calc.add(2, 3) == 5 and calc.add(-1, 1) == 0\n"
-          "print('1 passed, 0 failed' if ok else '0 passed, 1 failed')\nraise SystemExit(0 if ok else 1)\"")
+# The verifier puts the workspace on sys.path itself (it runs under `python3 -I`) and writes the
+# JUnit XML report corral scores; its printed summary counts for nothing.
+VERIFY = ("python3 -c \"import os, sys\nsys.path.insert(0, os.getcwd())\nimport calc\n"
+          "ok = calc.add(2, 3) == 5 and calc.add(-1, 1) == 0\n"
+          "case = '<testcase name=\\\"add\\\"/>' if ok else '<testcase name=\\\"add\\\"><failure/></testcase>'\n"
+          "open(os.environ['CORRAL_REPORT'], 'w').write('<testsuite>' + case + '</testsuite>')\n"
+          "raise SystemExit(0 if ok else 1)\"")
 
 
 def calc_task(**kw) -> Task:

@@ -1,48 +1,28 @@
-"""One tool-calling episode over a corral sandbox, with the blocking API that trainer adapters speak.
+"""Episodes for the trainer adapters: a task picker over `corral.agent.engine.EpisodeEngine`, with
+the blocking API that Gymnasium and TRL speak.
 
-Gymnasium, OpenEnv and TRL differ only in how they name things; what happens is the same and lives
-here: a task's sandbox is created and seeded, each tool call is a step, findings are read back after
-it, a finding at or above the terminating severity ends the episode with the violation penalty, and
-`submit` runs the verifier. Every adapter maps `Outcome` onto its own conventions.
+Gymnasium, OpenEnv and TRL differ only in how they name things; what happens (each tool call a
+step, the one violation predicate, the one rule for late findings, grading in a fresh sandbox) is
+the engine's, shared with the rollout runner. Every adapter maps `Outcome` onto its own conventions.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from corral.agent.episode import _violation_record, grade
+from corral.agent.engine import LATE_FINDINGS_GRACE, EpisodeEngine, Outcome
 from corral.agent.reward import RewardConfig
-from corral.agent.tasks import Task, prepare_sandbox, resolve_tasks
-from corral.agent.tools import run_tool
+from corral.agent.tasks import Task, resolve_tasks
 from corral.config import RuntimeConfig
-from corral.errors import EnvironmentUsageError, EpisodeEnded, SandboxFrozen, UnknownTask
+from corral.errors import EnvironmentUsageError, UnknownTask
 from corral.events import Finding
 from corral.runtime import Runtime
 from corral.sandbox.sandbox import Sandbox
 from corral.sync import SyncRuntime, run
 
-
-@dataclass
-class Outcome:
-    """What one tool call led to. `done` is a natural end (submitted or a violation); `truncated` is
-    the turn or time limit."""
-
-    observation: str
-    reward: float = 0.0
-    done: bool = False
-    truncated: bool = False
-    termination_reason: str | None = None  # security_violation | submitted | max_steps | max_seconds
-    violations: list[dict[str, Any]] = field(default_factory=list)
-    exit_code: int | None = None
-    stdout: str = ""
-    stderr: str = ""
-    step: int | None = None
-    reward_components: dict[str, float] = field(default_factory=dict)
-    verifier: dict[str, Any] | None = None
-    metrics: dict[str, Any] = field(default_factory=dict)
+__all__ = ["AsyncToolEpisode", "Outcome", "ToolEpisode"]
 
 
 class AsyncToolEpisode:
@@ -50,18 +30,16 @@ class AsyncToolEpisode:
     truncated. Shares a `Runtime` with whatever else the process runs (corral serve's sandboxes)."""
 
     def __init__(self, runtime: Runtime, tasks: str | Path | list[Task] | None = None, *,
-                 reward: RewardConfig | None = None, id_prefix: str = "ep") -> None:
+                 reward: RewardConfig | None = None, id_prefix: str = "ep",
+                 late_findings_grace: float = LATE_FINDINGS_GRACE, grade_unsubmitted: bool = True) -> None:
         self.tasks = resolve_tasks(tasks)
         self.runtime = runtime
         self.reward = reward or RewardConfig()
         self.id_prefix = id_prefix
-        self.sb: Sandbox | None = None
-        self.task: Task | None = None
-        self.episode_id: str | None = None
-        self.turns = 0
-        self.started = 0.0
+        self.late_findings_grace = late_findings_grace
+        self.grade_unsubmitted = grade_unsubmitted
+        self.engine: EpisodeEngine | None = None
         self.count = 0
-        self.last: Outcome | None = None
 
     def task_by_id(self, task_id: str) -> Task:
         for t in self.tasks:
@@ -72,13 +50,33 @@ class AsyncToolEpisode:
     async def start(self, task: Task | str, *, episode_id: str | None = None) -> str:
         """A fresh sandbox for the task, its files in /workspace; returns the instruction."""
         await self.close_sandbox()
-        self.task = self.task_by_id(task) if isinstance(task, str) else task
+        chosen = self.task_by_id(task) if isinstance(task, str) else task
         self.count += 1
-        self.episode_id = episode_id or f"{self.id_prefix}-{self.task.id}-{self.count}-{int(time.time() * 1000)}"
-        self.sb = await self.runtime.create(self.task.sandbox_config(), episode_id=self.episode_id)
-        await prepare_sandbox(self.sb, self.task)
-        self.turns, self.started, self.last = 0, time.time(), None
-        return self.task.instruction
+        eid = episode_id or f"{self.id_prefix}-{chosen.id}-{self.count}-{int(time.time() * 1000)}"
+        self.engine = EpisodeEngine(self.runtime, chosen, episode_id=eid, reward=self.reward,
+                                    late_findings_grace=self.late_findings_grace,
+                                    grade_unsubmitted=self.grade_unsubmitted)
+        return await self.engine.start()
+
+    @property
+    def sb(self) -> Sandbox | None:
+        return self.engine.sb if self.engine is not None else None
+
+    @property
+    def task(self) -> Task | None:
+        return self.engine.task if self.engine is not None else None
+
+    @property
+    def episode_id(self) -> str | None:
+        return self.engine.episode_id if self.engine is not None else None
+
+    @property
+    def turns(self) -> int:
+        return self.engine.turns if self.engine is not None else 0
+
+    @property
+    def last(self) -> Outcome | None:
+        return self.engine.last if self.engine is not None else None
 
     @property
     def sandbox_id(self) -> str | None:
@@ -86,58 +84,29 @@ class AsyncToolEpisode:
 
     @property
     def ended(self) -> bool:
-        return self.last is not None and (self.last.done or self.last.truncated)
+        return self.engine is not None and self.engine.ended
 
     def findings(self) -> list[Finding]:
-        return self.runtime.store.findings(sandbox_id=self.sb.id) if self.sb is not None else []
+        return self.engine.findings() if self.engine is not None else []
 
-    def violated(self, findings: list[Finding]) -> bool:
-        """A terminating finding among the episode's `findings` (just read by the caller), or corral's
-        responder ended or quarantined the sandbox (an action configured for a lesser finding still
-        stops the episode: its sandbox takes no more commands)."""
-        sb = self.sb
-        if sb is not None and (sb.terminated is not None or sb.frozen):
-            return True
-        return any(self.reward.terminates(f) for f in findings)
+    def _engine(self) -> EpisodeEngine:
+        if self.engine is None or self.engine.sb is None:
+            raise EnvironmentUsageError("start an episode (reset) before calling tools")
+        return self.engine
 
     async def call(self, tool: str, arguments: dict[str, Any] | None = None) -> Outcome:
         """Run one tool call (shell, read_file, write_file, edit_file, submit) as a step."""
-        if self.sb is None or self.task is None:
-            raise EnvironmentUsageError("start an episode (reset) before calling tools")
-        self.turns += 1
-        out = Outcome(observation="")
-        try:
-            r = await run_tool(self.sb, tool, arguments or {}, tool_call_id=f"{self.id_prefix}-{self.turns}",
-                               command_timeout=self.task.limits.command_timeout)
-            out.observation, out.exit_code, out.step = r.observation, r.exit_code, r.step
-            out.stdout, out.stderr = r.stdout, r.stderr
-            submitted = r.submitted
-        except (EpisodeEnded, SandboxFrozen):
-            out.observation, submitted = "the episode was ended by a security finding", False
-        # connections and DNS answers a command made just before it exited are judged after it
-        await self.runtime.drain()
-        findings = self.findings()
-        out.violations = [_violation_record(f).model_dump() for f in findings]
-        out.metrics = {"turns": self.turns, "seconds": round(time.time() - self.started, 3)}
-        if self.violated(findings):
-            out.reward_components = self.reward.components(0.0, findings, True)
-            out.done, out.termination_reason = True, "security_violation"
-        elif submitted:
-            out.verifier = await grade(self.sb, self.task)
-            out.reward_components = self.reward.components(float(out.verifier["score"]), findings, False)
-            out.done, out.termination_reason = True, "submitted"
-        elif self.turns >= self.task.limits.max_steps:
-            out.truncated, out.termination_reason = True, "max_steps"
-        elif time.time() - self.started > self.task.limits.max_seconds:
-            out.truncated, out.termination_reason = True, "max_seconds"
-        out.reward = float(sum(out.reward_components.values()))
-        self.last = out
-        return out
+        eng = self._engine()
+        return await eng.call(tool, arguments or {}, tool_call_id=f"{self.id_prefix}-{eng.turns + 1}")
+
+    async def finish(self, reason: str = "unsubmitted") -> Outcome:
+        """End the episode now (the trainer stopped calling tools): graded as it stands unless
+        `grade_unsubmitted` is off."""
+        return await self._engine().finish(reason)
 
     async def close_sandbox(self) -> None:
-        if self.sb is not None:
-            sb, self.sb = self.sb, None
-            await sb.close()
+        if self.engine is not None:
+            await self.engine.close()
 
 
 class ToolEpisode:
@@ -146,11 +115,12 @@ class ToolEpisode:
 
     def __init__(self, tasks: str | Path | list[Task] | None = None, *, runtime: SyncRuntime | None = None,
                  runtime_config: RuntimeConfig | None = None, reward: RewardConfig | None = None,
-                 id_prefix: str = "ep") -> None:
+                 id_prefix: str = "ep", grade_unsubmitted: bool = True) -> None:
         self._own_runtime = runtime is None
         self.runtime: SyncRuntime | None = runtime or SyncRuntime(runtime_config).start()
         try:
-            self.core = AsyncToolEpisode(self.runtime.async_runtime, tasks, reward=reward, id_prefix=id_prefix)
+            self.core = AsyncToolEpisode(self.runtime.async_runtime, tasks, reward=reward, id_prefix=id_prefix,
+                                         grade_unsubmitted=grade_unsubmitted)
         except Exception:
             self.close()
             raise
@@ -168,6 +138,9 @@ class ToolEpisode:
 
     def call(self, tool: str, arguments: dict[str, Any] | None = None) -> Outcome:
         return run(self.core.call(tool, arguments))
+
+    def finish(self, reason: str = "unsubmitted") -> Outcome:
+        return run(self.core.finish(reason))
 
     def close_sandbox(self) -> None:
         if "core" in self.__dict__:

@@ -60,8 +60,7 @@ from corral.agent.tasks import Task, resolve_tasks
 from corral.config import RuntimeConfig
 from corral.envs.episode import Outcome, ToolEpisode
 from corral.errors import CorralError, EnvironmentUsageError, EpisodeEnded, SandboxClosed
-from corral.events import Finding
-from corral.sync import SyncRuntime, run
+from corral.sync import SyncRuntime
 
 PROMPT_SUFFIX = ("\n\nYour working directory is /workspace. Use the tools to inspect and change files and to run "
                  "commands; call submit when the task is done.")
@@ -144,7 +143,8 @@ class CorralTRLEnv:
         """Start an episode of the row's task in a fresh sandbox; returns its instruction."""
         runtime = self._given_runtime or self.shared_runtime()
         if self._episode is None or self._episode.runtime is not runtime:  # first reset, or after shutdown()
-            self._episode = ToolEpisode(self._tasks, runtime=runtime, reward=self._reward_config, id_prefix="trl")
+            self._episode = ToolEpisode(self._tasks, runtime=runtime, reward=self._reward_config, id_prefix="trl",
+                                        grade_unsubmitted=self._grade_unsubmitted)
         if task_id is None:
             task: Task | str = self._tasks[next(_Shared.turn) % len(self._tasks)]
         else:
@@ -262,8 +262,8 @@ class CorralTRLEnv:
             self._stop = (EnvironmentUsageError, f"the sandbox is gone ({e}); the episode is over")
             raise EnvironmentUsageError(self._stop[1]) from e
         self._outcome = out
-        if out.termination_reason == "security_violation":
-            self._stop = (EpisodeEnded, self._violation_message(ep))
+        if out.violated:
+            self._stop = (EpisodeEnded, self._violation_message(ep, out))
             raise EpisodeEnded(self._stop[1])
         if out.done:
             self._stop = (EnvironmentUsageError, f"the work was submitted at turn {ep.turns} and the episode is "
@@ -277,38 +277,18 @@ class CorralTRLEnv:
             return f"{out.observation}\n[{self._stop[1]}]"
         return out.observation
 
-    def _violation_message(self, ep: ToolEpisode) -> str:
-        fatal: list[Finding] = [f for f in ep.findings() if ep.reward.terminates(f)]
-        if fatal:
-            f = fatal[0]
-            cause = (f"rule {f.rule_id!r} ({f.severity}: {f.title}) at step {f.step}"
-                     + (f", command {f.command!r}" if f.command else ""))
-            if len(fatal) > 1:
-                cause += f" (and {len(fatal) - 1} more: {', '.join(sorted({g.rule_id for g in fatal[1:]}))})"
-        else:
-            cause = f"the sandbox was stopped by corral's responder ({ep.sb.terminated if ep.sb else 'closed'})"
+    def _violation_message(self, ep: ToolEpisode, out: Outcome) -> str:
+        cause = out.termination_detail or "corral ended the sandbox"
         return (f"security violation: {cause}. The episode is over: no more tool calls are accepted, and its "
                 f"reward is the violation penalty {ep.reward.violation_penalty:g}.")
 
     def _finish(self, ep: ToolEpisode) -> Outcome:
-        """The final outcome of an episode the model did not end with submit."""
-        if self._grade_unsubmitted:
-            try:
-                # submit on the model's behalf: the driver's own path judges late findings, then grades
-                out = ep.call("submit", {})
-                if out.termination_reason == "submitted":
-                    out.termination_reason = "unsubmitted"
-                return out
-            except SandboxClosed:
-                pass  # nothing left to grade: scored below like an unsubmitted episode
-        elif ep.sb is not None:
-            run(ep.core.runtime.drain())  # findings of the last commands are judged before scoring
-        findings = ep.findings()
-        violated = ep.violated(findings)
-        components = ep.reward.components(0.0, findings, violated)
-        return Outcome(observation="", reward=float(sum(components.values())), done=violated,
-                       termination_reason="security_violation" if violated else "unsubmitted",
-                       reward_components=components)
+        """The final outcome of an episode the model did not end with submit: the engine's one ending
+        (late findings judged, every process killed, graded as it stands unless configured not to)."""
+        try:
+            return ep.finish("unsubmitted")
+        except SandboxClosed:
+            return Outcome(observation="", termination_reason="error", done=True)
 
     def _close(self) -> None:
         if self._episode is not None:

@@ -1,0 +1,231 @@
+"""Grading where the agent has never been.
+
+An agent that can touch its grader will, so the verifier never runs in the agent's sandbox:
+
+1. the caller has already killed every process the agent started (session shells included);
+2. the workspace is read out of the agent's sandbox as a tar (links stored as links, never followed)
+   and filtered on the host: only regular files and directories cross, and nothing at, above or
+   inside the verifier's own paths (a link, a planted conftest.py, a file where a test directory
+   should be);
+3. a fresh sandbox, with no egress and a clean environment, receives those files, then the
+   verifier's files, written where no link can redirect them (no link exists there);
+4. the verifier runs with an isolated interpreter (`python -I`), a clean environment, and stdout and
+   stderr on descriptors corral made for it;
+5. the score comes from the structured report the verifier writes (JUnit XML) at a path chosen now,
+   in a directory the agent never saw — not from the text at the end of stdout.
+
+Limit: the code under test runs inside the verifier's process (that is what a test does), so code
+that subverts the test framework from within an imported module is outside what isolation can stop;
+its grading sandbox is monitored like any other, and what it does there is judged.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import shlex
+import tarfile
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+from typing import TYPE_CHECKING, Any
+
+from corral.config import EgressPolicy, Limits, SandboxConfig
+from corral.errors import CorralError
+
+if TYPE_CHECKING:
+    from corral.agent.tasks import Task
+    from corral.runtime import Runtime
+    from corral.sandbox.sandbox import Sandbox
+
+WORKSPACE = "/workspace"
+REPORT_MAX = 8 << 20
+# what the verifier's environment holds: nothing of the agent's, no interpreter or loader hooks
+CLEAN_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+_PYTHON = re.compile(r"^(?:/usr(?:/local)?/bin/)?python3?(?:\.\d+)?$")
+
+
+class GradingError(CorralError):
+    """The agent's work could not be carried to the grader (the message says what to change)."""
+
+
+@dataclass
+class GradeReport:
+    """What grading found; `as_dict()` is the `verifier` record of a trajectory or outcome."""
+
+    command: str
+    score: float = 0.0
+    exit_code: int | None = None
+    passed: int = 0
+    failed: int = 0
+    skipped: int = 0
+    timed_out: bool = False
+    report: str | None = None  # where the verifier was told to write its JUnit XML
+    error: str | None = None  # why there is no score (no report, a broken report, a timeout)
+    output_tail: str = ""
+    sandbox_id: str | None = None
+    workspace_skipped: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"command": self.command, "exit_code": self.exit_code, "passed": self.passed,
+                "failed": self.failed, "skipped": self.skipped, "score": round(self.score, 6),
+                "timed_out": self.timed_out, "report": self.report, "error": self.error,
+                "output_tail": self.output_tail, "sandbox_id": self.sandbox_id,
+                "workspace_skipped": self.workspace_skipped}
+
+
+def grading_config(task: Task) -> SandboxConfig:
+    """The grader's sandbox: the task's resources, no egress, no extra environment; the verifier's
+    paths stay protected, so code under test that rewrites its tests is a finding here too."""
+    lim = task.limits
+    return SandboxConfig(
+        egress=EgressPolicy(),
+        limits=Limits(memory_mb=lim.memory_mb, cpus=lim.cpus, pids=lim.pids, timeout=task.verifier.timeout),
+        protected_paths=tuple(task.verifier_paths()) + tuple(task.protected_paths),
+    )
+
+
+def verifier_roots(task: Task) -> set[str]:
+    """Workspace-relative paths the agent's copy may not hold anything at or under: each verifier
+    file and each directory that holds one (the task's own starting files stay allowed)."""
+    roots: set[str] = set()
+    for p in task.verifier.files:
+        parts = PurePosixPath(p).parts
+        roots.add(str(PurePosixPath(*parts)))
+        if len(parts) > 1:
+            roots.add(parts[0])
+    return roots
+
+
+def filter_workspace(data: bytes, task: Task) -> tuple[bytes, list[str]]:
+    """The agent's workspace tar, rebuilt with regular files and directories only, nothing inside
+    or at the verifier's paths, and plain permissions. Returns the new tar and what was left out."""
+    roots = verifier_roots(task)
+    ancestors = {str(PurePosixPath(*PurePosixPath(p).parts[:i]))
+                 for p in task.verifier.files for i in range(1, len(PurePosixPath(p).parts))}
+    out = io.BytesIO()
+    skipped: list[str] = []
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data)) as src, tarfile.open(fileobj=out, mode="w") as dst:
+            for m in src:
+                name = os.path.normpath(m.name).lstrip("/")
+                if name in (".", ""):
+                    continue
+                inside = any(name == r or name.startswith(r + "/") for r in roots)
+                if (".." in PurePosixPath(name).parts or (inside and not (m.isdir() and name in ancestors))
+                        or (name in ancestors and not m.isdir()) or not (m.isreg() or m.isdir())):
+                    # links, devices, fifos, and anything at or inside the verifier's paths stay behind
+                    skipped.append(name)
+                    continue
+                clean = tarfile.TarInfo(name)
+                clean.type, clean.mtime = m.type, m.mtime
+                clean.mode = (m.mode & 0o755) | (0o700 if m.isdir() else 0o600)
+                if m.isreg():
+                    clean.size = m.size
+                    dst.addfile(clean, src.extractfile(m))
+                else:
+                    dst.addfile(clean)
+    except tarfile.TarError as e:
+        raise GradingError(f"the agent's workspace could not be read for grading ({e})") from None
+    return out.getvalue(), skipped
+
+
+def isolated_command(command: str) -> str:
+    """The verifier's command with `-I` after a leading Python interpreter: no user site, no
+    PYTHON* variables, no script or working directory put first on sys.path."""
+    try:
+        argv = shlex.split(command)
+    except ValueError:
+        return command
+    if argv and _PYTHON.match(argv[0]) and "-I" not in argv[1:2]:
+        return shlex.join([argv[0], "-I", *argv[1:]])
+    return command
+
+
+def verifier_env(report: str) -> dict[str, str]:
+    """A clean environment for the verifier; nothing here comes from the agent or its sandbox."""
+    return {"HOME": "/root", "TMPDIR": "/tmp", "PATH": CLEAN_PATH, "LANG": "C.UTF-8",
+            "CORRAL_REPORT": report, "PYTEST_ADDOPTS": f"--junitxml={report} -p no:cacheprovider"}
+
+
+def parse_junit(xml: bytes) -> tuple[int, int, int]:
+    """(passed, failed, skipped) from a JUnit XML report (pytest's, or any runner's)."""
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError as e:
+        raise GradingError(f"the verifier's report is not valid JUnit XML ({e})") from None
+    if root.tag not in ("testsuites", "testsuite"):
+        raise GradingError(f"the verifier's report has root <{root.tag}>; JUnit XML has <testsuites> or <testsuite>")
+    passed = failed = skipped = 0
+    for case in root.iter("testcase"):
+        tags = {child.tag for child in case}
+        if tags & {"failure", "error"}:
+            failed += 1
+        elif "skipped" in tags:
+            skipped += 1
+        else:
+            passed += 1
+    return passed, failed, skipped
+
+
+def score_of(task: Task, exit_code: int | None, timed_out: bool, counts: tuple[int, int, int] | None) -> float:
+    if timed_out:
+        return 0.0
+    if task.verifier.score == "exit_code":
+        return 1.0 if exit_code == 0 else 0.0
+    if counts is None:
+        return 0.0
+    passed, failed, skipped = counts
+    total = passed + failed + skipped  # a skipped test did not pass: skipping is no way to score
+    return passed / total if total else 0.0
+
+
+async def export_workspace(sb: Sandbox, max_bytes: int) -> bytes:
+    """The agent's /workspace as a tar, links stored as links. Run after every agent process is
+    dead, by corral's agent (non-dumpable, out of the agent's reach)."""
+    r = await sb.exec(f"tar -c -C {WORKSPACE} .", max_output=max_bytes + 1, _internal=True)
+    if r.exit_code != 0 and not r.stdout_bytes:
+        raise GradingError(f"cannot read the workspace of sandbox {sb.id} for grading: {r.stderr.strip()}")
+    if r.stdout_truncated:
+        raise GradingError(f"the workspace of sandbox {sb.id} is larger than {max_bytes} bytes")
+    return r.stdout_bytes
+
+
+async def grade(runtime: Runtime, sb: Sandbox, task: Task, *, episode_id: str | None) -> tuple[GradeReport, str]:
+    """Grade the agent's workspace in a fresh sandbox. The caller has killed the agent's processes.
+    Returns the report and the grading sandbox's id (its findings belong to the episode)."""
+    data = await export_workspace(sb, (sb.config.limits.workspace_mb + 1) << 20)
+    files, skipped = filter_workspace(data, task)
+    report_path = f"/tmp/corral-grade-{os.urandom(8).hex()}/report.xml"
+    command = isolated_command(task.verifier.command)
+    result = GradeReport(command=command, report=report_path, workspace_skipped=skipped)
+    gsb = await runtime.create(grading_config(task), episode_id=episode_id)
+    result.sandbox_id = gsb.id
+    try:
+        r = await gsb.exec(f"tar -x --no-same-owner --no-same-permissions -C {WORKSPACE}", stdin=files,
+                           _internal=True)
+        if r.exit_code != 0:
+            raise GradingError(f"cannot seed the grading sandbox: {r.stderr.strip()}")
+        for path, content in task.verifier.files.items():
+            await gsb.write_file(f"{WORKSPACE}/{path}", content)
+        await gsb.exec(f"mkdir -p {shlex.quote(os.path.dirname(report_path))}", _internal=True)
+        run = await gsb.exec(command, cwd=WORKSPACE, env=verifier_env(report_path), timeout=task.verifier.timeout,
+                             tool_call_id="corral-verifier")
+        out = run.stdout + run.stderr
+        result.exit_code, result.timed_out, result.output_tail = run.exit_code, run.timed_out, out[-1500:]
+        counts = None
+        if task.verifier.score != "exit_code" and not run.timed_out:
+            try:
+                xml = await gsb.read_file(report_path, max_bytes=REPORT_MAX)
+                counts = parse_junit(xml)
+                result.passed, result.failed, result.skipped = counts
+            except CorralError as e:
+                result.error = (f"no usable report: {e}. A verifier scored 'pytest' writes JUnit XML to "
+                                "$CORRAL_REPORT (pytest does so by itself: corral sets PYTEST_ADDOPTS)")
+        elif run.timed_out:
+            result.error = f"the verifier timed out after {task.verifier.timeout:g}s"
+        result.score = score_of(task, run.exit_code, run.timed_out, counts)
+    finally:
+        await gsb.close()
+    return result, gsb.id

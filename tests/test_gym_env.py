@@ -15,7 +15,8 @@ from corral.sync import SyncRuntime
 
 TASK = Task.model_validate({
     "id": "calc", "instruction": "Write add(a, b) in /workspace/calc.py.",
-    "verifier": {"command": "python3 -c \"import calc; raise SystemExit(0 if calc.add(2, 3) == 5 else 1)\"",
+    "verifier": {"command": "python3 -c \"import sys; sys.path.append('/workspace'); import calc; "
+                            "raise SystemExit(0 if calc.add(2, 3) == 5 else 1)\"",
                  "score": "exit_code"}, "limits": {"max_steps": 4}})
 
 

@@ -41,7 +41,8 @@ from tests.conftest import serve_app  # noqa: E402
 TOKEN = "tok-openenv-" + "z" * 16
 CALC = Task.model_validate({
     "id": "calc", "instruction": "Write add(a, b) in /workspace/calc.py.",
-    "verifier": {"command": "python3 -c \"import calc; raise SystemExit(0 if calc.add(2, 3) == 5 else 1)\"",
+    "verifier": {"command": "python3 -c \"import sys; sys.path.append('/workspace'); import calc; "
+                            "raise SystemExit(0 if calc.add(2, 3) == 5 else 1)\"",
                  "score": "exit_code"}, "limits": {"max_steps": 10}})
 TINY = Task.model_validate({
     "id": "tiny", "instruction": "One turn only.", "verifier": {"command": "true", "score": "exit_code"},
@@ -147,7 +148,8 @@ async def test_turn_limit_is_done_and_truncated(mounted):
         await env.reset(task_id="tiny")
         r = await env.step(CorralAction(tool="read_file", path="/workspace/prepared.txt"))
         assert "prepared" in r.observation.output  # the task's setup ran before the first turn
-        assert r.done and r.reward == 0.0
+        # a limit ends the episode like every other ending: the work is graded as it stands
+        assert r.done and r.reward == 1.0 and r.observation.verifier["score"] == 1.0
         assert r.observation.truncated and r.observation.termination_reason == "max_steps"
 
 

@@ -12,7 +12,8 @@ import time
 
 import yaml
 
-VERIFY = "python3 -c \"import calc; raise SystemExit(0 if calc.add(2, 3) == 5 else 1)\""
+VERIFY = ("python3 -c \"import sys; sys.path.append('/workspace'); import calc; "
+          "raise SystemExit(0 if calc.add(2, 3) == 5 else 1)\"")
 
 
 def _setup(tmp_path):

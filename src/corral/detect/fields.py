@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 from corral.events import Event
+from corral.protect import command_cwds, normalize, touches
 
 
 def _argv(e: Event) -> list[str]:
@@ -31,6 +32,95 @@ def _file_args(e: Event) -> list[str]:
     args = [a for a in argv[1:] if not a.startswith("-")]
     name = _name(e)
     if name in _PATTERN_FIRST and args and not any(a in ("-e", "-f", "--regexp", "--file") for a in argv[1:]):
+        args = args[1:]
+    return args
+
+
+# Programs that put a file at their last argument (or at -t DIR), at every argument, or remove them.
+_DEST_LAST = {"cp", "mv", "install", "ln", "rsync", "scp"}
+_DEST_ALL = {"tee", "truncate", "touch", "mkfifo", "mknod"}
+_REMOVERS = {"rm", "unlink", "rmdir", "shred"}
+# Wrappers that run the program named after their own options (`timeout 5 tee f`, `env X=1 cp a b`).
+_WRAPPERS = {"env", "nohup", "timeout", "nice", "ionice", "stdbuf", "setsid", "sudo", "doas", "command", "exec",
+             "builtin", "time", "chronic", "busybox", "unbuffer"}
+_WRAPPER_VALUE_OPTS = {"-n", "-s", "-k", "-u", "-g", "-c", "-i", "-o", "-e", "--signal", "--kill-after", "--user"}
+
+
+def _program(e: Event) -> tuple[str | None, list[str]]:
+    """The program a command runs, and its arguments, wrappers peeled off."""
+    argv = _argv(e)
+    peeled = False
+    for _ in range(4):
+        if not argv or os.path.basename(argv[0]) not in _WRAPPERS:
+            break
+        wrapper, i = os.path.basename(argv[0]), 1
+        while i < len(argv) and (argv[i].startswith("-") or "=" in argv[i]
+                                 or (wrapper == "timeout" and argv[i][:1].isdigit())):
+            i += 2 if argv[i] in _WRAPPER_VALUE_OPTS else 1
+        argv, peeled = argv[i:], True
+    if not argv:
+        return None, []
+    return (os.path.basename(argv[0]) if peeled else _name(e)), argv[1:]
+
+
+def _write_words(e: Event) -> tuple[list[str], list[str]]:
+    """(files the command writes, files it removes or moves away), as written on the command line:
+    a pre-run check's output redirects, then what the program itself writes."""
+    writes = list(e.data.get("writes", e.data.get("redirects")) or []) if str(e.kind) == "command" else []
+    name, args = _program(e)
+    files = [a for a in args if not a.startswith("-")]
+    removed: list[str] = []
+    if name in _DEST_ALL:
+        writes += files
+    elif name in _DEST_LAST:
+        target = next((args[i + 1] for i, a in enumerate(args[:-1]) if a in ("-t", "--target-directory")), None)
+        target = target or next((a.split("=", 1)[1] for a in args if a.startswith("--target-directory=")), None)
+        sources = files if target else files[:-1]
+        target = target or (files[-1] if files else None)
+        if target:
+            # the destination may be a directory: then each source lands inside it under its own name
+            writes += [target] + [f"{target.rstrip('/')}/{os.path.basename(s.rstrip('/'))}" for s in sources]
+        if name in ("ln", "mv"):  # a link's target, a file moved away: both change what the path holds
+            removed += files
+    elif name == "dd":
+        writes += [a[3:] for a in args if a.startswith("of=")]
+    elif name in _REMOVERS:
+        removed += files
+    elif name == "sed" and any(a.startswith(("-i", "--in-place")) for a in args):
+        writes += files[1:] if not any(a in ("-e", "-f", "--expression", "--file") for a in args) else files
+    return writes, removed
+
+
+def _cwds(e: Event) -> list[str]:
+    return command_cwds(e.command, e.data.get("cwd") if str(e.kind) != "command" else None)
+
+
+def _write_targets(e: Event) -> list[str]:
+    writes, _ = _write_words(e)
+    cwds = _cwds(e)
+    return [p for w in writes for p in normalize(w, cwds)]
+
+
+def _protected_targets(e: Event) -> list[str]:
+    protected = e.data.get("protected") or ()
+    if not protected:
+        return []
+    writes, removed = _write_words(e)
+    return touches(writes + removed, protected, _cwds(e))
+
+
+def _kill_targets(e: Event) -> list[str]:
+    """The pids `kill` is asked to signal (its options and signal dropped): `kill -STOP 2` -> ['2']."""
+    name, args = _program(e)
+    if name != "kill":
+        return []
+    if args and args[0] in ("-s", "-n"):
+        args = args[2:]
+    elif args and args[0] in ("-l", "-L", "--list"):
+        return []
+    elif args and args[0].startswith("-") and args[0] != "--":
+        args = args[1:]
+    if args and args[0] == "--":
         args = args[1:]
     return args
 
@@ -67,6 +157,14 @@ FIELDS: dict[str, Callable[[Event], Any]] = {
     # the command a step ran (the whole line as the agent gave it)
     "cmd.line": lambda e: e.command,
     "cmd.redirects": lambda e: e.data.get("redirects") or [],
+    "cmd.writes": lambda e: e.data.get("writes", e.data.get("redirects")) or [],  # output redirects only
+    # files a command writes (its output redirects, tee's files, cp's destination, dd's of=), made
+    # absolute (~ expanded, relative paths against its working directory)
+    "proc.write_targets": _write_targets,
+    # what a command writes, removes, moves or links that lies on a protected path of its sandbox
+    "proc.protected_targets": _protected_targets,
+    "proc.kill_targets": _kill_targets,
+    "sandbox.protected": lambda e: list(e.data.get("protected") or []),
     # network (connect events; dns events use dns.*)
     "net.dst_ip": lambda e: e.dst_ip,
     "net.dst_port": lambda e: e.dst_port,

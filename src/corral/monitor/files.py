@@ -35,6 +35,7 @@ from pathlib import Path
 
 from corral.bounded import Recent
 from corral.events import Event, EventKind
+from corral.protect import expand
 
 FAN_CLOEXEC, FAN_NONBLOCK, FAN_CLASS_NOTIF = 0x1, 0x2, 0x0
 FAN_REPORT_DFID_NAME = 0x400 | 0x800  # FAN_REPORT_DIR_FID | FAN_REPORT_NAME
@@ -54,6 +55,10 @@ _FSID_HANDLE = struct.Struct("=8sIi")  # __kernel_fsid_t, then struct file_handl
 PERSISTENCE = ("/root/.bashrc", "/root/.bash_profile", "/root/.profile", "/root/.bash_login", "/root/.zshrc",
                "/root/.bash_logout", "/root/.ssh/*", "/root/.config/systemd/*", "/root/.config/autostart/*",
                "/root/.local/share/systemd/*", "*/crontabs/*", "/root/.pam_environment")
+# Interpreter start-up hooks (F12): code every later Python run executes unasked. A virtual
+# environment's own site-packages is not among them: only that environment's interpreter reads it.
+STARTUP_HOOKS = ("/root/.local/lib/python*/site-packages/*.pth", "*/sitecustomize.py", "*/usercustomize.py",
+                 "*/sitecustomize/__init__.py", "*/usercustomize/__init__.py")
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.fanotify_mark.argtypes = [ctypes.c_int, ctypes.c_uint, ctypes.c_uint64, ctypes.c_int, ctypes.c_char_p]
@@ -77,8 +82,9 @@ def fanotify_group(file_handles: bool = False) -> int:
 class FileWatch:
     def __init__(self, agent_pid: int, protected: tuple[str, ...], make_event: Callable[[int], Event],
                  emit: Callable[[Event], object]) -> None:
-        self.persistence = PERSISTENCE
-        self.protected = tuple(protected)
+        self.persistence = PERSISTENCE + STARTUP_HOOKS
+        # with the verifier's directory, what is put inside it and the conftest.py files above it
+        self.protected = expand(protected)
         self.make_event = make_event
         self.emit = emit
         self.fd: int | None = fanotify_group()

@@ -1,6 +1,7 @@
 """The red-team benchmark engine: run every case of a corpus in a fresh sandbox and score corral.
 
-For each case: a new sandbox whose egress allows exactly the case's `allow` rules; its `setup` run by
+For each case: a new sandbox whose egress allows exactly the case's `allow` rules (and that protects
+its `protected` paths, as a task protects its verifier's); its `setup` run by
 corral (step 0, not the agent's); its `commands` run in order in one session shell ("agent"), each a
 step with a 15 s limit; then `wait` seconds for background behaviour. Recorded per case: whether
 anything was detected (any finding in that sandbox), which rules fired, the first finding (rule,
@@ -236,7 +237,7 @@ class _Runner:
         setup_ids: set[int] = set()
         try:
             cfg = SandboxConfig(egress=EgressPolicy.allowing(*case.allow),
-                                limits=Limits(timeout=self.command_timeout))
+                                limits=Limits(timeout=self.command_timeout), protected_paths=case.protected)
             sb = await self.rt.create(cfg, episode_id=f"redteam-{self.run_id}-{case.id}")
             res.sandbox_id, res.episode_id = sb.id, sb.episode_id
             for cmd in case.setup:
@@ -698,7 +699,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cases", action="append", default=[], help="case file or directory (default: the shipped "
                     "corpus); repeat to add more")
     ap.add_argument("--only", default="", help="comma-separated case ids")
-    ap.add_argument("--family", default="", help="comma-separated families (F1..F11, benign)")
+    ap.add_argument("--family", default="", help="comma-separated families (F1..F12, benign)")
     ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--out-dir", default="benchmarks/results", help="where redteam.md and redteam.json go")
     ap.add_argument("--name", default="redteam", help="file stem of the outputs")

@@ -3,12 +3,13 @@
 A case file holds one case (a mapping) or a list of them:
 
     - id: A01
-      family: F1                    # F1..F11 (see shared/detection-knowledge.md), or "benign"
+      family: F1                    # F1..F12 (see shared/detection-knowledge.md; F12 is corral's own), or "benign"
       technique: T1496              # MITRE ATT&CK id (optional for benign look-alikes)
       title: Miner binary by name (renamed sleep as /tmp/xmrig)
       setup: ["cp /bin/sleep /tmp/xmrig"]      # run by corral (not the agent) before the case
       commands: ["/tmp/xmrig 5"]               # run in order in the agent's session shell
       allow: []                                # egress rules the case's sandbox gets
+      protected: []                            # globs the sandbox protects (a task's verifier paths)
       wait: 1.5                                # seconds to wait after the last command
       expect: detect                           # detect (attacks) or quiet (benign)
       alone: false                             # true: no other case runs meanwhile (CPU behaviour)
@@ -30,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 from corral.config import EgressRule, load_yaml
 from corral.errors import ConfigError
 
-FAMILIES = ("F1", "F2", "F3", "F4", "F5", "F6", "F7", "F8", "F9", "F10", "F11")
+FAMILIES = ("F1", "F2", "F3", "F4", "F5", "F6", "F7", "F8", "F9", "F10", "F11", "F12")
 FAMILY_NAMES = {
     "F1": "Miner process and arguments",
     "F2": "Mining-pool network traffic",
@@ -43,6 +44,7 @@ FAMILY_NAMES = {
     "F9": "Persistence",
     "F10": "Escape to host",
     "F11": "GPU diversion",
+    "F12": "Reward tampering and evasion of corral",
     "benign": "Benign look-alikes",
 }
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -56,12 +58,14 @@ class Case(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     id: str
-    family: Literal["F1", "F2", "F3", "F4", "F5", "F6", "F7", "F8", "F9", "F10", "F11", "benign"]
+    family: Literal["F1", "F2", "F3", "F4", "F5", "F6", "F7", "F8", "F9", "F10", "F11", "F12", "benign"]
     technique: str | None = None
     title: str = Field(min_length=1)
     setup: tuple[str, ...] = ()
     commands: tuple[str, ...] = Field(min_length=1)
     allow: tuple[str, ...] = ()
+    # paths the case's sandbox protects, as a task protects its verifier's (SandboxConfig.protected_paths)
+    protected: tuple[str, ...] = ()
     wait: float = Field(1.5, ge=0, le=120)
     expect: Literal["detect", "quiet"] | None = None  # default: detect for attacks, quiet for benign
     # Run with no other case alongside: for cases that measure CPU behaviour, which busy neighbours on a
@@ -96,6 +100,18 @@ class Case(BaseModel):
     def _allow(cls, v: tuple[str, ...]) -> tuple[str, ...]:
         for rule in v:
             EgressRule.parse(rule)  # PolicyError names the rule and the fix
+        return v
+
+    @field_validator("protected")
+    @classmethod
+    def _protected(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for p in v:
+            if not p.startswith("/") or ".." in p.split("/"):
+                raise ValueError(f"{p!r}: a protected path is an absolute glob inside the sandbox, without '..', "
+                                 "e.g. '/workspace/tests/test_calc.py'")
+            if p.count("/") < 2:
+                raise ValueError(f"{p!r} would protect a whole top-level directory; name the files or the "
+                                 "directory below it, e.g. '/workspace/tests/*'")
         return v
 
     @model_validator(mode="before")

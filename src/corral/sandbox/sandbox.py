@@ -733,8 +733,9 @@ class Sandbox:
         for simple in split_command(cmd):
             ev = Event(kind=EventKind.COMMAND, action="check", sandbox_id=self.id, episode_id=self.episode_id,
                        step=step, command=cmd, argv=simple.argv,
-                       data={"redirects": simple.redirects, "session": session,
-                             "tool_call_id": info.tool_call_id if info else None})
+                       data={"redirects": simple.redirects, "writes": simple.writes, "session": session,
+                             "tool_call_id": info.tool_call_id if info else None,
+                             "protected": self.config.protected_paths})
             j = self._runtime.emit(ev, persist=False)
             if j is not None and j.blocks and j.rule is not None:
                 rule = j.rule
@@ -1097,6 +1098,8 @@ class Sandbox:
         with contextlib.suppress(OSError):
             ev.data["cwd"] = os.readlink(f"/proc/{pid}/cwd")
         ev.data["gpu_granted"] = self.config.gpu
+        if self.config.protected_paths:  # rules judge what a program writes against them (F12)
+            ev.data["protected"] = self.config.protected_paths
         return ev
 
     def stats_for(self, step: int) -> StepStats:

@@ -1,0 +1,106 @@
+"""What touching a protected path means (a task's verifier files, say): one definition shared by the
+file watcher, which reports changes to these paths, and the rules, which judge command lines.
+
+A verifier is reached not only through its own files:
+- its directory: replaced by a symlink (to a directory of links to /dev/null), moved away, deleted,
+  or given files of the agent's (test files of its own, a conftest.py) that the verifier then runs;
+- the directories above it, up to the mount: a `conftest.py` there is loaded by pytest for every
+  test below it, and a `pytest.py` in the working directory shadows the real pytest.
+
+Only the directory entries below a top-level directory are guarded (`/workspace/tests`, never
+`/workspace` itself): the agent's own work lives beside the verifier and must stay quiet.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import posixpath
+import re
+from collections.abc import Iterable
+from functools import lru_cache
+
+# files a test runner or an interpreter loads from a directory above the tests, unasked
+RUNNER_HOOKS = ("conftest.py", "pytest.py")
+_WILD = re.compile(r"[*?\[]")
+_CD = re.compile(r"(?:^|[;&|(]\s*)cd\s+(/[^\s;&|)]+)")
+HOME = "/root"
+DEFAULT_CWD = "/workspace"
+
+
+def literal_dir(glob: str) -> str:
+    """The deepest directory of `glob` named without wildcards ('/workspace/tests/*' -> '/workspace/tests')."""
+    parts = glob.rstrip("/").split("/")[:-1]
+    out: list[str] = []
+    for p in parts:
+        if _WILD.search(p):
+            break
+        out.append(p)
+    return "/".join(out) or "/"
+
+
+@lru_cache(maxsize=256)
+def guard_globs(protected: tuple[str, ...]) -> tuple[str, ...]:
+    """Globs a protected set implies, beyond itself: each protected file's directory (the entry
+    itself and anything put inside it), the directories above it below the top level, and the
+    runner hooks (conftest.py, pytest.py) in every directory from the top level down to it."""
+    out: list[str] = []
+    for g in protected:
+        if not g.startswith("/"):
+            continue
+        d = literal_dir(g)
+        parts = [p for p in d.split("/") if p]
+        for i in range(1, len(parts) + 1):
+            a = "/" + "/".join(parts[:i])
+            out += [f"{a}/{h}" for h in RUNNER_HOOKS]
+            if i >= 2:  # never a top-level directory (/workspace, /tmp) itself
+                out.append(a)
+        if len(parts) >= 2:
+            out.append(f"{d}/*")
+    return tuple(dict.fromkeys(x for x in out if x not in protected))
+
+
+def expand(protected: Iterable[str]) -> tuple[str, ...]:
+    """The protected globs and the ones they imply (what the file watcher marks as protected)."""
+    p = tuple(protected)
+    return p + guard_globs(p)
+
+
+def normalize(path: str, cwds: Iterable[str] = (DEFAULT_CWD,)) -> list[str]:
+    """The absolute paths a path word of a command line may stand for: `~` and $HOME expanded,
+    a relative path resolved against each directory it may be run from."""
+    p = path.strip().strip("'\"")
+    if not p:
+        return []
+    for home in ("~/", "$HOME/", "${HOME}/"):
+        if p.startswith(home):
+            p = HOME + "/" + p[len(home):]
+    if p in ("~", "$HOME", "${HOME}"):
+        p = HOME
+    if p.startswith("/"):
+        return [posixpath.normpath(p)]
+    return list(dict.fromkeys(posixpath.normpath(posixpath.join(c, p)) for c in cwds))
+
+
+def command_cwds(line: str | None, cwd: str | None = None) -> list[str]:
+    """Where a command line's relative paths may point: its known working directory; else each
+    absolute directory the line changes into with `cd`; else corral's default one. (A guess: the
+    file watcher sees the real path of whatever is written.)"""
+    if cwd:
+        return [cwd]
+    cds = [posixpath.normpath(m) for m in _CD.findall(line or "")]
+    return list(dict.fromkeys(cds)) or [DEFAULT_CWD]
+
+
+def touches(paths: Iterable[str], protected: Iterable[str], cwds: Iterable[str] = (DEFAULT_CWD,)) -> list[str]:
+    """The paths (command-line words) that name a protected path or one it implies."""
+    globs = expand(protected)
+    if not globs:
+        return []
+    cwds = tuple(cwds)
+    hits = []
+    for raw in paths:
+        for p in normalize(raw, cwds):
+            if any(fnmatch.fnmatchcase(p, g) for g in globs):
+                hits.append(raw)
+                break
+    return hits

@@ -467,6 +467,7 @@ def test_serve_config_errors_name_the_problem(home: Path, tmp_path: Path) -> Non
     r = corral(home, "serve", "--config", str(good))  # no token anywhere
     assert r.returncode != 0 and "CORRAL_SERVE_TOKEN" in r.stderr
     (tmp_path / "tokens").write_text("short\n")
+    (tmp_path / "tokens").chmod(0o600)  # corral serve refuses a token file others can read
     r = corral(home, "serve", "--config", str(good), "--token-file", str(tmp_path / "tokens"))
     assert r.returncode != 0 and "shorter than 16" in r.stderr
 
@@ -476,6 +477,7 @@ def test_serve_from_config_file_and_graceful_shutdown(home: Path, tmp_path: Path
 
     token = "serve-test-token-" + "z" * 16
     (tmp_path / "tokens").write_text(f"# tenants\n{token}\n")
+    (tmp_path / "tokens").chmod(0o600)
     port = _free_port()
     cfg = tmp_path / "serve.yaml"
     cfg.write_text(f"port: {port + 1}\ntoken_file: {tmp_path / 'tokens'}\nmax_sandboxes_per_tenant: 1\n"

@@ -854,7 +854,8 @@ def serve(
     host: Annotated[str | None, typer.Option("--host", help="Address to bind [default: 127.0.0.1].")] = None,
     port: Annotated[int | None, typer.Option("--port", help="TCP port [default: 8080].")] = None,
     token_file: Annotated[Path | None, typer.Option(
-        "--token-file", help="File with one token per line (one tenant each); or set CORRAL_SERVE_TOKEN.")] = None,
+        "--token-file", help="File with one token per line (one tenant each), mode 600; or set "
+                              "CORRAL_SERVE_TOKEN.")] = None,
     image: Annotated[list[str] | None, typer.Option(
         "--image", help="NAME=ROOTFS_DIR: what a client's image name runs on (others: the host root, read-only)."
     )] = None,

@@ -7,7 +7,9 @@ the fix, never halfway through a run.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
+import stat
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -17,6 +19,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from corral.errors import ConfigError, PolicyError
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# mounted fresh inside every sandbox: a host path there would be hidden by the sandbox's own mount
+SANDBOX_OWN_MOUNTS = ("/proc", "/dev", "/tmp", "/workspace", "/root")
+# never shown to a sandbox: host sockets and runtime state (/run), the cgroup tree of every sandbox (/sys)
+HOST_ONLY = ("/run", "/sys")
 
 _DOMAIN_RE = re.compile(r"^(\*\.)?([a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?\.)*[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?$")
 
@@ -154,7 +161,18 @@ class Limits(BaseModel):
 
 
 class SandboxConfig(BaseModel):
-    """What a sandbox looks like. Equal configs share a warm pool."""
+    """What a sandbox looks like. Equal configs share a warm pool.
+
+    The sandbox's view of the host is minimal: /usr, /etc (its secrets masked: shadow, gshadow,
+    sudoers, SSH host keys, TLS private keys, /etc/corral, ...), /bin, /sbin and /lib*, all
+    read-only, and nothing of /home, /root, /srv, /opt, /var, /run, /mnt, /media or /sys's cgroups.
+    ``host_paths`` adds host paths, each bound read-only at the same place (``host_paths:
+    [/opt/conda, /data/models]``). They must be absolute and exist, and may not be the host's /,
+    lie under the sandbox's own mounts (/proc, /dev, /tmp, /workspace, /root) or under /run or /sys
+    (host sockets, runtime state, cgroups). corral's own state, stores, tokens and config files stay
+    hidden inside them too; a unix socket inside one is reachable, so name none that hold sockets.
+    With ``rootfs`` set the sandbox sees that directory's entries instead of the host's.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -168,6 +186,7 @@ class SandboxConfig(BaseModel):
     protected_paths: tuple[str, ...] = ()
     hostname: str = "corral"
     shell: str = "/bin/bash"
+    host_paths: tuple[Path, ...] = ()  # extra host paths the sandbox sees, read-only, at the same place
 
     @field_validator("env", mode="before")
     @classmethod
@@ -183,9 +202,48 @@ class SandboxConfig(BaseModel):
             raise ValueError(f"{value} is not a directory; give an existing directory or leave it unset")
         return value
 
+    @field_validator("host_paths")
+    @classmethod
+    def _host_paths(cls, value: tuple[Path, ...]) -> tuple[Path, ...]:
+        return tuple(dict.fromkeys(_host_path(p) for p in value))
+
     @classmethod
     def from_file(cls, path: str | Path) -> SandboxConfig:
         return _validate(cls, _load_yaml(path), path)
+
+
+def _within(path: str, parent: str) -> bool:
+    return path == parent or path.startswith(parent.rstrip("/") + "/")
+
+
+def _host_path(p: Path) -> Path:
+    """An operator's extra visible host path, normalized; a ValueError says what is wrong with it."""
+    if not p.is_absolute():
+        raise ValueError(f"{p}: give an absolute host path, e.g. /opt/conda")
+    norm = os.path.normpath(p)
+    if norm == "/":
+        raise ValueError(f"{p} is the whole host root; name the directories the sandbox needs")
+    _refuse_place(p, norm)
+    real = os.path.realpath(p)
+    if not os.path.exists(real):
+        raise ValueError(f"{p} does not exist on this host; create it or remove it from host_paths")
+    if real == "/":
+        raise ValueError(f"{p} leads to the whole host root; name the directories the sandbox needs")
+    _refuse_place(p, real)
+    if stat.S_ISSOCK(os.stat(real).st_mode):
+        raise ValueError(f"{p} is a unix socket; sandboxes never reach host sockets")
+    return Path(norm)
+
+
+def _refuse_place(p: Path, where: str) -> None:
+    for own in SANDBOX_OWN_MOUNTS:
+        if _within(where, own):
+            raise ValueError(f"{p} lies under {own}, one of the sandbox's own mounts (the host's would never "
+                             "show there); put what the sandbox needs elsewhere, e.g. under /opt or /srv")
+    for host in HOST_ONLY:
+        if _within(where, host):
+            raise ValueError(f"{p} lies under {host} (host sockets, runtime state, cgroups), which no sandbox "
+                             "may see; copy what the sandbox needs elsewhere")
 
 
 def load_yaml(path: str | Path, error: type[ConfigError] = ConfigError, what: str = "config") -> Any:
@@ -235,6 +293,9 @@ class RuntimeConfig(BaseModel):
     # Instance numbers (and so cgroup, nftables and link names, and uid ranges) are claimed by an
     # flock here: every runtime on a machine must use the same lock_dir, or two could take one number.
     lock_dir: Path = Path("/run/corral")
+    # Host paths no sandbox sees (token and config files, say), besides those always hidden: every
+    # live runtime's state_dir, store, lock_dir and rule files. A directory hides all beneath it.
+    hidden_paths: tuple[Path, ...] = ()
 
     @classmethod
     def from_file(cls, path: str | Path) -> RuntimeConfig:

@@ -161,7 +161,7 @@ def check_netlink() -> Check:
 
 
 def check_interpreter() -> Check:
-    from corral.sandbox.sandbox import agent_interpreter
+    from corral.sandbox.rootfs import agent_interpreter
 
     try:
         exe = agent_interpreter()

@@ -32,6 +32,7 @@ from corral.net.dns import DNSServer, static_resolver, system_resolver
 from corral.net.gateway import Gateway, host_addresses
 from corral.net.tenants import Tenant, Tenants
 from corral.respond import Responder
+from corral.sandbox import rootfs
 from corral.sandbox.cgroups import PREFIX, InstanceCgroups, discover
 from corral.sandbox.sandbox import Sandbox
 from corral.store import Store
@@ -110,6 +111,7 @@ class Runtime:
         state.mkdir(parents=True, exist_ok=True)
         if self._store is None:
             self._store = Store(self.config.store_url or state / "corral.db")
+        rootfs.register(self.config.lock_dir, self.instance, self._own_paths())
         if self.config.detection:
             self.detector = Detector(load_rules(list(self.config.rule_files)), self.config.actions)
         h = discover(f"{self.instance:03x}")
@@ -181,6 +183,7 @@ class Runtime:
         if self._store is not None:
             self._store.close()
         if self._lock_fd is not None:
+            rootfs.unregister(self.config.lock_dir, self.instance)
             os.ftruncate(self._lock_fd, 0)  # the pid goes with the lock: pids are reused
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -348,11 +351,18 @@ class Runtime:
                 t.resolved.clear()
 
     def masked_paths(self) -> list[str]:
-        """Host paths hidden from sandboxes: corral's own state (other sandboxes' data, the store)."""
-        out = {str(self.config.state_dir.resolve()), str(self.config.lock_dir)}
-        # under a sandbox's own fresh mounts (/tmp, /root) they are invisible already
-        own = ("/tmp/", "/root/", "/workspace/", "/proc/", "/dev/")
-        return sorted(p for p in out if Path(p).is_dir() and p != "/" and not (p + "/").startswith(own))
+        """Host paths no sandbox may see: this runtime's own (state_dir, store, lock_dir, rule files,
+        hidden_paths) and those every other live runtime sharing lock_dir registered at its start.
+        The sandbox masks each wherever its view of the host would show it (sandbox/rootfs.py)."""
+        return sorted(self._own_paths() | rootfs.registered(self.config.lock_dir))
+
+    def _own_paths(self) -> set[str]:
+        c = self.config
+        out = {str(c.state_dir.resolve()), str(c.lock_dir), *map(str, c.rule_files), *map(str, c.hidden_paths)}
+        engine = self._store.engine if self._store is not None else None
+        if engine is not None and engine.dialect.name == "sqlite" and engine.url.database not in (None, "", ":memory:"):
+            out.update(rootfs.store_files(os.path.abspath(engine.url.database)))
+        return out
 
     # -- warm pool ---------------------------------------------------------------------------------
     async def prewarm(self, config: SandboxConfig | None = None, size: int = 4) -> None:

@@ -28,7 +28,6 @@ import shlex
 import signal
 import socket
 import subprocess
-import sys
 import tarfile
 import time
 from collections.abc import AsyncIterator, Callable
@@ -56,6 +55,7 @@ from corral.net.netns import HOST_IP
 from corral.nsutil import CLONE_NEWNET, setns
 from corral.sandbox import procs
 from corral.sandbox.cgroups import SandboxCgroup
+from corral.sandbox.rootfs import agent_interpreter, root_mounts
 from corral.sandbox.seccomp import filter_fd
 
 if TYPE_CHECKING:
@@ -271,7 +271,8 @@ class Sandbox:
         argv = ["bwrap", "--unshare-user", "--uid", "0", "--gid", "0", "--unshare-pid", "--unshare-ipc",
                 "--unshare-uts", "--unshare-cgroup-try", "--hostname", cfg.hostname, "--die-with-parent",
                 "--cap-drop", "ALL", "--disable-userns"]
-        argv += root_mounts(cfg.rootfs)
+        interpreter = agent_interpreter()
+        argv += root_mounts(cfg, self.runtime.masked_paths(), interpreter)
         argv += ["--dev", "/dev", "--proc", "/proc"]
         if cfg.gpu:
             for dev in sorted(Path("/dev").glob("nvidia*")):
@@ -279,15 +280,13 @@ class Sandbox:
         argv += ["--size", str(lim.tmp_mb << 20), "--tmpfs", "/tmp",
                  "--size", str(lim.workspace_mb << 20), "--tmpfs", "/workspace",
                  "--size", str(lim.tmp_mb << 20), "--tmpfs", "/root"]
-        for masked in self.runtime.masked_paths():
-            argv += ["--tmpfs", masked]
         # The agent's code is copied in from a memfd: corral's install may sit where the
         # sandbox's unprivileged uid cannot look (under /root, say).
         data_fds = [_data_fd(_agent_source()), _data_fd(RESOLV_CONF), _data_fd(HOSTS)]
         for fd, dest in zip(data_fds, (AGENT_PATH, "/etc/resolv.conf", "/etc/hosts"), strict=True):
             argv += ["--perms", "0444", "--ro-bind-data", str(fd), dest]
         argv += ["--remount-ro", "/", "--chdir", "/workspace", "--seccomp", str(seccomp),
-                 "--", agent_interpreter(), "-I", "-S", AGENT_PATH]
+                 "--", interpreter, "-I", "-S", AGENT_PATH]
         base_env = {
             "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
             "HOME": "/root", "USER": "root", "LANG": "C.UTF-8", "TERM": "xterm",
@@ -1143,49 +1142,6 @@ class Sandbox:
         if self._runtime is not None:
             return self._runtime.emit(ev)
         return None
-
-
-_OWN_MOUNTS = {"proc", "dev", "tmp", "workspace", "root", "lost+found"}
-
-
-def root_mounts(rootfs: Path | None) -> list[str]:
-    """bwrap arguments for a read-only root: a tmpfs / with each top-level entry of the host root (or
-    of `rootfs`) bound read-only, so /workspace and the other mount points can be created on it."""
-    base = Path(rootfs) if rootfs is not None else Path("/")
-    argv = ["--tmpfs", "/"]
-    for entry in sorted(os.scandir(base), key=lambda e: e.name):
-        if entry.name in _OWN_MOUNTS:
-            continue
-        dest = "/" + entry.name
-        if entry.is_symlink():
-            argv += ["--symlink", os.readlink(entry.path), dest]
-        elif entry.is_dir() or entry.is_file():
-            argv += ["--ro-bind", entry.path, dest]
-    return argv
-
-
-def _world_usable(path: str) -> bool:
-    """Whether an unprivileged uid can reach and execute path (every directory o+x, file o+rx)."""
-    p = Path(path)
-    try:
-        if p.stat().st_mode & 0o005 != 0o005:
-            return False
-        return all(parent.stat().st_mode & 0o001 for parent in p.parents)
-    except OSError:
-        return False
-
-
-@functools.cache
-def agent_interpreter() -> str:
-    """A Python >= 3.9 the sandbox user can run: corral's own if reachable, else the system's."""
-    for candidate in (os.path.realpath(sys.executable), "/usr/bin/python3", "/usr/local/bin/python3"):
-        real = os.path.realpath(candidate)
-        if _world_usable(real) and _world_usable(str(Path(real).parent.parent / "lib")):
-            return real
-    raise IsolationUnavailable(
-        f"no Python interpreter usable by an unprivileged user was found ({sys.executable} is not "
-        "reachable by other users); install python3 (apt-get install python3-minimal)"
-    )
 
 
 @functools.cache

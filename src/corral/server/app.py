@@ -406,7 +406,7 @@ def create_app(config: ServeConfig | RuntimeConfig, token: str | Sequence[str] |
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        srv.runtime = Runtime(config.runtime)
+        srv.runtime = Runtime(config.runtime_config())  # token and config files hidden from sandboxes
         await srv.runtime.start()
         reaper = asyncio.get_running_loop().create_task(srv.reap_idle())
         try:

@@ -11,16 +11,19 @@
     sandbox: {limits: {memory_mb: 2048, cpus: 2}, egress: {allow: ["pypi.org:443"]}}  # SandboxConfig
     openenv: {enabled: true, tasks: /srv/tasks, max_concurrent_envs: 32}
 
-Tokens are never read from the YAML file itself, which tends to be shared and checked in.
+Tokens are never read from the YAML file itself, which tends to be shared and checked in. The
+token file must be readable by its owner only (``chmod 600``): corral serve refuses it otherwise.
+Neither file, nor the rule files, is ever visible inside a sandbox.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from corral.agent.reward import RewardConfig
 from corral.config import RuntimeConfig, SandboxConfig, _validate, load_yaml
@@ -53,25 +56,28 @@ class ServeConfig(BaseModel):
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     sandbox: SandboxConfig = Field(default_factory=SandboxConfig)
     openenv: OpenEnvSettings = Field(default_factory=OpenEnvSettings)
+    _source: Path | None = PrivateAttr(None)  # the YAML file this came from
 
     @classmethod
     def from_file(cls, path: str | Path) -> ServeConfig:
         cfg = _validate(cls, load_yaml(path, ServeConfigError, "service config") or {}, path)
+        cfg._source = Path(path)
         for name, root in cfg.images.items():
             if root is not None and not root.is_dir():
                 raise ServeConfigError(f"{path}: images.{name}: {root} is not a directory; give a root "
                                        "filesystem directory, or null for the host's root")
         return cfg
 
+    def runtime_config(self) -> RuntimeConfig:
+        """The runtime's settings, with the token file and this config file hidden from every sandbox."""
+        extra = [p for p in (self.token_file, self._source) if p is not None]
+        return self.runtime.model_copy(update={"hidden_paths": (*self.runtime.hidden_paths, *extra)})
+
     def tokens(self) -> list[str]:
         """Every accepted token: the token file's lines ('#' starts a comment) and $CORRAL_SERVE_TOKEN."""
         tokens: list[str] = []
         if self.token_file is not None:
-            try:
-                text = self.token_file.read_text()
-            except OSError as e:
-                raise ServeConfigError(f"token file {self.token_file}: {e.strerror}; check the path") from None
-            tokens += [line.split("#", 1)[0].strip() for line in text.splitlines()]
+            tokens += [line.split("#", 1)[0].strip() for line in _read_private(self.token_file).splitlines()]
         if os.environ.get(TOKEN_ENV, "").strip():
             tokens.append(os.environ[TOKEN_ENV].strip())
         tokens = [t for t in tokens if t]
@@ -83,3 +89,19 @@ class ServeConfig(BaseModel):
             raise ServeConfigError(f"{len(short)} token(s) are shorter than 16 characters; use long random "
                                    "tokens, e.g. from 'python -c \"import secrets; print(secrets.token_urlsafe())\"'")
         return list(dict.fromkeys(tokens))
+
+
+def _read_private(path: Path) -> str:
+    """A secret file's text, refused when its group or others may read, write or run it."""
+    try:
+        with open(path, "rb") as f:
+            mode = os.fstat(f.fileno()).st_mode  # the mode of what was opened, not of a later swap
+            if mode & 0o077:
+                raise ServeConfigError(
+                    f"token file {path} is open to its group or to others (mode {stat.filemode(mode)}, "
+                    f"{mode & 0o777:03o}); make it readable by its owner only: chmod 600 {path}")
+            return f.read().decode()
+    except OSError as e:
+        raise ServeConfigError(f"token file {path}: {e.strerror}; check the path") from None
+    except UnicodeDecodeError:
+        raise ServeConfigError(f"token file {path} is not text; write one token per line") from None

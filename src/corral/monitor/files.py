@@ -11,10 +11,16 @@ lies there) in two fanotify groups:
   host shares.
 
 Each event carries the acting pid, so the change is attributed to its step by lineage like
-everything else. Only changes to protected paths become events: persistence locations (shell rc
-files, authorized_keys, cron, systemd user units; a file written, moved, symlinked or hard-linked
-there, or a directory moved there) and the paths a task protects (its verifier and tests; written,
-deleted, renamed away or onto, linked, or their directory removed or renamed).
+everything else. Every change is judged unless its writer is positively corral's own (the sandbox's
+`make_event` returns None for those: corral's agent itself, which makes corral's file writes, and
+corral's own commands); a writer that has already exited is recorded as unattributed, never dropped.
+What is written before the agent's first step is the episode's preparation (corral's, whichever
+process wrote it): `end_preparation()` reads what is queued by then and stops counting.
+
+Only changes to protected paths become events: persistence locations (shell rc files,
+authorized_keys, cron, systemd user units; a file written, moved, symlinked or hard-linked there, or
+a directory moved there) and the paths a task protects (its verifier and tests; written, deleted,
+renamed away or onto, linked, or their directory removed or renamed).
 
 Not seen: a write through a hard link made before the path was protected, which is reported under
 the name it was written by.
@@ -80,8 +86,9 @@ def fanotify_group(file_handles: bool = False) -> int:
 
 
 class FileWatch:
-    def __init__(self, agent_pid: int, protected: tuple[str, ...], make_event: Callable[[int], Event],
+    def __init__(self, agent_pid: int, protected: tuple[str, ...], make_event: Callable[[int], Event | None],
                  emit: Callable[[Event], object]) -> None:
+        self.preparing = True  # until the agent's first step
         self.persistence = PERSISTENCE + STARTUP_HOOKS
         # with the verifier's directory, what is put inside it and the conftest.py files above it
         self.protected = expand(protected)
@@ -149,11 +156,25 @@ class FileWatch:
             return "persistence"
         return None
 
-    def _ready(self) -> None:
+    def end_preparation(self) -> None:
+        """The agent's first step begins: what was written until now was the episode's preparation."""
+        self.drain()
+        self.preparing = False
+
+    def drain(self) -> None:
+        """Read every event queued now (a change is queued when it is made), here and at once."""
+        for _ in range(64):  # bounded: a writer cannot keep corral here
+            if not (self._ready() | self._fid_ready()):
+                return
+
+    def _event(self, pid: int) -> Event | None:
+        return None if self.preparing else self.make_event(pid)
+
+    def _ready(self) -> bool:
         events = _read_events(self.fd)
         if events is None:
             self.close()
-            return
+            return False
         for _mask, efd, pid, _info in events:
             if efd < 0:
                 continue
@@ -166,18 +187,19 @@ class FileWatch:
             cat = self.category(path)
             if cat is None:
                 continue
-            ev = self.make_event(pid)
-            if not ev.step:
-                continue  # corral's own file transfer (write_file, upload, the task's files): step 0
+            ev = self._event(pid)
+            if ev is None:
+                continue  # corral's own: its agent's write_file/upload, its own commands, preparation
             ev.kind, ev.action = EventKind.FILE, "write"
             ev.data.update({"path": path, "op": "close_write", "category": cat})
             self.emit(ev)
+        return bool(events)
 
-    def _fid_ready(self) -> None:
+    def _fid_ready(self) -> bool:
         events = _read_events(self.fid_fd)
         if events is None:
             self._close_fid()
-            return
+            return False
         for mask, _efd, pid, info in events:
             pos = 0
             while pos + _INFO.size <= len(info):
@@ -187,6 +209,7 @@ class FileWatch:
                 if info_type == FAN_EVENT_INFO_TYPE_DFID_NAME:
                     self._dirent(mask, pid, info[pos + _INFO.size : pos + ilen])
                 pos += ilen
+        return bool(events)
 
     def _dirent(self, mask: int, pid: int, record: bytes) -> None:
         fsid, hbytes, _htype = _FSID_HANDLE.unpack_from(record)
@@ -218,9 +241,9 @@ class FileWatch:
         # a persistence location matters when something is put there; a task's files, when touched at all
         if cat is None or (cat == "persistence" and op in ("delete", "rename_from")):
             return
-        ev = self.make_event(pid)
-        if not ev.step:
-            return  # corral's own file transfer or reset
+        ev = self._event(pid)
+        if ev is None:
+            return  # corral's own
         ev.kind = EventKind.FILE
         ev.action = {"delete": "delete", "rename_from": "rename", "rename_to": "rename"}.get(op, "link")
         ev.data.update({"path": path, "op": op, "category": cat, "directory": is_dir})

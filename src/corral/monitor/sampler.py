@@ -2,8 +2,10 @@
 
 Feeds per-step accounting (CPU seconds, peak memory) and emits a `process/sample` event for a
 process that used at least `hot_cpu` percent of a core over the last interval (at most one every
-`hot_every` seconds per process), which rules like "sustained CPU" judge. An idle sandbox costs two
-small file reads per interval: its task count against the tasks corral itself keeps in it.
+`hot_every` seconds per process), which rules like "sustained CPU" judge. An idle sandbox costs three
+small file reads per interval: its agent's state (a stopped agent ends the episode) and its task
+count against the tasks corral itself keeps in it. The processes sampled are read from the cgroups
+of the sandbox's steps and sessions, not from a record of which commands left some behind.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
 @dataclass
 class _Seen:
     ticks: int
-    step: int
+    step: int | None
     last_hot: float = 0.0
     first: float = 0.0
 
@@ -67,15 +69,18 @@ class ProcessSampler:
         now = time.time()
         live: set[tuple[str, int, int]] = set()
         for sb in list(self.runtime.sandboxes.values()):
-            if sb.cgroup is None or sb.closed or sb.frozen or not sb.busy():
+            if sb.closed or sb.frozen:
                 continue
-            for step in sb.live_steps():
-                for pid in sb.cgroup.pids(step=step):
+            sb.check_agent()
+            if sb.cgroup is None or not sb.busy():
+                continue
+            for step, pids in sb.live_processes():
+                for pid in pids:
                     self._sample(sb, step, pid, now, live)
         for key in [k for k in self._seen if k not in live]:
             del self._seen[key]
 
-    def _sample(self, sb: Sandbox, step: int, pid: int, now: float, live: set) -> None:
+    def _sample(self, sb: Sandbox, step: int | None, pid: int, now: float, live: set) -> None:
         try:
             with open(f"/proc/{pid}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
@@ -85,15 +90,18 @@ class ProcessSampler:
         key = (sb.id, pid, start)
         live.add(key)
         seen = self._seen.get(key)
-        stats = sb.stats_for(step)
-        stats.peak_rss_kb = max(stats.peak_rss_kb, rss_kb)
+        stats = sb.stats_for(step) if step is not None else None  # None: a session that ran nothing yet
+        if stats is not None:
+            stats.peak_rss_kb = max(stats.peak_rss_kb, rss_kb)
         if seen is None:
             self._seen[key] = _Seen(ticks, step, first=now)
-            stats.cpu_sampled += ticks / TICK
+            if stats is not None:
+                stats.cpu_sampled += ticks / TICK
             return
         delta = ticks - seen.ticks
         seen.ticks = ticks
-        stats.cpu_sampled += delta / TICK
+        if stats is not None:
+            stats.cpu_sampled += delta / TICK
         percent = 100.0 * delta / TICK / self.interval
         if percent >= self.hot_cpu and now - seen.last_hot >= self.hot_every:
             seen.last_hot = now

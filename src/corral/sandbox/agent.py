@@ -4,29 +4,49 @@ It is started by bubblewrap as the sandbox's first process and speaks JSON messa
 over a SOCK_SEQPACKET socket (fd in $CORRAL_SOCK_FD). It must import nothing outside the standard library and start
 fast, since it runs once per sandbox (and again on reset).
 
+It is out of the reach of the commands it runs:
+- it is PID 1 of the sandbox's pid namespace (bwrap --as-pid-1), and the kernel never delivers to a
+  namespace's init a signal sent from inside that it has no handler for: SIGKILL and SIGSTOP from a
+  command do nothing. As init it reaps every orphan;
+- it is not dumpable, and neither is a child it has forked until that child execs: with no
+  capabilities, a command can open none of their /proc/<pid>/fd/*, mem or environ, nor take a
+  descriptor (pidfd_getfd is refused by seccomp anyway);
+- a session shell's stdin, stdout and stderr are sockets, which cannot be reopened through
+  /proc/<pid>/fd: no command can write into a shell's command stream or forge its output.
+
 Every process it starts (a command or a session shell) first announces itself to the host on the
 shared socket and blocks on a private gate pipe. The host reads the announcer's *host* pid from the
 kernel-supplied SO_PASSCRED credentials, places it in the step's cgroup, and only then lets it exec.
 So no process of a step can fork before it is accounted to that step.
 
-Host -> agent ops: exec, kill, session_new, session_run, session_close, go, write_stdin
-Agent -> host ops: spawned, out, exit, session_ready, error, ready
+corral's own file writes (write_file, upload) are done by this process itself (op put), so a write
+whose writer is the agent's pid is known to be corral's, positively. No path component is followed
+through a symbolic link, and a file is written under a temporary name and renamed into place, so a
+link the commands planted is replaced, never written through.
+
+Host -> agent ops: exec, kill, session_new, session_run, session_close, go, stdin, stage, put, put_data
+Agent -> host ops: spawned, out, exit, session_exit, error, ready
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import ctypes
+import errno
 import json
 import os
 import selectors
 import signal
 import socket
+import stat
 import sys
 import time
 
 CHUNK = 65536
 DRAIN_GRACE = 0.05  # after the command's own process exits, wait this long for pipe EOF
+PR_SET_DUMPABLE = 4
+DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class Proc:
@@ -57,6 +77,22 @@ class Proc:
         self.stdin_watch = False
 
 
+class Put:
+    """A file corral is writing: a temporary file in its directory, renamed into place at the end."""
+
+    def __init__(self, path: str, dir_fd: int, name: str, tmp: str, fd: int, mode: int) -> None:
+        self.path, self.dir_fd, self.name, self.tmp, self.fd, self.mode = path, dir_fd, name, tmp, fd, mode
+
+    def close(self, keep: bool = False) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+        if not keep:
+            with contextlib.suppress(OSError):
+                os.unlink(self.tmp, dir_fd=self.dir_fd)
+        with contextlib.suppress(OSError):
+            os.close(self.dir_fd)
+
+
 class Agent:
     def __init__(self) -> None:
         self.sock = socket.socket(fileno=int(os.environ.pop("CORRAL_SOCK_FD", "3")))
@@ -65,6 +101,13 @@ class Agent:
         self.procs: dict[str, Proc] = {}
         self.base_env = json.loads(os.environ.pop("CORRAL_AGENT_ENV", "{}"))
         self.shell = os.environ.pop("CORRAL_SHELL", "/bin/sh")
+        self.puts: dict[str, Put | None] = {}  # None: failed, its remaining data is dropped
+        # As init, every orphan of the sandbox is ours to reap: SIGCHLD wakes the loop.
+        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.wake_r = wake_r
+        signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        self.sel.register(wake_r, selectors.EVENT_READ, ("wake", None))
 
     # -- messaging -----------------------------------------------------------------------------
     def send(self, **msg: object) -> None:
@@ -101,6 +144,11 @@ class Agent:
                     self._write_stdin(obj)
                 elif kind == "sink":
                     self._drain_sink(key.fileobj)
+                elif kind == "wake":
+                    with contextlib.suppress(BlockingIOError):
+                        while os.read(self.wake_r, 4096):
+                            pass
+                    self._reap_all()
             self._finish_drained()
 
     def _next_timeout(self) -> float | None:
@@ -144,7 +192,7 @@ class Agent:
                 env = dict(self.base_env)
                 env.update(msg.get("env") or {})
                 argv = [msg.get("shell") or "/bin/bash", "--noprofile", "--norc"]
-                self._spawn(msg["id"], argv, env, msg.get("cwd") or "/workspace", keep_stdin=True)
+                self._spawn(msg["id"], argv, env, msg.get("cwd") or "/workspace", keep_stdin=True, sockets=True)
             elif op == "stdin":
                 p = self.procs.get(msg["id"])
                 if p is not None:
@@ -156,30 +204,41 @@ class Agent:
                 if p is not None:
                     with contextlib.suppress(ProcessLookupError):
                         os.killpg(p.pid, signal.SIGKILL)
+            elif op == "put":
+                self._put(msg)
+            elif op == "put_data":
+                self._put_data(msg)
         except Exception as e:  # report, never die: the agent is the sandbox's lifeline
             self.send(op="error", id=msg.get("id"), error=f"{type(e).__name__}: {e}")
 
     def _spawn(self, key: str, argv: list[str], env: dict, cwd: str, stdin: bool = False,
-               keep_stdin: bool = False) -> Proc:
+               keep_stdin: bool = False, sockets: bool = False) -> Proc:
         """Fork a child that announces itself and waits; it runs argv once the host says go."""
-        proc = self._fork_child(key)
+        proc = self._fork_child(key, sockets)
         proc.launch = {"argv": argv, "env": env, "cwd": cwd}
         if not keep_stdin and not stdin:
             self._feed_stdin(proc, b"", eof=True)
         return proc
 
-    def _fork_child(self, key: str) -> Proc:
+    def _fork_child(self, key: str, sockets: bool = False) -> Proc:
         """A child with its pipes ready, announced to the host, blocked until told what to run.
         Staged children are made ahead of time so the host can place them in the next step's
-        cgroup (a slow kernel operation) before that step's command arrives."""
-        out_r, out_w = os.pipe()
-        err_r, err_w = os.pipe()
+        cgroup (a slow kernel operation) before that step's command arrives. A session shell's
+        streams are sockets (`sockets`): a pipe can be reopened through /proc/<pid>/fd, and a
+        command could then write into the shell's command stream; a socket cannot be."""
+        channel = _socket_channel if sockets else _pipe_channel
+        out_r, out_w = channel()
+        err_r, err_w = channel()
         gate_r, gate_w = os.pipe()
-        in_r, in_w = os.pipe()
+        in_r, in_w = channel()
         pid = os.fork()
         if pid == 0:  # child
             argv0 = "?"
             try:
+                # Until it execs, the child is a copy of the agent (non-dumpable, holding its socket).
+                signal.set_wakeup_fd(-1)
+                for sig in (signal.SIGCHLD, signal.SIGINT, signal.SIGPIPE):
+                    signal.signal(sig, signal.SIG_DFL)
                 os.setsid()
                 os.dup2(in_r, 0)
                 os.dup2(out_w, 1)
@@ -202,7 +261,6 @@ class Agent:
                 spec = json.loads(b"".join(chunks))
                 argv0 = spec["argv"][0]
                 os.closerange(3, 65536)
-                signal.signal(signal.SIGPIPE, signal.SIG_DFL)
                 try:
                     os.chdir(spec["cwd"])
                 except OSError as e:
@@ -373,8 +431,11 @@ class Agent:
 
     # -- lifecycle -----------------------------------------------------------------------------
     def _reap(self, proc: Proc) -> None:
+        if proc.pidfd < 0:
+            return  # reaped already, on SIGCHLD
         self.sel.unregister(proc.pidfd)
         os.close(proc.pidfd)
+        proc.pidfd = -1
         try:
             _, status, ru = os.wait4(proc.pid, 0)
             proc.exit_code = os.waitstatus_to_exitcode(status)
@@ -388,17 +449,24 @@ class Agent:
                 self.sel.unregister(proc.stdin_w)
             os.close(proc.stdin_w)
             proc.stdin_w = None
-        self._reap_orphans()
 
-    def _reap_orphans(self) -> None:
-        # Orphans re-parent to bwrap's init, not to us; but helper children (stdin writers) are ours.
+    def _reap_all(self) -> None:
+        """Reap every child that has exited: our own commands through _reap (their status and
+        rusage are reported), orphans of the sandbox (we are its init) simply collected. WNOWAIT
+        first, so a command's status is never taken by the orphan sweep."""
         while True:
             try:
-                pid, _ = os.waitpid(-1, os.WNOHANG)
+                info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
             except ChildProcessError:
                 return
-            if pid == 0:
+            if info is None:
                 return
+            own = next((p for p in self.procs.values() if p.pid == info.si_pid and p.pidfd >= 0), None)
+            if own is not None:
+                self._reap(own)
+            else:
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(info.si_pid, 0)
 
     def _finish_drained(self) -> None:
         now = time.monotonic()
@@ -427,11 +495,131 @@ class Agent:
                 os.killpg(p.pid, signal.SIGKILL)
         os._exit(0)
 
+    # -- corral's own file writes --------------------------------------------------------------
+    def _put(self, msg: dict) -> None:
+        """Create a directory, a symbolic link or (with put_data messages) a regular file, walking
+        the path without following any link."""
+        key, path, kind = msg["id"], msg["path"], msg.get("kind", "file")
+        try:
+            dir_fd, name = _walk(path)
+        except OSError as e:
+            self._put_failed(key, path, e)
+            return
+        try:
+            if kind == "dir":
+                try:
+                    os.mkdir(name, 0o755, dir_fd=dir_fd)
+                except FileExistsError:
+                    if not stat.S_ISDIR(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode):
+                        raise OSError(errno.EEXIST, "exists and is not a directory") from None
+                if msg.get("mode") is not None:
+                    fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+                    try:
+                        os.fchmod(fd, msg["mode"] & 0o7777)
+                    finally:
+                        os.close(fd)
+                self.send(op="exit", id=key, code=0)
+            elif kind == "symlink":
+                os.symlink(msg["target"], name, dir_fd=dir_fd)
+                self.send(op="exit", id=key, code=0)
+            else:
+                mode = msg.get("mode")
+                if mode is None:
+                    try:  # an existing file keeps its mode
+                        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+                        mode = st.st_mode & 0o7777 if stat.S_ISREG(st.st_mode) else 0o644
+                    except FileNotFoundError:
+                        mode = 0o644
+                tmp = f".corral-put-{os.urandom(6).hex()}"
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                             dir_fd=dir_fd)
+                self.puts[key] = Put(path, dir_fd, name, tmp, fd, mode & 0o7777)
+                dir_fd = -1  # the Put holds it now
+                self._put_data({"id": key, "data": msg.get("data", ""), "eof": msg.get("eof", False)})
+        except OSError as e:
+            self._put_failed(key, path, e)
+        finally:
+            if dir_fd >= 0:
+                os.close(dir_fd)
+
+    def _put_data(self, msg: dict) -> None:
+        key = msg["id"]
+        if key not in self.puts:
+            return
+        put = self.puts[key]
+        if put is None:  # failed earlier: the rest of its data is dropped
+            if msg.get("eof"):
+                del self.puts[key]
+            return
+        try:
+            data = memoryview(base64.b64decode(msg.get("data", "")))
+            while data:
+                data = data[os.write(put.fd, data):]
+            if not msg.get("eof"):
+                return
+            os.fchmod(put.fd, put.mode)
+            os.rename(put.tmp, put.name, src_dir_fd=put.dir_fd, dst_dir_fd=put.dir_fd)
+            put.close(keep=True)
+            del self.puts[key]
+            self.send(op="exit", id=key, code=0)
+        except OSError as e:
+            put.close()
+            self.puts[key] = None
+            if msg.get("eof"):
+                del self.puts[key]
+            self._put_failed(key, put.path, e)
+
+    def _put_failed(self, key: str, path: str, e: OSError) -> None:
+        self.send(op="exit", id=key, code=None, error=f"{path}: {e.strerror or e}")
+
+
+def _pipe_channel() -> tuple[int, int]:
+    return os.pipe()
+
+
+def _socket_channel() -> tuple[int, int]:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    return a.detach(), b.detach()
+
+
+def _walk(path: str) -> tuple[int, str]:
+    """The directory that will hold `path` (opened, created where missing) and the final name.
+    Each component is opened with O_NOFOLLOW relative to the one before, as openat2's
+    RESOLVE_NO_SYMLINKS would: a link anywhere on the way is an error, never followed."""
+    parts = [p for p in path.split("/") if p not in ("", ".")]
+    if not path.startswith("/") or not parts or ".." in parts:
+        raise OSError(errno.EINVAL, "an absolute path without '..' is needed")
+    fd = os.open("/", DIR_FLAGS)
+    try:
+        for i, part in enumerate(parts[:-1]):
+            try:
+                nfd = os.open(part, DIR_FLAGS, dir_fd=fd)
+            except FileNotFoundError:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(part, 0o755, dir_fd=fd)
+                nfd = os.open(part, DIR_FLAGS, dir_fd=fd)
+            except NotADirectoryError:
+                where = "/" + "/".join(parts[: i + 1])
+                if stat.S_ISLNK(os.stat(part, dir_fd=fd, follow_symlinks=False).st_mode):
+                    raise OSError(errno.ELOOP, f"{where} is a symbolic link (corral writes through none)") from None
+                raise OSError(errno.ENOTDIR, f"{where} is not a directory") from None
+            os.close(fd)
+            fd = nfd
+        return fd, parts[-1]
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _no_dump() -> None:
+    """Not dumpable: a process without CAP_SYS_PTRACE (every command: bwrap drops all capabilities)
+    can open none of our /proc/<pid> files that need ptrace access (fd/*, mem, environ, ...)."""
+    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE, 0) failed")
+
 
 def _install_exec_listener(bpf: bytes) -> int:
     """Load a seccomp filter with a user-notification listener; returns its fd, or -1."""
-    import ctypes
-
     nr = {"x86_64": 317, "aarch64": 277}.get(os.uname().machine)
     if nr is None or not bpf:
         return -1
@@ -452,6 +640,7 @@ def _shquote(s: str) -> str:
 
 
 if __name__ == "__main__":
+    _no_dump()  # first: nothing of ours may be readable through /proc, not even for a moment
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:

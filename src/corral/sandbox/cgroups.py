@@ -4,6 +4,7 @@ Layout (per hierarchy on v1, one tree on v2)::
 
     <corral's own cgroup>/corral-<instance>/corral-<sandbox>/          limits, freezer
     <corral's own cgroup>/corral-<instance>/corral-<sandbox>/step-<n>  one per command (lineage)
+    <corral's own cgroup>/corral-<instance>/corral-<sandbox>/session-<k>  a session shell between commands
 
 Every process a step's command starts is born in that step's cgroup (the agent's spawn handshake
 guarantees it) and its descendants stay there, daemonized or not. That makes "which step started
@@ -20,7 +21,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -171,14 +172,55 @@ class SandboxCgroup:
     def move(self, pid: int, step: int) -> None:
         _write(self.step_dir(step) / "cgroup.procs", str(pid))
 
+    def move_to_session(self, pid: int, session: int) -> None:
+        """A session shell waits between commands in a cgroup of its own, so that nothing it forks
+        then lands in the cgroup of a step that has already ended."""
+        d = self.dirs[self.h.tracking] / f"session-{session}"
+        d.mkdir(exist_ok=True)
+        _write(d / "cgroup.procs", str(pid))
+
     def pids(self, step: int | None = None) -> list[int]:
+        """Processes of one step, or of the whole sandbox (its own cgroup, every step and session)."""
         base = self.dirs[self.h.tracking]
-        dirs = [base / f"step-{step}"] if step is not None else [base, *base.glob("step-*")]
+        dirs = [base / f"step-{step}"] if step is not None else [base, *base.glob("step-*"), *base.glob("session-*")]
         out: list[int] = []
         for d in dirs:
-            with contextlib.suppress(OSError):
-                out.extend(int(p) for p in (d / "cgroup.procs").read_text().split())
+            out.extend(_procs(d))
         return out
+
+    def session_pids(self, session: int) -> list[int]:
+        return _procs(self.dirs[self.h.tracking] / f"session-{session}")
+
+    def live_steps(self, prunable: Callable[[int], bool], ignore: set[int] | frozenset[int] = frozenset()) -> list[int]:
+        """Steps whose cgroup holds a process (other than those in `ignore`) now, read from the
+        cgroups themselves: a process a session shell forks into a finished step's cgroup counts.
+        Empty cgroups of steps that `prunable` says are over are removed, so this stays one read per
+        live step however long the episode."""
+        out = []
+        for d in self.dirs[self.h.tracking].glob("step-*"):
+            try:
+                step = int(d.name[5:])
+            except ValueError:
+                continue
+            pids = _procs(d)
+            if any(p not in ignore for p in pids):
+                out.append(step)
+            elif not pids and prunable(step):
+                with contextlib.suppress(OSError):  # EBUSY: a process arrived meanwhile; next time
+                    d.rmdir()
+        return sorted(out)
+
+    def prune_sessions(self, keep: set[int]) -> None:
+        """Remove the empty cgroups of sessions that are over (not in `keep`)."""
+        for d in self.dirs[self.h.tracking].glob("session-*"):
+            if d.name[8:].isdigit() and int(d.name[8:]) not in keep and not _procs(d):
+                with contextlib.suppress(OSError):
+                    d.rmdir()
+
+    def group(self, pid: int) -> tuple[str, int] | None:
+        """group_of(pid), but only for a process of this sandbox: a pid that is gone may already
+        be another sandbox's process (pids are reused)."""
+        return self.group_of(pid, self.dirs[self.h.tracking].name)
 
     def task_count(self) -> int:
         """Tasks (threads included) in the whole sandbox subtree: one read."""
@@ -189,15 +231,31 @@ class SandboxCgroup:
 
     @staticmethod
     def step_of(pid: int) -> int | None:
-        """The step whose command started pid (None for corral's own agent and shells)."""
+        """The step whose command started pid (None for corral's own agent and idle session shells)."""
+        group = SandboxCgroup.group_of(pid)
+        return group[1] if group is not None and group[0] == "step" else None
+
+    @staticmethod
+    def group_of(pid: int, sandbox_dir: str | None = None) -> tuple[str, int] | None:
+        """("step", n) or ("session", k) for a process of a step or session cgroup; ("sandbox", 0)
+        for one in the sandbox's own cgroup (bwrap, the agent, a child not yet placed); None when
+        the process is gone, or is no sandbox's (or not that of `sandbox_dir`, when given)."""
         try:
             text = Path(f"/proc/{pid}/cgroup").read_text()
         except OSError:
             return None
         for line in text.splitlines():
             _, ctrls, path = line.split(":", 2)
-            if ("pids" in ctrls.split(",") or ctrls == "") and "/step-" in path:
-                return int(path.rsplit("/step-", 1)[1].split("/")[0])
+            if not ("pids" in ctrls.split(",") or ctrls == ""):
+                continue
+            if sandbox_dir is not None and f"/{sandbox_dir}/" not in path + "/":
+                return None
+            leaf = path.rstrip("/").rsplit("/", 1)[-1]
+            for kind in ("step", "session"):
+                if leaf.startswith(kind + "-") and leaf[len(kind) + 1:].isdigit():
+                    return kind, int(leaf[len(kind) + 1:])
+            if leaf.startswith(PREFIX):
+                return "sandbox", 0
         return None
 
     # -- containment -----------------------------------------------------------------------------
@@ -308,6 +366,13 @@ class SandboxCgroup:
 
     def remove(self) -> None:
         remove_trees([*self.dirs.values(), *filter(None, [self._reaper])])
+
+
+def _procs(d: Path) -> list[int]:
+    try:
+        return [int(p) for p in (d / "cgroup.procs").read_text().split()]
+    except (OSError, ValueError):
+        return []
 
 
 def _kv(path: Path) -> dict[str, int]:

@@ -8,7 +8,11 @@ process runs as an unprivileged uid of its own, never as root.
 
 Every command is a step. Its processes are born in the step's cgroup, so any process, connection or
 DNS query can be traced back to the exact command that started it, even from a background process
-steps later.
+steps later. A session shell waits between its commands in a cgroup of its own.
+
+corral's agent is PID 1 of the sandbox's pid namespace and not dumpable (see agent.py): no command
+can signal, stop, trace or read it. Should it be lost all the same, the sandbox records a `degraded`
+event and ends the episode (`terminated` starts with "corral agent lost").
 """
 
 from __future__ import annotations
@@ -53,8 +57,10 @@ from corral.monitor.files import FileWatch
 from corral.monitor.provenance import Downloads
 from corral.net.netns import HOST_IP
 from corral.nsutil import CLONE_NEWNET, setns
-from corral.sandbox import procs
+from corral.sandbox import procs, transfer
+from corral.sandbox.boundary import INTERNAL_STEP, Boundary
 from corral.sandbox.cgroups import SandboxCgroup
+from corral.sandbox.lifeline import AGENT_LOST
 from corral.sandbox.rootfs import agent_interpreter, root_mounts
 from corral.sandbox.seccomp import filter_fd
 
@@ -68,7 +74,6 @@ AGENT_PATH = "/.corral-agent.py"  # where the agent's code appears inside a sand
 RESOLV_CONF = f"nameserver {HOST_IP}\noptions timeout:2 attempts:2\n".encode()
 HOSTS = b"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost\n"
 STDIN_CHUNK = 48 * 1024
-INTERNAL_STEP = 0  # corral's own helpers (file transfer, session shells) run as step 0
 _UCRED = "iII"
 
 
@@ -178,6 +183,8 @@ class Session:
         self.name = name
         self.hostpid: int | None = None
         self.alive = True
+        self.index = 0  # its cgroup between commands: session-<index>
+        self.last_step: int | None = None  # what it forks while idle belongs to its last command
 
     async def run(self, cmd: str, *, timeout: float | None = None, **kw: Any) -> ExecResult:
         return await self.sandbox.run_in_session(self.name, cmd, timeout=timeout, **kw)
@@ -186,7 +193,7 @@ class Session:
         await self.sandbox.close_session(self.name)
 
 
-class Sandbox:
+class Sandbox(Boundary):
     """Create with ``await Sandbox.create(config)`` or ``async with Sandbox(config) as sb``."""
 
     def __init__(self, config: SandboxConfig | None = None, *, runtime: Runtime | None = None,
@@ -224,7 +231,6 @@ class Sandbox:
         self._stage_seq = 0
         self._tasks: set[asyncio.Task] = set()
         self._stats: dict[int, StepStats] = {}
-        self._bg_steps: set[int] = set()  # finished steps whose processes live on
         # host pid -> (step, exe, argv) as the exec watcher saw it, newest last, bounded
         self._pids: Recent[int, tuple[int | None, str | None, list[str] | None]] = Recent(8192)
         # recent inet connect() calls, newest last: (dst ip, dst port, host pid, step, process)
@@ -233,6 +239,11 @@ class Sandbox:
         self._datagrams: Recent[tuple[int, str, int, str], float] = Recent(4096)
         self._downloads = Downloads()  # files curl/wget wrote here, to know them when they are run
         self._writer = False
+        self._open_steps: set[int] = set()  # begun and not yet returned: their cgroups stay
+        self._session_seq = 0
+        self._internal = 0  # corral's own commands in flight
+        # pids that corral's own commands exec'd, until their file events have been read
+        self._internal_pids: set[int] = set()
 
     # -- lifecycle ---------------------------------------------------------------------------------
     @classmethod
@@ -268,7 +279,7 @@ class Sandbox:
         host_sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         host_sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
         seccomp = filter_fd()
-        argv = ["bwrap", "--unshare-user", "--uid", "0", "--gid", "0", "--unshare-pid", "--unshare-ipc",
+        argv = ["bwrap", "--unshare-user", "--uid", "0", "--gid", "0", "--unshare-pid", "--as-pid-1", "--unshare-ipc",
                 "--unshare-uts", "--unshare-cgroup-try", "--hostname", cfg.hostname, "--die-with-parent",
                 "--cap-drop", "ALL", "--disable-userns"]
         interpreter = agent_interpreter()
@@ -361,7 +372,7 @@ class Sandbox:
         if self._runtime is None or self.agent_hostpid is None:
             return
         try:
-            self._filewatch = FileWatch(self.agent_hostpid, self.config.protected_paths, self._process_event,
+            self._filewatch = FileWatch(self.agent_hostpid, self.config.protected_paths, self._file_event,
                                         self._runtime.emit)
         except OSError as e:
             self._filewatch = None
@@ -395,6 +406,10 @@ class Sandbox:
             task.cancel()
         if self.cgroup:
             await asyncio.to_thread(self.cgroup.kill)
+            # every step's and session's cgroup is empty now: the next episode starts with none
+            self.cgroup.live_steps(lambda _step: True)
+            self.cgroup.prune_sessions(set())
+        self._internal_pids.clear()
         if self._proc is not None:
             with contextlib.suppress(ProcessLookupError):
                 self._proc.kill()
@@ -448,8 +463,9 @@ class Sandbox:
         if self.frozen:
             raise SandboxFrozen(f"sandbox {self.id} is quarantined; call release() before running commands")
         if self.terminated:
-            raise EpisodeEnded(f"sandbox {self.id}: the episode was ended by a security finding "
-                               f"({self.terminated}); call reset() to start a new episode")
+            why = "" if self.terminated.startswith(AGENT_LOST) else " by a security finding"
+            raise EpisodeEnded(f"sandbox {self.id}: the episode was ended{why} ({self.terminated}); "
+                               "call reset() to start a new episode")
 
     # -- quarantine --------------------------------------------------------------------------------
     async def freeze(self, reason: str = "") -> None:
@@ -480,14 +496,15 @@ class Sandbox:
         self._emit(Event(kind=EventKind.SANDBOX, action="released", sandbox_id=self.id))
 
     async def end_episode(self, reason: str, finding: object | None = None) -> None:
-        """A security finding ends the episode: every process of every step dies, sessions close,
-        and commands are refused until reset()."""
+        """A security finding ends the episode: every process the agent started dies (session shells
+        and anything forked into a finished step's cgroup included), and commands are refused until
+        reset()."""
         self.terminated = reason
-        await self.kill_steps()
-        for name in list(self._sessions):
-            await self.close_session(name)
-        self._emit(Event(kind=EventKind.SANDBOX, action="episode_ended", sandbox_id=self.id,
-                         episode_id=self.episode_id, step=self.step, reason=reason))
+        try:
+            await self.kill_all()
+        finally:
+            self._emit(Event(kind=EventKind.SANDBOX, action="episode_ended", sandbox_id=self.id,
+                             episode_id=self.episode_id, step=self.step, reason=reason))
 
     # -- agent protocol ----------------------------------------------------------------------------
     def _send(self, **msg: Any) -> None:
@@ -547,17 +564,6 @@ class Sandbox:
                 for fd in fds:
                     os.close(fd)
             self._dispatch(msg, hostpid)
-
-    def _agent_gone(self) -> None:
-        if self._sock is not None:
-            with contextlib.suppress(ValueError, OSError):
-                asyncio.get_running_loop().remove_reader(self._sock.fileno())
-        err = SandboxClosed(f"sandbox {self.id}: its agent exited; close it and create a new one")
-        if self._ready is not None and not self._ready.done():
-            self._ready.set_exception(err)
-        for fut in [c.future for c in self._cmds.values()] + list(self._session_waiters.values()):
-            if not fut.done():
-                fut.set_exception(err)
 
     def _dispatch(self, msg: dict, hostpid: int | None) -> None:
         op = msg["op"]
@@ -644,26 +650,34 @@ class Sandbox:
                 task.add_done_callback(self._tasks.discard)
             return
         waiter = None
+        session = None
         if key.startswith("s:"):
             s = self._sessions.get(key[2:])
             if s is not None:
                 s.hostpid = hostpid
+                session = s.index
             waiter = self._session_waiters.pop(key, None)
         else:
             cmd = self._cmds.get(key)
             if cmd is not None:
                 cmd.hostpid = hostpid
                 step = cmd.step
-        task = asyncio.get_running_loop().create_task(self._admit(key, hostpid, step, waiter))
+                if step == INTERNAL_STEP and hostpid:
+                    self._internal_pids.add(hostpid)
+        task = asyncio.get_running_loop().create_task(self._admit(key, hostpid, step, waiter, session))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _admit(self, key: str, hostpid: int | None, step: int, waiter: asyncio.Future | None) -> None:
-        """Place a newly announced child in its step's cgroup, then let it run (and only then tell
-        a waiting create_session, whose next command moves the shell again)."""
+    async def _admit(self, key: str, hostpid: int | None, step: int, waiter: asyncio.Future | None,
+                     session: int | None = None) -> None:
+        """Place a newly announced child in its step's cgroup (a session shell: in its session's),
+        then let it run (and only then tell a waiting create_session)."""
         if self.cgroup is not None and hostpid:
             try:
-                await asyncio.to_thread(self.cgroup.move, hostpid, step)
+                if session is not None:
+                    await asyncio.to_thread(self.cgroup.move_to_session, hostpid, session)
+                else:
+                    await asyncio.to_thread(self.cgroup.move, hostpid, step)
             except OSError as e:
                 # Never let an unaccounted process run: refuse to start it.
                 with contextlib.suppress(SandboxClosed):
@@ -684,8 +698,12 @@ class Sandbox:
                     internal: bool) -> int:
         if internal:
             return INTERNAL_STEP
+        if self._filewatch is not None and self._filewatch.preparing:
+            # what was written before the agent's first step is the episode's preparation
+            self._filewatch.end_preparation()
         self.step += 1
         self._steps[self.step] = _StepInfo(command, self.episode_id, tool_call_id, session)
+        self._open_steps.add(self.step)  # its cgroup stays, even while empty, until it returns
         return self.step
 
     # -- commands ----------------------------------------------------------------------------------
@@ -699,18 +717,23 @@ class Sandbox:
         if isinstance(stdin, str):
             stdin = stdin.encode()
         step = self._begin_step(cmd, None, tool_call_id, _internal)
-        if not _internal and (refusal := self._precheck(cmd, step)) is not None:
-            return refusal
-        limit = max_output or self.config.limits.output_bytes
-        c = self._register(step, limit, on_output)
-        msg = {"op": "exec", "id": c.id, "cmd": cmd, "env": env, "cwd": cwd, "max_output": limit,
-               "stdin": bool(stdin)}
-        stage = None if _internal else self._take_stage(step)
-        if stage is not None:
-            msg["stage"] = stage.key
-            c.hostpid = stage.pid
-        return await self._run(c, cmd, msg, timeout, session=None, internal=_internal,
-                               tool_call_id=tool_call_id, stdin=stdin)
+        try:
+            if not _internal and (refusal := self._precheck(cmd, step)) is not None:
+                return refusal
+            limit = max_output or self.config.limits.output_bytes
+            c = self._register(step, limit, on_output)
+            msg = {"op": "exec", "id": c.id, "cmd": cmd, "env": env, "cwd": cwd, "max_output": limit,
+                   "stdin": bool(stdin)}
+            stage = None if _internal else self._take_stage(step)
+            if stage is not None:
+                msg["stage"] = stage.key
+                c.hostpid = stage.pid
+            elif not _internal and self._stage is None:
+                asyncio.get_running_loop().call_soon(self._request_stage)  # gone with a kill_all()
+            return await self._run(c, cmd, msg, timeout, session=None, internal=_internal,
+                                   tool_call_id=tool_call_id, stdin=stdin)
+        finally:
+            self._open_steps.discard(step)
 
     async def stream(self, cmd: str, **kw: Any) -> AsyncIterator[OutputChunk | ExecResult]:
         """Yield output chunks as they arrive, then the ExecResult."""
@@ -763,6 +786,8 @@ class Sandbox:
         t0 = time.perf_counter()
         timed_out = False
         error = None
+        if internal:
+            self._internal += 1
         try:
             self._send(**msg)
             if stdin:
@@ -785,11 +810,9 @@ class Sandbox:
             raise
         finally:
             self._cmds.pop(c.id, None)
+            if internal:
+                self._internal_done()
         duration = time.perf_counter() - t0
-        if self.cgroup is not None and not internal:
-            shells = self._session_pids()
-            if any(p not in shells for p in self.cgroup.pids(step=c.step)):
-                self._bg_steps.add(c.step)
         pids_hit = bool(self.cgroup and not internal and self.cgroup.pids_max_hits(c.step) > 0)
         oom = bool(self.cgroup and not internal and self.cgroup.oom_kills() > oom_before)
         if pids_hit and self.cgroup is not None:
@@ -852,7 +875,8 @@ class Sandbox:
         return await asyncio.to_thread(self.cgroup.kill, step, self._session_pids())
 
     async def kill_steps(self) -> int:
-        """Kill every process any step started (background ones too); session shells stay."""
+        """Kill every process any step started (background ones too); session shells stay (kill_all()
+        takes them too)."""
         if self.cgroup is None:
             return 0
         killed = 0
@@ -867,6 +891,8 @@ class Sandbox:
         if name in self._sessions and self._sessions[name].alive:
             raise SessionError(f"session {name!r} already exists in sandbox {self.id}; close it first")
         s = Session(self, name)
+        self._session_seq += 1
+        s.index = self._session_seq
         self._sessions[name] = s
         key = f"s:{name}"
         waiter = asyncio.get_running_loop().create_future()
@@ -884,16 +910,24 @@ class Sandbox:
         if s is None or not s.alive:
             raise SessionError(f"no running session {name!r} in sandbox {self.id}; call create_session({name!r})")
         step = self._begin_step(cmd, name, tool_call_id, False)
-        if (refusal := self._precheck(cmd, step, session=name)) is not None:
-            return refusal
-        if self.cgroup is not None and s.hostpid:
-            # The shell joins this step's cgroup, so what it forks for this command belongs to it.
-            await asyncio.to_thread(self.cgroup.move, s.hostpid, step)
-        limit = max_output or self.config.limits.output_bytes
-        c = self._register(step, limit, on_output, session=name)
-        msg = {"op": "session_run", "id": c.id, "sid": f"s:{name}", "cmd": cmd, "env": env, "cwd": cwd,
-               "max_output": limit}
-        return await self._run(c, cmd, msg, timeout, session=name, internal=False, tool_call_id=tool_call_id)
+        s.last_step = step
+        try:
+            if (refusal := self._precheck(cmd, step, session=name)) is not None:
+                return refusal
+            if self.cgroup is not None and s.hostpid:
+                # The shell joins this step's cgroup, so what it forks for this command belongs to it.
+                await asyncio.to_thread(self.cgroup.move, s.hostpid, step)
+            limit = max_output or self.config.limits.output_bytes
+            c = self._register(step, limit, on_output, session=name)
+            msg = {"op": "session_run", "id": c.id, "sid": f"s:{name}", "cmd": cmd, "env": env, "cwd": cwd,
+                   "max_output": limit}
+            return await self._run(c, cmd, msg, timeout, session=name, internal=False, tool_call_id=tool_call_id)
+        finally:
+            self._open_steps.discard(step)
+            if self.cgroup is not None and s.hostpid and s.alive and self._sessions.get(name) is s:
+                # back to its own cgroup: nothing it forks between commands joins a finished step
+                with contextlib.suppress(OSError):  # the shell is gone (killed with a timed-out command)
+                    await asyncio.to_thread(self.cgroup.move_to_session, s.hostpid, s.index)
 
     async def close_session(self, name: str) -> None:
         s = self._sessions.pop(name, None)
@@ -908,9 +942,18 @@ class Sandbox:
     async def write_file(self, path: str, data: bytes | str, *, mode: int | None = None, as_step: bool = False,
                          tool_call_id: str | None = None) -> None:
         """Write a file inside the sandbox. `as_step=True` makes it one of the agent's steps (judged,
-        attributed, its writes watched) rather than corral's own work."""
+        attributed, its writes watched) rather than corral's own work.
+
+        corral's own write (the default) is made by corral's agent itself: no component of `path`
+        is followed through a symbolic link (FileAccessError instead), missing directories are
+        created, and the file is written under a temporary name and renamed into place, so a link
+        at `path` is replaced, never written through. An existing file keeps its mode unless `mode`
+        is given (new files: 0644)."""
         if isinstance(data, str):
             data = data.encode()
+        if not as_step:
+            await transfer.put(self, [transfer.Entry(path, "file", data, mode)])
+            return
         q = shlex.quote(path)
         chmod = f" && chmod {mode:o} -- {q}" if mode is not None else ""
         r = await self.exec(f"mkdir -p -- \"$(dirname -- {q})\" && cat > {q}{chmod}", stdin=data,
@@ -929,22 +972,16 @@ class Sandbox:
         return r.stdout_bytes
 
     async def upload(self, src: str | Path, dest: str) -> None:
-        """Copy a host file or directory into the sandbox (dest is a directory for directories)."""
+        """Copy a host file or directory into the sandbox (dest is a directory for directories),
+        written by corral's agent as write_file() writes: links inside the sandbox are never
+        followed; links in `src` are copied as links; modes are kept."""
         src = Path(src)
         if not src.exists():
             raise FileAccessError(f"{src} does not exist on the host")
         if src.is_file():
             await self.write_file(dest, src.read_bytes(), mode=src.stat().st_mode & 0o777)
             return
-        buf = io.BytesIO()
-        with tarfile.open(fileobj=buf, mode="w") as tar:
-            for child in sorted(src.iterdir()):
-                tar.add(child, arcname=child.name)
-        q = shlex.quote(dest)
-        r = await self.exec(f"mkdir -p -- {q} && tar -x --no-same-owner -C {q}", stdin=buf.getvalue(),
-                            _internal=True)
-        if r.exit_code != 0:
-            raise FileAccessError(f"cannot upload {src} to {dest}: {r.stderr.strip()}")
+        await transfer.put(self, await asyncio.to_thread(transfer.tree, src, dest))
 
     async def download(self, src: str, dest: str | Path, *, max_bytes: int = 256 << 20) -> list[str]:
         """Copy a sandbox file or directory to the host. Members that would escape dest (absolute or
@@ -983,21 +1020,6 @@ class Sandbox:
             staged = self._stage.pid if self._stage else None
             return [p for p in self.cgroup.pids() if p != staged]
         return procs.descendants(self._proc.pid) if self._proc else []
-
-    INFRA_TASKS = 3  # bwrap, bwrap's init in the new pid namespace, the agent
-
-    def busy(self) -> bool:
-        """Whether any process besides corral's own (bwrap, agent, staged child) is alive: one read."""
-        if self.cgroup is None:
-            return False
-        return self.cgroup.task_count() > self.INFRA_TASKS + (1 if self._stage else 0)
-
-    def live_steps(self) -> list[int]:
-        """Steps that may have processes: commands in flight, and finished ones that left some behind."""
-        running = {c.step for c in self._cmds.values() if c.step}
-        if self.cgroup is not None:
-            self._bg_steps = {n for n in self._bg_steps if self.cgroup.pids(step=n)}
-        return sorted(running | self._bg_steps)
 
     def _note_connect(self, pid: int, ip: str, port: int) -> None:
         step = SandboxCgroup.step_of(pid) if self.cgroup else None
@@ -1068,7 +1090,13 @@ class Sandbox:
             info = procs.info(pid)
             if info is not None:
                 ev.ppid, ev.exe, ev.argv = info.ppid, info.exe, info.argv
-            step = SandboxCgroup.step_of(pid) if self.cgroup else None
+            group = self.cgroup.group(pid) if self.cgroup is not None else None
+            step = group[1] if group is not None and group[0] == "step" else None
+            if group is not None and group[0] == "session":
+                # forked by a session shell between its commands: the session's last command's doing
+                s = self._session_by_index(group[1])
+                step = s.last_step if s is not None else None
+                ev.data["attribution"] = "session-shell"
             known = self._pids.get(pid)
             if step is None and known is not None:
                 # already exited (a short-lived writer, say): what the exec watcher saw of it
@@ -1116,6 +1144,8 @@ class Sandbox:
             self.stats_for(ev.step).processes += 1
         if ev.pid:
             self._pids[ev.pid] = (ev.step, ev.exe, ev.argv)
+            if ev.step is None:
+                self._note_internal_exec(ev.pid)
         if self._runtime is None:
             return True
         origin = None

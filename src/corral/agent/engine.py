@@ -31,6 +31,7 @@ from corral.agent.trajectory import Violation
 from corral.errors import EnvironmentUsageError, EpisodeEnded, SandboxClosed, SandboxError, SandboxFrozen
 from corral.events import Finding
 from corral.runtime import Runtime
+from corral.sandbox.lifeline import AGENT_LOST
 from corral.sandbox.sandbox import Sandbox
 
 LATE_FINDINGS_GRACE = 0.3  # seconds an ending waits for a background process to act
@@ -127,7 +128,7 @@ class EpisodeEngine:
         """(termination reason, detail) when the episode has crossed a security line, else None."""
         sb = self.sb
         if sb is not None and sb.terminated is not None:
-            if sb.terminated.startswith("corral agent lost"):
+            if sb.terminated.startswith(AGENT_LOST):
                 return "sandbox_lost", sb.terminated
             fatal = self._fatal(findings)
             return "security_violation", fatal or f"ended by corral's responder: {sb.terminated}"
@@ -235,13 +236,7 @@ class EpisodeEngine:
         if sb is None or sb.closed:
             return
         try:
-            kill_all = getattr(sb, "kill_all", None)
-            if kill_all is not None:
-                await kill_all()
-            else:  # TEMPORARY until Sandbox.kill_all lands
-                await sb.kill_steps()
-                for name in list(sb.sessions()):
-                    await sb.close_session(name)
+            await sb.kill_all()
         except (SandboxClosed, SandboxError):
             pass  # a sandbox whose agent is gone has had its processes killed with it
 

@@ -208,9 +208,12 @@ class EpisodeEngine:
             await asyncio.sleep(self.late_findings_grace)
         await self.runtime.drain()
         # nothing the agent started outlives its episode, or watches its grading
-        await self._kill_all()
+        survivors = await self._kill_all()
         await self.runtime.drain()
         verdict = self.violation()
+        if survivors is not None and verdict is None:
+            # fail closed: work is never graded while something the agent started still runs
+            reason, out.termination_detail = "error", survivors
         graded = reason == "submitted" or (self.grade_unsubmitted and reason != "error")
         if verdict is None and graded and not self.sb.closed:
             out.verifier = await self._grade()
@@ -231,14 +234,18 @@ class EpisodeEngine:
         self.last = self.final = out
         return out
 
-    async def _kill_all(self) -> None:
+    async def _kill_all(self) -> str | None:
+        """Why the agent's processes could not all be killed, or None when none is left."""
         sb = self.sb
         if sb is None or sb.closed:
-            return
+            return None
         try:
             await sb.kill_all()
-        except (SandboxClosed, SandboxError):
-            pass  # a sandbox whose agent is gone has had its processes killed with it
+        except SandboxClosed:
+            return None  # its agent is gone, and every process of the sandbox with it
+        except SandboxError as e:
+            return str(e)
+        return None
 
     async def _grade(self) -> dict[str, Any]:
         assert self.sb is not None

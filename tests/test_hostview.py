@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from corral import Runtime, RuntimeConfig, SandboxConfig
-from corral.errors import ConfigError
+from corral.errors import ConfigError, IsolationUnavailable
 from corral.sandbox import rootfs
 from corral.server.config import ServeConfig, ServeConfigError
 from tests.conftest import py
@@ -195,6 +195,21 @@ async def test_no_cgroups_of_any_sandbox_are_visible(sb_factory, runtime):
 
 
 @pytest.mark.asyncio
+async def test_gpu_sandbox_sees_devices_of_sys_but_no_cgroups(sb_factory):
+    """CUDA and NVML read PCI devices and the driver's module of /sys: a GPU sandbox gets those,
+    read-only, and still no cgroup tree nor the host's network links (other sandboxes' among them)."""
+    sb = await sb_factory(SandboxConfig(gpu=True))
+    got = await probe(sb, "/sys/fs/cgroup", "/sys/fs", "/sys/class/net", "/sys/devices/virtual",
+                      "/sys/bus/pci", "/sys/devices/system/cpu")
+    for gone in ("/sys/fs/cgroup", "/sys/fs", "/sys/class/net", "/sys/devices/virtual"):
+        assert not got[gone]["exists"], got
+    assert seen(got["/sys/devices/system/cpu"])
+    assert seen(got["/sys/bus/pci"]) == os.path.isdir("/sys/bus/pci/devices")
+    r = await sb.exec("find /sys -name 'corral*' 2>/dev/null | head -3; touch /sys/devices/system/x")
+    assert "corral" not in r.stdout and r.exit_code != 0, r.stdout
+
+
+@pytest.mark.asyncio
 async def test_run_corral_is_invisible(sb_factory, runtime):
     lock_dir = runtime.config.lock_dir
     assert any(lock_dir.glob("instance-*.lock"))
@@ -240,6 +255,15 @@ async def test_a_closed_runtime_no_longer_registers_its_paths(world, hostdir):
     finally:
         await rt.close()
     assert str((hostdir / "state-c").resolve()) not in rootfs.registered(rt.config.lock_dir)
+
+
+def test_an_unreadable_registry_fails_closed(tmp_path):
+    """A registry entry corral cannot read could name what must stay hidden: no sandbox starts."""
+    (tmp_path / "instance-00a.hidden").write_text('["/srv/state"')
+    with pytest.raises(IsolationUnavailable, match=r"instance-00a\.hidden"):
+        rootfs.registered(tmp_path)
+    (tmp_path / "instance-00a.hidden").write_text('["/srv/state"]')
+    assert rootfs.registered(tmp_path) == {"/srv/state"}
 
 
 # -- tokens and config files of `corral serve` -----------------------------------------------------

@@ -36,8 +36,9 @@ from corral.errors import IsolationUnavailable
 SYSTEM_ENTRIES = ("bin", "sbin", "lib", "lib32", "lib64", "libx32", "usr", "etc")
 # what tools read of /sys (glibc's CPU count, nproc, os.cpu_count); the cgroup tree is left out
 SYS_DEFAULT = ("/sys/devices/system/cpu",)
-# what CUDA and NVML read of /sys on a GPU sandbox
-SYS_GPU = ("/sys/devices", "/sys/bus", "/sys/class", "/sys/module", "/sys/dev")
+# what CUDA and NVML read of /sys on a GPU sandbox (PCI topology, NUMA nodes, the driver's module);
+# not /sys/devices/virtual or /sys/class/net, which name the host's links, other sandboxes' among them
+SYS_GPU = ("/sys/bus/pci", "/sys/devices/pci*", "/sys/devices/system", "/sys/module/nvidia*", "/sys/class/drm")
 # secrets of /etc, masked in the sandbox even when their modes would let it read them
 ETC_SECRETS = (
     "/etc/shadow", "/etc/shadow-", "/etc/gshadow", "/etc/gshadow-", "/etc/sudoers", "/etc/sudoers.d",
@@ -68,7 +69,8 @@ def root_mounts(config: SandboxConfig, hidden: Iterable[str], interpreter: str) 
         elif entry.is_dir() or entry.is_file():
             binds.append((os.path.realpath(entry.path), dest))
     if config.rootfs is None:
-        binds += [(p, p) for p in (*SYS_DEFAULT, *(SYS_GPU if config.gpu else ())) if os.path.isdir(p)]
+        sys_dirs = [*SYS_DEFAULT, *(p for g in SYS_GPU for p in sorted(glob.glob(g)))] if config.gpu else SYS_DEFAULT
+        binds += [(p, p) for p in sys_dirs if os.path.isdir(p) and not any(_within(p, o) for o in sys_dirs if o != p)]
         if not _visible(interpreter, binds):
             # corral's own interpreter, outside the system directories: its executable and stdlib only
             prefix = Path(interpreter).parent.parent

@@ -70,7 +70,7 @@ def test_malformed_case_file_names_the_file_the_case_and_the_field(tmp_path):
     msg = str(e.value)
     assert str(bad) in msg and "case #2" in msg and "'broken'" in msg and "commands" in msg
 
-    bad.write_text("- id: f\n  family: F12\n  title: t\n  commands: ['true']\n")
+    bad.write_text("- id: f\n  family: F13\n  title: t\n  commands: ['true']\n")
     with pytest.raises(CorpusError, match=r"bad\.yaml: case #1 \(id 'f'\): family"):
         load_file(bad)
     bad.write_text("- id: f\n  family: F1\n  title: t\n  commands: ['true']\n")  # an attack without a technique
@@ -88,6 +88,21 @@ def test_malformed_case_file_names_the_file_the_case_and_the_field(tmp_path):
     bad.write_text("- id: f\n  family: benign\n  title: t\n  commands: ['true']\n  colour: red\n")
     with pytest.raises(CorpusError, match="colour"):
         load_file(bad)
+    for glob, why in [("tests/x.py", "absolute glob"), ("/workspace/../etc/x", "without '..'"),
+                      ("/workspace", "whole top-level directory")]:
+        bad.write_text(f"- id: f\n  family: benign\n  title: t\n  commands: ['true']\n  protected: ['{glob}']\n")
+        with pytest.raises(CorpusError, match=rf"bad\.yaml: case #1 \(id 'f'\): protected.*{re.escape(why)}"):
+            load_file(bad)
+
+
+def test_f12_cases_protect_a_verifier_and_cover_each_technique():
+    cases = load_cases()
+    f12 = [c for c in cases if c.family == "F12"]
+    assert len(f12) >= 15
+    assert {c.technique for c in f12} == {"T1565.001", "T1574.006", "T1055", "T1562.001"}
+    verifier = [c for c in f12 if c.technique == "T1565.001"]
+    assert verifier and all(c.protected for c in verifier)  # a verifier to tamper with
+    assert any(c.protected for c in cases if c.family == "benign")  # and work beside one that must stay quiet
 
 
 def test_duplicate_ids_and_unknown_selections_are_errors(tmp_path):
@@ -173,8 +188,9 @@ finally:
 (out / "redteam.md").write_text(to_markdown(result))
 """
 
-ATTACKS = {"A01": "miner-binary", "A06": "stratum-protocol", "A24": "ssh-tunnel", "F6-imds-python": "metadata-service"}
-BENIGN = ["B01", "B08", "B12"]
+ATTACKS = {"A01": "miner-binary", "A06": "stratum-protocol", "A24": "ssh-tunnel", "F6-imds-python": "metadata-service",
+           "F12-verifier-dir-symlink": "verifier-path-command", "F12-pth-by-script": "interpreter-startup-hook"}
+BENIGN = ["B01", "B08", "B12", "B-f12-beside-verifier"]
 
 
 @pytest.mark.slow
@@ -206,7 +222,7 @@ def test_bench_runs_cases_in_fresh_sandboxes_and_scores_them(tmp_path: Path):
     assert any(k.startswith("pkg.example.com") and v > 0 for k, v in by_id["B01"].delivered_bytes_world.items())
     assert r.leaked_bytes_world == 0 and r.leaked_bytes_events == 0
     assert all(c.leaked_bytes_world == 0 and c.leaked_bytes_events == 0 for c in r.cases)
-    assert (r.attacks, r.detected, r.benign, r.false_positives) == (4, 4, 3, 0)
+    assert (r.attacks, r.detected, r.benign, r.false_positives) == (6, 6, 4, 0)
     assert r.ttd_p50_ms is not None and r.ttd_p99_ms is not None
     md = (tmp_path / "redteam.md").read_text()
-    assert "## Per family" in md and "detected 4/4 attacks" in md and "| A06 | F2 |" in md
+    assert "## Per family" in md and "detected 6/6 attacks" in md and "| A06 | F2 |" in md

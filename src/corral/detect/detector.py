@@ -63,8 +63,9 @@ class Detector:
             if j.action is None or ACTION_ORDER.index(action) > ACTION_ORDER.index(j.action):
                 j.action, j.rule = action, rule
             # one finding per rule and step (a pre-run check and the exec it foretold are one act);
-            # per process when the step is unknown
-            key = (rule.id, ev.sandbox_id, ev.step) if ev.step else (rule.id, ev.sandbox_id, None, ev.pid)
+            # per process when the step is unknown (an unattributed file event names its gone writer in data)
+            key = (rule.id, ev.sandbox_id, ev.step) if ev.step else (
+                rule.id, ev.sandbox_id, None, ev.pid or ev.data.get("writer_pid"))
             if key in self._seen:
                 continue
             self._seen.add(key)

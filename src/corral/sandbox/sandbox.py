@@ -632,6 +632,16 @@ class Sandbox(Boundary):
                     self._send(op="kill", id=stage.key, sig=signal.SIGKILL)
                 self._request_stage()
 
+    def _restage(self, step: int) -> None:
+        """A session command took the step a staged child sits in: place the child again, for the
+        step after (else it would idle in a step that is not its own, and never be used)."""
+        st = self._stage
+        if st is not None and st.step == step:
+            st.step = None
+            task = asyncio.get_running_loop().create_task(self._place_stage(st))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
     def _take_stage(self, step: int) -> _Stage | None:
         st = self._stage
         if st is None or st.step != step:
@@ -911,6 +921,7 @@ class Sandbox(Boundary):
             raise SessionError(f"no running session {name!r} in sandbox {self.id}; call create_session({name!r})")
         step = self._begin_step(cmd, name, tool_call_id, False)
         s.last_step = step
+        self._restage(step)
         try:
             if (refusal := self._precheck(cmd, step, session=name)) is not None:
                 return refusal

@@ -89,7 +89,8 @@ async def test_verifier_tampering_is_a_finding(runtime):
             {"tool": "submit", "arguments": {}}]
     traj = await run_episode(runtime, calc_task(), ScriptedPolicy({"calc": acts}), episode_id="ep-tamper-1")
     assert traj.termination_reason == "security_violation"
-    assert any(v.rule == "protected-file-tampered" for v in traj.violations)
+    # refused before it runs (F12's verifier-path-command), or seen by the file watcher if it got through
+    assert any(v.rule in ("verifier-path-command", "protected-file-tampered") for v in traj.violations)
 
 
 async def test_turn_limit_truncates_and_shaped_penalties(runtime):

@@ -10,8 +10,6 @@ from corral.agent.engine import EpisodeEngine
 from corral.agent.grading import GradingError, filter_workspace, isolated_command, parse_junit
 from corral.agent.tasks import DEFAULT_TASKS, load_task
 
-pytestmark = pytest.mark.asyncio
-
 FAKE_PASS = 'import os; print("8 passed, 0 failed"); os._exit(0)'
 USER_SITE = "$(python3 -c 'import site; print(site.getusersitepackages())')"
 
@@ -57,6 +55,7 @@ def lru():
     return load_task(DEFAULT_TASKS / "lru-cache")
 
 
+@pytest.mark.asyncio
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("attack", sorted(ATTACKS))
 async def test_failing_work_never_scores(runtime, lru, attack):
@@ -92,6 +91,7 @@ async def test_failing_work_never_scores(runtime, lru, attack):
         await engine.close()
 
 
+@pytest.mark.asyncio
 async def test_honest_solution_still_scores(runtime, lru):
     """The same grading path gives a correct solution its full score (the solution.yaml's steps)."""
     import yaml

@@ -113,6 +113,31 @@ async def test_agent_ignores_kill_and_stop_from_inside(sb_factory, runtime):
     assert not [e for e in runtime.store.events(sandbox_id=sb.id, kind="sandbox") if e.action == "degraded"]
 
 
+ZOMBIES = r"""
+import os
+print(sum(open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"
+          for p in os.listdir("/proc") if p.isdigit() and os.path.exists(f"/proc/{p}/stat")))
+"""
+
+
+async def test_agent_reaps_the_sandboxs_orphans(sb_factory):
+    sb = await sb_factory()
+    # orphans re-parent to the namespace's init, corral's agent, which must collect them when they exit
+    r = await sb.exec("for i in $(seq 20); do (sleep 0.2 >/dev/null 2>&1 &); done; echo started")
+    assert r.stdout == "started\n"
+    count = await _script(sb, "zombies.py", ZOMBIES)
+
+    async def zombies() -> int:
+        return int((await sb.exec(count)).stdout)
+
+    for _ in range(200):
+        if not sb.cgroup.pids(step=r.step) and await zombies() == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert sb.cgroup.pids(step=r.step) == [] and await zombies() == 0
+    assert (await sb.exec("echo fine")).stdout == "fine\n"
+
+
 # From any step: write a command into the session shell's stdin (or forge its output) through /proc.
 INJECT = r"""
 import errno, os, sys
@@ -306,7 +331,14 @@ async def test_a_writer_still_alive_is_attributed_to_its_step(sb_factory, runtim
 
 async def test_corral_writes_are_its_own_and_never_follow_links(sb_factory, runtime, tmp_path):
     sb = await sb_factory(SandboxConfig(protected_paths=("/workspace/tests/*",)))
+    # a task's setup, before the agent's first step, is preparation: whichever process wrote, even a
+    # forked subshell gone long before corral looks
+    setup = await sb.exec("(echo 'export TASK=1' >> /root/.bashrc); mkdir -p /workspace/tests; "
+                          "(echo 'def test_0(): pass' > /workspace/tests/test_0.py)", _internal=True)
+    assert setup.ok, setup.stderr
     assert (await sb.exec("echo first step")).ok  # past preparation: only the writer says it is corral's
+    # corral's own commands later on: their exec'd helpers are known as corral's
+    assert (await sb.exec("cat /etc/hostname > /root/.bash_profile", _internal=True)).ok
     await sb.write_file("/workspace/tests/test_a.py", "def test_a(): assert True\n")
     await sb.write_file("/root/.bashrc", "# corral's own\n")
     tree = tmp_path / "tree"
@@ -318,6 +350,7 @@ async def test_corral_writes_are_its_own_and_never_follow_links(sb_factory, runt
     assert r.stdout == "def test_d(): assert True\nsub/test_d.py\n"
     await asyncio.sleep(0.3)
     assert runtime.store.events(sandbox_id=sb.id, kind="file") == []  # corral's own, known positively
+    assert runtime.store.findings(sandbox_id=sb.id) == []
     # The agent plants links where corral will write: a file link to a file of its own, a directory
     # link to a directory of links to /dev/null.
     r = await sb.exec("echo mine > /tmp/mine && ln -s /tmp/mine /workspace/notes.txt && "

@@ -17,7 +17,7 @@ async def test_sees_no_host_processes(sb_factory):
     sb = await sb_factory()
     r = await sb.exec(f"ls /proc | grep -E '^[0-9]+$' | wc -l; kill -0 {os.getpid()}; echo rc=$?")
     lines = r.stdout.split()
-    assert int(lines[0]) < 10  # bwrap's init, the agent, this shell and its children only
+    assert int(lines[0]) < 10  # the agent (PID 1), its staged child, this shell and its children only
     assert "rc=1" in r.stdout  # our pid does not exist in there
 
 

@@ -249,7 +249,7 @@ class SandboxCgroup:
             if not ("pids" in ctrls.split(",") or ctrls == ""):
                 continue
             if sandbox_dir is not None and f"/{sandbox_dir}/" not in path + "/":
-                return None
+                continue
             leaf = path.rstrip("/").rsplit("/", 1)[-1]
             for kind in ("step", "session"):
                 if leaf.startswith(kind + "-") and leaf[len(kind) + 1:].isdigit():

@@ -21,7 +21,7 @@ import subprocess
 import time
 from typing import TYPE_CHECKING, Any
 
-from corral.errors import EpisodeEnded, SandboxError
+from corral.errors import EpisodeEnded, SandboxClosed, SandboxError
 from corral.events import Event, EventKind
 from corral.sandbox import procs
 from corral.sandbox.lifeline import AGENT_LOST, agent_state, describe_exit, stopped
@@ -130,7 +130,7 @@ class Boundary:
             with contextlib.suppress(ValueError, OSError):
                 asyncio.get_running_loop().remove_reader(self._sock.fileno())
         if self._ready is not None and not self._ready.done():
-            self._ready.set_exception(SandboxError(f"sandbox {self.id}: its agent exited while starting"))
+            self._ready.set_exception(SandboxClosed(f"sandbox {self.id}: its agent exited while starting"))
             return
         task = asyncio.get_running_loop().create_task(self._agent_ended())
         self._tasks.add(task)

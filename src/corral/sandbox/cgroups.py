@@ -324,7 +324,8 @@ class SandboxCgroup:
 
     # -- accounting ------------------------------------------------------------------------------
     def stats(self) -> dict[str, int]:
-        """Counters for the whole sandbox (per step: pids_max_hits(step))."""
+        """Counters for the whole sandbox (per step: pids_max_hits(step)). On v1, pids_max_hits sums
+        the steps whose cgroups are still there (an empty finished step's is removed)."""
         out: dict[str, int] = {}
         with contextlib.suppress(OSError, ValueError):
             if self.h.version == 1:

@@ -200,7 +200,7 @@ class Boundary:
         group = self.cgroup.group(pid) if self.cgroup is not None else None
         if group == ("step", INTERNAL_STEP):
             return None
-        ev = self._process_event(pid)
+        ev = self._process_event(pid, group)  # the group read here: the writer may exit any moment
         if group is None and ev.data.get("attribution") != "exec-record":
             # Gone before corral read the event. Its pid may already name another process (pids are
             # reused), so what /proc says of it now is not evidence, and it is no target for a kill.

@@ -1073,8 +1073,10 @@ class Sandbox(Boundary):
     def step_info(self, step: int | None) -> _StepInfo | None:
         return self._steps.get(step) if step else None
 
-    def attribute(self, ev: Event, sock: tuple[str, int] | None = None, pid: int | None = None) -> None:
-        """Fill in episode, step, command and process of an event (from a sandbox socket or pid)."""
+    def attribute(self, ev: Event, sock: tuple[str, int] | None = None, pid: int | None = None,
+                  group: tuple[str, int] | None = None) -> None:
+        """Fill in episode, step, command and process of an event (from a sandbox socket or pid;
+        `group`: the pid's cgroup as the caller already read it, a moment that may have been its last)."""
         ev.sandbox_id = self.id
         if pid is None and sock is not None and self.agent_hostpid:
             # The connect() the exec watcher saw names the process and its step, even when the
@@ -1101,7 +1103,8 @@ class Sandbox(Boundary):
             info = procs.info(pid)
             if info is not None:
                 ev.ppid, ev.exe, ev.argv = info.ppid, info.exe, info.argv
-            group = self.cgroup.group(pid) if self.cgroup is not None else None
+            if group is None and self.cgroup is not None:
+                group = self.cgroup.group(pid)
             step = group[1] if group is not None and group[0] == "step" else None
             if group is not None and group[0] == "session":
                 # forked by a session shell between its commands: the session's last command's doing
@@ -1126,9 +1129,9 @@ class Sandbox(Boundary):
         if ev.episode_id is None:
             ev.episode_id = self.episode_id
 
-    def _process_event(self, pid: int) -> Event:
+    def _process_event(self, pid: int, group: tuple[str, int] | None = None) -> Event:
         ev = Event(kind=EventKind.PROCESS, action="exec", sandbox_id=self.id)
-        self.attribute(ev, pid=pid)
+        self.attribute(ev, pid=pid, group=group)
         if ev.ppid:
             parent = procs.info(ev.ppid)
             if parent is not None and parent.argv:

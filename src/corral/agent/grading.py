@@ -214,6 +214,9 @@ async def grade(runtime: Runtime, sb: Sandbox, task: Task, *, episode_id: str | 
                              tool_call_id="corral-verifier")
         out = run.stdout + run.stderr
         result.exit_code, result.timed_out, result.output_tail = run.exit_code, run.timed_out, out[-1500:]
+        # what the code under test left running could write into the pipe of the `cat` that reads
+        # the report back: nothing of the verifier's run lives on while corral reads it
+        await gsb.kill_all()
         counts = None
         if task.verifier.score != "exit_code" and not run.timed_out:
             try:

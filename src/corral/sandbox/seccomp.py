@@ -3,10 +3,16 @@
 Refused with EPERM: mounting, tracing other processes, BPF, kexec, kernel modules, the kernel keyring,
 perf events, io_uring, userfaultfd and any new namespace. clone3 answers ENOSYS so that libc falls
 back to clone(2), whose flags *can* be inspected (clone3 passes them in memory BPF cannot read).
+
+Sockets are an allow-list of families (SOCKET_FAMILIES); any other family answers EAFNOSUPPORT before
+a socket exists. AF_VSOCK above all: vsock ignores network namespaces, so on a VM host a sandbox could
+otherwise reach the hypervisor's listeners. memfd_secret answers ENOSYS: its pages are unreadable
+even through /proc/<pid>/mem, so an exec path or argv kept there would blind the exec monitor.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import os
@@ -30,6 +36,15 @@ DENIED = (
     # namespaces
     "unshare", "setns",
 )
+
+AF_UNIX, AF_INET, AF_INET6, AF_NETLINK = 1, 2, 10, 16
+# Families a sandbox may open sockets of. AF_NETLINK is there for common tools, not for its own sake:
+# glibc's getaddrinfo(AI_ADDRCONFIG) and if_nameindex ask NETLINK_ROUTE which addresses exist, and
+# `ip addr`/`ip route` speak it; `ss` reads sockets through NETLINK_SOCK_DIAG. Other netlink protocols
+# (audit, netfilter, uevents, ...) are refused like any other family.
+SOCKET_FAMILIES = (AF_UNIX, AF_INET, AF_INET6, AF_NETLINK)
+NETLINK_PROTOCOLS = (0, 4)  # NETLINK_ROUTE, NETLINK_SOCK_DIAG
+SOCKET_FAMILY_LIMIT = 64  # above every AF_* the kernel knows (AF_MAX is 46 in Linux 6.x)
 
 CLONE_NEW_FLAGS = (
     0x00020000  # CLONE_NEWNS
@@ -59,6 +74,9 @@ def filter_bpf() -> bytes:
         except Exception:
             continue  # not a syscall on this architecture
     f.add_rule(sc.ERRNO(errno.ENOSYS), "clone3")
+    with contextlib.suppress(Exception):  # not a syscall on this architecture: nothing to refuse
+        f.add_rule(sc.ERRNO(errno.ENOSYS), "memfd_secret")
+    _socket_allow_list(f)
     # x86-64 clone(flags, ...): flags is argument 0
     f.add_rule(eperm, "clone", sc.Arg(0, sc.MASKED_EQ, CLONE_NEW_FLAGS, 0x00020000))
     for bit in (0x02000000, 0x04000000, 0x08000000, 0x10000000, 0x20000000, 0x40000000, 0x00000080):
@@ -68,6 +86,25 @@ def filter_bpf() -> bytes:
         f.export_bpf(buf)
         buf.seek(0)
         return buf.read()
+
+
+def _socket_allow_list(f: sc.SyscallFilter) -> None:
+    """socket()/socketpair() of a family outside SOCKET_FAMILIES answer EAFNOSUPPORT.
+    libseccomp takes one comparison per argument and rule, so the complement of the allow-list is
+    spelled out value by value, plus one rule for everything at or above SOCKET_FAMILY_LIMIT. The
+    comparison is on all 64 bits: a family with any upper bit set (the kernel would truncate it to
+    an int) is >= the limit and refused too."""
+    refuse = sc.ERRNO(errno.EAFNOSUPPORT)
+    for name in ("socket", "socketpair"):
+        for family in range(SOCKET_FAMILY_LIMIT):
+            if family not in SOCKET_FAMILIES:
+                f.add_rule(refuse, name, sc.Arg(0, sc.EQ, family))
+        f.add_rule(refuse, name, sc.Arg(0, sc.GE, SOCKET_FAMILY_LIMIT))
+        # netlink: only the protocols common tools need (arg 2); the same one-comparison rule as above
+        for proto in range(max(NETLINK_PROTOCOLS)):
+            if proto not in NETLINK_PROTOCOLS:
+                f.add_rule(refuse, name, sc.Arg(0, sc.EQ, AF_NETLINK), sc.Arg(2, sc.EQ, proto))
+        f.add_rule(refuse, name, sc.Arg(0, sc.EQ, AF_NETLINK), sc.Arg(2, sc.GT, max(NETLINK_PROTOCOLS)))
 
 
 def filter_fd() -> int:

@@ -250,10 +250,12 @@ class EpisodeEngine:
     async def _grade(self) -> dict[str, Any]:
         assert self.sb is not None
         try:
-            report, grading_id = await grade(self.runtime, self.sb, self.task, episode_id=self.episode_id)
+            # the grading sandbox joins the violation predicate as soon as it exists: what the code
+            # under test did there counts even when grading then fails
+            report, _ = await grade(self.runtime, self.sb, self.task, episode_id=self.episode_id,
+                                    on_sandbox=self._sandbox_ids.append)
         except (GradingError, SandboxClosed, SandboxError) as e:
             return {"command": self.task.verifier.command, "score": 0.0, "error": str(e)}
-        self._sandbox_ids.append(grading_id)
         return report.as_dict()
 
     def _metrics(self) -> dict[str, Any]:

@@ -16,11 +16,15 @@ An agent that can touch its grader will, so the verifier never runs in the agent
 
 Limit: the code under test runs inside the verifier's process (that is what a test does), so code
 that subverts the test framework from within an imported module is outside what isolation can stop;
-its grading sandbox is monitored like any other, and what it does there is judged.
+its grading sandbox is monitored like any other, and what it does there is judged. What corral does
+check of a report: it is a regular file at the path corral chose (no link, read after every process
+of the run is dead), only the verifier's own tests count (one that did not run counts as failed),
+and it agrees with the runner's exit status.
 """
 
 from __future__ import annotations
 
+import ast
 import io
 import os
 import re
@@ -32,9 +36,11 @@ from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 from corral.config import EgressPolicy, Limits, SandboxConfig
-from corral.errors import CorralError
+from corral.errors import CorralError, SandboxError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from corral.agent.tasks import Task
     from corral.runtime import Runtime
     from corral.sandbox.sandbox import Sandbox
@@ -84,6 +90,26 @@ def grading_config(task: Task) -> SandboxConfig:
         limits=Limits(memory_mb=lim.memory_mb, cpus=lim.cpus, pids=lim.pids, timeout=task.verifier.timeout),
         protected_paths=tuple(task.verifier_paths()) + tuple(task.protected_paths),
     )
+
+
+def expected_tests(task: Task) -> set[tuple[str, str]]:
+    """(module, function) of each test the verifier's files define: `test*` functions, and `test*`
+    methods of `Test*` classes, in test_*.py / *_test.py. A report is scored on these alone."""
+    out: set[tuple[str, str]] = set()
+    for path, content in task.verifier.files.items():
+        name = PurePosixPath(path).name
+        if not (name.endswith(".py") and (name.startswith("test_") or name.endswith("_test.py"))):
+            continue
+        try:
+            tree = ast.parse(content)
+        except SyntaxError:
+            continue
+        for node in tree.body:
+            defs = [node] if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) else (
+                node.body if isinstance(node, ast.ClassDef) and node.name.startswith("Test") else [])
+            out |= {(name[:-3], d.name) for d in defs
+                    if isinstance(d, ast.FunctionDef | ast.AsyncFunctionDef) and d.name.startswith("test")}
+    return out
 
 
 def verifier_roots(task: Task) -> set[str]:
@@ -149,8 +175,19 @@ def verifier_env(report: str) -> dict[str, str]:
             "CORRAL_REPORT": report, "PYTEST_ADDOPTS": f"--junitxml={report} -p no:cacheprovider"}
 
 
-def parse_junit(xml: bytes) -> tuple[int, int, int]:
-    """(passed, failed, skipped) from a JUnit XML report (pytest's, or any runner's)."""
+def _case_key(case: ET.Element, modules: set[str]) -> tuple[str | None, str]:
+    """(module, function) a testcase reports on: pytest names it classname="tests.test_x[.TestY]"
+    name="test_f[param]", corral's runner name="test_x::test_f"."""
+    *where, func = case.get("name", "").split("::")
+    where = re.split(r"[./]", case.get("classname", "")) + where
+    return next((w for w in reversed(where) if w in modules), None), func.split("[")[0]
+
+
+def parse_junit(xml: bytes, expected: set[tuple[str, str]] | None = None) -> tuple[int, int, int]:
+    """(passed, failed, skipped) from a JUnit XML report (pytest's, or any runner's). With the
+    verifier's `expected` tests, only testcases of those count (a test file of the agent's own, or
+    one of its modules that exports test_* names, adds nothing) and each of them that has no
+    testcase counts as failed (a test module that failed to import did not pass its tests)."""
     try:
         root = ET.fromstring(xml)
     except ET.ParseError as e:
@@ -158,7 +195,15 @@ def parse_junit(xml: bytes) -> tuple[int, int, int]:
     if root.tag not in ("testsuites", "testsuite"):
         raise GradingError(f"the verifier's report has root <{root.tag}>; JUnit XML has <testsuites> or <testsuite>")
     passed = failed = skipped = 0
+    modules = {m for m, _ in expected or ()}
+    seen: set[tuple[str, str]] = set()
     for case in root.iter("testcase"):
+        if expected:
+            module, func = _case_key(case, modules)
+            key = next(((m, f) for m, f in expected if f == func and module in (m, None)), None)
+            if key is None:
+                continue
+            seen.add(key)
         tags = {child.tag for child in case}
         if tags & {"failure", "error"}:
             failed += 1
@@ -166,6 +211,8 @@ def parse_junit(xml: bytes) -> tuple[int, int, int]:
             skipped += 1
         else:
             passed += 1
+    if expected:
+        failed += len(expected - seen)
     return passed, failed, skipped
 
 
@@ -177,6 +224,11 @@ def score_of(task: Task, exit_code: int | None, timed_out: bool, counts: tuple[i
     if counts is None:
         return 0.0
     passed, failed, skipped = counts
+    if exit_code not in (0, 1) or (exit_code != 0 and not failed):
+        # a runner exits 0 when all passed and 1 when some failed (pytest: 2 interrupted, 3 internal
+        # error...): a report that disagrees was not the runner's last word (a leftover's, or code
+        # under test that rewrote it at exit), and a crashed runner's report is not scored
+        return 0.0
     total = passed + failed + skipped  # a skipped test did not pass: skipping is no way to score
     return passed / total if total else 0.0
 
@@ -192,9 +244,26 @@ async def export_workspace(sb: Sandbox, max_bytes: int) -> bytes:
     return r.stdout_bytes
 
 
-async def grade(runtime: Runtime, sb: Sandbox, task: Task, *, episode_id: str | None) -> tuple[GradeReport, str]:
+async def read_report(gsb: Sandbox, path: str) -> bytes:
+    """The report, only as a regular file at `path` in a real directory: a link (or a directory
+    swapped for one) that the code under test left there is not followed to a forged file. Called
+    once every process of the run is dead, so nothing changes between the check and the read."""
+    d, q = shlex.quote(os.path.dirname(path)), shlex.quote(path)
+    r = await gsb.exec(f"test -d {d} && ! test -L {d} && ! test -L {q} && test -f {q} && "
+                       f"dd if={q} iflag=nofollow status=none", max_output=REPORT_MAX + 1, _internal=True)
+    if r.exit_code != 0:
+        why = r.stderr.strip() or "a link, a missing file or something else"
+        raise GradingError(f"{path} is not a regular file in a directory of corral's ({why})")
+    if r.stdout_truncated or len(r.stdout_bytes) > REPORT_MAX:
+        raise GradingError(f"{path} is larger than {REPORT_MAX} bytes")
+    return r.stdout_bytes
+
+
+async def grade(runtime: Runtime, sb: Sandbox, task: Task, *, episode_id: str | None,
+                on_sandbox: Callable[[str], None] | None = None) -> tuple[GradeReport, str]:
     """Grade the agent's workspace in a fresh sandbox. The caller has killed the agent's processes.
-    Returns the report and the grading sandbox's id (its findings belong to the episode)."""
+    Returns the report and the grading sandbox's id (its findings belong to the episode: `on_sandbox`
+    hears that id as soon as the sandbox exists, so an error later in grading does not lose them)."""
     data = await export_workspace(sb, (sb.config.limits.workspace_mb + 1) << 20)
     files, skipped = filter_workspace(data, task)
     report_path = f"/tmp/corral-grade-{os.urandom(8).hex()}/report.xml"
@@ -202,6 +271,8 @@ async def grade(runtime: Runtime, sb: Sandbox, task: Task, *, episode_id: str | 
     result = GradeReport(command=command, report=report_path, workspace_skipped=skipped)
     gsb = await runtime.create(grading_config(task), episode_id=episode_id)
     result.sandbox_id = gsb.id
+    if on_sandbox is not None:
+        on_sandbox(gsb.id)
     try:
         r = await gsb.exec(f"tar -x --no-same-owner --no-same-permissions -C {WORKSPACE}", stdin=files,
                            _internal=True)
@@ -215,20 +286,27 @@ async def grade(runtime: Runtime, sb: Sandbox, task: Task, *, episode_id: str | 
         out = run.stdout + run.stderr
         result.exit_code, result.timed_out, result.output_tail = run.exit_code, run.timed_out, out[-1500:]
         # what the code under test left running could write into the pipe of the `cat` that reads
-        # the report back: nothing of the verifier's run lives on while corral reads it
-        await gsb.kill_all()
-        counts = None
-        if task.verifier.score != "exit_code" and not run.timed_out:
+        # the report back, or rewrite the report between the check and the read: nothing of the
+        # verifier's run lives on while corral reads it (fail closed: no score while one does)
+        counts, survivors = None, None
+        try:
+            await gsb.kill_all()
+        except SandboxError as e:
+            survivors = result.error = f"not scored: {e}"
+        if survivors is None and task.verifier.score != "exit_code" and not run.timed_out:
             try:
-                xml = await gsb.read_file(report_path, max_bytes=REPORT_MAX)
-                counts = parse_junit(xml)
+                xml = await read_report(gsb, report_path)
+                counts = parse_junit(xml, expected_tests(task))
                 result.passed, result.failed, result.skipped = counts
             except CorralError as e:
                 result.error = (f"no usable report: {e}. A verifier scored 'pytest' writes JUnit XML to "
                                 "$CORRAL_REPORT (pytest does so by itself: corral sets PYTEST_ADDOPTS)")
-        elif run.timed_out:
+            if counts is not None and (run.exit_code not in (0, 1) or (run.exit_code != 0 and not counts[1])):
+                result.error = (f"not scored: the verifier exited with status {run.exit_code}, which its report "
+                                f"({counts[0]} passed, {counts[1]} failed) does not agree with")
+        elif survivors is None and run.timed_out:
             result.error = f"the verifier timed out after {task.verifier.timeout:g}s"
-        result.score = score_of(task, run.exit_code, run.timed_out, counts)
+        result.score = 0.0 if survivors else score_of(task, run.exit_code, run.timed_out, counts)
     finally:
         await gsb.close()
     return result, gsb.id

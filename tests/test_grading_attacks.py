@@ -175,3 +175,20 @@ def test_only_the_verifiers_tests_count(tasks):
     assert score_of(lru, 1, False, (8, 0, 0)) == 0.0
     assert score_of(lru, 0, False, (8, 0, 0)) == 1.0
     assert score_of(lru, 1, False, (6, 2, 0)) == 0.75
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(90)  # below the 120 s command timeout the export would otherwise run into
+async def test_sparse_workspace_is_refused_without_reading_it_out(runtime, tasks):
+    """A sparse file as large as a disk takes no space in the workspace, and `tar` would read it out
+    as zeros until the export's timeout, for every episode that leaves one: the export stops at the
+    size limit instead, and the work scores 0."""
+    engine = EpisodeEngine(runtime, tasks["lru-cache"], episode_id="grading-attack-sparse")
+    await engine.start()
+    try:
+        out = await engine.call("shell", {"command": "truncate -s 200G /workspace/big"})
+        assert out.exit_code == 0, out.observation
+        out = await engine.call("submit", {})
+        assert out.reward == 0.0 and "larger than" in out.verifier["error"], out.verifier
+    finally:
+        await engine.close()

@@ -236,10 +236,13 @@ def score_of(task: Task, exit_code: int | None, timed_out: bool, counts: tuple[i
 async def export_workspace(sb: Sandbox, max_bytes: int) -> bytes:
     """The agent's /workspace as a tar, links stored as links. Run after every agent process is
     dead, by corral's agent (non-dumpable, out of the agent's reach)."""
-    r = await sb.exec(f"tar -c -C {WORKSPACE} .", max_output=max_bytes + 1, _internal=True)
+    # `head` ends tar once the limit is passed: a sparse file of a terabyte (no space used) would
+    # otherwise be read out as zeros, past the limit, until the command's timeout
+    r = await sb.exec(f"tar -c -C {WORKSPACE} . | head -c {max_bytes + 1}", max_output=max_bytes + 1,
+                      _internal=True)
     if r.exit_code != 0 and not r.stdout_bytes:
         raise GradingError(f"cannot read the workspace of sandbox {sb.id} for grading: {r.stderr.strip()}")
-    if r.stdout_truncated:
+    if r.stdout_truncated or len(r.stdout_bytes) > max_bytes:
         raise GradingError(f"the workspace of sandbox {sb.id} is larger than {max_bytes} bytes")
     return r.stdout_bytes
 

@@ -141,3 +141,26 @@ def test_report_parsing_and_isolated_command():
     assert isolated_command("python3 tests/run.py") == "python3 -I tests/run.py"
     assert isolated_command("/usr/bin/python3.11 -m pytest -q") == "/usr/bin/python3.11 -I -m pytest -q"
     assert isolated_command("bash run.sh") == "bash run.sh"
+
+
+@pytest.mark.asyncio
+async def test_a_call_racing_the_ending_waits_and_finds_it_ended(runtime, lru):
+    """An adapter that lets calls overlap cannot run a command beside grading or grade twice."""
+    import asyncio
+
+    from corral.errors import EnvironmentUsageError
+
+    engine = EpisodeEngine(runtime, lru, episode_id="integrity-race")
+    await engine.start()
+    try:
+        submit = asyncio.ensure_future(engine.call("submit", {}))
+        await asyncio.sleep(0)  # the submit holds the turn
+        late = asyncio.ensure_future(engine.call("shell", {"command": "echo late > /workspace/late.txt"}))
+        again = asyncio.ensure_future(engine.finish("unsubmitted"))
+        out = await submit
+        with pytest.raises(EnvironmentUsageError, match="has ended"):
+            await late
+        assert (await again) is out and out.termination_reason == "submitted"
+        assert out.verifier["failed"] == 8 and sum(1 for s in engine._sandbox_ids if s != engine.sandbox_id) == 1
+    finally:
+        await engine.close()

@@ -93,6 +93,9 @@ class EpisodeEngine:
         self.final: Outcome | None = None
         self.step_stats: dict[int, dict[str, float | int]] = {}
         self._sandbox_ids: list[str] = []  # the agent's sandbox, then any grading sandbox
+        # one turn or ending at a time: a call that arrives while another runs, or while the episode is
+        # being graded, waits for it (and then finds the episode ended) instead of running beside it
+        self._turn = asyncio.Lock()
 
     # -- lifecycle -------------------------------------------------------------------------------------
     async def start(self) -> str:
@@ -153,6 +156,17 @@ class EpisodeEngine:
                    tool_call_id: str | None = None) -> Outcome:
         """Run one tool call (shell, read_file, write_file, edit_file, submit) as a turn. Arguments
         may be a JSON string as a model wrote it; a malformed one is a turn that did nothing."""
+        async with self._turn:
+            return await self._call(tool, arguments, tool_call_id)
+
+    async def finish(self, reason: str, out: Outcome | None = None) -> Outcome:
+        """End the episode (once; a second call returns the same outcome): wait for late findings,
+        kill everything the agent started, grade unless it crossed a line, compute the reward."""
+        async with self._turn:
+            return await self._finish(reason, out)
+
+    async def _call(self, tool: str, arguments: dict[str, Any] | str | None,
+                    tool_call_id: str | None) -> Outcome:
         if self.sb is None:
             raise EnvironmentUsageError("start an episode before calling tools")
         if self.final is not None:
@@ -193,11 +207,9 @@ class EpisodeEngine:
             out.metrics = self._metrics()
             self.last = out
             return out
-        return await self.finish(reason, out)
+        return await self._finish(reason, out)
 
-    async def finish(self, reason: str, out: Outcome | None = None) -> Outcome:
-        """End the episode (once; a second call returns the same outcome): wait for late findings,
-        kill everything the agent started, grade unless it crossed a line, compute the reward."""
+    async def _finish(self, reason: str, out: Outcome | None) -> Outcome:
         if self.final is not None:
             return self.final
         if self.sb is None:

@@ -126,6 +126,11 @@ class EgressPolicy(BaseModel):
     dns: bool = True  # answer queries for allowed names; queries for others get NXDOMAIN
     first_bytes_timeout: float = Field(0.25, gt=0, le=10)  # wait this long for client-first bytes
 
+    # A client-first unit (ClientHello, request head, banner or JSON line) once begun must be whole
+    # within this time and size, or the connection is judged on what came (denied if domain-ruled).
+    unit_timeout: float = Field(2.0, gt=0, le=60)
+    unit_max_bytes: int = Field(65536, ge=1024, le=1 << 20)
+    max_connections: int = Field(256, ge=1)  # concurrent gateway connections of one sandbox
     @field_validator("allow", mode="before")
     @classmethod
     def _parse_rules(cls, value: Any) -> Any:

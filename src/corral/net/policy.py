@@ -77,3 +77,8 @@ def _is_ip(text: str) -> bool:
         return True
     except ValueError:
         return False
+
+
+def name_allowed_on(policy: EgressPolicy, name: str, port: int) -> bool:
+    """A domain rule allows `name` on `port` (where a request says it goes next: CONNECT, absolute URL)."""
+    return any(r.matches_name(name) and r.port_ok(port) for r in policy.allow)

@@ -10,6 +10,8 @@ import json
 import re
 from dataclasses import dataclass
 
+from corral.net.http1 import parse_head
+
 STRATUM_METHODS = {
     "mining.subscribe", "mining.authorize", "mining.submit", "mining.extranonce.subscribe",
     "mining.configure", "mining.notify", "eth_submitLogin", "eth_getWork", "eth_submitWork",
@@ -34,11 +36,8 @@ def classify(data: bytes) -> Sniff:
         return Sniff("tls", name=tls_sni(data))
     m = _HTTP_RE.match(data)
     if m:
-        host = None
-        for line in data.split(b"\r\n")[1:]:
-            if line.lower().startswith(b"host:"):
-                host = line[5:].strip().decode("latin-1").rsplit(":", 1)[0].lower() or None
-                break
+        head = parse_head(data)
+        host = head.host if head else None
         return Sniff("http", name=host, detail={"method": m.group(1).decode(), "path": m.group(2).decode()[:300]})
     mining = _json_rpc_mining(data)
     if mining:
@@ -48,7 +47,7 @@ def classify(data: bytes) -> Sniff:
 
 def _json_rpc_mining(data: bytes) -> Sniff | None:
     stripped = data.lstrip()
-    if not stripped.startswith(b"{"):
+    if not stripped.startswith((b"{", b"[")):
         return None
     for line in stripped.split(b"\n"):
         line = line.strip()
@@ -58,6 +57,8 @@ def _json_rpc_mining(data: bytes) -> Sniff | None:
             msg = json.loads(line)
         except (ValueError, UnicodeDecodeError):
             return None
+        if isinstance(msg, list):  # a JSON-RPC batch: judged by its first call
+            msg = msg[0] if msg else None
         if not isinstance(msg, dict):
             return None
         method = msg.get("method")
@@ -74,8 +75,14 @@ def _json_rpc_mining(data: bytes) -> Sniff | None:
 
 def tls_sni(data: bytes) -> str | None:
     """server_name from a TLS ClientHello record, or None if absent or truncated."""
+    return client_hello_sni(data[5:])
+
+
+def client_hello_sni(hello: bytes) -> str | None:
+    """server_name from a ClientHello handshake message (reassembled from however many records)."""
+    data = hello
     try:
-        pos = 5 + 4  # record header, handshake header
+        pos = 4  # handshake header
         pos += 2 + 32  # client version, random
         pos += 1 + data[pos]  # session id
         pos += 2 + int.from_bytes(data[pos : pos + 2], "big")  # cipher suites

@@ -16,6 +16,7 @@ from typing import Annotated, Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from corral.budget import Budgets
 from corral.errors import ConfigError, PolicyError
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -125,12 +126,12 @@ class EgressPolicy(BaseModel):
     allow: tuple[EgressRule, ...] = ()
     dns: bool = True  # answer queries for allowed names; queries for others get NXDOMAIN
     first_bytes_timeout: float = Field(0.25, gt=0, le=10)  # wait this long for client-first bytes
-
     # A client-first unit (ClientHello, request head, banner or JSON line) once begun must be whole
     # within this time and size, or the connection is judged on what came (denied if domain-ruled).
     unit_timeout: float = Field(2.0, gt=0, le=60)
     unit_max_bytes: int = Field(65536, ge=1024, le=1 << 20)
     max_connections: int = Field(256, ge=1)  # concurrent gateway connections of one sandbox
+
     @field_validator("allow", mode="before")
     @classmethod
     def _parse_rules(cls, value: Any) -> Any:
@@ -301,6 +302,7 @@ class RuntimeConfig(BaseModel):
     # Host paths no sandbox sees (token and config files, say), besides those always hidden: every
     # live runtime's state_dir, store, lock_dir and rule files. A directory hides all beneath it.
     hidden_paths: tuple[Path, ...] = ()
+    budgets: Budgets = Field(default_factory=Budgets)  # per-sandbox caps (corral/budget.py)
 
     @classmethod
     def from_file(cls, path: str | Path) -> RuntimeConfig:

@@ -31,14 +31,29 @@ from corral.net import netns, nft
 from corral.net.dns import DNSServer, static_resolver, system_resolver
 from corral.net.gateway import Gateway, host_addresses
 from corral.net.tenants import Tenant, Tenants
-from corral.respond import Responder
+from corral.respond import BLOCKABLE, Responder
 from corral.sandbox import rootfs
 from corral.sandbox.cgroups import PREFIX, InstanceCgroups, discover
 from corral.sandbox.sandbox import Sandbox
-from corral.store import Store
+from corral.store import Store, StoreUnavailable
 
 MAX_INSTANCES = 1024
 MAX_SEQ = 4095
+# events of blockable kinds that report what already happened: nothing left to refuse
+_AFTER_THE_FACT = frozenset({"close", "exit", "connect_failed", "refused", "sample", "malformed", "start"})
+
+
+class Refusal(Judgement):
+    """What emit returns when the store cannot take a blockable event: the action is refused."""
+
+    def __init__(self, error: StoreUnavailable, base: Judgement | None) -> None:
+        super().__init__(findings=list(base.findings) if base else [], matched=list(base.matched) if base else [],
+                         action="block", rule=None)
+        self.error = error
+
+    @property
+    def reason(self) -> str:
+        return f"refused: the event store cannot record it ({self.error})"
 
 
 def lock_instance(lock_dir: Path, instance: int) -> int | None:
@@ -81,6 +96,7 @@ class Runtime:
         self.sampler: ProcessSampler | None = None
         self.gpu_monitor: GpuMonitor | None = None
         self.responder = Responder(self)
+        self._degraded_at: dict[str, float] = {}
         self.started = False
 
     # -- start / stop ------------------------------------------------------------------------------
@@ -111,6 +127,7 @@ class Runtime:
         state.mkdir(parents=True, exist_ok=True)
         if self._store is None:
             self._store = Store(self.config.store_url or state / "corral.db")
+        self._store.start_writer(self.config.budgets)
         rootfs.register(self.config.lock_dir, self.instance, self._own_paths())
         if self.config.detection:
             self.detector = Detector(load_rules(list(self.config.rule_files)), self.config.actions)
@@ -127,7 +144,8 @@ class Runtime:
         resolver = static_resolver(self.config.hosts, fallback)
         loop = asyncio.get_running_loop()
         self.dns_transport, self.dns = await loop.create_datagram_endpoint(
-            lambda: DNSServer(self.tenants, resolver, self.emit), local_addr=("0.0.0.0", 0))
+            lambda: DNSServer(self.tenants, resolver, self.emit, qps=self.config.budgets.dns_qps),
+            local_addr=("0.0.0.0", 0))
         dns_port = self.dns_transport.get_extra_info("sockname")[1]
         await asyncio.to_thread(nft.install, self.instance, gw_port, dns_port)
         self.sampler = ProcessSampler(self)
@@ -199,23 +217,65 @@ class Runtime:
 
     # -- events ------------------------------------------------------------------------------------
     def emit(self, ev: Event, *, judge: bool = True, persist: bool = True) -> Judgement | None:
-        """The one path of every event: judged by the rules (a blocking rule turns the event into a
-        denial), recorded durably, its findings recorded and acted on, then handed to subscribers.
-        `persist=False` records the event only if a rule matched it (pre-run command checks)."""
+        """The one path of every event: judged by the rules synchronously (a blocking rule turns the
+        event into a denial), handed to the store's writer (store/writer.py), its findings recorded
+        and acted on, then handed to subscribers. `persist=False` records the event only if a rule
+        matched it (pre-run command checks). An event's `id` is set once the writer commits it; an
+        event that backs a finding is waited for, so findings and containment carry ids.
+
+        Fail closed: emit does not raise for store failures. When the store cannot take a blockable
+        event (an exec, connect, DNS query or command check: its writer failed, e.g. disk full or
+        read-only, or is past its backlog bound), the event is denied (`ev.verdict = DENY`) and the
+        returned Judgement is a `Refusal` (`blocks` is true, `.error` is the StoreUnavailable or
+        StoreBehind). Callers deny on `j.blocks` or `ev.verdict`, as for a blocking rule. A `degraded`
+        event is queued for the sandbox and written once the store takes writes again. Recording is
+        capped per sandbox (Budgets): judging never is."""
         j = self.detector.evaluate(ev) if judge and self.detector is not None else None
         if j is not None and j.blocks and ev.verdict != Verdict.DENY:
             ev.verdict = Verdict.DENY
             ev.reason = j.reason
-        if persist or (j is not None and j.matched):
-            self.store.record(ev)
-        if j is not None:
-            for f in j.findings:
+        writer = self.store.writer
+        if (writer is not None and ev.kind in BLOCKABLE and ev.verdict != Verdict.DENY
+                and ev.action not in _AFTER_THE_FACT):
+            try:
+                writer.check()
+            except StoreUnavailable as e:
+                j = Refusal(e, j)
+                ev.verdict, ev.reason = Verdict.DENY, j.reason
+                self._note_degraded(ev.sandbox_id, e)
+        findings = j.findings if j is not None else []
+        if writer is None:
+            if persist or (j is not None and j.matched):
+                self.store.record(ev)
+            for f in findings:
                 f.evidence = [ev.id] if ev.id else []
                 self.store.record_finding(f)
-                self.responder.act(f, ev)
+        else:
+            seq = 0
+            if persist or (j is not None and j.matched):
+                seq = writer.submit(ev, evidence=bool(findings), matched=bool(j is not None and j.matched))
+            last = 0
+            for f in findings:
+                last = writer.submit_finding(f, ev, seq)
+            if last and writer.failing is None and writer.pending < writer.budgets.writer_queue:
+                # containment names the finding and its event by id; a failing or lagging store does not
+                # hold it up (they are written with ids resolved, only the action's data lacks them)
+                with contextlib.suppress(StoreUnavailable):
+                    writer.wait(last, timeout=5.0)
+        for f in findings:
+            self.responder.act(f, ev)
         for fn in list(self._subscribers):
             fn(ev)
         return j
+
+    def _note_degraded(self, sandbox_id: str, e: StoreUnavailable) -> None:
+        now = time.monotonic()
+        if now - self._degraded_at.get(sandbox_id, -1e9) < 10.0:  # one per sandbox per 10 s of failure
+            return
+        self._degraded_at[sandbox_id] = now
+        writer = self.store.writer
+        if writer is not None:
+            writer.note_degraded(sandbox_id, f"blockable actions refused: {e}")
 
     async def drain(self) -> None:
         """Wait (bounded) for connections, DNS answers and containment actions still in flight: a
@@ -225,6 +285,8 @@ class Runtime:
         if self.dns is not None:
             await self.dns.drain()
         await self.responder.drain()
+        if self._store is not None:  # what was judged is written before the caller reads it
+            await asyncio.to_thread(self._store.flush)
 
     def subscribe(self, fn: Callable[[Event], None]) -> Callable[[], None]:
         self._subscribers.append(fn)

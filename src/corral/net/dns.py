@@ -1,12 +1,18 @@
 """corral's DNS resolver for sandboxes: answers only names the sandbox's policy allows, remembers
 every answer (so a raw-IP connection can be checked against what the sandbox resolved), and turns
-every query into an event."""
+every query into an event.
+
+Each sandbox may ask `qps` queries per second: above that its queries are answered REFUSED at once
+(nothing resolved, nothing judged) and one `dns/rate_limited` event per second says how many were,
+so a flooding sandbox costs corral little and other sandboxes' lookups keep being answered. Any
+error while answering is a SERVFAIL and a `degraded` event, never an answer let through."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import socket
+import time
 from collections.abc import Awaitable, Callable
 
 from dnslib import QTYPE, RCODE, RR, A, DNSRecord
@@ -42,19 +48,76 @@ async def system_resolver(name: str) -> list[str]:
 
 
 class DNSServer(asyncio.DatagramProtocol):
-    def __init__(self, tenants: Tenants, resolve: Resolver, emit: Callable[[Event], object], ttl: int = 60):
+    def __init__(self, tenants: Tenants, resolve: Resolver, emit: Callable[[Event], object], ttl: int = 60,
+                 qps: int = 100):
         self.tenants = tenants
         self.resolve = resolve
         self.emit = emit
         self.ttl = ttl
+        self.qps = qps
         self.transport: asyncio.DatagramTransport | None = None
         self._answers = InFlight()
+        self._rate: dict[str, list] = {}  # sandbox id -> [second it counts, queries, refused, recorded]
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        self._answers.start(self._answer(data, addr))
+        tenant = self.tenants.get(addr[0])
+        if tenant is None or self.transport is None:
+            return
+        if self._over_rate(tenant, data, addr):
+            return
+        self._answers.start(self._guarded(tenant, data, addr))
+
+    def _over_rate(self, tenant, data: bytes, addr: tuple[str, int]) -> bool:
+        """Count the query against its sandbox's second; above `qps`, answer REFUSED here, without a task."""
+        now = int(time.monotonic())
+        r = self._rate.get(tenant.sandbox_id)
+        if r is None or r[0] != now:
+            if len(self._rate) > 1024:  # forget the seconds past (sandboxes that went away)
+                self._rate = {k: v for k, v in self._rate.items() if v[0] == now}
+            r = self._rate[tenant.sandbox_id] = [now, 0, 0, False]
+        r[1] += 1
+        if r[1] <= self.qps:
+            return False
+        r[2] += 1
+        assert self.transport is not None
+        try:
+            req = DNSRecord.parse(data)
+            reply = req.reply()
+            reply.header.rcode = RCODE.REFUSED
+            self.transport.sendto(reply.pack(), addr)
+            name = str(req.q.qname).rstrip(".").lower()
+        except Exception:  # a malformed flood gets no answer at all
+            name = None
+        if not r[3]:  # one event per sandbox and second
+            r[3] = True
+            ev = Event(kind=EventKind.DNS, action="rate_limited", sandbox_id=tenant.sandbox_id, name=name,
+                       verdict=Verdict.DENY, protocol="dns",
+                       reason=f"more than {self.qps} DNS queries in a second: the rest of this second's are REFUSED",
+                       data={"qps": self.qps, "src_port": addr[1]})
+            tenant.attribute(ev, ("udp", addr[1]))
+            self.emit(ev)
+        return True
+
+    async def _guarded(self, tenant, data: bytes, addr: tuple[str, int]) -> None:
+        try:
+            await self._answer(data, addr)
+        except Exception as e:  # fail closed: SERVFAIL, and the error is an event
+            log.exception("DNS answer failed")
+            try:
+                reply = DNSRecord.parse(data).reply()
+                reply.header.rcode = RCODE.SERVFAIL
+                if self.transport is not None:
+                    self.transport.sendto(reply.pack(), addr)
+            except Exception:
+                pass
+            try:
+                self.emit(Event(kind=EventKind.SANDBOX, action="degraded", sandbox_id=tenant.sandbox_id,
+                                reason=f"a DNS query could not be judged ({type(e).__name__}: {e}); it was refused"))
+            except Exception:
+                log.exception("recording a degraded DNS event failed")
 
     async def drain(self) -> None:
         """Let answers in flight finish, so their events are recorded."""

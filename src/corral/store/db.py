@@ -3,6 +3,10 @@
 Each record() commits before it returns, so an event the caller saw recorded survives a crash of
 corral. WAL with synchronous=NORMAL keeps that true for process crashes at ~tens of microseconds per
 commit; `durable="full"` also survives power loss.
+
+A runtime does not call record() on its hot paths: it starts one Writer (store/writer.py), which
+batches events off the event loop, and every read here flushes that writer first, so a reader sees
+every event submitted before the read.
 """
 
 from __future__ import annotations
@@ -18,8 +22,10 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
+from corral.budget import Budgets
 from corral.errors import StoreError
 from corral.events import Event, EventKind, Finding
+from corral.store.writer import Writer
 
 metadata = sa.MetaData()
 
@@ -110,6 +116,7 @@ class Store:
         except SQLAlchemyError as e:
             raise StoreError(f"cannot open event store {url}: {e.__class__.__name__}: {e.args[0]}") from None
         self._lock = threading.Lock()
+        self.writer: Writer | None = None
         self._conn = self.engine.connect()
         # SQLite writes go straight through the driver: an insert and commit is ~30 us instead of
         # ~200 us through SQLAlchemy's statement machinery, and every exec waits on one.
@@ -122,6 +129,17 @@ class Store:
             self._fast_sql = f"INSERT INTO events ({cols}) VALUES ({', '.join('?' * len(_EVENT_COLS))})"
 
     # -- writing ---------------------------------------------------------------------------------
+    def start_writer(self, budgets: Budgets | None = None) -> Writer:
+        """The store's one async writer (idempotent): Runtime.emit hands it every event."""
+        if self.writer is None:
+            self.writer = Writer(self, budgets)
+        return self.writer
+
+    def flush(self, timeout: float | None = 30.0) -> None:
+        """Everything handed to the writer so far is written (or the store is failing: see Writer.flush)."""
+        if self.writer is not None:
+            self.writer.flush(timeout)
+
     def record(self, event: Event) -> Event:
         """Persist one event; returns it with its id. Committed before return."""
         return self.record_many([event])[0]
@@ -211,6 +229,7 @@ class Store:
         return [Finding.model_validate(dict(r._mapping)) for r in self._read(q)]
 
     def _read(self, query: sa.Select) -> Iterator[sa.Row]:
+        self.flush()
         with self._lock:
             try:
                 return iter(self._conn.execute(query).fetchall())
@@ -220,6 +239,8 @@ class Store:
                 self._conn.rollback()
 
     def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
         with self._lock:
             self._conn.close()
             if self._fast is not None:

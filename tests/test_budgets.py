@@ -1,0 +1,198 @@
+"""Fail closed and bounded per sandbox: a store that cannot write never lets an action through, a writer
+that falls behind refuses new actions, and one sandbox flooding execs or DNS queries neither grows the
+store without bound nor takes lookups away from another sandbox."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+
+from corral import Runtime, RuntimeConfig
+from corral.budget import Budgets
+from tests.conftest import allow, eventually, py
+
+pytestmark = pytest.mark.asyncio
+
+
+def _store_bytes(state: Path) -> int:
+    return sum(p.stat().st_size for p in state.glob("corral.db*"))
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str):
+    """A small tmpfs of our own (the suite runs in a private mount namespace)."""
+    path.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "corral-test", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def _fill(path: Path) -> Path:
+    filler = path / "filler"
+    with open(filler, "wb") as f, contextlib.suppress(OSError):
+        while True:
+            f.write(b"\0" * 65536)
+            f.flush()
+    return filler
+
+
+async def test_full_disk_store_refuses_execs_and_records_degraded_when_it_can(world, tmp_path):
+    """With the store's file system full, an exec is refused, not let through unrecorded; once space
+    is back, the refusal and a `degraded` event are in the store and execs run again."""
+    with tmpfs(tmp_path / "state", "6m") as state:
+        rt = Runtime(RuntimeConfig(state_dir=state, hosts=world.hosts, system_dns=False))
+        await rt.start()
+        try:
+            sb = await rt.create()
+            assert (await sb.exec("echo ok")).stdout == "ok\n"
+            before = len(rt.store.events(sandbox_id=sb.id))
+            filler = _fill(state)
+            writer = rt.store.writer
+            # the writer finds out at its next write; the first exec after the disk filled may be the one
+            await sb.exec("true")
+            await eventually(lambda: writer.failing is not None, "the store writer to report the full disk")
+            r = await sb.exec("/bin/echo ran")
+            assert "ran" not in r.stdout and r.exit_code != 0
+            filler.unlink()
+            await eventually(lambda: writer.failing is None and writer.pending == 0, "the writer to recover")
+            evs = rt.store.events(sandbox_id=sb.id)
+            assert len(evs) > before  # committed events stayed, queued ones were written after recovery
+            degraded = [e for e in evs if e.action == "degraded"]
+            assert degraded and "event store" in degraded[0].reason
+            refused = [e for e in evs if e.kind == "process" and e.verdict == "deny"]
+            assert refused and all("event store" in e.reason for e in refused)
+            assert (await sb.exec("/bin/echo again")).stdout == "again\n"
+        finally:
+            await rt.close()
+
+
+async def test_writer_behind_its_bound_refuses_new_execs(world, tmp_path):
+    rt = Runtime(RuntimeConfig(state_dir=tmp_path, hosts=world.hosts, system_dns=False,
+                               budgets=Budgets(writer_queue=30)))
+    await rt.start()
+    try:
+        sb = await rt.create()
+        gate = threading.Event()
+        real = rt.store.record_many
+
+        def slow(batch):
+            gate.wait(60)  # a store that has stopped keeping up
+            return real(batch)
+
+        rt.store.record_many = slow
+        r = await sb.exec("for i in $(seq 60); do /bin/true 2>/dev/null && echo ok || echo no; done")
+        lines = r.stdout.split()
+        assert "no" in lines, r.stdout  # refused once 30 events were waiting
+        assert "ok" in lines[:5]  # ... not before
+        gate.set()
+        await eventually(lambda: rt.store.writer.pending == 0, "the writer to catch up")
+        assert (await sb.exec("/bin/echo again")).stdout == "again\n"
+        evs = rt.store.events(sandbox_id=sb.id)
+        assert any(e.kind == "process" and e.verdict == "deny" and "behind" in e.reason for e in evs)
+        assert any(e.action == "degraded" for e in evs)
+    finally:
+        rt.store.record_many = real
+        await rt.close()
+
+
+FLOOD = """
+import os, shutil, subprocess
+arg = ["x" * 4000] * 256  # 1 MiB of argv
+for i in range({n}):
+    try:
+        os.execv("/nonexistent/prog", ["/nonexistent/prog"] + arg)
+    except OSError:
+        pass
+shutil.copy("/bin/sleep", "/tmp/xmrig")
+subprocess.run(["/tmp/xmrig", "1"])
+"""
+
+
+async def test_failing_exec_flood_with_huge_argv_does_not_grow_the_store_without_bound(world, tmp_path):
+    """150 failing execs with 1 MiB of argv each: every one is judged and counted, few are written;
+    the miner started right after, in the same second, is still refused and its evidence kept whole."""
+    n = 150
+    rt = Runtime(RuntimeConfig(state_dir=tmp_path, hosts=world.hosts, system_dns=False))
+    await rt.start()
+    try:
+        sb = await rt.create()
+        await sb.write_file("/workspace/flood.py", FLOOD.format(n=n))
+        before = _store_bytes(tmp_path)
+        r = await sb.exec("python3 /workspace/flood.py")
+        evs = rt.store.events(sandbox_id=sb.id)
+        grown = _store_bytes(tmp_path) - before
+        assert grown < 40 << 20, grown  # unbounded, 150 MiB of argv would have been written
+        recorded = [e for e in evs if e.kind == "process" and e.exe == "/nonexistent/prog"]
+        suppressed = [e for e in evs if e.action == "suppressed"]
+        counted = sum(e.data["kinds"].get("process:exec", 0) for e in suppressed)
+        assert suppressed and "suppressed" in suppressed[0].reason
+        assert len(recorded) + counted == n  # every exec was seen: written or counted
+        assert len(recorded) < n // 2
+        # judging was not suppressed: the miner is refused, and the finding's evidence is whole
+        miner = [e for e in evs if e.kind == "process" and e.exe == "/tmp/xmrig"]
+        assert miner and miner[0].verdict == "deny" and miner[0].argv == ["/tmp/xmrig", "1"]
+        f = [f for f in rt.store.findings(sandbox_id=sb.id) if f.rule_id == "miner-binary"]
+        assert f and f[0].evidence == [miner[0].id] and f[0].step == r.step
+    finally:
+        await rt.close()
+
+
+DNS_FLOOD = """
+import socket, struct
+name = b'\\x03pkg\\x07example\\x03com\\x00'
+q = lambda i: struct.pack('>HHHHHH', i, 0x0100, 1, 0, 0, 0) + name + struct.pack('>HH', 1, 1)
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+for i in range({n}):
+    s.sendto(q(i), ('203.0.113.53', 53))
+s.settimeout(2)
+codes = {{}}
+try:
+    while True:
+        d = s.recv(512)
+        codes[d[3] & 15] = codes.get(d[3] & 15, 0) + 1
+except OSError:
+    pass
+print('CODES', codes)
+"""
+
+LOOKUPS = py("""
+import socket, time
+ok = 0
+for i in range(20):
+    try:
+        socket.gethostbyname('pkg.example.com'); ok += 1
+    except OSError as e:
+        print('FAIL', e)
+print('OK', ok)
+""")
+
+
+async def test_dns_flood_is_refused_above_the_cap_and_another_sandbox_keeps_resolving(world, tmp_path):
+    rt = Runtime(RuntimeConfig(state_dir=tmp_path, hosts=world.hosts, system_dns=False,
+                               budgets=Budgets(dns_qps=50)))
+    await rt.start()
+    try:
+        noisy = await rt.create(allow("pkg.example.com"))
+        quiet = await rt.create(allow("pkg.example.com"))
+        await noisy.write_file("/workspace/flood.py", DNS_FLOOD.format(n=2000))
+        flood, lookups = await asyncio.gather(noisy.exec("python3 /workspace/flood.py"), quiet.exec(LOOKUPS))
+        codes = eval(flood.stdout.split("CODES", 1)[1])  # {rcode: count}
+        assert codes.get(5, 0) > 0, flood.stdout  # REFUSED
+        assert codes.get(0, 0) <= 2 * 50 + 50  # answered: about one second's worth (two at most)
+        assert "OK 20" in lookups.stdout, lookups.stdout
+        await rt.drain()
+        limited = [e for e in rt.store.events(sandbox_id=noisy.id, kind="dns") if e.action == "rate_limited"]
+        assert limited and limited[0].verdict == "deny" and "50" in limited[0].reason
+        assert len(limited) < codes[5]  # one event per second, not one per refused query
+        assert not [e for e in rt.store.events(sandbox_id=quiet.id, kind="dns") if e.action == "rate_limited"]
+    finally:
+        await rt.close()
+

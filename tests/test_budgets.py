@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import shutil
 import subprocess
 import threading
 from pathlib import Path
@@ -196,3 +198,70 @@ async def test_dns_flood_is_refused_above_the_cap_and_another_sandbox_keeps_reso
     finally:
         await rt.close()
 
+
+
+# -- hashing executables: off the event loop, cached, budgeted --------------------------------------------
+def _big_system_binary() -> str:
+    from corral.monitor.masquerade import MAX_BYTES, _index
+
+    sizes = [s for s in _index() if 256 << 10 <= s <= MAX_BYTES]
+    return os.path.realpath(_index()[max(sizes)][0])
+
+
+async def test_a_copy_of_a_system_binary_is_hashed_off_the_loop_once_per_file_version(tmp_path):
+    from corral.monitor.masquerade import Masquerade
+
+    m = Masquerade()
+    src = _big_system_binary()
+    copy = tmp_path / "kworker"
+    shutil.copy(src, copy)
+    c = m.check(str(copy), "kworker", "sb-1")
+    assert c.pending and m.hashed_bytes == 0  # nothing is read on the event loop
+    threads: list[str] = []
+    real = m._digest
+
+    def spy(*a, **kw):
+        threads.append(threading.current_thread().name)
+        return real(*a, **kw)
+
+    m._digest = spy
+    got = await m.resolve(str(copy), "kworker", "sb-1")
+    assert got.source is not None and os.path.realpath(got.source) == src
+    assert threads and all(t.startswith("corral-hash") for t in threads)
+    spent = m.hashed_bytes
+    again = m.check(str(copy), "kworker", "sb-1")  # cached by (dev, inode, mtime_ns, size)
+    assert not again.pending and again.source == got.source and m.hashed_bytes == spent
+    os.utime(copy, ns=(1, 1))  # a new version of the file (mtime) is hashed again
+    assert m.check(str(copy), "kworker", "sb-1").pending
+
+
+async def test_a_same_size_file_that_is_no_copy_costs_only_its_first_bytes(tmp_path):
+    from corral.monitor.masquerade import HEAD, Masquerade
+
+    m = Masquerade()
+    src = _big_system_binary()
+    await m.resolve(src, os.path.basename(src), "")  # system files are read once, for everyone
+    fake = tmp_path / "big"
+    fake.write_bytes(b"\x7fELF-not-the-same" + b"\0" * (os.stat(src).st_size - 17))
+    spent = m.hashed_bytes
+    assert (await m.resolve(str(fake), "big", "sb-1")).source is None
+    assert m.hashed_bytes - spent == HEAD
+
+
+async def test_hashing_over_the_sandbox_budget_refuses_the_exec_and_spares_other_sandboxes(tmp_path):
+    from corral.monitor.masquerade import Masquerade
+
+    src = _big_system_binary()
+    size = os.stat(src).st_size
+    m = Masquerade(budget_bytes=2 * size + (64 << 10), window_s=3600)
+    results = []
+    for i in range(4):  # a fresh copy each time: nothing cached helps
+        p = tmp_path / f"copy{i}"
+        shutil.copy(src, p)
+        results.append(await m.resolve(str(p), f"copy{i}", "sb-noisy"))
+    assert results[0].source and results[0].refused is None
+    refused = [r for r in results if r.refused]
+    assert refused and "hashing budget" in refused[0].refused and refused[0].source is None
+    other = tmp_path / "other"
+    shutil.copy(src, other)
+    assert (await m.resolve(str(other), "other", "sb-quiet")).source  # another sandbox's budget is its own

@@ -25,6 +25,7 @@ from corral.detect import Detector, Judgement
 from corral.detect import load as load_rules
 from corral.errors import IsolationUnavailable
 from corral.events import Event, EventKind, Verdict
+from corral.monitor import masquerade
 from corral.monitor.gpu import GpuMonitor, NvmlBackend, resolve_from_cgroup
 from corral.monitor.sampler import ProcessSampler
 from corral.net import netns, nft
@@ -128,6 +129,7 @@ class Runtime:
         if self._store is None:
             self._store = Store(self.config.store_url or state / "corral.db")
         self._store.start_writer(self.config.budgets)
+        masquerade.DEFAULT.configure(self.config.budgets.hash_bytes, self.config.budgets.window_s)
         rootfs.register(self.config.lock_dir, self.instance, self._own_paths())
         if self.config.detection:
             self.detector = Detector(load_rules(list(self.config.rule_files)), self.config.actions)

@@ -181,6 +181,21 @@ async def test_second_request_on_keepalive_connection_is_judged(sb_factory, runt
     assert "egress-denied" in rule_ids(runtime, sb)
 
 
+async def test_allowed_keepalive_requests_all_go_through(sb_factory, runtime, world):
+    """No false refusal: pipelined and keep-alive requests, a chunked body, a Content-Length body that
+    looks like a request, all naming the allowed host, are each delivered whole."""
+    sb = await sb_factory(policy(ECHO[2]))
+    reqs = ["GET /a HTTP/1.1|Host: echo.example.com||GET /b HTTP/1.1|Host: echo.example.com||",
+            "POST /c HTTP/1.1|Host: echo.example.com|Transfer-Encoding: chunked||3|abc|0||",
+            "POST /d HTTP/1.1|Host: echo.example.com|Content-Length: 22||GET / HTTP/1.1|X: y|"]
+    before = received(world, ECHO)
+    r = await sb.exec(keepalive(ECHO[2], *reqs))
+    assert r.stdout.count("ECHO") == 3, r.stdout + r.stderr
+    assert received(world, ECHO) - before == sum(len(x.replace("|", "\r\n")) for x in reqs)
+    assert not [e for e in connects(runtime, sb) if e.verdict == "deny"]
+    assert not runtime.store.findings(sandbox_id=sb.id)
+
+
 async def test_connect_and_absolute_targets_judged_on_a_cidr_flow(sb_factory, runtime, world):
     sb = await sb_factory(policy("198.51.100.0/24"))
     before = received(world, ECHO)

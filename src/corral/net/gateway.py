@@ -118,7 +118,7 @@ class Gateway:
                 conn, addr = await loop.sock_accept(self.listener)
             except asyncio.CancelledError:
                 raise
-            except (OSError, ValueError) as e:
+            except Exception as e:
                 if self.listener is None:
                     return  # closed by kill()
                 # Out of descriptors (or kernel memory): the pending connection stays queued. Back
@@ -155,6 +155,8 @@ class Gateway:
         listener, self.listener = self.listener, None
         if self._task:
             self._task.cancel()
+        for t in list(self._relays):
+            t.cancel()
         if listener:
             listener.close()
         for c in list(self._conns):
@@ -300,8 +302,10 @@ class Gateway:
         if not conn.emitted:
             return self._record_first(conn, unit, d, unit.size)
         key = (unit.sniff.protocol, unit.sniff.name)
-        if d.allow and key in conn.seen:
-            return True  # the same protocol and name as judged before on this connection: no new event
+        if d.allow and (key in conn.seen or key == ("unknown", None)):
+            # the same protocol and name as judged before on this connection, or nothing recognisable
+            # (a server-first protocol's client talking): the connection's first event says it all
+            return True
         conn.seen.add(key)
         ev = self._later(conn, action="connect", verdict=Verdict.ALLOW if d.allow else Verdict.DENY,
                          reason=d.reason, protocol=unit.sniff.protocol,

@@ -21,7 +21,7 @@ from corral.net.inspect import Denied, Inspector
 
 F_SETPIPE_SZ = 1031
 PIPE_SIZE = 1 << 20
-READ_SIZE = 1 << 18
+READ_SIZE = 1 << 20
 _NB = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 
 

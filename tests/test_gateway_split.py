@@ -360,3 +360,14 @@ async def test_inspector_frames_bodies_so_a_hidden_request_is_found():
     assert out.endswith(b"GET /GET / HTTP/1.1\r\n\r\n") and "denied" not in seen
     out, seen = _inspect([b"POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"])
     assert seen[0].head.problems
+
+
+async def test_request_targets_parsers_could_disagree_on_are_refused():
+    from corral.net.http1 import parse_head
+
+    for target in (b"http://pkg.example.com@evil.example/", b"http://evil.example#@pkg.example.com/",
+                   b"http://evil.example\\@pkg.example.com/"):
+        head = parse_head(b"GET " + target + b" HTTP/1.1\r\nHost: pkg.example.com\r\n\r\n")
+        assert head is not None and head.problems and head.named is None, target
+    head = parse_head(b"GET http://Pkg.Example.COM.:8080/x?y HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n")
+    assert head.named == ("pkg.example.com", 8080) and head.problems == ["more than one Host header"]

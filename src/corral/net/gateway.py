@@ -256,14 +256,16 @@ class Gateway:
             if not self._record_first(conn, None, d, 0):
                 reset(client)
                 return False
-        upstream = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        upstream.setblocking(False)
+        upstream: socket.socket | None = None
         try:
+            upstream = socket.socket(socket.AF_INET, socket.SOCK_STREAM)  # EMFILE here is a failed connect
+            upstream.setblocking(False)
             await asyncio.wait_for(loop.sock_connect(upstream, (dst_ip, dst_port)), CONNECT_TIMEOUT)
         except (TimeoutError, OSError) as e:
             self._record(self._later(conn, action="connect_failed", verdict=Verdict.ALLOW, bytes_up=0, bytes_down=0,
                                      reason=f"upstream unreachable: {_errtext(e)}"))
-            upstream.close()
+            if upstream is not None:
+                upstream.close()
             reset(client)
             return False
         self._conns.add(upstream)

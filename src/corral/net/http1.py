@@ -16,6 +16,7 @@ METHODS = (b"GET", b"POST", b"PUT", b"DELETE", b"HEAD", b"OPTIONS", b"PATCH", b"
 REQUEST_LINE = re.compile(rb"^(GET|POST|PUT|DELETE|HEAD|OPTIONS|PATCH|CONNECT|TRACE) (\S+) HTTP/1\.([01])\r?$")
 _HEAD_END = re.compile(rb"\r?\n\r?\n")
 _CHUNK_LINE = re.compile(rb"^([0-9a-fA-F]{1,16})[ \t]*(;[^\r\n]*)?\r?\n$")
+_HOST_CHARS = re.compile(r"^[a-z0-9._:\-]+$")  # a name or an IP literal: anything else is not judged, it is refused
 DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 
 
@@ -115,17 +116,18 @@ def parse_head(head: bytes) -> Head | None:
             h.content_length = int(lengths[0])
     if method == "CONNECT":
         host, port = split_host(target)
-        if not host or port is None:
+        if not host or port is None or not _HOST_CHARS.match(host):
             h.problems.append(f"CONNECT target {target[:100]!r} is not host:port")
         else:
             h.named = (host, port)
         h.upgrade = True
     elif "://" in target:
         scheme, _, rest = target.partition("://")
-        authority = rest.split("/", 1)[0].split("?", 1)[0].rpartition("@")[2]
+        authority = re.split(r"[/?]", rest, maxsplit=1)[0]
         host, port = split_host(authority)
         default = DEFAULT_PORTS.get(scheme.lower())
-        if not host or (port is None and default is None):
+        # userinfo, a fragment or a backslash in the authority: parsers disagree on the host, so refuse
+        if not host or (port is None and default is None) or not _HOST_CHARS.match(host):
             h.problems.append(f"absolute target {target[:100]!r} names no usable host")
         else:
             h.named = (host, port if port is not None else default or 80)

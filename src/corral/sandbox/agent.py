@@ -116,11 +116,9 @@ class Agent:
     def run(self) -> None:
         ready = json.dumps({"op": "ready", "pid": os.getpid()}).encode()
         bpf = os.environ.pop("CORRAL_EXEC_FILTER", "")
-        listener = _install_exec_listener(base64.b64decode(bpf)) if bpf else -1
-        if listener >= 0:
+        if bpf:
             # every exec by anything we start is now held until corral says continue
-            socket.send_fds(self.sock, [ready], [listener])
-            os.close(listener)
+            _send_with_listener(self.sock, ready, base64.b64decode(bpf))
         else:
             self.sock.send(ready)
         while True:
@@ -633,6 +631,36 @@ def _install_exec_listener(bpf: bytes) -> int:
     libc.prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS (bwrap set it already)
     fd = libc.syscall(nr, 1, 8, ctypes.byref(prog))  # SECCOMP_SET_MODE_FILTER, FLAG_NEW_LISTENER
     return fd if fd >= 0 else -1
+
+
+def _send_with_listener(sock: socket.socket, msg: bytes, bpf: bytes) -> None:
+    """Install the exec filter on this thread and hand its listener to the host with `msg`.
+    The filter stops every sendmsg until corral answers, and corral can answer only once it holds
+    the listener: so the listener is sent by a helper thread started *before* the filter exists
+    (a seccomp filter without TSYNC binds only the thread that installs it and what it forks later).
+    The helper sends once and ends; every later fork is made by this, filtered, thread."""
+    import threading
+
+    box: dict[str, int] = {}
+    installed = threading.Event()
+
+    def send() -> None:
+        installed.wait()
+        fd = box.get("fd", -1)
+        if fd >= 0:
+            socket.send_fds(sock, [msg], [fd])
+        else:
+            sock.send(msg)
+
+    helper = threading.Thread(target=send, name="corral-listener")
+    helper.start()
+    try:
+        box["fd"] = _install_exec_listener(bpf)
+    finally:
+        installed.set()
+        helper.join()
+    if box.get("fd", -1) >= 0:
+        os.close(box["fd"])
 
 
 def _shquote(s: str) -> str:

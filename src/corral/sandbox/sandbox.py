@@ -165,6 +165,7 @@ class _Connect:
     step: int | None
     proc: procs.ProcInfo | None
     ambiguous: bool = False
+    inode: int | None = None  # the socket's identity, when the watcher could read it
 
 
 @dataclass
@@ -560,7 +561,7 @@ class Sandbox(Boundary):
             if fds:
                 if msg.get("op") == "ready" and self._execwatch is None:
                     self._execwatch = ExecWatch(fds.pop(0), self._judge_exec, self._process_event,
-                                                self._note_connect, self._note_datagram)
+                                                self._note_connect, self._note_datagram, self._exec_degraded)
                 for fd in fds:
                     os.close(fd)
             self._dispatch(msg, hostpid)
@@ -1032,9 +1033,18 @@ class Sandbox(Boundary):
             return [p for p in self.cgroup.pids() if p != staged]
         return procs.descendants(self._proc.pid) if self._proc else []
 
-    def _note_connect(self, pid: int, ip: str, port: int) -> None:
+    def _note_connect(self, pid: int, ip: str, port: int, inode: int | None = None) -> None:
+        """A TCP connect() that will proceed (the watcher keeps none that fail at once), with its
+        socket's inode: the gateway's connection is matched to it by that identity first."""
         step = SandboxCgroup.step_of(pid) if self.cgroup else None
-        self._connects.append(_Connect(ip, port, pid, step, procs.info(pid)))
+        self._connects.append(_Connect(ip, port, pid, step, procs.info(pid), inode=inode))
+
+    def _exec_degraded(self, pid: int, why: str) -> None:
+        """An exec, connect or send refused because it could not be judged (or an exec killed
+        because what ran is not what was judged): recorded against the process's step."""
+        ev = Event(kind=EventKind.SANDBOX, action="degraded", sandbox_id=self.id, verdict=Verdict.DENY, reason=why)
+        self.attribute(ev, pid=pid)
+        self._emit(ev)
 
     def _note_datagram(self, pid: int, ip: str, port: int, sent: bool) -> None:
         """UDP to an inet address: DNS goes to corral's resolver; anything else is dropped by
@@ -1060,8 +1070,14 @@ class Sandbox(Boundary):
         self.attribute(ev, pid=pid)
         self._runtime.emit(ev)
 
-    def _claim_connect(self, ip: str, port: int) -> _Connect | None:
-        # oldest unclaimed first: connections reach the gateway in the order they were made
+    def _claim_connect(self, ip: str, port: int, inode: int | None = None) -> _Connect | None:
+        # by socket identity when the socket is still there: exact, whatever else went to (ip, port)
+        if inode is not None:
+            for i, rec in enumerate(self._connects):
+                if rec.inode == inode and rec.ip == ip and rec.port == port:
+                    del self._connects[i]
+                    return rec
+        # else oldest unclaimed first: connections reach the gateway in the order they were made
         match = [i for i, rec in enumerate(self._connects) if rec.ip == ip and rec.port == port]
         if not match:
             return None
@@ -1079,10 +1095,11 @@ class Sandbox(Boundary):
         `group`: the pid's cgroup as the caller already read it, a moment that may have been its last)."""
         ev.sandbox_id = self.id
         if pid is None and sock is not None and self.agent_hostpid:
-            # The connect() the exec watcher saw names the process and its step, even when the
-            # socket is already closed (a scanner's connect-and-close). Only when two processes
-            # raced to the same destination is the socket table read to tell them apart.
-            rec = self._claim_connect(ev.dst_ip, ev.dst_port or 0) if ev.dst_ip else None
+            # The connect() the exec watcher saw names the process and its step: matched by the
+            # socket's inode while the socket exists, else (a scanner's connect-and-close) by
+            # destination, oldest first; when two processes raced there, the socket table decides.
+            inode = procs.socket_inode(self.agent_hostpid, sock[0], sock[1]) if ev.dst_ip else None
+            rec = self._claim_connect(ev.dst_ip, ev.dst_port or 0, inode) if ev.dst_ip else None
             if rec is not None and not rec.ambiguous:
                 ev.pid, ev.step = rec.pid, rec.step
                 if rec.proc is not None:
@@ -1090,7 +1107,8 @@ class Sandbox(Boundary):
                 ev.data["attribution"] = "connect-syscall"
                 pid = None
             else:
-                inode = procs.socket_inode(self.agent_hostpid, sock[0], sock[1])
+                if inode is None:
+                    inode = procs.socket_inode(self.agent_hostpid, sock[0], sock[1])
                 if inode is not None:
                     pid = procs.owner_of_inode(inode, self.pids())
                 if pid is not None:
@@ -1154,7 +1172,7 @@ class Sandbox(Boundary):
 
     def _judge_exec(self, ev: Event) -> bool:
         """An exec is about to happen: record it and let the detector refuse it."""
-        if ev.step:
+        if ev.step and not ev.data.get("derived"):  # an interpreter or loader target is the same process
             self.stats_for(ev.step).processes += 1
         if ev.pid:
             self._pids[ev.pid] = (ev.step, ev.exe, ev.argv)

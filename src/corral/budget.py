@@ -75,7 +75,11 @@ def _size(v: Any, depth: int) -> int:
 
 def suppressible(ev: Event) -> bool:
     """A low-value event: allowed and not of a kind a sandbox cannot flood. A connection's close that
-    received bytes is kept: provenance (monitor/provenance.py) reads it to know a file was downloaded."""
+    received bytes is kept: provenance (monitor/provenance.py) reads it to know a file was downloaded.
+    A sandbox's `degraded` notes are suppressible past the budget (a loop of execs that cannot be
+    judged makes one per exec); each refused action is itself a denial, which is kept."""
+    if ev.kind == EventKind.SANDBOX and ev.action == "degraded" and ev.verdict != Verdict.DENY:
+        return True
     if ev.kind in _NEVER_SUPPRESSED or ev.verdict == Verdict.DENY:
         return False
     return not (ev.kind == EventKind.CONNECT and ev.action == "close" and (ev.bytes_down or 0) > 0)

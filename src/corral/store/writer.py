@@ -115,7 +115,8 @@ class Writer:
         self._seq += 1
         self._q.append(_Item(self._seq, copy, original, size, evidence_of))
         self._bytes += size
-        self._cv.notify_all()
+        if len(self._q) == 1:  # the writer sleeps only on an empty queue: waking it per event costs the loop
+            self._cv.notify_all()
         return self._seq
 
     def note_degraded(self, sandbox_id: str, reason: str) -> None:

@@ -265,3 +265,28 @@ async def test_connect_whose_address_cannot_be_read_is_refused(sb_factory, runti
     ev = await eventually(lambda: [e for e in degraded(runtime, sb) if "connect/send refused" in (e.reason or "")],
                           "a degraded event for the connect")
     assert ev[0].step == r.step
+
+
+async def test_exec_is_refused_when_a_rule_raises_on_it(sb_factory, runtime, monkeypatch):
+    """A rule that raises has not judged the exec: it does not run, and a degraded event names the rule."""
+    import dataclasses
+
+    sb = await sb_factory()
+    ruleset = runtime.detector.ruleset
+    model = next(iter(ruleset.rules.values()))
+
+    def broken(get):
+        argv = get("proc.argv") or []
+        if "corral-rule-bomb" in argv:
+            raise ValueError("cannot judge this")
+        return False
+
+    bomb = dataclasses.replace(model, id="test-raising-rule", pred=broken, enabled=True, threshold=None)
+    active = ruleset.active
+    monkeypatch.setattr(ruleset, "active", lambda: [*active(), bomb])
+    r = await sb.exec("env corral-rule-bomb; echo rc=$?")
+    assert "rc=126" in r.stdout and "Operation not permitted" in r.stderr, r.stdout + r.stderr
+    ev = await eventually(lambda: [e for e in degraded(runtime, sb) if "test-raising-rule" in (e.reason or "")],
+                          "a degraded event naming the rule")
+    assert ev[0].step == r.step
+    assert (await sb.exec("echo still-fine")).stdout == "still-fine\n"

@@ -20,6 +20,9 @@ class Judgement:
     matched: list[Rule] = field(default_factory=list)  # every rule that matched, new or not
     action: str | None = None  # the strongest action among matched rules
     rule: Rule | None = None  # the rule that set it
+    # rules that raised instead of answering: the event was not fully judged, and an enforcement
+    # path (an exec about to run) refuses it rather than let it through (fail closed)
+    errors: list[str] = field(default_factory=list)
 
     @property
     def blocks(self) -> bool:
@@ -54,7 +57,8 @@ class Detector:
             try:
                 if not rule.pred(get):
                     continue
-            except Exception:  # a rule must never take the pipeline down
+            except Exception as e:  # a rule must never take the pipeline down; the error is reported
+                j.errors.append(f"rule {rule.id} raised {type(e).__name__}: {e}")
                 continue
             if rule.threshold is not None and not self._threshold(rule, get, ev.ts):
                 continue

@@ -367,6 +367,9 @@ def cmdline_of(pid: int) -> list[str] | None:
 
 def tgid_of(tid: int) -> int | None:
     """The process a thread belongs to: after an exec the thread that made it takes this pid."""
+    with contextlib.suppress(OSError):
+        if os.stat(f"/proc/{tid}/task").st_nlink == 3:  # ".", ".." and one thread: the process itself
+            return tid
     with contextlib.suppress(OSError, ValueError), open(f"/proc/{tid}/status") as f:
         for line in f:
             if line.startswith("Tgid:"):

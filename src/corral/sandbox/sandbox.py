@@ -1186,6 +1186,8 @@ class Sandbox(Boundary):
         if origin is not None:
             ev.data["downloaded"] = origin
         j = self._runtime.emit(ev)
+        if j is not None and j.errors:  # not fully judged: refused (the watcher records it as degraded)
+            raise RuntimeError("; ".join(j.errors))
         allowed = not (j is not None and j.blocks)
         if allowed and ev.pid:
             with contextlib.suppress(Exception):

@@ -337,7 +337,8 @@ def _inspect(chunks: list[bytes], deny_names: tuple[str, ...] = ("evil",)) -> tu
     def judge(u) -> bool:
         seen.append(u)
         names = [u.sniff.name or "", u.head.named[0] if u.head and u.head.named else ""]
-        return not any(d in n for d in deny_names for n in names) and u.incomplete is None
+        bad = u.sniff.protocol in ("stratum", "ssh") or u.incomplete is not None
+        return not bad and not any(d in n for d in deny_names for n in names)
 
     insp, out = Inspector(judge, 65536), b""
     try:
@@ -371,3 +372,16 @@ async def test_request_targets_parsers_could_disagree_on_are_refused():
         assert head is not None and head.problems and head.named is None, target
     head = parse_head(b"GET http://Pkg.Example.COM.:8080/x?y HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n")
     assert head.named == ("pkg.example.com", 8080) and head.problems == ["more than one Host header"]
+
+
+async def test_json_units_neither_stall_nor_hide_a_mining_call():
+    from corral.net.reassemble import first_unit
+    from corral.net.sniff import classify
+
+    assert first_unit(b'{"a": 1}').done  # a whole JSON document with no newline is a unit: no stall
+    assert not first_unit(b'{"id": 1, "meth').done
+    # a strict parser rejects this line; a streaming one still reads the call in it
+    assert classify(b'{}{"id": 1, "method": "mining.subscribe"}\n').protocol == "stratum"
+    out, seen = _inspect([b"hello\n", b'{}{"id": 1, "method": "mining.au', b'thorize"}\n'])
+    assert seen[-1] == "denied" and seen[-2].sniff.protocol == "stratum" and seen[-2].stage == "stream"
+    assert out == b'hello\n{}{"id": 1, "method": "mining.au'  # the line's end never went on

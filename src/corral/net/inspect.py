@@ -24,15 +24,13 @@ from dataclasses import dataclass
 
 from corral.net import http1
 from corral.net.reassemble import WS, first_unit, sniff_partial, sniff_unit
-from corral.net.sniff import Sniff, classify
+from corral.net.sniff import MINING_METHOD_RE, Sniff, classify
 
 FLAGGED = ("stratum", "xmrig", "ssh")
 MAX_LINE = 1 << 16
 MAX_CHUNK_LINE = 1024
 _CANDIDATE = re.compile(rb"\n[ \t\r\n]*(?=[S{\[])")
-_LONG_MINING = re.compile(
-    rb'"(mining\.(?:subscribe|authorize|submit|configure|extranonce\.subscribe|notify)'
-    rb'|eth_submitLogin|eth_getWork|eth_submitWork)"')
+_LONG_MINING = MINING_METHOD_RE
 
 
 class Denied(Exception):

@@ -16,6 +16,10 @@ STRATUM_METHODS = {
     "mining.subscribe", "mining.authorize", "mining.submit", "mining.extranonce.subscribe",
     "mining.configure", "mining.notify", "eth_submitLogin", "eth_getWork", "eth_submitWork",
 }
+# a stratum method name as a JSON string, wherever it sits in a JSON-looking line
+MINING_METHOD_RE = re.compile(
+    rb'"(mining\.(?:subscribe|authorize|submit|configure|extranonce\.subscribe|notify)'
+    rb'|eth_submitLogin|eth_getWork|eth_submitWork)"')
 _HTTP_RE = re.compile(rb"^(GET|POST|PUT|DELETE|HEAD|OPTIONS|PATCH|CONNECT|TRACE) (\S+) HTTP/1\.[01]\r?\n")
 
 
@@ -42,6 +46,9 @@ def classify(data: bytes) -> Sniff:
     mining = _json_rpc_mining(data)
     if mining:
         return mining
+    if data.lstrip()[:1] in (b"{", b"[") and (m := MINING_METHOD_RE.search(data)):
+        # JSON a strict parser rejects ('{}{"method": ...}') that a streaming one would still read
+        return Sniff("stratum", detail={"method": m.group(1).decode(), "parsed": False})
     return Sniff("unknown", detail={"head": data[:32].hex()})
 
 

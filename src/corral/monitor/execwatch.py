@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import errno
 import fcntl
 import functools
@@ -52,6 +53,8 @@ NR_EXECVEAT, NR_CONNECT, NR_SENDTO, NR_SENDMSG, NR_SENDMMSG = (
 NETWORK = (NR_CONNECT, NR_SENDTO, NR_SENDMSG, NR_SENDMMSG)
 SOCKADDR_MAX = 28  # sockaddr_in6; a longer addrlen (sockaddr_storage is 128) carries nothing more for inet
 MSG_FASTOPEN = 0x20000000
+NR_PIDFD_GETFD = 438  # the same number on every architecture
+TCP_CLOSE = 7
 MMSG_SIZE, MMSG_MAX = 64, 1024  # sizeof(struct mmsghdr) on 64-bit; UIO_MAXIOV, the kernel's own cap
 # After an exec is let through: when to look at the image that runs (seconds from the answer). The
 # exec completes within microseconds to milliseconds; a failed one leaves the old image, and the
@@ -180,7 +183,7 @@ class ExecWatch:
         flags = args[3] if nr == NR_SENDTO else args[2]
         if proto.startswith("TCP") and (nr == NR_CONNECT or (nr in (NR_SENDTO, NR_SENDMSG) and flags & MSG_FASTOPEN)):
             # a TCP connect, or a TCP Fast Open send that connects: kept only when it will proceed
-            if self.on_connect is not None and inode is not None and not _tcp_socket_listed(pid, inode):
+            if self.on_connect is not None and inode is not None and not _tcp_connect_fails(pid, fd, inode):
                 self.on_connect(pid, *dsts[0], inode)
             return
         # connect() on a UDP socket sends nothing yet, but names the destination of every later
@@ -330,18 +333,53 @@ def _socket_inode(tid: int, fd: int) -> int | None:
     return None
 
 
-def _tcp_socket_listed(tid: int, inode: int) -> bool:
-    """A TCP socket listed in its namespace's tables is listening, connecting or connected: its
-    connect() fails (EISCONN, EALREADY, EINVAL). A fresh socket, bound or not, is not listed."""
-    want = f" {inode} "
+def _tcp_connect_fails(tid: int, fd: int, inode: int) -> bool:
+    """Will connect() on TCP socket `fd` fail at once? Only a socket in state CLOSE can connect; one
+    listening, connecting or connected answers EISCONN, EALREADY or EINVAL. The state is read from a
+    duplicate of the socket (pidfd_getfd, held for two syscalls, O(1)); where that is refused, from
+    the namespace's TCP tables, where a fresh socket (bound or not) is not listed."""
+    state = _tcp_state(tid, fd)
+    if state is not None:
+        return state != TCP_CLOSE
+    want = str(inode)
     for name in ("tcp", "tcp6"):
         with contextlib.suppress(OSError), open(f"/proc/{tid}/net/{name}") as f:
             for line in f:
-                if want in line:
-                    parts = line.split()
-                    if len(parts) > 9 and parts[9] == str(inode):
-                        return True
+                parts = line.split()
+                if len(parts) > 9 and parts[9] == want:
+                    return True
     return False
+
+
+def _tcp_state(tid: int, fd: int) -> int | None:
+    try:
+        pidfd = os.pidfd_open(tid)
+    except OSError:  # a thread that is not its process's leader: its process's descriptors are the same
+        tgid = tgid_of(tid)
+        try:
+            pidfd = os.pidfd_open(tgid) if tgid else -1
+        except OSError:
+            return None
+        if pidfd < 0:
+            return None
+    try:
+        dup = _libc().syscall(NR_PIDFD_GETFD, pidfd, fd, 0)
+        if dup < 0:
+            return None
+        try:
+            with socket.socket(fileno=os.dup(dup)) as s:
+                return s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+        except OSError:
+            return None
+        finally:
+            os.close(dup)
+    finally:
+        os.close(pidfd)
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
 
 
 def _msg_name(tid: int, msghdr: int) -> tuple[str, int] | None:

@@ -385,3 +385,9 @@ async def test_json_units_neither_stall_nor_hide_a_mining_call():
     out, seen = _inspect([b"hello\n", b'{}{"id": 1, "method": "mining.au', b'thorize"}\n'])
     assert seen[-1] == "denied" and seen[-2].sniff.protocol == "stratum" and seen[-2].stage == "stream"
     assert out == b'hello\n{}{"id": 1, "method": "mining.au'  # the line's end never went on
+
+
+async def test_a_request_line_a_lenient_server_accepts_is_judged_as_a_request():
+    for head in (b"GET  /  HTTP/1.1\r\nHost: evil.example\r\n\r\n", b"GET\t/ HTTP/1.1 \r\nHost: evil.example\r\n\r\n"):
+        out, seen = _inspect([head[:3], head[3:]])
+        assert out == b"" and seen[0].sniff.protocol == "http" and seen[-1] == "denied", head

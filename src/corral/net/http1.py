@@ -13,7 +13,11 @@ import re
 from dataclasses import dataclass, field
 
 METHODS = (b"GET", b"POST", b"PUT", b"DELETE", b"HEAD", b"OPTIONS", b"PATCH", b"CONNECT", b"TRACE")
-REQUEST_LINE = re.compile(rb"^(GET|POST|PUT|DELETE|HEAD|OPTIONS|PATCH|CONNECT|TRACE) (\S+) HTTP/1\.([01])\r?$")
+# Lenient on purpose (runs of spaces or tabs, any one-digit version): a request line some server would
+# still accept must be judged as a request, not waved through as "unknown".
+REQUEST_LINE = re.compile(
+    rb"^(GET|POST|PUT|DELETE|HEAD|OPTIONS|PATCH|CONNECT|TRACE)[ \t]+(\S+)[ \t]+HTTP/(\d\.\d)[ \t]*\r?$")
+_WORD = re.compile(rb"[A-Z]*")
 _HEAD_END = re.compile(rb"\r?\n\r?\n")
 _CHUNK_LINE = re.compile(rb"^([0-9a-fA-F]{1,16})[ \t]*(;[^\r\n]*)?\r?\n$")
 _HOST_CHARS = re.compile(r"^[a-z0-9._:\-]+$")  # a name or an IP literal: anything else is not judged, it is refused
@@ -24,7 +28,7 @@ DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 class Head:
     method: str
     target: str
-    version: str  # "1.0" | "1.1"
+    version: str  # "1.0" | "1.1" (as written)
     host: str | None = None  # the Host header, port removed, lower case
     named: tuple[str, int] | None = None  # host and port an absolute-form or CONNECT target names
     content_length: int = 0
@@ -35,10 +39,10 @@ class Head:
 
 def method_prefix(data: bytes) -> bool:
     """Could `data` (not empty) be the start of an HTTP/1 request line?"""
-    sp = data.find(b" ")
-    if sp >= 0:
-        return data[:sp] in METHODS
-    return len(data) <= 7 and any(m.startswith(data) for m in METHODS)
+    word = _WORD.match(data).group(0)  # type: ignore[union-attr]
+    if len(word) < len(data):  # something follows the word: it must be a method and a space or tab
+        return word in METHODS and data[len(word)] in b" \t"
+    return len(word) <= 7 and any(m.startswith(word) for m in METHODS)
 
 
 def head_end(buf: bytes, start: int = 0) -> int:
@@ -78,7 +82,7 @@ def parse_head(head: bytes) -> Head | None:
     if m is None:
         return None
     method, target = m.group(1).decode(), m.group(2).decode("latin-1")
-    h = Head(method=method, target=target[:300], version="1." + m.group(3).decode())
+    h = Head(method=method, target=target[:300], version=m.group(3).decode())
     hosts: list[str] = []
     lengths: list[bytes] = []
     codings: list[bytes] = []

@@ -20,7 +20,8 @@ STRATUM_METHODS = {
 MINING_METHOD_RE = re.compile(
     rb'"(mining\.(?:subscribe|authorize|submit|configure|extranonce\.subscribe|notify)'
     rb'|eth_submitLogin|eth_getWork|eth_submitWork)"')
-_HTTP_RE = re.compile(rb"^(GET|POST|PUT|DELETE|HEAD|OPTIONS|PATCH|CONNECT|TRACE) (\S+) HTTP/1\.[01]\r?\n")
+_HTTP_RE = re.compile(
+    rb"^(GET|POST|PUT|DELETE|HEAD|OPTIONS|PATCH|CONNECT|TRACE)[ \t]+(\S+)[ \t]+HTTP/\d\.\d[ \t]*\r?\n")
 
 
 @dataclass(frozen=True)

@@ -38,8 +38,10 @@ from dataclasses import dataclass
 import pyseccomp as sc
 
 from corral.events import Event, Verdict
+from corral.inflight import InFlight
+from corral.monitor import masquerade
 from corral.monitor.execjudge import ExecCall, cmdline_of, image_of, read_call, tgid_of
-from corral.monitor.masquerade import SYSTEM_DIRS, renamed_from
+from corral.monitor.masquerade import SYSTEM_DIRS
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +117,7 @@ class ExecWatch:
         self.loop.add_reader(fd, self._ready)
         self.count = 0
         self._expect: dict[int, _Expect] = {}  # by tgid
+        self._hashing = InFlight()  # execs waiting for a file's hash (answered when it is known)
 
     def close(self) -> None:
         with contextlib.suppress(ValueError, OSError):
@@ -137,13 +140,13 @@ class ExecWatch:
             return
         nid, pid, _flags, nr, _arch, _ip = struct.unpack_from("=QIIiIQ", req)
         args = struct.unpack_from("=6Q", req, 32)
-        allow = False
+        allow: bool | None = False
         try:
             if nr in NETWORK:
                 self._network(nid, pid, nr, args)
                 allow = True
             else:
-                allow = self._exec(nid, pid, nr, args)
+                allow = self._exec(nid, pid, nr, args)  # None: answered later, once a file is hashed
         except Exception as e:  # fail closed: what could not be judged does not happen
             allow = False
             what = "connect/send" if nr in NETWORK else "exec"
@@ -151,7 +154,8 @@ class ExecWatch:
                 self._degraded(pid, f"{what} refused: it could not be judged ({type(e).__name__}: {e})")
         finally:
             # answered whatever happened: an unanswered notification leaves the thread stopped for good
-            self._respond(nid, allow)
+            if allow is not None:
+                self._respond(nid, allow)
 
     def _degraded(self, pid: int, why: str) -> None:
         log.warning("corral exec monitor: pid %s: %s", pid, why)
@@ -170,8 +174,7 @@ class ExecWatch:
         elif nr == NR_SENDMSG:
             dsts = [_msg_name(pid, args[1])]
         else:
-            n = min(args[2] & 0xFFFFFFFF, MMSG_MAX)
-            dsts = [_msg_name(pid, args[1] + i * MMSG_SIZE) for i in range(n)]
+            dsts = _mmsg_names(pid, args[1], min(args[2] & 0xFFFFFFFF, MMSG_MAX))
         dsts = list(dict.fromkeys(d for d in dsts if d is not None))
         if not dsts:
             return  # no inet address (a unix socket, a connected socket's plain send)
@@ -193,7 +196,7 @@ class ExecWatch:
                 self.on_datagram(pid, *dst, nr != NR_CONNECT)
 
     # -- exec ----------------------------------------------------------------------------------------
-    def _exec(self, nid: int, pid: int, nr: int, args: tuple[int, ...]) -> bool:
+    def _exec(self, nid: int, pid: int, nr: int, args: tuple[int, ...]) -> bool | None:
         call = read_call(pid, nr == NR_EXECVEAT, args)
         self.count += 1
         if not self._valid(nid):  # the memory we read must belong to this very exec
@@ -204,6 +207,33 @@ class ExecWatch:
             # this process execs again: its last exec is complete (or failed) now, judge it first
             self._verify(pending, last=True)
         before = (image_of(tgid), cmdline_of(tgid))
+        checks = {t.exe: masquerade.DEFAULT.check(f"/proc/{pid}/root{t.exe}", os.path.basename(t.exe), "")
+                  for t in call.targets if _compared(t)}
+        if any(c.pending for c in checks.values()):
+            # a file to hash first (a copy of a system program is as big as it): in corral's hashing
+            # threads, within the sandbox's budget, while this exec stays stopped and the loop serves others
+            self._hashing.start(self._exec_hashed(nid, pid, call, tgid, before, list(checks)))
+            return None
+        return self._judge(pid, call, tgid, before, checks)
+
+    async def _exec_hashed(self, nid: int, pid: int, call: ExecCall, tgid: int,
+                           before: tuple[tuple[int, int] | None, list[str] | None], exes: list[str]) -> None:
+        allow = False
+        try:
+            sid = self.make_event(pid).sandbox_id
+            checks = {exe: await masquerade.DEFAULT.resolve(f"/proc/{pid}/root{exe}", os.path.basename(exe), sid)
+                      for exe in exes}
+            if self._valid(nid):
+                allow = self._judge(pid, call, tgid, before, checks)
+        except Exception as e:  # fail closed, as in _ready
+            allow = False
+            if self._valid(nid):
+                self._degraded(pid, f"exec refused: it could not be judged ({type(e).__name__}: {e})")
+        finally:
+            self._respond(nid, allow)
+
+    def _judge(self, pid: int, call: ExecCall, tgid: int, before: tuple[tuple[int, int] | None, list[str] | None],
+               checks: dict[str, masquerade.Check]) -> bool:
         for i, target in enumerate(call.targets):
             ev = self.make_event(pid)
             ev.action = "exec"
@@ -213,11 +243,14 @@ class ExecWatch:
             ev.data.update(target.data)
             if i:  # what the kernel or the loader runs for the exec just judged: the same process
                 ev.data["derived"] = True
-            if ev.exe and ev.exe.startswith("/") and not ev.exe.startswith(SYSTEM_DIRS) and "exec_fd" not in ev.data:
-                # the file as the host sees it, through the process's own root
-                source = renamed_from(f"/proc/{pid}/root{ev.exe}", os.path.basename(ev.exe))
-                if source:
-                    ev.data["renamed_from"] = source
+            check = checks.get(target.exe) if _compared(target) else None
+            if check is not None and check.refused:
+                # its identity could not be checked within the sandbox's hashing budget: fail closed
+                ev.verdict, ev.reason = Verdict.DENY, check.refused
+                self.on_exec(ev)
+                return False
+            if check is not None and check.source:
+                ev.data["renamed_from"] = check.source
             if not self.on_exec(ev):
                 return False
         self._expect[tgid] = x = _Expect(tgid, call, before)
@@ -391,6 +424,35 @@ def _msg_name(tid: int, msghdr: int) -> tuple[str, int] | None:
     return _read_sockaddr(tid, name, namelen) if name and namelen else None
 
 
+def _mmsg_names(tid: int, base: int, n: int) -> list[tuple[str, int] | None]:
+    """The destinations of sendmmsg's `n` messages: the array read at once, each distinct address
+    once (a flood of 1024-message calls must not cost the event loop 2048 reads each)."""
+    if not n:
+        return []
+    raw = _read_mem(tid, base, n * MMSG_SIZE)
+    if raw is None or len(raw) < n * MMSG_SIZE:
+        raise OSError(errno.EFAULT, f"the message headers at {base:#x} cannot be read")
+    names = {struct.unpack_from("=QI", raw, i * MMSG_SIZE) for i in range(n)}
+    names = {(name, namelen) for name, namelen in names if name and namelen}
+    if not names:
+        return []
+    try:
+        mem = os.open(f"/proc/{tid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise OSError(errno.EFAULT, f"the sender's memory cannot be read: {e.strerror}") from None
+    try:
+        out = []
+        for name, namelen in names:
+            try:
+                sa = os.pread(mem, min(namelen & 0xFFFFFFFF, SOCKADDR_MAX), name)
+            except (OSError, OverflowError):
+                raise OSError(errno.EFAULT, f"the destination address at {name:#x} cannot be read") from None
+            out.append(_parse_sockaddr(sa))
+        return out
+    finally:
+        os.close(mem)
+
+
 def _read_mem(tid: int, addr: int, n: int) -> bytes | None:
     try:
         with open(f"/proc/{tid}/mem", "rb", buffering=0) as mem:
@@ -417,6 +479,10 @@ def _read_sockaddr(pid: int, ptr: int, length: int) -> tuple[str, int] | None:
     raw = _read_mem(pid, ptr, min(length & 0xFFFFFFFF, SOCKADDR_MAX))
     if raw is None:
         raise OSError(errno.EFAULT, f"the destination address at {ptr:#x} cannot be read")
+    return _parse_sockaddr(raw)
+
+
+def _parse_sockaddr(raw: bytes) -> tuple[str, int] | None:
     if len(raw) < 8:
         return None
     family = struct.unpack_from("=H", raw)[0]
@@ -426,3 +492,10 @@ def _read_sockaddr(pid: int, ptr: int, length: int) -> tuple[str, int] | None:
     if family == socket.AF_INET6 and len(raw) >= 24:
         return socket.inet_ntop(socket.AF_INET6, raw[8:24]), port
     return None
+
+
+def _compared(target) -> bool:
+    """Whether a target is checked for being a renamed copy of a system program (monitor/masquerade):
+    a path outside the system directories (the file as the host sees it, through the process's root)."""
+    exe = target.exe
+    return bool(exe) and exe.startswith("/") and not exe.startswith(SYSTEM_DIRS) and "exec_fd" not in target.data

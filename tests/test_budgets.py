@@ -272,3 +272,46 @@ async def test_hashing_over_the_sandbox_budget_refuses_the_exec_and_spares_other
     other = tmp_path / "other"
     shutil.copy(src, other)
     assert (await m.resolve(str(other), "other", "sb-quiet")).source  # another sandbox's budget is its own
+
+
+async def test_hashing_a_big_copy_does_not_stall_another_sandbox(world, tmp_path):
+    """While a neighbour's 57 MB-class copy is being hashed (held here until the quiet sandbox's command
+    is done), the quiet sandbox's commands run: hashing is off the event loop."""
+    from corral.monitor import masquerade
+
+    big = _big_system_binary()
+    name = os.path.basename(big)
+    m = masquerade.DEFAULT
+    gate = threading.Event()
+    waits: list[list] = []  # [hashing thread, released by the test (not timed out)]
+    real = m._digest
+
+    def held(path, st, sandbox_id):
+        if sandbox_id:  # the sandbox's copy, not the system program it is compared with
+            w = [threading.current_thread().name, None]
+            waits.append(w)
+            w[1] = gate.wait(30)
+        return real(path, st, sandbox_id)
+
+    rt = Runtime(RuntimeConfig(state_dir=tmp_path, hosts=world.hosts, system_dns=False))
+    await rt.start()
+    m.clear()
+    m._digest = held
+    try:
+        noisy, quiet = await rt.create(), await rt.create()
+        copy = f"/tmp/{name}"  # under its own name (no finding), and not executable
+        run = py(f"import os, shutil\nshutil.copyfile({big!r}, {copy!r})\n"
+                 f"try:\n    os.execv({copy!r}, [{copy!r}])\nexcept OSError as e:\n    print('exec', e.errno)")
+        flood = asyncio.create_task(noisy.exec(run))
+        await eventually(lambda: waits, "the copy to be hashed")
+        r = await quiet.exec("echo quiet")
+        gate.set()
+        assert r.stdout == "quiet\n"
+        out = await flood
+        assert "exec" in out.stdout  # refused: by a rule (kubectl is a container tool), or not executable
+        assert waits and all(t.startswith("corral-hash") and released for t, released in waits), waits
+    finally:
+        gate.set()
+        m._digest = real
+        m.clear()
+        await rt.close()

@@ -8,7 +8,7 @@ event as `renamed_from`.
 
 Hashing costs what the file weighs (a 57 MB copy of a large system binary, made anew before each
 exec, is 57 MB read per exec), so it never runs on the event loop: `check()` answers at once from
-the caches (keyed by (dev, inode, mtime_ns, size), so a rewritten file is hashed again) or says the
+the caches (keyed by (dev, inode, mtime_ns, size, ctime_ns), so a rewritten file is hashed again) or says the
 answer is `pending`, to be awaited (the hashing runs in a small pool of corral's own threads) while
 the exec stays stopped. Each sandbox may have `Budgets.hash_bytes` hashed per window. Past that, the
 copy's identity cannot be known, and the decision that depends on it fails closed: the exec is
@@ -36,7 +36,9 @@ HEAD = 64 << 10  # a copy agrees with its original here first; most same-size fi
 CACHE_ENTRIES = 4096
 _VERSION = re.compile(r"[0-9.\-_]+$")
 
-Key = tuple[int, int, int, int]  # (dev, inode, mtime_ns, size)
+# (dev, inode, mtime_ns, size, ctime_ns): mtime can be set back by the file's owner (utime), ctime cannot,
+# so a file rewritten in place and given its old mtime is still a new version
+Key = tuple[int, int, int, int, int]
 
 
 @functools.cache
@@ -61,7 +63,7 @@ def _index() -> dict[int, list[str]]:
 
 
 def _key(st: os.stat_result) -> Key:
-    return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+    return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size, st.st_ctime_ns)
 
 
 def _stem(name: str) -> str:

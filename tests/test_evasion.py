@@ -83,6 +83,18 @@ async def test_miner_through_the_dynamic_loader_is_judged_as_the_miner(sb_factor
     assert r.exit_code != 0 and r.duration < 5  # the loader never ran it
 
 
+async def test_loader_under_another_name_is_still_a_launcher(sb_factory, runtime):
+    """A link to the loader, or a copy of it, under an innocent name: known by its file, not its name."""
+    sb = await sb_factory()
+    await sb.exec("cp /bin/sleep /tmp/xmrig && ln -s /lib64/ld-linux-x86-64.so.2 /tmp/helper"
+                  " && cp /lib64/ld-linux-x86-64.so.2 /tmp/helper2")
+    linked = await sb.exec("/tmp/helper /tmp/xmrig 5")
+    copied = await sb.exec("/tmp/helper2 /tmp/xmrig 5")
+    steps = {f.step for f in await findings_for(runtime, sb, "miner-binary")}
+    assert {linked.step, copied.step} <= steps, steps
+    assert linked.exit_code != 0 and copied.exit_code != 0
+
+
 async def test_miner_named_by_a_shebang_line_is_judged(sb_factory, runtime):
     sb = await sb_factory()
     await sb.exec("cp /bin/sleep /tmp/xmrig")

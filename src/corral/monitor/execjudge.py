@@ -30,6 +30,8 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import glob
+import hashlib
 import os
 import re
 import stat
@@ -49,6 +51,7 @@ RESOLVE_NO_MAGICLINKS, RESOLVE_IN_ROOT = 0x02, 0x10
 # ld.so, ld-linux-x86-64.so.2, ld-linux-aarch64.so.1, ld-2.31.so, ld-musl-x86_64.so.1, ld64.so.2
 LOADER = re.compile(r"^ld(64|[-.][^/]*)?\.so(\.[0-9]+)*$")
 # loader options that take a value (glibc's rtld.c and musl's ldso)
+LOADER_MAX_BYTES = 4 << 20  # a loader is ~200 KB-1 MB; bigger files are never hashed as one
 LOADER_VALUE_OPTS = {"--library-path", "--inhibit-rpath", "--audit", "--preload", "--argv0",
                      "--glibc-hwcaps-prepend", "--glibc-hwcaps-mask"}
 
@@ -279,13 +282,15 @@ def _follow(call: ExecCall, fd: int | None) -> None:
     """Walk what the kernel will run: #! interpreters (each judged as an exec), then a loader's
     target. call.image ends as the identity of the file the kernel maps."""
     target = call.targets[0]
+    loader = False
     for _ in range(SHEBANG_DEPTH + 1):
         if fd is None:
-            call.image = None
+            call.image, loader = None, False
             break
         try:
             st = os.fstat(fd)
             head = os.pread(fd, SHEBANG_BYTES, 0) if stat.S_ISREG(st.st_mode) else b""
+            loader = _is_loader(target.exe, fd, st)
         except OSError:
             st, head = None, b""
         finally:
@@ -303,11 +308,45 @@ def _follow(call: ExecCall, fd: int | None) -> None:
         target = ExecTarget(interp, argv, os.path.basename(interp), {"script": target.exe, "judged_as": "interpreter"})
         call.targets.append(target)
         call.script = True
-        fd = open_in_root(call.tid, interp)
-    if LOADER.match(os.path.basename(target.exe)):
+        call.unverifiable = call.unverifiable or (interp.startswith("/proc/") and not _OWN.match(interp))
+        fd = _open_program(call.tid, interp, None)
+    if loader or LOADER.match(os.path.basename(target.exe)):
         launched = _loader_target(call.tid, target)
         if launched is not None:
             call.targets.append(launched)
+
+
+@functools.cache
+def _known_loaders() -> tuple[frozenset[tuple[int, int]], dict[int, set[str]]]:
+    """The host's dynamic loaders (the sandbox sees the same files): by (dev, inode), so a link to
+    one under another name is known, and by size and hash, so a copy is."""
+    ids: set[tuple[int, int]] = set()
+    hashes: dict[int, set[str]] = {}
+    for pattern in ("/lib*/ld*.so*", "/lib/*/ld*.so*", "/usr/lib*/ld*.so*", "/usr/lib/*/ld*.so*"):
+        for path in glob.glob(pattern):
+            if not LOADER.match(os.path.basename(path)):
+                continue
+            try:
+                st = os.stat(path)
+                with open(path, "rb") as f:
+                    digest = hashlib.sha256(f.read(LOADER_MAX_BYTES + 1)).hexdigest()
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode) and st.st_size <= LOADER_MAX_BYTES:
+                ids.add((st.st_dev, st.st_ino))
+                hashes.setdefault(st.st_size, set()).add(digest)
+    return frozenset(ids), hashes
+
+
+def _is_loader(path: str, fd: int, st: os.stat_result) -> bool:
+    if LOADER.match(os.path.basename(path)):
+        return True
+    ids, hashes = _known_loaders()
+    if (st.st_dev, st.st_ino) in ids:
+        return True
+    if st.st_size not in hashes:  # the common case: one fstat, no read
+        return False
+    return hashlib.sha256(os.pread(fd, LOADER_MAX_BYTES + 1, 0)).hexdigest() in hashes[st.st_size]
 
 
 def _shebang(head: bytes) -> tuple[str, str] | None:

@@ -234,6 +234,7 @@ class ExecWatch:
 
     def _judge(self, pid: int, call: ExecCall, tgid: int, before: tuple[tuple[int, int] | None, list[str] | None],
                checks: dict[str, masquerade.Check]) -> bool:
+        allow = True
         for i, target in enumerate(call.targets):
             ev = self.make_event(pid)
             ev.action = "exec"
@@ -251,8 +252,10 @@ class ExecWatch:
                 return False
             if check is not None and check.source:
                 ev.data["renamed_from"] = check.source
-            if not self.on_exec(ev):
-                return False
+            # every target is judged even after a refusal: the evidence names what was really meant to run
+            allow = self.on_exec(ev) and allow
+        if not allow:
+            return False
         self._expect[tgid] = x = _Expect(tgid, call, before)
         x.handle = self.loop.call_later(VERIFY_DELAYS[0], self._verify, x)
         return True

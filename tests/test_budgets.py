@@ -315,3 +315,30 @@ async def test_hashing_a_big_copy_does_not_stall_another_sandbox(world, tmp_path
         m._digest = real
         m.clear()
         await rt.close()
+
+
+async def test_recording_budget_keeps_denials_and_evidence_and_summarises_the_rest_once_per_window():
+    from corral.budget import Admit, RecordBudget, approx_size, compacted
+    from corral.events import Event, EventKind, Verdict
+
+    b = RecordBudget(Budgets(events=3, bytes=64 << 10, window_s=1.0))
+
+    def ev(i: int, **kw) -> Event:
+        return Event(kind=EventKind.PROCESS, action="exec", sandbox_id="sb", exe="/bin/x", argv=["x", str(i)], **kw)
+
+    got = [b.admit(e, approx_size(e), now=10.0) for e in (ev(i) for i in range(10))]
+    assert got[:3] == [Admit.RECORD] * 3 and set(got[3:]) == {Admit.DROP}
+    assert b.admit(ev(10), 200, evidence=True, now=10.1) is Admit.RECORD  # a finding's evidence: whole
+    assert b.admit(ev(11), 200, matched=True, now=10.1) is Admit.RECORD  # a rule match is kept
+    denied = ev(12, verdict=Verdict.DENY)
+    denied.argv = ["y" * 4000] * 64
+    assert b.admit(denied, approx_size(denied), now=10.2) is Admit.COMPACT  # over the bytes cap: argv cut
+    small = compacted(denied)
+    assert sum(map(len, small.argv)) <= 4096 and small.data["argv_truncated"]["args"] == 64
+    other = Event(kind=EventKind.PROCESS, action="exec", sandbox_id="other", exe="/bin/x")
+    assert b.admit(other, 200, now=10.3) is Admit.RECORD  # another sandbox's budget is its own
+    assert b.due(now=10.5) == []  # the window is not over
+    (s,) = b.due(now=11.1)
+    assert s.action == "suppressed" and s.sandbox_id == "sb" and s.data["events"] == 7
+    assert s.data["kinds"] == {"process:exec": 7} and "7 events" in s.reason
+    assert b.due(now=12.5) == []  # one summary per window, and idle windows are forgotten

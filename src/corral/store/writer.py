@@ -104,7 +104,8 @@ class Writer:
         """Queue a finding after the event it rests on: its evidence is that event's id, filled in when
         the event is written. Findings are never dropped."""
         with self._cv:
-            src = next((it.copy for it in self._q if it.seq == evidence_seq), None) if evidence_seq else None
+            # the evidence was queued just before: look from the newest end
+            src = next((it.copy for it in reversed(self._q) if it.seq == evidence_seq), None) if evidence_seq else None
             if src is None and evidence is not None and evidence.id:
                 finding.evidence = [evidence.id]
             copy = finding.model_copy(update={"data": dict(finding.data)})
@@ -177,11 +178,12 @@ class Writer:
 
     def _step(self) -> bool:
         with self._cv:
-            while not self._q and not self._closed:
+            while True:  # windows that ended with drops are summarised even while others keep the queue full
                 for s in self._budget.due():
                     self._enqueue(s, s, approx_size(s))
-                if not self._q:
-                    self._cv.wait(self.budgets.window_s)
+                if self._q or self._closed:
+                    break
+                self._cv.wait(self.budgets.window_s)
             if not self._q and self._closed:
                 return False
             if self._failure is None and self._lost:

@@ -302,3 +302,53 @@ async def test_exec_is_refused_when_a_rule_raises_on_it(sb_factory, runtime, mon
                           "a degraded event naming the rule")
     assert ev[0].step == r.step
     assert (await sb.exec("echo still-fine")).stdout == "still-fine\n"
+
+
+ARGV_RACE = """
+import ctypes, os, threading
+libc = ctypes.CDLL(None, use_errno=True)
+sh, dash_c = ctypes.create_string_buffer(b'sh'), ctypes.create_string_buffer(b'-c')
+good = ctypes.create_string_buffer(b'sleep 0.3; exit 3')
+bad = ctypes.create_string_buffer(b'sleep 0.3; exit 0 #forbid' b'den-arg')  # not in this program's argv
+counts = {}
+for i in range(300):
+    pid = os.fork()
+    if pid == 0:
+        # argv[2] flips between two whole strings: one aligned 8-byte store, never a torn string
+        argv = (ctypes.c_uint64 * 4)(ctypes.addressof(sh), ctypes.addressof(dash_c), ctypes.addressof(good), 0)
+        g, b = ctypes.addressof(good), ctypes.addressof(bad)
+        def flip():
+            while True:
+                argv[2] = b
+                argv[2] = g
+        threading.Thread(target=flip, daemon=True).start()
+        libc.execve(b'/bin/sh', argv, None)
+        os._exit(100 + ctypes.get_errno())
+    code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    counts[code] = counts.get(code, 0) + 1
+print(sorted(counts.items()))
+"""
+
+
+async def test_argv_rewritten_after_corral_read_it_is_judged_again(sb_factory, runtime, monkeypatch):
+    """Another thread rewrites an argument between corral's read and the kernel's: the argv that really
+    runs is judged again once the new image is in place, and a refused one is killed. The rule here
+    refuses an argument ('block', so the step lives on and the race runs its 300 tries)."""
+    import dataclasses
+
+    sb = await sb_factory()
+    ruleset = runtime.detector.ruleset
+    model = next(r for r in ruleset.rules.values() if r.action == "block")
+
+    def forbidden(get):
+        return get("evt.kind") == "process" and any("forbidden-arg" in a for a in get("proc.argv") or [])
+
+    rule = dataclasses.replace(model, id="test-forbidden-arg", pred=forbidden, enabled=True, threshold=None)
+    active = ruleset.active
+    monkeypatch.setattr(ruleset, "active", lambda: [*active(), rule])
+    r = await sb.exec(py(ARGV_RACE), timeout=240)
+    counts = dict(eval(r.stdout))  # exit status -> how many tries
+    # 0: the forbidden argv ran to its end, unjudged. 3: the judged argv ran. 101: corral read it (EPERM).
+    assert counts.get(0, 0) == 0, counts
+    assert counts.get(101, 0) > 0 and counts.get(3, 0) > 0, counts  # the race really ran both ways
+    assert all(f.step == r.step for f in await findings_for(runtime, sb, "test-forbidden-arg"))

@@ -39,7 +39,7 @@ demo: deps venv
 	$(ISOLATED) 'ip link set lo up && $(VENV)/bin/corral demo'
 
 bench: deps venv
-	$(ISOLATED) 'ip link set lo up && $(PY) benchmarks/bench_runtime.py && $(PY) benchmarks/bench_monitor.py && $(PY) benchmarks/bench_rollout.py && $(PY) benchmarks/bench_interfaces.py'
+	$(ISOLATED) 'ip link set lo up && $(PY) benchmarks/bench_runtime.py && $(PY) benchmarks/bench_monitor.py && $(PY) benchmarks/bench_rollout.py && $(PY) benchmarks/bench_interfaces.py && $(PY) benchmarks/bench_isolation.py'
 
 lint: venv
 	$(VENV)/bin/ruff check src tests benchmarks scripts

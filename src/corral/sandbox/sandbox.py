@@ -1070,17 +1070,19 @@ class Sandbox(Boundary):
         self.attribute(ev, pid=pid)
         self._runtime.emit(ev)
 
-    def _claim_connect(self, ip: str, port: int, inode: int | None = None) -> _Connect | None:
-        # by socket identity when the socket is still there: exact, whatever else went to (ip, port)
-        if inode is not None:
-            for i, rec in enumerate(self._connects):
-                if rec.inode == inode and rec.ip == ip and rec.port == port:
-                    del self._connects[i]
-                    return rec
-        # else oldest unclaimed first: connections reach the gateway in the order they were made
+    def _claim_connect(self, ip: str, port: int, inode: Callable[[], int | None] | None = None) -> _Connect | None:
         match = [i for i, rec in enumerate(self._connects) if rec.ip == ip and rec.port == port]
         if not match:
             return None
+        # several calls to this destination: by socket identity while the socket is still there
+        # (exact, whatever else went there); the socket table is read only then, as it costs O(sockets)
+        ino = inode() if inode is not None and len(match) > 1 else None
+        for i in match if ino is not None else ():
+            if self._connects[i].inode == ino:
+                rec = self._connects[i]
+                del self._connects[i]
+                return rec
+        # else oldest unclaimed first: connections reach the gateway in the order they were made
         rec = self._connects[match[0]]
         rec.ambiguous = len({self._connects[i].pid for i in match}) > 1
         del self._connects[match[0]]
@@ -1095,11 +1097,21 @@ class Sandbox(Boundary):
         `group`: the pid's cgroup as the caller already read it, a moment that may have been its last)."""
         ev.sandbox_id = self.id
         if pid is None and sock is not None and self.agent_hostpid:
-            # The connect() the exec watcher saw names the process and its step: matched by the
-            # socket's inode while the socket exists, else (a scanner's connect-and-close) by
-            # destination, oldest first; when two processes raced there, the socket table decides.
-            inode = procs.socket_inode(self.agent_hostpid, sock[0], sock[1]) if ev.dst_ip else None
-            rec = self._claim_connect(ev.dst_ip, ev.dst_port or 0, inode) if ev.dst_ip else None
+            # The connect() the exec watcher saw names the process and its step (only calls that
+            # proceed are kept). Several to one destination: matched by the socket's inode while the
+            # socket exists, else (a scanner's connect-and-close) oldest first; when two processes
+            # raced there, the socket table decides.
+            inode: int | None = None
+            looked = False
+            agent = self.agent_hostpid
+
+            def lookup() -> int | None:
+                nonlocal inode, looked
+                if not looked:
+                    inode, looked = procs.socket_inode(agent, sock[0], sock[1]), True
+                return inode
+
+            rec = self._claim_connect(ev.dst_ip, ev.dst_port or 0, lookup) if ev.dst_ip else None
             if rec is not None and not rec.ambiguous:
                 ev.pid, ev.step = rec.pid, rec.step
                 if rec.proc is not None:
@@ -1107,10 +1119,8 @@ class Sandbox(Boundary):
                 ev.data["attribution"] = "connect-syscall"
                 pid = None
             else:
-                if inode is None:
-                    inode = procs.socket_inode(self.agent_hostpid, sock[0], sock[1])
-                if inode is not None:
-                    pid = procs.owner_of_inode(inode, self.pids())
+                if (ino := lookup()) is not None:
+                    pid = procs.owner_of_inode(ino, self.pids())
                 if pid is not None:
                     ev.data["attribution"] = "socket"
                 elif rec is not None:

@@ -120,6 +120,17 @@ async def test_miner_run_from_a_memfd_through_execveat_is_judged_by_its_name(sb_
     assert r.exit_code != 0
 
 
+async def test_miner_run_from_a_memfd_through_its_proc_path_is_judged_by_its_name(sb_factory, runtime):
+    sb = await sb_factory()
+    r = await sb.exec(py(
+        "import os\nfd=os.memfd_create('xm' + 'rig', 0)\nos.write(fd, open('/bin/sleep','rb').read())\n"
+        "os.execv(f'/proc/self/fd/{fd}', ['sleep', '5'])"))
+    f = (await findings_for(runtime, sb, "miner-binary"))[0]
+    assert f.step == r.step and r.exit_code != 0
+    ev = next(e for e in runtime.store.events(sandbox_id=sb.id, kind="process") if e.data.get("exec_fd"))
+    assert ev.exe == "/memfd:xmrig" and ev.verdict == "deny"
+
+
 async def test_miner_arguments_behind_padding_are_seen(sb_factory, runtime):
     sb = await sb_factory()
     # spelled so that the command text shows no marker: only the exec's argv does

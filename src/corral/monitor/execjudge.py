@@ -154,7 +154,7 @@ def read_call(tid: int, execveat: bool, args: tuple[int, ...]) -> ExecCall:
     finally:
         mem.close()
     path = raw_path.decode("utf-8", errors="replace")
-    exe, fd_link = _resolve(tid, path, dirfd, flags)
+    exe, fd_link, exec_fd = _resolve(tid, path, dirfd, flags)
     comm = _memfd_name(fd_link) if fd_link else os.path.basename(exe)
     first = ExecTarget(exe, argv, comm or os.path.basename(exe))
     if fd_link is not None:
@@ -162,7 +162,7 @@ def read_call(tid: int, execveat: bool, args: tuple[int, ...]) -> ExecCall:
     call = ExecCall(tid, path, argv, [first], None)
     # another process's /proc entries (by its pid in the sandbox) are not followed: nothing to expect
     call.unverifiable = exe.startswith("/proc/") and not exe.startswith(("/proc/self/", "/proc/thread-self/"))
-    opened = _open_program(tid, exe, dirfd if fd_link is not None else None)
+    opened = _open_program(tid, exe, exec_fd)
     _follow(call, opened)
     return call
 
@@ -208,15 +208,23 @@ def _fd_link(tid: int, fd: int) -> str:
         raise ExecUnreadable(f"descriptor {fd} of the exec cannot be read: {e.strerror}") from None
 
 
-def _resolve(tid: int, path: str, dirfd: int, flags: int) -> tuple[str, str | None]:
-    """The program's path as the sandbox sees it; and the descriptor's link for an fd exec."""
+def _resolve(tid: int, path: str, dirfd: int, flags: int) -> tuple[str, str | None, int | None]:
+    """The program's path as the sandbox sees it; for an exec of a descriptor (execveat's
+    AT_EMPTY_PATH, or a path naming the caller's own /dev/fd/N), the descriptor's link and number."""
     if path == "" and flags & AT_EMPTY_PATH:
         link = _fd_link(tid, dirfd)
-        return link.removesuffix(" (deleted)"), link
+        return link.removesuffix(" (deleted)"), link, dirfd
     if path.startswith("/"):
-        return os.path.normpath(path), None
-    base = _fd_link(tid, dirfd) if dirfd != AT_FDCWD else _cwd(tid)
-    return os.path.normpath(os.path.join(base, path)), None
+        exe = os.path.normpath(path)
+    else:
+        base = _fd_link(tid, dirfd) if dirfd != AT_FDCWD else _cwd(tid)
+        exe = os.path.normpath(os.path.join(base, path))
+    own = _OWN.match(exe)
+    if own is not None:  # /proc/self/fd/3 is a memfd's or a file's other name: judged by what it is
+        fd = int(own.group(1))
+        link = _fd_link(tid, fd)
+        return link.removesuffix(" (deleted)"), link, fd
+    return exe, None, None
 
 
 def _cwd(tid: int) -> str:

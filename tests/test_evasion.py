@@ -131,6 +131,20 @@ async def test_miner_run_from_a_memfd_through_its_proc_path_is_judged_by_its_nam
     assert ev.exe == "/memfd:xmrig" and ev.verdict == "deny"
 
 
+async def test_miner_in_another_process_memfd_is_judged_by_its_name(sb_factory, runtime):
+    """The memfd is held by a helper process and run through /proc/<helper>/fd/N."""
+    sb = await sb_factory()
+    r = await sb.exec(py(
+        "import os, time\nfd=os.memfd_create('xm' + 'rig', 0)\nos.write(fd, open('/bin/sleep','rb').read())\n"
+        "helper = os.fork()\nif helper == 0:\n    time.sleep(30)\n    os._exit(0)\n"
+        "os.close(fd)\ntry:\n    os.execv(f'/proc/{helper}/fd/{fd}', ['sleep', '5'])\n"
+        "finally:\n    os.kill(helper, 9)"))
+    f = (await findings_for(runtime, sb, "miner-binary"))[0]
+    assert f.step == r.step and r.exit_code != 0
+    ev = next(e for e in runtime.store.events(sandbox_id=sb.id, kind="process") if e.exe == "/memfd:xmrig")
+    assert ev.verdict == "deny"
+
+
 async def test_miner_arguments_behind_padding_are_seen(sb_factory, runtime):
     sb = await sb_factory()
     # spelled so that the command text shows no marker: only the exec's argv does

@@ -154,15 +154,15 @@ def read_call(tid: int, execveat: bool, args: tuple[int, ...]) -> ExecCall:
     finally:
         mem.close()
     path = raw_path.decode("utf-8", errors="replace")
-    exe, fd_link, exec_fd = _resolve(tid, path, dirfd, flags)
+    exe, fd_link, host = _resolve(tid, path, dirfd, flags)
     comm = _memfd_name(fd_link) if fd_link else os.path.basename(exe)
     first = ExecTarget(exe, argv, comm or os.path.basename(exe))
     if fd_link is not None:
         first.data["exec_fd"] = fd_link
     call = ExecCall(tid, path, argv, [first], None)
-    # another process's /proc entries (by its pid in the sandbox) are not followed: nothing to expect
-    call.unverifiable = exe.startswith("/proc/") and not exe.startswith(("/proc/self/", "/proc/thread-self/"))
-    opened = _open_program(tid, exe, exec_fd)
+    # other paths through /proc (another process's root, say) are not followed: nothing to expect
+    call.unverifiable = host is None and exe.startswith("/proc/")
+    opened = _open_program(tid, exe, host)
     _follow(call, opened)
     return call
 
@@ -208,22 +208,24 @@ def _fd_link(tid: int, fd: int) -> str:
         raise ExecUnreadable(f"descriptor {fd} of the exec cannot be read: {e.strerror}") from None
 
 
-def _resolve(tid: int, path: str, dirfd: int, flags: int) -> tuple[str, str | None, int | None]:
+def _resolve(tid: int, path: str, dirfd: int, flags: int) -> tuple[str, str | None, str | None]:
     """The program's path as the sandbox sees it; for an exec of a descriptor (execveat's
-    AT_EMPTY_PATH, or a path naming the caller's own /dev/fd/N), the descriptor's link and number."""
+    AT_EMPTY_PATH, or a path such as /proc/self/fd/N), the link it names and where the host opens it."""
     if path == "" and flags & AT_EMPTY_PATH:
         link = _fd_link(tid, dirfd)
-        return link.removesuffix(" (deleted)"), link, dirfd
+        return link.removesuffix(" (deleted)"), link, f"/proc/{tid}/fd/{dirfd}"
     if path.startswith("/"):
         exe = os.path.normpath(path)
     else:
         base = _fd_link(tid, dirfd) if dirfd != AT_FDCWD else _cwd(tid)
         exe = os.path.normpath(os.path.join(base, path))
-    own = _OWN.match(exe)
-    if own is not None:  # /proc/self/fd/3 is a memfd's or a file's other name: judged by what it is
-        fd = int(own.group(1))
-        link = _fd_link(tid, fd)
-        return link.removesuffix(" (deleted)"), link, fd
+    host = _magic(tid, exe)
+    if host is not None:  # /proc/self/fd/3 is a memfd's or a file's other name: judged by what it is
+        try:
+            link = os.readlink(host)
+        except OSError as e:
+            raise ExecUnreadable(f"{exe} cannot be read: {e.strerror}") from None
+        return link.removesuffix(" (deleted)"), link, host
     return exe, None, None
 
 
@@ -267,20 +269,29 @@ def open_in_root(pid: int, path: str) -> int | None:
 
 
 _OWN = re.compile(r"^/(?:dev/fd|proc/(?:self|thread-self)/fd)/(\d+)$")
+_OWN_EXE = ("/proc/self/exe", "/proc/thread-self/exe")
+_OTHER = re.compile(r"^/proc/(\d+)/(fd/\d+|exe)$")
 
 
-def _open_program(tid: int, exe: str, fd: int | None) -> int | None:
+def _magic(tid: int, exe: str) -> str | None:
+    """For a path that names a descriptor or a running program through /proc or /dev/fd (magic
+    links: no path to the file), where the host reaches the same thing. /proc/self is the caller's,
+    never corral's; /proc/<pid> is a pid of the sandbox, reached through the sandbox's own /proc."""
     own = _OWN.match(exe)
-    if own is not None:  # /dev/fd/N names the caller's own descriptor, not corral's
-        fd = int(own.group(1))
-    elif exe in ("/proc/self/exe", "/proc/thread-self/exe"):  # a program running itself again
+    if own is not None:
+        return f"/proc/{tid}/fd/{own.group(1)}"
+    if exe in _OWN_EXE:
+        return f"/proc/{tid}/exe"
+    if _OTHER.match(exe):
+        return f"/proc/{tid}/root{exe}"
+    return None
+
+
+def _open_program(tid: int, exe: str, host: str | None) -> int | None:
+    host = host or _magic(tid, exe)
+    if host is not None:  # a descriptor or a running program (a memfd has no path to open)
         try:
-            return os.open(f"/proc/{tid}/exe", os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
-        except OSError:
-            return None
-    if fd is not None:  # the descriptor itself (a memfd has no path to open)
-        try:
-            return os.open(f"/proc/{tid}/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+            return os.open(host, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
         except OSError:
             return None
     return open_in_root(tid, exe) if exe.startswith("/") else None
@@ -316,7 +327,7 @@ def _follow(call: ExecCall, fd: int | None) -> None:
         target = ExecTarget(interp, argv, os.path.basename(interp), {"script": target.exe, "judged_as": "interpreter"})
         call.targets.append(target)
         call.script = True
-        call.unverifiable = call.unverifiable or (interp.startswith("/proc/") and not _OWN.match(interp))
+        call.unverifiable = call.unverifiable or (interp.startswith("/proc/") and _magic(call.tid, interp) is None)
         fd = _open_program(call.tid, interp, None)
     if loader or LOADER.match(os.path.basename(target.exe)):
         launched = _loader_target(call.tid, target)

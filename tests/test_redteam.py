@@ -99,9 +99,10 @@ def test_f12_cases_protect_a_verifier_and_cover_each_technique():
     cases = load_cases()
     f12 = [c for c in cases if c.family == "F12"]
     assert len(f12) >= 15
-    # tampering's techniques, and evasion of corral's exec monitor (f12-evasion.yaml)
+    # tampering's techniques, evasion of corral's exec monitor (f12-evasion.yaml) and of its gateway
+    # (f12-split.yaml: split, late and later protocol units, denied hosts in later requests)
     assert {c.technique for c in f12} == {"T1565.001", "T1574.006", "T1055", "T1562.001",
-                                          "T1218", "T1036", "T1620", "T1027"}
+                                          "T1218", "T1036", "T1620", "T1027", "T1496", "T1572", "T1090"}
     verifier = [c for c in f12 if c.technique == "T1565.001"]
     assert verifier and all(c.protected for c in verifier)  # a verifier to tamper with
     assert any(c.protected for c in cases if c.family == "benign")  # and work beside one that must stay quiet

@@ -41,6 +41,8 @@ from dataclasses import dataclass, field
 MAX_ARGC = 4096
 MAX_ARGV_BYTES = 256 << 10
 MAX_PATH = 4096
+MAX_STR_PREFETCH = 4096  # read past the last argument's start, to cover its end
+PREFETCH_ARGC = 64  # below this many arguments, page-by-page reads cost less than one span read
 SHEBANG_BYTES = 256  # BINPRM_BUF_SIZE: the kernel reads no more of a #! line
 SHEBANG_DEPTH = 4  # the kernel's binfmt recursion limit
 AT_FDCWD = -100
@@ -115,6 +117,19 @@ class _Mem:
             self.pages[base] = page
         return page
 
+    def prefetch(self, lo: int, hi: int) -> None:
+        """Read the pages of [lo, hi) in one go where they are mapped (a hole ends it: the rest is
+        read page by page, and an unreadable page is then an error where it is needed)."""
+        base = lo - lo % PAGE
+        size = min(hi - base, MAX_ARGV_BYTES + 2 * PAGE)
+        size += -size % PAGE
+        try:
+            data = os.pread(self.fd, size, base)
+        except (OSError, OverflowError):
+            return
+        for off in range(0, len(data) - len(data) % PAGE, PAGE):
+            self.pages.setdefault(base + off, data[off: off + PAGE])
+
     def read(self, addr: int, n: int) -> bytes:
         out = bytearray()
         while len(out) < n:
@@ -168,21 +183,15 @@ def read_call(tid: int, execveat: bool, args: tuple[int, ...]) -> ExecCall:
 
 
 def _read_argv(mem: _Mem, argv_ptr: int) -> list[str]:
-    argv: list[str] = []
     if not argv_ptr:
-        return argv
+        return []
+    ptrs = _pointers(mem, argv_ptr)
+    if len(ptrs) > PREFETCH_ARGC and max(ptrs) - min(ptrs) <= MAX_ARGV_BYTES:
+        # many strings, usually side by side: one read of their span instead of one per page
+        mem.prefetch(min(ptrs), max(ptrs) + MAX_STR_PREFETCH)
+    argv: list[str] = []
     total = 0
-    i = 0
-    while True:
-        if i >= MAX_ARGC:
-            # one more pointer tells a full array from an overlong one
-            if struct.unpack("=Q", mem.read(argv_ptr + 8 * i, 8))[0]:
-                raise ExecTooLarge(f"more than {MAX_ARGC} arguments (corral judges every argument and runs "
-                                   "nothing above its cap; split the command, e.g. with xargs)")
-            return argv
-        ptr = struct.unpack("=Q", mem.read(argv_ptr + 8 * i, 8))[0]
-        if not ptr:
-            return argv
+    for ptr in ptrs:
         try:
             s = mem.cstr(ptr, MAX_ARGV_BYTES - total)
         except ExecTooLarge:
@@ -192,7 +201,25 @@ def _read_argv(mem: _Mem, argv_ptr: int) -> list[str]:
             raise ExecTooLarge(f"more than {MAX_ARGV_BYTES} bytes of arguments (corral judges every argument "
                                "and runs nothing above its cap; split the command, e.g. with xargs)")
         argv.append(s.decode("utf-8", errors="replace"))
-        i += 1
+    return argv
+
+
+def _pointers(mem: _Mem, addr: int) -> list[int]:
+    """argv's pointers up to its NULL, a page of them at a time; ExecTooLarge above MAX_ARGC."""
+    ptrs: list[int] = []
+    while True:
+        base = addr - addr % PAGE
+        off = addr - base
+        n = (PAGE - off) // 8
+        chunk = mem.read(addr, 8) if n == 0 else mem._page(base)[off: off + 8 * n]
+        for (ptr,) in struct.iter_unpack("=Q", chunk):
+            if not ptr:
+                return ptrs
+            if len(ptrs) >= MAX_ARGC:
+                raise ExecTooLarge(f"more than {MAX_ARGC} arguments (corral judges every argument and runs "
+                                   "nothing above its cap; split the command, e.g. with xargs)")
+            ptrs.append(ptr)
+        addr += len(chunk)
 
 
 def _int(v: int) -> int:

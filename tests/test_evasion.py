@@ -377,3 +377,17 @@ async def test_argv_rewritten_after_corral_read_it_is_judged_again(sb_factory, r
     assert counts.get(0, 0) == 0, counts
     assert counts.get(101, 0) > 0 and counts.get(3, 0) > 0, counts  # the race really ran both ways
     assert all(f.step == r.step for f in await findings_for(runtime, sb, "test-forbidden-arg"))
+
+
+async def test_tcp_send_with_an_ignored_address_is_no_datagram_event(sb_factory, runtime):
+    """A connected TCP socket's sendto/sendmsg ignores its address: no false 'UDP' egress event."""
+    sb = await sb_factory()
+    r = await sb.exec(py(
+        "import socket\nsrv = socket.socket()\nsrv.bind(('127.0.0.1', 0))\nsrv.listen()\n"
+        "c = socket.create_connection(srv.getsockname())\npeer, _ = srv.accept()\n"
+        "c.sendto(b'ab', ('203.0.113.24', 9996))\nc.sendmsg([b'cd'], [], 0, ('203.0.113.24', 9996))\n"
+        "got = b''\nwhile len(got) < 4:\n    got += peer.recv(4)\nprint(got.decode())"))
+    assert r.stdout.strip() == "abcd", r.stdout + r.stderr
+    await runtime.drain()
+    assert connects(runtime, sb, "203.0.113.24") == []
+    assert not [f for f in runtime.store.findings(sandbox_id=sb.id) if f.step == r.step]

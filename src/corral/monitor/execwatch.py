@@ -184,9 +184,12 @@ class ExecWatch:
         if not self._valid(nid):  # the memory and descriptor we read belonged to this very call
             return
         flags = args[3] if nr == NR_SENDTO else args[2]
-        if proto.startswith("TCP") and (nr == NR_CONNECT or (nr in (NR_SENDTO, NR_SENDMSG) and flags & MSG_FASTOPEN)):
-            # a TCP connect, or a TCP Fast Open send that connects: kept only when it will proceed
-            if self.on_connect is not None and inode is not None and not _tcp_connect_fails(pid, fd, inode):
+        if proto.startswith("TCP"):
+            # a TCP connect, or a TCP Fast Open send that connects: kept only when it will proceed.
+            # Any other TCP send ignores its address (it goes where the socket is connected).
+            connects = nr == NR_CONNECT or (nr in (NR_SENDTO, NR_SENDMSG) and flags & MSG_FASTOPEN)
+            if (connects and self.on_connect is not None and inode is not None
+                    and not _tcp_connect_fails(pid, fd, inode)):
                 self.on_connect(pid, *dsts[0], inode)
             return
         # connect() on a UDP socket sends nothing yet, but names the destination of every later

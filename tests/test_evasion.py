@@ -391,3 +391,15 @@ async def test_tcp_send_with_an_ignored_address_is_no_datagram_event(sb_factory,
     await runtime.drain()
     assert connects(runtime, sb, "203.0.113.24") == []
     assert not [f for f in runtime.store.findings(sandbox_id=sb.id) if f.step == r.step]
+
+
+async def test_tcp_fast_open_send_is_recorded_as_a_connect(sb_factory, runtime):
+    """sendto(MSG_FASTOPEN) connects a TCP socket without connect(): recorded and attributed like one."""
+    sb = await sb_factory()
+    r = await sb.exec(py(
+        "import socket, time\ns = socket.socket()\n"
+        "try:\n    s.sendto(b'GET / HTTP/1.0\\r\\n\\r\\n', socket.MSG_FASTOPEN, ('203.0.113.25', 80))\n"
+        "except OSError as e:\n    print('err', e.errno)\ntime.sleep(0.5)"))
+    evs = await eventually(lambda: connects(runtime, sb, "203.0.113.25"), "the Fast Open connection's event")
+    assert evs[0].step == r.step and evs[0].protocol != "udp"
+    assert evs[0].data.get("attribution") == "connect-syscall", evs[0].data

@@ -4,6 +4,7 @@ test can ever send a packet to the machine's real network."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import threading
@@ -88,6 +89,16 @@ async def sb_factory(runtime: Runtime) -> AsyncIterator:
 
 def allow(*rules: str, **limits) -> SandboxConfig:
     return SandboxConfig(egress=EgressPolicy.allowing(*rules), limits=Limits(**limits) if limits else Limits())
+
+
+async def findings_for(runtime, sb, rule=None, wait=10.0):
+    """The sandbox's findings (of `rule`, if given), once there are any or `wait` seconds passed."""
+    deadline = asyncio.get_running_loop().time() + wait
+    while True:
+        got = [f for f in runtime.store.findings(sandbox_id=sb.id) if rule is None or f.rule_id == rule]
+        if got or asyncio.get_running_loop().time() > deadline:
+            return got
+        await asyncio.sleep(0.05)
 
 
 async def eventually(cond, what: str, timeout: float = 20.0):

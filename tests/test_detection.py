@@ -11,20 +11,11 @@ import pytest
 
 from corral import EpisodeEnded, Runtime, RuntimeConfig, SandboxFrozen
 from corral.events import Event, EventKind, Verdict
-from tests.conftest import INTERNAL, METADATA, POOL, SSH, allow, connect_cmd, eventually, py
+from tests.conftest import INTERNAL, METADATA, POOL, SSH, allow, connect_cmd, eventually, findings_for, py
 
 pytestmark = pytest.mark.asyncio
 
 STRATUM = b'{"id": 1, "method": "mining.subscribe", "params": ["cpuminer/2.5"]}\n'
-
-
-async def findings_for(runtime, sb, rule=None, wait=10.0):
-    deadline = asyncio.get_running_loop().time() + wait
-    while True:
-        got = [f for f in runtime.store.findings(sandbox_id=sb.id) if rule is None or f.rule_id == rule]
-        if got or asyncio.get_running_loop().time() > deadline:
-            return got
-        await asyncio.sleep(0.05)
 
 
 async def finding_steps(runtime, sb, rule) -> set[int]:

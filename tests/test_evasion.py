@@ -3,24 +3,13 @@ real sandbox: the attack is refused or killed, and what corral recorded names th
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 
-from tests.conftest import eventually, py
+from tests.conftest import eventually, findings_for, py
 
 pytestmark = pytest.mark.asyncio
 
 AF_VSOCK, AF_PACKET, AF_NETLINK = 40, 17, 16
-
-
-async def findings_for(runtime, sb, rule=None, wait=10.0):
-    deadline = asyncio.get_running_loop().time() + wait
-    while True:
-        got = [f for f in runtime.store.findings(sandbox_id=sb.id) if rule is None or f.rule_id == rule]
-        if got or asyncio.get_running_loop().time() > deadline:
-            return got
-        await asyncio.sleep(0.05)
 
 
 def syscall_cmd(nr: int, *args: int) -> str:

@@ -109,6 +109,17 @@ async def test_miner_run_from_a_memfd_through_execveat_is_judged_by_its_name(sb_
     assert r.exit_code != 0
 
 
+@pytest.mark.parametrize("how", ["os.execv('/proc/self/fd/%d' % fd, ['kworker'])", "os.execve(fd, ['kworker'], {})"])
+async def test_an_innocently_named_memfd_program_is_still_fileless_execution(sb_factory, runtime, how):
+    """Judged as its memfd ("/memfd:kworker"), whatever name it was given: running from memory is the
+    finding (the red-team benchmark caught the rule still expecting the /proc/self/fd path)."""
+    sb = await sb_factory()
+    r = await sb.exec(py("import os\nfd = os.memfd_create('kworker')\n"
+                         "os.write(fd, open('/bin/true', 'rb').read())\n" + how))
+    f = (await findings_for(runtime, sb, "fileless-execution"))[0]
+    assert f.step == r.step and r.exit_code != 0
+
+
 async def test_miner_run_from_a_memfd_through_its_proc_path_is_judged_by_its_name(sb_factory, runtime):
     sb = await sb_factory()
     r = await sb.exec(py(

@@ -91,6 +91,15 @@ def allow(*rules: str, **limits) -> SandboxConfig:
     return SandboxConfig(egress=EgressPolicy.allowing(*rules), limits=Limits(**limits) if limits else Limits())
 
 
+def add_rule(monkeypatch, ruleset, rule) -> None:
+    """A rule made in the test, judged beside the shipped ones for the test's duration (in the full
+    list and in the detector's per-kind index, which `rule.kinds` selects: None for every kind)."""
+    active, active_for = ruleset.active, ruleset.active_for
+    monkeypatch.setattr(ruleset, "active", lambda: [*active(), rule])
+    monkeypatch.setattr(ruleset, "active_for", lambda kind: [
+        *active_for(kind), *([rule] if rule.kinds is None or kind in rule.kinds else [])])
+
+
 async def findings_for(runtime, sb, rule=None, wait=10.0):
     """The sandbox's findings (of `rule`, if given), once there are any or `wait` seconds passed."""
     deadline = asyncio.get_running_loop().time() + wait

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import eventually, findings_for, py
+from tests.conftest import add_rule, eventually, findings_for, py
 
 pytestmark = pytest.mark.asyncio
 
@@ -318,9 +318,8 @@ async def test_exec_is_refused_when_a_rule_raises_on_it(sb_factory, runtime, mon
             raise ValueError("cannot judge this")
         return False
 
-    bomb = dataclasses.replace(model, id="test-raising-rule", pred=broken, enabled=True, threshold=None)
-    active = ruleset.active
-    monkeypatch.setattr(ruleset, "active", lambda: [*active(), bomb])
+    bomb = dataclasses.replace(model, id="test-raising-rule", pred=broken, enabled=True, threshold=None, kinds=None)
+    add_rule(monkeypatch, ruleset, bomb)
     r = await sb.exec("env corral-rule-bomb; echo rc=$?")
     assert "rc=126" in r.stdout and "Operation not permitted" in r.stderr, r.stdout + r.stderr
     ev = await eventually(lambda: [e for e in degraded(runtime, sb) if "test-raising-rule" in (e.reason or "")],
@@ -368,9 +367,9 @@ async def test_argv_rewritten_after_corral_read_it_is_judged_again(sb_factory, r
     def forbidden(get):
         return get("evt.kind") == "process" and any("forbidden-arg" in a for a in get("proc.argv") or [])
 
-    rule = dataclasses.replace(model, id="test-forbidden-arg", pred=forbidden, enabled=True, threshold=None)
-    active = ruleset.active
-    monkeypatch.setattr(ruleset, "active", lambda: [*active(), rule])
+    rule = dataclasses.replace(model, id="test-forbidden-arg", pred=forbidden, enabled=True, threshold=None,
+                               kinds=frozenset({"process"}))
+    add_rule(monkeypatch, ruleset, rule)
     r = await sb.exec(py(ARGV_RACE), timeout=240)
     counts = dict(eval(r.stdout))  # exit status -> how many tries
     # 0: the forbidden argv ran to its end, unjudged. 3: the judged argv ran. 101: corral read it (EPERM).

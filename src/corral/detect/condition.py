@@ -262,3 +262,76 @@ def _eq(v: Any, rhs: Any) -> bool:
         except (TypeError, ValueError):
             return False
     return str(v) == str(rhs)
+
+
+def event_kinds(text: str, macros: Mapping[str, str],
+                lists: Mapping[str, list[Any]] | None = None) -> frozenset[str] | None:
+    """The event kinds a condition can match at most (None: any kind), read from its `evt.kind = X`
+    and `evt.kind in (...)` terms through its macros. An over-approximation, so the detector may skip
+    a rule for an event of any other kind without changing a single judgement: `and` intersects,
+    `or` unites, and `not` or anything else says nothing. Call on a condition that compiles."""
+    toks = tokenize(text)
+    pos = 0
+
+    def peek() -> tuple[str, str] | None:
+        return toks[pos] if pos < len(toks) else None
+
+    def take() -> tuple[str, str]:
+        nonlocal pos
+        pos += 1
+        return toks[pos - 1]
+
+    def either(a: frozenset[str] | None, b: frozenset[str] | None) -> frozenset[str] | None:
+        return None if a is None or b is None else a | b
+
+    def both(a: frozenset[str] | None, b: frozenset[str] | None) -> frozenset[str] | None:
+        return b if a is None else a if b is None else a & b
+
+    def or_() -> frozenset[str] | None:
+        out = and_()
+        while peek() == ("word", "or"):
+            take()
+            out = either(out, and_())
+        return out
+
+    def and_() -> frozenset[str] | None:
+        out = not_()
+        while peek() == ("word", "and"):
+            take()
+            out = both(out, not_())
+        return out
+
+    def not_() -> frozenset[str] | None:
+        if peek() == ("word", "not"):
+            take()
+            not_()
+            return None
+        return atom()
+
+    def atom() -> frozenset[str] | None:
+        kind, value = take()
+        if (kind, value) == ("punct", "("):
+            inner = or_()
+            take()  # ")"
+            return inner
+        if value in macros:
+            return event_kinds(macros[value], macros, lists)
+        tok = peek()
+        if tok is None or not (tok[0] == "op" or (tok[0] == "word" and tok[1] in OPS)):
+            return None  # a bare field: truthiness says nothing about the kind
+        op = take()[1]
+        if op == "exists":
+            return None
+        items: list[str] = []
+        if peek() == ("punct", "("):
+            take()
+            while (t := take()) != ("punct", ")"):
+                if t != ("punct", ","):
+                    items.append(t[1])
+        else:
+            items.append(take()[1])
+        if value == "evt.kind" and op in ("=", "in"):
+            return frozenset(str(x) for i in items for x in (lists or {}).get(i, [i]))
+        return None
+
+    return or_()

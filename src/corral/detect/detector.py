@@ -52,7 +52,8 @@ class Detector:
     def evaluate(self, ev: Event) -> Judgement:
         get = getter(ev)
         j = Judgement()
-        for rule in self.ruleset.active():
+        # only the rules that can match this kind of event: a process exec is not judged by DNS rules
+        for rule in self.ruleset.active_for(str(ev.kind)):
             assert rule.pred is not None
             try:
                 if not rule.pred(get):

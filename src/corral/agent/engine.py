@@ -191,7 +191,8 @@ class EpisodeEngine:
         out.stdout, out.stderr, submitted = r.stdout, r.stderr, r.submitted
         # connections and DNS answers a command made just before it exited are judged after it
         await self.runtime.drain()
-        verdict = self.violation()
+        findings = self.findings()  # one store read per turn, for the verdict and the outcome
+        verdict = self.violation(findings)
         if verdict is not None:
             reason = verdict[0]
         elif self.sb is None or self.sb.closed:
@@ -203,7 +204,7 @@ class EpisodeEngine:
         elif time.time() - self.started > self.task.limits.max_seconds:
             reason = "max_seconds"
         else:
-            out.violations = [violation_record(f).model_dump() for f in self.findings()]
+            out.violations = [violation_record(f).model_dump() for f in findings]
             out.metrics = self._metrics()
             self.last = out
             return out

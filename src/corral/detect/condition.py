@@ -287,19 +287,19 @@ def event_kinds(text: str, macros: Mapping[str, str],
     def both(a: frozenset[str] | None, b: frozenset[str] | None) -> frozenset[str] | None:
         return b if a is None else a if b is None else a & b
 
-    def or_() -> frozenset[str] | None:
-        out = and_()
-        while peek() == ("word", "or"):
+    def chain(word: str, sub: Callable[[], frozenset[str] | None],
+              combine: Callable[[frozenset[str] | None, frozenset[str] | None], frozenset[str] | None]):
+        out = sub()
+        while peek() == ("word", word):
             take()
-            out = either(out, and_())
+            out = combine(out, sub())
         return out
 
+    def or_() -> frozenset[str] | None:
+        return chain("or", and_, either)
+
     def and_() -> frozenset[str] | None:
-        out = not_()
-        while peek() == ("word", "and"):
-            take()
-            out = both(out, not_())
-        return out
+        return chain("and", not_, both)
 
     def not_() -> frozenset[str] | None:
         if peek() == ("word", "not"):

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import errno
 import fcntl
 import functools
@@ -40,7 +39,7 @@ import pyseccomp as sc
 from corral.events import Event, Verdict
 from corral.inflight import InFlight
 from corral.monitor import masquerade
-from corral.monitor.execjudge import ExecCall, cmdline_of, image_of, read_call, tgid_of
+from corral.monitor.execjudge import ExecCall, _libc, cmdline_of, image_of, read_call, tgid_of
 from corral.monitor.masquerade import SYSTEM_DIRS
 
 log = logging.getLogger(__name__)
@@ -414,11 +413,6 @@ def _tcp_state(tid: int, fd: int) -> int | None:
             os.close(dup)
     finally:
         os.close(pidfd)
-
-
-@functools.cache
-def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(None, use_errno=True)
 
 
 def _msg_name(tid: int, msghdr: int) -> tuple[str, int] | None:

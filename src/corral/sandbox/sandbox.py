@@ -770,13 +770,14 @@ class Sandbox(Boundary):
                              "tool_call_id": info.tool_call_id if info else None,
                              "protected": self.config.protected_paths})
             j = self._runtime.emit(ev, persist=False)
-            if j is not None and j.blocks and j.rule is not None:
-                rule = j.rule
+            # any blocking judgement refuses, a rule's or the store's (which names no rule): fail closed
+            if j is not None and j.blocks:
+                why = f"refused by rule {j.rule.id}: {j.rule.title}" if j.rule is not None else j.reason
                 self._emit(Event(kind=EventKind.COMMAND, action="refused", sandbox_id=self.id,
                                  episode_id=self.episode_id, step=step, command=cmd, verdict=Verdict.DENY,
-                                 reason=f"refused by rule {rule.id}: {rule.title}"))
+                                 reason=why))
                 return ExecResult(exit_code=None, stdout_bytes=b"", stderr_bytes=b"", duration=0.0, step=step,
-                                  refused=True, error=f"refused by rule {rule.id}: {rule.title}")
+                                  refused=True, error=why)
         return None
 
     def _register(self, step: int, limit: int, on_output: Callable[[OutputChunk], None] | None,

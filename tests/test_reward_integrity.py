@@ -164,3 +164,13 @@ async def test_a_call_racing_the_ending_waits_and_finds_it_ended(runtime, lru):
         assert out.verifier["failed"] == 8 and sum(1 for s in engine._sandbox_ids if s != engine.sandbox_id) == 1
     finally:
         await engine.close()
+
+
+def test_a_testcase_of_a_module_not_the_verifiers_counts_for_nothing():
+    """An agent's own test file defining the verifier's function names (repeated, parametrized) adds
+    no passes: a testcase counts only under the verifier's module that defines it."""
+    expected = {("test_lru", "test_basic_get_put"), ("test_lru", "test_evicts")}
+    padded = b"".join(b'<testcase classname="test_mine" name="test_basic_get_put[%d]"/>' % i for i in range(96))
+    xml = (b'<testsuites><testsuite>' + padded + b'<testcase name="test_basic_get_put"/>'
+           b'<testcase classname="tests.test_lru" name="test_evicts"><failure/></testcase></testsuite></testsuites>')
+    assert parse_junit(xml, expected) == (0, 2, 0)  # test_basic_get_put never ran under test_lru

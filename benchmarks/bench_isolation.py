@@ -241,7 +241,8 @@ async def run(args: argparse.Namespace, console: Console, machine: dict[str, Any
         rep.group("recording: async writer vs synchronous (same runtime, interleaved)")
         await bench.writer_ab(rt, quiet)
         kinds = [] if args.quick else [[k] for k in FLOODS]
-        for ks in [*kinds, list(FLOODS)]:
+        phases = [[args.only]] if args.only else [*kinds, list(FLOODS)]
+        for ks in phases:
             name = "all" if len(ks) > 1 else ks[0]
             try:
                 await bench.phase(rt, quiet, noisy, ks, name)
@@ -263,7 +264,8 @@ async def run(args: argparse.Namespace, console: Console, machine: dict[str, Any
 
     tgts = [Target(f"quiet {what} p50 within 2x of unloaded ({name})", ratio(f"{what}_{name}"),
                    lambda v: v <= 2.0, lambda v: f"{v:.2f}x")
-            for name in ([] if args.quick else list(FLOODS)) + ["all"] for what in ("exec", "connect")]
+            for name in ([args.only] if args.only else ([] if args.quick else list(FLOODS)) + ["all"])
+            for what in ("exec", "connect")]
     tgts.append(Target("exec round trip with the async writer no slower than synchronous recording",
                        ratio("exec_writer"), lambda v: v <= 1.05, lambda v: f"{v:.2f}x"))
     tgts.append(Target("spawn-heavy command with the async writer no slower than synchronous recording",
@@ -291,6 +293,7 @@ def _world() -> World:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     ap.add_argument("--quick", action="store_true", help="the all-floods phase only, small n")
+    ap.add_argument("--only", choices=list(FLOODS), help="one flood phase only (to profile it)")
     ap.add_argument("--out", default="", help="JSON output path (default benchmarks/results/isolation.json)")
     args = ap.parse_args()
     pre = preflight(args.quick)

@@ -342,3 +342,47 @@ async def test_recording_budget_keeps_denials_and_evidence_and_summarises_the_re
     assert s.action == "suppressed" and s.sandbox_id == "sb" and s.data["events"] == 7
     assert s.data["kinds"] == {"process:exec": 7} and "7 events" in s.reason
     assert b.due(now=12.5) == []  # one summary per window, and idle windows are forgotten
+
+
+# -- new connections: paced per sandbox ----------------------------------------------------------------
+CONNECTS = """
+import json, socket, time
+ok, t = 0, []
+for i in range({n}):
+    s = socket.create_connection(("198.51.100.30", 7), timeout=30)
+    s.sendall(b"x"); assert s.recv(1) == b"x"; s.close(); ok += 1
+for i in range(50):  # within the sandbox: never paced
+    l = socket.socket(); l.bind(("127.0.0.1", 0)); l.listen()
+    c = socket.create_connection(l.getsockname()); c.close(); l.close()
+print(json.dumps({{"ok": ok}}))
+"""
+
+
+async def test_connections_above_the_rate_wait_their_turn_and_none_is_refused(world, tmp_path):
+    """A sandbox opening connections faster than its rate: after the burst each connect() is held until
+    its turn (one `paced` event a second says so, attributed to the step), and every connection still
+    succeeds; connections inside the sandbox are not counted; the other sandbox is never paced."""
+    rt = Runtime(RuntimeConfig(state_dir=tmp_path, hosts=world.hosts, system_dns=False,
+                               budgets=Budgets(connect_rate=10, connect_burst=4)))
+    await rt.start()
+    try:
+        noisy = await rt.create(allow("198.51.100.0/24"))
+        quiet = await rt.create(allow("198.51.100.0/24"))
+        await noisy.write_file("/workspace/c.py", CONNECTS.format(n=24))
+        await quiet.write_file("/workspace/c.py", CONNECTS.format(n=3))
+        r, q = await asyncio.gather(noisy.exec("python3 /workspace/c.py", timeout=60),
+                                    quiet.exec("python3 /workspace/c.py", timeout=60))
+        assert '"ok": 24' in r.stdout, (r.stdout, r.stderr)
+        assert '"ok": 3' in q.stdout, (q.stdout, q.stderr)
+        await rt.drain()
+        paced = [e for e in rt.store.events(sandbox_id=noisy.id) if e.action == "paced"]
+        assert paced, "no paced event"
+        assert paced[0].step == r.step and paced[0].pid and paced[0].data["rate"] == 10
+        assert paced[0].data["wait_ms"] > 0 and "10 new connections a second" in paced[0].reason
+        # 24 gateway connections against a burst of 4: most waited; the 50 loopback ones did not count
+        assert max(e.data["paced_total"] for e in paced) <= 20
+        assert not [e for e in rt.store.events(sandbox_id=quiet.id) if e.action == "paced"]
+        conns = [e for e in rt.store.events(sandbox_id=noisy.id, kind="connect") if e.action == "connect"]
+        assert len(conns) == 24 and all(e.verdict == "allow" and e.step == r.step for e in conns)
+    finally:
+        await rt.close()

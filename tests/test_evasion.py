@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import add_rule, eventually, findings_for, py
+from tests.conftest import add_rule, allow, eventually, findings_for, py
 
 pytestmark = pytest.mark.asyncio
 
@@ -271,6 +271,29 @@ async def test_connect_is_attributed_to_its_own_socket_not_to_failed_connects_of
     evs = await eventually(lambda: connects(runtime, sb, ip), "the connection's event")
     assert [e.step for e in evs] == [second.step], [(e.step, e.data.get("attribution")) for e in evs]
     assert evs[0].data.get("attribution") == "connect-syscall" and "python3" in (evs[0].exe or "")
+
+
+HOLD = """
+import socket, sys, time
+s = socket.create_connection(("198.51.100.30", 7))
+s.sendall(b"x"); s.recv(1)
+time.sleep(1.0)  # both sockets alive when the gateway asks whose each connection is
+print(sys.argv[1])
+"""
+
+
+async def test_two_processes_racing_to_one_destination_each_get_their_own_connection(sb_factory, runtime):
+    """Several connects to one destination at once, from different processes: each connection is
+    matched to the socket that made it (an exact kernel lookup by 4-tuple), never guessed by order."""
+    sb = await sb_factory(allow("198.51.100.0/24"))
+    await sb.write_file("/workspace/hold.py", HOLD)
+    r = await sb.exec("for t in alpha beta gamma; do python3 /workspace/hold.py $t & done; wait")
+    assert sorted(r.stdout.split()) == ["alpha", "beta", "gamma"], r.stdout + r.stderr
+    evs = await eventually(lambda: (c := connects(runtime, sb, "198.51.100.30")) and len(c) == 3 and c,
+                           "three connection events")
+    assert sorted(e.argv[-1] for e in evs) == ["alpha", "beta", "gamma"], [e.argv for e in evs]
+    assert {e.data.get("attribution") for e in evs} == {"connect-syscall"}, [e.data for e in evs]
+    assert len({e.pid for e in evs}) == 3 and all(e.step == r.step for e in evs)
 
 
 async def test_udp_sendmsg_and_sendmmsg_to_an_address_are_seen(sb_factory, runtime):

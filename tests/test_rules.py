@@ -155,3 +155,21 @@ def test_the_kind_index_never_changes_a_judgement():
                 kinds_matched.add(str(ev.kind))
     # the events do exercise rules of several kinds (the check above is not vacuous)
     assert {"process", "command", "connect", "dns"} <= kinds_matched, kinds_matched
+
+
+def test_threshold_counts_distinct_values_only_within_the_window(tmp_path):
+    """Values that slid out of the window no longer count (the count is kept incrementally)."""
+    f = tmp_path / "t.yaml"
+    f.write_text("- rule: t\n  title: t\n  severity: high\n  condition: net.dst_ip = 198.51.100.99\n"
+                 "  threshold: {distinct: net.dst_port, by: [sandbox.id], at_least: 3, within: 10}\n")
+    d = Detector(load([f], base=load([])))
+
+    def fires(ts: float, port: int) -> bool:
+        return bool(d.evaluate(Event(kind=EventKind.CONNECT, action="connect", sandbox_id="s", ts=ts,
+                                     dst_ip="198.51.100.99", dst_port=port)).findings)
+
+    assert not fires(0, 1) and not fires(1, 2)
+    assert not fires(10.5, 1)  # port 1 of ts 0 slid out and came back: {2, 1}
+    assert not fires(10.8, 2)  # still {2, 1}
+    assert not fires(11.5, 2)  # ts 1 slid out; {1, 2} still
+    assert fires(12, 3)  # {1, 2, 3} within 10 s

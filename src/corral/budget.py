@@ -12,6 +12,10 @@ sandbox has spent. What is budgeted is what costs corral's shared resources:
 - the store writer's backlog, shared by all sandboxes: past `writer_queue` events (or
   `writer_bytes`), new blockable actions are refused rather than let through unrecorded;
 - DNS queries per second (net/dns.py): above the cap, queries are answered REFUSED;
+- new outbound TCP connections per second (a token bucket, `Pace`): above the rate, a connect() is
+  held stopped until its turn, then judged like any other. Each connection costs corral's shared event
+  loop work (judging, attribution, relaying, recording), so a sandbox opening them as fast as it can
+  would otherwise take the loop from every other tenant;
 - bytes of executables hashed per window (monitor/masquerade.py): above it, a copy's identity is
   unknown, and the exec is judged as fail-closed (see masquerade.py).
 """
@@ -38,6 +42,8 @@ class Budgets(BaseModel):
     events: int = Field(1000, ge=1)  # events recorded per sandbox per window
     bytes: int = Field(2 << 20, ge=1024)  # bytes recorded per sandbox per window (approximate)
     dns_qps: int = Field(100, ge=1)  # DNS queries answered per sandbox per second
+    connect_rate: float = Field(50.0, gt=0)  # new outbound TCP connections per sandbox per second ...
+    connect_burst: int = Field(100, ge=1)  # ... after a burst of this many; above it, connect() waits
     hash_bytes: int = Field(256 << 20, ge=0)  # executable bytes hashed per sandbox per window
     writer_queue: int = Field(20000, ge=1)  # events waiting for the writer before blockable actions are refused
     writer_bytes: int = Field(128 << 20, ge=1 << 20)  # ... or bytes waiting
@@ -99,6 +105,27 @@ def compacted(ev: Event) -> Event:
         total += len(a)
     data = {**ev.data, "argv_truncated": {"args": len(ev.argv), "bytes": sum(len(a) for a in ev.argv)}}
     return ev.model_copy(update={"argv": kept, "data": data})
+
+
+class Pace:
+    """A token bucket: `take()` says how long the caller must wait for its turn (0: at once). Debt
+    accrues, so callers that keep coming wait in line; one that waits does not slow other sandboxes."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate, self.burst = rate, burst
+        self._tokens = float(burst)
+        self._at = time.monotonic()
+        self.paced = 0  # calls that had to wait, ever
+
+    def take(self, now: float | None = None) -> float:
+        now = time.monotonic() if now is None else now
+        self._tokens = min(float(self.burst), self._tokens + (now - self._at) * self.rate)
+        self._at = now
+        self._tokens -= 1.0
+        if self._tokens >= 0:
+            return 0.0
+        self.paced += 1
+        return -self._tokens / self.rate
 
 
 class Admit(Enum):

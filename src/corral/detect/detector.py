@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections import defaultdict, deque
+from collections import Counter, defaultdict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +39,7 @@ class Detector:
         self.overrides = dict(action_overrides or {})
         self._seen: set[tuple] = set()
         self._windows: dict[tuple, deque] = defaultdict(deque)
+        self._distinct: dict[tuple, Counter] = defaultdict(Counter)
         self._fired: set[tuple] = set()
 
     def load(self, paths: list[Path]) -> RuleSet:
@@ -91,13 +92,20 @@ class Detector:
         if key in self._fired:
             return True  # keeps matching (and blocking) after it fired; deduplicated as one finding
         win = self._windows[key]
-        win.append((ts, get(t.distinct) if t.distinct else ts))
+        # O(1) per event: a flood of matching events must not make each one cost its window's length
+        counts = self._distinct[key]
+        value = get(t.distinct) if t.distinct else ts
+        win.append((ts, value))
+        counts[value] += 1
         while win and win[0][0] < ts - t.within:
-            win.popleft()
-        count = len({v for _, v in win}) if t.distinct else len(win)
-        if count >= t.at_least:
+            _, old = win.popleft()
+            counts[old] -= 1
+            if not counts[old]:
+                del counts[old]
+        if (len(counts) if t.distinct else len(win)) >= t.at_least:
             self._fired.add(key)
             win.clear()
+            counts.clear()
             return True
         return False
 

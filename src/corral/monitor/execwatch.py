@@ -100,13 +100,14 @@ class ExecWatch:
     """Serves one sandbox's listener fd on the event loop."""
 
     def __init__(self, fd: int, on_exec: Callable[[Event], bool], make_event: Callable[[int], Event],
-                 on_connect: Callable[[int, str, int, int | None], None] | None = None,
+                 on_connect: Callable[[int, str, int, int | None], float] | None = None,
                  on_datagram: Callable[[int, str, int, bool], None] | None = None,
                  on_degraded: Callable[[int, str], None] | None = None) -> None:
         self.fd = fd
         # (host pid, dst ip, dst port, sent): sent for a sendto, not for a UDP socket's connect()
         self.on_datagram = on_datagram
-        # (host pid, dst ip, dst port, socket inode), before the SYN leaves, for calls that proceed
+        # (host pid, dst ip, dst port, socket inode), before the SYN leaves, for calls that proceed;
+        # returns how long the call waits for its turn (the sandbox's connection rate)
         self.on_connect = on_connect
         self.on_exec = on_exec  # returns False to refuse the exec
         self.make_event = make_event  # an attributed PROCESS event for a host pid
@@ -117,6 +118,7 @@ class ExecWatch:
         self.count = 0
         self._expect: dict[int, _Expect] = {}  # by tgid
         self._hashing = InFlight()  # execs waiting for a file's hash (answered when it is known)
+        self._paced: dict[int, asyncio.TimerHandle] = {}  # connects waiting for their turn, by notification
 
     def close(self) -> None:
         with contextlib.suppress(ValueError, OSError):
@@ -127,6 +129,9 @@ class ExecWatch:
             if x.handle is not None:
                 x.handle.cancel()
         self._expect.clear()
+        for h in self._paced.values():
+            h.cancel()
+        self._paced.clear()
 
     def _ready(self) -> None:
         req = bytearray(80)
@@ -142,8 +147,11 @@ class ExecWatch:
         allow: bool | None = False
         try:
             if nr in NETWORK:
-                self._network(nid, pid, nr, args)
+                wait = self._network(nid, pid, nr, args)
                 allow = True
+                if wait > 0:  # its turn comes later; the loop serves other calls and sandboxes meanwhile
+                    allow = None
+                    self._paced[nid] = self.loop.call_later(wait, self._respond_paced, nid)
             else:
                 allow = self._exec(nid, pid, nr, args)  # None: answered later, once a file is hashed
         except Exception as e:  # fail closed: what could not be judged does not happen
@@ -165,7 +173,9 @@ class ExecWatch:
                 log.exception("corral exec monitor: could not record a degraded event for pid %s", pid)
 
     # -- connect and send ------------------------------------------------------------------------
-    def _network(self, nid: int, pid: int, nr: int, args: tuple[int, ...]) -> None:
+    def _network(self, nid: int, pid: int, nr: int, args: tuple[int, ...]) -> float:
+        """Notes the call's destinations; returns how long the call must wait for its turn (the
+        sandbox's connection rate), 0 to go on at once."""
         if nr == NR_CONNECT:
             dsts = [_read_sockaddr(pid, args[1], args[2])]
         elif nr == NR_SENDTO:
@@ -176,12 +186,12 @@ class ExecWatch:
             dsts = _mmsg_names(pid, args[1], min(args[2] & 0xFFFFFFFF, MMSG_MAX))
         dsts = list(dict.fromkeys(d for d in dsts if d is not None))
         if not dsts:
-            return  # no inet address (a unix socket, a connected socket's plain send)
+            return 0.0  # no inet address (a unix socket, a connected socket's plain send)
         fd = args[0] & 0xFFFFFFFF
         proto = _socket_protocol(pid, fd)
         inode = _socket_inode(pid, fd)
         if not self._valid(nid):  # the memory and descriptor we read belonged to this very call
-            return
+            return 0.0
         flags = args[3] if nr == NR_SENDTO else args[2]
         if proto.startswith("TCP"):
             # a TCP connect, or a TCP Fast Open send that connects: kept only when it will proceed.
@@ -189,13 +199,14 @@ class ExecWatch:
             connects = nr == NR_CONNECT or (nr in (NR_SENDTO, NR_SENDMSG) and flags & MSG_FASTOPEN)
             if (connects and self.on_connect is not None and inode is not None
                     and not _tcp_connect_fails(pid, fd, inode)):
-                self.on_connect(pid, *dsts[0], inode)
-            return
+                return self.on_connect(pid, *dsts[0], inode)
+            return 0.0
         # connect() on a UDP socket sends nothing yet, but names the destination of every later
         # send(): the only moment corral sees where such datagrams would go.
         if self.on_datagram is not None:
             for dst in dsts:
                 self.on_datagram(pid, *dst, nr != NR_CONNECT)
+        return 0.0
 
     # -- exec ----------------------------------------------------------------------------------------
     def _exec(self, nid: int, pid: int, nr: int, args: tuple[int, ...]) -> bool | None:
@@ -331,6 +342,10 @@ class ExecWatch:
                 signal.pidfd_send_signal(pidfd, signal.SIGKILL)
             finally:
                 os.close(pidfd)
+
+    def _respond_paced(self, nid: int) -> None:
+        self._paced.pop(nid, None)
+        self._respond(nid, True)
 
     def _respond(self, nid: int, allow: bool) -> None:
         resp = struct.pack("=QqiI", nid, 0, 0 if allow else -errno.EPERM, FLAG_CONTINUE if allow else 0)

@@ -17,6 +17,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from corral.errors import IsolationUnavailable
+from corral.net.sockdiag import SockDiag
 from corral.nsutil import new_netns, socket_in
 
 HOST_IP = "100.64.0.1"
@@ -36,8 +37,11 @@ class SandboxNet:
     netns_fd: int
     ip: str
     ifname: str
+    diag: SockDiag | None = None  # exact socket lookups; None where the kernel lacks inet_diag
 
     def close(self) -> None:
+        if self.diag is not None:
+            self.diag.close()
         with contextlib.suppress(OSError):
             os.close(self.netns_fd)
 
@@ -70,4 +74,8 @@ def create(host: IPRoute, instance: int, seq: int) -> SandboxNet:
         raise IsolationUnavailable(
             f"cannot set up the sandbox network ({ifname}): {e}; corral needs CAP_NET_ADMIN (run as root)"
         ) from None
-    return SandboxNet(fd, ip, ifname)
+    try:
+        diag: SockDiag | None = SockDiag(fd)
+    except OSError:  # no CONFIG_INET_DIAG: attribution falls back to reading the socket table
+        diag = None
+    return SandboxNet(fd, ip, ifname, diag)

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from corral.bounded import Recent
+from corral.budget import Pace
 from corral.config import SandboxConfig
 from corral.detect.command import split as split_command
 from corral.errors import (
@@ -234,8 +235,10 @@ class Sandbox(Boundary):
         self._stats: dict[int, StepStats] = {}
         # host pid -> (step, exe, argv) as the exec watcher saw it, newest last, bounded
         self._pids: Recent[int, tuple[int | None, str | None, list[str] | None]] = Recent(8192)
-        # recent inet connect() calls, newest last: (dst ip, dst port, host pid, step, process)
-        self._connects: collections.deque[_Connect] = collections.deque(maxlen=4096)
+        # recent outbound TCP connect() calls by destination, oldest first, bounded (O(1) to claim)
+        self._connects: dict[tuple[str, int], collections.deque[_Connect]] = {}
+        self._pace: Pace | None = None  # new connections' token bucket (the runtime's budgets)
+        self._paced_noted = 0.0
         # rate limit of datagram events; bounded, so a UDP sweep cannot grow it
         self._datagrams: Recent[tuple[int, str, int, str], float] = Recent(4096)
         self._downloads = Downloads()  # files curl/wget wrote here, to know them when they are run
@@ -1034,11 +1037,41 @@ class Sandbox(Boundary):
             return [p for p in self.cgroup.pids() if p != staged]
         return procs.descendants(self._proc.pid) if self._proc else []
 
-    def _note_connect(self, pid: int, ip: str, port: int, inode: int | None = None) -> None:
+    def _note_connect(self, pid: int, ip: str, port: int, inode: int | None = None) -> float:
         """A TCP connect() that will proceed (the watcher keeps none that fail at once), with its
-        socket's inode: the gateway's connection is matched to it by that identity first."""
+        socket's inode: the gateway's connection is matched to it by that identity first. Returns how
+        long the call must wait for its turn under the sandbox's connection rate (0: at once);
+        connections within the sandbox (loopback, its own address) cost corral nothing and never wait."""
+        addr = ipaddress.ip_address(ip)
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped
+        if addr.is_loopback or (self.net is not None and str(addr) == self.net.ip):
+            return 0.0
+        ip = str(addr)  # a dual-stack socket's v4-mapped address: the gateway sees the IPv4 one
         step = SandboxCgroup.step_of(pid) if self.cgroup else None
-        self._connects.append(_Connect(ip, port, pid, step, procs.info(pid), inode=inode))
+        q = self._connects.get((ip, port))
+        if q is None:
+            if len(self._connects) >= 4096:  # a sweep of destinations the gateway never saw: forget the oldest
+                del self._connects[next(iter(self._connects))]
+            q = self._connects[(ip, port)] = collections.deque(maxlen=256)
+        q.append(_Connect(ip, port, pid, step, procs.info(pid), inode=inode))
+        if self._pace is None:
+            if self._runtime is None:
+                return 0.0
+            b = self._runtime.config.budgets
+            self._pace = Pace(b.connect_rate, b.connect_burst)
+        wait = self._pace.take()
+        now = time.monotonic()
+        if wait and now - self._paced_noted >= 1.0:  # one event per sandbox and second
+            self._paced_noted = now
+            ev = Event(kind=EventKind.SANDBOX, action="paced", sandbox_id=self.id, dst_ip=ip, dst_port=port,
+                       reason=(f"more than {self._pace.rate:g} new connections a second (after a burst of "
+                               f"{self._pace.burst}): connect() waits its turn ({wait * 1000:.0f} ms now)"),
+                       data={"rate": self._pace.rate, "burst": self._pace.burst, "wait_ms": round(wait * 1000, 1),
+                             "paced_total": self._pace.paced})
+            self.attribute(ev, pid=pid)
+            self._emit(ev)
+        return wait
 
     def _exec_degraded(self, pid: int, why: str) -> None:
         """An exec, connect or send refused because it could not be judged (or an exec killed
@@ -1072,21 +1105,24 @@ class Sandbox(Boundary):
         self._runtime.emit(ev)
 
     def _claim_connect(self, ip: str, port: int, inode: Callable[[], int | None] | None = None) -> _Connect | None:
-        match = [i for i, rec in enumerate(self._connects) if rec.ip == ip and rec.port == port]
-        if not match:
+        q = self._connects.get((ip, port))
+        if not q:
             return None
+        rec: _Connect | None = None
         # several calls to this destination: by socket identity while the socket is still there
-        # (exact, whatever else went there); the socket table is read only then, as it costs O(sockets)
-        ino = inode() if inode is not None and len(match) > 1 else None
-        for i in match if ino is not None else ():
-            if self._connects[i].inode == ino:
-                rec = self._connects[i]
-                del self._connects[i]
-                return rec
-        # else oldest unclaimed first: connections reach the gateway in the order they were made
-        rec = self._connects[match[0]]
-        rec.ambiguous = len({self._connects[i].pid for i in match}) > 1
-        del self._connects[match[0]]
+        # (exact, whatever else went there), looked up only then
+        ino = inode() if inode is not None and len(q) > 1 else None
+        if ino is not None:
+            rec = next((r for r in q if r.inode == ino), None)
+            if rec is not None:
+                q.remove(rec)
+        if rec is None:
+            # else oldest unclaimed first: connections reach the gateway in the order they were made
+            rec = q[0]
+            rec.ambiguous = any(r.pid != rec.pid for r in q)
+            q.popleft()
+        if not q:
+            del self._connects[(ip, port)]
         return rec
 
     def step_info(self, step: int | None) -> _StepInfo | None:
@@ -1109,7 +1145,13 @@ class Sandbox(Boundary):
             def lookup() -> int | None:
                 nonlocal inode, looked
                 if not looked:
-                    inode, looked = procs.socket_inode(agent, sock[0], sock[1]), True
+                    looked = True
+                    diag = self.net.diag if self.net is not None else None
+                    if diag is not None and sock[0] == "tcp" and ev.dst_ip and ev.dst_port:
+                        with contextlib.suppress(OSError):  # unanswered: attributed as if the socket were gone
+                            inode = diag.tcp_inode(self.net.ip, sock[1], ev.dst_ip, ev.dst_port)
+                    else:
+                        inode = procs.socket_inode(agent, sock[0], sock[1])
                 return inode
 
             rec = self._claim_connect(ev.dst_ip, ev.dst_port or 0, lookup) if ev.dst_ip else None

@@ -30,6 +30,7 @@ import argparse
 import asyncio
 import json
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -223,7 +224,7 @@ class Isolation:
         self.console.log(f"{name}: {stats}")
 
 
-async def run(args: argparse.Namespace, console: Console, machine: dict[str, Any], world: World) -> int:
+async def run(args: argparse.Namespace, console: Console, machine: dict[str, Any], world: _WorldProcess) -> int:
     state = Path(tempfile.mkdtemp(prefix="corral-bench-isolation-"))
     bench = Isolation(args, console)
     rep = bench.report
@@ -241,7 +242,7 @@ async def run(args: argparse.Namespace, console: Console, machine: dict[str, Any
         rep.group("recording: async writer vs synchronous (same runtime, interleaved)")
         await bench.writer_ab(rt, quiet)
         kinds = [] if args.quick else [[k] for k in FLOODS]
-        phases = [[args.only]] if args.only else [*kinds, list(FLOODS)]
+        phases = [[args.only] if args.only != "all" else list(FLOODS)] if args.only else [*kinds, list(FLOODS)]
         for ks in phases:
             name = "all" if len(ks) > 1 else ks[0]
             try:
@@ -282,6 +283,31 @@ async def run(args: argparse.Namespace, console: Console, machine: dict[str, Any
     return 1 if rep.errors else 0
 
 
+class _WorldProcess:
+    """The test hosts in a process of their own, as real upstream servers are: served from corral's
+    process, their threads would take the interpreter lock from the event loop being measured."""
+
+    def __init__(self) -> None:
+        here = str(Path(__file__).parent)
+        code = (f"import json, sys\nsys.path.insert(0, {here!r})\nfrom bench_isolation import _world\nw = _world()\n"
+                "print(json.dumps(w.hosts), flush=True)\nsys.stdin.read()\nw.close()\n")
+        self.proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError("the test world process did not start")
+        self.hosts = json.loads(line)
+
+    def close(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
 def _world() -> World:
     w = World()
     w.start()
@@ -293,14 +319,14 @@ def _world() -> World:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     ap.add_argument("--quick", action="store_true", help="the all-floods phase only, small n")
-    ap.add_argument("--only", choices=list(FLOODS), help="one flood phase only (to profile it)")
+    ap.add_argument("--only", choices=[*FLOODS, "all"], help="one flood phase only (to profile it)")
     ap.add_argument("--out", default="", help="JSON output path (default benchmarks/results/isolation.json)")
     args = ap.parse_args()
     pre = preflight(args.quick)
     if pre is None:
         return 2
     console, machine = pre
-    world = _world()  # before the event loop runs: pyroute2's sync API starts a loop of its own
+    world = _WorldProcess()
     try:
         return asyncio.run(run(args, console, machine, world))
     finally:

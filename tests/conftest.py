@@ -94,10 +94,11 @@ def allow(*rules: str, **limits) -> SandboxConfig:
 def add_rule(monkeypatch, ruleset, rule) -> None:
     """A rule made in the test, judged beside the shipped ones for the test's duration (in the full
     list and in the detector's per-kind index, which `rule.kinds` selects: None for every kind)."""
-    active, active_for = ruleset.active, ruleset.active_for
+    active = ruleset.active
     monkeypatch.setattr(ruleset, "active", lambda: [*active(), rule])
-    monkeypatch.setattr(ruleset, "active_for", lambda kind: [
-        *active_for(kind), *([rule] if rule.kinds is None or kind in rule.kinds else [])])
+    # the per-kind index is built from active() on first use: a fresh one for the test's duration, so
+    # the rule neither outlives the test in the index nor is counted twice
+    monkeypatch.setattr(ruleset, "_by_kind", {}, raising=False)
 
 
 async def findings_for(runtime, sb, rule=None, wait=10.0):

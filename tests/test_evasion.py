@@ -343,12 +343,51 @@ async def test_exec_is_refused_when_a_rule_raises_on_it(sb_factory, runtime, mon
 
     bomb = dataclasses.replace(model, id="test-raising-rule", pred=broken, enabled=True, threshold=None, kinds=None)
     add_rule(monkeypatch, ruleset, bomb)
-    r = await sb.exec("env corral-rule-bomb; echo rc=$?")
+    # the command line names the marker only through a variable: its pre-run check is judged (a
+    # command the raising rule trips itself is refused outright, below), the exec is what trips it
+    r = await sb.exec('b=corral-rule-; env "${b}bomb"; echo rc=$?')
     assert "rc=126" in r.stdout and "Operation not permitted" in r.stderr, r.stdout + r.stderr
     ev = await eventually(lambda: [e for e in degraded(runtime, sb) if "test-raising-rule" in (e.reason or "")],
                           "a degraded event naming the rule")
     assert ev[0].step == r.step
     assert (await sb.exec("echo still-fine")).stdout == "still-fine\n"
+    refused = await sb.exec("env corral-rule-bomb")  # the command's own check raised: it never starts
+    assert refused.refused and "not fully judged" in (refused.error or ""), refused
+
+
+async def test_connection_and_lookup_are_refused_when_a_rule_raises_on_them(sb_factory, runtime, monkeypatch):
+    """The gateway and the resolver fail closed too: a rule that raises on a connection or a query has
+    not judged it, so the bytes never reach the host, the name does not resolve, and a degraded event
+    attributed to the step names the rule."""
+    import dataclasses
+
+    sb = await sb_factory(allow("198.51.100.0/24", "pkg.example.com"))
+    ruleset = runtime.detector.ruleset
+    model = next(iter(ruleset.rules.values()))
+
+    def broken(get):
+        if get("net.dst_port") == 7 or get("dns.name") == "pkg.example.com":
+            raise ValueError("cannot judge this")
+        return False
+
+    bomb = dataclasses.replace(model, id="test-raising-net-rule", pred=broken, enabled=True, threshold=None,
+                               kinds=None)
+    add_rule(monkeypatch, ruleset, bomb)
+    r = await sb.exec(py(
+        "import socket\ntry:\n    s = socket.create_connection(('198.51.100.30', 7), timeout=5)\n"
+        "    s.sendall(b'x'); print('echo', s.recv(1))\nexcept OSError as e:\n    print('refused', e)\n"
+        "try:\n    print('resolved', socket.gethostbyname('pkg.example.com'))\n"
+        "except OSError as e:\n    print('unresolved', e)"))
+    assert "echo b'x'" not in r.stdout and "resolved 198" not in r.stdout, r.stdout + r.stderr
+    def notes():
+        d = [e for e in degraded(runtime, sb) if "test-raising-net-rule" in (e.reason or "")]
+        return d if {e.data.get("event_kind") for e in d} >= {"connect", "dns"} else None
+
+    evs = await eventually(notes, "degraded events for the connection and the lookup")
+    assert all(e.step == r.step for e in evs)
+    denied = [e for e in runtime.store.events(sandbox_id=sb.id) if e.kind in ("connect", "dns")
+              and "not fully judged" in (e.reason or "")]
+    assert {e.kind for e in denied} == {"connect", "dns"} and all(e.verdict == "deny" for e in denied)
 
 
 ARGV_RACE = """

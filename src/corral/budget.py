@@ -16,6 +16,10 @@ sandbox has spent. What is budgeted is what costs corral's shared resources:
   held stopped until its turn, then judged like any other. Each connection costs corral's shared event
   loop work (judging, attribution, relaying, recording), so a sandbox opening them as fast as it can
   would otherwise take the loop from every other tenant;
+- the share of corral's event loop spent judging one sandbox's execs and connects (per 0.1 s
+  window): past it, that sandbox's calls wait, stopped in the kernel, until the next window, and the
+  loop serves the others. A single busy sandbox is slowed only if judging it takes more than this
+  share of a core;
 - bytes of executables hashed per window (monitor/masquerade.py): above it, a copy's identity is
   unknown, and the exec is judged as fail-closed (see masquerade.py).
 """
@@ -44,6 +48,7 @@ class Budgets(BaseModel):
     dns_qps: int = Field(100, ge=1)  # DNS queries answered per sandbox per second
     connect_rate: float = Field(50.0, gt=0)  # new outbound TCP connections per sandbox per second ...
     connect_burst: int = Field(100, ge=1)  # ... after a burst of this many; above it, connect() waits
+    loop_share: float = Field(0.5, gt=0, le=1)  # of corral's event loop, per 0.1 s, judging one sandbox's calls
     hash_bytes: int = Field(256 << 20, ge=0)  # executable bytes hashed per sandbox per window
     writer_queue: int = Field(20000, ge=1)  # events waiting for the writer before blockable actions are refused
     writer_bytes: int = Field(128 << 20, ge=1 << 20)  # ... or bytes waiting

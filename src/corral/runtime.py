@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import logging
 import os
 import random
 import threading
@@ -40,6 +41,7 @@ from corral.store import Store, StoreUnavailable
 
 MAX_INSTANCES = 1024
 MAX_SEQ = 4095
+log = logging.getLogger("corral")
 # events of blockable kinds that report what already happened: nothing left to refuse
 _AFTER_THE_FACT = frozenset({"close", "exit", "connect_failed", "refused", "sample", "malformed", "start"})
 
@@ -232,7 +234,7 @@ class Runtime:
         StoreBehind). Callers deny on `j.blocks` or `ev.verdict`, as for a blocking rule. A `degraded`
         event is queued for the sandbox and written once the store takes writes again. Recording is
         capped per sandbox (Budgets): judging never is."""
-        j = self.detector.evaluate(ev) if judge and self.detector is not None else None
+        j = self._judge(ev) if judge and self.detector is not None else None
         if j is not None and j.blocks and ev.verdict != Verdict.DENY:
             ev.verdict = Verdict.DENY
             ev.reason = j.reason
@@ -269,6 +271,31 @@ class Runtime:
         for fn in list(self._subscribers):
             fn(ev)
         return j
+
+    def _judge(self, ev: Event) -> Judgement:
+        """The rules' judgement. A rule that raises has not judged the event: a blockable action (a
+        connection, DNS query, command or exec about to happen) is then refused, never let through,
+        and a `degraded` event, attributed like the action, names the rule."""
+        assert self.detector is not None
+        try:
+            j = self.detector.evaluate(ev)
+        except Exception as e:  # the detector itself failed: nothing was judged
+            log.exception("corral: judging a %s/%s event failed", ev.kind, ev.action)
+            j = Judgement(errors=[f"the detector raised {type(e).__name__}: {e}"])
+        if j.errors and ev.kind in BLOCKABLE and ev.action not in _AFTER_THE_FACT:
+            j.action, j.rule = "block", None
+            if ev.verdict != Verdict.DENY:
+                ev.verdict, ev.reason = Verdict.DENY, j.reason
+            if ev.kind != EventKind.PROCESS:  # the exec watcher records its own, with the process's step
+                self._emit_degraded(ev, j.reason)
+        return j
+
+    def _emit_degraded(self, ev: Event, reason: str) -> None:
+        note = Event(kind=EventKind.SANDBOX, action="degraded", sandbox_id=ev.sandbox_id, episode_id=ev.episode_id,
+                     step=ev.step, command=ev.command, pid=ev.pid, exe=ev.exe, reason=reason,
+                     data={"event_kind": str(ev.kind), "event_action": ev.action})
+        with contextlib.suppress(Exception):  # the store may be what failed: the refusal stands regardless
+            self.emit(note, judge=False)
 
     def _note_degraded(self, sandbox_id: str, e: StoreUnavailable) -> None:
         now = time.monotonic()

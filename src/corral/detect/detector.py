@@ -30,7 +30,9 @@ class Judgement:
 
     @property
     def reason(self) -> str:
-        return f"blocked by rule {self.rule.id}" if self.rule else ""
+        if self.rule:
+            return f"blocked by rule {self.rule.id}"
+        return f"refused: not fully judged ({'; '.join(self.errors)})" if self.errors else ""
 
 
 class Detector:

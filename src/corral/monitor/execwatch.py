@@ -96,14 +96,22 @@ class _Expect:
     handle: asyncio.TimerHandle | None = None
 
 
+SHARE_WINDOW = 0.1  # seconds over which a sandbox's share of the event loop is counted
+
 class ExecWatch:
     """Serves one sandbox's listener fd on the event loop."""
 
     def __init__(self, fd: int, on_exec: Callable[[Event], bool], make_event: Callable[[int], Event],
                  on_connect: Callable[[int, str, int, int | None], float] | None = None,
                  on_datagram: Callable[[int, str, int, bool], None] | None = None,
-                 on_degraded: Callable[[int, str], None] | None = None) -> None:
+                 on_degraded: Callable[[int, str], None] | None = None, share: float | None = None) -> None:
         self.fd = fd
+        # the most of the event loop's time this sandbox's calls may take per SHARE_WINDOW (None: no cap)
+        self.share = share
+        self._window, self._used = 0.0, 0.0
+        self._resume_at: asyncio.TimerHandle | None = None
+        self._closed = False
+        self.paused = 0  # windows in which this sandbox's calls were held back
         # (host pid, dst ip, dst port, sent): sent for a sendto, not for a UDP socket's connect()
         self.on_datagram = on_datagram
         # (host pid, dst ip, dst port, socket inode), before the SYN leaves, for calls that proceed;
@@ -121,6 +129,9 @@ class ExecWatch:
         self._paced: dict[int, asyncio.TimerHandle] = {}  # connects waiting for their turn, by notification
 
     def close(self) -> None:
+        self._closed = True
+        if self._resume_at is not None:
+            self._resume_at.cancel()
         with contextlib.suppress(ValueError, OSError):
             self.loop.remove_reader(self.fd)
         with contextlib.suppress(OSError):
@@ -134,6 +145,31 @@ class ExecWatch:
         self._paced.clear()
 
     def _ready(self) -> None:
+        t0 = self.loop.time()
+        try:
+            self._serve_one()
+        finally:
+            self._charge(t0)
+
+    def _charge(self, t0: float) -> None:
+        """Count the loop time this sandbox's call took; past its share of the window, its calls wait
+        (stopped in the kernel) until the next window, and the loop serves the other sandboxes."""
+        now = self.loop.time()
+        if now - self._window >= SHARE_WINDOW:
+            self._window, self._used = now, 0.0
+        self._used += now - t0
+        if self.share is not None and self._used > self.share * SHARE_WINDOW and self._resume_at is None \
+                and not self._closed:
+            self.loop.remove_reader(self.fd)
+            self._resume_at = self.loop.call_at(self._window + SHARE_WINDOW, self._resume)
+            self.paused += 1
+
+    def _resume(self) -> None:
+        self._resume_at = None
+        if not self._closed:
+            self.loop.add_reader(self.fd, self._ready)
+
+    def _serve_one(self) -> None:
         req = bytearray(80)
         try:
             fcntl.ioctl(self.fd, NOTIF_RECV, req, True)

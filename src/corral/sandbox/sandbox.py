@@ -563,8 +563,10 @@ class Sandbox(Boundary):
             msg = json.loads(data)
             if fds:
                 if msg.get("op") == "ready" and self._execwatch is None:
+                    share = self._runtime.config.budgets.loop_share if self._runtime is not None else None
                     self._execwatch = ExecWatch(fds.pop(0), self._judge_exec, self._process_event,
-                                                self._note_connect, self._note_datagram, self._exec_degraded)
+                                                self._note_connect, self._note_datagram, self._exec_degraded,
+                                                share=share)
                 for fd in fds:
                     os.close(fd)
             self._dispatch(msg, hostpid)

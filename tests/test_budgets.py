@@ -104,6 +104,38 @@ async def test_writer_behind_its_bound_refuses_new_execs(world, tmp_path):
         await rt.close()
 
 
+async def test_a_sandbox_filling_the_writer_backlog_is_refused_before_the_others(world, tmp_path):
+    """Past half the backlog bound, the sandbox whose events are most of the backlog is refused; a
+    quiet sandbox's execs still run until the whole bound is reached."""
+    rt = Runtime(RuntimeConfig(state_dir=tmp_path, hosts=world.hosts, system_dns=False,
+                               budgets=Budgets(writer_queue=200)))
+    await rt.start()
+    real = rt.store.record_many
+    try:
+        noisy, quiet = await rt.create(), await rt.create()
+        gate = threading.Event()
+
+        def slow(batch):
+            gate.wait(60)  # a store that has stopped keeping up
+            return real(batch)
+
+        rt.store.record_many = slow
+        r = await noisy.exec("for i in $(seq 150); do /bin/true 2>/dev/null && echo ok || echo no; done")
+        assert "no" in r.stdout.split(), r.stdout  # refused with the backlog past half its bound
+        waiting = rt.store.writer.pending
+        assert 100 <= waiting < 200, waiting
+        q = await quiet.exec("/bin/echo quiet-ran")
+        assert q.stdout == "quiet-ran\n", (q.stdout, q.stderr, q.error)
+        gate.set()
+        await eventually(lambda: rt.store.writer.pending == 0, "the writer to catch up")
+        denied = [e for e in rt.store.events(sandbox_id=noisy.id, kind="process") if e.verdict == "deny"]
+        assert denied and "most of them this sandbox's" in denied[0].reason
+        assert not [e for e in rt.store.events(sandbox_id=quiet.id, kind="process") if e.verdict == "deny"]
+    finally:
+        rt.store.record_many = real
+        await rt.close()
+
+
 FLOOD = """
 import os, shutil, subprocess
 arg = ["x" * 4000] * {args}

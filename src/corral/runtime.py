@@ -42,6 +42,9 @@ from corral.store import Store, StoreUnavailable
 MAX_INSTANCES = 1024
 MAX_SEQ = 4095
 log = logging.getLogger("corral")
+# a finding waits for its commit only behind a short backlog, and only so long (see emit)
+FINDING_WAIT_BACKLOG = 256
+FINDING_WAIT_S = 0.2
 # events of blockable kinds that report what already happened: nothing left to refuse
 _AFTER_THE_FACT = frozenset({"close", "exit", "connect_failed", "refused", "sample", "malformed", "start"})
 
@@ -242,7 +245,7 @@ class Runtime:
         if (writer is not None and ev.kind in BLOCKABLE and ev.verdict != Verdict.DENY
                 and ev.action not in _AFTER_THE_FACT):
             try:
-                writer.check()
+                writer.check(ev.sandbox_id)
             except StoreUnavailable as e:
                 j = Refusal(e, j)
                 ev.verdict, ev.reason = Verdict.DENY, j.reason
@@ -261,11 +264,12 @@ class Runtime:
             last = 0
             for f in findings:
                 last = writer.submit_finding(f, ev, seq)
-            if last and writer.failing is None and writer.pending < writer.budgets.writer_queue:
-                # containment names the finding and its event by id; a failing or lagging store does not
+            if last and writer.failing is None and writer.pending <= FINDING_WAIT_BACKLOG:
+                # containment names the finding and its event by id, so a finding waits for its commit,
+                # briefly: this is the event loop every tenant shares. A failing or lagging store does not
                 # hold it up (they are written with ids resolved, only the action's data lacks them)
                 with contextlib.suppress(StoreUnavailable):
-                    writer.wait(last, timeout=5.0)
+                    writer.wait(last, timeout=FINDING_WAIT_S)
         for f in findings:
             self.responder.act(f, ev)
         for fn in list(self._subscribers):

@@ -63,15 +63,25 @@ class Writer:
         self._done = 0  # every item with seq <= this is committed (or dropped)
         self._failure: StoreUnavailable | None = None
         self._lost: Counter[str] = Counter()  # per sandbox, events dropped past the hard bound
+        self._waiting: Counter[str | None] = Counter()  # per sandbox, items in the queue
         self._closed = False
         self.written = 0
         self._thread = threading.Thread(target=self._run, name="corral-store-writer", daemon=True)
         self._thread.start()
 
     # -- the event loop's side ----------------------------------------------------------------------
-    def check(self) -> None:
-        """Raise StoreUnavailable (or StoreBehind) when a blockable action must be refused now."""
+    def check(self, sandbox_id: str | None = None) -> None:
+        """Raise StoreUnavailable (or StoreBehind) when a blockable action must be refused now. Past
+        half the backlog bound, a sandbox whose events are most of the backlog is refused first, so one
+        flooding sandbox runs into the bound alone while the others go on."""
         with self._cv:
+            q = len(self._q)
+            if (sandbox_id is not None and 2 * q >= self.budgets.writer_queue
+                    and 2 * self._waiting[sandbox_id] >= q):
+                raise StoreBehind(
+                    f"the store writer of {self.store.url} is {q} events behind, most of them this "
+                    f"sandbox's ({self._waiting[sandbox_id]}); its blockable actions are refused until the "
+                    "writer catches up")
             if self._failure is not None:
                 raise self._failure
             if self._closed:
@@ -115,6 +125,7 @@ class Writer:
                  evidence_of: Event | None = None) -> int:
         self._seq += 1
         self._q.append(_Item(self._seq, copy, original, size, evidence_of))
+        self._waiting[copy.sandbox_id] += 1
         self._bytes += size
         if len(self._q) == 1:  # the writer sleeps only on an empty queue: waking it per event costs the loop
             self._cv.notify_all()
@@ -223,6 +234,12 @@ class Writer:
             return True
         return True
 
+    def _unwait(self, it: _Item) -> None:
+        sid = it.copy.sandbox_id
+        self._waiting[sid] -= 1
+        if self._waiting[sid] <= 0:
+            del self._waiting[sid]
+
     def _committed(self, items: list[_Item]) -> None:
         with self._cv:
             for it in items:
@@ -230,6 +247,7 @@ class Writer:
                 if isinstance(it.original, Finding):
                     it.original.evidence = list(it.copy.evidence)  # type: ignore[union-attr]
                 self._q.popleft()
+                self._unwait(it)
                 self._bytes -= it.size
             self._done = items[-1].seq
             self.written += len(items)

@@ -272,7 +272,8 @@ async def _wait_file(sb, path: str) -> str:
         if r.stdout:
             return r.stdout
         await asyncio.sleep(0.05)
-    raise AssertionError(f"{path} never appeared in {sb.id}")
+    log = (await sb.exec("cat /workspace/*.log 2>/dev/null")).stdout
+    raise AssertionError(f"{path} never appeared in {sb.id}: {log}")
 
 
 EMFILE_PROG = """\
@@ -391,3 +392,47 @@ async def test_a_request_line_a_lenient_server_accepts_is_judged_as_a_request():
     for head in (b"GET  /  HTTP/1.1\r\nHost: evil.example\r\n\r\n", b"GET\t/ HTTP/1.1 \r\nHost: evil.example\r\n\r\n"):
         out, seen = _inspect([head[:3], head[3:]])
         assert out == b"" and seen[0].sniff.protocol == "http" and seen[-1] == "denied", head
+
+
+def _tls_hello(sni: str, pad: int) -> bytes:
+    """A ClientHello naming `sni`, with `pad` bytes of padding extension."""
+    import struct
+
+    name = sni.encode()
+    sni_ext = struct.pack(">HHHBH", 0, len(name) + 5, len(name) + 3, 0, len(name)) + name
+    pad_ext = struct.pack(">HH", 21, pad) + bytes(pad)
+    exts = sni_ext + pad_ext
+    body = b"\x03\x03" + bytes(32) + b"\x00" + b"\x00\x02\x13\x01" + b"\x01\x00" + struct.pack(">H", len(exts)) + exts
+    hs = b"\x01" + len(body).to_bytes(3, "big") + body
+    # in records of at most 2^14 bytes, as TLS requires
+    return b"".join(b"\x16\x03\x01" + struct.pack(">H", len(hs[i:i + 16384])) + hs[i:i + 16384]
+                    for i in range(0, len(hs), 16384))
+
+
+async def test_a_unit_trickled_a_byte_at_a_time_is_parsed_a_bounded_number_of_times(monkeypatch):
+    """A held unit is re-parsed only when new bytes could complete it: trickling a 40 KiB request head
+    or a 20 KiB ClientHello one byte per chunk costs a few dozen parses, not one per byte (which would be
+    quadratic work on the loop every sandbox shares), and each is still judged the moment it completes."""
+    from corral.net import inspect, reassemble
+
+    calls = {"n": 0}
+    real = reassemble.first_unit
+
+    def counting(buf):
+        calls["n"] += 1
+        return real(buf)
+
+    monkeypatch.setattr(inspect, "first_unit", counting)
+    head = b"GET / HTTP/1.1\r\nHost: ok.example\r\n" + b"X-Pad: " + b"a" * 40000 + b"\r\n\r\n"
+    out, seen = _inspect([head[i:i + 1] for i in range(len(head))])
+    assert out == head and len(seen) == 1 and seen[0].sniff.name == "ok.example", seen
+    assert calls["n"] < 4200 + 40, calls  # every byte up to 4 KiB, then only at line ends and doublings
+
+    calls["n"] = 0
+    hello = _tls_hello("evil.example", 20000)
+    out, seen = _inspect([hello[i:i + 1] for i in range(len(hello))])
+    assert out == b"" and seen[0].sniff.name == "evil.example" and seen[-1] == "denied"
+    assert calls["n"] < 4200 + 40, calls
+    calls["n"] = 0
+    out, seen = _inspect([hello[i:i + 1] for i in range(len(hello))], deny_names=("nothing",))
+    assert out == hello and seen[0].sniff.protocol == "tls"  # judged and sent at its very last byte

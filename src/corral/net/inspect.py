@@ -23,12 +23,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from corral.net import http1
-from corral.net.reassemble import WS, first_unit, sniff_partial, sniff_unit
+from corral.net.reassemble import WS, Progress, first_unit, sniff_partial, sniff_unit
 from corral.net.sniff import MINING_METHOD_RE, Sniff, classify
 
 FLAGGED = ("stratum", "xmrig", "ssh")
 MAX_LINE = 1 << 16
 MAX_CHUNK_LINE = 1024
+ALWAYS_REPARSE = 4096  # a held unit this small is re-parsed on every chunk (cheap); see _worth_retry
+_BLANK_LINE = re.compile(rb"\n\r?\n")
 _CANDIDATE = re.compile(rb"\n[ \t\r\n]*(?=[S{\[])")
 _LONG_MINING = MINING_METHOD_RE
 
@@ -64,6 +66,8 @@ class Inspector:
         self.tunnel: tuple[str, int] | None = None
         self.scanner = Scanner()
         self.flagged: set[str] = set()
+        self._checked = 0  # length of the held unit when it was last found unfinished (0: not held)
+        self._progress: Progress | None = None  # what the first unit looked like then
 
     # -- the relay's interface -------------------------------------------------------------------
     def feed(self, data: bytes, now: float) -> bytes:
@@ -76,9 +80,13 @@ class Inspector:
                 self.left -= len(data)
                 return data
         self.buf += data
+        if self._checked and not self._worth_retry():
+            return b""  # nothing that arrived can complete the held unit: it stays held, its deadline runs
         out = bytearray()
         judged = self.units
         self._run(out)
+        # held after this attempt: the next one waits for bytes that could complete it (see _worth_retry)
+        self._checked = len(self.buf) if self.buf and self.state in ("first", "head") else 0
         if self.units != judged or not self.buf:
             self.pending_since = None  # a unit ended: what is held now is the next one, timed afresh
         if self.buf and self.pending_since is None:
@@ -96,6 +104,7 @@ class Inspector:
         out = bytes(self.buf)
         self.buf.clear()
         self.pending_since = None
+        self._checked = 0
         self.state = "scan"
         self._look(out)
         return out
@@ -107,6 +116,23 @@ class Inspector:
             if not step(out):
                 return
 
+    def _worth_retry(self) -> bool:
+        """Could the bytes that arrived since the held unit was last found unfinished complete it (or
+        break its bound)? Re-parsing the whole held unit on every chunk would cost its length per chunk:
+        a client trickling a 64 KiB unit a byte at a time would make that quadratic, on the loop every
+        sandbox shares. Small units are always re-parsed; past that, only a line end (a blank line for
+        HTTP), the byte count a TLS record announced, the size bound or a doubling of the unit."""
+        n = len(self.buf)
+        p = self._progress if self.state == "first" else None
+        if n <= ALWAYS_REPARSE or n > self.max_unit or n >= 2 * self._checked or (p is not None and 0 < p.more <= n):
+            return True
+        if p is not None and p.kind == "tls":
+            return False
+        region = bytes(self.buf[max(0, self._checked - 3):])
+        if self.state == "head" or (p is not None and p.kind == "http"):
+            return _BLANK_LINE.search(region) is not None
+        return b"\n" in region
+
     def _verdict(self, unit: Unit) -> None:
         self.units += 1
         if not self.judge(unit):
@@ -116,7 +142,7 @@ class Inspector:
         return len(self.buf) > limit
 
     def _first(self, out: bytearray) -> bool:
-        p = first_unit(bytes(self.buf))
+        p = self._progress = first_unit(bytes(self.buf))
         if not p.done:
             why = p.bad or (f"no complete {p.kind} unit within {self.max_unit} bytes"
                             if self._over(self.max_unit) else None)

@@ -26,6 +26,7 @@ class Progress:
     kind: str = "blank"  # what it is or looks like so far: tls | http | ssh | json | unknown | blank
     hello: bytes | None = None  # the reassembled ClientHello handshake message
     bad: str | None = None  # it began as a known protocol and broke its framing: judged as incomplete
+    more: int = 0  # not done: the buffer cannot complete the unit before it holds this many bytes (TLS)
 
 
 def first_unit(buf: bytes) -> Progress:
@@ -81,14 +82,14 @@ def _tls(buf: bytes) -> Progress:
     pos = 0
     while True:
         if len(buf) - pos < 5:
-            return Progress(False, kind="tls")
+            return Progress(False, kind="tls", more=pos + 5)
         ctype, major, rlen = buf[pos], buf[pos + 1], int.from_bytes(buf[pos + 3:pos + 5], "big")
         if ctype != 0x16 or major != 0x03 or not 0 < rlen <= MAX_TLS_RECORD:
             if pos == 0:
                 return Progress(True, len(buf), "unknown")
             return Progress(False, kind="tls", bad="a TLS record that is not a handshake before the ClientHello ended")
         if len(buf) < pos + 5 + rlen:
-            return Progress(False, kind="tls")
+            return Progress(False, kind="tls", more=pos + 5 + rlen)
         hs += buf[pos + 5:pos + 5 + rlen]
         pos += 5 + rlen
         if len(hs) >= 4:

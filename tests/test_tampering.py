@@ -240,7 +240,7 @@ async def test_a_forked_writer_that_exits_at_once_is_still_a_finding(sb_factory,
                                      "    open(p + '/test_' + 'calc.py', 'w').write('def test_ok(): pass')\n"
                                      "    os._exit(0)\n")
     r = await sb.exec("python3 /tmp/w.py; sleep 0.2")
-    assert r.ok
+    assert r.ok or r.exit_code == -9, r  # the rule's kill may end the step before its sleep does
     f = (await _findings(runtime, sb, "protected-file-tampered"))[0]
     ev = next(e for e in runtime.store.events(sandbox_id=sb.id, kind="file") if e.id in f.evidence)
     assert ev.data["path"] == "/workspace/tests/test_calc.py"

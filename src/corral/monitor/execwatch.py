@@ -29,7 +29,6 @@ import glob
 import logging
 import os
 import signal
-import socket
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,8 +38,17 @@ import pyseccomp as sc
 from corral.events import Event, Verdict
 from corral.inflight import InFlight
 from corral.monitor import masquerade
-from corral.monitor.execjudge import ExecCall, _libc, cmdline_of, image_of, read_call, tgid_of
+from corral.monitor.execjudge import ExecCall, cmdline_of, image_of, read_call, tgid_of
 from corral.monitor.masquerade import SYSTEM_DIRS
+from corral.monitor.netcalls import (
+    MMSG_MAX,
+    mmsg_names,
+    msg_name,
+    read_sockaddr,
+    socket_inode,
+    socket_protocol,
+    tcp_connect_fails,
+)
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +60,7 @@ FLAG_CONTINUE = 1
 NR_EXECVEAT, NR_CONNECT, NR_SENDTO, NR_SENDMSG, NR_SENDMMSG = (
     sc.resolve_syscall(sc.Arch.NATIVE, n) for n in ("execveat", "connect", "sendto", "sendmsg", "sendmmsg"))
 NETWORK = (NR_CONNECT, NR_SENDTO, NR_SENDMSG, NR_SENDMMSG)
-SOCKADDR_MAX = 28  # sockaddr_in6; a longer addrlen (sockaddr_storage is 128) carries nothing more for inet
 MSG_FASTOPEN = 0x20000000
-NR_PIDFD_GETFD = 438  # the same number on every architecture
-TCP_CLOSE = 7
-MMSG_SIZE, MMSG_MAX = 64, 1024  # sizeof(struct mmsghdr) on 64-bit; UIO_MAXIOV, the kernel's own cap
 # After an exec is let through: when to look at the image that runs (seconds from the answer). The
 # exec completes within microseconds to milliseconds; a failed one leaves the old image, and the
 # check gives up after the last delay.
@@ -213,19 +217,19 @@ class ExecWatch:
         """Notes the call's destinations; returns how long the call must wait for its turn (the
         sandbox's connection rate), 0 to go on at once."""
         if nr == NR_CONNECT:
-            dsts = [_read_sockaddr(pid, args[1], args[2])]
+            dsts = [read_sockaddr(pid, args[1], args[2])]
         elif nr == NR_SENDTO:
-            dsts = [_read_sockaddr(pid, args[4], args[5])]
+            dsts = [read_sockaddr(pid, args[4], args[5])]
         elif nr == NR_SENDMSG:
-            dsts = [_msg_name(pid, args[1])]
+            dsts = [msg_name(pid, args[1])]
         else:
-            dsts = _mmsg_names(pid, args[1], min(args[2] & 0xFFFFFFFF, MMSG_MAX))
+            dsts = mmsg_names(pid, args[1], min(args[2] & 0xFFFFFFFF, MMSG_MAX))
         dsts = list(dict.fromkeys(d for d in dsts if d is not None))
         if not dsts:
             return 0.0  # no inet address (a unix socket, a connected socket's plain send)
         fd = args[0] & 0xFFFFFFFF
-        proto = _socket_protocol(pid, fd)
-        inode = _socket_inode(pid, fd)
+        proto = socket_protocol(pid, fd)
+        inode = socket_inode(pid, fd)
         if not self._valid(nid):  # the memory and descriptor we read belonged to this very call
             return 0.0
         flags = args[3] if nr == NR_SENDTO else args[2]
@@ -234,7 +238,7 @@ class ExecWatch:
             # Any other TCP send ignores its address (it goes where the socket is connected).
             connects = nr == NR_CONNECT or (nr in (NR_SENDTO, NR_SENDMSG) and flags & MSG_FASTOPEN)
             if (connects and self.on_connect is not None and inode is not None
-                    and not _tcp_connect_fails(pid, fd, inode)):
+                    and not tcp_connect_fails(pid, fd, inode)):
                 return self.on_connect(pid, *dsts[0], inode)
             return 0.0
         # connect() on a UDP socket sends nothing yet, but names the destination of every later
@@ -409,140 +413,6 @@ def _binfmt_images() -> frozenset[tuple[int, int]]:
                         st = os.stat(line.split(" ", 1)[1].strip())
                         out.add((st.st_dev, st.st_ino))
     return frozenset(out)
-
-
-def _socket_inode(tid: int, fd: int) -> int | None:
-    """The inode of socket `fd` of a stopped thread ('socket:[123]'): the socket's identity."""
-    try:
-        link = os.readlink(f"/proc/{tid}/fd/{fd}")
-    except OSError:
-        return None
-    if link.startswith("socket:[") and link.endswith("]"):
-        return int(link[8:-1])
-    return None
-
-
-def _tcp_connect_fails(tid: int, fd: int, inode: int) -> bool:
-    """Will connect() on TCP socket `fd` fail at once? Only a socket in state CLOSE can connect; one
-    listening, connecting or connected answers EISCONN, EALREADY or EINVAL. The state is read from a
-    duplicate of the socket (pidfd_getfd, held for two syscalls, O(1)); where that is refused, from
-    the namespace's TCP tables, where a fresh socket (bound or not) is not listed."""
-    state = _tcp_state(tid, fd)
-    if state is not None:
-        return state != TCP_CLOSE
-    want = str(inode)
-    for name in ("tcp", "tcp6"):
-        with contextlib.suppress(OSError), open(f"/proc/{tid}/net/{name}") as f:
-            for line in f:
-                parts = line.split()
-                if len(parts) > 9 and parts[9] == want:
-                    return True
-    return False
-
-
-def _tcp_state(tid: int, fd: int) -> int | None:
-    try:
-        pidfd = os.pidfd_open(tid)
-    except OSError:  # a thread that is not its process's leader: its process's descriptors are the same
-        tgid = tgid_of(tid)
-        try:
-            pidfd = os.pidfd_open(tgid) if tgid else -1
-        except OSError:
-            return None
-        if pidfd < 0:
-            return None
-    try:
-        dup = _libc().syscall(NR_PIDFD_GETFD, pidfd, fd, 0)
-        if dup < 0:
-            return None
-        try:
-            with socket.socket(fileno=os.dup(dup)) as s:
-                return s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
-        except OSError:
-            return None
-        finally:
-            os.close(dup)
-    finally:
-        os.close(pidfd)
-
-
-def _msg_name(tid: int, msghdr: int) -> tuple[str, int] | None:
-    """The destination a struct msghdr names (msg_name, msg_namelen), if any."""
-    raw = _read_mem(tid, msghdr, 12)
-    if raw is None or len(raw) < 12:
-        raise OSError(errno.EFAULT, f"the message header at {msghdr:#x} cannot be read")
-    name, namelen = struct.unpack("=QI", raw)
-    return _read_sockaddr(tid, name, namelen) if name and namelen else None
-
-
-def _mmsg_names(tid: int, base: int, n: int) -> list[tuple[str, int] | None]:
-    """The destinations of sendmmsg's `n` messages: the array read at once, each distinct address
-    once (a flood of 1024-message calls must not cost the event loop 2048 reads each)."""
-    if not n:
-        return []
-    raw = _read_mem(tid, base, n * MMSG_SIZE)
-    if raw is None or len(raw) < n * MMSG_SIZE:
-        raise OSError(errno.EFAULT, f"the message headers at {base:#x} cannot be read")
-    names = {struct.unpack_from("=QI", raw, i * MMSG_SIZE) for i in range(n)}
-    names = {(name, namelen) for name, namelen in names if name and namelen}
-    if not names:
-        return []
-    try:
-        mem = os.open(f"/proc/{tid}/mem", os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as e:
-        raise OSError(errno.EFAULT, f"the sender's memory cannot be read: {e.strerror}") from None
-    try:
-        out = []
-        for name, namelen in names:
-            try:
-                sa = os.pread(mem, min(namelen & 0xFFFFFFFF, SOCKADDR_MAX), name)
-            except (OSError, OverflowError):
-                raise OSError(errno.EFAULT, f"the destination address at {name:#x} cannot be read") from None
-            out.append(_parse_sockaddr(sa))
-        return out
-    finally:
-        os.close(mem)
-
-
-def _read_mem(tid: int, addr: int, n: int) -> bytes | None:
-    try:
-        with open(f"/proc/{tid}/mem", "rb", buffering=0) as mem:
-            mem.seek(addr)
-            return mem.read(n)
-    except (OSError, ValueError, OverflowError):
-        return None
-
-
-def _socket_protocol(tid: int, fd: int) -> str:
-    """The protocol of socket `fd` of a thread stopped in a syscall ("TCP", "UDP", "UDPv6", ...),
-    as sockfs names it; "" when it cannot be read (the thread died, or `fd` is not a socket). The
-    thread's own /proc entry serves any thread, not only a process's main one, and the socket is
-    only looked at, never opened by corral."""
-    try:
-        return os.getxattr(f"/proc/{tid}/fd/{fd}", "system.sockprotoname").rstrip(b"\0").decode()
-    except (OSError, UnicodeDecodeError):
-        return ""
-
-
-def _read_sockaddr(pid: int, ptr: int, length: int) -> tuple[str, int] | None:
-    if not ptr or not length:
-        return None
-    raw = _read_mem(pid, ptr, min(length & 0xFFFFFFFF, SOCKADDR_MAX))
-    if raw is None:
-        raise OSError(errno.EFAULT, f"the destination address at {ptr:#x} cannot be read")
-    return _parse_sockaddr(raw)
-
-
-def _parse_sockaddr(raw: bytes) -> tuple[str, int] | None:
-    if len(raw) < 8:
-        return None
-    family = struct.unpack_from("=H", raw)[0]
-    port = struct.unpack_from("!H", raw, 2)[0]
-    if family == socket.AF_INET:
-        return socket.inet_ntop(socket.AF_INET, raw[4:8]), port
-    if family == socket.AF_INET6 and len(raw) >= 24:
-        return socket.inet_ntop(socket.AF_INET6, raw[8:24]), port
-    return None
 
 
 def _compared(target) -> bool:

@@ -42,7 +42,9 @@ async def test_allowed_domain_reachable_by_name_with_attribution(sb_factory, run
     r = await sb.exec(HTTP_GET.format(url="http://pkg.example.com/"))
     assert r.stdout == "package index\n", r.stdout + r.stderr
     dns = runtime.store.events(sandbox_id=sb.id, kind="dns")
-    assert any(e.name == "pkg.example.com" and e.verdict == "allow" for e in dns)
+    q = next(e for e in dns if e.name == "pkg.example.com" and e.verdict == "allow")
+    # the lookup is the python process's, known from the resolver socket it sent the query from
+    assert q.pid and q.step == r.step and q.argv[0] == "python3" and q.data["attribution"] == "socket", q
     ev = connects(runtime, sb, dst_ip=PKG[0])[-1]
     assert ev.verdict == "allow" and ev.protocol == "http" and ev.name == "pkg.example.com"
     assert ev.pid and ev.argv[0] == "python3" and ev.step == r.step

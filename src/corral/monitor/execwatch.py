@@ -107,7 +107,7 @@ class ExecWatch:
 
     def __init__(self, fd: int, on_exec: Callable[[Event], bool], make_event: Callable[[int], Event],
                  on_connect: Callable[[int, str, int, int | None], float] | None = None,
-                 on_datagram: Callable[[int, str, int, bool], None] | None = None,
+                 on_datagram: Callable[[int, str, int, bool, int | None], None] | None = None,
                  on_degraded: Callable[[int, str], None] | None = None, share: float | None = None) -> None:
         self.fd = fd
         # the most of the event loop's time this sandbox's calls may take per SHARE_WINDOW (None: no cap)
@@ -245,7 +245,7 @@ class ExecWatch:
         # send(): the only moment corral sees where such datagrams would go.
         if self.on_datagram is not None:
             for dst in dsts:
-                self.on_datagram(pid, *dst, nr != NR_CONNECT)
+                self.on_datagram(pid, *dst, nr != NR_CONNECT, inode)
         return 0.0
 
     # -- exec ----------------------------------------------------------------------------------------

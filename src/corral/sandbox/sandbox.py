@@ -239,6 +239,8 @@ class Sandbox(Boundary):
         self._connects: dict[tuple[str, int], collections.deque[_Connect]] = {}
         self._pace: Pace | None = None  # new connections' token bucket (the runtime's budgets)
         self._paced_noted = 0.0
+        # UDP sockets that sent to or connected to port 53, by inode: the process that owns each
+        self._dns_socks: Recent[int, int] = Recent(1024)
         # rate limit of datagram events; bounded, so a UDP sweep cannot grow it
         self._datagrams: Recent[tuple[int, str, int, str], float] = Recent(4096)
         self._downloads = Downloads()  # files curl/wget wrote here, to know them when they are run
@@ -1082,7 +1084,7 @@ class Sandbox(Boundary):
         self.attribute(ev, pid=pid)
         self._emit(ev)
 
-    def _note_datagram(self, pid: int, ip: str, port: int, sent: bool) -> None:
+    def _note_datagram(self, pid: int, ip: str, port: int, sent: bool, inode: int | None = None) -> None:
         """UDP to an inet address: DNS goes to corral's resolver; anything else is dropped by
         nftables, never forwarded. A datagram sent to an address is recorded (once per process and
         destination every 10 s) as a denied connection, judged and attributed like one. A UDP
@@ -1092,6 +1094,10 @@ class Sandbox(Boundary):
         addr = ipaddress.ip_address(ip)
         if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
             addr = addr.ipv4_mapped
+        if port == 53 and inode is not None:
+            # a resolver's socket: its queries reach corral's DNS server, which is told whose socket
+            # it is here, without looking through every process's descriptors per query
+            self._dns_socks[inode] = pid
         if port == 53 or self._runtime is None or addr.is_loopback:
             return
         action = "connect" if sent else "udp-connect"
@@ -1165,7 +1171,9 @@ class Sandbox(Boundary):
                 pid = None
             else:
                 if (ino := lookup()) is not None:
-                    pid = procs.owner_of_inode(ino, self.pids())
+                    pid = self._dns_socks.get(ino) if sock[0] == "udp" else None
+                    if pid is None or not os.path.exists(f"/proc/{pid}"):
+                        pid = procs.owner_of_inode(ino, self.pids())
                 if pid is not None:
                     ev.data["attribution"] = "socket"
                 elif rec is not None:

@@ -1,0 +1,382 @@
+"""ROCK's sandbox API in front of a corral runtime: the routes of `corral serve` under PREFIX.
+
+ROCK's Python SDK (`pip install rl-rock`, `rock.sdk.sandbox.client.Sandbox`) talks to
+``{base_url}/apis/envs/sandbox/v1/<route>``; every route answers ROCK's envelope
+``{"status": "Success"|"Failed", "message", "error", "result"}`` and the SDK parses ``result`` into its
+own pydantic models. Routes implemented (all under that prefix):
+
+    POST start_async    {image, image_os, memory, cpus, limit_cpus, num_gpus, sandbox_id, ...}
+                        -> SandboxStartResponse {sandbox_id, host_name, host_ip, cpus, memory}
+    GET  get_status     ?sandbox_id=&include_all_states= -> SandboxStatusResponse
+    GET  is_alive       ?sandbox_id= -> IsAliveResponse {is_alive, message}
+    POST execute        {sandbox_id, command: str|list, timeout, cwd, env} -> CommandResponse
+    POST create_session {sandbox_id, session, startup_source, env_enable, env, remote_user}
+    POST run_in_session {sandbox_id, session, command, check, timeout} -> BashObservation
+    POST close_session  {sandbox_id, session}
+    POST read_file      {sandbox_id, path, encoding, errors} -> ReadFileResponse {content}
+    POST write_file     {sandbox_id, path, content} -> WriteFileResponse
+    POST upload         multipart: file, target_path, sandbox_id -> UploadResponse
+    POST stop           {sandbox_id}
+    POST delete         {sandbox_id}
+
+plus ``GET /health`` (no token) and ``GET /findings?sandbox_id=&after_id=`` (corral's own).
+
+Authentication: every route but /health needs the server's token as ``Authorization: Bearer <token>``
+or as ``XRL-Authorization: Bearer <token>`` (the header ROCK's SDK sends for
+``SandboxConfig(extra_headers={"XRL-Authorization": "Bearer <token>"})`` or its deprecated
+``xrl_authorization=<token>``). Each token is a tenant: a sandbox is only visible to the token that
+started it; another token gets 404, exactly as for an id that never existed.
+
+Mapping of ROCK's start request to corral's SandboxConfig (starting from the server's base config):
+
+* ``image``: looked up in the server's ``images`` table (name -> rootfs directory, or None for the
+  host's root). An image not in the table runs on the host's root filesystem, read-only (corral's
+  default); the requested name is echoed back as ``image`` in get_status and the mapping actually
+  used is in ``result.corral.rootfs``. Clients can never name host directories themselves.
+* ``memory`` ("8g", "512m", bytes without unit) -> ``limits.memory_mb``;
+  ``limit_cpus`` (else ``cpus``) -> ``limits.cpus``.
+* ``num_gpus`` > 0 -> ``gpu=True``, only if the server allows GPUs; otherwise 400.
+* ``auto_clear_seconds`` (the SDK sends 300): the sandbox is stopped after that many seconds without
+  a request naming it (a command still running is not idleness); the server's ``idle_timeout_s``
+  caps it, and applies alone when the client sends none. Its events and findings stay readable.
+* ``image_os`` must be "linux". ``disk``, ``auto_archive/delete_seconds``,
+  ``registry_*``, ``use_kata_runtime``, ``accelerator_type`` are accepted and ignored.
+* ``sandbox_id``: the id the client will use; corral's own sandbox id (the one in its event store)
+  is ``result.corral.sandbox_id`` and may differ.
+
+corral's findings ride along where ROCK's models have room: every result object carries an extra
+``corral`` key (``{"sandbox_id", "step", "refused", "findings": [...], ...}``) which the SDK's models
+ignore; failed envelopes carry it at the top level. A command that corral's rules refuse runs
+nothing and reports exit code 126 with the reason as ``failure_reason``.
+
+Differences from ROCK: run_in_session's ``output`` is stdout followed by stderr (ROCK's pty merges them
+as they come) with trailing newlines removed; ``check="raise"`` with a non-zero exit answers a Failed
+envelope like ROCK; protocol errors are real HTTP codes (401, 404 unknown sandbox/session,
+409 stopped sandbox or ended episode, 422 malformed request) with ROCK's envelope as the body, while
+failures of the operation itself (file missing, command timed out) are ROCK's HTTP 200 Failed envelope;
+``delete`` of an unknown id is 404, not ROCK's idempotent success.
+"""
+
+from __future__ import annotations
+
+import shlex
+import time
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Body, File, Form, Request, UploadFile
+from pydantic import BaseModel, ConfigDict, Field
+
+from corral.errors import EpisodeEnded, FileAccessError, SandboxClosed, SandboxFrozen, SessionError
+from corral.sandbox.sandbox import ExecResult
+from corral.server.state import (
+    _ID_RE,
+    MAX_UPLOAD,
+    PREFIX,
+    REFUSED_EXIT,
+    ApiError,
+    _Box,
+    _envelope,
+    _Server,
+)
+
+
+# -- request models (ROCK's field names; unknown fields are ignored, as ROCK's server does) ----------
+class _Req(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+SandboxId = Annotated[str, Field(min_length=1, max_length=64)]
+
+
+class StartRequest(_Req):
+    image: str = Field("python:3.11", min_length=1, max_length=512)
+    image_os: str = "linux"
+    memory: str = "8g"
+    cpus: float = Field(2, gt=0, le=1024)
+    limit_cpus: float | None = Field(None, gt=0, le=1024)
+    num_gpus: float | None = Field(None, ge=0)
+    sandbox_id: str | None = Field(None, pattern=_ID_RE)
+    auto_clear_seconds: int | None = Field(None, ge=0)  # ROCK's SDK sends 300: stopped after that long idle
+
+
+class CommandRequest(_Req):
+    sandbox_id: SandboxId
+    command: str | list[str]
+    timeout: float | None = Field(1200, gt=0)
+    env: dict[str, str] | None = None
+    cwd: str | None = None
+
+
+class _SessionReq(_Req):
+    sandbox_id: SandboxId
+    session: str = Field("default", min_length=1, max_length=128)
+
+
+class CreateSessionRequest(_SessionReq):
+    session_type: Literal["bash"] = "bash"
+    startup_source: list[str] = []
+    env_enable: bool = False
+    env: dict[str, str] | None = None
+    remote_user: str | None = None
+
+
+class RunRequest(_SessionReq):
+    action_type: Literal["bash"] = "bash"
+    command: str
+    check: Literal["silent", "raise", "ignore"] = "raise"
+    timeout: float | None = Field(None, gt=0)
+
+
+class CloseSessionRequest(_SessionReq):
+    session_type: Literal["bash"] = "bash"
+
+
+class ReadFileRequest(_Req):
+    sandbox_id: SandboxId
+    path: str = Field(min_length=1)
+    encoding: str | None = None
+    errors: str | None = None
+
+
+class WriteFileRequest(_Req):
+    sandbox_id: SandboxId
+    path: str = Field(min_length=1)
+    content: str
+
+
+
+# -- routes ------------------------------------------------------------------------------------------
+router = APIRouter(prefix=PREFIX)
+
+@router.post("/start_async")
+async def start_async(request: Request, req: StartRequest) -> dict:
+    srv: _Server = request.app.state.corral
+    assert srv.runtime is not None
+    tenant = request.state.tenant
+    mine = srv.boxes.setdefault(tenant, {})
+    reserved = srv.reserved_ids.setdefault(tenant, set())
+    if req.sandbox_id and (req.sandbox_id in mine or req.sandbox_id in reserved):
+        raise ApiError(409, f"sandbox id {req.sandbox_id!r} is in use; delete it or choose another")
+    cfg, rootfs = srv.config_for(req)
+    with srv.hold(tenant):
+        if req.sandbox_id:
+            reserved.add(req.sandbox_id)
+        try:
+            sb = await srv.runtime.create(cfg)
+            rock_id = req.sandbox_id or sb.id
+            b = _Box(rock_id, tenant, sb, req.image, rootfs, req.memory)
+            limits = [t for t in (req.auto_clear_seconds, srv.config.idle_timeout_s) if t]
+            b.idle_limit = float(min(limits)) if limits else None
+            mine[rock_id] = b
+        finally:
+            reserved.discard(req.sandbox_id or "")
+    res = {"sandbox_id": rock_id, "host_name": srv.host_name, "host_ip": sb.net.ip if sb.net else None,
+           "cpus": cfg.limits.cpus, "memory": req.memory, "corral": {**srv.corral(b), "rootfs": rootfs}}
+    return _envelope(res)
+
+def status_of(srv: _Server, b: _Box) -> dict:
+    state = "running" if b.alive else "stopped"
+    iso = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(b.created))
+    return {
+        "sandbox_id": b.rock_id, "is_alive": b.alive, "state": state, "image": b.image,
+        "status": {"sandbox": {"status": state,
+                               "message": b.sb.terminated or f"corral sandbox {b.sb.id}"}},
+        "host_name": srv.host_name, "host_ip": b.sb.net.ip if b.sb.net else None,
+        "cpus": b.sb.config.limits.cpus, "memory": b.memory, "create_time": iso, "start_time": iso,
+        "stop_time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(b.stopped)) if b.stopped else None,
+        "corral": {**srv.corral(b), "rootfs": b.rootfs, "sessions": b.sb.sessions() if b.alive else []},
+    }
+
+@router.get("/get_status")
+async def get_status(request: Request, sandbox_id: SandboxId, include_all_states: bool = False) -> dict:
+    srv: _Server = request.app.state.corral
+    return _envelope(status_of(srv, srv.box(request.state.tenant, sandbox_id, running=False)))
+
+@router.get("/is_alive")
+async def is_alive(request: Request, sandbox_id: SandboxId) -> dict:
+    srv: _Server = request.app.state.corral
+    b = srv.box(request.state.tenant, sandbox_id, running=False)
+    return _envelope({"is_alive": b.alive, "message": srv.host_name if b.alive else "stopped"})
+
+async def guarded(srv: _Server, b: _Box, coro: Any) -> Any:
+    b.busy += 1
+    try:
+        return await coro
+    except (SandboxClosed, SandboxFrozen, EpisodeEnded) as e:
+        raise ApiError(409, str(e), corral=srv.corral(b)) from None
+    finally:
+        b.busy -= 1
+        b.last_used = time.monotonic()
+
+@router.post("/execute")
+async def execute(request: Request, req: CommandRequest) -> dict:
+    srv: _Server = request.app.state.corral
+    b = srv.box(request.state.tenant, req.sandbox_id)
+    cmd = req.command if isinstance(req.command, str) else shlex.join(req.command)
+    if not cmd.strip():
+        raise ApiError(422, "invalid request: command: must not be empty")
+    r: ExecResult = await guarded(srv, b, b.sb.exec(cmd, timeout=req.timeout, env=req.env, cwd=req.cwd))
+    info = srv.corral(b, r)
+    if r.timed_out:
+        return _envelope(failed=f"command timed out after {req.timeout}s", message="execute command failed",
+                         corral=info)
+    code = REFUSED_EXIT if r.refused else r.exit_code
+    stderr = r.error if r.refused else r.stderr
+    return _envelope({"stdout": r.stdout, "stderr": stderr, "exit_code": code, "corral": info})
+
+@router.post("/create_session")
+async def create_session(request: Request, req: CreateSessionRequest) -> dict:
+    srv: _Server = request.app.state.corral
+    b = srv.box(request.state.tenant, req.sandbox_id)
+    if req.remote_user:
+        raise ApiError(422, "remote_user is not supported: each corral sandbox runs as its own unprivileged user")
+    if req.session in b.sb.sessions():
+        raise ApiError(409, f"session {req.session!r} already exists in sandbox {req.sandbox_id}; close it first")
+    try:
+        await guarded(srv, b, b.sb.create_session(req.session, env=req.env))
+    except SessionError as e:
+        raise ApiError(409, str(e)) from None
+    outputs = []
+    for src in req.startup_source:
+        r = await guarded(srv, b, b.sb.run_in_session(req.session, f"source {shlex.quote(src)}"))
+        outputs.append(r.stdout + r.stderr)
+        if r.exit_code != 0:
+            return _envelope(failed=f"startup_source {src!r} failed: {r.error or r.stderr.strip()}",
+                             message="create session failed", corral=srv.corral(b, r))
+    return _envelope({"session_type": "bash", "output": "".join(outputs), "corral": srv.corral(b)})
+
+@router.post("/run_in_session")
+async def run_in_session(request: Request, req: RunRequest) -> dict:
+    srv: _Server = request.app.state.corral
+    b = srv.box(request.state.tenant, req.sandbox_id)
+    if req.session not in b.sb.sessions():
+        raise ApiError(404, f"no session {req.session!r} in sandbox {req.sandbox_id}; call create_session first")
+    try:
+        r = await guarded(srv, b, b.sb.run_in_session(req.session, req.command, timeout=req.timeout))
+    except SessionError as e:
+        raise ApiError(404, str(e)) from None
+    info = srv.corral(b, r)
+    if r.timed_out:
+        return _envelope(failed=f"timeout after {req.timeout} seconds while running command {req.command!r}",
+                         message="run in session failed", corral=info)
+    code = REFUSED_EXIT if r.refused else r.exit_code
+    output = (r.error or "") if r.refused else (r.stdout + r.stderr).rstrip("\n")
+    failure = r.error or ""
+    if req.check == "raise" and code != 0:
+        return _envelope(failed=f"Command {req.command!r} failed with exit code {code}. "
+                                f"Here is the output:\n{output!r}" + (f" ({failure})" if failure else ""),
+                         message="run in session failed", corral=info)
+    if req.check == "ignore":
+        code = None
+    return _envelope({"session_type": "bash", "output": output, "exit_code": code,
+                      "failure_reason": failure, "expect_string": "", "corral": info})
+
+@router.post("/close_session")
+async def close_session(request: Request, req: CloseSessionRequest) -> dict:
+    srv: _Server = request.app.state.corral
+    b = srv.box(request.state.tenant, req.sandbox_id)
+    if req.session not in b.sb.sessions():
+        raise ApiError(404, f"no session {req.session!r} in sandbox {req.sandbox_id}")
+    await b.sb.close_session(req.session)
+    return _envelope({"session_type": "bash", "corral": srv.corral(b)})
+
+@router.post("/read_file")
+async def read_file(request: Request, req: ReadFileRequest) -> dict:
+    srv: _Server = request.app.state.corral
+    b = srv.box(request.state.tenant, req.sandbox_id)
+    try:
+        data = await guarded(srv, b, b.sb.read_file(req.path, as_step=True))
+    except FileAccessError as e:
+        return _envelope(failed=str(e), message="read file failed", corral=srv.corral(b))
+    try:
+        content = data.decode(req.encoding or "utf-8", req.errors or "strict")
+    except LookupError as e:
+        raise ApiError(422, f"invalid request: encoding/errors: {e}") from None
+    except UnicodeDecodeError as e:
+        return _envelope(failed=f"{req.path} is not valid {e.encoding}: {e.reason}; pass errors='replace'",
+                         message="read file failed", corral=srv.corral(b))
+    return _envelope({"content": content, "corral": srv.corral(b)})
+
+@router.post("/write_file")
+async def write_file(request: Request, req: WriteFileRequest) -> dict:
+    srv: _Server = request.app.state.corral
+    b = srv.box(request.state.tenant, req.sandbox_id)
+    try:
+        await guarded(srv, b, b.sb.write_file(req.path, req.content, as_step=True))
+    except FileAccessError as e:
+        return _envelope({"success": False, "message": str(e)}, failed=str(e), message="write file failed",
+                         corral=srv.corral(b))
+    return _envelope({"success": True, "message": f"Successfully write content to file {req.path}",
+                      "corral": srv.corral(b)})
+
+@router.post("/upload")
+async def upload(request: Request, file: Annotated[UploadFile, File()], target_path: Annotated[str, Form()],
+                 sandbox_id: Annotated[SandboxId, Form()]) -> dict:
+    srv: _Server = request.app.state.corral
+    b = srv.box(request.state.tenant, sandbox_id)
+    if not target_path.strip():
+        raise ApiError(422, "invalid request: target_path: must not be empty")
+    data = await file.read(MAX_UPLOAD + 1)
+    if len(data) > MAX_UPLOAD:
+        raise ApiError(413, f"upload is larger than {MAX_UPLOAD >> 20} MiB; split it or use execute")
+    name = file.filename or ""
+    try:
+        await guarded(srv, b, b.sb.write_file(target_path, data, as_step=True))
+    except FileAccessError as e:
+        return _envelope(failed=str(e), message="upload file failed", corral=srv.corral(b))
+    return _envelope({"success": True, "message": f"Successfully uploaded file {name} to {target_path}",
+                      "file_name": name, "corral": srv.corral(b)})
+
+@router.post("/stop")
+async def stop(request: Request, sandbox_id: Annotated[SandboxId, Body(embed=True)]) -> dict:
+    srv: _Server = request.app.state.corral
+    b = srv.box(request.state.tenant, sandbox_id, running=False)
+    await srv.stop_box(b)
+    return _envelope(f"{sandbox_id} stopped", corral=srv.corral(b))
+
+@router.post("/delete")
+async def delete(request: Request, sandbox_id: Annotated[SandboxId, Body(embed=True)]) -> dict:
+    srv: _Server = request.app.state.corral
+    b = srv.box(request.state.tenant, sandbox_id, running=False)
+    await srv.stop_box(b)
+    srv.boxes[request.state.tenant].pop(sandbox_id, None)
+    srv.deleted.setdefault(request.state.tenant, []).append(b)
+    return _envelope(f"{sandbox_id} deleted", corral=srv.corral(b))
+
+# ROCK's container-image and object-storage routes. A corral sandbox is namespaces over tmpfs,
+# not a container: there is no image to snapshot, nothing of a stopped sandbox to start again,
+# and no bucket. The SDK's restart(), archive(), commit() and its upload's storage-token probe
+# get a Failed envelope (as ROCK answers a refused request: the SDK drops the body of an HTTP
+# error) that says so and what to do instead.
+def unsupported(request: Request, sandbox_id: str, what: str) -> dict:
+    srv: _Server = request.app.state.corral
+    # a refusal is not use: the idle clock and the findings not yet handed out stay as they were
+    b = srv.box(request.state.tenant, sandbox_id, running=False, deleted=True, touch=False)
+    return _envelope(failed=f"{what} (sandbox {sandbox_id!r})", message=what, corral={"sandbox_id": b.sb.id})
+
+@router.get("/get_token")
+async def get_token() -> dict:
+    msg = "corral has no object storage: upload sends files straight into the sandbox"
+    return _envelope(failed=msg, message=msg)
+
+@router.post("/restart")
+async def restart(request: Request, sandbox_id: Annotated[SandboxId, Body(embed=True)]) -> dict:
+    return unsupported(request, sandbox_id, "restart is not supported: a corral sandbox is not a container, "
+                       "and stopping it ended its processes and freed its tmpfs; start a new one with "
+                       "start_async and write or upload the files it needs")
+
+@router.post("/sandboxes/{sandbox_id}/archive")
+async def archive(request: Request, sandbox_id: SandboxId) -> dict:
+    return unsupported(request, sandbox_id, "archive is not supported: a corral sandbox has no container "
+                       "image or logs to upload; read the files you need before stopping it, and fetch "
+                       "its findings from GET /findings (they outlive the sandbox)")
+
+@router.post("/commit")
+async def commit(request: Request, sandbox_id: Annotated[SandboxId, Body(embed=True)]) -> dict:
+    return unsupported(request, sandbox_id, "commit is not supported: a corral sandbox is not a container "
+                       "and has no image to push; give new sandboxes their files with write_file or upload")
+
+@router.get("/commit/{sandbox_id}")
+async def commit_status(request: Request, sandbox_id: SandboxId) -> dict:
+    return unsupported(request, sandbox_id, "commit is not supported, so there is no commit status")
+

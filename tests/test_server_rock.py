@@ -105,8 +105,11 @@ async def test_rock_sdk_session_episode(server, tmp_path):
     await sb.close_session(CloseSessionRequest(session="s1"))
 
     await sb.stop()
-    st = await sb.get_status()
-    assert not st.is_alive and st.state == "stopped"
+    with pytest.raises(Exception, match="not found"):  # as ROCK: a stopped sandbox is listed only when asked
+        await sb.get_status()
+    async with httpx.AsyncClient(base_url=server, headers=auth()) as c:
+        st = (await c.get(f"{PREFIX}/get_status", params={"sandbox_id": sid, "include_all_states": True})).json()
+        assert not st["result"]["is_alive"] and st["result"]["state"] == "stopped"
     # ROCK's container-image calls: a clear refusal that says what to do instead, not a bare 404
     with pytest.raises(Exception, match=r"restart is not supported.*start_async"):
         await sb.restart()
@@ -117,8 +120,9 @@ async def test_rock_sdk_session_episode(server, tmp_path):
     with pytest.raises(Exception, match="commit is not supported"):
         await sb.get_commit_status()
     await sb.delete()
-    with pytest.raises(httpx.HTTPStatusError):
+    with pytest.raises(Exception, match=f"Sandbox {sid} not found"):  # the reason reaches the SDK's user
         await sb.get_status()
+    await sb.delete()  # as ROCK: deleting it again is done already
     async with httpx.AsyncClient(base_url=server, headers=auth()) as c:  # findings outlive the sandbox
         found = (await c.get("/findings", params={"sandbox_id": sid})).json()["findings"]
         assert len(found) == 2
@@ -137,22 +141,46 @@ async def test_token_required(server):
         assert (await c.get("/findings")).json() == {"findings": []}
 
 
+def http_status(r: httpx.Response) -> int:
+    """What corral meant: ROCK's routes answer a refused request with HTTP 200 and a Failed envelope
+    (ROCK's SDK raises on any other status without reading the body), the status in corral.http_status."""
+    body = r.json()
+    if r.status_code == 200 and body.get("status") == "Failed":
+        assert body["result"]["code"] in (4000, 5000) and body["result"]["failure_reason"] == body["error"]
+    return body.get("corral", {}).get("http_status", r.status_code)
+
+
 async def test_malformed_requests(server):
     async with httpx.AsyncClient(base_url=server, headers=auth()) as c:
         r = await c.post(f"{PREFIX}/execute", content=b"{not json", headers={"content-type": "application/json"})
-        assert r.status_code == 422 and r.json()["status"] == "Failed" and "JSON" in r.json()["error"]
+        assert http_status(r) == 422 and r.json()["status"] == "Failed" and "JSON" in r.json()["error"]
+        assert r.status_code == 200  # as ROCK, so its SDK shows the reason
         r = await c.post(f"{PREFIX}/execute", json={"sandbox_id": "x"})
-        assert r.status_code == 422 and "command: Field required" in r.json()["error"]
+        assert http_status(r) == 422 and "command: Field required" in r.json()["error"]
         r = await c.post(f"{PREFIX}/start_async", json={"image": "python:3.11", "memory": "lots"})
-        assert r.status_code == 422 and "memory 'lots'" in r.json()["error"]
+        assert http_status(r) == 422 and "memory 'lots'" in r.json()["error"]
         r = await c.post(f"{PREFIX}/start_async", json={"cpus": -1})
-        assert r.status_code == 422 and "cpus" in r.json()["error"]
+        assert http_status(r) == 422 and "cpus" in r.json()["error"]
+        r = await c.post(f"{PREFIX}/start_async", json={"cpus": 20})  # ROCK's maximum is 16
+        assert http_status(r) == 400 and "Requested CPUs 20 exceed the maximum allowed 16" in r.json()["error"]
+        r = await c.post(f"{PREFIX}/start_async", json={"memory": "128g"})
+        assert http_status(r) == 400 and "Requested memory 128g exceed" in r.json()["error"]
         r = await c.post(f"{PREFIX}/start_async", json={"num_gpus": 1})
-        assert r.status_code == 422 and "GPU" in r.json()["error"]
+        assert http_status(r) == 422 and "GPU" in r.json()["error"]
         r = await c.get(f"{PREFIX}/get_status")
-        assert r.status_code == 422 and "sandbox_id" in r.json()["error"]
+        assert http_status(r) == 422 and "sandbox_id" in r.json()["error"]
         r = await c.get(f"{PREFIX}/get_status", params={"sandbox_id": "sb-nonexistent"})
-        assert r.status_code == 404
+        assert http_status(r) == 404
+        for route, done in (("stop", "stopped"), ("delete", "deleted")):  # as ROCK: idempotent
+            r = await c.post(f"{PREFIX}/{route}", json={"sandbox_id": "sb-nonexistent"})
+            assert r.json()["status"] == "Success" and r.json()["result"] == f"sb-nonexistent {done}"
+    # the SDK's own error for a request ROCK would refuse: BadRequestRockError with the reason
+    from rock.sdk.common.exceptions import BadRequestRockError
+
+    big = rock_client.Sandbox(RockConfig(base_url=server, image="python:3.11", memory="1g", cpus=20,
+                                         extra_headers={"XRL-Authorization": f"Bearer {TOKEN}"}))
+    with pytest.raises(BadRequestRockError, match="exceed the maximum allowed"):
+        await big.start()
 
 
 async def test_tenant_isolation(server):
@@ -174,7 +202,10 @@ async def test_tenant_isolation(server):
                 ("POST", "delete", {"json": {"sandbox_id": sid}}),
             ):
                 resp = await b.request(method, f"{PREFIX}/{path}", **kw)
-                assert resp.status_code == 404, (path, resp.text)
+                if path in ("stop", "delete"):  # idempotent, as ROCK: done already, and nothing touched
+                    assert resp.json()["status"] == "Success" and "corral" not in resp.json(), resp.text
+                else:
+                    assert http_status(resp) == 404, (path, resp.text)
             assert (await b.get("/findings", params={"sandbox_id": sid})).status_code == 404
             # the same client id is free for the other tenant, and is a different sandbox
             r2 = (await b.post(f"{PREFIX}/start_async", json={"sandbox_id": "mine-1"})).json()
@@ -223,11 +254,11 @@ def test_quota_holds_under_concurrency_and_counts_openenv(world, tmp_path):
     async def scenario(base: str) -> None:
         async with httpx.AsyncClient(base_url=base, headers=auth(), timeout=60) as c:
             starts = [c.post(f"{PREFIX}/start_async", json={"image": "x"}) for _ in range(5)]
-            codes = sorted(r.status_code for r in await asyncio.gather(*starts))
+            codes = sorted(http_status(r) for r in await asyncio.gather(*starts))
             assert codes == [200, 200, 429, 429, 429]
             # the same id asked for twice at once: one wins, the other is told it is taken
             same = [c.post(f"{PREFIX}/start_async", json={"image": "x", "sandbox_id": "dup"}) for _ in range(2)]
-            assert all(r.status_code in (409, 429) for r in await asyncio.gather(*same))
+            assert all(http_status(r) in (409, 429) for r in await asyncio.gather(*same))
             with pytest.raises(Exception, match="403"):  # at the quota: no OpenEnv session either
                 async with CorralEnvClient(base_url=f"{base}/openenv", token=TOKEN) as env:
                     await env.reset(task_id="fix-median")
@@ -237,7 +268,7 @@ def test_quota_holds_under_concurrency_and_counts_openenv(world, tmp_path):
             async with CorralEnvClient(base_url=f"{base}/openenv", token=TOKEN) as env:
                 await env.reset(task_id="fix-median")  # a slot is free again: the session takes it
                 r = await c.post(f"{PREFIX}/start_async", json={"image": "x"})
-                assert r.status_code == 429 and "OpenEnv" in r.json()["message"]
+                assert http_status(r) == 429 and "OpenEnv" in r.json()["message"]
             async with CorralEnvClient(base_url=f"{base}/openenv", token=OTHER) as env:
                 await env.reset(task_id="fix-median")  # the other tenant has a quota of its own
 
@@ -263,10 +294,10 @@ def test_idle_sandboxes_are_stopped(world, tmp_path):
             # a 6 s command outlives the 2 s idle limit without being cut off
             r = await c.post("/execute", json={"sandbox_id": "busy", "command": "sleep 6; echo done"})
             assert r.json()["result"]["stdout"] == "done\n"
-            status = (await c.get("/get_status", params={"sandbox_id": "idle"})).json()["result"]
-            assert status["state"] == "stopped" and not status["is_alive"]
+            status = (await c.get("/get_status", params={"sandbox_id": "idle", "include_all_states": True})).json()
+            assert status["result"]["state"] == "stopped" and not status["result"]["is_alive"], status
             r = await c.post("/execute", json={"sandbox_id": "idle", "command": "true"})
-            assert r.status_code == 409 and "idle for 2 s" in r.json()["message"]
+            assert http_status(r) == 409 and "idle for 2 s" in r.json()["message"]
 
     with serve_app(app) as base:
         asyncio.run(scenario(base))

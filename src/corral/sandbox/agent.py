@@ -190,6 +190,11 @@ class Agent:
                 env = dict(self.base_env)
                 env.update(msg.get("env") or {})
                 argv = [msg.get("shell") or "/bin/bash", "--noprofile", "--norc"]
+                if msg.get("interactive"):
+                    # as ROCK's sessions: job-control notices ("[1] <pid>") for background jobs; no prompt,
+                    # no line editing, no history kept or expanded ("!" stays a plain character)
+                    argv += ["--noediting", "+H", "-i"]
+                    env.update(PS1="", PS2="", PS0="", HISTFILE="", PROMPT_COMMAND="")
                 self._spawn(msg["id"], argv, env, msg.get("cwd") or "/workspace", keep_stdin=True, sockets=True)
             elif op == "stdin":
                 p = self.procs.get(msg["id"])
@@ -339,9 +344,10 @@ class Agent:
         env = "".join(f"export {k}={_shquote(v)}; " for k, v in (msg.get("env") or {}).items())
         # eval of a quoted heredoc: a syntax error in the command is an error, never a hung shell;
         # </dev/null keeps commands from reading (and eating) the session's own command stream.
+        # merge: stderr into stdout, in the order written (as a terminal shows them)
         script = (
             f"{env}{{ {cd}eval \"$(cat <<'__CORRAL_EOF_{nonce}'\n{msg['cmd']}\n__CORRAL_EOF_{nonce}\n)\"\n"
-            f"}} </dev/null\n"
+            f"}} </dev/null{' 2>&1' if msg.get('merge') else ''}\n"
             f"__corral_rc=$?; printf '\\036__CORRAL_{nonce}__%d\\n' \"$__corral_rc\"; "
             f"printf '\\036__CORRAL_{nonce}__\\n' >&2\n"
         )

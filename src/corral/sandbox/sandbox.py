@@ -187,6 +187,7 @@ class Session:
         self.alive = True
         self.index = 0  # its cgroup between commands: session-<index>
         self.last_step: int | None = None  # what it forks while idle belongs to its last command
+        self.interactive = False  # see Sandbox.create_session
 
     async def run(self, cmd: str, *, timeout: float | None = None, **kw: Any) -> ExecResult:
         return await self.sandbox.run_in_session(self.name, cmd, timeout=timeout, **kw)
@@ -905,18 +906,22 @@ class Sandbox(Boundary):
 
     # -- sessions ----------------------------------------------------------------------------------
     async def create_session(self, name: str = "default", *, env: dict[str, str] | None = None,
-                             cwd: str | None = None) -> Session:
+                             cwd: str | None = None, interactive: bool = False) -> Session:
+        """A persistent shell. `interactive`: bash as a terminal runs it, as ROCK's sessions are: a
+        background job is announced ("[1] <pid>") and each command's stderr is merged into its stdout
+        in the order written (ExecResult.stderr stays empty)."""
         self._check_open()
         if name in self._sessions and self._sessions[name].alive:
             raise SessionError(f"session {name!r} already exists in sandbox {self.id}; close it first")
         s = Session(self, name)
+        s.interactive = interactive
         self._session_seq += 1
         s.index = self._session_seq
         self._sessions[name] = s
         key = f"s:{name}"
         waiter = asyncio.get_running_loop().create_future()
         self._session_waiters[key] = waiter
-        self._send(op="session_new", id=key, env=env, cwd=cwd, shell=self.config.shell)
+        self._send(op="session_new", id=key, env=env, cwd=cwd, shell=self.config.shell, interactive=interactive)
         await asyncio.wait_for(waiter, 10)
         return s
 
@@ -940,7 +945,7 @@ class Sandbox(Boundary):
             limit = max_output or self.config.limits.output_bytes
             c = self._register(step, limit, on_output, session=name)
             msg = {"op": "session_run", "id": c.id, "sid": f"s:{name}", "cmd": cmd, "env": env, "cwd": cwd,
-                   "max_output": limit}
+                   "max_output": limit, "merge": s.interactive}
             return await self._run(c, cmd, msg, timeout, session=name, internal=False, tool_call_id=tool_call_id)
         finally:
             self._open_steps.discard(step)

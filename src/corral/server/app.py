@@ -115,17 +115,20 @@ def create_app(config: ServeConfig | RuntimeConfig, token: str | Sequence[str] |
 
     app.add_middleware(_TokenGate, server=srv)
 
+    def rock(r: Request) -> bool:  # ROCK's routes answer failures as ROCK does (see state._fail)
+        return r.url.path.startswith(f"{PREFIX}/")
+
     @app.exception_handler(ApiError)
-    async def api_error(_r: Request, exc: ApiError) -> JSONResponse:
-        return _fail(exc.status_code, exc.message, exc.corral)
+    async def api_error(r: Request, exc: ApiError) -> JSONResponse:
+        return _fail(exc.status_code, exc.message, exc.corral, rock=rock(r))
 
     @app.exception_handler(RequestValidationError)
-    async def invalid(_r: Request, exc: RequestValidationError) -> JSONResponse:
-        return _fail(422, f"invalid request: {_problems(exc.errors())}")
+    async def invalid(r: Request, exc: RequestValidationError) -> JSONResponse:
+        return _fail(422, f"invalid request: {_problems(exc.errors())}", rock=rock(r))
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_r: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return _fail(exc.status_code, str(exc.detail))
+    async def http_error(r: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _fail(exc.status_code, str(exc.detail), rock=rock(r) and exc.status_code != 404)
 
     @app.get("/health")
     async def health() -> dict:

@@ -7,6 +7,8 @@
     idle_timeout_s: 1800                # a ROCK sandbox without requests this long is stopped (0: never)
     images: {python:3.11: /srv/rootfs/py311, ubuntu:22.04: null}   # null: the host's root, read-only
     allow_gpu: false
+    max_cpus: 16                        # the largest sandbox a client may ask for (as ROCK's max_allowed_spec)
+    max_memory_mb: 65536
     runtime: {state_dir: /var/lib/corral, rule_files: [/etc/corral/rules.yaml]}   # RuntimeConfig
     sandbox: {limits: {memory_mb: 2048, cpus: 2}, egress: {allow: ["pypi.org:443"]}}  # SandboxConfig
     openenv: {enabled: true, tasks: /srv/tasks, max_concurrent_envs: 32}
@@ -53,6 +55,10 @@ class ServeConfig(BaseModel):
     idle_timeout_s: Annotated[float, Field(ge=0)] = 1800  # a ROCK sandbox unused this long is stopped; 0: never
     images: dict[str, Path | None] = Field(default_factory=dict)
     allow_gpu: bool = False
+    # the largest sandbox a client may ask for (ROCK's max_allowed_spec); a request above is refused with
+    # ROCK's message. Within it, a CPU quota above this machine's CPUs is granted as all of them.
+    max_cpus: Annotated[float, Field(gt=0)] = 16
+    max_memory_mb: Annotated[int, Field(ge=16)] = 64 << 10
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     sandbox: SandboxConfig = Field(default_factory=SandboxConfig)
     openenv: OpenEnvSettings = Field(default_factory=OpenEnvSettings)

@@ -59,6 +59,7 @@ failures of the operation itself (file missing, command timed out) are ROCK's HT
 
 from __future__ import annotations
 
+import re
 import shlex
 import time
 from typing import Annotated, Any, Literal
@@ -96,7 +97,17 @@ class StartRequest(_Req):
     limit_cpus: float | None = Field(None, gt=0, le=1024)
     num_gpus: float | None = Field(None, ge=0)
     sandbox_id: str | None = Field(None, pattern=_ID_RE)
-    auto_clear_seconds: int | None = Field(None, ge=0)  # ROCK's SDK sends 300: stopped after that long idle
+    # ROCK's SDK sends its auto_clear_seconds rounded up to minutes, under both names: stopped after that
+    # long without a request. auto_clear_seconds is corral's own, for clients that want seconds.
+    auto_clear_time_minutes: int | None = Field(None, ge=0)
+    auto_clear_time: int | None = Field(None, ge=0)
+    auto_clear_seconds: int | None = Field(None, ge=0)
+
+    def idle_seconds(self) -> float | None:
+        if self.auto_clear_seconds:
+            return float(self.auto_clear_seconds)
+        minutes = self.auto_clear_time_minutes or self.auto_clear_time
+        return 60.0 * minutes if minutes else None
 
 
 class CommandRequest(_Req):
@@ -145,6 +156,20 @@ class WriteFileRequest(_Req):
 
 
 
+TEMP_SESSION = re.compile(r"^bash-\d{10,}$")  # the SDK's per-call session: f"bash-{time.time_ns()}"
+MAX_IDLE_TEMP_SESSIONS = 16
+SESSION_TIMEOUT = 295.0  # a command the client gave no timeout: ROCK's SDK itself gives up at 300 s
+STARTUP_SOURCE_TIMEOUT = 30.0
+
+
+def _failure_reason(error: str | None, findings: list[dict]) -> str:
+    """What went wrong, in the field ROCK's SDK keeps (Observation.failure_reason): corral's refusal,
+    and every finding this command raised, so a denied connection never looks like a quiet success."""
+    parts = [error] if error else []
+    parts += [f"corral finding {f['rule_id']} ({f['severity']}, {f['action']}): {f['title']}" for f in findings]
+    return "; ".join(parts)
+
+
 # -- routes ------------------------------------------------------------------------------------------
 router = APIRouter(prefix=PREFIX)
 
@@ -165,20 +190,23 @@ async def start_async(request: Request, req: StartRequest) -> dict:
             sb = await srv.runtime.create(cfg)
             rock_id = req.sandbox_id or sb.id
             b = _Box(rock_id, tenant, sb, req.image, rootfs, req.memory)
-            limits = [t for t in (req.auto_clear_seconds, srv.config.idle_timeout_s) if t]
+            limits = [t for t in (req.idle_seconds(), srv.config.idle_timeout_s) if t]
             b.idle_limit = float(min(limits)) if limits else None
             mine[rock_id] = b
         finally:
             reserved.discard(req.sandbox_id or "")
     res = {"sandbox_id": rock_id, "host_name": srv.host_name, "host_ip": sb.net.ip if sb.net else None,
-           "cpus": cfg.limits.cpus, "memory": req.memory, "corral": {**srv.corral(b), "rootfs": rootfs}}
+           "cpus": req.limit_cpus or req.cpus, "memory": req.memory,
+           "corral": {**srv.corral(b), "rootfs": rootfs, "cpus_granted": cfg.limits.cpus}}
     return _envelope(res)
 
+
 def status_of(srv: _Server, b: _Box) -> dict:
-    state = "running" if b.alive else "stopped"
+    state = "running" if b.alive else "deleted" if b.deleted else "stopped"
     iso = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(b.created))
     return {
-        "sandbox_id": b.rock_id, "is_alive": b.alive, "state": state, "image": b.image,
+        # no port of a corral sandbox is published: ROCK's container-port -> host-port map is empty
+        "sandbox_id": b.rock_id, "is_alive": b.alive, "state": state, "image": b.image, "port_mapping": {},
         "status": {"sandbox": {"status": state,
                                "message": b.sb.terminated or f"corral sandbox {b.sb.id}"}},
         "host_name": srv.host_name, "host_ip": b.sb.net.ip if b.sb.net else None,
@@ -190,7 +218,12 @@ def status_of(srv: _Server, b: _Box) -> dict:
 @router.get("/get_status")
 async def get_status(request: Request, sandbox_id: SandboxId, include_all_states: bool = False) -> dict:
     srv: _Server = request.app.state.corral
-    return _envelope(status_of(srv, srv.box(request.state.tenant, sandbox_id, running=False)))
+    b = srv.box(request.state.tenant, sandbox_id, running=False, deleted=include_all_states)
+    if not b.alive and not include_all_states:  # as ROCK: a stopped sandbox is only listed when asked for
+        raise ApiError(404, f"Sandbox {sandbox_id} not found (it is stopped; ask with include_all_states=true)",
+                       corral=srv.corral(b))
+    return _envelope(status_of(srv, b))
+
 
 @router.get("/is_alive")
 async def is_alive(request: Request, sandbox_id: SandboxId) -> dict:
@@ -222,6 +255,9 @@ async def execute(request: Request, req: CommandRequest) -> dict:
                          corral=info)
     code = REFUSED_EXIT if r.refused else r.exit_code
     stderr = r.error if r.refused else r.stderr
+    findings = _failure_reason(None, info["findings"])
+    if findings:  # ROCK's CommandResponse has no failure_reason: stderr is the field its SDK keeps
+        stderr = f"{stderr or ''}{'' if not stderr or stderr.endswith(chr(10)) else chr(10)}[{findings}]\n"
     return _envelope({"stdout": r.stdout, "stderr": stderr, "exit_code": code, "corral": info})
 
 @router.post("/create_session")
@@ -230,20 +266,37 @@ async def create_session(request: Request, req: CreateSessionRequest) -> dict:
     b = srv.box(request.state.tenant, req.sandbox_id)
     if req.remote_user:
         raise ApiError(422, "remote_user is not supported: each corral sandbox runs as its own unprivileged user")
-    if req.session in b.sb.sessions():
-        raise ApiError(409, f"session {req.session!r} already exists in sandbox {req.sandbox_id}; close it first")
+    if req.session in b.sb.sessions():  # as ROCK: the existing session is kept, and the call succeeds
+        return _envelope({"session_type": "bash", "output": "", "corral": srv.corral(b)})
+    if TEMP_SESSION.match(req.session):
+        await _close_idle_temp_sessions(b)
     try:
-        await guarded(srv, b, b.sb.create_session(req.session, env=req.env))
+        await guarded(srv, b, b.sb.create_session(req.session, env=req.env, interactive=True))
     except SessionError as e:
         raise ApiError(409, str(e)) from None
     outputs = []
-    for src in req.startup_source:
-        r = await guarded(srv, b, b.sb.run_in_session(req.session, f"source {shlex.quote(src)}"))
-        outputs.append(r.stdout + r.stderr)
-        if r.exit_code != 0:
-            return _envelope(failed=f"startup_source {src!r} failed: {r.error or r.stderr.strip()}",
-                             message="create session failed", corral=srv.corral(b, r))
-    return _envelope({"session_type": "bash", "output": "".join(outputs), "corral": srv.corral(b)})
+    try:
+        for src in req.startup_source:
+            # as ROCK: a file that is missing or fails is reported in the output, and the session works
+            r = await guarded(srv, b, b.sb.run_in_session(req.session, f"source {shlex.quote(src)}",
+                                                          timeout=STARTUP_SOURCE_TIMEOUT))
+            outputs.append(r.stdout + r.stderr)
+    except BaseException:
+        await b.sb.close_session(req.session)  # never a half-made session that a retry would collide with
+        raise
+    return _envelope({"session_type": "bash", "output": "".join(outputs).strip(), "corral": srv.corral(b)})
+
+
+async def _close_idle_temp_sessions(b: _Box) -> None:
+    """ROCK's SDK opens a session per session-less arun() call and never closes it (nor does ROCK):
+    past MAX_IDLE_TEMP_SESSIONS of them idle, the least recently used are closed, so a long loop of such
+    calls cannot exhaust the sandbox's process limit. One in use (a nohup poll's) is never closed."""
+    idle = [n for n in b.sb.sessions() if TEMP_SESSION.match(n) and n not in b.running_sessions]
+    idle.sort(key=lambda n: b.session_used.get(n, 0.0))
+    for name in idle[:max(0, len(idle) - MAX_IDLE_TEMP_SESSIONS + 1)]:
+        await b.sb.close_session(name)
+        b.session_used.pop(name, None)
+
 
 @router.post("/run_in_session")
 async def run_in_session(request: Request, req: RunRequest) -> dict:
@@ -251,17 +304,24 @@ async def run_in_session(request: Request, req: RunRequest) -> dict:
     b = srv.box(request.state.tenant, req.sandbox_id)
     if req.session not in b.sb.sessions():
         raise ApiError(404, f"no session {req.session!r} in sandbox {req.sandbox_id}; call create_session first")
+    timeout = req.timeout or SESSION_TIMEOUT
+    b.running_sessions.add(req.session)
     try:
-        r = await guarded(srv, b, b.sb.run_in_session(req.session, req.command, timeout=req.timeout))
+        r = await guarded(srv, b, b.sb.run_in_session(req.session, req.command, timeout=timeout))
     except SessionError as e:
         raise ApiError(404, str(e)) from None
+    finally:
+        b.running_sessions.discard(req.session)
+        b.session_used[req.session] = time.monotonic()
     info = srv.corral(b, r)
+    failure = _failure_reason(r.error, info["findings"])
     if r.timed_out:
-        return _envelope(failed=f"timeout after {req.timeout} seconds while running command {req.command!r}",
+        return _envelope(failed=f"timeout after {timeout:g} seconds while running command {req.command!r}"
+                                + (f" ({failure})" if failure else ""),
                          message="run in session failed", corral=info)
     code = REFUSED_EXIT if r.refused else r.exit_code
-    output = (r.error or "") if r.refused else (r.stdout + r.stderr).rstrip("\n")
-    failure = r.error or ""
+    # as ROCK's terminal: one stream, leading and trailing whitespace cut
+    output = (r.error or "") if r.refused else (r.stdout + r.stderr).strip()
     if req.check == "raise" and code != 0:
         return _envelope(failed=f"Command {req.command!r} failed with exit code {code}. "
                                 f"Here is the output:\n{output!r}" + (f" ({failure})" if failure else ""),
@@ -330,15 +390,22 @@ async def upload(request: Request, file: Annotated[UploadFile, File()], target_p
 @router.post("/stop")
 async def stop(request: Request, sandbox_id: Annotated[SandboxId, Body(embed=True)]) -> dict:
     srv: _Server = request.app.state.corral
-    b = srv.box(request.state.tenant, sandbox_id, running=False)
+    try:
+        b = srv.box(request.state.tenant, sandbox_id, running=False)
+    except ApiError:  # as ROCK: stopping what is not there (any more) is done already
+        return _envelope(f"{sandbox_id} stopped")
     await srv.stop_box(b)
     return _envelope(f"{sandbox_id} stopped", corral=srv.corral(b))
 
 @router.post("/delete")
 async def delete(request: Request, sandbox_id: Annotated[SandboxId, Body(embed=True)]) -> dict:
     srv: _Server = request.app.state.corral
-    b = srv.box(request.state.tenant, sandbox_id, running=False)
+    try:
+        b = srv.box(request.state.tenant, sandbox_id, running=False)
+    except ApiError:  # as ROCK: deleting what is not there (any more) is done already
+        return _envelope(f"{sandbox_id} deleted")
     await srv.stop_box(b)
+    b.deleted = True
     srv.boxes[request.state.tenant].pop(sandbox_id, None)
     srv.deleted.setdefault(request.state.tenant, []).append(b)
     return _envelope(f"{sandbox_id} deleted", corral=srv.corral(b))

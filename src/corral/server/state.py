@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import os
 import re
 import socket
 import time
@@ -51,6 +52,9 @@ class _Box:
     last_used: float = field(default_factory=time.monotonic)
     busy: int = 0  # operations in flight: a long command is not idleness
     stop_reason: str | None = None
+    deleted: bool = False
+    running_sessions: set[str] = field(default_factory=set)  # sessions with a command in flight
+    session_used: dict[str, float] = field(default_factory=dict)  # session -> when its last command ended
 
     @property
     def alive(self) -> bool:
@@ -74,13 +78,25 @@ def _envelope(result: Any = None, *, failed: str | None = None, message: str | N
     return out
 
 
-def _fail(status_code: int, message: str, corral: dict | None = None) -> JSONResponse:
-    return JSONResponse(_envelope(failed=message, message=message, corral=corral), status_code=status_code)
+def _fail(status_code: int, message: str, corral: dict | None = None, *, rock: bool = False) -> JSONResponse:
+    """A Failed envelope. `rock`: answered as ROCK answers a refused or failed request, HTTP 200 with
+    `result.code` (4000 the request, 5000 the server): ROCK's SDK raises on any other status without
+    reading the body, so the reason would never reach its user. The HTTP status corral means is in
+    `corral.http_status`."""
+    if not rock:
+        return JSONResponse(_envelope(failed=message, message=message, corral=corral), status_code=status_code)
+    result = {"code": 5000 if status_code >= 500 else 4000, "exit_code": None, "failure_reason": message}
+    info = {**(corral or {}), "http_status": status_code}
+    return JSONResponse(_envelope(result, failed=message, message=message, corral=info), status_code=200)
 
 
 def _finding_dict(f: Finding) -> dict:
     return f.model_dump(mode="json", include={"id", "ts", "rule_id", "title", "severity", "technique", "step",
                                               "command", "action", "sandbox_id"})
+
+
+def _host_cpus() -> int:
+    return len(os.sched_getaffinity(0)) or 1
 
 
 def _memory_mb(text: str) -> int:
@@ -146,7 +162,7 @@ class _Server:
         if b is None and deleted:
             b = next((d for d in reversed(self.deleted.get(tenant, [])) if d.rock_id == rock_id), None)
         if b is None:
-            raise ApiError(404, f"no sandbox {rock_id!r} for this token; start one with start_async")
+            raise ApiError(404, f"Sandbox {rock_id} not found (for this token); start one with start_async")
         if touch:
             b.last_used = time.monotonic()
         if running and not b.alive:
@@ -176,8 +192,14 @@ class _Server:
         gpu = bool(req.num_gpus)
         if gpu and not self.config.allow_gpu:
             raise ApiError(422, "num_gpus > 0 but this server does not grant GPUs (start it with GPUs allowed)")
-        limits = {**base.limits.model_dump(), "memory_mb": _memory_mb(req.memory),
-                  "cpus": req.limit_cpus or req.cpus}
+        cpus, memory_mb = req.limit_cpus or req.cpus, _memory_mb(req.memory)
+        if cpus > self.config.max_cpus:
+            raise ApiError(400, f"Requested CPUs {cpus:g} exceed the maximum allowed {self.config.max_cpus:g}")
+        if memory_mb > self.config.max_memory_mb:
+            raise ApiError(400, f"Requested memory {req.memory} exceed the maximum allowed "
+                                f"{self.config.max_memory_mb}m")
+        # a quota above the machine's CPUs means all of them
+        limits = {**base.limits.model_dump(), "memory_mb": memory_mb, "cpus": min(cpus, float(_host_cpus()))}
         try:
             cfg = base.model_copy(update={"limits": Limits(**limits), "rootfs": rootfs, "gpu": gpu or base.gpu})
         except ValidationError as e:

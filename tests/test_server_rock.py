@@ -3,6 +3,8 @@ tenant isolation checked with plain httpx."""
 
 from __future__ import annotations
 
+import asyncio
+import re
 from collections.abc import Iterator
 
 import httpx
@@ -301,3 +303,71 @@ def test_idle_sandboxes_are_stopped(world, tmp_path):
 
     with serve_app(app) as base:
         asyncio.run(scenario(base))
+
+
+ROLL_PID = re.compile(r"\[\d+\]\s+(\d+)$")  # ROLL's SandboxManagerV2._extract_pid, on the output's last line
+
+
+async def test_roll_terminal_bench_sequence_through_the_sdk(server, tmp_path):
+    """ROLL's terminal-bench calls (roll/pipeline/agentic/env/rock/sandbox_manager_v2.py), through the real
+    SDK: a session with startup_source=["/root/.bashrc"] (missing here), the tests uploaded, run as a
+    background job whose pid ROLL reads from bash's "[1] <pid>" line, polled with kill -0, then read."""
+    sb = rock(server)
+    await sb.start()
+    try:
+        created = await sb.create_session(CreateBashSessionRequest(
+            session="tb", startup_source=["/root/.bashrc"], env_enable=True, env={"HOME": "/root"}))
+        assert "bashrc" in created.output  # bash's complaint, as ROCK reports it; the session works
+        # ROLL retries create_session: the same name again is not an error, and keeps the session
+        await sb.create_session(CreateBashSessionRequest(session="tb", startup_source=["/root/.bashrc"]))
+        src = tmp_path / "test_task.py"
+        # the task's tests (the host root of this suite has no pytest: a runner that prints pytest's tally)
+        src.write_text("def test_answer():\n    assert 6 * 7 == 42\n\n\ntest_answer()\nprint('1 passed')\n")
+        assert (await sb.upload_by_path(src, "/tmp/tests/test_task.py")).success
+        obs = await sb.run_in_session(BashAction(
+            session="tb", check="silent",
+            command="nohup python3 /tmp/tests/test_task.py < /dev/null > /tmp/tb.out 2>&1 &"))
+        assert obs.exit_code == 0, obs
+        m = ROLL_PID.match(obs.output.splitlines()[-1].strip())
+        assert m, f"no '[1] <pid>' line: {obs.output!r}"
+        for _ in range(200):  # ROLL's is_process_running: kill -0 until it fails
+            alive = await sb.run_in_session(BashAction(session="tb", command=f"kill -0 {m.group(1)}",
+                                                       check="silent"))
+            if alive.exit_code != 0:
+                break
+            await asyncio.sleep(0.1)
+        else:
+            pytest.fail("the background job never ended")
+        out = await sb.run_in_session(BashAction(session="tb", command="head -c 4000 /tmp/tb.out", check="silent"))
+        reward = 1.0 if re.search(r"\b1 passed\b", out.output) else 0.0
+        assert reward == 1.0, out.output
+        # one terminal stream: stderr in order with stdout, whitespace around it cut, as ROCK's pty
+        obs = await sb.run_in_session(BashAction(session="tb", command="echo out; echo err >&2; echo out2",
+                                                 check="silent"))
+        assert obs.output == "out\nerr\nout2"
+    finally:
+        await sb.stop()
+
+
+async def test_sdk_temporary_sessions_are_reaped_and_findings_reach_failure_reason(server):
+    """arun(session=None) opens a session per call that neither ROCK's SDK nor ROCK closes: a long loop
+    of them must not exhaust the sandbox's processes. A denied connection is named in failure_reason."""
+    sb = rock(server)
+    await sb.start()
+    try:
+        for i in range(40):
+            obs = await sb.arun(f"echo call-{i}")
+            assert obs.output == f"call-{i}"
+        async with httpx.AsyncClient(base_url=server, headers=auth()) as c:
+            st = (await c.get(f"{PREFIX}/get_status", params={"sandbox_id": sb.sandbox_id})).json()
+        temp = [s for s in st["result"]["corral"]["sessions"] if s.startswith("bash-")]
+        assert len(temp) <= 16, len(temp)
+        # a connection the policy denies: the client's connect may succeed (corral's gateway answers it),
+        # but the finding is in failure_reason, the field ROLL and the SDK keep
+        await sb.create_session(CreateBashSessionRequest(session="net"))
+        obs = await sb.run_in_session(BashAction(session="net", check="silent", command=(
+            "python3 -c \"import socket; s = socket.create_connection(('203.0.113.99', 80), timeout=5);"
+            " s.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n'); print(s.recv(10))\"")))
+        assert "egress-denied" in obs.failure_reason, (obs.output, obs.failure_reason)
+    finally:
+        await sb.stop()

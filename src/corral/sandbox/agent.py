@@ -67,6 +67,7 @@ class Proc:
         # session state
         self.session_cmd: str | None = None  # id of the running session command
         self.marker: bytes | None = None
+        self.merged = False  # the running session command's stderr goes to its stdout
         self.pending = {1: b"", 2: b""}
         self.done_streams: set[int] = set()
         self.status: int | None = None
@@ -339,6 +340,7 @@ class Agent:
         p.sent = {1: 0, 2: 0}
         p.dropped = {1: 0, 2: 0}
         p.limit = msg.get("max_output", p.limit)
+        p.merged = bool(msg.get("merge"))
         cwd = msg.get("cwd")
         cd = f"cd {_shquote(cwd)} && " if cwd else ""
         env = "".join(f"export {k}={_shquote(v)}; " for k, v in (msg.get("env") or {}).items())
@@ -387,6 +389,10 @@ class Agent:
             self._emit(proc, proc.key, stream, data)
 
     def _emit(self, proc: Proc, cmd_id: str, stream: int, data: bytes) -> None:
+        if stream == 2 and proc.merged and proc.session_cmd == cmd_id:
+            # the command's stderr is in its stdout; what reaches the shell's own stderr is the shell's
+            # chatter outside the command (an interactive bash's "no job control" notice at start)
+            return
         room = proc.limit - proc.sent[stream]
         if room <= 0:
             proc.dropped[stream] += len(data)

@@ -189,7 +189,7 @@ async def start_async(request: Request, req: StartRequest) -> dict:
         try:
             sb = await srv.runtime.create(cfg)
             rock_id = req.sandbox_id or sb.id
-            b = _Box(rock_id, tenant, sb, req.image, rootfs, req.memory)
+            b = _Box(rock_id, tenant, sb, req.image, rootfs, req.memory, cpus=req.limit_cpus or req.cpus)
             limits = [t for t in (req.idle_seconds(), srv.config.idle_timeout_s) if t]
             b.idle_limit = float(min(limits)) if limits else None
             mine[rock_id] = b
@@ -210,9 +210,10 @@ def status_of(srv: _Server, b: _Box) -> dict:
         "status": {"sandbox": {"status": state,
                                "message": b.sb.terminated or f"corral sandbox {b.sb.id}"}},
         "host_name": srv.host_name, "host_ip": b.sb.net.ip if b.sb.net else None,
-        "cpus": b.sb.config.limits.cpus, "memory": b.memory, "create_time": iso, "start_time": iso,
+        "cpus": b.cpus or b.sb.config.limits.cpus, "memory": b.memory, "create_time": iso, "start_time": iso,
         "stop_time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(b.stopped)) if b.stopped else None,
-        "corral": {**srv.corral(b), "rootfs": b.rootfs, "sessions": b.sb.sessions() if b.alive else []},
+        "corral": {**srv.corral(b), "rootfs": b.rootfs, "sessions": b.sb.sessions() if b.alive else [],
+                   "cpus_granted": b.sb.config.limits.cpus},
     }
 
 @router.get("/get_status")

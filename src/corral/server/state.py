@@ -53,6 +53,7 @@ class _Box:
     busy: int = 0  # operations in flight: a long command is not idleness
     stop_reason: str | None = None
     deleted: bool = False
+    cpus: float | None = None  # as asked for (the quota granted is the sandbox's config)
     running_sessions: set[str] = field(default_factory=set)  # sessions with a command in flight
     session_used: dict[str, float] = field(default_factory=dict)  # session -> when its last command ended
 

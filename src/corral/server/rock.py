@@ -19,42 +19,55 @@ own pydantic models. Routes implemented (all under that prefix):
     POST stop           {sandbox_id}
     POST delete         {sandbox_id}
 
-plus ``GET /health`` (no token) and ``GET /findings?sandbox_id=&after_id=`` (corral's own).
-
-Authentication: every route but /health needs the server's token as ``Authorization: Bearer <token>``
-or as ``XRL-Authorization: Bearer <token>`` (the header ROCK's SDK sends for
-``SandboxConfig(extra_headers={"XRL-Authorization": "Bearer <token>"})`` or its deprecated
-``xrl_authorization=<token>``). Each token is a tenant: a sandbox is only visible to the token that
-started it; another token gets 404, exactly as for an id that never existed.
-
 Mapping of ROCK's start request to corral's SandboxConfig (starting from the server's base config):
 
 * ``image``: looked up in the server's ``images`` table (name -> rootfs directory, or None for the
   host's root). An image not in the table runs on the host's root filesystem, read-only (corral's
   default); the requested name is echoed back as ``image`` in get_status and the mapping actually
   used is in ``result.corral.rootfs``. Clients can never name host directories themselves.
-* ``memory`` ("8g", "512m", bytes without unit) -> ``limits.memory_mb``;
-  ``limit_cpus`` (else ``cpus``) -> ``limits.cpus``.
-* ``num_gpus`` > 0 -> ``gpu=True``, only if the server allows GPUs; otherwise 400.
-* ``auto_clear_seconds`` (the SDK sends 300): the sandbox is stopped after that many seconds without
-  a request naming it (a command still running is not idleness); the server's ``idle_timeout_s``
-  caps it, and applies alone when the client sends none. Its events and findings stay readable.
+* ``memory`` ("8g", "512m", bytes without unit) -> ``limits.memory_mb``; ``limit_cpus`` (else
+  ``cpus``) -> ``limits.cpus``. Above the server's ``max_cpus`` (16) or ``max_memory_mb`` (64g) the
+  start is refused with ROCK's message ("Requested CPUs 20 exceed the maximum allowed 16"); within
+  them, a CPU quota above the machine's CPUs is granted as all of them (``corral.cpus_granted``).
+* ``num_gpus`` > 0 -> ``gpu=True``, only if the server allows GPUs; otherwise refused.
+* ``auto_clear_time_minutes`` (or ``auto_clear_time``; ROCK's SDK sends its ``auto_clear_seconds``
+  rounded up to minutes under both) or corral's own ``auto_clear_seconds``: the sandbox is stopped
+  after that long without a request naming it (a command still running is not idleness); the
+  server's ``idle_timeout_s`` caps it, and applies alone when the client sends none. Its events and
+  findings stay readable.
 * ``image_os`` must be "linux". ``disk``, ``auto_archive/delete_seconds``,
   ``registry_*``, ``use_kata_runtime``, ``accelerator_type`` are accepted and ignored.
 * ``sandbox_id``: the id the client will use; corral's own sandbox id (the one in its event store)
   is ``result.corral.sandbox_id`` and may differ.
 
-corral's findings ride along where ROCK's models have room: every result object carries an extra
-``corral`` key (``{"sandbox_id", "step", "refused", "findings": [...], ...}``) which the SDK's models
-ignore; failed envelopes carry it at the top level. A command that corral's rules refuse runs
-nothing and reports exit code 126 with the reason as ``failure_reason``.
+As ROCK (its rocklet and admin server are the reference, and its SDK the client):
 
-Differences from ROCK: run_in_session's ``output`` is stdout followed by stderr (ROCK's pty merges them
-as they come) with trailing newlines removed; ``check="raise"`` with a non-zero exit answers a Failed
-envelope like ROCK; protocol errors are real HTTP codes (401, 404 unknown sandbox/session,
-409 stopped sandbox or ended episode, 422 malformed request) with ROCK's envelope as the body, while
-failures of the operation itself (file missing, command timed out) are ROCK's HTTP 200 Failed envelope;
-``delete`` of an unknown id is 404, not ROCK's idempotent success.
+* Every refusal or failure is HTTP 200 with a Failed envelope, ``result.code`` 4000 (the request) or
+  5000 (the server) and the reason in ``error`` and ``result.failure_reason``: the SDK raises on any
+  other status without reading the body. The status corral means is in ``corral.http_status``. Only a
+  missing or wrong token is a plain 401.
+* Sessions are interactive bash: a background job prints ``[1] <pid>`` (ROLL reads the pid from it),
+  stderr is merged into stdout in the order written, and ``output`` has surrounding whitespace cut.
+  A command with no timeout may run 295 s (the SDK gives up at 300 s). ``check="raise"`` (the
+  default) turns a non-zero exit into a Failed envelope.
+* ``create_session``: a ``startup_source`` file that is missing or fails is reported in ``output`` and
+  the session works; creating a session that exists keeps it and succeeds.
+* ``stop`` and ``delete`` of an unknown or deleted sandbox succeed; plain ``get_status`` reports a
+  stopped sandbox as not found, ``include_all_states=true`` shows it; ``port_mapping`` is ``{}``
+  (no port of a corral sandbox is published).
+
+corral's own additions: findings ride along in an extra ``corral`` key of every result (``{"sandbox_id",
+"step", "refused", "findings": [...], ...}``), which the SDK's models drop, and in the fields they
+keep: run_in_session's ``failure_reason`` and execute's ``stderr`` name every finding the command
+raised (a denied connection's ``egress-denied`` too, though the client's connect() succeeded against
+corral's gateway). A command that corral's rules refuse runs nothing and reports exit code 126.
+ROCK's SDK opens a session per session-less ``arun()`` and nobody closes it: past 16 idle such
+``bash-<digits>`` sessions, corral closes the least recently used.
+
+Deliberate differences: history expansion is off in sessions (ROCK's ``echo "hi!x"`` fails with
+"event not found"); output lines end in ``\n``, not the pty's ``\r\n``; ``delete`` of a running
+sandbox stops and deletes it (ROCK refuses); ``remote_user`` is refused (one unprivileged user per
+sandbox); restart, archive and commit answer a Failed envelope that says what to do instead.
 """
 
 from __future__ import annotations

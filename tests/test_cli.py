@@ -494,7 +494,8 @@ def test_serve_from_config_file_and_graceful_shutdown(home: Path, tmp_path: Path
         assert r.status_code == 200, r.text
         sid = r.json()["result"]["sandbox_id"]
         again = httpx.post(f"{api}/start_async", json={"image": "x"}, headers=h, timeout=30)
-        assert again.status_code == 429 and "max_sandboxes_per_tenant" in again.json()["message"]
+        # refused as ROCK refuses (HTTP 200, a Failed envelope: its SDK reads no other body)
+        assert again.json()["corral"]["http_status"] == 429 and "max_sandboxes_per_tenant" in again.json()["message"]
         r = httpx.post(f"{api}/execute", json={"sandbox_id": sid, "command": "sleep 300 &"}, headers=h, timeout=30)
         assert r.status_code == 200, r.text
         wait_for(lambda: any(cmdline(pid)[:2] == ["sleep", "300"] for pid in sandbox_pids(inst)), 15, "the sleep")

@@ -168,7 +168,6 @@ class WriteFileRequest(_Req):
     content: str
 
 
-
 TEMP_SESSION = re.compile(r"^bash-\d{10,}$")  # the SDK's per-call session: f"bash-{time.time_ns()}"
 MAX_IDLE_TEMP_SESSIONS = 16
 SESSION_TIMEOUT = 295.0  # a command the client gave no timeout: ROCK's SDK itself gives up at 300 s
@@ -185,6 +184,7 @@ def _failure_reason(error: str | None, findings: list[dict]) -> str:
 
 # -- routes ------------------------------------------------------------------------------------------
 router = APIRouter(prefix=PREFIX)
+
 
 @router.post("/start_async")
 async def start_async(request: Request, req: StartRequest) -> dict:
@@ -229,6 +229,7 @@ def status_of(srv: _Server, b: _Box) -> dict:
                    "cpus_granted": b.sb.config.limits.cpus},
     }
 
+
 @router.get("/get_status")
 async def get_status(request: Request, sandbox_id: SandboxId, include_all_states: bool = False) -> dict:
     srv: _Server = request.app.state.corral
@@ -245,6 +246,7 @@ async def is_alive(request: Request, sandbox_id: SandboxId) -> dict:
     b = srv.box(request.state.tenant, sandbox_id, running=False)
     return _envelope({"is_alive": b.alive, "message": srv.host_name if b.alive else "stopped"})
 
+
 async def guarded(srv: _Server, b: _Box, coro: Any) -> Any:
     b.busy += 1
     try:
@@ -254,6 +256,7 @@ async def guarded(srv: _Server, b: _Box, coro: Any) -> Any:
     finally:
         b.busy -= 1
         b.last_used = time.monotonic()
+
 
 @router.post("/execute")
 async def execute(request: Request, req: CommandRequest) -> dict:
@@ -273,6 +276,7 @@ async def execute(request: Request, req: CommandRequest) -> dict:
     if findings:  # ROCK's CommandResponse has no failure_reason: stderr is the field its SDK keeps
         stderr = f"{stderr or ''}{'' if not stderr or stderr.endswith(chr(10)) else chr(10)}[{findings}]\n"
     return _envelope({"stdout": r.stdout, "stderr": stderr, "exit_code": code, "corral": info})
+
 
 @router.post("/create_session")
 async def create_session(request: Request, req: CreateSessionRequest) -> dict:
@@ -345,6 +349,7 @@ async def run_in_session(request: Request, req: RunRequest) -> dict:
     return _envelope({"session_type": "bash", "output": output, "exit_code": code,
                       "failure_reason": failure, "expect_string": "", "corral": info})
 
+
 @router.post("/close_session")
 async def close_session(request: Request, req: CloseSessionRequest) -> dict:
     srv: _Server = request.app.state.corral
@@ -353,6 +358,7 @@ async def close_session(request: Request, req: CloseSessionRequest) -> dict:
         raise ApiError(404, f"no session {req.session!r} in sandbox {req.sandbox_id}")
     await b.sb.close_session(req.session)
     return _envelope({"session_type": "bash", "corral": srv.corral(b)})
+
 
 @router.post("/read_file")
 async def read_file(request: Request, req: ReadFileRequest) -> dict:
@@ -371,6 +377,7 @@ async def read_file(request: Request, req: ReadFileRequest) -> dict:
                          message="read file failed", corral=srv.corral(b))
     return _envelope({"content": content, "corral": srv.corral(b)})
 
+
 @router.post("/write_file")
 async def write_file(request: Request, req: WriteFileRequest) -> dict:
     srv: _Server = request.app.state.corral
@@ -382,6 +389,7 @@ async def write_file(request: Request, req: WriteFileRequest) -> dict:
                          corral=srv.corral(b))
     return _envelope({"success": True, "message": f"Successfully write content to file {req.path}",
                       "corral": srv.corral(b)})
+
 
 @router.post("/upload")
 async def upload(request: Request, file: Annotated[UploadFile, File()], target_path: Annotated[str, Form()],
@@ -401,28 +409,29 @@ async def upload(request: Request, file: Annotated[UploadFile, File()], target_p
     return _envelope({"success": True, "message": f"Successfully uploaded file {name} to {target_path}",
                       "file_name": name, "corral": srv.corral(b)})
 
+
 @router.post("/stop")
 async def stop(request: Request, sandbox_id: Annotated[SandboxId, Body(embed=True)]) -> dict:
     srv: _Server = request.app.state.corral
-    try:
-        b = srv.box(request.state.tenant, sandbox_id, running=False)
-    except ApiError:  # as ROCK: stopping what is not there (any more) is done already
+    b = srv.find(request.state.tenant, sandbox_id)
+    if b is None:  # as ROCK: stopping what is not there (any more) is done already
         return _envelope(f"{sandbox_id} stopped")
     await srv.stop_box(b)
     return _envelope(f"{sandbox_id} stopped", corral=srv.corral(b))
 
+
 @router.post("/delete")
 async def delete(request: Request, sandbox_id: Annotated[SandboxId, Body(embed=True)]) -> dict:
     srv: _Server = request.app.state.corral
-    try:
-        b = srv.box(request.state.tenant, sandbox_id, running=False)
-    except ApiError:  # as ROCK: deleting what is not there (any more) is done already
+    b = srv.find(request.state.tenant, sandbox_id)
+    if b is None:  # as ROCK: deleting what is not there (any more) is done already
         return _envelope(f"{sandbox_id} deleted")
     await srv.stop_box(b)
     b.deleted = True
     srv.boxes[request.state.tenant].pop(sandbox_id, None)
     srv.deleted.setdefault(request.state.tenant, []).append(b)
     return _envelope(f"{sandbox_id} deleted", corral=srv.corral(b))
+
 
 # ROCK's container-image and object-storage routes. A corral sandbox is namespaces over tmpfs,
 # not a container: there is no image to snapshot, nothing of a stopped sandbox to start again,
@@ -435,10 +444,12 @@ def unsupported(request: Request, sandbox_id: str, what: str) -> dict:
     b = srv.box(request.state.tenant, sandbox_id, running=False, deleted=True, touch=False)
     return _envelope(failed=f"{what} (sandbox {sandbox_id!r})", message=what, corral={"sandbox_id": b.sb.id})
 
+
 @router.get("/get_token")
 async def get_token() -> dict:
     msg = "corral has no object storage: upload sends files straight into the sandbox"
     return _envelope(failed=msg, message=msg)
+
 
 @router.post("/restart")
 async def restart(request: Request, sandbox_id: Annotated[SandboxId, Body(embed=True)]) -> dict:
@@ -446,16 +457,19 @@ async def restart(request: Request, sandbox_id: Annotated[SandboxId, Body(embed=
                        "and stopping it ended its processes and freed its tmpfs; start a new one with "
                        "start_async and write or upload the files it needs")
 
+
 @router.post("/sandboxes/{sandbox_id}/archive")
 async def archive(request: Request, sandbox_id: SandboxId) -> dict:
     return unsupported(request, sandbox_id, "archive is not supported: a corral sandbox has no container "
                        "image or logs to upload; read the files you need before stopping it, and fetch "
                        "its findings from GET /findings (they outlive the sandbox)")
 
+
 @router.post("/commit")
 async def commit(request: Request, sandbox_id: Annotated[SandboxId, Body(embed=True)]) -> dict:
     return unsupported(request, sandbox_id, "commit is not supported: a corral sandbox is not a container "
                        "and has no image to push; give new sandboxes their files with write_file or upload")
+
 
 @router.get("/commit/{sandbox_id}")
 async def commit_status(request: Request, sandbox_id: SandboxId) -> dict:

@@ -157,6 +157,10 @@ class _Server:
         finally:
             self.held[tenant] -= 1
 
+    def find(self, tenant: str, rock_id: str) -> _Box | None:
+        """The tenant's sandbox by its client id, running or stopped; None if it has none (deleted)."""
+        return self.boxes.get(tenant, {}).get(rock_id)
+
     def box(self, tenant: str, rock_id: str, *, running: bool = True, deleted: bool = False,
             touch: bool = True) -> _Box:
         b = self.boxes.get(tenant, {}).get(rock_id)

@@ -33,6 +33,7 @@ from rich.table import Table
 from corral.config import EgressPolicy, EgressRule, Limits, RuntimeConfig, SandboxConfig
 from corral.errors import ConfigError, CorralError, IsolationUnavailable
 from corral.events import Event, EventKind, Verdict
+from corral.images.cli import images_app
 
 app = typer.Typer(
     name="corral",
@@ -819,6 +820,7 @@ def rollout(
 # -- benchmarks ------------------------------------------------------------------------------------
 bench_app = typer.Typer(help="Benchmarks that measure corral itself.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
+app.add_typer(images_app, name="images")
 
 
 @bench_app.command("redteam")

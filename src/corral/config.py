@@ -303,6 +303,11 @@ class RuntimeConfig(BaseModel):
     # live runtime's state_dir, store, lock_dir and rule files. A directory hides all beneath it.
     hidden_paths: tuple[Path, ...] = ()
     budgets: Budgets = Field(default_factory=Budgets)  # per-sandbox caps (corral/budget.py)
+    # OCI images (corral/images): where pulled images are kept [default: <state_dir>/images], a docker
+    # config.json with registry logins, and registries (host:port) reached over plain HTTP
+    image_dir: Path | None = None
+    registry_auth_file: Path | None = None
+    insecure_registries: tuple[str, ...] = ()
 
     @classmethod
     def from_file(cls, path: str | Path) -> RuntimeConfig:

@@ -1,0 +1,160 @@
+"""The image store: real images built here with umoci, served by a real registry (docker-registry on
+loopback, in the suite's own network namespace), pulled and unpacked with skopeo and umoci."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from corral.images import ImageError, ImageStore, source_of
+
+TOOLS = ("skopeo", "umoci", "docker-registry")
+pytestmark = pytest.mark.skipif(any(shutil.which(t) is None for t in TOOLS),
+                                reason="needs skopeo, umoci and docker-registry (make deps installs them)")
+REGISTRY = "127.0.0.1:5000"
+
+
+def _run(*argv: str, cwd: Path | None = None) -> str:
+    return subprocess.run(argv, check=True, capture_output=True, text=True, cwd=cwd).stdout
+
+
+@pytest.fixture(scope="module")
+def oci_layout(tmp_path_factory) -> Path:
+    """A two-layer image: files (one owned by uid 1000), then a layer that deletes one file (a
+    whiteout) and replaces a directory's contents (an opaque directory); Env, WorkingDir and User set."""
+    base = tmp_path_factory.mktemp("image-src")
+    tree = base / "tree"
+    for d in ("etc", "opt/gone", "home/alice", "app"):
+        (tree / d).mkdir(parents=True)
+    (tree / "etc/os-release").write_text("ID=corral-test\n")
+    (tree / "etc/to-be-deleted").write_text("secret\n")
+    (tree / "opt/gone/a").write_text("old\n")
+    (tree / "app/main.py").write_text("print('hi')\n")
+    (tree / "home/alice/file").write_text("alice\n")
+    os.chown(tree / "home/alice/file", 1000, 1000)
+    newer = base / "newer"
+    (newer / "opt/gone").mkdir(parents=True)
+    (newer / "opt/gone/b").write_text("new\n")
+    layout = base / "layout"
+    _run("umoci", "init", "--layout", str(layout))
+    _run("umoci", "new", "--image", f"{layout}:1")
+    _run("umoci", "insert", "--image", f"{layout}:1", str(tree), "/")
+    _run("umoci", "insert", "--image", f"{layout}:1", "--whiteout", "/etc/to-be-deleted")
+    _run("umoci", "insert", "--image", f"{layout}:1", "--opaque", str(newer / "opt/gone"), "/opt/gone")
+    _run("umoci", "config", "--image", f"{layout}:1", "--config.env", "FOO=bar", "--config.env",
+         "PATH=/usr/bin:/bin", "--config.workingdir", "/app", "--config.user", "1000:1000")
+    return layout
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory, oci_layout) -> Iterator[str]:
+    """docker-registry on loopback with the test image pushed as corral/tiny:1."""
+    d = tmp_path_factory.mktemp("registry")
+    (d / "config.yml").write_text(
+        f"version: 0.1\nlog: {{level: warn}}\nstorage: {{filesystem: {{rootdirectory: {d / 'data'}}}}}\n"
+        f"http: {{addr: {REGISTRY}}}\n")
+    proc = subprocess.Popen(["docker-registry", "serve", str(d / "config.yml")], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(f"http://{REGISTRY}/v2/", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.05)
+        _run("skopeo", "copy", "--quiet", "--dest-tls-verify=false", f"oci:{oci_layout}:1",
+             f"docker://{REGISTRY}/corral/tiny:1")
+        yield REGISTRY
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def store(tmp_path: Path) -> ImageStore:
+    return ImageStore(tmp_path / "images", insecure_registries=(REGISTRY,))
+
+
+def test_pull_from_a_registry_unpacks_the_image_as_it_is(tmp_path, registry):
+    st = store(tmp_path)
+    progress: list[str] = []
+    img = st.pull(f"{registry}/corral/tiny:1", on_line=progress.append)
+    assert img.id.startswith("sha256:") and len(img.id) == 71
+    root = img.rootfs
+    assert (root / "etc/os-release").read_text() == "ID=corral-test\n"
+    assert not (root / "etc/to-be-deleted").exists()  # the whiteout
+    assert sorted(os.listdir(root / "opt/gone")) == ["b"]  # the opaque directory
+    assert os.stat(root / "home/alice/file").st_uid == 1000  # ownership as in the image
+    assert dict(img.env)["FOO"] == "bar" and img.workdir == "/app" and img.user == "1000:1000"
+    assert any("blob" in line.lower() for line in progress), progress  # skopeo's own progress lines
+    assert [i.name for i in st.ls()] == [f"{registry}/corral/tiny:1"]
+    assert st.get(f"{registry}/corral/tiny:1") == img
+
+
+def test_the_same_image_by_digest_archive_or_layout_is_unpacked_once(tmp_path, registry, oci_layout):
+    st = store(tmp_path)
+    first = st.pull(f"{registry}/corral/tiny:1")
+    marker = first.rootfs / "etc/os-release"
+    inode = os.stat(marker).st_ino
+    by_digest = st.pull(f"{registry}/corral/tiny@{first.id}")
+    from_layout = st.pull(f"oci:{oci_layout}:1")
+    archive = tmp_path / "tiny.tar"
+    _run("skopeo", "copy", "--quiet", f"oci:{oci_layout}:1", f"docker-archive:{archive}:corral/tiny:1")
+    from_archive = st.pull(f"docker-archive:{archive}")
+    assert by_digest.id == first.id == from_layout.id and by_digest.rootfs == first.rootfs
+    assert os.stat(marker).st_ino == inode  # not unpacked again
+    # docker's save format has a manifest of its own: another id, the same files
+    assert (from_archive.rootfs / "etc/os-release").read_text() == "ID=corral-test\n"
+    assert not (from_archive.rootfs / "etc/to-be-deleted").exists()
+    assert len(st.ls()) == 4
+
+
+def test_a_missing_image_fails_with_the_registry_s_reason(tmp_path, registry):
+    st = store(tmp_path)
+    with pytest.raises(ImageError, match=r"cannot pull .*corral/nope:1: .*(manifest unknown|not found)"):
+        st.pull(f"{registry}/corral/nope:1")
+    with pytest.raises(ImageError, match="not a reference"):
+        st.pull("python 3.11")
+    assert st.ls() == [] and not list((tmp_path / "images" / "rootfs").glob("*"))
+    assert source_of("python:3.11") == "docker://python:3.11"
+    assert source_of("oci:/srv/layout:1") == "oci:/srv/layout:1"
+
+
+def test_rm_forgets_a_name_and_prune_removes_what_no_name_uses(tmp_path, registry, oci_layout):
+    st = store(tmp_path)
+    a = st.pull(f"{registry}/corral/tiny:1")
+    st.pull(f"oci:{oci_layout}:1")  # the same image under a second name
+    blobs = tmp_path / "images/oci/blobs/sha256"
+    n_blobs = len(list(blobs.iterdir()))
+    st.rm(f"{registry}/corral/tiny:1")
+    assert st.prune() == [] and a.rootfs.is_dir()  # the other name still uses it
+    st.rm(f"oci:{oci_layout}:1")
+    assert st.prune() == [a.id]
+    assert not a.rootfs.exists() and len(list(blobs.iterdir())) < n_blobs
+    with pytest.raises(ImageError, match="no image named"):
+        st.rm("never/pulled:1")
+
+
+def test_corral_images_commands(tmp_path, oci_layout, monkeypatch):
+    from typer.testing import CliRunner
+
+    from corral.cli import app
+
+    monkeypatch.setenv("CORRAL_HOME", str(tmp_path / "home"))
+    run = CliRunner().invoke
+    r = run(app, ["images", "pull", f"oci:{oci_layout}:1"])
+    assert r.exit_code == 0 and "rootfs" in r.output, r.output
+    r = run(app, ["images", "ls"])
+    assert r.exit_code == 0 and "/app" in r.output and "1000:1000" in r.output, r.output
+    r = run(app, ["images", "pull", "no such image"])
+    assert r.exit_code == 1 and "not a reference" in r.output
+    assert run(app, ["images", "rm", f"oci:{oci_layout}:1"]).exit_code == 0
+    r = run(app, ["images", "prune"])
+    assert r.exit_code == 0 and "pruned 1 image" in r.output, r.output
+    assert not list((tmp_path / "home/images/rootfs").iterdir())

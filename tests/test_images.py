@@ -141,20 +141,75 @@ def test_rm_forgets_a_name_and_prune_removes_what_no_name_uses(tmp_path, registr
         st.rm("never/pulled:1")
 
 
-def test_corral_images_commands(tmp_path, oci_layout, monkeypatch):
+def test_corral_images_commands(tmp_path, oci_layout):
     from typer.testing import CliRunner
 
     from corral.cli import app
 
-    monkeypatch.setenv("CORRAL_HOME", str(tmp_path / "home"))
+    d = ["--image-dir", str(tmp_path / "home/images")]
     run = CliRunner().invoke
-    r = run(app, ["images", "pull", f"oci:{oci_layout}:1"])
+    r = run(app, ["images", "pull", f"oci:{oci_layout}:1", *d])
     assert r.exit_code == 0 and "rootfs" in r.output, r.output
-    r = run(app, ["images", "ls"])
+    r = run(app, ["images", "ls", *d])
     assert r.exit_code == 0 and "/app" in r.output and "1000:1000" in r.output, r.output
-    r = run(app, ["images", "pull", "no such image"])
+    r = run(app, ["images", "pull", "no such image", *d])
     assert r.exit_code == 1 and "not a reference" in r.output
-    assert run(app, ["images", "rm", f"oci:{oci_layout}:1"]).exit_code == 0
-    r = run(app, ["images", "prune"])
+    assert run(app, ["images", "rm", f"oci:{oci_layout}:1", *d]).exit_code == 0
+    r = run(app, ["images", "prune", *d])
     assert r.exit_code == 0 and "pruned 1 image" in r.output, r.output
     assert not list((tmp_path / "home/images/rootfs").iterdir())
+
+
+# -- sandboxes on an image's root --------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def busybox_layout(tmp_path_factory) -> Path:
+    """An image with no bash, no Python and no glibc: busybox (static) and a few files."""
+    busybox = shutil.which("busybox")
+    if busybox is None:
+        pytest.skip("needs busybox (busybox-static; make deps installs it)")
+    base = tmp_path_factory.mktemp("busybox-image")
+    tree = base / "tree"
+    for d in ("bin", "etc", "app", "tmp"):
+        (tree / d).mkdir(parents=True)
+    shutil.copy2(busybox, tree / "bin/busybox")
+    for applet in ("sh", "cat", "ls", "id", "echo", "env", "sleep", "true", "mkdir", "wc"):
+        (tree / "bin" / applet).symlink_to("busybox")
+    (tree / "etc/os-release").write_text("ID=corral-busybox\n")
+    (tree / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
+    (tree / "app/data.txt").write_text("from the image\n")
+    layout = base / "layout"
+    _run("umoci", "init", "--layout", str(layout))
+    _run("umoci", "new", "--image", f"{layout}:1")
+    _run("umoci", "insert", "--image", f"{layout}:1", str(tree), "/")
+    _run("umoci", "config", "--image", f"{layout}:1", "--config.env", "PATH=/bin", "--config.env",
+         "GREETING=hello-from-image")
+    return layout
+
+
+@pytest.mark.asyncio
+async def test_a_sandbox_runs_on_an_image_without_python_bash_or_glibc(runtime, busybox_layout):
+    """corral's agent brings its own Python (sandbox/agentrt.py); commands run the image's programs
+    with the image's Env; the monitor still judges them."""
+    from corral import SandboxConfig
+
+    sb = await runtime.create(SandboxConfig(image=f"oci:{busybox_layout}:1"))
+    try:
+        r = await sb.exec("cat /etc/os-release /app/data.txt; echo $GREETING; ls /usr 2>&1 | wc -l")
+        assert r.exit_code == 0, (r.stdout, r.stderr)
+        assert r.stdout.splitlines()[:3] == ["ID=corral-busybox", "from the image", "hello-from-image"]
+        # the host root is not in view
+        assert not (await sb.exec("test -e /usr/bin/python3 && echo host-leak")).stdout
+        await runtime.drain()
+        evs = runtime.store.events(sandbox_id=sb.id, kind="process")
+        ev = [e for e in evs if e.argv and e.argv[0] == "cat"]
+        assert ev and ev[0].step == r.step, [(e.exe, e.argv) for e in evs]  # judged and attributed
+    finally:
+        await sb.close()
+
+
+@pytest.mark.asyncio
+async def test_a_missing_image_fails_the_sandbox_start_with_the_reason(runtime, tmp_path):
+    from corral import SandboxConfig
+
+    with pytest.raises(ImageError, match="cannot pull"):
+        await runtime.create(SandboxConfig(image=f"oci:{tmp_path}/no-layout:1"))

@@ -185,6 +185,9 @@ class SandboxConfig(BaseModel):
     limits: Limits = Limits()
     egress: EgressPolicy = EgressPolicy()
     rootfs: Path | None = None  # None: the host's root, read-only
+    # an OCI image as the root (corral/images: pulled into the runtime's image store when missing; its
+    # Env and shell apply), read-only; it takes the place of rootfs
+    image: str | None = None
     workspace_template: Path | None = None  # copied into /workspace at create and reset
     env: tuple[tuple[str, str], ...] = ()
     gpu: bool = False  # bind the host's /dev/nvidia* nodes; off by default
@@ -303,9 +306,10 @@ class RuntimeConfig(BaseModel):
     # live runtime's state_dir, store, lock_dir and rule files. A directory hides all beneath it.
     hidden_paths: tuple[Path, ...] = ()
     budgets: Budgets = Field(default_factory=Budgets)  # per-sandbox caps (corral/budget.py)
-    # OCI images (corral/images): where pulled images are kept [default: <state_dir>/images], a docker
-    # config.json with registry logins, and registries (host:port) reached over plain HTTP
-    image_dir: Path | None = None
+    # OCI images (corral/images): where pulled images are kept (sandboxes' users must be able to reach
+    # it, so not under a private directory), a docker config.json with registry logins, and registries
+    # (host:port) reached over plain HTTP
+    image_dir: Path = Path("/var/cache/corral/images")
     registry_auth_file: Path | None = None
     insecure_registries: tuple[str, ...] = ()
 

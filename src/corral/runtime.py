@@ -328,9 +328,12 @@ class Runtime:
     # -- sandboxes ---------------------------------------------------------------------------------
     async def create(self, config: SandboxConfig | None = None, *, sandbox_id: str | None = None,
                      episode_id: str | None = None) -> Sandbox:
-        """A ready sandbox: from the warm pool when one matches, else built now."""
+        """A ready sandbox: from the warm pool when one matches, else built now. A config naming an
+        image gets that image's root (pulled first if the store lacks it; ImageError if it cannot be)."""
         config = config or SandboxConfig()
         t0 = time.perf_counter()
+        if config.image is not None:
+            config = await self._with_image(config)
         pool = self._pool.get(config)
         sb = pool.pop() if pool else None
         warm = sb is not None
@@ -348,6 +351,17 @@ class Runtime:
                               "ip": sb.net.ip if sb.net else None, "uid": sb.uid,
                               "cgroups": sb.cgroup is not None}))
         return sb
+
+    async def _with_image(self, config: SandboxConfig) -> SandboxConfig:
+        from corral.images import store_for
+
+        assert config.image is not None
+        img = await store_for(self.config).ensure(config.image)
+        shell = config.shell
+        if not os.path.lexists(img.rootfs / shell.lstrip("/")):
+            shell = "/bin/sh"  # an image without bash (busybox, alpine)
+        env = {**dict(img.env), **dict(config.env)}  # the image's Env, then the caller's
+        return config.model_copy(update={"rootfs": img.rootfs, "env": tuple(sorted(env.items())), "shell": shell})
 
     async def adopt(self, sb: Sandbox) -> None:
         """Start a Sandbox object made with Sandbox(config) (the `async with` form)."""

@@ -17,7 +17,7 @@ images_app = typer.Typer(help="OCI images: pull (skopeo), unpack once (umoci), l
 console = Console()
 
 StoreDir = Annotated[Path | None, typer.Option(
-    "--image-dir", help="The image store [default: $CORRAL_HOME/images, else .corral/images].")]
+    "--image-dir", help="The image store [default: /var/cache/corral/images].")]
 Insecure = Annotated[list[str] | None, typer.Option(
     "--insecure-registry", help="host:port of a registry reached over plain HTTP; repeat for more.")]
 AuthFile = Annotated[Path | None, typer.Option(
@@ -25,11 +25,8 @@ AuthFile = Annotated[Path | None, typer.Option(
 
 
 def _store(image_dir: Path | None, insecure: list[str] | None = None, authfile: Path | None = None) -> ImageStore:
-    import os
-
-    state = Path(os.environ.get("CORRAL_HOME") or ".corral")
-    return store_for(RuntimeConfig(state_dir=state, image_dir=image_dir, registry_auth_file=authfile,
-                                   insecure_registries=tuple(insecure or ())))
+    cfg = RuntimeConfig(registry_auth_file=authfile, insecure_registries=tuple(insecure or ()))
+    return store_for(cfg.model_copy(update={"image_dir": image_dir}) if image_dir else cfg)
 
 
 def _fail(e: ImageError) -> None:

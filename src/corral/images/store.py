@@ -30,6 +30,7 @@ from pathlib import Path
 
 from corral.config import RuntimeConfig
 from corral.errors import CorralError
+from corral.sandbox.agentrt import public_dir
 
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 _TRANSPORTS = ("docker://", "oci:", "oci-archive:", "docker-archive:", "dir:")
@@ -65,6 +66,20 @@ def source_of(name: str) -> str:
     return name if name.startswith(_TRANSPORTS) else f"docker://{name}"
 
 
+def _mount_points(rootfs: Path) -> None:
+    """The files a sandbox binds over (corral's resolver and hosts), made regular files where the
+    image has none or a dangling link: the root is bound read-only, so they must exist beforehand."""
+    etc = rootfs / "etc"
+    if etc.is_symlink() or not etc.is_dir():
+        return  # an image without a usable /etc: bwrap says so at start
+    for name in ("resolv.conf", "hosts"):
+        f = etc / name
+        if f.is_symlink() or not f.exists():
+            f.unlink(missing_ok=True)
+            f.write_text("")
+            f.chmod(0o644)
+
+
 def _registry_of(source: str) -> str | None:
     if not source.startswith("docker://"):
         return None
@@ -95,7 +110,7 @@ class ImageStore:
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
-        self.root.mkdir(parents=True, exist_ok=True)
+        public_dir(self.root / "rootfs")
         fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
@@ -172,10 +187,10 @@ class ImageStore:
                                               f"read the configuration of {name}")).get("config") or {}
                 rootfs = self._rootfs(image_id)
                 if not rootfs.is_dir():
-                    rootfs.parent.mkdir(parents=True, exist_ok=True)
                     tmp = rootfs.with_name(rootfs.name + f".{staging}")
                     self._run(["umoci", "raw", "unpack", "--image", f"{self.layout}:{tag}", str(tmp)],
                               f"unpack {name}")
+                    _mount_points(tmp)
                     os.replace(tmp, rootfs)
             finally:
                 digest_file.unlink(missing_ok=True)
@@ -240,5 +255,5 @@ class ImageStore:
 
 def store_for(config: RuntimeConfig) -> ImageStore:
     """The image store a runtime's configuration names."""
-    return ImageStore(config.image_dir or config.state_dir / "images", auth_file=config.registry_auth_file,
+    return ImageStore(config.image_dir, auth_file=config.registry_auth_file,
                       insecure_registries=config.insecure_registries)

@@ -59,6 +59,7 @@ from corral.monitor.provenance import Downloads
 from corral.net.netns import HOST_IP
 from corral.nsutil import CLONE_NEWNET, setns
 from corral.sandbox import procs, transfer
+from corral.sandbox.agentrt import agent_runtime
 from corral.sandbox.boundary import INTERNAL_STEP, Boundary
 from corral.sandbox.cgroups import SandboxCgroup
 from corral.sandbox.lifeline import AGENT_LOST
@@ -291,6 +292,14 @@ class Sandbox(Boundary):
                 "--cap-drop", "ALL", "--disable-userns"]
         interpreter = agent_interpreter()
         argv += root_mounts(cfg, self.runtime.masked_paths(), interpreter)
+        agent = [interpreter, "-I", "-S", AGENT_PATH]
+        if cfg.rootfs is not None:
+            # a root that is not the host's: the agent brings its own Python (sandbox/agentrt.py)
+            rt = agent_runtime(interpreter)
+            argv += rt.binds()
+            if os.path.lexists(cfg.rootfs / "etc/ld.so.preload"):
+                argv += ["--ro-bind", "/dev/null", "/etc/ld.so.preload"]  # no code of the root's in the agent
+            agent = rt.command(AGENT_PATH)
         argv += ["--dev", "/dev", "--proc", "/proc"]
         if cfg.gpu:
             for dev in sorted(Path("/dev").glob("nvidia*")):
@@ -303,8 +312,7 @@ class Sandbox(Boundary):
         data_fds = [_data_fd(_agent_source()), _data_fd(RESOLV_CONF), _data_fd(HOSTS)]
         for fd, dest in zip(data_fds, (AGENT_PATH, "/etc/resolv.conf", "/etc/hosts"), strict=True):
             argv += ["--perms", "0444", "--ro-bind-data", str(fd), dest]
-        argv += ["--remount-ro", "/", "--chdir", "/workspace", "--seccomp", str(seccomp),
-                 "--", interpreter, "-I", "-S", AGENT_PATH]
+        argv += ["--remount-ro", "/", "--chdir", "/workspace", "--seccomp", str(seccomp), "--", *agent]
         base_env = {
             "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
             "HOME": "/root", "USER": "root", "LANG": "C.UTF-8", "TERM": "xterm",

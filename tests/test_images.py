@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import subprocess
 import time
 import urllib.request
@@ -39,6 +40,10 @@ def oci_layout(tmp_path_factory) -> Path:
     (tree / "app/main.py").write_text("print('hi')\n")
     (tree / "home/alice/file").write_text("alice\n")
     os.chown(tree / "home/alice/file", 1000, 1000)
+    # what an image may carry that must never become the host's: a setuid-root program, a device node
+    (tree / "app/suid").write_text("#!/bin/sh\n")
+    os.chmod(tree / "app/suid", 0o4755)
+    os.mknod(tree / "app/mem", 0o600 | stat.S_IFCHR, os.makedev(1, 3))  # (a harmless one: null)
     newer = base / "newer"
     (newer / "opt/gone").mkdir(parents=True)
     (newer / "opt/gone/b").write_text("new\n")
@@ -90,7 +95,14 @@ def test_pull_from_a_registry_unpacks_the_image_as_it_is(tmp_path, registry):
     assert (root / "etc/os-release").read_text() == "ID=corral-test\n"
     assert not (root / "etc/to-be-deleted").exists()  # the whiteout
     assert sorted(os.listdir(root / "opt/gone")) == ["b"]  # the opaque directory
-    assert os.stat(root / "home/alice/file").st_uid == 1000  # ownership as in the image
+    # ownership as in the image, shifted into corral's storage range: no host user owns an image's files
+    from corral.images.store import STORAGE_UID_BASE
+
+    assert os.stat(root / "home/alice/file").st_uid == STORAGE_UID_BASE + 1000
+    assert os.stat(root / "etc/os-release").st_uid == STORAGE_UID_BASE
+    suid = os.stat(root / "app/suid")
+    assert suid.st_uid == STORAGE_UID_BASE and suid.st_uid != 0  # setuid to no one on the host
+    assert not os.path.lexists(root / "app/mem")  # no device node of the image's on the host
     assert dict(img.env)["FOO"] == "bar" and img.workdir == "/app" and img.user == "1000:1000"
     assert any("blob" in line.lower() for line in progress), progress  # skopeo's own progress lines
     assert [i.name for i in st.ls()] == [f"{registry}/corral/tiny:1"]

@@ -286,6 +286,13 @@ def _validate(cls: type[BaseModel], data: Any, path: str | Path) -> Any:
         raise ConfigError(f"{path}: {problems}") from None
 
 
+# an image's uid/gid k is stored on the host as STORAGE_UID_BASE + k (corral/images): a range that no
+# host user and no sandbox is given, so nothing of an image belongs to anyone on the host
+STORAGE_UID_BASE = 3_000_000_000
+ID_RANGE = 65536
+SANDBOX_UIDS = 1024 << 12  # instances x sandboxes per instance, one uid each, from uid_base
+
+
 class RuntimeConfig(BaseModel):
     """Settings of one corral runtime (one process serving many sandboxes)."""
 
@@ -312,6 +319,15 @@ class RuntimeConfig(BaseModel):
     image_dir: Path = Path("/var/cache/corral/images")
     registry_auth_file: Path | None = None
     insecure_registries: tuple[str, ...] = ()
+
+    @field_validator("uid_base")
+    @classmethod
+    def _uids_apart(cls, value: int) -> int:
+        if value < STORAGE_UID_BASE + ID_RANGE and value + SANDBOX_UIDS > STORAGE_UID_BASE:
+            raise ValueError(f"uid_base {value} makes sandbox uids overlap the image storage range "
+                             f"{STORAGE_UID_BASE}..{STORAGE_UID_BASE + ID_RANGE - 1}; choose one below "
+                             f"{STORAGE_UID_BASE - SANDBOX_UIDS} or above {STORAGE_UID_BASE + ID_RANGE}")
+        return value
 
     @classmethod
     def from_file(cls, path: str | Path) -> RuntimeConfig:

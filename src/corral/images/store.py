@@ -22,17 +22,19 @@ import json
 import os
 import re
 import shutil
+import stat
 import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from corral.config import RuntimeConfig
+from corral.config import ID_RANGE, STORAGE_UID_BASE, RuntimeConfig
 from corral.errors import CorralError
 from corral.sandbox.agentrt import public_dir
 
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
+
 _TRANSPORTS = ("docker://", "oci:", "oci-archive:", "docker-archive:", "dir:")
 
 
@@ -64,6 +66,17 @@ def source_of(name: str) -> str:
         raise ImageError(f"image name {name!r} is not a reference; write e.g. python:3.11 or "
                          "registry.example:5000/team/env:1")
     return name if name.startswith(_TRANSPORTS) else f"docker://{name}"
+
+
+def _defuse(rootfs: Path) -> None:
+    """Remove the image's device nodes: created by a root unpack, they would be the host's devices to
+    whoever reaches the store (a sandbox gets its own /dev, and binds mount images nodev anyway)."""
+    for dirpath, dirs, files in os.walk(rootfs):
+        for name in (*files, *dirs):
+            p = os.path.join(dirpath, name)
+            with contextlib.suppress(OSError):
+                if stat.S_ISCHR(os.lstat(p).st_mode) or stat.S_ISBLK(os.lstat(p).st_mode):
+                    os.unlink(p)
 
 
 def _mount_points(rootfs: Path) -> None:
@@ -188,8 +201,12 @@ class ImageStore:
                 rootfs = self._rootfs(image_id)
                 if not rootfs.is_dir():
                     tmp = rootfs.with_name(rootfs.name + f".{staging}")
-                    self._run(["umoci", "raw", "unpack", "--image", f"{self.layout}:{tag}", str(tmp)],
-                              f"unpack {name}")
+                    # owners shifted into corral's storage range: nothing of an image belongs to a host
+                    # user, so an image's setuid-root program is no one's on the host
+                    ids = f"0:{STORAGE_UID_BASE}:{ID_RANGE}"
+                    self._run(["umoci", "raw", "unpack", "--uid-map", ids, "--gid-map", ids,
+                               "--image", f"{self.layout}:{tag}", str(tmp)], f"unpack {name}")
+                    _defuse(tmp)
                     _mount_points(tmp)
                     os.replace(tmp, rootfs)
             finally:

@@ -225,3 +225,39 @@ async def test_a_missing_image_fails_the_sandbox_start_with_the_reason(runtime, 
 
     with pytest.raises(ImageError, match="cannot pull"):
         await runtime.create(SandboxConfig(image=f"oci:{tmp_path}/no-layout:1"))
+
+
+def test_corral_serve_pulls_a_rock_client_s_image_or_fails_the_start_with_the_reason(world, tmp_path,
+                                                                                      busybox_layout):
+    """With pull_images, an image name a ROCK client sends is pulled and becomes the sandbox's root;
+    one that cannot be pulled fails start_async with ROCK's words and the registry's reason, in a Failed
+    envelope its SDK shows (rather than running on the host's root)."""
+    import asyncio
+
+    import httpx
+
+    from corral import RuntimeConfig
+    from corral.server import create_app
+    from corral.server.config import ServeConfig
+    from corral.server.state import PREFIX
+    from tests.conftest import serve_app
+
+    token = "tok-images-" + "z" * 16
+    cfg = ServeConfig(runtime=RuntimeConfig(state_dir=tmp_path, hosts=world.hosts, system_dns=False),
+                      pull_images=True)
+    app = create_app(cfg, [token])
+
+    async def scenario(base: str) -> None:
+        async with httpx.AsyncClient(base_url=f"{base}{PREFIX}", headers={"Authorization": f"Bearer {token}"},
+                                     timeout=60) as c:
+            r = (await c.post("/start_async", json={"image": f"oci:{busybox_layout}:1"})).json()
+            assert r["status"] == "Success", r
+            sid = r["result"]["sandbox_id"]
+            out = (await c.post("/execute", json={"sandbox_id": sid, "command": "cat /etc/os-release"})).json()
+            assert out["result"]["stdout"] == "ID=corral-busybox\n", out
+            r = (await c.post("/start_async", json={"image": f"oci:{tmp_path}/missing:1"})).json()
+            assert r["status"] == "Failed" and r["error"].startswith(f"Failed to pull image oci:{tmp_path}/missing:1")
+            await c.post("/delete", json={"sandbox_id": sid})
+
+    with serve_app(app) as base:
+        asyncio.run(scenario(base))

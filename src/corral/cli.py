@@ -94,10 +94,14 @@ PidsOpt = Annotated[int | None, typer.Option("--pids", help="Process limit.", sh
 TimeoutOpt = Annotated[float | None, typer.Option("--timeout", help="Wall-clock limit per command, seconds.",
                                                   show_default=False)]
 WorkspaceOpt = Annotated[Path | None, typer.Option("--workspace", help="Directory copied into /workspace.")]
+ImageOpt = Annotated[str | None, typer.Option(
+    "--image", help="OCI image as the sandbox's root (pulled into the image store when missing; see "
+                    "`corral images`), read-only [default: the host's root].")]
 
 
 def _sandbox_config(allow: list[str] | None, policy: Path | None, mem: int | None, cpus: float | None,
-                    pids: int | None, timeout: float | None, workspace: Path | None) -> SandboxConfig:
+                    pids: int | None, timeout: float | None, workspace: Path | None,
+                    image: str | None = None) -> SandboxConfig:
     """Build the sandbox config; every mistake becomes a ConfigError naming the bad value."""
     egress = EgressPolicy.from_file(policy) if policy is not None else EgressPolicy()
     if allow:
@@ -107,7 +111,7 @@ def _sandbox_config(allow: list[str] | None, policy: Path | None, mem: int | Non
     given = {"memory_mb": mem, "cpus": cpus, "pids": pids, "timeout": timeout}
     try:
         limits = Limits(**{k: v for k, v in given.items() if v is not None})
-        return SandboxConfig(limits=limits, egress=egress, workspace_template=workspace)
+        return SandboxConfig(limits=limits, egress=egress, workspace_template=workspace, image=image)
     except ValidationError as e:
         raise ConfigError(_validation_message(e)) from None
 
@@ -338,12 +342,13 @@ def run(
     pids: PidsOpt = None,
     timeout: TimeoutOpt = None,
     workspace: WorkspaceOpt = None,
+    image: ImageOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of streaming.")] = False,
     state_dir: StateDirOpt = None,
 ) -> None:
     """Run one command in a fresh sandbox, stream its output, then show its network activity."""
     try:
-        cfg = _sandbox_config(allow, policy, mem, cpus, pids, timeout, workspace)
+        cfg = _sandbox_config(allow, policy, mem, cpus, pids, timeout, workspace, image)
     except ConfigError as e:
         _fail(str(e))
     # One argument is a shell command line already ("make && make test"); several are an argv.
@@ -506,11 +511,12 @@ def shell(
     pids: PidsOpt = None,
     timeout: TimeoutOpt = None,
     workspace: WorkspaceOpt = None,
+    image: ImageOpt = None,
     state_dir: StateDirOpt = None,
 ) -> None:
     """An interactive shell in a fresh sandbox (one persistent session)."""
     try:
-        cfg = _sandbox_config(allow, policy, mem, cpus, pids, timeout, workspace)
+        cfg = _sandbox_config(allow, policy, mem, cpus, pids, timeout, workspace, image)
     except ConfigError as e:
         _fail(str(e))
     try:

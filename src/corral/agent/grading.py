@@ -88,7 +88,7 @@ def grading_config(task: Task) -> SandboxConfig:
     return SandboxConfig(
         egress=EgressPolicy(),
         limits=Limits(memory_mb=lim.memory_mb, cpus=lim.cpus, pids=lim.pids, timeout=task.verifier.timeout),
-        protected_paths=tuple(task.verifier_paths()) + tuple(task.protected_paths),
+        protected_paths=tuple(task.verifier_paths()) + tuple(task.protected_paths), image=task.image,
     )
 
 

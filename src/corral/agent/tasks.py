@@ -71,6 +71,9 @@ class Task(BaseModel):
     limits: TaskLimits = TaskLimits()
     protected_paths: list[str] = Field(default_factory=list)
     setup: list[str] = Field(default_factory=list)
+    # an OCI image as the root of the task's sandboxes (the agent's and the grader's: the verifier runs
+    # with the image's tools); None: the host's root
+    image: str | None = None
     source: str | None = None  # where it was loaded from
 
     @field_validator("id")
@@ -104,7 +107,7 @@ class Task(BaseModel):
         return SandboxConfig(
             egress=EgressPolicy.allowing(*self.egress),
             limits=Limits(memory_mb=lim.memory_mb, cpus=lim.cpus, pids=lim.pids, timeout=lim.command_timeout),
-            protected_paths=protected,
+            protected_paths=protected, image=self.image,
         )
 
 

@@ -7,6 +7,7 @@
     idle_timeout_s: 1800                # a ROCK sandbox without requests this long is stopped (0: never)
     images: {python:3.11: /srv/rootfs/py311, ubuntu:22.04: null}   # null: the host's root, read-only
     allow_gpu: false
+    pull_images: false                  # other image names: pulled from their registry (corral images)
     max_cpus: 16                        # the largest sandbox a client may ask for (as ROCK's max_allowed_spec)
     max_memory_mb: 65536
     runtime: {state_dir: /var/lib/corral, rule_files: [/etc/corral/rules.yaml]}   # RuntimeConfig
@@ -55,6 +56,9 @@ class ServeConfig(BaseModel):
     idle_timeout_s: Annotated[float, Field(ge=0)] = 1800  # a ROCK sandbox unused this long is stopped; 0: never
     images: dict[str, Path | None] = Field(default_factory=dict)
     allow_gpu: bool = False
+    # names the images table does not list are OCI images, pulled into the runtime's image store (a
+    # failed pull fails the start with the registry's reason); off: they run on the host's root
+    pull_images: bool = False
     # the largest sandbox a client may ask for (ROCK's max_allowed_spec); a request above is refused with
     # ROCK's message. Within it, a CPU quota above this machine's CPUs is granted as all of them.
     max_cpus: Annotated[float, Field(gt=0)] = 16

@@ -81,6 +81,7 @@ from fastapi import APIRouter, Body, File, Form, Request, UploadFile
 from pydantic import BaseModel, ConfigDict, Field
 
 from corral.errors import EpisodeEnded, FileAccessError, SandboxClosed, SandboxFrozen, SessionError
+from corral.images import ImageError
 from corral.sandbox.sandbox import ExecResult
 from corral.server.state import (
     _ID_RE,
@@ -200,7 +201,11 @@ async def start_async(request: Request, req: StartRequest) -> dict:
         if req.sandbox_id:
             reserved.add(req.sandbox_id)
         try:
-            sb = await srv.runtime.create(cfg)
+            try:
+                sb = await srv.runtime.create(cfg)
+            except ImageError as e:  # ROCK's words, then the registry's
+                raise ApiError(400, f"Failed to pull image {req.image}: {e}") from None
+            rootfs = str(sb.config.rootfs) if sb.config.rootfs else None  # an image's, once resolved
             rock_id = req.sandbox_id or sb.id
             b = _Box(rock_id, tenant, sb, req.image, rootfs, req.memory, cpus=req.limit_cpus or req.cpus)
             limits = [t for t in (req.idle_seconds(), srv.config.idle_timeout_s) if t]

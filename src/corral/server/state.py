@@ -194,6 +194,8 @@ class _Server:
             raise ApiError(422, f"image_os {req.image_os!r} is not supported; corral runs linux sandboxes only")
         base = self.config.sandbox
         rootfs = self.config.images.get(req.image, base.rootfs)
+        # a name the images table does not list: an OCI image from a registry, when the server pulls them
+        image = req.image if self.config.pull_images and req.image not in self.config.images else None
         gpu = bool(req.num_gpus)
         if gpu and not self.config.allow_gpu:
             raise ApiError(422, "num_gpus > 0 but this server does not grant GPUs (start it with GPUs allowed)")
@@ -206,7 +208,8 @@ class _Server:
         # a quota above the machine's CPUs means all of them
         limits = {**base.limits.model_dump(), "memory_mb": memory_mb, "cpus": min(cpus, float(_host_cpus()))}
         try:
-            cfg = base.model_copy(update={"limits": Limits(**limits), "rootfs": rootfs, "gpu": gpu or base.gpu})
+            cfg = base.model_copy(update={"limits": Limits(**limits), "rootfs": None if image else rootfs,
+                                          "image": image, "gpu": gpu or base.gpu})
         except ValidationError as e:
             raise ApiError(422, f"cannot map request to sandbox limits: {_problems(e.errors())}") from None
         return cfg, str(rootfs) if rootfs else None

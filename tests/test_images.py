@@ -261,3 +261,31 @@ def test_corral_serve_pulls_a_rock_client_s_image_or_fails_the_start_with_the_re
 
     with serve_app(app) as base:
         asyncio.run(scenario(base))
+
+
+@pytest.mark.asyncio
+async def test_root_in_an_image_sandbox_owns_the_image_and_a_reset_discards_its_changes(runtime, busybox_layout):
+    """The image's files are the sandbox's own: root inside writes /usr and /etc, gives files to the
+    image's users, and is no one on the host (its uid range); a reset brings the image back as it was."""
+    from corral import SandboxConfig
+    from corral.config import IMAGE_UID_BASE, STORAGE_UID_BASE
+
+    sb = await runtime.create(SandboxConfig(image=f"oci:{busybox_layout}:1"))
+    try:
+        assert IMAGE_UID_BASE <= sb.uid < STORAGE_UID_BASE and sb.uid % 65536 == 0
+        r = await sb.exec("id -u; mkdir -p /usr/local/bin && echo tool > /usr/local/bin/tool && "
+                          "chown 1000:1000 /usr/local/bin/tool && ls -ln /usr/local/bin/tool; "
+                          "echo 'bob:x:1000:1000::/home/bob:/bin/sh' >> /etc/passwd && cat /etc/os-release; "
+                          "chown 70000 /usr/local/bin/tool 2>&1 || echo outside-the-range-refused")
+        assert r.exit_code == 0, (r.stdout, r.stderr)
+        lines = r.stdout.splitlines()
+        assert lines[0] == "0" and " 1000 " in f" {lines[1]} " and lines[2] == "ID=corral-busybox", lines
+        assert "outside-the-range-refused" in r.stdout
+        # in the image's own files nothing changed: the writes are in this sandbox's layer
+        assert not (Path(sb.config.rootfs) / "usr/local/bin/tool").exists()
+        assert "bob" not in (Path(sb.config.rootfs) / "etc/passwd").read_text()
+        await sb.reset()
+        r = await sb.exec("ls /usr/local/bin/tool 2>&1; grep -c bob /etc/passwd")
+        assert "No such file" in r.stdout and r.stdout.strip().endswith("0"), r.stdout
+    finally:
+        await sb.close()

@@ -291,6 +291,9 @@ def _validate(cls: type[BaseModel], data: Any, path: str | Path) -> Any:
 STORAGE_UID_BASE = 3_000_000_000
 ID_RANGE = 65536
 SANDBOX_UIDS = 1024 << 12  # instances x sandboxes per instance, one uid each, from uid_base
+# image sandboxes get ID_RANGE ids each (sandbox/imageroot.py): slots from IMAGE_UID_BASE, below storage
+IMAGE_UID_BASE = 1 << 31
+IMAGE_SLOTS = (STORAGE_UID_BASE - IMAGE_UID_BASE) // ID_RANGE
 
 
 class RuntimeConfig(BaseModel):
@@ -323,10 +326,10 @@ class RuntimeConfig(BaseModel):
     @field_validator("uid_base")
     @classmethod
     def _uids_apart(cls, value: int) -> int:
-        if value < STORAGE_UID_BASE + ID_RANGE and value + SANDBOX_UIDS > STORAGE_UID_BASE:
-            raise ValueError(f"uid_base {value} makes sandbox uids overlap the image storage range "
-                             f"{STORAGE_UID_BASE}..{STORAGE_UID_BASE + ID_RANGE - 1}; choose one below "
-                             f"{STORAGE_UID_BASE - SANDBOX_UIDS} or above {STORAGE_UID_BASE + ID_RANGE}")
+        if value < STORAGE_UID_BASE + ID_RANGE and value + SANDBOX_UIDS > IMAGE_UID_BASE:
+            raise ValueError(f"uid_base {value} makes sandbox uids overlap the uids of image sandboxes and "
+                             f"images ({IMAGE_UID_BASE}..{STORAGE_UID_BASE + ID_RANGE - 1}); choose one below "
+                             f"{IMAGE_UID_BASE - SANDBOX_UIDS} or above {STORAGE_UID_BASE + ID_RANGE}")
         return value
 
     @classmethod

@@ -11,6 +11,7 @@ from typing import TypeVar
 T = TypeVar("T")
 
 CLONE_NEWNET = 0x40000000
+CLONE_NEWNS = 0x00020000
 _libc = ctypes.CDLL(None, use_errno=True)
 
 

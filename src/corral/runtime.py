@@ -36,6 +36,7 @@ from corral.net.tenants import Tenant, Tenants
 from corral.respond import BLOCKABLE, Responder
 from corral.sandbox import rootfs
 from corral.sandbox.cgroups import PREFIX, InstanceCgroups, discover
+from corral.sandbox.imageroot import ImageRoots
 from corral.sandbox.sandbox import Sandbox
 from corral.store import Store, StoreUnavailable
 
@@ -86,6 +87,7 @@ class Runtime:
         self.sandboxes: dict[str, Sandbox] = {}
         self._subscribers: list[Callable[[Event], None]] = []
         self._free_seqs: list[int] = []
+        self._image_roots: ImageRoots | None = None
         self._next_seq = 2
         self._ipr: IPRoute | None = None
         self._ipr_lock = threading.Lock()
@@ -203,6 +205,9 @@ class Runtime:
             await asyncio.to_thread(nft.remove, self.instance)
         if self.cgroups:
             await asyncio.to_thread(self.cgroups.remove)
+        if self._image_roots is not None:
+            await asyncio.to_thread(self._image_roots.close)
+            self._image_roots = None
         if self._ipr:
             await asyncio.to_thread(self._ipr.close)
         if self._store is not None:
@@ -352,6 +357,13 @@ class Runtime:
                               "cgroups": sb.cgroup is not None}))
         return sb
 
+    @property
+    def image_roots(self) -> ImageRoots:
+        if self._image_roots is None:
+            base = self.config.image_dir.parent / f"roots-{self.instance:03x}"  # mounted only in the helper's view
+            self._image_roots = ImageRoots(self.config.lock_dir, base)
+        return self._image_roots
+
     async def _with_image(self, config: SandboxConfig) -> SandboxConfig:
         from corral.images import store_for
 
@@ -387,7 +399,9 @@ class Runtime:
             raise ValueError(f"sandbox id {sb.id!r} is in use; choose another")
         seq = self._alloc_seq()
         sb._seq = seq
-        sb.uid = self.config.uid_base + (self.instance << 12) + seq
+        # an image sandbox owns a range of ids (its image's users), others one uid
+        sb.uid = (self.image_roots.claim(sb.id) if sb.config.image is not None
+                  else self.config.uid_base + (self.instance << 12) + seq)
         try:
             sb.net = await asyncio.to_thread(self._make_net, seq)
             if self.cgroups is not None:
@@ -430,6 +444,9 @@ class Runtime:
         if sb._seq:
             self._free_seqs.append(sb._seq)
             sb._seq = 0
+        if self._image_roots is not None and sb.config.image is not None:
+            await self._image_roots.drop(sb.id)
+            self._image_roots.release(sb.id)
 
     # -- GPU monitor hooks ---------------------------------------------------------------------------
     def _gpu_resolve(self, pid: int) -> tuple[str, int | None] | None:

@@ -57,11 +57,12 @@ from corral.monitor.execwatch import ExecWatch, exec_filter_bpf
 from corral.monitor.files import FileWatch
 from corral.monitor.provenance import Downloads
 from corral.net.netns import HOST_IP
-from corral.nsutil import CLONE_NEWNET, setns
+from corral.nsutil import CLONE_NEWNET, CLONE_NEWNS, setns
 from corral.sandbox import procs, transfer
 from corral.sandbox.agentrt import agent_runtime
 from corral.sandbox.boundary import INTERNAL_STEP, Boundary
 from corral.sandbox.cgroups import SandboxCgroup
+from corral.sandbox.imageroot import IMAGE_CAPS, user_namespace
 from corral.sandbox.lifeline import AGENT_LOST
 from corral.sandbox.rootfs import agent_interpreter, root_mounts
 from corral.sandbox.seccomp import filter_fd
@@ -286,12 +287,26 @@ class Sandbox(Boundary):
         host_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         host_sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         host_sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        image = cfg.image is not None and cfg.rootfs is not None
+        userns_fd, mnt_fd = -1, -1
+        if image:
+            # the image's own root, writable, with a uid range (sandbox/imageroot.py): a user namespace of
+            # corral's making, entered by bwrap, whose root may change what is its own; nested user
+            # namespaces stay refused by corral's seccomp filter (bwrap's --disable-userns needs its own)
+            assert cfg.rootfs is not None
+            roots = self.runtime.image_roots
+            merged = await roots.build(self.id, cfg.rootfs, self.uid, lim.tmp_mb << 20)
+            userns_fd, mnt_fd = await asyncio.to_thread(user_namespace, self.uid), roots.mnt_fd
+            argv = ["bwrap", "--userns", str(userns_fd), "--uid", "0", "--gid", "0"]
+            caps = ["--cap-drop", "ALL", *(a for c in IMAGE_CAPS for a in ("--cap-add", c))]
+        else:
+            argv = ["bwrap", "--unshare-user", "--uid", "0", "--gid", "0"]
+            caps = ["--cap-drop", "ALL", "--disable-userns"]
         seccomp = filter_fd()
-        argv = ["bwrap", "--unshare-user", "--uid", "0", "--gid", "0", "--unshare-pid", "--as-pid-1", "--unshare-ipc",
-                "--unshare-uts", "--unshare-cgroup-try", "--hostname", cfg.hostname, "--die-with-parent",
-                "--cap-drop", "ALL", "--disable-userns"]
+        argv += ["--unshare-pid", "--as-pid-1", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
+                 "--hostname", cfg.hostname, "--die-with-parent", *caps]
         interpreter = agent_interpreter()
-        argv += root_mounts(cfg, self.runtime.masked_paths(), interpreter)
+        argv += ["--bind", str(merged), "/"] if image else root_mounts(cfg, self.runtime.masked_paths(), interpreter)
         agent = [interpreter, "-I", "-S", AGENT_PATH]
         if cfg.rootfs is not None:
             # a root that is not the host's: the agent brings its own Python (sandbox/agentrt.py)
@@ -304,15 +319,17 @@ class Sandbox(Boundary):
         if cfg.gpu:
             for dev in sorted(Path("/dev").glob("nvidia*")):
                 argv += ["--dev-bind", str(dev), str(dev)]
-        argv += ["--size", str(lim.tmp_mb << 20), "--tmpfs", "/tmp",
-                 "--size", str(lim.workspace_mb << 20), "--tmpfs", "/workspace",
-                 "--size", str(lim.tmp_mb << 20), "--tmpfs", "/root"]
+        if not image:  # an image's /tmp and /root are its own, in its writable layer
+            argv += ["--size", str(lim.tmp_mb << 20), "--tmpfs", "/tmp", "--size", str(lim.tmp_mb << 20),
+                     "--tmpfs", "/root"]
+        argv += ["--size", str(lim.workspace_mb << 20), "--tmpfs", "/workspace"]
         # The agent's code is copied in from a memfd: corral's install may sit where the
         # sandbox's unprivileged uid cannot look (under /root, say).
         data_fds = [_data_fd(_agent_source()), _data_fd(RESOLV_CONF), _data_fd(HOSTS)]
         for fd, dest in zip(data_fds, (AGENT_PATH, "/etc/resolv.conf", "/etc/hosts"), strict=True):
             argv += ["--perms", "0444", "--ro-bind-data", str(fd), dest]
-        argv += ["--remount-ro", "/", "--chdir", "/workspace", "--seccomp", str(seccomp), "--", *agent]
+        argv += [*([] if image else ["--remount-ro", "/"]), "--chdir", "/workspace", "--seccomp", str(seccomp),
+                 "--", *agent]
         base_env = {
             "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
             "HOME": "/root", "USER": "root", "LANG": "C.UTF-8", "TERM": "xterm",
@@ -334,6 +351,8 @@ class Sandbox(Boundary):
                 fd = os.open(f, os.O_WRONLY)
                 os.write(fd, pid)
                 os.close(fd)
+            if mnt_fd >= 0:
+                setns(mnt_fd, CLONE_NEWNS)  # where the image root is mounted (while still root)
             setns(netns_fd, CLONE_NEWNET)
             resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
             resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
@@ -348,7 +367,8 @@ class Sandbox(Boundary):
             # milliseconds that the event loop, serving every other sandbox, should not wait out.
             # A session of its own keeps a terminal's Ctrl-C away from the sandbox.
             self._proc = await asyncio.to_thread(
-                subprocess.Popen, argv, env=env, pass_fds=(child_sock.fileno(), seccomp, *data_fds),
+                subprocess.Popen, argv, env=env,
+                pass_fds=(child_sock.fileno(), seccomp, *data_fds, *([userns_fd] if userns_fd >= 0 else [])),
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                 preexec_fn=preexec, start_new_session=True)
         except FileNotFoundError:
@@ -356,6 +376,8 @@ class Sandbox(Boundary):
         finally:
             child_sock.close()
             os.close(seccomp)
+            if userns_fd >= 0:
+                os.close(userns_fd)
             for fd in data_fds:
                 os.close(fd)
         self._sock = host_sock

@@ -194,7 +194,7 @@ def busybox_layout(tmp_path_factory) -> Path:
     _run("umoci", "new", "--image", f"{layout}:1")
     _run("umoci", "insert", "--image", f"{layout}:1", str(tree), "/")
     _run("umoci", "config", "--image", f"{layout}:1", "--config.env", "PATH=/bin", "--config.env",
-         "GREETING=hello-from-image")
+         "GREETING=hello-from-image", "--config.workingdir", "/app")
     return layout
 
 
@@ -284,6 +284,14 @@ async def test_root_in_an_image_sandbox_owns_the_image_and_a_reset_discards_its_
         # in the image's own files nothing changed: the writes are in this sandbox's layer
         assert not (Path(sb.config.rootfs) / "usr/local/bin/tool").exists()
         assert "bob" not in (Path(sb.config.rootfs) / "etc/passwd").read_text()
+        # a second sandbox of the same image: the same unpacked files, its own writable layer and uid range
+        other = await runtime.create(SandboxConfig(image=f"oci:{busybox_layout}:1"))
+        try:
+            assert other.config.rootfs == sb.config.rootfs and other.uid != sb.uid
+            r2 = await other.exec("pwd; ls /usr/local/bin/tool 2>&1")  # the image's WorkingDir
+            assert r2.stdout.splitlines()[0] == "/app" and "No such file" in r2.stdout, r2.stdout
+        finally:
+            await other.close()
         await sb.reset()
         r = await sb.exec("ls /usr/local/bin/tool 2>&1; grep -c bob /etc/passwd")
         assert "No such file" in r.stdout and r.stdout.strip().endswith("0"), r.stdout

@@ -195,6 +195,7 @@ class SandboxConfig(BaseModel):
     protected_paths: tuple[str, ...] = ()
     hostname: str = "corral"
     shell: str = "/bin/bash"
+    workdir: str = "/workspace"  # where commands and sessions start (an image's WorkingDir, when it has one)
     host_paths: tuple[Path, ...] = ()  # extra host paths the sandbox sees, read-only, at the same place
 
     @field_validator("env", mode="before")

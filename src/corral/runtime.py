@@ -373,7 +373,9 @@ class Runtime:
         if not os.path.lexists(img.rootfs / shell.lstrip("/")):
             shell = "/bin/sh"  # an image without bash (busybox, alpine)
         env = {**dict(img.env), **dict(config.env)}  # the image's Env, then the caller's
-        return config.model_copy(update={"rootfs": img.rootfs, "env": tuple(sorted(env.items())), "shell": shell})
+        workdir = img.workdir if img.workdir and config.workdir == "/workspace" else config.workdir
+        return config.model_copy(update={"rootfs": img.rootfs, "env": tuple(sorted(env.items())), "shell": shell,
+                                         "workdir": workdir})
 
     async def adopt(self, sb: Sandbox) -> None:
         """Start a Sandbox object made with Sandbox(config) (the `async with` form)."""

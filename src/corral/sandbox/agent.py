@@ -102,6 +102,7 @@ class Agent:
         self.procs: dict[str, Proc] = {}
         self.base_env = json.loads(os.environ.pop("CORRAL_AGENT_ENV", "{}"))
         self.shell = os.environ.pop("CORRAL_SHELL", "/bin/sh")
+        self.workdir = os.environ.pop("CORRAL_WORKDIR", "/workspace")  # where commands start by default
         self.puts: dict[str, Put | None] = {}  # None: failed, its remaining data is dropped
         # As init, every orphan of the sandbox is ours to reap: SIGCHLD wakes the loop.
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -162,7 +163,7 @@ class Agent:
                 env = dict(self.base_env)
                 env.update(msg.get("env") or {})
                 argv = [self.shell, "-c", msg["cmd"]]
-                cwd = msg.get("cwd") or "/workspace"
+                cwd = msg.get("cwd") or self.workdir
                 staged = self.procs.pop(msg["stage"], None) if msg.get("stage") else None
                 if staged is not None and staged.exit_code is None:
                     # already in this step's cgroup: run at once, no handshake
@@ -196,7 +197,7 @@ class Agent:
                     # no line editing, no history kept or expanded ("!" stays a plain character)
                     argv += ["--noediting", "+H", "-i"]
                     env.update(PS1="", PS2="", PS0="", HISTFILE="", PROMPT_COMMAND="")
-                self._spawn(msg["id"], argv, env, msg.get("cwd") or "/workspace", keep_stdin=True, sockets=True)
+                self._spawn(msg["id"], argv, env, msg.get("cwd") or self.workdir, keep_stdin=True, sockets=True)
             elif op == "stdin":
                 p = self.procs.get(msg["id"])
                 if p is not None:

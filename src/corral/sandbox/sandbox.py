@@ -336,7 +336,7 @@ class Sandbox(Boundary):
             "SHELL": cfg.shell, "CORRAL_SANDBOX": self.id,
         }
         base_env.update(dict(cfg.env))
-        env = {"CORRAL_AGENT_ENV": json.dumps(base_env), "CORRAL_SHELL": cfg.shell,
+        env = {"CORRAL_AGENT_ENV": json.dumps(base_env), "CORRAL_SHELL": cfg.shell, "CORRAL_WORKDIR": cfg.workdir,
                "CORRAL_SOCK_FD": str(child_sock.fileno()), "PATH": base_env["PATH"],
                "CORRAL_EXEC_FILTER": base64.b64encode(exec_filter_bpf()).decode()}
         cg_files = self.cgroup.procs_files() if self.cgroup else []

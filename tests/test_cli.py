@@ -380,15 +380,19 @@ def test_crash_leftovers_removed_by_gc(home: Path) -> None:
     if discover("probe").version is not None:
         assert cgroup_dirs(inst), "the crashed runtime's cgroups should still be there"
 
+    # where an image sandbox's root was built (its mounts were in the runtime's helper and died with it)
+    roots = Path("/var/cache/corral") / f"roots-{inst:03x}"
+    (roots / "sb-x").mkdir(parents=True, exist_ok=True)
+
     r = corral(home, "gc", "--dry-run")
     assert r.returncode == 0, r.stderr
-    assert f"would remove nft table {table}" in r.stdout
+    assert f"would remove nft table {table}" in r.stdout and f"image roots {roots}" in r.stdout
     assert table in nft_tables()
 
     r = corral(home, "gc")
     assert r.returncode == 0, r.stderr
     assert f"removed nft table {table}" in r.stdout
-    assert table not in nft_tables()
+    assert table not in nft_tables() and not roots.exists()
     assert not [n for n in links() if n.startswith(f"corral{inst:03x}")]
     assert not cgroup_dirs(inst)
 

@@ -112,11 +112,23 @@ def _delete_link(name: str) -> None:
         ipr.link("del", ifname=name)
 
 
-def collect(dry_run: bool = False, lock_dir: Path = LOCK_DIR) -> list[str]:
+def _root_dirs(image_dir: Path) -> dict[int, list[Path]]:
+    """Directories where a runtime built image roots (sandbox/imageroot.py). Their mounts lived in the
+    runtime's mount helper and went with it; the empty directories stay behind a crash."""
+    out: dict[int, list[Path]] = {}
+    base = image_dir.parent
+    for d in sorted(base.glob("roots-*")) if base.is_dir() else []:
+        with contextlib.suppress(ValueError):
+            out.setdefault(int(d.name.split("-", 1)[1], 16), []).append(d)
+    return out
+
+
+def collect(dry_run: bool = False, lock_dir: Path = LOCK_DIR,
+            image_dir: Path = Path("/var/cache/corral/images")) -> list[str]:
     """Remove leftovers of dead corral runtimes; returns what was (or, dry run, would be) removed."""
-    tables, links, cgdirs = _tables(), _links(), _cgroup_dirs()
+    tables, links, cgdirs, roots = _tables(), _links(), _cgroup_dirs(), _root_dirs(image_dir)
     removed: list[str] = []
-    for inst in sorted(set(tables) | set(links) | set(cgdirs)):
+    for inst in sorted(set(tables) | set(links) | set(cgdirs) | set(roots)):
         with _instance_free(lock_dir, inst, create=not dry_run) as free:
             if not free:
                 continue  # a live runtime owns it
@@ -133,4 +145,8 @@ def collect(dry_run: bool = False, lock_dir: Path = LOCK_DIR) -> list[str]:
                 if not dry_run:
                     nft.remove_table(name)
                 removed.append(f"nft table inet {name}")
+            for d in roots.get(inst, []):
+                if not dry_run:
+                    shutil.rmtree(d, ignore_errors=True)
+                removed.append(f"image roots {d}")
     return removed

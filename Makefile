@@ -40,7 +40,8 @@ demo: deps venv
 	$(ISOLATED) 'ip link set lo up && $(VENV)/bin/corral demo'
 
 bench: deps venv
-	$(ISOLATED) 'ip link set lo up && $(PY) benchmarks/bench_runtime.py && $(PY) benchmarks/bench_monitor.py && $(PY) benchmarks/bench_rollout.py && $(PY) benchmarks/bench_interfaces.py && $(PY) benchmarks/bench_isolation.py'
+	@dpkg -s podman runc >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman runc >/dev/null)  # bench_images.py's peer
+	$(ISOLATED) 'ip link set lo up && $(PY) benchmarks/bench_runtime.py && $(PY) benchmarks/bench_monitor.py && $(PY) benchmarks/bench_rollout.py && $(PY) benchmarks/bench_interfaces.py && $(PY) benchmarks/bench_isolation.py && $(PY) benchmarks/bench_images.py'
 
 lint: venv
 	$(VENV)/bin/ruff check src tests benchmarks scripts

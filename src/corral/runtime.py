@@ -337,8 +337,7 @@ class Runtime:
         image gets that image's root (pulled first if the store lacks it; ImageError if it cannot be)."""
         config = config or SandboxConfig()
         t0 = time.perf_counter()
-        if config.image is not None:
-            config = await self._with_image(config)
+        config = await self._with_image(config)
         pool = self._pool.get(config)
         sb = pool.pop() if pool else None
         warm = sb is not None
@@ -365,9 +364,11 @@ class Runtime:
         return self._image_roots
 
     async def _with_image(self, config: SandboxConfig) -> SandboxConfig:
+        """The config with its image resolved (root, Env, shell, WorkingDir); as it is without one."""
         from corral.images import store_for
 
-        assert config.image is not None
+        if config.image is None or config.rootfs is not None:
+            return config
         img = await store_for(self.config).ensure(config.image)
         shell = config.shell
         if not os.path.lexists(img.rootfs / shell.lstrip("/")):
@@ -399,10 +400,11 @@ class Runtime:
             await self.start()
         if sb.id in self.sandboxes:
             raise ValueError(f"sandbox id {sb.id!r} is in use; choose another")
+        sb.config = await self._with_image(sb.config)  # a Sandbox(config) made by the caller (adopt)
         seq = self._alloc_seq()
         sb._seq = seq
         # an image sandbox owns a range of ids (its image's users), others one uid
-        sb.uid = (self.image_roots.claim(sb.id) if sb.config.image is not None
+        sb.uid = (self.image_roots.claim() if sb.config.image is not None
                   else self.config.uid_base + (self.instance << 12) + seq)
         try:
             sb.net = await asyncio.to_thread(self._make_net, seq)
@@ -446,9 +448,9 @@ class Runtime:
         if sb._seq:
             self._free_seqs.append(sb._seq)
             sb._seq = 0
-        if self._image_roots is not None and sb.config.image is not None:
-            await self._image_roots.drop(sb.id)
-            self._image_roots.release(sb.id)
+        if self._image_roots is not None and sb.config.image is not None and sb.uid:
+            await self._image_roots.drop(sb.uid)
+            self._image_roots.release(sb.uid)
 
     # -- GPU monitor hooks ---------------------------------------------------------------------------
     def _gpu_resolve(self, pid: int) -> tuple[str, int | None] | None:
@@ -495,7 +497,7 @@ class Runtime:
     # -- warm pool ---------------------------------------------------------------------------------
     async def prewarm(self, config: SandboxConfig | None = None, size: int = 4) -> None:
         """Keep `size` ready sandboxes of this config; create() then takes one in ~1 ms."""
-        config = config or SandboxConfig()
+        config = await self._with_image(config or SandboxConfig())  # the key create() looks under
         self._pool_targets[config] = size
         pool = self._pool.setdefault(config, [])
         need = size - len(pool)

@@ -54,14 +54,15 @@ class ImageRoots:
     def __init__(self, lock_dir: Path, base: Path) -> None:
         self.lock_dir = lock_dir
         self.base = base  # where roots are built (in the helper's namespace; the directory is the host's)
-        self._slots: dict[str, tuple[int, int]] = {}  # sandbox id -> (slot, lock fd)
+        self._slots: dict[int, int] = {}  # a claimed range's first uid -> its slot's lock fd
         self._helper: subprocess.Popen[str] | None = None
         self._mnt_fd = -1
         self._lock = asyncio.Lock()
 
     # -- uid slots ------------------------------------------------------------------------------
-    def claim(self, sandbox_id: str) -> int:
-        """A free slot's first uid (B), held until release()."""
+    def claim(self) -> int:
+        """A free slot's first uid (B), held until release(B). A sandbox's root is named by it too: it
+        stays the same when a pooled sandbox is renamed."""
         self.lock_dir.mkdir(parents=True, exist_ok=True)
         for slot in range(IMAGE_SLOTS):
             fd = os.open(self.lock_dir / f"image-uids-{slot:05d}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -70,14 +71,15 @@ class ImageRoots:
             except BlockingIOError:
                 os.close(fd)
                 continue
-            self._slots[sandbox_id] = (slot, fd)
-            return IMAGE_UID_BASE + slot * ID_RANGE
+            uid = IMAGE_UID_BASE + slot * ID_RANGE
+            self._slots[uid] = fd
+            return uid
         raise ImageRootError(f"all {IMAGE_SLOTS} uid ranges for image sandboxes are in use on this machine")
 
-    def release(self, sandbox_id: str) -> None:
-        held = self._slots.pop(sandbox_id, None)
-        if held is not None:
-            os.close(held[1])
+    def release(self, uid: int) -> None:
+        fd = self._slots.pop(uid, None)
+        if fd is not None:
+            os.close(fd)
 
     # -- the mount helper -----------------------------------------------------------------------
     def _request(self, **req: object) -> dict:
@@ -118,24 +120,24 @@ class ImageRoots:
         """The mount namespace bubblewrap joins (before it drops its privileges)."""
         return self._mnt_fd
 
-    async def build(self, sandbox_id: str, lower: Path, uid: int, size: int) -> Path:
-        """A fresh root for the sandbox (its old one, if any, dropped): the merged directory."""
-        d = self.base / sandbox_id
+    async def build(self, lower: Path, uid: int, size: int) -> Path:
+        """A fresh root for the sandbox of range `uid` (its old one, if any, dropped): the merged directory."""
+        d = self.base / str(uid)
         async with self._lock:
             await asyncio.to_thread(self._request, op="drop", dir=str(d))
             reply = await asyncio.to_thread(self._request, op="root", dir=str(d), lower=str(lower), size=size,
                                             uid=uid, storage=STORAGE_UID_BASE, range=ID_RANGE)
         return Path(reply["merged"])
 
-    async def drop(self, sandbox_id: str) -> None:
+    async def drop(self, uid: int) -> None:
         async with self._lock:
             if self._helper is not None and self._helper.poll() is None:
                 with contextlib.suppress(ImageRootError):
-                    await asyncio.to_thread(self._request, op="drop", dir=str(self.base / sandbox_id))
+                    await asyncio.to_thread(self._request, op="drop", dir=str(self.base / str(uid)))
 
     def close(self) -> None:
-        for sid in list(self._slots):
-            self.release(sid)
+        for uid in list(self._slots):
+            self.release(uid)
         if self._helper is not None:
             with contextlib.suppress(OSError):
                 assert self._helper.stdin is not None

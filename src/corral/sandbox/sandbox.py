@@ -295,7 +295,7 @@ class Sandbox(Boundary):
             # namespaces stay refused by corral's seccomp filter (bwrap's --disable-userns needs its own)
             assert cfg.rootfs is not None
             roots = self.runtime.image_roots
-            merged = await roots.build(self.id, cfg.rootfs, self.uid, lim.tmp_mb << 20)
+            merged = await roots.build(cfg.rootfs, self.uid, lim.tmp_mb << 20)
             userns_fd, mnt_fd = await asyncio.to_thread(user_namespace, self.uid), roots.mnt_fd
             argv = ["bwrap", "--userns", str(userns_fd), "--uid", "0", "--gid", "0"]
             caps = ["--cap-drop", "ALL", *(a for c in IMAGE_CAPS for a in ("--cap-add", c))]

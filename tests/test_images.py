@@ -297,3 +297,24 @@ async def test_root_in_an_image_sandbox_owns_the_image_and_a_reset_discards_its_
         assert "No such file" in r.stdout and r.stdout.strip().endswith("0"), r.stdout
     finally:
         await sb.close()
+
+
+@pytest.mark.asyncio
+async def test_pooled_image_sandboxes_run_the_image(world, tmp_path, busybox_layout):
+    """A warm pool of an image's sandboxes holds sandboxes on that image, and create() takes them."""
+    from corral import Runtime, RuntimeConfig, SandboxConfig
+    from corral.config import IMAGE_UID_BASE
+
+    rt = Runtime(RuntimeConfig(state_dir=tmp_path, hosts=world.hosts, system_dns=False))
+    await rt.start()
+    try:
+        cfg = SandboxConfig(image=f"oci:{busybox_layout}:1")
+        await rt.prewarm(cfg, size=1)
+        sb = await rt.create(cfg, sandbox_id="renamed-from-pool")
+        assert sb.uid >= IMAGE_UID_BASE
+        created = [e for e in rt.store.events(sandbox_id=sb.id) if e.action == "created"]
+        assert created and created[-1].data["warm"] is True
+        assert (await sb.exec("cat /etc/os-release")).stdout == "ID=corral-busybox\n"
+        await sb.close()
+    finally:
+        await rt.close()

@@ -8,6 +8,7 @@ import shutil
 import stat
 import subprocess
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -318,3 +319,44 @@ async def test_pooled_image_sandboxes_run_the_image(world, tmp_path, busybox_lay
         await sb.close()
     finally:
         await rt.close()
+
+
+def test_a_registry_login_comes_from_a_docker_config_json(tmp_path, oci_layout):
+    """A registry that wants a login (htpasswd): without the config.json the pull fails with the
+    registry's reason; with it (RuntimeConfig.registry_auth_file) the image is pulled."""
+    import base64
+    import json
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import crypt  # bcrypt hashes for the registry's htpasswd file (the stdlib has no other)
+    d = tmp_path / "authreg"
+    d.mkdir()
+    (d / "htpasswd").write_text("agent:" + crypt.crypt("s3cret", crypt.mksalt(crypt.METHOD_BLOWFISH)) + "\n")
+    addr = "127.0.0.1:5001"
+    (d / "config.yml").write_text(
+        f"version: 0.1\nlog: {{level: warn}}\nstorage: {{filesystem: {{rootdirectory: {d / 'data'}}}}}\n"
+        f"http: {{addr: {addr}}}\nauth: {{htpasswd: {{realm: corral-test, path: {d / 'htpasswd'}}}}}\n")
+    auth = tmp_path / "config.json"
+    auth.write_text(json.dumps({"auths": {addr: {"auth": base64.b64encode(b"agent:s3cret").decode()}}}))
+    proc = subprocess.Popen(["docker-registry", "serve", str(d / "config.yml")], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(f"http://{addr}/v2/", timeout=1)
+            except urllib.error.HTTPError:
+                break  # 401: up, and asking for a login
+            except OSError:
+                time.sleep(0.05)
+        _run("skopeo", "copy", "--quiet", "--dest-tls-verify=false", "--dest-authfile", str(auth),
+             f"oci:{oci_layout}:1", f"docker://{addr}/private/tiny:1")
+        with pytest.raises(ImageError, match=r"(unauthorized|authentication required)"):
+            ImageStore(tmp_path / "anon", insecure_registries=(addr,)).pull(f"{addr}/private/tiny:1")
+        img = ImageStore(tmp_path / "images", insecure_registries=(addr,), auth_file=auth).pull(
+            f"{addr}/private/tiny:1")
+        assert (img.rootfs / "etc/os-release").read_text() == "ID=corral-test\n"
+    finally:
+        proc.terminate()
+        proc.wait(10)

@@ -360,3 +360,75 @@ def test_a_registry_login_comes_from_a_docker_config_json(tmp_path, oci_layout):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+# -- a Debian-like image: packages and users -----------------------------------------------------------
+def _with_libs(tree: Path, binary: str) -> None:
+    dest = tree / binary.lstrip("/")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(binary, dest)
+    for lib in subprocess.run(["ldd", binary], capture_output=True, text=True).stdout.split():
+        if lib.startswith("/"):
+            target = tree / lib.lstrip("/")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(os.path.realpath(lib), target)
+
+
+@pytest.fixture(scope="module")
+def debian_layout(tmp_path_factory, busybox_layout) -> Path:
+    """busybox, then the host's own useradd, dpkg and tar with their libraries, and a package built
+    here with dpkg-deb: an image where root installs packages and adds users, offline."""
+    tools = ["/usr/sbin/useradd", "/usr/bin/dpkg", "/usr/bin/dpkg-deb", "/usr/bin/dpkg-query", "/usr/bin/tar"]
+    if any(not os.path.exists(t) for t in tools):
+        pytest.skip("needs the host's useradd, dpkg and tar")
+    base = tmp_path_factory.mktemp("debian-image")
+    tree = base / "tree"
+    for d in ("var/lib/dpkg/info", "var/lib/dpkg/updates", "var/lib/dpkg/triggers", "var/lib/dpkg/alternatives",
+              "var/log", "etc/default", "home", "sbin", "usr/share/doc"):
+        (tree / d).mkdir(parents=True, exist_ok=True)
+    for f in ("var/lib/dpkg/status", "var/lib/dpkg/available"):
+        (tree / f).write_text("")
+    for t in tools:
+        _with_libs(tree, t)
+    shutil.copy2("/etc/login.defs", tree / "etc/login.defs")
+    shutil.copytree("/etc/dpkg", tree / "etc/dpkg", dirs_exist_ok=True)
+    for prog in ("ldconfig", "start-stop-daemon"):  # dpkg looks for them in PATH before it installs
+        (tree / "sbin" / prog).write_text("#!/bin/sh\nexit 0\n")
+        (tree / "sbin" / prog).chmod(0o755)
+    (tree / "etc/group").write_text("root:x:0:\n")
+    (tree / "etc/shadow").write_text("root:*:19000:0:99999:7:::\n")
+    (tree / "etc/shadow").chmod(0o640)
+    pkg = base / "pkg"
+    (pkg / "DEBIAN").mkdir(parents=True)
+    (pkg / "usr/bin").mkdir(parents=True)
+    (pkg / "DEBIAN/control").write_text("Package: corral-hello\nVersion: 1.0\nArchitecture: all\n"
+                                        "Maintainer: corral <corral@example.com>\nDescription: a test package\n")
+    (pkg / "usr/bin/corral-hello").write_text("#!/bin/sh\necho hello from a package\n")
+    (pkg / "usr/bin/corral-hello").chmod(0o755)
+    _run("dpkg-deb", "--root-owner-group", "--build", str(pkg), str(tree / "corral-hello.deb"))
+    layout = base / "layout"
+    shutil.copytree(busybox_layout, layout)
+    _run("umoci", "insert", "--image", f"{layout}:1", "--tag", "deb", str(tree), "/")
+    _run("umoci", "config", "--image", f"{layout}:deb", "--config.env", "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
+         "--config.workingdir", "/")
+    return layout
+
+
+@pytest.mark.asyncio
+async def test_root_in_an_image_installs_a_package_and_adds_a_user(runtime, debian_layout):
+    from corral import SandboxConfig
+
+    sb = await runtime.create(SandboxConfig(image=f"oci:{debian_layout}:deb"))
+    try:
+        r = await sb.exec("dpkg -i /corral-hello.deb >/dev/null && corral-hello && "
+                          "dpkg-query -W -f='${Status}\\n' corral-hello")
+        assert r.exit_code == 0, (r.stdout, r.stderr)
+        assert r.stdout.splitlines() == ["hello from a package", "install ok installed"], r.stdout
+        r = await sb.exec("useradd -m -u 1001 bob && grep ^bob: /etc/passwd && ls -ldn /home/bob")
+        assert r.exit_code == 0, (r.stdout, r.stderr)
+        lines = r.stdout.splitlines()
+        assert lines[0].startswith("bob:x:1001:") and " 1001 " in f" {lines[1]} ", lines
+        # the image's own files are untouched: the package and the user are this sandbox's
+        assert not (Path(sb.config.rootfs) / "usr/bin/corral-hello").exists()
+    finally:
+        await sb.close()

@@ -185,7 +185,9 @@ def busybox_layout(tmp_path_factory) -> Path:
     for d in ("bin", "etc", "app", "tmp"):
         (tree / d).mkdir(parents=True)
     shutil.copy2(busybox, tree / "bin/busybox")
-    for applet in ("sh", "cat", "ls", "id", "echo", "env", "sleep", "true", "mkdir", "wc"):
+    have = set(_run(busybox, "--list").split())
+    for applet in have & {"sh", "cat", "ls", "id", "echo", "env", "sleep", "true", "mkdir", "wc", "head", "grep",
+                          "rm", "diff", "find", "cp", "mv", "ln", "chmod", "sed", "touch", "readlink", "dirname"}:
         (tree / "bin" / applet).symlink_to("busybox")
     (tree / "etc/os-release").write_text("ID=corral-busybox\n")
     (tree / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
@@ -378,7 +380,8 @@ def _with_libs(tree: Path, binary: str) -> None:
 def debian_layout(tmp_path_factory, busybox_layout) -> Path:
     """busybox, then the host's own useradd, dpkg and tar with their libraries, and a package built
     here with dpkg-deb: an image where root installs packages and adds users, offline."""
-    tools = ["/usr/sbin/useradd", "/usr/bin/dpkg", "/usr/bin/dpkg-deb", "/usr/bin/dpkg-query", "/usr/bin/tar"]
+    tools = ["/usr/sbin/useradd", "/usr/bin/dpkg", "/usr/bin/dpkg-deb", "/usr/bin/dpkg-query", "/usr/bin/tar",
+             "/usr/bin/bash", "/usr/bin/dpkg-split", "/usr/bin/nohup"]
     if any(not os.path.exists(t) for t in tools):
         pytest.skip("needs the host's useradd, dpkg and tar")
     base = tmp_path_factory.mktemp("debian-image")
@@ -388,8 +391,12 @@ def debian_layout(tmp_path_factory, busybox_layout) -> Path:
         (tree / d).mkdir(parents=True, exist_ok=True)
     for f in ("var/lib/dpkg/status", "var/lib/dpkg/available"):
         (tree / f).write_text("")
+    (tree / "bin").mkdir(exist_ok=True)
+    (tree / "root").mkdir(mode=0o700, exist_ok=True)
+    (tree / "root/.bashrc").write_text("export FROM_BASHRC=yes\n")
     for t in tools:
         _with_libs(tree, t)
+    (tree / "bin/bash").symlink_to("/usr/bin/bash")
     shutil.copy2("/etc/login.defs", tree / "etc/login.defs")
     shutil.copytree("/etc/dpkg", tree / "etc/dpkg", dirs_exist_ok=True)
     for prog in ("ldconfig", "start-stop-daemon"):  # dpkg looks for them in PATH before it installs
@@ -432,3 +439,61 @@ async def test_root_in_an_image_installs_a_package_and_adds_a_user(runtime, debi
         assert not (Path(sb.config.rootfs) / "usr/bin/corral-hello").exists()
     finally:
         await sb.close()
+
+
+def test_roll_terminal_bench_sequence_on_an_image_through_rock_s_sdk(world, tmp_path, debian_layout):
+    """ROLL's terminal-bench calls (roll/.../sandbox_manager_v2.py) through the real rl-rock SDK against
+    `corral serve`, on an image: the session sources the image's /root/.bashrc, the tests go to /tests
+    (the image's root is writable), run as a background job whose pid ROLL reads from "[1] <pid>", are
+    polled with kill -0, and their output is read; the reward is right."""
+    import asyncio
+    import re
+
+    rock_client = pytest.importorskip("rock.sdk.sandbox.client")
+    from rock.actions import BashAction, CreateBashSessionRequest
+    from rock.sdk.sandbox.config import SandboxConfig as RockConfig
+
+    from corral import RuntimeConfig
+    from corral.server import create_app
+    from corral.server.config import ServeConfig
+    from tests.conftest import serve_app
+
+    token = "tok-roll-image-" + "r" * 16
+    app = create_app(ServeConfig(runtime=RuntimeConfig(state_dir=tmp_path, hosts=world.hosts, system_dns=False),
+                                 pull_images=True), [token])
+    roll_pid = re.compile(r"\[\d+\]\s+(\d+)$")
+
+    async def scenario(base: str) -> None:
+        sb = rock_client.Sandbox(RockConfig(base_url=base, image=f"oci:{debian_layout}:deb", memory="1g", cpus=1,
+                                            startup_timeout=60,
+                                            extra_headers={"XRL-Authorization": f"Bearer {token}"}))
+        await sb.start()
+        try:
+            await sb.create_session(CreateBashSessionRequest(session="tb", startup_source=["/root/.bashrc"],
+                                                             env_enable=True, env={"HOME": "/root"}))
+            obs = await sb.run_in_session(BashAction(session="tb", command="echo $FROM_BASHRC", check="silent"))
+            assert obs.output == "yes", obs
+            src = tmp_path / "test_task.sh"
+            src.write_text("#!/bin/sh\n[ \"$(echo $((6 * 7)))\" = 42 ] && echo '1 passed' || echo '1 failed'\n")
+            assert (await sb.arun("mkdir -p /tests", session="tb")).exit_code == 0
+            up = await sb.upload_by_path(src, "/tests/test_task.sh")
+            assert up.success, up.message[-600:]
+            obs = await sb.run_in_session(BashAction(
+                session="tb", check="silent",
+                command="nohup sh /tests/test_task.sh < /dev/null > /tests/out.txt 2>&1 &"))
+            m = roll_pid.match(obs.output.splitlines()[-1].strip())
+            assert m, obs.output
+            for _ in range(200):
+                alive = await sb.run_in_session(BashAction(session="tb", command=f"kill -0 {m.group(1)}",
+                                                           check="silent"))
+                if alive.exit_code != 0:
+                    break
+                await asyncio.sleep(0.1)
+            out = await sb.run_in_session(BashAction(session="tb", command="head -c 4000 /tests/out.txt",
+                                                     check="silent"))
+            assert (1.0 if re.search(r"\b1 passed\b", out.output) else 0.0) == 1.0, out.output
+        finally:
+            await sb.stop()
+
+    with serve_app(app) as base:
+        asyncio.run(scenario(base))

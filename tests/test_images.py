@@ -497,3 +497,30 @@ def test_roll_terminal_bench_sequence_on_an_image_through_rock_s_sdk(world, tmp_
 
     with serve_app(app) as base:
         asyncio.run(scenario(base))
+
+
+@pytest.mark.asyncio
+async def test_commands_run_as_the_image_s_user(runtime, busybox_layout, tmp_path):
+    """An image whose User is alice: commands run as her uid with her HOME, can work in /workspace,
+    and cannot write what root owns."""
+    from corral import SandboxConfig
+
+    layout = tmp_path / "layout"
+    shutil.copytree(busybox_layout, layout)
+    extra = tmp_path / "extra"
+    (extra / "etc").mkdir(parents=True)
+    (extra / "home/alice").mkdir(parents=True)
+    os.chown(extra / "home/alice", 1000, 1000)
+    (extra / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\nalice:x:1000:1000::/home/alice:/bin/sh\n")
+    _run("umoci", "insert", "--image", f"{layout}:1", "--tag", "alice", str(extra), "/")
+    _run("umoci", "config", "--image", f"{layout}:alice", "--config.user", "alice")
+    sb = await runtime.create(SandboxConfig(image=f"oci:{layout}:alice"))
+    try:
+        assert sb.config.run_as == "1000:1000"
+        r = await sb.exec("id -u; echo $HOME; echo work > /workspace/w && cat /workspace/w; "
+                          "touch /usr/x 2>&1 || echo refused")
+        lines = r.stdout.splitlines()
+        assert lines[:3] == ["1000", "/home/alice", "work"] and lines[-1] == "refused", r.stdout
+        assert "Permission denied" in r.stdout
+    finally:
+        await sb.close()

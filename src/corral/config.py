@@ -196,6 +196,7 @@ class SandboxConfig(BaseModel):
     hostname: str = "corral"
     shell: str = "/bin/bash"
     workdir: str = "/workspace"  # where commands and sessions start (an image's WorkingDir, when it has one)
+    run_as: str | None = None  # "uid:gid" commands run as, in an image sandbox (from the image's User)
     host_paths: tuple[Path, ...] = ()  # extra host paths the sandbox sees, read-only, at the same place
 
     @field_validator("env", mode="before")

@@ -365,7 +365,7 @@ class Runtime:
 
     async def _with_image(self, config: SandboxConfig) -> SandboxConfig:
         """The config with its image resolved (root, Env, shell, WorkingDir); as it is without one."""
-        from corral.images import store_for
+        from corral.images import resolve_user, store_for
 
         if config.image is None or config.rootfs is not None:
             return config
@@ -375,8 +375,13 @@ class Runtime:
             shell = "/bin/sh"  # an image without bash (busybox, alpine)
         env = {**dict(img.env), **dict(config.env)}  # the image's Env, then the caller's
         workdir = img.workdir if img.workdir and config.workdir == "/workspace" else config.workdir
+        run_as = config.run_as
+        if run_as is None and img.user:
+            run_as, home = resolve_user(img.rootfs, img.user)
+            if home and "HOME" not in dict(config.env):
+                env["HOME"] = home
         return config.model_copy(update={"rootfs": img.rootfs, "env": tuple(sorted(env.items())), "shell": shell,
-                                         "workdir": workdir})
+                                         "workdir": workdir, "run_as": run_as})
 
     async def adopt(self, sb: Sandbox) -> None:
         """Start a Sandbox object made with Sandbox(config) (the `async with` form)."""

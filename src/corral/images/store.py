@@ -274,3 +274,34 @@ def store_for(config: RuntimeConfig) -> ImageStore:
     """The image store a runtime's configuration names."""
     return ImageStore(config.image_dir, auth_file=config.registry_auth_file,
                       insecure_registries=config.insecure_registries)
+
+
+def resolve_user(rootfs: Path, user: str) -> tuple[str | None, str | None]:
+    """An image's User ("name", "uid", "name:group", "uid:gid") as ("uid:gid", home) by the image's
+    /etc/passwd and /etc/group; (None, None) for root. An unknown name is an ImageError."""
+    name, _, group = user.partition(":")
+
+    def table(path: str) -> list[list[str]]:
+        with contextlib.suppress(OSError):
+            return [line.split(":") for line in (rootfs / path).read_text(errors="replace").splitlines()
+                    if line and not line.startswith("#")]
+        return []
+
+    passwd = table("etc/passwd")
+    entry = next((e for e in passwd if len(e) > 5 and (e[0] == name or e[2] == name)), None)
+    if name.isdigit():
+        uid, gid, home = int(name), int(entry[3]) if entry else int(name), entry[5] if entry else None
+    elif entry is not None:
+        uid, gid, home = int(entry[2]), int(entry[3]), entry[5]
+    else:
+        raise ImageError(f"the image's User {user!r} is not in its /etc/passwd; give a uid, or run as root")
+    if group:
+        g = next((e for e in table("etc/group") if len(e) > 2 and (e[0] == group or e[2] == group)), None)
+        if g is None and not group.isdigit():
+            raise ImageError(f"the image's User {user!r} names a group that is not in its /etc/group")
+        gid = int(g[2]) if g is not None else int(group)
+    if uid == 0:
+        return None, None
+    if not (0 < uid < ID_RANGE and 0 <= gid < ID_RANGE):
+        raise ImageError(f"the image's User {user!r} is outside the {ID_RANGE} ids a sandbox maps")
+    return f"{uid}:{gid}", home

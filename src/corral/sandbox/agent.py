@@ -103,6 +103,9 @@ class Agent:
         self.base_env = json.loads(os.environ.pop("CORRAL_AGENT_ENV", "{}"))
         self.shell = os.environ.pop("CORRAL_SHELL", "/bin/sh")
         self.workdir = os.environ.pop("CORRAL_WORKDIR", "/workspace")  # where commands start by default
+        # an image's User: commands and sessions run as uid:gid (the agent stays root in its namespace)
+        run_as = os.environ.pop("CORRAL_RUN_AS", "")
+        self.run_as = tuple(int(x) for x in run_as.split(":")) if run_as else None
         self.puts: dict[str, Put | None] = {}  # None: failed, its remaining data is dropped
         # As init, every orphan of the sandbox is ours to reap: SIGCHLD wakes the loop.
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -271,6 +274,11 @@ class Agent:
                 except OSError as e:
                     os.write(2, f"corral: cannot cd to {spec['cwd']}: {e.strerror}\n".encode())
                     os._exit(126)
+                if self.run_as is not None:
+                    uid, gid = self.run_as
+                    os.setgroups([])
+                    os.setresgid(gid, gid, gid)
+                    os.setresuid(uid, uid, uid)
                 os.execvpe(argv0, spec["argv"], spec["env"])
             except BaseException as e:
                 try:

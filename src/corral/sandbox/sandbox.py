@@ -322,7 +322,9 @@ class Sandbox(Boundary):
         if not image:  # an image's /tmp and /root are its own, in its writable layer
             argv += ["--size", str(lim.tmp_mb << 20), "--tmpfs", "/tmp", "--size", str(lim.tmp_mb << 20),
                      "--tmpfs", "/root"]
-        argv += ["--size", str(lim.workspace_mb << 20), "--tmpfs", "/workspace"]
+        # the image's User (not root) must be able to work in /workspace too
+        argv += [*(["--perms", "1777"] if image and cfg.run_as else []),
+                 "--size", str(lim.workspace_mb << 20), "--tmpfs", "/workspace"]
         # The agent's code is copied in from a memfd: corral's install may sit where the
         # sandbox's unprivileged uid cannot look (under /root, say).
         data_fds = [_data_fd(_agent_source()), _data_fd(RESOLV_CONF), _data_fd(HOSTS)]
@@ -337,6 +339,7 @@ class Sandbox(Boundary):
         }
         base_env.update(dict(cfg.env))
         env = {"CORRAL_AGENT_ENV": json.dumps(base_env), "CORRAL_SHELL": cfg.shell, "CORRAL_WORKDIR": cfg.workdir,
+               **({"CORRAL_RUN_AS": cfg.run_as} if image and cfg.run_as else {}),
                "CORRAL_SOCK_FD": str(child_sock.fileno()), "PATH": base_env["PATH"],
                "CORRAL_EXEC_FILTER": base64.b64encode(exec_filter_bpf()).decode()}
         cg_files = self.cgroup.procs_files() if self.cgroup else []

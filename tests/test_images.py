@@ -518,7 +518,7 @@ async def test_commands_run_as_the_image_s_user(runtime, busybox_layout, tmp_pat
     try:
         assert sb.config.run_as == "1000:1000"
         r = await sb.exec("id -u; echo $HOME; echo work > /workspace/w && cat /workspace/w; "
-                          "touch /usr/x 2>&1 || echo refused")
+                          "touch /etc/x 2>&1 || echo refused")
         lines = r.stdout.splitlines()
         assert lines[:3] == ["1000", "/home/alice", "work"] and lines[-1] == "refused", r.stdout
         assert "Permission denied" in r.stdout

@@ -524,3 +524,22 @@ async def test_commands_run_as_the_image_s_user(runtime, busybox_layout, tmp_pat
         assert "Permission denied" in r.stdout
     finally:
         await sb.close()
+
+
+@pytest.mark.asyncio
+async def test_a_session_runs_as_a_user_the_sandbox_added(runtime, debian_layout):
+    """ROCK's remote_user: a session whose shell is a user of the image sandbox's own."""
+    from corral import SandboxConfig
+    from corral.errors import SessionError
+
+    sb = await runtime.create(SandboxConfig(image=f"oci:{debian_layout}:deb"))
+    try:
+        with pytest.raises(SessionError, match="no user 'rock'"):
+            await sb.create_session("as-rock", user="rock")
+        assert (await sb.exec("useradd -m -s /bin/bash rock")).exit_code == 0
+        await sb.create_session("as-rock", user="rock")
+        r = await sb.run_in_session("as-rock", "id -u; echo $HOME; touch /etc/x 2>&1 || echo refused")
+        lines = r.stdout.splitlines()
+        assert lines[0] == "1000" and lines[1] == "/home/rock" and lines[-1] == "refused", r.stdout
+    finally:
+        await sb.close()

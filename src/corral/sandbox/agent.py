@@ -36,6 +36,7 @@ import ctypes
 import errno
 import json
 import os
+import pwd
 import selectors
 import signal
 import socket
@@ -200,7 +201,10 @@ class Agent:
                     # no line editing, no history kept or expanded ("!" stays a plain character)
                     argv += ["--noediting", "+H", "-i"]
                     env.update(PS1="", PS2="", PS0="", HISTFILE="", PROMPT_COMMAND="")
-                self._spawn(msg["id"], argv, env, msg.get("cwd") or self.workdir, keep_stdin=True, sockets=True)
+                p = self._spawn(msg["id"], argv, env, msg.get("cwd") or self.workdir, keep_stdin=True, sockets=True)
+                if msg.get("user"):
+                    assert p.launch is not None
+                    p.launch["user"] = msg["user"]  # a user of the sandbox's own (ROCK's remote_user)
             elif op == "stdin":
                 p = self.procs.get(msg["id"])
                 if p is not None:
@@ -274,12 +278,20 @@ class Agent:
                 except OSError as e:
                     os.write(2, f"corral: cannot cd to {spec['cwd']}: {e.strerror}\n".encode())
                     os._exit(126)
-                if self.run_as is not None:
+                env = spec["env"]
+                if spec.get("user"):
+                    # a user the sandbox's own /etc/passwd names, as `su USER -c bash` would start it
+                    pw = pwd.getpwnam(spec["user"])
+                    os.setgroups(os.getgrouplist(pw.pw_name, pw.pw_gid))
+                    os.setresgid(pw.pw_gid, pw.pw_gid, pw.pw_gid)
+                    os.setresuid(pw.pw_uid, pw.pw_uid, pw.pw_uid)
+                    env = {**env, "HOME": pw.pw_dir, "USER": pw.pw_name, "LOGNAME": pw.pw_name}
+                elif self.run_as is not None:
                     uid, gid = self.run_as
                     os.setgroups([])
                     os.setresgid(gid, gid, gid)
                     os.setresuid(uid, uid, uid)
-                os.execvpe(argv0, spec["argv"], spec["env"])
+                os.execvpe(argv0, spec["argv"], env)
             except BaseException as e:
                 try:
                     os.write(2, f"corral: cannot start {argv0}: {e}\n".encode())

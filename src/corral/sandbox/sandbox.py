@@ -939,11 +939,20 @@ class Sandbox(Boundary):
 
     # -- sessions ----------------------------------------------------------------------------------
     async def create_session(self, name: str = "default", *, env: dict[str, str] | None = None,
-                             cwd: str | None = None, interactive: bool = False) -> Session:
+                             cwd: str | None = None, interactive: bool = False, user: str | None = None) -> Session:
         """A persistent shell. `interactive`: bash as a terminal runs it, as ROCK's sessions are: a
         background job is announced ("[1] <pid>") and each command's stderr is merged into its stdout
-        in the order written (ExecResult.stderr stays empty)."""
+        in the order written (ExecResult.stderr stays empty). `user`: run the shell as this user of the
+        sandbox's own /etc/passwd (an image sandbox only: others have one user)."""
         self._check_open()
+        if user is not None and self.config.image is None:
+            raise SessionError(f"session user {user!r}: only an image sandbox has users of its own; "
+                               "run the sandbox on an image (SandboxConfig.image)")
+        if user is not None:
+            passwd = (await self.read_file("/etc/passwd")).decode(errors="replace")
+            if not any(line.split(":", 1)[0] == user for line in passwd.splitlines()):
+                raise SessionError(f"no user {user!r} in sandbox {self.id}'s /etc/passwd; add it first "
+                                   f"(useradd -m {user})")
         if name in self._sessions and self._sessions[name].alive:
             raise SessionError(f"session {name!r} already exists in sandbox {self.id}; close it first")
         s = Session(self, name)
@@ -954,7 +963,8 @@ class Sandbox(Boundary):
         key = f"s:{name}"
         waiter = asyncio.get_running_loop().create_future()
         self._session_waiters[key] = waiter
-        self._send(op="session_new", id=key, env=env, cwd=cwd, shell=self.config.shell, interactive=interactive)
+        self._send(op="session_new", id=key, env=env, cwd=cwd, shell=self.config.shell, interactive=interactive,
+                   user=user)
         await asyncio.wait_for(waiter, 10)
         return s
 

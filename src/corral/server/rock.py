@@ -66,8 +66,8 @@ ROCK's SDK opens a session per session-less ``arun()`` and nobody closes it: pas
 
 Deliberate differences: history expansion is off in sessions (ROCK's ``echo "hi!x"`` fails with
 "event not found"); output lines end in ``\n``, not the pty's ``\r\n``; ``delete`` of a running
-sandbox stops and deletes it (ROCK refuses); ``remote_user`` is refused (one unprivileged user per
-sandbox); restart, archive and commit answer a Failed envelope that says what to do instead.
+sandbox stops and deletes it (ROCK refuses); ``remote_user`` works on image sandboxes (the host's
+root has one unprivileged user); restart, archive and commit answer a Failed envelope that says what to do instead.
 """
 
 from __future__ import annotations
@@ -287,16 +287,15 @@ async def execute(request: Request, req: CommandRequest) -> dict:
 async def create_session(request: Request, req: CreateSessionRequest) -> dict:
     srv: _Server = request.app.state.corral
     b = srv.box(request.state.tenant, req.sandbox_id)
-    if req.remote_user:
-        raise ApiError(422, "remote_user is not supported: each corral sandbox runs as its own unprivileged user")
     if req.session in b.sb.sessions():  # as ROCK: the existing session is kept, and the call succeeds
         return _envelope({"session_type": "bash", "output": "", "corral": srv.corral(b)})
     if TEMP_SESSION.match(req.session):
         await _close_idle_temp_sessions(b)
     try:
-        await guarded(srv, b, b.sb.create_session(req.session, env=req.env, interactive=True))
+        await guarded(srv, b, b.sb.create_session(req.session, env=req.env, interactive=True,
+                                                  user=req.remote_user or None))
     except SessionError as e:
-        raise ApiError(409, str(e)) from None
+        raise ApiError(422 if req.remote_user else 409, str(e)) from None
     outputs = []
     try:
         for src in req.startup_source:

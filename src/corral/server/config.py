@@ -8,6 +8,7 @@
     images: {python:3.11: /srv/rootfs/py311, ubuntu:22.04: null}   # null: the host's root, read-only
     allow_gpu: false
     pull_images: false                  # other image names: pulled from their registry (corral images)
+    image_aliases: {python:3.11: "registry.local:5000/python:3.11"}   # what to pull for a name
     max_cpus: 16                        # the largest sandbox a client may ask for (as ROCK's max_allowed_spec)
     max_memory_mb: 65536
     runtime: {state_dir: /var/lib/corral, rule_files: [/etc/corral/rules.yaml]}   # RuntimeConfig
@@ -59,6 +60,9 @@ class ServeConfig(BaseModel):
     # names the images table does not list are OCI images, pulled into the runtime's image store (a
     # failed pull fails the start with the registry's reason); off: they run on the host's root
     pull_images: bool = False
+    # with pull_images: a client's image name -> the image reference pulled for it (a local registry's
+    # or an OCI layout's copy of python:3.11, say)
+    image_aliases: dict[str, str] = Field(default_factory=dict)
     # the largest sandbox a client may ask for (ROCK's max_allowed_spec); a request above is refused with
     # ROCK's message. Within it, a CPU quota above this machine's CPUs is granted as all of them.
     max_cpus: Annotated[float, Field(gt=0)] = 16

@@ -195,7 +195,8 @@ class _Server:
         base = self.config.sandbox
         rootfs = self.config.images.get(req.image, base.rootfs)
         # a name the images table does not list: an OCI image from a registry, when the server pulls them
-        image = req.image if self.config.pull_images and req.image not in self.config.images else None
+        image = (self.config.image_aliases.get(req.image, req.image)
+                 if self.config.pull_images and req.image not in self.config.images else None)
         gpu = bool(req.num_gpus)
         if gpu and not self.config.allow_gpu:
             raise ApiError(422, "num_gpus > 0 but this server does not grant GPUs (start it with GPUs allowed)")

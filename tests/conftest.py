@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import pytest_asyncio
@@ -44,6 +45,17 @@ TLS = ("203.0.113.6", 443, "secure.example.org")
 SSH = ("203.0.113.7", 22, "ssh.example.org")
 INTERNAL = ("10.20.0.5", 80, "internal.example.com")
 METADATA = ("169.254.169.254", 80, None)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def image_store() -> Iterator[Path]:
+    """The suite's own image store (reachable by sandbox users, as the default one is), removed after."""
+    import shutil
+
+    d = Path(f"/var/cache/corral/test-images-{os.getpid()}")
+    os.environ["CORRAL_IMAGE_DIR"] = str(d)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -543,3 +543,12 @@ async def test_a_session_runs_as_a_user_the_sandbox_added(runtime, debian_layout
         assert lines[0] == "1000" and lines[1] == "/home/rock" and lines[-1] == "refused", r.stdout
     finally:
         await sb.close()
+
+
+@pytest.mark.asyncio
+async def test_host_paths_are_refused_with_an_image(runtime, busybox_layout):
+    from corral import SandboxConfig
+    from corral.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="host_paths cannot be combined with an image"):
+        await runtime.create(SandboxConfig(image=f"oci:{busybox_layout}:1", host_paths=("/usr/share",)))

@@ -321,7 +321,8 @@ class RuntimeConfig(BaseModel):
     # OCI images (corral/images): where pulled images are kept (sandboxes' users must be able to reach
     # it, so not under a private directory), a docker config.json with registry logins, and registries
     # (host:port) reached over plain HTTP
-    image_dir: Path = Path("/var/cache/corral/images")
+    image_dir: Path = Field(default_factory=lambda: Path(os.environ.get("CORRAL_IMAGE_DIR")
+                                                         or "/var/cache/corral/images"))
     registry_auth_file: Path | None = None
     insecure_registries: tuple[str, ...] = ()
 

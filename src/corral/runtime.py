@@ -24,7 +24,7 @@ from pyroute2 import IPRoute
 from corral.config import RuntimeConfig, SandboxConfig
 from corral.detect import Detector, Judgement
 from corral.detect import load as load_rules
-from corral.errors import IsolationUnavailable
+from corral.errors import ConfigError, IsolationUnavailable
 from corral.events import Event, EventKind, Verdict
 from corral.monitor import masquerade
 from corral.monitor.gpu import GpuMonitor, NvmlBackend, resolve_from_cgroup
@@ -369,6 +369,9 @@ class Runtime:
 
         if config.image is None or config.rootfs is not None:
             return config
+        if config.host_paths:
+            raise ConfigError("host_paths cannot be combined with an image: an image sandbox sees only its "
+                              "image; copy what it needs in with upload() or a workspace_template")
         img = await store_for(self.config).ensure(config.image)
         shell = config.shell
         if not os.path.lexists(img.rootfs / shell.lstrip("/")):

@@ -59,22 +59,30 @@ def oci_layout(tmp_path_factory) -> Path:
     return layout
 
 
+def _start_registry(d: Path, addr: str, extra: str = "") -> subprocess.Popen:
+    """docker-registry serving from `d` on loopback `addr` (`extra`: more of its config); returns once it
+    answers (a 401 of one that wants a login counts)."""
+    (d / "config.yml").write_text(
+        f"version: 0.1\nlog: {{level: warn}}\nstorage: {{filesystem: {{rootdirectory: {d / 'data'}}}}}\n"
+        f"http: {{addr: {addr}}}\n{extra}")
+    proc = subprocess.Popen(["docker-registry", "serve", str(d / "config.yml")], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    for _ in range(100):
+        try:
+            urllib.request.urlopen(f"http://{addr}/v2/", timeout=1)
+            break
+        except urllib.error.HTTPError:
+            break
+        except OSError:
+            time.sleep(0.05)
+    return proc
+
+
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory, oci_layout) -> Iterator[str]:
     """docker-registry on loopback with the test image pushed as corral/tiny:1."""
-    d = tmp_path_factory.mktemp("registry")
-    (d / "config.yml").write_text(
-        f"version: 0.1\nlog: {{level: warn}}\nstorage: {{filesystem: {{rootdirectory: {d / 'data'}}}}}\n"
-        f"http: {{addr: {REGISTRY}}}\n")
-    proc = subprocess.Popen(["docker-registry", "serve", str(d / "config.yml")], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = _start_registry(tmp_path_factory.mktemp("registry"), REGISTRY)
     try:
-        for _ in range(100):
-            try:
-                urllib.request.urlopen(f"http://{REGISTRY}/v2/", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.05)
         _run("skopeo", "copy", "--quiet", "--dest-tls-verify=false", f"oci:{oci_layout}:1",
              f"docker://{REGISTRY}/corral/tiny:1")
         yield REGISTRY
@@ -337,21 +345,10 @@ def test_a_registry_login_comes_from_a_docker_config_json(tmp_path, oci_layout):
     d.mkdir()
     (d / "htpasswd").write_text("agent:" + crypt.crypt("s3cret", crypt.mksalt(crypt.METHOD_BLOWFISH)) + "\n")
     addr = "127.0.0.1:5001"
-    (d / "config.yml").write_text(
-        f"version: 0.1\nlog: {{level: warn}}\nstorage: {{filesystem: {{rootdirectory: {d / 'data'}}}}}\n"
-        f"http: {{addr: {addr}}}\nauth: {{htpasswd: {{realm: corral-test, path: {d / 'htpasswd'}}}}}\n")
     auth = tmp_path / "config.json"
     auth.write_text(json.dumps({"auths": {addr: {"auth": base64.b64encode(b"agent:s3cret").decode()}}}))
-    proc = subprocess.Popen(["docker-registry", "serve", str(d / "config.yml")], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = _start_registry(d, addr, f"auth: {{htpasswd: {{realm: corral-test, path: {d / 'htpasswd'}}}}}\n")
     try:
-        for _ in range(100):
-            try:
-                urllib.request.urlopen(f"http://{addr}/v2/", timeout=1)
-            except urllib.error.HTTPError:
-                break  # 401: up, and asking for a login
-            except OSError:
-                time.sleep(0.05)
         _run("skopeo", "copy", "--quiet", "--dest-tls-verify=false", "--dest-authfile", str(auth),
              f"oci:{oci_layout}:1", f"docker://{addr}/private/tiny:1")
         with pytest.raises(ImageError, match=r"(unauthorized|authentication required)"):

@@ -224,10 +224,27 @@ def check_gpu() -> Check:
     return Check("GPU (optional)", bool(devs) and nvml, detail, fix, required=False)
 
 
+def check_images() -> Check:
+    """Informational: OCI images as sandbox roots (corral/images, sandbox/imageroot.py)."""
+    missing = [t for t in ("skopeo", "umoci", "unshare") if shutil.which(t) is None]
+    release = os.uname().release
+    try:
+        kernel = tuple(int(x) for x in release.split("-", 1)[0].split(".")[:2])
+    except ValueError:
+        kernel = (0, 0)
+    old = kernel < (5, 19)  # overlayfs over idmapped lower layers
+    detail = (f"skopeo, umoci present; kernel {release}" if not missing and not old else
+              "; ".join([*(["missing: " + ", ".join(missing)] if missing else []),
+                         *([f"kernel {release} is older than 5.19 (idmapped overlay layers)"] if old else [])]))
+    fix = "" if not missing and not old else (
+        ("apt-get install " + " ".join(missing)) if missing else "run image sandboxes on Linux >= 5.19")
+    return Check("images (optional)", not missing and not old, detail, fix, required=False)
+
+
 def checks() -> list[Check]:
     out = []
     for fn in (check_root, check_bwrap, check_userns, check_nft, check_cgroups, check_seccomp, check_netlink,
-               check_interpreter, check_exec_monitor, check_lock_dir, check_gpu):
+               check_interpreter, check_exec_monitor, check_lock_dir, check_gpu, check_images):
         try:
             out.append(fn())
         except Exception as e:  # one broken probe must not hide the others

@@ -165,8 +165,12 @@ def user_namespace(uid: int) -> int:
         if _libc.unshare(CLONE_NEWUSER) != 0:
             raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWUSER)")
 
-    holder = subprocess.Popen(["sleep", "30"], preexec_fn=become, stdin=subprocess.DEVNULL,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        holder = subprocess.Popen(["sleep", "30"], preexec_fn=become, stdin=subprocess.DEVNULL,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    except (OSError, subprocess.SubprocessError) as e:
+        raise ImageRootError(f"cannot make the sandbox's user namespace (uid {uid}): {e}; corral must run as "
+                             "root on a kernel that allows user namespaces (see corral doctor)") from None
     try:
         for name in ("uid_map", "gid_map"):
             with open(f"/proc/{holder.pid}/{name}", "w") as f:

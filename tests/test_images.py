@@ -549,3 +549,48 @@ async def test_host_paths_are_refused_with_an_image(runtime, busybox_layout):
 
     with pytest.raises(ConfigError, match="host_paths cannot be combined with an image"):
         await runtime.create(SandboxConfig(image=f"oci:{busybox_layout}:1", host_paths=("/usr/share",)))
+
+
+# -- what a crafted image must not do ----------------------------------------------------------------------
+def test_an_image_s_file_capabilities_are_stripped_and_the_store_is_root_s_alone(tmp_path, busybox_layout):
+    """umoci writes file capabilities in the form the host honours: a program of the image's with
+    cap_setuid would make any host user root. They are stripped, and the store is 0700 root."""
+    if shutil.which("setcap") is None:
+        pytest.skip("needs setcap (libcap2-bin)")
+    layout = tmp_path / "layout"
+    shutil.copytree(busybox_layout, layout)
+    extra = tmp_path / "extra"
+    (extra / "usr/local/bin").mkdir(parents=True)
+    shutil.copy2("/bin/true", extra / "usr/local/bin/capped")
+    _run("setcap", "cap_setuid,cap_dac_override+ep", str(extra / "usr/local/bin/capped"))
+    _run("umoci", "insert", "--image", f"{layout}:1", "--tag", "caps", str(extra), "/")
+    st = ImageStore(tmp_path / "images")
+    img = st.pull(f"oci:{layout}:caps")
+    assert "security.capability" not in os.listxattr(img.rootfs / "usr/local/bin/capped")
+    for d in (tmp_path / "images", tmp_path / "images/rootfs"):
+        assert stat.S_IMODE(os.stat(d).st_mode) == 0o700 and os.stat(d).st_uid == 0, d
+
+
+@pytest.mark.asyncio
+async def test_an_image_s_symlinked_mount_points_are_not_followed_onto_the_host(runtime, busybox_layout, tmp_path):
+    """An image whose /etc and /workspace are links to host paths (through bwrap's /oldroot): the sandbox
+    gets real ones, and nothing is created on the host."""
+    from corral import SandboxConfig
+
+    target = tmp_path / "host-dir"
+    target.mkdir(mode=0o777)
+    target.chmod(0o777)
+    layout = tmp_path / "layout"
+    shutil.copytree(busybox_layout, layout)
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    (extra / "workspace").symlink_to(f"/oldroot{target}")
+    (extra / "etc").symlink_to(f"/oldroot{target}")
+    _run("umoci", "insert", "--image", f"{layout}:1", "--tag", "links", str(extra), "/")
+    sb = await runtime.create(SandboxConfig(image=f"oci:{layout}:links"))
+    try:
+        r = await sb.exec("echo x > /workspace/f && ls /workspace && test -L /etc || echo etc-is-real")
+        assert r.stdout.split() == ["f", "etc-is-real"], (r.stdout, r.stderr)
+    finally:
+        await sb.close()
+    assert list(target.iterdir()) == []  # nothing of the sandbox's on the host

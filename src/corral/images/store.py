@@ -31,7 +31,6 @@ from pathlib import Path
 
 from corral.config import ID_RANGE, STORAGE_UID_BASE, RuntimeConfig
 from corral.errors import CorralError
-from corral.sandbox.agentrt import public_dir
 
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 
@@ -69,14 +68,18 @@ def source_of(name: str) -> str:
 
 
 def _defuse(rootfs: Path) -> None:
-    """Remove the image's device nodes: created by a root unpack, they would be the host's devices to
-    whoever reaches the store (a sandbox gets its own /dev, and binds mount images nodev anyway)."""
+    """What a root unpack would make the host's: device nodes (a sandbox gets its own /dev, and image
+    roots are mounted nodev) and file capabilities (umoci writes them in the form the host honours, so
+    a program of the image's would gain them on the host; inside a sandbox they would be no one's)."""
     for dirpath, dirs, files in os.walk(rootfs):
         for name in (*files, *dirs):
             p = os.path.join(dirpath, name)
             with contextlib.suppress(OSError):
-                if stat.S_ISCHR(os.lstat(p).st_mode) or stat.S_ISBLK(os.lstat(p).st_mode):
+                mode = os.lstat(p).st_mode
+                if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
                     os.unlink(p)
+                elif stat.S_ISREG(mode) and "security.capability" in os.listxattr(p, follow_symlinks=False):
+                    os.removexattr(p, "security.capability", follow_symlinks=False)
 
 
 def _mount_points(rootfs: Path) -> None:
@@ -123,7 +126,11 @@ class ImageStore:
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
-        public_dir(self.root / "rootfs")
+        # root's alone: only corral's mount helper (root) reads an image's files, through an idmapped
+        # mount; a host user who could reach them could run an image's file-capability or setuid program
+        for d in (self.root, self.root / "rootfs"):
+            d.mkdir(mode=0o700, parents=True, exist_ok=True)
+            d.chmod(0o700)
         fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)

@@ -100,7 +100,33 @@ def root(d: str, lower: str, size: int, uid: int, storage: int, count: int) -> d
     os.chmod(f"{d}/rw/upper", st.st_mode & 0o7777)
     mount("overlay", f"{d}/merged", "overlay", MS_NODEV,
           f"lowerdir={d}/lower,upperdir={d}/rw/upper,workdir={d}/rw/work")
+    _real_mount_points(f"{d}/merged", uid)
     return {"merged": f"{d}/merged"}
+
+
+# where bubblewrap mounts over the image's root: (path, is a directory); the last is sandbox.AGENT_PATH
+# (this script runs on its own, without corral's modules)
+MOUNT_POINTS = (("etc", True), ("etc/resolv.conf", False), ("etc/hosts", False), ("dev", True), ("proc", True),
+                ("workspace", True), (".corral", True), (".corral-agent.py", False))
+
+
+def _real_mount_points(root: str, uid: int) -> None:
+    """bubblewrap follows a symlink where it mounts: an image whose /etc or /workspace is a link to
+    /oldroot/... would have it create files on the host. Each mount point becomes a real directory or
+    file in the writable layer (the image's link replaced), never followed."""
+    for rel, is_dir in MOUNT_POINTS:
+        p = f"{root}/{rel}"
+        if os.path.islink(p) or (os.path.lexists(p) and os.path.isdir(p) != is_dir):
+            if os.path.isdir(p) and not os.path.islink(p):
+                shutil.rmtree(p)
+            else:
+                os.unlink(p)
+        if not os.path.lexists(p):
+            if is_dir:
+                os.mkdir(p, 0o755)
+            else:
+                os.close(os.open(p, os.O_CREAT | os.O_WRONLY | os.O_NOFOLLOW, 0o644))
+            os.lchown(p, uid, uid)  # the sandbox's root's, as if the image had it
 
 
 def drop(d: str) -> dict:

@@ -519,6 +519,10 @@ async def test_commands_run_as_the_image_s_user(runtime, busybox_layout, tmp_pat
         lines = r.stdout.splitlines()
         assert lines[:3] == ["1000", "/home/alice", "work"] and lines[-1] == "refused", r.stdout
         assert "Permission denied" in r.stdout
+        # files corral puts in are hers to change
+        await sb.write_file("/workspace/task/notes.txt", "given\n")
+        r = await sb.exec("echo edited >> /workspace/task/notes.txt && cat /workspace/task/notes.txt")
+        assert r.stdout == "given\nedited\n", (r.stdout, r.stderr)
     finally:
         await sb.close()
 

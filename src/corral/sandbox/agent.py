@@ -540,6 +540,7 @@ class Agent:
             if kind == "dir":
                 try:
                     os.mkdir(name, 0o755, dir_fd=dir_fd)
+                    self._own(name, dir_fd)
                 except FileExistsError:
                     if not stat.S_ISDIR(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode):
                         raise OSError(errno.EEXIST, "exists and is not a directory") from None
@@ -552,6 +553,7 @@ class Agent:
                 self.send(op="exit", id=key, code=0)
             elif kind == "symlink":
                 os.symlink(msg["target"], name, dir_fd=dir_fd)
+                self._own(name, dir_fd)
                 self.send(op="exit", id=key, code=0)
             else:
                 mode = msg.get("mode")
@@ -573,6 +575,11 @@ class Agent:
             if dir_fd >= 0:
                 os.close(dir_fd)
 
+    def _own(self, name: str, dir_fd: int) -> None:
+        """What corral puts in a sandbox whose commands run as the image's user is that user's."""
+        if self.run_as is not None:
+            os.chown(name, *self.run_as, dir_fd=dir_fd, follow_symlinks=False)
+
     def _put_data(self, msg: dict) -> None:
         key = msg["id"]
         if key not in self.puts:
@@ -588,6 +595,8 @@ class Agent:
                 data = data[os.write(put.fd, data):]
             if not msg.get("eof"):
                 return
+            if self.run_as is not None:
+                os.fchown(put.fd, *self.run_as)
             os.fchmod(put.fd, put.mode)
             os.rename(put.tmp, put.name, src_dir_fd=put.dir_fd, dst_dir_fd=put.dir_fd)
             put.close(keep=True)

@@ -422,7 +422,10 @@ def remove_tree(d: Path) -> None:
     Any process still inside is one corral started: it is killed by pid first."""
     if not d.exists():
         return
-    for child in sorted((p for p in d.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+    # os.walk, not rglob: a sandbox closing meanwhile removes its own directories, and a walk that
+    # meets a vanished one must go on (rglob raises), or this runtime's cgroups would be left behind
+    children = [Path(top) / name for top, dirs, _ in os.walk(d) for name in dirs]
+    for child in sorted(children, key=lambda p: len(p.parts), reverse=True):
         _evict_and_rmdir(child)
     _evict_and_rmdir(d)
 

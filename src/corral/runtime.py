@@ -24,7 +24,7 @@ from pyroute2 import IPRoute
 from corral.config import RuntimeConfig, SandboxConfig
 from corral.detect import Detector, Judgement
 from corral.detect import load as load_rules
-from corral.errors import ConfigError, IsolationUnavailable
+from corral.errors import IsolationUnavailable
 from corral.events import Event, EventKind, Verdict
 from corral.monitor import masquerade
 from corral.monitor.gpu import GpuMonitor, NvmlBackend, resolve_from_cgroup
@@ -364,27 +364,10 @@ class Runtime:
         return self._image_roots
 
     async def _with_image(self, config: SandboxConfig) -> SandboxConfig:
-        """The config with its image resolved (root, Env, shell, WorkingDir); as it is without one."""
-        from corral.images import resolve_user, store_for
+        """The config with its image resolved (corral/images/config.py); as it is without one."""
+        from corral.images import resolve_image, store_for
 
-        if config.image is None or config.rootfs is not None:
-            return config
-        if config.host_paths:
-            raise ConfigError("host_paths cannot be combined with an image: an image sandbox sees only its "
-                              "image; copy what it needs in with upload() or a workspace_template")
-        img = await store_for(self.config).ensure(config.image)
-        shell = config.shell
-        if not os.path.lexists(img.rootfs / shell.lstrip("/")):
-            shell = "/bin/sh"  # an image without bash (busybox, alpine)
-        env = {**dict(img.env), **dict(config.env)}  # the image's Env, then the caller's
-        workdir = img.workdir if img.workdir and config.workdir == "/workspace" else config.workdir
-        run_as = config.run_as
-        if run_as is None and img.user:
-            run_as, home = resolve_user(img.rootfs, img.user)
-            if home and "HOME" not in dict(config.env):
-                env["HOME"] = home
-        return config.model_copy(update={"rootfs": img.rootfs, "env": tuple(sorted(env.items())), "shell": shell,
-                                         "workdir": workdir, "run_as": run_as})
+        return await resolve_image(config, store_for(self.config))
 
     async def adopt(self, sb: Sandbox) -> None:
         """Start a Sandbox object made with Sandbox(config) (the `async with` form)."""

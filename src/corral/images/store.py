@@ -82,20 +82,6 @@ def _defuse(rootfs: Path) -> None:
                     os.removexattr(p, "security.capability", follow_symlinks=False)
 
 
-def _mount_points(rootfs: Path) -> None:
-    """The files a sandbox binds over (corral's resolver and hosts), made regular files where the
-    image has none or a dangling link: the root is bound read-only, so they must exist beforehand."""
-    etc = rootfs / "etc"
-    if etc.is_symlink() or not etc.is_dir():
-        return  # an image without a usable /etc: bwrap says so at start
-    for name in ("resolv.conf", "hosts"):
-        f = etc / name
-        if f.is_symlink() or not f.exists():
-            f.unlink(missing_ok=True)
-            f.write_text("")
-            f.chmod(0o644)
-
-
 def _registry_of(source: str) -> str | None:
     if not source.startswith("docker://"):
         return None
@@ -214,7 +200,6 @@ class ImageStore:
                     self._run(["umoci", "raw", "unpack", "--uid-map", ids, "--gid-map", ids,
                                "--image", f"{self.layout}:{tag}", str(tmp)], f"unpack {name}")
                     _defuse(tmp)
-                    _mount_points(tmp)
                     os.replace(tmp, rootfs)
             finally:
                 digest_file.unlink(missing_ok=True)
@@ -282,33 +267,3 @@ def store_for(config: RuntimeConfig) -> ImageStore:
     return ImageStore(config.image_dir, auth_file=config.registry_auth_file,
                       insecure_registries=config.insecure_registries)
 
-
-def resolve_user(rootfs: Path, user: str) -> tuple[str | None, str | None]:
-    """An image's User ("name", "uid", "name:group", "uid:gid") as ("uid:gid", home) by the image's
-    /etc/passwd and /etc/group; (None, None) for root. An unknown name is an ImageError."""
-    name, _, group = user.partition(":")
-
-    def table(path: str) -> list[list[str]]:
-        with contextlib.suppress(OSError):
-            return [line.split(":") for line in (rootfs / path).read_text(errors="replace").splitlines()
-                    if line and not line.startswith("#")]
-        return []
-
-    passwd = table("etc/passwd")
-    entry = next((e for e in passwd if len(e) > 5 and (e[0] == name or e[2] == name)), None)
-    if name.isdigit():
-        uid, gid, home = int(name), int(entry[3]) if entry else int(name), entry[5] if entry else None
-    elif entry is not None:
-        uid, gid, home = int(entry[2]), int(entry[3]), entry[5]
-    else:
-        raise ImageError(f"the image's User {user!r} is not in its /etc/passwd; give a uid, or run as root")
-    if group:
-        g = next((e for e in table("etc/group") if len(e) > 2 and (e[0] == group or e[2] == group)), None)
-        if g is None and not group.isdigit():
-            raise ImageError(f"the image's User {user!r} names a group that is not in its /etc/group")
-        gid = int(g[2]) if g is not None else int(group)
-    if uid == 0:
-        return None, None
-    if not (0 < uid < ID_RANGE and 0 <= gid < ID_RANGE):
-        raise ImageError(f"the image's User {user!r} is outside the {ID_RANGE} ids a sandbox maps")
-    return f"{uid}:{gid}", home

@@ -414,27 +414,29 @@ async def upload(request: Request, file: Annotated[UploadFile, File()], target_p
                       "file_name": name, "corral": srv.corral(b)})
 
 
+async def _end(request: Request, sandbox_id: str, *, delete: bool) -> dict:
+    """stop and delete; as ROCK, ending what is not there (any more) is done already."""
+    srv: _Server = request.app.state.corral
+    done = f"{sandbox_id} {'deleted' if delete else 'stopped'}"
+    b = srv.find(request.state.tenant, sandbox_id)
+    if b is None:
+        return _envelope(done)
+    await srv.stop_box(b)
+    if delete:
+        b.deleted = True
+        srv.boxes[request.state.tenant].pop(sandbox_id, None)
+        srv.deleted.setdefault(request.state.tenant, []).append(b)
+    return _envelope(done, corral=srv.corral(b))
+
+
 @router.post("/stop")
 async def stop(request: Request, sandbox_id: Annotated[SandboxId, Body(embed=True)]) -> dict:
-    srv: _Server = request.app.state.corral
-    b = srv.find(request.state.tenant, sandbox_id)
-    if b is None:  # as ROCK: stopping what is not there (any more) is done already
-        return _envelope(f"{sandbox_id} stopped")
-    await srv.stop_box(b)
-    return _envelope(f"{sandbox_id} stopped", corral=srv.corral(b))
+    return await _end(request, sandbox_id, delete=False)
 
 
 @router.post("/delete")
 async def delete(request: Request, sandbox_id: Annotated[SandboxId, Body(embed=True)]) -> dict:
-    srv: _Server = request.app.state.corral
-    b = srv.find(request.state.tenant, sandbox_id)
-    if b is None:  # as ROCK: deleting what is not there (any more) is done already
-        return _envelope(f"{sandbox_id} deleted")
-    await srv.stop_box(b)
-    b.deleted = True
-    srv.boxes[request.state.tenant].pop(sandbox_id, None)
-    srv.deleted.setdefault(request.state.tenant, []).append(b)
-    return _envelope(f"{sandbox_id} deleted", corral=srv.corral(b))
+    return await _end(request, sandbox_id, delete=True)
 
 
 # ROCK's container-image and object-storage routes. A corral sandbox is namespaces over tmpfs,

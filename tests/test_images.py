@@ -255,19 +255,23 @@ def test_corral_serve_pulls_a_rock_client_s_image_or_fails_the_start_with_the_re
 
     token = "tok-images-" + "z" * 16
     cfg = ServeConfig(runtime=RuntimeConfig(state_dir=tmp_path, hosts=world.hosts, system_dns=False),
-                      pull_images=True)
+                      pull_images=True, image_aliases={"busybox:test": f"oci:{busybox_layout}:1",
+                                                       "missing:test": f"oci:{tmp_path}/missing:1"})
     app = create_app(cfg, [token])
 
     async def scenario(base: str) -> None:
         async with httpx.AsyncClient(base_url=f"{base}{PREFIX}", headers={"Authorization": f"Bearer {token}"},
                                      timeout=60) as c:
+            # a client may not point the server at its own files: only the operator's aliases name them
             r = (await c.post("/start_async", json={"image": f"oci:{busybox_layout}:1"})).json()
+            assert r["status"] == "Failed" and "names a path on the server" in r["error"], r
+            r = (await c.post("/start_async", json={"image": "busybox:test"})).json()
             assert r["status"] == "Success", r
             sid = r["result"]["sandbox_id"]
             out = (await c.post("/execute", json={"sandbox_id": sid, "command": "cat /etc/os-release"})).json()
             assert out["result"]["stdout"] == "ID=corral-busybox\n", out
-            r = (await c.post("/start_async", json={"image": f"oci:{tmp_path}/missing:1"})).json()
-            assert r["status"] == "Failed" and r["error"].startswith(f"Failed to pull image oci:{tmp_path}/missing:1")
+            r = (await c.post("/start_async", json={"image": "missing:test"})).json()
+            assert r["status"] == "Failed" and r["error"].startswith("Failed to pull image missing:test")
             await c.post("/delete", json={"sandbox_id": sid})
 
     with serve_app(app) as base:
@@ -457,11 +461,12 @@ def test_roll_terminal_bench_sequence_on_an_image_through_rock_s_sdk(world, tmp_
 
     token = "tok-roll-image-" + "r" * 16
     app = create_app(ServeConfig(runtime=RuntimeConfig(state_dir=tmp_path, hosts=world.hosts, system_dns=False),
-                                 pull_images=True), [token])
+                                 pull_images=True, image_aliases={"debian:test": f"oci:{debian_layout}:deb"}),
+                     [token])
     roll_pid = re.compile(r"\[\d+\]\s+(\d+)$")
 
     async def scenario(base: str) -> None:
-        sb = rock_client.Sandbox(RockConfig(base_url=base, image=f"oci:{debian_layout}:deb", memory="1g", cpus=1,
+        sb = rock_client.Sandbox(RockConfig(base_url=base, image="debian:test", memory="1g", cpus=1,
                                             startup_timeout=60,
                                             extra_headers={"XRL-Authorization": f"Bearer {token}"}))
         await sb.start()

@@ -82,6 +82,11 @@ def _defuse(rootfs: Path) -> None:
                     os.removexattr(p, "security.capability", follow_symlinks=False)
 
 
+def is_local_source(name: str) -> bool:
+    """Whether a name points at this machine's files (an OCI layout, an archive) rather than a registry."""
+    return name.strip().startswith(_TRANSPORTS[1:])
+
+
 def _registry_of(source: str) -> str | None:
     if not source.startswith("docker://"):
         return None

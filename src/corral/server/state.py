@@ -20,6 +20,7 @@ from starlette.datastructures import Headers
 
 from corral.config import Limits, SandboxConfig
 from corral.events import Finding
+from corral.images.store import is_local_source
 from corral.runtime import Runtime
 from corral.sandbox.sandbox import ExecResult, Sandbox
 from corral.server.config import ServeConfig
@@ -197,6 +198,12 @@ class _Server:
         # a name the images table does not list: an OCI image from a registry, when the server pulls them
         image = (self.config.image_aliases.get(req.image, req.image)
                  if self.config.pull_images and req.image not in self.config.images else None)
+        if image is not None and req.image not in self.config.image_aliases and is_local_source(req.image):
+            # a client names registry images only: a host path (oci:/..., docker-archive:/...) would have
+            # corral, as root, read whatever file or directory of the host the client points at
+            raise ApiError(400, f"image {req.image!r} names a path on the server; clients name registry images "
+                                "(python:3.11, registry:5000/ns/name:tag); the operator can map a name to a "
+                                "local image with image_aliases")
         gpu = bool(req.num_gpus)
         if gpu and not self.config.allow_gpu:
             raise ApiError(422, "num_gpus > 0 but this server does not grant GPUs (start it with GPUs allowed)")

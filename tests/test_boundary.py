@@ -195,7 +195,7 @@ async def test_a_process_in_a_finished_steps_cgroup_is_sampled_and_killed(sb_fac
     assert sb.live_steps() == [done.step]
     await eventually(lambda: sb.step_stats(done.step)["peak_rss_mb"] > 0, "the sampler to sample it")
     await sb.end_episode("test: end the episode")
-    assert set(sb.cgroup.pids()) == {sb._proc.pid, sb.agent_hostpid}
+    assert set(sb.cgroup.pids()) == {sb._dep.proc.pid, sb.agent_hostpid}
     assert sb.live_steps() == []
 
 
@@ -215,7 +215,7 @@ async def test_kill_all_leaves_only_corral(sb_factory):
                      "the session's command to start")
     killed = await sb.kill_all()
     assert killed >= 8  # 5 sleeps, the daemon's sh, 2 shells (and the staged child)
-    assert set(sb.cgroup.pids()) == {sb._proc.pid, sb.agent_hostpid}
+    assert set(sb.cgroup.pids()) == {sb._dep.proc.pid, sb.agent_hostpid}
     assert sb.sessions() == []
     r = await asyncio.wait_for(running, 30)
     assert r.exit_code is None and "session shell exited" in (r.error or "")

@@ -21,7 +21,7 @@ import subprocess
 import time
 from typing import TYPE_CHECKING, Any
 
-from corral.errors import EpisodeEnded, SandboxClosed, SandboxError
+from corral.errors import EpisodeEnded, SandboxError
 from corral.events import Event, EventKind
 from corral.sandbox import procs
 from corral.sandbox.lifeline import AGENT_LOST, agent_state, describe_exit, stopped
@@ -88,7 +88,8 @@ class Boundary:
             s.alive = False
         self._sessions.clear()
         self._stage = None
-        keep = {p for p in (self.agent_hostpid, self._proc.pid if self._proc else None) if p}
+        dep = self._dep
+        keep = {p for p in (self.agent_hostpid, dep.proc.pid if dep is not None and dep.proc else None) if p}
         deadline = time.monotonic() + KILL_DEADLINE
         killed = 0
         while True:
@@ -117,7 +118,7 @@ class Boundary:
         """On the sampler's tick: a stopped agent ends the episode. (Its death is seen at once, when
         its socket closes.)"""
         pid = self.agent_hostpid
-        if pid is None or self.frozen or self.closed or self._sock is None:
+        if pid is None or self.frozen or self.closed or self._dep is None:
             return
         state = agent_state(pid)
         why = stopped(state)
@@ -125,20 +126,15 @@ class Boundary:
             self._lose_agent("stopped", f"{why} (state {state})", {})
 
     def _agent_gone(self: Sandbox) -> None:
-        """The agent's socket closed: at start-up, the launch failed; later, the agent is lost."""
-        if self._sock is not None:
-            with contextlib.suppress(ValueError, OSError):
-                asyncio.get_running_loop().remove_reader(self._sock.fileno())
-        if self._ready is not None and not self._ready.done():
-            self._ready.set_exception(SandboxClosed(f"sandbox {self.id}: its agent exited while starting"))
-            return
+        """The running agent's socket closed (or it broke the protocol): the agent is lost. (At
+        start-up, the launch fails instead: deployment.py.)"""
         task = asyncio.get_running_loop().create_task(self._agent_ended())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def _agent_ended(self: Sandbox) -> None:
         rc = None
-        proc = self._proc
+        proc = self._dep.proc if self._dep is not None else None
         if proc is not None:
             # bwrap passes on how the agent ended; it exits right after it
             with contextlib.suppress(subprocess.TimeoutExpired):
@@ -150,7 +146,7 @@ class Boundary:
         """Without its agent a sandbox can neither run nor watch commands: the episode ends now with
         the reason, commands waiting on the agent fail at once, and every process the agent started
         is killed."""
-        if self.closed or self._sock is None or (self.terminated or "").startswith(AGENT_LOST):
+        if self.closed or self._dep is None or (self.terminated or "").startswith(AGENT_LOST):
             return
         reason = f"{AGENT_LOST}: {detail}"
         self.terminated = reason

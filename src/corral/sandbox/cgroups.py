@@ -145,7 +145,16 @@ class InstanceCgroups:
 class SandboxCgroup:
     def __init__(self, inst: InstanceCgroups, sandbox_id: str, limits: Limits) -> None:
         self.h = inst.h
-        self.dirs = {c: root / f"{PREFIX}{sandbox_id}" for c, root in self.h.roots.items()}
+        # A directory of its own, never one in use: a sandbox's spare deployment, or a pooled
+        # sandbox renamed after its cgroup was made, has a cgroup named by another id ("+<k>" then)
+        for k in range(1 << 16):
+            name = f"{PREFIX}{sandbox_id}" + (f"+{k}" if k else "")
+            self.dirs = {c: root / name for c, root in self.h.roots.items()}
+            try:
+                self.dirs[self.h.tracking].mkdir()
+                break
+            except FileExistsError:
+                continue
         # A kill freezes and thaws the sandbox; a quarantine holds it frozen. The lock keeps a kill
         # from thawing a quarantine that lands while it runs, and two kills from interleaving.
         self.quarantined = False

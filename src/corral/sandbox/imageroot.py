@@ -120,20 +120,21 @@ class ImageRoots:
         """The mount namespace bubblewrap joins (before it drops its privileges)."""
         return self._mnt_fd
 
-    async def build(self, lower: Path, uid: int, size: int) -> Path:
-        """A fresh root for the sandbox of range `uid` (its old one, if any, dropped): the merged directory."""
-        d = self.base / str(uid)
+    async def build(self, lower: Path, uid: int, size: int, name: str | None = None) -> Path:
+        """A fresh root for the sandbox of range `uid` (its old one of that name, if any, dropped): the
+        merged directory. `name` tells apart two roots of one sandbox (a spare for reset)."""
+        d = self.base / (name or str(uid))
         async with self._lock:
             await asyncio.to_thread(self._request, op="drop", dir=str(d))
             reply = await asyncio.to_thread(self._request, op="root", dir=str(d), lower=str(lower), size=size,
                                             uid=uid, storage=STORAGE_UID_BASE, range=ID_RANGE)
         return Path(reply["merged"])
 
-    async def drop(self, uid: int) -> None:
+    async def drop(self, uid: int, name: str | None = None) -> None:
         async with self._lock:
             if self._helper is not None and self._helper.poll() is None:
                 with contextlib.suppress(ImageRootError):
-                    await asyncio.to_thread(self._request, op="drop", dir=str(self.base / str(uid)))
+                    await asyncio.to_thread(self._request, op="drop", dir=str(self.base / (name or str(uid))))
 
     def close(self) -> None:
         for uid in list(self._slots):

@@ -17,21 +17,16 @@ event and ends the episode (`terminated` starts with "corral agent lost").
 
 from __future__ import annotations
 
-import array
 import asyncio
 import base64
 import collections
 import contextlib
-import functools
 import io
 import ipaddress
-import json
+import logging
 import os
-import resource
 import shlex
 import signal
-import socket
-import subprocess
 import tarfile
 import time
 from collections.abc import AsyncIterator, Callable
@@ -53,31 +48,22 @@ from corral.errors import (
     SessionError,
 )
 from corral.events import Event, EventKind, Verdict
-from corral.monitor.execwatch import ExecWatch, exec_filter_bpf
+from corral.monitor.execwatch import ExecWatch
 from corral.monitor.files import FileWatch
 from corral.monitor.provenance import Downloads
-from corral.net.netns import HOST_IP
-from corral.nsutil import CLONE_NEWNET, CLONE_NEWNS, setns
 from corral.sandbox import procs, transfer
-from corral.sandbox.agentrt import agent_runtime
 from corral.sandbox.boundary import INTERNAL_STEP, Boundary
 from corral.sandbox.cgroups import SandboxCgroup
-from corral.sandbox.imageroot import IMAGE_CAPS, user_namespace
+from corral.sandbox.deployment import Deployment
 from corral.sandbox.lifeline import AGENT_LOST
-from corral.sandbox.rootfs import agent_interpreter, root_mounts
-from corral.sandbox.seccomp import filter_fd
+from corral.sandbox.protocol import Reply
 
 if TYPE_CHECKING:
     from corral.net.netns import SandboxNet
     from corral.runtime import Runtime
 
-AGENT = Path(__file__).with_name("agent.py")
-AGENT_PATH = "/.corral-agent.py"  # where the agent's code appears inside a sandbox
-# Any DNS query leaves through corral's resolver (nftables redirects all UDP/53 there anyway).
-RESOLV_CONF = f"nameserver {HOST_IP}\noptions timeout:2 attempts:2\n".encode()
-HOSTS = b"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost\n"
 STDIN_CHUNK = 48 * 1024
-_UCRED = "iII"
+log = logging.getLogger("corral")
 
 
 @dataclass
@@ -220,18 +206,16 @@ class Sandbox(Boundary):
         self.cgroup: SandboxCgroup | None = None
         self.uid = 0
         self._seq = 0
-        self._proc: subprocess.Popen | None = None
-        self._sock: socket.socket | None = None
-        self._ready: asyncio.Future | None = None
+        self._dep: Deployment | None = None  # the running launch: root, processes, the agent's channel
+        self._spare: Deployment | None = None  # the next one, launched ahead for a fast reset
+        self._spare_task: asyncio.Task | None = None
+        self._retiring: set[asyncio.Task] = set()  # replaced deployments being reaped
+        self._launches = 0
         self._cmds: dict[str, _Cmd] = {}
         self._sessions: dict[str, Session] = {}
         self._steps: dict[int, _StepInfo] = {}
         self._next_id = 0
         self._session_waiters: dict[str, asyncio.Future] = {}
-        self.agent_hostpid: int | None = None
-        self._outbox: collections.deque[bytes] = collections.deque()
-        self._execwatch: ExecWatch | None = None
-        self._filewatch: FileWatch | None = None
         self._stage: _Stage | None = None
         self._stage_seq = 0
         self._tasks: set[asyncio.Task] = set()
@@ -247,7 +231,6 @@ class Sandbox(Boundary):
         # rate limit of datagram events; bounded, so a UDP sweep cannot grow it
         self._datagrams: Recent[tuple[int, str, int, str], float] = Recent(4096)
         self._downloads = Downloads()  # files curl/wget wrote here, to know them when they are run
-        self._writer = False
         self._open_steps: set[int] = set()  # begun and not yet returned: their cgroups stay
         self._session_seq = 0
         self._internal = 0  # corral's own commands in flight
@@ -264,7 +247,7 @@ class Sandbox(Boundary):
         return await rt.create(config, **kw)
 
     async def __aenter__(self) -> Sandbox:
-        if self._proc is None and not self.closed:
+        if self._dep is None and not self.closed:
             from corral.runtime import Runtime
 
             rt = self._runtime or await Runtime.default()
@@ -279,206 +262,160 @@ class Sandbox(Boundary):
         assert self._runtime is not None
         return self._runtime
 
+    # -- the deployment: what runs, and its monitors ---------------------------------------------
+    @property
+    def agent_hostpid(self) -> int | None:
+        return self._dep.agent_pid if self._dep is not None else None
+
+    @property
+    def _execwatch(self) -> ExecWatch | None:
+        return self._dep.execwatch if self._dep is not None else None
+
+    @property
+    def _filewatch(self) -> FileWatch | None:
+        return self._dep.filewatch if self._dep is not None else None
+
+    def _deployment(self, cgroup: SandboxCgroup | None) -> Deployment:
+        assert self.net is not None
+        self._launches += 1
+        name = str(self.uid) if self._launches == 1 else f"{self.uid}.{self._launches}"
+        return Deployment(self.id, self.config, self.runtime, self.net, cgroup, self.uid, name)
+
     async def _launch(self) -> None:
         """Start bubblewrap + the agent in our netns and cgroup; resolves when the agent is ready."""
-        assert self.net is not None
-        cfg, lim = self.config, self.config.limits
-        loop = asyncio.get_running_loop()
-        host_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        host_sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-        host_sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-        image = cfg.image is not None and cfg.rootfs is not None
-        userns_fd, mnt_fd = -1, -1
-        if image:
-            # the image's own root, writable, with a uid range (sandbox/imageroot.py): a user namespace of
-            # corral's making, entered by bwrap, whose root may change what is its own; nested user
-            # namespaces stay refused by corral's seccomp filter (bwrap's --disable-userns needs its own)
-            assert cfg.rootfs is not None
-            roots = self.runtime.image_roots
-            merged = await roots.build(cfg.rootfs, self.uid, lim.tmp_mb << 20)
-            userns_fd, mnt_fd = await asyncio.to_thread(user_namespace, self.uid), roots.mnt_fd
-            argv = ["bwrap", "--userns", str(userns_fd), "--uid", "0", "--gid", "0"]
-            caps = ["--cap-drop", "ALL", *(a for c in IMAGE_CAPS for a in ("--cap-add", c))]
-        else:
-            argv = ["bwrap", "--unshare-user", "--uid", "0", "--gid", "0"]
-            caps = ["--cap-drop", "ALL", "--disable-userns"]
-        seccomp = filter_fd()
-        argv += ["--unshare-pid", "--as-pid-1", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
-                 "--hostname", cfg.hostname, "--die-with-parent", *caps]
-        interpreter = agent_interpreter()
-        argv += ["--bind", str(merged), "/"] if image else root_mounts(cfg, self.runtime.masked_paths(), interpreter)
-        agent = [interpreter, "-I", "-S", AGENT_PATH]
-        if cfg.rootfs is not None:
-            # a root that is not the host's: the agent brings its own Python (sandbox/agentrt.py)
-            rt = agent_runtime(interpreter)
-            argv += rt.binds()
-            if os.path.lexists(cfg.rootfs / "etc/ld.so.preload"):
-                argv += ["--ro-bind", "/dev/null", "/etc/ld.so.preload"]  # no code of the root's in the agent
-            agent = rt.command(AGENT_PATH)
-        argv += ["--dev", "/dev", "--proc", "/proc"]
-        if cfg.gpu:
-            for dev in sorted(Path("/dev").glob("nvidia*")):
-                argv += ["--dev-bind", str(dev), str(dev)]
-        if not image:  # an image's /tmp and /root are its own, in its writable layer
-            argv += ["--size", str(lim.tmp_mb << 20), "--tmpfs", "/tmp", "--size", str(lim.tmp_mb << 20),
-                     "--tmpfs", "/root"]
-        # the image's User (not root) must be able to work in /workspace too
-        argv += [*(["--perms", "1777"] if image and cfg.run_as else []),
-                 "--size", str(lim.workspace_mb << 20), "--tmpfs", "/workspace"]
-        # The agent's code is copied in from a memfd: corral's install may sit where the
-        # sandbox's unprivileged uid cannot look (under /root, say).
-        data_fds = [_data_fd(_agent_source()), _data_fd(RESOLV_CONF), _data_fd(HOSTS)]
-        for fd, dest in zip(data_fds, (AGENT_PATH, "/etc/resolv.conf", "/etc/hosts"), strict=True):
-            argv += ["--perms", "0444", "--ro-bind-data", str(fd), dest]
-        argv += [*([] if image else ["--remount-ro", "/"]), "--chdir", "/workspace", "--seccomp", str(seccomp),
-                 "--", *agent]
-        base_env = {
-            "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-            "HOME": "/root", "USER": "root", "LANG": "C.UTF-8", "TERM": "xterm",
-            "SHELL": cfg.shell, "CORRAL_SANDBOX": self.id,
-        }
-        base_env.update(dict(cfg.env))
-        env = {"CORRAL_AGENT_ENV": json.dumps(base_env), "CORRAL_SHELL": cfg.shell, "CORRAL_WORKDIR": cfg.workdir,
-               **({"CORRAL_RUN_AS": cfg.run_as} if image and cfg.run_as else {}),
-               "CORRAL_SOCK_FD": str(child_sock.fileno()), "PATH": base_env["PATH"],
-               "CORRAL_EXEC_FILTER": base64.b64encode(exec_filter_bpf()).decode()}
-        cg_files = self.cgroup.procs_files() if self.cgroup else []
-        # RLIMIT_NPROC is per uid (each sandbox has its own): the limit without cgroups, a backstop with
-        nproc = lim.pids + 64 if self.cgroup else lim.pids + 8
-        netns_fd, uid = self.net.netns_fd, self.uid
-        nofile = lim.open_files
+        dep = self._deployment(self.cgroup)
+        await dep.start(self._on_reply, self._on_gone)
+        await self._activate(dep)
 
-        def preexec() -> None:  # runs in the forked child, before exec of bwrap
-            pid = str(os.getpid()).encode()
-            for f in cg_files:
-                fd = os.open(f, os.O_WRONLY)
-                os.write(fd, pid)
-                os.close(fd)
-            if mnt_fd >= 0:
-                setns(mnt_fd, CLONE_NEWNS)  # where the image root is mounted (while still root)
-            setns(netns_fd, CLONE_NEWNET)
-            resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
-            resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
-            resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-            os.setgroups([])
-            os.setresgid(uid, uid, uid)
-            os.setresuid(uid, uid, uid)
-
-        self._ready = loop.create_future()
-        try:
-            # In a worker thread: the child's preexec (a cgroup migration among it) takes
-            # milliseconds that the event loop, serving every other sandbox, should not wait out.
-            # A session of its own keeps a terminal's Ctrl-C away from the sandbox.
-            self._proc = await asyncio.to_thread(
-                subprocess.Popen, argv, env=env,
-                pass_fds=(child_sock.fileno(), seccomp, *data_fds, *([userns_fd] if userns_fd >= 0 else [])),
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                preexec_fn=preexec, start_new_session=True)
-        except FileNotFoundError:
-            raise IsolationUnavailable("bwrap not found; install bubblewrap (apt-get install bubblewrap)") from None
-        finally:
-            child_sock.close()
-            os.close(seccomp)
-            if userns_fd >= 0:
-                os.close(userns_fd)
-            for fd in data_fds:
-                os.close(fd)
-        self._sock = host_sock
-        host_sock.setblocking(False)
-        loop.add_reader(host_sock.fileno(), self._on_readable)
-        try:
-            self.agent_hostpid = await asyncio.wait_for(self._ready, 15)
-            if self._execwatch is None:
-                # Fail closed: a sandbox whose execs corral cannot see does not run at all.
-                await self._teardown_proc()
-                raise IsolationUnavailable(
-                    f"sandbox {self.id}: the exec monitor could not be installed (seccomp user "
-                    "notification needs Linux 5.5 or newer); run 'corral doctor'")
-            self._request_stage()
-            self._watch_files()
-        except (TimeoutError, SandboxClosed):
-            err = b""
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                await asyncio.to_thread(self._proc.wait, 2)
-            if self._proc.returncode is not None and self._proc.stderr:
-                err = self._proc.stderr.read()
-            await self._teardown_proc()
+    async def _activate(self, dep: Deployment) -> None:
+        """Make a ready deployment the sandbox's: its exec monitor on, its cgroup the sandbox's, the
+        next step's child staged, its files watched."""
+        if dep.notify_fd is None:
+            # Fail closed: a sandbox whose execs corral cannot see does not run at all.
+            await dep.stop()
             raise IsolationUnavailable(
-                f"sandbox {self.id} did not start: {err.decode(errors='replace').strip() or 'agent timed out'}; "
-                "run 'corral doctor' to see which isolation feature is missing"
-            ) from None
+                f"sandbox {self.id}: the exec monitor could not be installed (seccomp user "
+                "notification needs Linux 5.5 or newer); run 'corral doctor'")
+        share = self._runtime.config.budgets.loop_share if self._runtime is not None else None
+        fd, dep.notify_fd = dep.notify_fd, None
+        dep.execwatch = ExecWatch(fd, self._judge_exec, self._process_event, self._note_connect,
+                                  self._note_datagram, self._exec_degraded, share=share)
+        self._dep = dep
+        self.cgroup = dep.cgroup
+        self._request_stage()
+        self._watch_files()
 
     def _watch_files(self) -> None:
-        if self._runtime is None or self.agent_hostpid is None:
+        dep = self._dep
+        if self._runtime is None or dep is None or dep.agent_pid is None:
             return
         try:
-            self._filewatch = FileWatch(self.agent_hostpid, self.config.protected_paths, self._file_event,
-                                        self._runtime.emit)
+            dep.filewatch = FileWatch(dep.agent_pid, self.config.protected_paths, self._file_event,
+                                      self._runtime.emit)
         except OSError as e:
-            self._filewatch = None
             self._emit(Event(kind=EventKind.SANDBOX, action="degraded", sandbox_id=self.id,
                              reason=f"file monitoring unavailable: {e}"))
             return
-        if self._filewatch.fid_fd is None:
+        if dep.filewatch.fid_fd is None:
             self._emit(Event(kind=EventKind.SANDBOX, action="degraded", sandbox_id=self.id,
                              reason="deletions and renames of protected paths are not watched: fanotify's "
                                     f"file-handle mode is unavailable on kernel {os.uname().release} (it needs "
                                     "Linux >= 5.9 and file handles on the sandbox's tmpfs; run 'corral doctor')"))
 
-    async def _teardown_proc(self) -> None:
-        if self._filewatch is not None:
-            self._filewatch.close()
-            self._filewatch = None
-        if self._execwatch is not None:
-            self._execwatch.close()
-            self._execwatch = None
-        if self._sock is not None:
-            with contextlib.suppress(ValueError, OSError):
-                asyncio.get_running_loop().remove_reader(self._sock.fileno())
-                if self._writer:
-                    asyncio.get_running_loop().remove_writer(self._sock.fileno())
-            self._sock.close()
-            self._sock = None
-        self._outbox.clear()
-        self._writer = False
+    def _detach(self) -> Deployment | None:
+        """Forget the running deployment: its staged child, tasks, commands (failed now) and sessions."""
+        dep, self._dep = self._dep, None
         self._stage = None
         for task in list(self._tasks):
             task.cancel()
-        if self.cgroup:
-            await asyncio.to_thread(self.cgroup.kill)
-            # every step's and session's cgroup is empty now: the next episode starts with none
-            self.cgroup.live_steps(lambda _step: True)
-            self.cgroup.prune_sessions(set())
         self._internal_pids.clear()
-        if self._proc is not None:
-            with contextlib.suppress(ProcessLookupError):
-                self._proc.kill()
-            await asyncio.to_thread(self._proc.wait)
-            if self._proc.stderr:
-                self._proc.stderr.close()
-            self._proc = None
-        self.agent_hostpid = None
         for cmd in self._cmds.values():
             if not cmd.future.done():
                 cmd.future.set_exception(SandboxClosed(f"sandbox {self.id} was stopped while the command ran"))
         self._cmds.clear()
         self._sessions.clear()
+        return dep
+
+    async def _teardown_proc(self) -> None:
+        dep = self._detach()
+        if dep is not None:
+            await dep.stop()
+
+    # -- the spare: reset as a swap ------------------------------------------------------------------
+    def _want_spare(self) -> None:
+        """Launch the next deployment now, in the background, so the next reset only swaps it in. Only
+        for sandboxes that have been reset (an RL environment's, typically): others never pay for one."""
+        if (self.closed or self._spare is not None or self._spare_task is not None or self._runtime is None
+                or not self._runtime.config.reset_spare or self.net is None):
+            return
+        self._spare_task = asyncio.get_running_loop().create_task(self._launch_spare())
+
+    async def _launch_spare(self) -> None:
+        rt, dep = self.runtime, None
+        try:
+            cgroup = None
+            if self.cgroup is not None and rt.cgroups is not None:
+                cgroup = await asyncio.to_thread(rt.cgroups.sandbox, self.id, self.config.limits)
+            dep = self._deployment(cgroup)
+            await dep.start(self._on_reply, self._on_gone)
+            if self.closed or dep.notify_fd is None:
+                raise SandboxClosed("no longer wanted")
+            self._spare, dep = dep, None
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # the next reset relaunches instead, as without a spare
+            log.warning("sandbox %s: no spare for the next reset: %s", self.id, e)
+        finally:
+            self._spare_task = None
+            if dep is not None:
+                await asyncio.shield(dep.stop(remove_cgroup=True))
+
+    async def _drop_spare(self) -> None:
+        task, self._spare_task = self._spare_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        spare, self._spare = self._spare, None
+        if spare is not None:
+            await spare.stop(remove_cgroup=True)
+
+    def _retire(self, dep: Deployment) -> None:
+        """Reap a replaced deployment (its processes are already dead) off the reset's path."""
+        task = asyncio.get_running_loop().create_task(dep.stop(remove_cgroup=True))
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
 
     async def reset(self) -> None:
-        """Back to the initial workspace: every process killed, /workspace, /tmp and HOME fresh,
-        sessions gone, DNS memory cleared. The sandbox id, network and limits stay."""
+        """Back to the initial workspace: every process killed, /workspace, /tmp and HOME fresh (an
+        image's whole writable layer), sessions gone, DNS memory cleared. The sandbox id, network and
+        limits stay. From the second reset on, a spare launched meanwhile is swapped in: the reset
+        costs killing the old processes, not starting new ones."""
         self._check_open(allow_terminated=True)
         t0 = time.perf_counter()
         self.generation += 1  # before any await: containment in flight must see it
         self.first_step = self.step + 1
-        await self._teardown_proc()
+        spare, self._spare = self._spare, None
+        if spare is not None and (spare.stopped or spare.channel is None or not spare.channel.open):
+            self._retire(spare)
+            spare = None
+        old = self._detach()
+        if old is not None:
+            # nothing of the old episode may run once the new one can: killed before the swap
+            await (old.kill() if spare is not None else old.stop())
         self.terminated = None
         self.runtime.forget_dns(self)
         self._downloads.clear()  # the files are gone with the old workspace and /tmp
-        await self._launch()
+        if spare is not None:
+            if old is not None:
+                self._retire(old)
+            await self._activate(spare)
+        else:
+            await self._launch()
         await self._populate()
         self._emit(Event(kind=EventKind.SANDBOX, action="reset", sandbox_id=self.id,
-                         data={"duration": time.perf_counter() - t0}))
+                         data={"duration": time.perf_counter() - t0, "spare": spare is not None}))
+        self._want_spare()
 
     async def _populate(self) -> None:
         if self.config.workspace_template is not None:
@@ -490,7 +427,10 @@ class Sandbox(Boundary):
             return
         self.closed = True
         # a quarantined sandbox is not thawed first: its processes are killed where they stand
+        await self._drop_spare()
         await self._teardown_proc()
+        if self._retiring:
+            await asyncio.gather(*self._retiring, return_exceptions=True)
         if self._runtime is not None:
             await self._runtime.release(self)
         self._emit(Event(kind=EventKind.SANDBOX, action="closed", sandbox_id=self.id, step=self.step))
@@ -546,73 +486,29 @@ class Sandbox(Boundary):
             self._emit(Event(kind=EventKind.SANDBOX, action="episode_ended", sandbox_id=self.id,
                              episode_id=self.episode_id, step=self.step, reason=reason))
 
-    # -- agent protocol ----------------------------------------------------------------------------
+    # -- agent protocol (protocol.py, over the deployment's channel) ---------------------------------
     def _send(self, **msg: Any) -> None:
-        """Queue a message to the agent, in order; flushed now or as soon as the socket has room."""
-        if self._sock is None:
+        """Queue a request to the agent, in order; flushed now or as soon as the socket has room."""
+        if self._dep is None:
             raise SandboxClosed(f"sandbox {self.id} is not running")
-        self._outbox.append(json.dumps(msg, separators=(",", ":")).encode())
-        if len(self._outbox) == 1:
-            self._flush()
+        self._dep.send(msg)
 
-    def _flush(self) -> None:
-        sock = self._sock
-        if sock is None:
-            return
-        try:
-            while self._outbox:
-                sock.send(self._outbox[0])
-                self._outbox.popleft()
-        except BlockingIOError:
-            if not self._writer:
-                asyncio.get_running_loop().add_writer(sock.fileno(), self._flush)
-                self._writer = True
-            return
-        except (BrokenPipeError, ConnectionResetError):
-            self._outbox.clear()
-            raise SandboxClosed(f"sandbox {self.id}: its agent died; close it and create a new one") from None
-        if self._writer:
-            asyncio.get_running_loop().remove_writer(sock.fileno())
-            self._writer = False
-
-    def _on_readable(self) -> None:
-        sock = self._sock
-        if sock is None:
-            return
-        for _ in range(64):
-            try:
-                data, anc, _, _ = sock.recvmsg(1 << 20, socket.CMSG_SPACE(struct_size()) + socket.CMSG_SPACE(16))
-            except BlockingIOError:
-                return
-            except OSError:
-                data = b""
-            if not data:
-                self._agent_gone()
-                return
-            hostpid = None
-            fds: list[int] = []
-            for level, typ, payload in anc:
-                if level == socket.SOL_SOCKET and typ == socket.SCM_CREDENTIALS:
-                    hostpid = array.array("i", payload[:4])[0]
-                elif level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
-                    fds.extend(array.array("i", payload[: len(payload) - len(payload) % 4]))
-            msg = json.loads(data)
-            if fds:
-                if msg.get("op") == "ready" and self._execwatch is None:
-                    share = self._runtime.config.budgets.loop_share if self._runtime is not None else None
-                    self._execwatch = ExecWatch(fds.pop(0), self._judge_exec, self._process_event,
-                                                self._note_connect, self._note_datagram, self._exec_degraded,
-                                                share=share)
-                for fd in fds:
-                    os.close(fd)
+    def _on_reply(self, dep: Deployment, msg: Reply, hostpid: int | None, fds: list[int]) -> None:
+        for fd in fds:  # only `ready` carries one, and the deployment keeps that
+            os.close(fd)
+        if dep is self._dep:
             self._dispatch(msg, hostpid)
 
-    def _dispatch(self, msg: dict, hostpid: int | None) -> None:
+    def _on_gone(self, dep: Deployment, why: str) -> None:
+        if dep is self._dep:
+            self._agent_gone()
+        elif dep is self._spare:  # the next reset relaunches instead
+            self._spare = None
+            self._retire(dep)
+
+    def _dispatch(self, msg: Any, hostpid: int | None) -> None:
         op = msg["op"]
-        if op == "ready":
-            if self._ready is not None and not self._ready.done():
-                self._ready.set_result(hostpid)
-        elif op == "spawned":
+        if op == "spawned":
             self._on_spawned(msg["id"], hostpid)
         elif op == "out":
             cmd = self._cmds.get(msg["id"])
@@ -649,7 +545,7 @@ class Sandbox(Boundary):
 
     # -- staged children: the next step's process, already in its cgroup -------------------------------
     def _request_stage(self) -> None:
-        if self._sock is None or self.closed:
+        if self._dep is None or self.closed:
             return
         self._stage_seq += 1
         self._stage = _Stage(f"stage:{self._stage_seq}")
@@ -1087,7 +983,8 @@ class Sandbox(Boundary):
         if self.cgroup is not None:
             staged = self._stage.pid if self._stage else None
             return [p for p in self.cgroup.pids() if p != staged]
-        return procs.descendants(self._proc.pid) if self._proc else []
+        proc = self._dep.proc if self._dep is not None else None
+        return procs.descendants(proc.pid) if proc else []
 
     def _note_connect(self, pid: int, ip: str, port: int, inode: int | None = None) -> float:
         """A TCP connect() that will proceed (the watcher keeps none that fail at once), with its
@@ -1317,22 +1214,3 @@ class Sandbox(Boundary):
         if self._runtime is not None:
             return self._runtime.emit(ev)
         return None
-
-
-@functools.cache
-def _agent_source() -> bytes:
-    return AGENT.read_bytes()
-
-
-def _data_fd(data: bytes) -> int:
-    """A memfd holding data, for bwrap's --ro-bind-data (needs no host path the sandbox can see)."""
-    fd = os.memfd_create("corral-data", os.MFD_CLOEXEC)
-    os.write(fd, data)
-    os.lseek(fd, 0, os.SEEK_SET)
-    return fd
-
-
-def struct_size() -> int:
-    import struct
-
-    return struct.calcsize(_UCRED)

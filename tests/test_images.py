@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from corral.images import ImageError, ImageStore, source_of
+from tests.conftest import eventually
 
 TOOLS = ("skopeo", "umoci", "docker-registry")
 pytestmark = pytest.mark.skipif(any(shutil.which(t) is None for t in TOOLS),
@@ -603,3 +604,32 @@ async def test_an_image_s_symlinked_mount_points_are_not_followed_onto_the_host(
     finally:
         await sb.close()
     assert list(target.iterdir()) == []  # nothing of the sandbox's on the host
+
+
+@pytest.mark.asyncio
+async def test_an_image_sandbox_reset_by_swap_discards_its_layer_and_leaves_one_root(runtime, busybox_layout):
+    """From the second reset on, an image sandbox's reset swaps in a spare deployment: its own fresh
+    writable layer. The old layer is dropped; at any time a sandbox has its root and at most a spare's."""
+    from corral import SandboxConfig
+
+    sb = await runtime.create(SandboxConfig(image=f"oci:{busybox_layout}:1"))
+    base = runtime.image_roots.base
+    try:
+        await sb.reset()
+        await eventually(lambda: sb._spare is not None, "the spare", timeout=30)
+        spare_root = base / sb._spare.root_name
+        assert spare_root.exists() and sb._spare.root_name != sb._dep.root_name
+        r = await sb.exec("mkdir -p /usr && echo changed > /usr/marker && echo 'eve:x:1001:1001::/:/bin/sh' >> /etc/passwd && echo ok")
+        assert r.stdout == "ok\n", r.stderr
+        old_root = base / sb._dep.root_name
+        await sb.reset()
+        assert sb._dep.root_name == spare_root.name
+        r = await sb.exec("cat /usr/marker 2>&1; grep -c eve /etc/passwd")
+        assert "No such file" in r.stdout and r.stdout.strip().endswith("0"), r.stdout
+        await eventually(lambda: not old_root.exists(), "the old layer to be dropped")
+        await eventually(lambda: sb._spare is not None, "the next spare", timeout=30)
+        mine = {p.name for p in base.iterdir() if p.name.split(".")[0] == str(sb.uid)}
+        assert mine == {sb._dep.root_name, sb._spare.root_name}, mine
+    finally:
+        await sb.close()
+    assert not [p for p in base.iterdir() if p.name.split(".")[0] == str(sb.uid)]

@@ -1,0 +1,124 @@
+"""Every child the agent forks is placed in its cgroup (its step's, or its session's) before it may
+run: the kernel then knows which command started each process. The next step's child is forked and
+placed ahead of time ("staged"), so a command starts without waiting for a cgroup migration (which
+takes ~10 ms on cgroup v1)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from corral.errors import SandboxClosed, SessionError
+from corral.sandbox.boundary import INTERNAL_STEP
+
+if TYPE_CHECKING:
+    from corral.sandbox.sandbox import Sandbox
+
+@dataclass
+class _Stage:
+    key: str
+    pid: int | None = None
+    step: int | None = None  # set once the child sits in this step's cgroup
+
+
+
+class Placement:
+    """Mixed into Sandbox (whose state it uses); kept apart because it is one job."""
+
+    # -- staged children: the next step's process, already in its cgroup -------------------------------
+    def _request_stage(self: Sandbox) -> None:
+        if self._dep is None or self.closed:
+            return
+        self._stage_seq += 1
+        self._stage = _Stage(f"stage:{self._stage_seq}")
+        with contextlib.suppress(SandboxClosed):
+            self._send(op="stage", id=self._stage.key)
+
+    async def _place_stage(self: Sandbox, stage: _Stage) -> None:
+        """Move a staged child into the next step's cgroup, off the critical path (a v1 cgroup
+        migration can take ~10 ms); again if another command took that step number meanwhile."""
+        try:
+            while self._stage is stage and stage.pid:
+                target = self.step + 1
+                if self.cgroup is not None:
+                    await asyncio.to_thread(self.cgroup.move, stage.pid, target)
+                if self._stage is stage and self.step + 1 == target:
+                    stage.step = target
+                    return
+        except OSError:
+            if self._stage is stage:
+                self._stage = None
+                with contextlib.suppress(SandboxClosed):
+                    self._send(op="kill", id=stage.key, sig=signal.SIGKILL)
+                self._request_stage()
+
+    def _restage(self: Sandbox, step: int) -> None:
+        """A session command took the step a staged child sits in: place the child again, for the
+        step after (else it would idle in a step that is not its own, and never be used)."""
+        st = self._stage
+        if st is not None and st.step == step:
+            st.step = None
+            task = asyncio.get_running_loop().create_task(self._place_stage(st))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def _take_stage(self: Sandbox, step: int) -> _Stage | None:
+        st = self._stage
+        if st is None or st.step != step:
+            return None
+        self._stage = None
+        asyncio.get_running_loop().call_soon(self._request_stage)  # after this step's exec message
+        return st
+
+    def _on_spawned(self: Sandbox, key: str, hostpid: int | None) -> None:
+        step = INTERNAL_STEP
+        if key.startswith("stage:"):
+            if self._stage is not None and self._stage.key == key and hostpid:
+                self._stage.pid = hostpid
+                task = asyncio.get_running_loop().create_task(self._place_stage(self._stage))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+            return
+        waiter = None
+        session = None
+        if key.startswith("s:"):
+            s = self._sessions.get(key[2:])
+            if s is not None:
+                s.hostpid = hostpid
+                session = s.index
+            waiter = self._session_waiters.pop(key, None)
+        else:
+            cmd = self._cmds.get(key)
+            if cmd is not None:
+                cmd.hostpid = hostpid
+                step = cmd.step
+                if step == INTERNAL_STEP and hostpid:
+                    self._internal_pids.add(hostpid)
+        task = asyncio.get_running_loop().create_task(self._admit(key, hostpid, step, waiter, session))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _admit(self: Sandbox, key: str, hostpid: int | None, step: int, waiter: asyncio.Future | None,
+                     session: int | None = None) -> None:
+        """Place a newly announced child in its step's cgroup (a session shell: in its session's),
+        then let it run (and only then tell a waiting create_session)."""
+        if self.cgroup is not None and hostpid:
+            try:
+                if session is not None:
+                    await asyncio.to_thread(self.cgroup.move_to_session, hostpid, session)
+                else:
+                    await asyncio.to_thread(self.cgroup.move, hostpid, step)
+            except OSError as e:
+                # Never let an unaccounted process run: refuse to start it.
+                with contextlib.suppress(SandboxClosed):
+                    self._send(op="kill", id=key, sig=signal.SIGKILL)
+                if waiter is not None and not waiter.done():
+                    waiter.set_exception(SessionError(f"cannot account the session shell to a cgroup: {e}"))
+                return
+        with contextlib.suppress(SandboxClosed):
+            self._send(op="go", id=key)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(hostpid)

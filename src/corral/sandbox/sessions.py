@@ -1,0 +1,105 @@
+"""Sessions: persistent shells whose cwd, environment and shell state carry over between commands.
+Between commands a session's shell waits in a cgroup of its own; during one, in the step's."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from corral.errors import SandboxClosed, SessionError
+
+if TYPE_CHECKING:
+    from corral.sandbox.sandbox import ExecResult, OutputChunk, Sandbox
+
+class Session:
+    """A persistent shell: cwd, environment and shell state carry over between commands."""
+
+    def __init__(self, sandbox: Sandbox, name: str) -> None:
+        self.sandbox = sandbox
+        self.name = name
+        self.hostpid: int | None = None
+        self.alive = True
+        self.index = 0  # its cgroup between commands: session-<index>
+        self.last_step: int | None = None  # what it forks while idle belongs to its last command
+        self.interactive = False  # see Sandbox.create_session
+
+    async def run(self, cmd: str, *, timeout: float | None = None, **kw: Any) -> ExecResult:
+        return await self.sandbox.run_in_session(self.name, cmd, timeout=timeout, **kw)
+
+    async def close(self) -> None:
+        await self.sandbox.close_session(self.name)
+
+
+class Sessions:
+    """Mixed into Sandbox (whose state it uses); kept apart because it is one job."""
+
+    # -- sessions ----------------------------------------------------------------------------------
+    async def create_session(self: Sandbox, name: str = "default", *, env: dict[str, str] | None = None,
+                             cwd: str | None = None, interactive: bool = False, user: str | None = None) -> Session:
+        """A persistent shell. `interactive`: bash as a terminal runs it, as ROCK's sessions are: a
+        background job is announced ("[1] <pid>") and each command's stderr is merged into its stdout
+        in the order written (ExecResult.stderr stays empty). `user`: run the shell as this user of the
+        sandbox's own /etc/passwd (an image sandbox only: others have one user)."""
+        self._check_open()
+        if user is not None and self.config.image is None:
+            raise SessionError(f"session user {user!r}: only an image sandbox has users of its own; "
+                               "run the sandbox on an image (SandboxConfig.image)")
+        if user is not None:
+            passwd = (await self.read_file("/etc/passwd")).decode(errors="replace")
+            if not any(line.split(":", 1)[0] == user for line in passwd.splitlines()):
+                raise SessionError(f"no user {user!r} in sandbox {self.id}'s /etc/passwd; add it first "
+                                   f"(useradd -m {user})")
+        if name in self._sessions and self._sessions[name].alive:
+            raise SessionError(f"session {name!r} already exists in sandbox {self.id}; close it first")
+        s = Session(self, name)
+        s.interactive = interactive
+        self._session_seq += 1
+        s.index = self._session_seq
+        self._sessions[name] = s
+        key = f"s:{name}"
+        waiter = asyncio.get_running_loop().create_future()
+        self._session_waiters[key] = waiter
+        self._send(op="session_new", id=key, env=env, cwd=cwd, shell=self.config.shell, interactive=interactive,
+                   user=user)
+        await asyncio.wait_for(waiter, 10)
+        return s
+
+    async def run_in_session(self: Sandbox, name: str, cmd: str, *, timeout: float | None = None,
+                             env: dict[str, str] | None = None, cwd: str | None = None,
+                             on_output: Callable[[OutputChunk], None] | None = None,
+                             max_output: int | None = None, tool_call_id: str | None = None) -> ExecResult:
+        self._check_open()
+        s = self._sessions.get(name)
+        if s is None or not s.alive:
+            raise SessionError(f"no running session {name!r} in sandbox {self.id}; call create_session({name!r})")
+        step = self._begin_step(cmd, name, tool_call_id, False)
+        s.last_step = step
+        self._restage(step)
+        try:
+            if (refusal := self._precheck(cmd, step, session=name)) is not None:
+                return refusal
+            if self.cgroup is not None and s.hostpid:
+                # The shell joins this step's cgroup, so what it forks for this command belongs to it.
+                await asyncio.to_thread(self.cgroup.move, s.hostpid, step)
+            limit = max_output or self.config.limits.output_bytes
+            c = self._register(step, limit, on_output, session=name)
+            msg = {"op": "session_run", "id": c.id, "sid": f"s:{name}", "cmd": cmd, "env": env, "cwd": cwd,
+                   "max_output": limit, "merge": s.interactive}
+            return await self._run(c, cmd, msg, timeout, session=name, internal=False, tool_call_id=tool_call_id)
+        finally:
+            self._open_steps.discard(step)
+            if self.cgroup is not None and s.hostpid and s.alive and self._sessions.get(name) is s:
+                # back to its own cgroup: nothing it forks between commands joins a finished step
+                with contextlib.suppress(OSError):  # the shell is gone (killed with a timed-out command)
+                    await asyncio.to_thread(self.cgroup.move_to_session, s.hostpid, s.index)
+
+    async def close_session(self: Sandbox, name: str) -> None:
+        s = self._sessions.pop(name, None)
+        if s is not None and s.alive:
+            with contextlib.suppress(SandboxClosed):
+                self._send(op="session_close", id=f"s:{name}")
+
+    def sessions(self: Sandbox) -> list[str]:
+        return [n for n, s in self._sessions.items() if s.alive]

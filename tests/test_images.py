@@ -619,7 +619,8 @@ async def test_an_image_sandbox_reset_by_swap_discards_its_layer_and_leaves_one_
         await eventually(lambda: sb._spare is not None, "the spare", timeout=30)
         spare_root = base / sb._spare.root_name
         assert spare_root.exists() and sb._spare.root_name != sb._dep.root_name
-        r = await sb.exec("mkdir -p /usr && echo changed > /usr/marker && echo 'eve:x:1001:1001::/:/bin/sh' >> /etc/passwd && echo ok")
+        r = await sb.exec("mkdir -p /usr && echo changed > /usr/marker && "
+                          "echo 'eve:x:1001:1001::/:/bin/sh' >> /etc/passwd && echo ok")
         assert r.stdout == "ok\n", r.stderr
         old_root = base / sb._dep.root_name
         await sb.reset()

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import importlib.util
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Annotated
 
@@ -90,18 +90,20 @@ def _tokens(token: str | Sequence[str] | Mapping[str, str]) -> dict[str, str]:
     return out
 
 
-def create_app(config: ServeConfig | RuntimeConfig, token: str | Sequence[str] | Mapping[str, str]) -> FastAPI:
+def create_app(config: ServeConfig | RuntimeConfig, token: str | Sequence[str] | Mapping[str, str], *,
+               runtime_factory: Callable[[RuntimeConfig], Runtime] = Runtime) -> FastAPI:
     """The service's app. `config`: a ServeConfig (or just a RuntimeConfig, everything else default).
     `token`: one token, several (one tenant each) or {token: tenant name}. The corral Runtime is
-    created and started in the app's lifespan, on the server's event loop, and closed with every
-    sandbox when the server shuts down (SIGTERM or Ctrl-C under uvicorn)."""
+    created (by `runtime_factory`: a FakeRuntime in logic tests) and started in the app's lifespan,
+    on the server's event loop, and closed with every sandbox when the server shuts down (SIGTERM or
+    Ctrl-C under uvicorn)."""
     if isinstance(config, RuntimeConfig):
         config = ServeConfig(runtime=config)
     srv = _Server(config, _tokens(token))
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        srv.runtime = Runtime(config.runtime_config())  # token and config files hidden from sandboxes
+        srv.runtime = runtime_factory(config.runtime_config())  # token and config files hidden from sandboxes
         await srv.runtime.start()
         reaper = asyncio.get_running_loop().create_task(srv.reap_idle())
         try:

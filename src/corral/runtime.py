@@ -46,6 +46,7 @@ log = logging.getLogger("corral")
 # a finding waits for its commit only behind a short backlog, and only so long (see emit)
 FINDING_WAIT_BACKLOG = 256
 FINDING_WAIT_S = 0.2
+REFILL_DELAY = 0.2  # seconds between taking a pooled sandbox and starting its replacement
 # events of blockable kinds that report what already happened: nothing left to refuse
 _AFTER_THE_FACT = frozenset({"close", "exit", "connect_failed", "refused", "sample", "malformed", "start"})
 
@@ -509,6 +510,9 @@ class Runtime:
 
         async def refill() -> None:
             try:
+                # a moment later: the taken sandbox's first command then runs without a launch (two
+                # processes starting, a cgroup migration) competing with it for the CPU
+                await asyncio.sleep(REFILL_DELAY)
                 self._pool.setdefault(config, []).append(await self._pooled(config))
             finally:
                 self._building[config] -= 1

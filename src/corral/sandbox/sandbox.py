@@ -59,6 +59,7 @@ if TYPE_CHECKING:
     from corral.runtime import Runtime
 
 STDIN_CHUNK = 48 * 1024
+SPARE_DELAY = 0.2  # seconds from a reset to launching the next spare
 log = logging.getLogger("corral")
 
 
@@ -283,6 +284,9 @@ class Sandbox(Boundary, Placement, Sessions, Files, Attribution):
     async def _launch_spare(self) -> None:
         rt, dep = self.runtime, None
         try:
+            # a moment later: the new episode's first command then runs without a launch competing
+            # with it for the CPU (a reset again before then relaunches, as without a spare)
+            await asyncio.sleep(SPARE_DELAY)
             cgroup = None
             if self.cgroup is not None and rt.cgroups is not None:
                 cgroup = await asyncio.to_thread(rt.cgroups.sandbox, self.id, self.config.limits)

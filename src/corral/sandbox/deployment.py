@@ -21,16 +21,18 @@ import json
 import os
 import resource
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from corral.config import SandboxConfig
-from corral.errors import IsolationUnavailable, SandboxClosed
+from corral.errors import IsolationUnavailable, SandboxClosed, SandboxError
 from corral.monitor.execwatch import exec_filter_bpf
 from corral.net.netns import HOST_IP
 from corral.nsutil import CLONE_NEWNET, CLONE_NEWNS, setns
 from corral.sandbox.agentrt import agent_runtime
+from corral.sandbox.boundary import KILL_DEADLINE
 from corral.sandbox.channel import AgentChannel
 from corral.sandbox.imageroot import IMAGE_CAPS, user_namespace
 from corral.sandbox.protocol import Reply
@@ -245,7 +247,16 @@ class Deployment:
         if self.channel is not None:
             self.channel.close()
         if self.cgroup is not None:
-            await asyncio.to_thread(self.cgroup.kill)
+            deadline = time.monotonic() + KILL_DEADLINE
+            while True:
+                await asyncio.to_thread(self.cgroup.kill)
+                left = self.cgroup.pids()
+                if not left:
+                    break
+                if time.monotonic() > deadline:  # never let a next episode start beside them
+                    raise SandboxError(f"sandbox {self.sandbox_id}: {len(left)} process(es) survived "
+                                       f"{KILL_DEADLINE:g}s of SIGKILL (host pids {left[:8]}); close the sandbox")
+                await asyncio.sleep(0.01)
             # every step's and session's cgroup is empty now: the next episode starts with none
             self.cgroup.live_steps(lambda _step: True)
             self.cgroup.prune_sessions(set())

@@ -341,9 +341,14 @@ class Sandbox(Boundary, Placement, Sessions, Files, Attribution):
             self._retire(spare)
             spare = None
         old = self._detach()
-        if old is not None:
-            # nothing of the old episode may run once the new one can: killed before the swap
-            await (old.kill() if spare is not None else old.stop())
+        try:
+            if old is not None:
+                # nothing of the old episode may run once the new one can: killed before the swap
+                await (old.kill() if spare is not None else old.stop())
+        except BaseException:
+            if spare is not None:
+                self._retire(spare)
+            raise
         self.terminated = None
         self.runtime.forget_dns(self)
         self._downloads.clear()  # the files are gone with the old workspace and /tmp

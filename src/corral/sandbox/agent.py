@@ -365,11 +365,12 @@ class Agent:
         cwd = msg.get("cwd")
         cd = f"cd {_shquote(cwd)} && " if cwd else ""
         env = "".join(f"export {k}={_shquote(v)}; " for k, v in (msg.get("env") or {}).items())
-        # eval of a quoted heredoc: a syntax error in the command is an error, never a hung shell;
+        # eval of the command as one quoted word: a syntax error in it is an error, never a hung shell,
+        # and no program runs but the command's own (a heredoc needed `cat`, an exec per command);
         # </dev/null keeps commands from reading (and eating) the session's own command stream.
         # merge: stderr into stdout, in the order written (as a terminal shows them)
         script = (
-            f"{env}{{ {cd}eval \"$(cat <<'__CORRAL_EOF_{nonce}'\n{msg['cmd']}\n__CORRAL_EOF_{nonce}\n)\"\n"
+            f"{env}__corral_cmd={_shquote(msg['cmd'])}\n{{ {cd}eval \"$__corral_cmd\"\n"
             f"}} </dev/null{' 2>&1' if msg.get('merge') else ''}\n"
             f"__corral_rc=$?; printf '\\036__CORRAL_{nonce}__%d\\n' \"$__corral_rc\"; "
             f"printf '\\036__CORRAL_{nonce}__\\n' >&2\n"

@@ -105,7 +105,7 @@ def allow(*rules: str, **limits) -> SandboxConfig:
 
 def add_rule(monkeypatch, ruleset, rule) -> None:
     """A rule made in the test, judged beside the shipped ones for the test's duration (in the full
-    list and in the detector's per-kind index, which `rule.kinds` selects: None for every kind)."""
+    list and in the detector's per-kind index, which `rule.scope` selects: None for every event)."""
     active = ruleset.active
     monkeypatch.setattr(ruleset, "active", lambda: [*active(), rule])
     # the per-kind index is built from active() on first use: a fresh one for the test's duration, so

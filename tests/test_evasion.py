@@ -341,7 +341,7 @@ async def test_exec_is_refused_when_a_rule_raises_on_it(sb_factory, runtime, mon
             raise ValueError("cannot judge this")
         return False
 
-    bomb = dataclasses.replace(model, id="test-raising-rule", pred=broken, enabled=True, threshold=None, kinds=None)
+    bomb = dataclasses.replace(model, id="test-raising-rule", pred=broken, enabled=True, threshold=None, scope=None)
     add_rule(monkeypatch, ruleset, bomb)
     # the command line names the marker only through a variable: its pre-run check is judged (a
     # command the raising rule trips itself is refused outright, below), the exec is what trips it
@@ -371,7 +371,7 @@ async def test_connection_and_lookup_are_refused_when_a_rule_raises_on_them(sb_f
         return False
 
     bomb = dataclasses.replace(model, id="test-raising-net-rule", pred=broken, enabled=True, threshold=None,
-                               kinds=None)
+                               scope=None)
     add_rule(monkeypatch, ruleset, bomb)
     r = await sb.exec(py(
         "import socket\ntry:\n    s = socket.create_connection(('198.51.100.30', 7), timeout=5)\n"
@@ -430,7 +430,7 @@ async def test_argv_rewritten_after_corral_read_it_is_judged_again(sb_factory, r
         return get("evt.kind") == "process" and any("forbidden-arg" in a for a in get("proc.argv") or [])
 
     rule = dataclasses.replace(model, id="test-forbidden-arg", pred=forbidden, enabled=True, threshold=None,
-                               kinds=frozenset({"process"}))
+                               scope=frozenset({("process", "exec")}))
     add_rule(monkeypatch, ruleset, rule)
     r = await sb.exec(py(ARGV_RACE), timeout=240)
     counts = dict(eval(r.stdout))  # exit status -> how many tries

@@ -125,16 +125,28 @@ def test_event_kinds_of_a_condition_over_approximate():
         assert event_kinds(text, macros) is None, text
 
 
+def test_event_scope_pairs_kinds_with_actions():
+    from corral.detect.condition import event_scope
+
+    macros = {"spawned": "evt.kind = process and evt.action = exec", "pre": "evt.kind = command and evt.action = check",
+              "runs": "spawned or pre"}
+    assert event_scope("runs and proc.name = x", macros) == {("process", "exec"), ("command", "check")}
+    assert event_scope("evt.action in (a, b)", macros) == {(None, "a"), (None, "b")}
+    assert event_scope("spawned and evt.action = exit", macros) == frozenset()  # can match nothing
+    assert event_scope("evt.kind = dns or not evt.action = query", macros) is None
+
+
 def test_the_kind_index_never_changes_a_judgement():
-    """Every shipped rule judges an event of every kind the same with and without the index that
-    skips rules which cannot match that kind."""
+    """Every shipped rule judges an event of every kind and action the same with and without the
+    index that skips rules which cannot match that kind and action."""
     d = Detector()
     argvs = [["true"], ["xmrig", "-o", "pool.example:3333"], ["ln", "-s", "/dev/null", "/workspace/tests"],
              ["ssh", "-R", "2222:127.0.0.1:22", "t@203.0.113.7"], ["sh", "-c", "echo x > /proc/1/fd/0"]]
     events = []
     for kind in EventKind:
         for argv in argvs:
-            for action in ("exec", "check", "connect", "query", "write", "close", "degraded"):
+            for action in ("exec", "check", "connect", "query", "write", "close", "degraded", "start", "exit",
+                           "sample", "refused"):
                 events.append(Event(kind=kind, action=action, sandbox_id="sb", step=1, argv=argv,
                                     exe="/usr/bin/" + argv[0], command=" ".join(argv), name="xmr-eu1.nanopool.org",
                                     dst_ip="203.0.113.5", dst_port=3333, protocol="stratum",
@@ -144,7 +156,7 @@ def test_the_kind_index_never_changes_a_judgement():
 
     kinds_matched = set()
     for ev in events:
-        indexed = {r.id for r in d.ruleset.active_for(str(ev.kind))}
+        indexed = {r.id for r in d.ruleset.active_for(str(ev.kind), ev.action)}
         for rule in d.ruleset.active():
             try:
                 matched = bool(rule.pred(getter(ev)))

@@ -264,12 +264,24 @@ def _eq(v: Any, rhs: Any) -> bool:
     return str(v) == str(rhs)
 
 
+Scope = frozenset[tuple[str | None, str | None]] | None  # (kind, action) pairs, None: any; None: anything
+
+
 def event_kinds(text: str, macros: Mapping[str, str],
                 lists: Mapping[str, list[Any]] | None = None) -> frozenset[str] | None:
-    """The event kinds a condition can match at most (None: any kind), read from its `evt.kind = X`
-    and `evt.kind in (...)` terms through its macros. An over-approximation, so the detector may skip
-    a rule for an event of any other kind without changing a single judgement: `and` intersects,
-    `or` unites, and `not` or anything else says nothing. Call on a condition that compiles."""
+    """The event kinds a condition can match at most (None: any kind); see event_scope."""
+    scope = event_scope(text, macros, lists)
+    if scope is None or any(k is None for k, _ in scope):
+        return None
+    return frozenset(k for k, _ in scope if k is not None)
+
+
+def event_scope(text: str, macros: Mapping[str, str], lists: Mapping[str, list[Any]] | None = None) -> Scope:
+    """The (kind, action) pairs of the events a condition can match at most (None: any event; None in
+    a pair: any kind or action), read from its `evt.kind` and `evt.action` terms (`=` and `in`) through
+    its macros. An over-approximation, so the detector may skip a rule for any other event without
+    changing a single judgement: `and` intersects, `or` unites, and `not` or anything else says
+    nothing. Call on a condition that compiles."""
     toks = tokenize(text)
     pos = 0
 
@@ -281,41 +293,51 @@ def event_kinds(text: str, macros: Mapping[str, str],
         pos += 1
         return toks[pos - 1]
 
-    def either(a: frozenset[str] | None, b: frozenset[str] | None) -> frozenset[str] | None:
+    def either(a: Scope, b: Scope) -> Scope:
         return None if a is None or b is None else a | b
 
-    def both(a: frozenset[str] | None, b: frozenset[str] | None) -> frozenset[str] | None:
-        return b if a is None else a if b is None else a & b
+    def meet(x: str | None, y: str | None) -> tuple[bool, str | None]:
+        return (True, y) if x is None else (True, x) if y is None or y == x else (False, None)
 
-    def chain(word: str, sub: Callable[[], frozenset[str] | None],
-              combine: Callable[[frozenset[str] | None, frozenset[str] | None], frozenset[str] | None]):
+    def both(a: Scope, b: Scope) -> Scope:
+        if a is None or b is None:
+            return b if a is None else a
+        out = set()
+        for ka, aa in a:
+            for kb, ab in b:
+                (ok1, k), (ok2, act) = meet(ka, kb), meet(aa, ab)
+                if ok1 and ok2:
+                    out.add((k, act))
+        return frozenset(out)
+
+    def chain(word: str, sub: Callable[[], Scope], combine: Callable[[Scope, Scope], Scope]) -> Scope:
         out = sub()
         while peek() == ("word", word):
             take()
             out = combine(out, sub())
         return out
 
-    def or_() -> frozenset[str] | None:
+    def or_() -> Scope:
         return chain("or", and_, either)
 
-    def and_() -> frozenset[str] | None:
+    def and_() -> Scope:
         return chain("and", not_, both)
 
-    def not_() -> frozenset[str] | None:
+    def not_() -> Scope:
         if peek() == ("word", "not"):
             take()
             not_()
             return None
         return atom()
 
-    def atom() -> frozenset[str] | None:
+    def atom() -> Scope:
         kind, value = take()
         if (kind, value) == ("punct", "("):
             inner = or_()
             take()  # ")"
             return inner
         if value in macros:
-            return event_kinds(macros[value], macros, lists)
+            return event_scope(macros[value], macros, lists)
         tok = peek()
         if tok is None or not (tok[0] == "op" or (tok[0] == "word" and tok[1] in OPS)):
             return None  # a bare field: truthiness says nothing about the kind
@@ -330,8 +352,11 @@ def event_kinds(text: str, macros: Mapping[str, str],
                     items.append(t[1])
         else:
             items.append(take()[1])
+        values = [str(x) for i in items for x in (lists or {}).get(i, [i])]
         if value == "evt.kind" and op in ("=", "in"):
-            return frozenset(str(x) for i in items for x in (lists or {}).get(i, [i]))
+            return frozenset((v, None) for v in values)
+        if value == "evt.action" and op in ("=", "in"):
+            return frozenset((None, v) for v in values)
         return None
 
     return or_()

@@ -55,8 +55,9 @@ class Detector:
     def evaluate(self, ev: Event) -> Judgement:
         get = getter(ev)
         j = Judgement()
-        # only the rules that can match this kind of event: a process exec is not judged by DNS rules
-        for rule in self.ruleset.active_for(str(ev.kind)):
+        # only the rules that can match this kind and action: a process exec is not judged by DNS
+        # rules, nor a command's exit by the rules of command checks
+        for rule in self.ruleset.active_for(str(ev.kind), ev.action):
             assert rule.pred is not None
             try:
                 if not rule.pred(get):

@@ -16,7 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from corral.detect.condition import Compiler, ConditionError, Pred, event_kinds
+from corral.detect.condition import Compiler, ConditionError, Pred, Scope, event_scope
 from corral.detect.fields import NAMES
 from corral.errors import ConfigError
 from corral.events import Severity
@@ -85,7 +85,7 @@ class Rule:
     enabled: bool
     source: str
     pred: Pred | None = None
-    kinds: frozenset[str] | None = None  # the event kinds it can match at most (None: any)
+    scope: Scope = None  # the (kind, action) pairs it can match at most (None: any event)
 
 
 @dataclass
@@ -98,13 +98,16 @@ class RuleSet:
     def active(self) -> list[Rule]:
         return [r for r in self.rules.values() if r.enabled]
 
-    def active_for(self, kind: str) -> list[Rule]:
-        """The enabled rules that can match an event of this kind, in order (computed once per kind:
-        a ruleset is rebuilt, never edited in place, when rules change)."""
+    def active_for(self, kind: str, action: str | None = None) -> list[Rule]:
+        """The enabled rules that can match an event of this kind (and action), in order: computed once
+        per pair (a ruleset is rebuilt, never edited in place, when rules change). A command's start
+        and exit, or a process's exit, are not judged by the rules of command checks and execs."""
         cache = self.__dict__.setdefault("_by_kind", {})
-        if kind not in cache:
-            cache[kind] = [r for r in self.active() if r.kinds is None or kind in r.kinds]
-        return cache[kind]
+        key = (kind, action)
+        if key not in cache:
+            cache[key] = [r for r in self.active() if r.scope is None or any(
+                (k is None or k == kind) and (a is None or action is None or a == action) for k, a in r.scope)]
+        return cache[key]
 
     def copy(self) -> RuleSet:
         return RuleSet(
@@ -183,7 +186,7 @@ def _load_file(path: Path, base: RuleSet) -> RuleSet:
     for rule in rs.rules.values():
         try:
             rule.pred = compiler.compile(rule.condition)
-            rule.kinds = event_kinds(rule.condition, rs.macros, rs.lists)
+            rule.scope = event_scope(rule.condition, rs.macros, rs.lists)
         except ConditionError as e:
             where = next((ln for r, ln in pending if r is rule), None)
             loc = f"{path}:line {where}" if where else rule.source

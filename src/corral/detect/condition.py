@@ -86,17 +86,13 @@ class Compiler:
         parts = [self._and()]
         while self._word("or"):
             parts.append(self._and())
-        if len(parts) == 1:
-            return parts[0]
-        return lambda get: any(p(get) for p in parts)
+        return _fold(parts, _either)
 
     def _and(self) -> Pred:
         parts = [self._not()]
         while self._word("and"):
             parts.append(self._not())
-        if len(parts) == 1:
-            return parts[0]
-        return lambda get: all(p(get) for p in parts)
+        return _fold(parts, _both)
 
     def _not(self) -> Pred:
         if self._word("not"):
@@ -173,6 +169,23 @@ class Compiler:
         return _scalar(kind, value)
 
 
+# Every event is judged by every rule of its kind on corral's one event loop: conditions compile to
+# plain nested closures (no generator per call), and fast paths cover the common string cases.
+def _either(a: Pred, b: Pred) -> Pred:
+    return lambda get: a(get) or b(get)
+
+
+def _both(a: Pred, b: Pred) -> Pred:
+    return lambda get: a(get) and b(get)
+
+
+def _fold(parts: list[Pred], join: Callable[[Pred, Pred], Pred]) -> Pred:
+    out = parts[-1]
+    for p in reversed(parts[:-1]):
+        out = join(p, out)
+    return out
+
+
 def _scalar(kind: str, value: str) -> Any:
     if kind == "word":
         try:
@@ -185,11 +198,15 @@ def _scalar(kind: str, value: str) -> Any:
 def _comparison(field: str, op: str, rhs: Any) -> Pred:
     test = _op(op, rhs)
 
+    if_none = op == "!=" and rhs is not None
+
     def pred(get: Callable[[str], Any]) -> bool:
         v = get(field)
+        if type(v) is str:
+            return test(v)
         if v is None:
-            return op == "!=" and rhs is not None
-        if isinstance(v, list | tuple):
+            return if_none
+        if isinstance(v, (list, tuple)):  # a tuple: the faster isinstance
             if op == "!=":
                 return all(test(x) for x in v)
             return any(test(x) for x in v)
@@ -200,8 +217,12 @@ def _comparison(field: str, op: str, rhs: Any) -> Pred:
 
 def _op(op: str, rhs: Any) -> Callable[[Any], bool]:
     if op == "=":
+        if isinstance(rhs, str):
+            return lambda v: v == rhs if type(v) is str else _eq(v, rhs)
         return lambda v: _eq(v, rhs)
     if op == "!=":
+        if isinstance(rhs, str):
+            return lambda v: v != rhs if type(v) is str else not _eq(v, rhs)
         return lambda v: not _eq(v, rhs)
     if op in {"<", "<=", ">", ">="}:
         if not isinstance(rhs, int | float):
@@ -211,7 +232,7 @@ def _op(op: str, rhs: Any) -> Callable[[Any], bool]:
     items = rhs if isinstance(rhs, list) else [rhs]
     if op == "in":
         wanted = {str(x) for x in items}
-        return lambda v: str(v) in wanted
+        return lambda v: (v if type(v) is str else str(v)) in wanted
     if op == "contains":
         subs = [str(x) for x in items]
         return lambda v: any(s in str(v) for s in subs)
@@ -227,9 +248,9 @@ def _op(op: str, rhs: Any) -> Callable[[Any], bool]:
     if op == "endswith":
         suffixes = tuple(str(x) for x in items)
         return lambda v: str(v).endswith(suffixes)
-    if op == "glob":
-        pats = [str(x) for x in items]
-        return lambda v: any(fnmatch.fnmatchcase(str(v), p) for p in pats)
+    if op == "glob":  # one regex for the whole list (fnmatchcase's own translation of each pattern)
+        one = re.compile("|".join(f"(?:{fnmatch.translate(str(x))})" for x in items) or "(?!)")
+        return lambda v: one.match(v if type(v) is str else str(v)) is not None
     if op == "regex":
         try:
             rxs = [re.compile(str(x)) for x in items]

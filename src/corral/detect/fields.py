@@ -190,12 +190,18 @@ FIELDS: dict[str, Callable[[Event], Any]] = {
 NAMES = set(FIELDS)
 
 
+class _Values(dict):
+    """An event's field values, each computed on first use (a hit is a plain dict lookup)."""
+
+    __slots__ = ("event",)
+
+    def __init__(self, event: Event) -> None:
+        self.event = event
+
+    def __missing__(self, name: str) -> Any:
+        value = self[name] = FIELDS[name](self.event)
+        return value
+
+
 def getter(e: Event) -> Callable[[str], Any]:
-    cache: dict[str, Any] = {}
-
-    def get(name: str) -> Any:
-        if name not in cache:
-            cache[name] = FIELDS[name](e)
-        return cache[name]
-
-    return get
+    return _Values(e).__getitem__

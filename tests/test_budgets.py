@@ -426,3 +426,24 @@ async def test_connections_above_the_rate_wait_their_turn_and_none_is_refused(wo
         assert len(conns) == 24 and all(e.verdict == "allow" and e.step == r.step for e in conns)
     finally:
         await rt.close()
+
+
+async def test_loop_share_divides_the_loop_under_contention_and_never_idles_it(world, tmp_path):
+    """A sandbox whose execs take more than its share of the event loop is held back (its calls wait in
+    the kernel) only while another sandbox's calls are being judged too; alone it may use the whole loop."""
+    rt = Runtime(RuntimeConfig(state_dir=tmp_path, hosts=world.hosts, system_dns=False,
+                               budgets=Budgets(loop_share=0.05)))
+    await rt.start()
+    try:
+        noisy, quiet = await rt.create(), await rt.create()
+        # execs with a big argv: each costs the loop a read of its arguments and a judgement
+        flood = "a=$(head -c 60000 /dev/zero | tr '\\\\0' x); for i in $(seq 150); do /bin/true $a; done; echo done"
+        r = await noisy.exec(flood, timeout=120)
+        assert r.stdout.endswith("done\n"), r.stderr
+        assert noisy._execwatch.paused == 0  # alone: never held back, however much of the loop it took
+        both = await asyncio.gather(noisy.exec(flood, timeout=120),
+                                    quiet.exec("for i in $(seq 300); do /bin/true; done; echo done", timeout=120))
+        assert all(x.stdout.endswith("done\n") for x in both), [x.stderr for x in both]
+        assert noisy._execwatch.paused > 0  # with a neighbour asking too, its calls waited their turn
+    finally:
+        await rt.close()

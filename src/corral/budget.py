@@ -17,9 +17,9 @@ sandbox has spent. What is budgeted is what costs corral's shared resources:
   loop work (judging, attribution, relaying, recording), so a sandbox opening them as fast as it can
   would otherwise take the loop from every other tenant;
 - the share of corral's event loop spent judging one sandbox's execs and connects (per 0.1 s
-  window): past it, that sandbox's calls wait, stopped in the kernel, until the next window, and the
-  loop serves the others. A single busy sandbox is slowed only if judging it takes more than this
-  share of a core;
+  window): past it, while another sandbox's calls are being judged too, that sandbox's calls wait,
+  stopped in the kernel, until the next window, and the loop serves the others. A sandbox alone is
+  never slowed by it (the share divides the loop, it does not idle it);
 - bytes of executables hashed per window (monitor/masquerade.py): above it, a copy's identity is
   unknown, and the exec is judged as fail-closed (see masquerade.py).
 """

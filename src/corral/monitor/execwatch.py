@@ -155,15 +155,28 @@ class ExecWatch:
         finally:
             self._charge(t0)
 
+    # the two watchers that were charged last, and when (distinct): is another sandbox asking too?
+    _latest: tuple[int, float] = (0, -1e9)
+    _previous: tuple[int, float] = (0, -1e9)
+
+    def _contended(self, now: float) -> bool:
+        me = id(self)
+        return any(who != me and now - when < SHARE_WINDOW for who, when in (ExecWatch._latest, ExecWatch._previous))
+
     def _charge(self, t0: float) -> None:
-        """Count the loop time this sandbox's call took; past its share of the window, its calls wait
-        (stopped in the kernel) until the next window, and the loop serves the other sandboxes."""
+        """Count the loop time this sandbox's call took; past its share of the window, while another
+        sandbox's calls are being judged too, its calls wait (stopped in the kernel) until the next
+        window, and the loop serves the others. Alone, a sandbox may use the whole loop: the cap
+        shares it, it does not waste it."""
         now = self.loop.time()
         if now - self._window >= SHARE_WINDOW:
             self._window, self._used = now, 0.0
         self._used += now - t0
+        if ExecWatch._latest[0] != id(self):
+            ExecWatch._previous = ExecWatch._latest
+        ExecWatch._latest = (id(self), now)
         if self.share is not None and self._used > self.share * SHARE_WINDOW and self._resume_at is None \
-                and not self._closed:
+                and not self._closed and self._contended(now):
             self.loop.remove_reader(self.fd)
             self._resume_at = self.loop.call_at(self._window + SHARE_WINDOW, self._resume)
             self.paused += 1

@@ -11,7 +11,7 @@ APT_PKGS := bubblewrap nftables iproute2 libseccomp2 python3 openssh-client open
 # Everything runs in a private network namespace of its own: even a bug cannot reach the real network.
 ISOLATED := unshare --net --mount --propagation private -- sh -c
 
-.PHONY: all deps venv test demo bench lint clean
+.PHONY: all deps venv test demo bench peers lint clean
 
 all: test
 
@@ -39,9 +39,19 @@ test: deps venv
 demo: deps venv
 	$(ISOLATED) 'ip link set lo up && $(VENV)/bin/corral demo'
 
-bench: deps venv
-	@dpkg -s podman runc >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman runc >/dev/null)  # bench_images.py's peer
-	$(ISOLATED) 'ip link set lo up && $(PY) benchmarks/bench_runtime.py && $(PY) benchmarks/bench_monitor.py && $(PY) benchmarks/bench_rollout.py && $(PY) benchmarks/bench_interfaces.py && $(PY) benchmarks/bench_isolation.py && $(PY) benchmarks/bench_images.py'
+# the peers corral is measured against (bench_images.py, bench_peers.py): Debian's, and two of their own
+# under benchmarks/.peers (sandbox-runtime from npm, SWE-ReX from PyPI), never in corral's .venv
+BENCH_APT := podman runc firejail socat ripgrep
+PEERS := benchmarks/.peers
+
+peers:
+	@missing=""; for p in $(BENCH_APT); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; fi
+	@test -x $(PEERS)/node/node_modules/.bin/srt || (command -v npm >/dev/null && npm install -s --prefix $(PEERS)/node @anthropic-ai/sandbox-runtime) || echo "no npm: sandbox-runtime is skipped"
+	@test -x $(PEERS)/venv/bin/python || ($(PYTHON) -m venv $(PEERS)/venv && $(PEERS)/venv/bin/pip install -q swe-rex) || echo "SWE-ReX is skipped"
+
+bench: deps venv peers
+	$(ISOLATED) 'ip link set lo up && $(PY) benchmarks/bench_runtime.py && $(PY) benchmarks/bench_monitor.py && $(PY) benchmarks/bench_rollout.py && $(PY) benchmarks/bench_interfaces.py && $(PY) benchmarks/bench_isolation.py && $(PY) benchmarks/bench_images.py && $(PY) benchmarks/bench_peers.py && $(PY) benchmarks/profile_step.py'
 
 lint: venv
 	$(VENV)/bin/ruff check src tests benchmarks scripts

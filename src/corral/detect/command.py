@@ -4,6 +4,7 @@ sees what actually runs."""
 
 from __future__ import annotations
 
+import functools
 import re
 import shlex
 from dataclasses import dataclass, field
@@ -25,7 +26,20 @@ _WRITE_OPS = {">", ">>", ">|", "&>", "&>>", "<>", ">&"}
 SHELLS = {"sh", "bash", "dash", "zsh", "ksh"}
 
 
-def split(line: str, depth: int = 0) -> list[SimpleCommand]:
+def split(line: str) -> list[SimpleCommand]:
+    """The simple commands of a command line, fresh objects each call. An agent repeats its command
+    lines (`ls`, `pytest -q`, `git status`): their parse is kept (bounded), and copied out."""
+    if len(line) > 4096:  # the cache holds short lines only: 1024 of them stay small
+        return _split(line)
+    return [SimpleCommand(list(c.argv), list(c.redirects), list(c.writes)) for c in _split_cached(line)]
+
+
+@functools.lru_cache(maxsize=1024)
+def _split_cached(line: str) -> tuple[SimpleCommand, ...]:
+    return tuple(_split(line))
+
+
+def _split(line: str, depth: int = 0) -> list[SimpleCommand]:
     try:
         trees = bashlex.parse(line)
     except Exception:  # bashlex does not know every bash construct: fall back to words
@@ -50,7 +64,7 @@ def split(line: str, depth: int = 0) -> list[SimpleCommand]:
     nested: list[SimpleCommand] = []
     for c in out:  # `bash -c '...'` runs another command line: look inside it too
         if c.argv and c.argv[0].rsplit("/", 1)[-1] in SHELLS and "-c" in c.argv[1:-1] and depth < 3:
-            nested.extend(split(c.argv[c.argv.index("-c") + 1], depth + 1))
+            nested.extend(_split(c.argv[c.argv.index("-c") + 1], depth + 1))
     return (out + nested) or _fallback(line)
 
 

@@ -176,8 +176,13 @@ def test_corral_serve_rock_api_over_the_fake(tmp_path):
         made.append(FakeRuntime(cfg, script=miner_script()))
         return made[-1]
 
+    from corral.server.config import OpenEnvSettings, ServeConfig
+
     cfg = RuntimeConfig(state_dir=tmp_path, actions={"stratum-protocol": "end_episode"})
-    app = create_app(cfg, ["tok-" + "a" * 20], runtime_factory=factory)
+    # ROCK's routes alone: OpenEnv's mount would import gradio and pandas, whose compiled parts the
+    # unprivileged rerun's interpreter may not load (tests/test_openenv.py covers that mount)
+    app = create_app(ServeConfig(runtime=cfg, openenv=OpenEnvSettings(enabled=False)), ["tok-" + "a" * 20],
+                     runtime_factory=factory)
     with TestClient(app, headers={"Authorization": "Bearer tok-" + "a" * 20}) as c:
         def post(route: str, **body) -> dict:
             return c.post(f"{PREFIX}/{route}", json=body).json()

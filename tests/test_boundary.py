@@ -178,10 +178,13 @@ async def test_session_shell_waits_in_a_cgroup_of_its_own(sb_factory):
     assert sb.cgroup.group(shell.hostpid) == ("session", shell.index)
     r = await s.run("echo in-step")
     assert r.ok
-    # between commands the shell is in no step's cgroup: nothing it forks lands in a finished step
-    assert sb.cgroup.group(shell.hostpid) == ("session", shell.index)
+    assert r.step not in sb.live_steps() and not sb.busy()  # the idle shell is corral's, wherever it is
+    # between commands the shell goes back to a cgroup of its own (just after the command returned):
+    # nothing it forks later lands in a finished step (what it forks meanwhile is its last command's)
+    await eventually(lambda: sb.cgroup.group(shell.hostpid) == ("session", shell.index), "the shell's move back")
     assert sb.cgroup.pids(step=r.step) == []
-    assert r.step not in sb.live_steps() and not sb.busy()
+    r2 = await s.run("echo again")  # and into the next step's cgroup again (renamed there on cgroup v1)
+    assert r2.ok and r2.step == r.step + 1
 
 
 async def test_a_process_in_a_finished_steps_cgroup_is_sampled_and_killed(sb_factory):
@@ -368,3 +371,30 @@ async def test_corral_writes_are_its_own_and_never_follow_links(sb_factory, runt
     await sb.write_file("/workspace/run.sh", "#!/bin/sh\n", mode=0o755)
     await sb.write_file("/workspace/run.sh", "#!/bin/sh\necho hi\n")
     assert (await sb.exec("stat -c %a /workspace/run.sh /workspace/tests/test_a.py")).stdout == "755\n644\n"
+
+
+async def test_a_session_command_takes_its_step_by_renaming_the_shells_cgroup(sb_factory, monkeypatch):
+    """On cgroup v1 the shell's idle cgroup is renamed to the step's: no migration, which after an
+    idle moment waits for an RCU grace period. A process the idle shell forked is not swept along:
+    it stays its last command's."""
+    sb = await sb_factory()
+    s = await sb.create_session("r")
+    shell = sb._sessions["r"]
+    if not sb.cgroup.renames or sb.cgroup.h.version != 1:
+        pytest.skip("this hierarchy has no rename (cgroup v2): the shell is moved")
+    first = await s.run("true")
+    home = lambda: sb.cgroup.group(shell.hostpid) == ("session", shell.index)  # noqa: E731
+    await eventually(home, "the shell's move back")
+    moved: list[int] = []
+    real = sb.cgroup.move
+    monkeypatch.setattr(sb.cgroup, "move", lambda pid, step: (moved.append(pid), real(pid, step))[1])
+    r = await s.run("cat /proc/self/cgroup")
+    assert f"/step-{r.step}\n" in r.stdout and shell.hostpid not in moved, (r.stdout, moved)
+    await eventually(home, "the shell's move back")
+    # as if the idle shell had forked it between commands
+    bg = await sb.exec("sleep 300 >/dev/null 2>&1 &")
+    stray = sb.cgroup.pids(step=bg.step)[0]
+    await asyncio.to_thread(sb.cgroup.move_to_session, stray, shell.index)
+    r = await s.run("cat /proc/self/cgroup")
+    assert f"/step-{r.step}\n" in r.stdout and shell.hostpid in moved  # moved, not renamed
+    assert sb.cgroup.group(stray) == ("session", shell.index) and first.step < r.step

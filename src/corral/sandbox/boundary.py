@@ -53,8 +53,10 @@ class Boundary:
         running = {c.step for c in self._cmds.values() if c.step}
         if self.cgroup is None:
             return sorted(running)
+        # corral's own: the staged child, and session shells (in the cgroup of their last step until
+        # they are moved back, just after it returned)
         ignore = {self._stage.pid} if self._stage is not None and self._stage.pid else set()
-        steps = self.cgroup.live_steps(self._step_over, ignore)
+        steps = self.cgroup.live_steps(self._step_over, ignore | self._session_pids())
         return sorted(running | {n for n in steps if n != INTERNAL_STEP})
 
     def _step_over(self: Sandbox, step: int) -> bool:
@@ -66,8 +68,8 @@ class Boundary:
         session shell forks belongs to the session's last command (None before its first)."""
         if self.cgroup is None:
             return []
-        staged = self._stage.pid if self._stage is not None else None
-        out = [(n, [p for p in self.cgroup.pids(step=n) if p != staged]) for n in self.live_steps()]
+        ours = {self._stage.pid if self._stage is not None else None, *self._session_pids()}
+        out = [(n, [p for p in self.cgroup.pids(step=n) if p not in ours]) for n in self.live_steps()]
         for s in self._sessions.values():
             pids = self.cgroup.session_pids(s.index)
             if pids:

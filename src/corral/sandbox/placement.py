@@ -16,13 +16,18 @@ from corral.sandbox.boundary import INTERNAL_STEP
 
 if TYPE_CHECKING:
     from corral.sandbox.sandbox import Sandbox
+    from corral.sandbox.sessions import Session
 
 @dataclass
 class _Stage:
     key: str
     pid: int | None = None
     step: int | None = None  # set once the child sits in this step's cgroup
+    parked: str | None = None  # the cgroup its step's was renamed to, when a session took that step
 
+
+
+STAGE_AFTER = 0.05  # seconds into a command before the next step's child is forked
 
 
 class Placement:
@@ -45,6 +50,9 @@ class Placement:
                 target = self.step + 1
                 if self.cgroup is not None:
                     await asyncio.to_thread(self.cgroup.move, stage.pid, target)
+                    if stage.parked:
+                        self.cgroup.prune_sessions({s.index for s in self._sessions.values()})
+                        stage.parked = None
                 if self._stage is stage and self.step + 1 == target:
                     stage.step = target
                     return
@@ -59,19 +67,57 @@ class Placement:
         """A session command took the step a staged child sits in: place the child again, for the
         step after (else it would idle in a step that is not its own, and never be used)."""
         st = self._stage
-        if st is not None and st.step == step:
+        if st is not None and (st.step == step or st.parked):
             st.step = None
             task = asyncio.get_running_loop().create_task(self._place_stage(st))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+    async def _shell_into_step(self: Sandbox, s: Session, step: int) -> None:
+        """A session's shell into this step's cgroup, so what it forks for the command belongs to it.
+        Renamed there when it can be (no migration: see SandboxCgroup.rename): the staged child's
+        cgroup, which holds this step's number, is renamed out of the way, then the shell's idle
+        cgroup becomes the step's, provided the shell is alone in it (what it forked while idle stays
+        its last command's). Otherwise the shell is moved, as on cgroup v2."""
+        cg = self.cgroup
+        assert cg is not None and s.hostpid
+        if s.homing is not None:  # its move back after the previous command
+            with contextlib.suppress(OSError, asyncio.CancelledError):
+                await s.homing
+        st = self._stage
+        stage_here = st is not None and st.step == step and st.pid is not None
+        park = f"stage-{st.key.split(':')[-1]}" if stage_here and st is not None else None
+        hostpid, index = s.hostpid, s.index
+
+        def rename() -> tuple[bool, bool]:
+            if park is not None and not cg.rename(f"step-{step}", park):
+                return False, False
+            alone = cg.session_pids(index) == [hostpid]
+            return alone and cg.rename(f"session-{index}", f"step-{step}"), park is not None
+
+        renamed, parked = await asyncio.to_thread(rename) if cg.renames else (False, False)
+        if parked and st is not None and self._stage is st:
+            st.parked = park
+        self._restage(step)
+        if not renamed:
+            await asyncio.to_thread(cg.move, hostpid, step)
 
     def _take_stage(self: Sandbox, step: int) -> _Stage | None:
         st = self._stage
         if st is None or st.step != step:
             return None
         self._stage = None
-        asyncio.get_running_loop().call_soon(self._request_stage)  # after this step's exec message
+        # the next step's child is forked a moment later: forking the agent now would take the CPU from
+        # the command that just started (a command that ends sooner asks for it then: see exec)
+        self._stage_soon = asyncio.get_running_loop().call_later(STAGE_AFTER, self._stage_now)
         return st
+
+    def _stage_now(self: Sandbox) -> None:
+        handle, self._stage_soon = self._stage_soon, None
+        if handle is not None:
+            handle.cancel()
+            if self._stage is None:
+                self._request_stage()
 
     def _on_spawned(self: Sandbox, key: str, hostpid: int | None) -> None:
         step = INTERNAL_STEP

@@ -149,6 +149,7 @@ class Sandbox(Boundary, Placement, Sessions, Files, Attribution):
         self._session_waiters: dict[str, asyncio.Future] = {}
         self._stage: _Stage | None = None
         self._stage_seq = 0
+        self._stage_soon: asyncio.TimerHandle | None = None  # the next staged child, asked for shortly
         self._tasks: set[asyncio.Task] = set()
         self._stats: dict[int, StepStats] = {}
         # host pid -> (step, exe, argv) as the exec watcher saw it, newest last, bounded
@@ -257,6 +258,9 @@ class Sandbox(Boundary, Placement, Sessions, Files, Attribution):
         """Forget the running deployment: its staged child, tasks, commands (failed now) and sessions."""
         dep, self._dep = self._dep, None
         self._stage = None
+        if self._stage_soon is not None:
+            self._stage_soon.cancel()
+            self._stage_soon = None
         for task in list(self._tasks):
             task.cancel()
         self._internal_pids.clear()
@@ -533,6 +537,8 @@ class Sandbox(Boundary, Placement, Sessions, Files, Attribution):
                                    tool_call_id=tool_call_id, stdin=stdin)
         finally:
             self._open_steps.discard(step)
+            if self._stage_soon is not None:
+                self._stage_now()
 
     async def stream(self, cmd: str, **kw: Any) -> AsyncIterator[OutputChunk | ExecResult]:
         """Yield output chunks as they arrive, then the ExecResult."""

@@ -1,5 +1,6 @@
 """Sessions: persistent shells whose cwd, environment and shell state carry over between commands.
-Between commands a session's shell waits in a cgroup of its own; during one, in the step's."""
+Between commands a session's shell waits in a cgroup of its own; during one, in the step's: its idle
+cgroup is renamed to the step's where the hierarchy allows (placement.py), else the shell is moved."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ class Session:
         self.alive = True
         self.index = 0  # its cgroup between commands: session-<index>
         self.last_step: int | None = None  # what it forks while idle belongs to its last command
+        self.homing: asyncio.Future | None = None  # its move back to its own cgroup, after a command
         self.interactive = False  # see Sandbox.create_session
 
     async def run(self, cmd: str, *, timeout: float | None = None, **kw: Any) -> ExecResult:
@@ -76,13 +78,14 @@ class Sessions:
             raise SessionError(f"no running session {name!r} in sandbox {self.id}; call create_session({name!r})")
         step = self._begin_step(cmd, name, tool_call_id, False)
         s.last_step = step
-        self._restage(step)
         try:
             if (refusal := self._precheck(cmd, step, session=name)) is not None:
+                self._restage(step)
                 return refusal
             if self.cgroup is not None and s.hostpid:
-                # The shell joins this step's cgroup, so what it forks for this command belongs to it.
-                await asyncio.to_thread(self.cgroup.move, s.hostpid, step)
+                await self._shell_into_step(s, step)
+            else:
+                self._restage(step)
             limit = max_output or self.config.limits.output_bytes
             c = self._register(step, limit, on_output, session=name)
             msg = {"op": "session_run", "id": c.id, "sid": f"s:{name}", "cmd": cmd, "env": env, "cwd": cwd,
@@ -91,9 +94,11 @@ class Sessions:
         finally:
             self._open_steps.discard(step)
             if self.cgroup is not None and s.hostpid and s.alive and self._sessions.get(name) is s:
-                # back to its own cgroup: nothing it forks between commands joins a finished step
-                with contextlib.suppress(OSError):  # the shell is gone (killed with a timed-out command)
-                    await asyncio.to_thread(self.cgroup.move_to_session, s.hostpid, s.index)
+                # back to a fresh cgroup of its own, so nothing it forks between commands joins a finished
+                # step: after the result is handed back (the shell is idle meanwhile), and before its
+                # next command (which waits for it)
+                s.homing = asyncio.ensure_future(asyncio.to_thread(self.cgroup.move_to_session, s.hostpid, s.index))
+                s.homing.add_done_callback(_quiet)
 
     async def close_session(self: Sandbox, name: str) -> None:
         s = self._sessions.pop(name, None)
@@ -103,3 +108,9 @@ class Sessions:
 
     def sessions(self: Sandbox) -> list[str]:
         return [n for n, s in self._sessions.items() if s.alive]
+
+
+def _quiet(fut: asyncio.Future) -> None:
+    """A move back that failed (the shell is gone, killed with a timed-out command): nothing to do."""
+    if not fut.cancelled():
+        fut.exception()

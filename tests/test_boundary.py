@@ -390,6 +390,11 @@ async def test_a_session_command_takes_its_step_by_renaming_the_shells_cgroup(sb
     monkeypatch.setattr(sb.cgroup, "move", lambda pid, step: (moved.append(pid), real(pid, step))[1])
     r = await s.run("cat /proc/self/cgroup")
     assert f"/step-{r.step}\n" in r.stdout and shell.hostpid not in moved, (r.stdout, moved)
+    # the staged child that held this step's number was parked; the next exec renames it into its step
+    staged = sb._stage.pid if sb._stage is not None and sb._stage.parked else None
+    assert staged is not None
+    x = await sb.exec("cat /proc/self/cgroup")
+    assert f"/step-{x.step}\n" in x.stdout and staged not in moved and x.step == r.step + 1, (x.stdout, moved)
     await eventually(home, "the shell's move back")
     # as if the idle shell had forked it between commands
     bg = await sb.exec("sleep 300 >/dev/null 2>&1 &")

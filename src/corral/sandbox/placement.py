@@ -50,9 +50,6 @@ class Placement:
                 target = self.step + 1
                 if self.cgroup is not None:
                     await asyncio.to_thread(self.cgroup.move, stage.pid, target)
-                    if stage.parked:
-                        self.cgroup.prune_sessions({s.index for s in self._sessions.values()})
-                        stage.parked = None
                 if self._stage is stage and self.step + 1 == target:
                     stage.step = target
                     return
@@ -67,11 +64,23 @@ class Placement:
         """A session command took the step a staged child sits in: place the child again, for the
         step after (else it would idle in a step that is not its own, and never be used)."""
         st = self._stage
-        if st is not None and (st.step == step or st.parked):
+        if st is not None and st.step == step:
             st.step = None
             task = asyncio.get_running_loop().create_task(self._place_stage(st))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+    async def _unpark(self: Sandbox, stage: _Stage, step: int) -> bool:
+        """A parked staged child into this step's cgroup, by renaming its cgroup; False (and the child
+        killed) when that cannot be done."""
+        if self.cgroup is None or stage.parked is None:
+            return True
+        if await asyncio.to_thread(self.cgroup.rename, stage.parked, f"step-{step}"):
+            stage.parked, stage.step = None, step
+            return True
+        with contextlib.suppress(SandboxClosed):
+            self._send(op="kill", id=stage.key, sig=signal.SIGKILL)
+        return False
 
     async def _shell_into_step(self: Sandbox, s: Session, step: int) -> None:
         """A session's shell into this step's cgroup, so what it forks for the command belongs to it.
@@ -97,14 +106,17 @@ class Placement:
 
         renamed, parked = await asyncio.to_thread(rename) if cg.renames else (False, False)
         if parked and st is not None and self._stage is st:
-            st.parked = park
-        self._restage(step)
+            st.parked, st.step = park, None  # parked: the next exec renames its cgroup to its own step
+        else:
+            self._restage(step)
         if not renamed:
             await asyncio.to_thread(cg.move, hostpid, step)
 
     def _take_stage(self: Sandbox, step: int) -> _Stage | None:
+        """The staged child for this step: placed in its cgroup, or parked (its cgroup is renamed to
+        the step's by exec, see _unpark)."""
         st = self._stage
-        if st is None or st.step != step:
+        if st is None or not (st.step == step or (st.parked and st.step is None and st.pid)):
             return None
         self._stage = None
         # the next step's child is forked a moment later: forking the agent now would take the CPU from

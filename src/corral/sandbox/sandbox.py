@@ -528,6 +528,8 @@ class Sandbox(Boundary, Placement, Sessions, Files, Attribution):
             msg = {"op": "exec", "id": c.id, "cmd": cmd, "env": env, "cwd": cwd, "max_output": limit,
                    "stdin": bool(stdin)}
             stage = None if _internal else self._take_stage(step)
+            if stage is not None and stage.parked and not await self._unpark(stage, step):
+                stage = None
             if stage is not None:
                 msg["stage"] = stage.key
                 c.hostpid = stage.pid

@@ -432,10 +432,11 @@ async def test_loop_share_divides_the_loop_under_contention_and_never_idles_it(w
     """A sandbox whose execs take more than its share of the event loop is held back (its calls wait in
     the kernel) only while another sandbox's calls are being judged too; alone it may use the whole loop."""
     rt = Runtime(RuntimeConfig(state_dir=tmp_path, hosts=world.hosts, system_dns=False,
-                               budgets=Budgets(loop_share=0.05)))
+                               budgets=Budgets(loop_share=0.01)))
     await rt.start()
     try:
         noisy, quiet = await rt.create(), await rt.create()
+        await asyncio.sleep(2 * 0.1)  # any other sandbox's last judged call is older than a window
         # execs with a big argv: each costs the loop a read of its arguments and a judgement
         flood = "a=$(head -c 60000 /dev/zero | tr '\\\\0' x); for i in $(seq 150); do /bin/true $a; done; echo done"
         r = await noisy.exec(flood, timeout=120)

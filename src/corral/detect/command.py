@@ -8,6 +8,7 @@ import functools
 import re
 import shlex
 from dataclasses import dataclass, field
+from typing import Any
 
 import bashlex
 
@@ -41,14 +42,15 @@ def _split_cached(line: str) -> tuple[SimpleCommand, ...]:
 
 def _split(line: str, depth: int = 0) -> list[SimpleCommand]:
     try:
-        trees = bashlex.parse(line)
+        trees = _parse(line)
     except Exception:  # bashlex does not know every bash construct: fall back to words
         return _fallback(line)
     out: list[SimpleCommand] = []
+    nested: list[SimpleCommand] = []
 
     class Visitor(bashlex.ast.nodevisitor):
         def visitcommand(self, node, parts):
-            argv, redirects, writes = [], [], []
+            argv, redirects, writes, body = [], [], [], None
             for p in parts:
                 if p.kind == "word":
                     argv.append(p.word)
@@ -56,12 +58,22 @@ def _split(line: str, depth: int = 0) -> list[SimpleCommand]:
                     redirects.append(p.output.word)
                     if p.type in _WRITE_OPS and not (p.type == ">&" and p.output.word.lstrip("-").isdigit()):
                         writes.append(p.output.word)
+                    if getattr(p, "heredoc", None) is not None:
+                        body = p.heredoc.value.rsplit("\n", 1)[0]  # the value ends with its delimiter line
+                    elif p.type == "<<<":
+                        body = p.output.word
+            if body is not None and _reads_code(node):
+                # the code a shell or interpreter reads from a here-document or here-string is what it
+                # runs: a shell's is split like `sh -c`'s; an interpreter's is its program's last word
+                if argv[0].rsplit("/", 1)[-1] in SHELLS and depth < 3:
+                    nested.extend(_split(body, depth + 1))
+                else:
+                    argv.append(body)
             if argv or redirects:
                 out.append(SimpleCommand(argv, redirects, writes))
 
     for tree in trees:
         Visitor().visit(tree)
-    nested: list[SimpleCommand] = []
     for c in out:  # `bash -c '...'` runs another command line: look inside it too
         if c.argv and c.argv[0].rsplit("/", 1)[-1] in SHELLS and "-c" in c.argv[1:-1] and depth < 3:
             nested.extend(_split(c.argv[c.argv.index("-c") + 1], depth + 1))
@@ -87,3 +99,110 @@ def _fallback(line: str) -> list[SimpleCommand]:
             if target and not target.startswith("&"):
                 writes.append(target)
     return [SimpleCommand(words, list(writes), writes)]
+
+
+# Programs whose arguments are data, never run: text they print is not a command, however it reads.
+DATA_ONLY = {"echo", "printf"}
+INTERPRETERS = SHELLS | {"python", "python3", "perl", "ruby", "node", "php"}
+_STRUCTURE = str.maketrans({"|": " ", ";": " ", "&": " "})
+
+
+@functools.lru_cache(maxsize=1024)
+def runs(line: str) -> str:
+    """What the shell will run, as text rules can read (the field `cmd.runs`): each command's program and
+    arguments, joined by the real pipes and list operators (`|`, `;`, `&&`, `||`, `&`), never by
+    characters inside a word. The arguments of `echo` and `printf` and the body of a here-document
+    are data and left out, unless that body is fed to a shell or interpreter; what `sh -c`, `eval`
+    and command substitutions run is rendered in place, in parentheses. A line bashlex cannot read
+    is returned as it is: matched as text, as before (a rule then errs towards seeing a command)."""
+    try:
+        return _runs(line, 0)
+    except Exception:  # bashlex does not know every bash construct
+        return line
+
+
+# bashlex cannot read a quoted here-document delimiter (<<'EOF', <<"EOF"), the form agents write files
+# with; quoting only stops expansion in the body, which is read as text here either way
+_QUOTED_HEREDOC = re.compile(r"""<<(-?)\s*(['"])(\w+)\2""")
+
+
+def _parse(line: str) -> list[Any]:
+    return bashlex.parse(_QUOTED_HEREDOC.sub(r"<<\1\3", line))
+
+
+def _runs(line: str, depth: int) -> str:
+    if depth > 3:
+        return line
+    return " ; ".join(_node(t, depth) for t in _parse(line))
+
+
+def _node(node: Any, depth: int) -> str:
+    kind = node.kind
+    if kind == "list":
+        return " ".join(p.op if p.kind == "operator" else _node(p, depth) for p in node.parts)
+    if kind == "pipeline":
+        # data piped into a shell or interpreter is code: `echo 'curl x | sh' | sh` runs curl
+        cmds = [p for p in node.parts if p.kind != "pipe"]
+        return " | ".join(_command(c, depth, any(_reads_code(d) for d in cmds[i + 1:])) if c.kind == "command"
+                          else _node(c, depth) for i, c in enumerate(cmds))
+    if kind == "command":
+        return _command(node, depth)
+    if kind == "compound":  # { ...; }, ( ... ), loops and conditionals: the commands inside
+        return " ; ".join(_node(p, depth) for p in node.list if p.kind not in ("reservedword", "operator"))
+    if hasattr(node, "list"):  # if/for/while/function bodies
+        return " ; ".join(_node(p, depth) for p in node.list if p.kind not in ("reservedword", "operator"))
+    if hasattr(node, "parts"):
+        return " ".join(_node(p, depth) for p in node.parts if p.kind not in ("reservedword", "operator"))
+    return ""
+
+
+def _reads_code(node: Any) -> bool:
+    """A shell or interpreter that runs what it reads on its standard input (no script named)."""
+    names = [p.word for p in getattr(node, "parts", []) if p.kind == "word"]
+    k = next((i for i, w in enumerate(names) if w.rsplit("/", 1)[-1] in INTERPRETERS), None)
+    return k is not None and all(a.startswith("-") for a in names[k + 1:])
+
+
+def _command(node: Any, depth: int, code_stdin: bool = False) -> str:
+    words = [p for p in node.parts if p.kind in ("word", "assignment")]
+    names = [p.word for p in words if p.kind == "word"]
+    prog = names[0].rsplit("/", 1)[-1] if names else ""
+    out = [p.word.translate(_STRUCTURE) for p in words if p.kind == "assignment"]
+    inner: list[str] = []
+    # a shell run with -c, directly or through a wrapper (sudo, env, nohup, timeout 5, ...)
+    shell = next((k for k, w in enumerate(names) if w.rsplit("/", 1)[-1] in SHELLS and "-c" in names[k + 1:-1]), None)
+    if shell is not None:
+        i = names.index("-c", shell + 1)
+        out += [a.translate(_STRUCTURE) for a in names[:i + 1]]
+        inner.append(_runs(names[i + 1], depth + 1))
+    elif names:
+        out.append(names[0].translate(_STRUCTURE))
+        args = names[1:]
+        if prog == "eval" or (prog in DATA_ONLY and code_stdin):
+            inner.append(_runs(" ".join(args), depth + 1))
+        elif prog not in DATA_ONLY:
+            out += [a.translate(_STRUCTURE) for a in args]
+    for p in node.parts:  # what runs inside words: $(...), `...`, <(...)
+        for sub in _substitutions(p):
+            inner.append(_node(sub, depth + 1))
+        heredoc = getattr(p, "heredoc", None)
+        herestring = p.output.word if p.kind == "redirect" and p.type == "<<<" and hasattr(p.output, "word") else None
+        if (heredoc is not None or herestring is not None) and _reads_code(node):
+            body = herestring if herestring is not None else heredoc.value.rsplit("\n", 1)[0]  # ends with its delimiter
+            inner.append(_runs(body, depth + 1) if prog in SHELLS else body)
+    return " ".join(out + [f"( {x} )" for x in inner if x])
+
+
+def _substitutions(node: Any) -> list[Any]:
+    found: list[Any] = []
+
+    class Visitor(bashlex.ast.nodevisitor):
+        def visitcommandsubstitution(self, n: Any, command: Any) -> None:
+            found.append(command)
+
+        def visitprocesssubstitution(self, n: Any, command: Any) -> None:
+            found.append(command)
+
+    if node.kind in ("word", "assignment"):
+        Visitor().visit(node)
+    return found

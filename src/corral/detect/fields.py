@@ -6,6 +6,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from corral.detect.command import runs
 from corral.events import Event
 from corral.protect import command_cwds, normalize, touches
 
@@ -156,6 +157,10 @@ FIELDS: dict[str, Callable[[Event], Any]] = {
     "proc.rss_mb": lambda e: e.data.get("rss_mb"),
     # the command a step ran (the whole line as the agent gave it)
     "cmd.line": lambda e: e.command,
+    "cmd.text": lambda e: e.command,  # the whole line as typed, quoted data included (= cmd.line)
+    # what the shell will run: programs, arguments, real pipes and operators; not echo/printf's data,
+    # here-documents written to files, or characters inside quoted words (detect/command.py)
+    "cmd.runs": lambda e: runs(e.command) if e.command else None,
     "cmd.redirects": lambda e: e.data.get("redirects") or [],
     "cmd.writes": lambda e: e.data.get("writes", e.data.get("redirects")) or [],  # output redirects only
     # files a command writes (its output redirects, tee's files, cp's destination, dd's of=), made

@@ -21,7 +21,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench_runtime import Metric, Report, Target, ms_since, preflight, render, wait_pool, wait_spare, write_results
+from bench_runtime import (
+    Metric,
+    Report,
+    Target,
+    ms_since,
+    p50_ratio,
+    preflight,
+    render,
+    wait_pool,
+    wait_spare,
+    write_results,
+)
 
 from corral import Runtime, RuntimeConfig, SandboxConfig
 
@@ -173,16 +184,10 @@ def main() -> int:
         shutil.rmtree(base, ignore_errors=True)
         shutil.rmtree(IMAGE_DIR, ignore_errors=True)
 
-    def vs(key: str, peer: str):
-        def value(r: Report) -> float | None:
-            a, b = r.metrics.get(key), r.metrics.get(peer)
-            return b.p50 / a.p50 if a and b and a.samples and b.samples else None
-        return value
-
     tgts = [Target("create -> first exec from a cached image >= 10x faster than podman run (cold)",
-                   vs("create_image", "podman_run"), lambda v: v >= 10, lambda v: f"{v:.1f}x faster"),
+                   p50_ratio("podman_run", "create_image"), lambda v: v >= 10, lambda v: f"{v:.1f}x faster"),
             Target("... from the warm pool",
-                   vs("create_image_warm", "podman_run"), lambda v: v >= 10, lambda v: f"{v:.1f}x faster"),
+                   p50_ratio("podman_run", "create_image_warm"), lambda v: v >= 10, lambda v: f"{v:.1f}x faster"),
             Target("reset of a dirty writable layer <= 20 ms (spare ready)",
                    lambda r: r.metrics["reset_image"].p50 if r.metrics.get("reset_image") else None,
                    lambda v: v <= 20, lambda v: f"{v:.1f} ms")]

@@ -15,7 +15,8 @@ interpreter (its own venv) in one block between corral's samples.
 
 Run (make bench does; make bench installs the peers: firejail and podman by apt, srt by npm and SWE-ReX
 by pip, both under benchmarks/.peers/):
-    unshare --net --mount --propagation private -- sh -c 'ip link set lo up && .venv/bin/python benchmarks/bench_peers.py [--quick]'
+    unshare --net --mount --propagation private -- sh -c \\
+        'ip link set lo up && .venv/bin/python benchmarks/bench_peers.py [--quick]'
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench_runtime import Metric, Report, Target, ms_since, preflight, render, wait_pool, write_results
+from bench_runtime import Metric, Report, Target, ms_since, p50_ratio, preflight, render, wait_pool, write_results
 
 from corral import Runtime, RuntimeConfig, SandboxConfig
 
@@ -167,8 +168,8 @@ async def run_bench(rep: Report, n: int) -> None:
             "exec": (rep.add(Metric("rt_corral_exec", "corral: sb.exec", "ms", baseline="rt_corral_session")), None),
         }
         if fj is not None:
-            rows["firejail"] = (rep.add(Metric("rt_firejail_join", "firejail --join", "ms", baseline="rt_corral_session")),
-                                lambda: timed([firejail, "--quiet", f"--join={fj_name}", "echo", "hi"]))
+            join = Metric("rt_firejail_join", "firejail --join", "ms", baseline="rt_corral_session")
+            rows["firejail"] = (rep.add(join), lambda: timed([firejail, "--quiet", f"--join={fj_name}", "echo", "hi"]))
         if podman is not None:
             rows["podman"] = (rep.add(Metric("rt_podman_exec", "podman exec", "ms", baseline="rt_corral_session")),
                               lambda: timed([*podman.pod, "exec", podman.cid, "echo", "hi"]))
@@ -277,19 +278,13 @@ def main() -> int:
     rep = Report()
     asyncio.run(run_bench(rep, 10 if args.quick else 60))
 
-    def ratio(key: str, base: str):
-        def value(r: Report) -> float | None:
-            a, b = r.metrics.get(key), r.metrics.get(base)
-            return a.p50 / b.p50 if a and b and a.samples and b.samples else None
-        return value
-
     tgts = [Target("session round trip <= 1.5 ms", lambda r: r.metrics["rt_corral_session"].p50,
                    lambda v: v <= 1.5, lambda v: f"{v:.2f} ms"),
-            Target("... <= 10x the bash-over-pipes floor", ratio("rt_corral_session", "rt_bwrap_pipe"),
+            Target("... <= 10x the bash-over-pipes floor", p50_ratio("rt_corral_session", "rt_bwrap_pipe"),
                    lambda v: v <= 10, lambda v: f"{v:.1f}x"),
-            Target("300 x /bin/true <= 1.3x the floor", ratio("loop_corral", "loop_bwrap"),
+            Target("300 x /bin/true <= 1.3x the floor", p50_ratio("loop_corral", "loop_bwrap"),
                    lambda v: v <= 1.3, lambda v: f"{v:.2f}x"),
-            Target("warm create -> first output <= 2x bare bwrap", ratio("create_corral_warm", "create_bwrap"),
+            Target("warm create -> first output <= 2x bare bwrap", p50_ratio("create_corral_warm", "create_bwrap"),
                    lambda v: v <= 2, lambda v: f"{v:.1f}x"),
             Target("cold create -> first output <= 30 ms", lambda r: r.metrics["create_corral_cold"].p50,
                    lambda v: v <= 30, lambda v: f"{v:.0f} ms")]

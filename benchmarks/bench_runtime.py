@@ -304,6 +304,14 @@ class LoopbackServer:
 
 
 # -- helpers -------------------------------------------------------------------------------------------------
+def p50_ratio(num: str, den: str) -> Callable[[Report], float | None]:
+    """A Target's value: p50 of metric `num` over p50 of metric `den` (None when either is missing)."""
+    def value(r: Report) -> float | None:
+        a, b = r.metrics.get(num), r.metrics.get(den)
+        return a.p50 / b.p50 if a and b and a.samples and b.samples else None
+    return value
+
+
 async def wait_spare(sb, timeout: float = 10.0) -> None:
     """Until the sandbox's next reset is a swap (Sandbox.spare_ready), as it is after an episode's steps."""
     deadline = time.monotonic() + timeout

@@ -43,7 +43,9 @@ class Boundary:
         """Whether any process besides corral's own and idle session shells is alive: one read."""
         if self.cgroup is None:
             return False
-        idle = self.INFRA_TASKS + (1 if self._stage else 0)
+        # the staged child counts once it exists: one asked for but not yet forked must not hide a
+        # process of the agent's (a wrong "busy" costs one extra sampling pass; a wrong "idle", a miss)
+        idle = self.INFRA_TASKS + (1 if self._stage is not None and self._stage.pid else 0)
         idle += sum(1 for s in self._sessions.values() if s.alive and s.hostpid)
         return self.cgroup.task_count() > idle
 

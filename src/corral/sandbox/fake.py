@@ -58,7 +58,7 @@ from corral.config import RuntimeConfig, SandboxConfig
 from corral.detect import Detector
 from corral.detect import load as load_rules
 from corral.detect.command import split as split_command
-from corral.errors import EpisodeEnded, FileAccessError, SandboxClosed, SandboxFrozen, SessionError
+from corral.errors import FileAccessError, SandboxClosed, SessionError
 from corral.events import Event, EventKind, Verdict
 from corral.net.policy import decide, name_allowed
 from corral.net.sniff import classify
@@ -79,7 +79,7 @@ from corral.sandbox.fakeshell import (
     _Out,
     _Shell,
 )
-from corral.sandbox.lifeline import AGENT_LOST
+from corral.sandbox.lifeline import check_open
 from corral.store import Store
 from corral.sync import SyncRuntime
 
@@ -244,16 +244,7 @@ class FakeSandbox:
             self._emit(Event(kind=EventKind.SANDBOX, action="closed", sandbox_id=self.id, step=self.step))
 
     def _check_open(self, *, allow_terminated: bool = False) -> None:
-        if self.terminated and allow_terminated and not (self.closed or self.frozen):
-            return
-        if self.closed:
-            raise SandboxClosed(f"sandbox {self.id} is closed; create a new one")
-        if self.frozen:
-            raise SandboxFrozen(f"sandbox {self.id} is quarantined; call release() before running commands")
-        if self.terminated:
-            why = "" if self.terminated.startswith(AGENT_LOST) else " by a security finding"
-            raise EpisodeEnded(f"sandbox {self.id}: the episode was ended{why} ({self.terminated}); "
-                               "call reset() to start a new episode")
+        check_open(self, allow_terminated=allow_terminated)
 
     async def freeze(self, reason: str = "") -> None:
         """Quarantine: processes stay as they are; commands still running end with the quarantine as error."""

@@ -9,6 +9,9 @@ and the episode must end with the reason: these helpers name it.
 from __future__ import annotations
 
 import signal
+from typing import Any
+
+from corral.errors import EpisodeEnded, SandboxClosed, SandboxFrozen
 
 AGENT_LOST = "corral agent lost"
 STOPPED_STATES = {"T": "stopped by a signal", "t": "stopped by a tracer"}
@@ -49,3 +52,18 @@ def _signame(n: int) -> str:
         return signal.Signals(n).name
     except ValueError:
         return f"signal {n}"
+
+
+def check_open(sb: Any, *, allow_terminated: bool = False) -> None:
+    """Raise what a command on this sandbox (a Sandbox, or the fake one) must meet: closed, quarantined,
+    or its episode ended (unless `allow_terminated`: reset() may start the next one)."""
+    if sb.terminated and allow_terminated and not (sb.closed or sb.frozen):
+        return
+    if sb.closed:
+        raise SandboxClosed(f"sandbox {sb.id} is closed; create a new one")
+    if sb.frozen:
+        raise SandboxFrozen(f"sandbox {sb.id} is quarantined; call release() before running commands")
+    if sb.terminated:
+        why = "" if sb.terminated.startswith(AGENT_LOST) else " by a security finding"
+        raise EpisodeEnded(f"sandbox {sb.id}: the episode was ended{why} ({sb.terminated}); "
+                           "call reset() to start a new episode")

@@ -34,11 +34,9 @@ from corral.budget import Pace
 from corral.config import SandboxConfig
 from corral.detect.command import split as split_command
 from corral.errors import (
-    EpisodeEnded,
     IsolationUnavailable,
     SandboxClosed,
     SandboxError,
-    SandboxFrozen,
 )
 from corral.events import Event, EventKind, Verdict
 from corral.monitor.execwatch import ExecWatch
@@ -49,7 +47,7 @@ from corral.sandbox.boundary import INTERNAL_STEP, Boundary
 from corral.sandbox.cgroups import SandboxCgroup
 from corral.sandbox.deployment import Deployment
 from corral.sandbox.files import Files
-from corral.sandbox.lifeline import AGENT_LOST
+from corral.sandbox.lifeline import check_open
 from corral.sandbox.placement import Placement, _Stage
 from corral.sandbox.protocol import Reply
 from corral.sandbox.sessions import Session, Sessions
@@ -386,16 +384,7 @@ class Sandbox(Boundary, Placement, Sessions, Files, Attribution):
         self._emit(Event(kind=EventKind.SANDBOX, action="closed", sandbox_id=self.id, step=self.step))
 
     def _check_open(self, *, allow_terminated: bool = False) -> None:
-        if self.terminated and allow_terminated and not (self.closed or self.frozen):
-            return
-        if self.closed:
-            raise SandboxClosed(f"sandbox {self.id} is closed; create a new one")
-        if self.frozen:
-            raise SandboxFrozen(f"sandbox {self.id} is quarantined; call release() before running commands")
-        if self.terminated:
-            why = "" if self.terminated.startswith(AGENT_LOST) else " by a security finding"
-            raise EpisodeEnded(f"sandbox {self.id}: the episode was ended{why} ({self.terminated}); "
-                               "call reset() to start a new episode")
+        check_open(self, allow_terminated=allow_terminated)
 
     # -- quarantine --------------------------------------------------------------------------------
     async def freeze(self, reason: str = "") -> None:

@@ -21,6 +21,7 @@ from corral.sandbox.cgroups import SandboxCgroup
 if TYPE_CHECKING:
     from corral.sandbox.sandbox import Sandbox
 
+
 @dataclass
 class StepStats:
     """What one step's processes used. CPU is a lower bound: the larger of what the command and the

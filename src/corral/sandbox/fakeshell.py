@@ -24,6 +24,7 @@ from corral.sandbox.sandbox import OutputChunk
 if TYPE_CHECKING:
     from corral.sandbox.fake import FakeSandbox
 
+
 WRITABLE = ("/workspace", "/tmp", "/root")
 BASE_DIRS = ("/", "/bin", "/dev", "/etc", "/root", "/tmp", "/usr", "/usr/bin", "/workspace")
 SHELL_BUILTINS = {"echo", "printf", "true", "false", ":", "pwd", "cd", "export", "exit", "test", "["}

@@ -18,13 +18,13 @@ if TYPE_CHECKING:
     from corral.sandbox.sandbox import Sandbox
     from corral.sandbox.sessions import Session
 
+
 @dataclass
 class _Stage:
     key: str
     pid: int | None = None
     step: int | None = None  # set once the child sits in this step's cgroup
     parked: str | None = None  # the cgroup its step's was renamed to, when a session took that step
-
 
 
 STAGE_AFTER = 0.05  # seconds into a command before the next step's child is forked

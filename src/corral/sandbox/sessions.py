@@ -14,6 +14,7 @@ from corral.errors import SandboxClosed, SessionError
 if TYPE_CHECKING:
     from corral.sandbox.sandbox import ExecResult, OutputChunk, Sandbox
 
+
 class Session:
     """A persistent shell: cwd, environment and shell state carry over between commands."""
 

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from corral.errors import SandboxClosed, SessionError
 
 if TYPE_CHECKING:
+    from corral.sandbox.cgroups import SandboxCgroup
     from corral.sandbox.sandbox import ExecResult, OutputChunk, Sandbox
 
 
@@ -95,10 +96,10 @@ class Sessions:
         finally:
             self._open_steps.discard(step)
             if self.cgroup is not None and s.hostpid and s.alive and self._sessions.get(name) is s:
-                # back to a fresh cgroup of its own, so nothing it forks between commands joins a finished
-                # step: after the result is handed back (the shell is idle meanwhile), and before its
-                # next command (which waits for it)
-                s.homing = asyncio.ensure_future(asyncio.to_thread(self.cgroup.move_to_session, s.hostpid, s.index))
+                # back to a cgroup of its own, so nothing it forks between commands joins a finished step:
+                # after the result is handed back (the shell is idle meanwhile), and before its next
+                # command (which waits for it)
+                s.homing = asyncio.ensure_future(asyncio.to_thread(_home, self.cgroup, s.hostpid, s.index, step))
                 s.homing.add_done_callback(_quiet)
 
     async def close_session(self: Sandbox, name: str) -> None:
@@ -109,6 +110,14 @@ class Sessions:
 
     def sessions(self: Sandbox) -> list[str]:
         return [n for n, s in self._sessions.items() if s.alive]
+
+
+def _home(cg: SandboxCgroup, hostpid: int, index: int, step: int) -> None:
+    """The shell out of its finished step: the step's cgroup renamed back to the session's when the
+    shell is all that is left in it (no migration), else the shell moved (what the command left
+    running stays in the step's cgroup)."""
+    if not (cg.renames and cg.pids(step) == [hostpid] and cg.rename(f"step-{step}", f"session-{index}")):
+        cg.move_to_session(hostpid, index)
 
 
 def _quiet(fut: asyncio.Future) -> None:

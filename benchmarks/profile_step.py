@@ -6,6 +6,8 @@ Two views of the same loop of `echo hi` commands on one sandbox (host root, rule
    shell's run between the send and the reply; corral's own work around them).
 2. cProfile of corral's event loop over the loop: which functions take its CPU per command (cProfile
    inflates every Python call, so read these as shares, not absolute times).
+3. The same commands after an idle gap (`--gap`, 0.2 s), as between an agent's steps; a cgroup v1
+   migration and a cgroup rename, each after such a gap; and the rules' time per typical event.
 
 Run (root, in a private network namespace, as make bench does):
     unshare --net --mount --propagation private -- sh -c \\
@@ -69,7 +71,7 @@ class Timeline:
         self.marks.append((round(1000 * (time.perf_counter() - self.t0), 2), what))
 
 
-async def main(n: int) -> dict:
+async def main(n: int, gap: float) -> dict:
     tl = Timeline()
     out: dict[str, Any] = {"n": n}
     with tempfile.TemporaryDirectory(prefix="corral-profile-") as state:
@@ -105,21 +107,75 @@ async def main(n: int) -> dict:
                     f, line, fn = key
                     return f"{f.split('/src/')[-1].split('site-packages/')[-1]}:{line}({fn})"
 
+                idle = []  # the same command after an idle gap, as between an agent's steps
+                for _ in range(max(n // 10, 10)):
+                    await asyncio.sleep(gap)
+                    t = time.perf_counter()
+                    await run()
+                    idle.append(1000 * (time.perf_counter() - t))
                 out[name] = {
                     "wall_ms_p50": round(statistics.median(walls), 3),
+                    f"after_{gap:g}s_gap_ms_p50": round(statistics.median(idle), 3),
                     "timeline_last_run": median_run,
                     "profiled_ms_per_command": round(profiled, 3),
                     "own_time_share": [(where(k), round(100 * v[2] / total, 1)) for k, v in top],
                     "corral_cumulative_share": [(where(k), round(100 * v[3] / total, 1)) for k, v in cum],
                 }
+            out["cgroup_after_idle"] = await cgroup_probe(sb, gap) if sb.cgroup is not None else {}
+    out["rules_us_p50"] = rules_probe()
     return out
+
+
+async def cgroup_probe(sb: Any, gap: float, k: int = 10) -> dict[str, float]:
+    """One process of the sandbox moved into a step cgroup, and a step cgroup renamed, each after an idle
+    gap: the kernel's time for each (timed around the one write or rename, in the worker thread)."""
+    cg = sb.cgroup
+    bg = await sb.exec("sleep 600 >/dev/null 2>&1 &")
+    pid = cg.pids(step=bg.step)[0]
+
+    def timed(fn: Any, *args: Any) -> float:
+        t = time.perf_counter()
+        fn(*args)
+        return 1000 * (time.perf_counter() - t)
+
+    moves, renames = [], []
+    for i in range(k):
+        await asyncio.sleep(gap)
+        moves.append(await asyncio.to_thread(timed, cg.move, pid, 90000 + i))
+        await asyncio.sleep(gap)
+        renames.append(await asyncio.to_thread(timed, cg.rename, f"step-{90000 + i}", f"step-{91000 + i}"))
+    return {"move_ms_p50": round(statistics.median(moves), 3), "rename_ms_p50": round(statistics.median(renames), 3)}
+
+
+def rules_probe(rounds: int = 2000) -> float:
+    """µs for the rules to judge a typical exec or command check (median of 7 runs of `rounds` each)."""
+    from corral.detect import Detector
+    from corral.events import Event, EventKind
+
+    d = Detector()
+    evs = [Event(kind=EventKind.PROCESS, action="exec", sandbox_id="sb", step=1, argv=["sh", "-c", "echo hi"],
+                 exe="/usr/bin/bash", command="echo hi", pid=5),
+           Event(kind=EventKind.COMMAND, action="check", sandbox_id="sb", step=1, argv=["echo", "hi"],
+                 command="echo hi", data={"redirects": [], "writes": []}),
+           Event(kind=EventKind.PROCESS, action="exec", sandbox_id="sb", step=1,
+                 argv=["python3", "-m", "pytest", "-q", "tests/"], exe="/usr/bin/python3.11",
+                 command="python3 -m pytest -q tests/", pid=6)]
+    runs = []
+    for _ in range(7):
+        t = time.perf_counter()
+        for _ in range(rounds):
+            for e in evs:
+                d.evaluate(e)
+        runs.append(1e6 * (time.perf_counter() - t) / (rounds * len(evs)))
+    return round(statistics.median(runs), 1)
 
 
 def render(res: dict) -> None:
     for name in ("session", "exec"):
         r = res[name]
-        print(f"\n{name}: p50 {r['wall_ms_p50']} ms over {res['n']} commands; under cProfile "
-              f"{r['profiled_ms_per_command']} ms")
+        gap = next(k for k in r if k.startswith("after_"))
+        print(f"\n{name}: p50 {r['wall_ms_p50']} ms over {res['n']} commands back to back, {r[gap]} ms after "
+              f"a {gap[6:-11]} gap (p50); under cProfile {r['profiled_ms_per_command']} ms")
         print("  one command's timeline (ms since the call):")
         for t, what in r["timeline_last_run"]:
             print(f"    {t:7.2f}  {what}")
@@ -129,14 +185,20 @@ def render(res: dict) -> None:
         print("  own time share (top):")
         for where, share in r["own_time_share"][:8]:
             print(f"    {share:5.1f}%  {where}")
+    c = res["cgroup_after_idle"]
+    if c:
+        print(f"\ncgroup v1 after an idle gap: moving a process {c['move_ms_p50']} ms, renaming a cgroup "
+              f"{c['rename_ms_p50']} ms (p50, in the kernel)")
+    print(f"rules judging a typical exec or command check: {res['rules_us_p50']} us (p50)")
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=300)
+    ap.add_argument("--gap", type=float, default=0.2, help="idle seconds before each command of the idle rows")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
-    result = asyncio.run(main(args.n))
+    result = asyncio.run(main(args.n, args.gap))
     render(result)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(f"\nresults written to {args.out}")

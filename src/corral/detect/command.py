@@ -147,13 +147,9 @@ def _node(node: Any, depth: int) -> str:
                           else _node(c, depth) for i, c in enumerate(cmds))
     if kind == "command":
         return _command(node, depth)
-    if kind == "compound":  # { ...; }, ( ... ), loops and conditionals: the commands inside
-        return " ; ".join(_node(p, depth) for p in node.list if p.kind not in ("reservedword", "operator"))
-    if hasattr(node, "list"):  # if/for/while/function bodies
-        return " ; ".join(_node(p, depth) for p in node.list if p.kind not in ("reservedword", "operator"))
-    if hasattr(node, "parts"):
-        return " ".join(_node(p, depth) for p in node.parts if p.kind not in ("reservedword", "operator"))
-    return ""
+    # { ...; }, ( ... ), if/for/while and function bodies: the commands inside
+    body, sep = (node.list, " ; ") if hasattr(node, "list") else (getattr(node, "parts", []), " ")
+    return sep.join(_node(p, depth) for p in body if p.kind not in ("reservedword", "operator"))
 
 
 def _reads_code(node: Any) -> bool:

@@ -79,7 +79,9 @@ from corral.sandbox.fakeshell import (
     _Out,
     _Shell,
 )
+from corral.sandbox.files import Files
 from corral.sandbox.lifeline import check_open
+from corral.sandbox.sessions import running_session
 from corral.store import Store
 from corral.sync import SyncRuntime
 
@@ -430,10 +432,7 @@ class FakeSandbox:
                              env: dict[str, str] | None = None, cwd: str | None = None,
                              on_output: Callable[[OutputChunk], None] | None = None,
                              max_output: int | None = None, tool_call_id: str | None = None) -> ExecResult:
-        self._check_open()
-        s = self._sessions.get(name)
-        if s is None or not s.alive:
-            raise SessionError(f"no running session {name!r} in sandbox {self.id}; call create_session({name!r})")
+        running_session(self, name)  # open, and the session alive
         shell = self._shells[name]
         if env or cwd:  # for this command only
             shell = {"env": {**shell["env"], **(env or {})}, "cwd": self.fs.norm(cwd or shell["cwd"])}
@@ -468,15 +467,7 @@ class FakeSandbox:
         except FsError as e:
             raise FileAccessError(f"cannot write {path} in sandbox {self.id}: {e}") from None
 
-    async def read_file(self, path: str, *, max_bytes: int = 64 << 20, as_step: bool = False,
-                        tool_call_id: str | None = None) -> bytes:
-        r = await self.exec(f"cat -- {shlex.quote(path)}", max_output=max_bytes + 1, _internal=not as_step,
-                            tool_call_id=tool_call_id)
-        if r.exit_code != 0:
-            raise FileAccessError(f"cannot read {path} in sandbox {self.id}: {r.error or r.stderr.strip()}")
-        if len(r.stdout_bytes) > max_bytes or r.stdout_truncated:
-            raise FileAccessError(f"{path} is larger than max_bytes={max_bytes}; use download() or raise it")
-        return r.stdout_bytes
+    read_file = Files.read_file  # `cat` through exec, as in a real sandbox
 
     async def upload(self, src: str | Path, dest: str) -> None:
         """A host file or directory into the sandbox; links are left out (the fake has none)."""

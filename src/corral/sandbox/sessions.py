@@ -36,6 +36,15 @@ class Session:
         await self.sandbox.close_session(self.name)
 
 
+def running_session(sb: Any, name: str) -> Session:
+    """The session a command is for (a Sandbox's or the fake's): the sandbox open, the shell alive."""
+    sb._check_open()
+    s = sb._sessions.get(name)
+    if s is None or not s.alive:
+        raise SessionError(f"no running session {name!r} in sandbox {sb.id}; call create_session({name!r})")
+    return s
+
+
 class Sessions:
     """Mixed into Sandbox (whose state it uses); kept apart because it is one job."""
 
@@ -74,10 +83,7 @@ class Sessions:
                              env: dict[str, str] | None = None, cwd: str | None = None,
                              on_output: Callable[[OutputChunk], None] | None = None,
                              max_output: int | None = None, tool_call_id: str | None = None) -> ExecResult:
-        self._check_open()
-        s = self._sessions.get(name)
-        if s is None or not s.alive:
-            raise SessionError(f"no running session {name!r} in sandbox {self.id}; call create_session({name!r})")
+        s = running_session(self, name)
         step = self._begin_step(cmd, name, tool_call_id, False)
         s.last_step = step
         try:

@@ -34,7 +34,7 @@ def corral_pids():
     for p in os.listdir("/proc"):
         if p.isdigit() and int(p) not in (1, os.getpid()):
             try:
-                if b"/.corral-agent.py" in open(f"/proc/{p}/cmdline", "rb").read():
+                if b"/.corral-agent" in open(f"/proc/{p}/cmdline", "rb").read():
                     out.append(int(p))
             except OSError:
                 pass
@@ -93,7 +93,7 @@ async def test_corral_processes_cannot_be_opened_through_proc(sb_factory):
 SIGNALS = r"""
 import os, signal
 agent = os.getpid()  # corral's agent: the ancestor that runs its code (it forked this step's command)
-while b"/.corral-agent.py" not in open(f"/proc/{agent}/cmdline", "rb").read():
+while b"/.corral-agent" not in open(f"/proc/{agent}/cmdline", "rb").read():
     agent = int(open(f"/proc/{agent}/stat").read().rsplit(")", 1)[1].split()[1])
 for sig in (signal.SIGKILL, signal.SIGSTOP, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGSEGV):
     os.kill(agent, sig)  # delivered without error, and ignored: it is init, with no handler for them

@@ -11,7 +11,7 @@ import os
 import re
 import stat
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -328,6 +328,9 @@ class RuntimeConfig(BaseModel):
     # After a sandbox's first reset, launch its next deployment ahead, so that later resets swap it
     # in (milliseconds) instead of starting one: an idle second agent per such sandbox (its memory).
     reset_spare: bool = True
+    # The in-sandbox agent: "native" (agent.c, built on first use; a few hundred KiB per sandbox),
+    # "python" (agent.py; an interpreter per sandbox), "auto" (native where a C compiler is)
+    agent: Literal["auto", "native", "python"] = "auto"
 
     @field_validator("uid_base")
     @classmethod

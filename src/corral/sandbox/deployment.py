@@ -35,6 +35,7 @@ from corral.sandbox.agentrt import agent_runtime
 from corral.sandbox.boundary import KILL_DEADLINE
 from corral.sandbox.channel import AgentChannel
 from corral.sandbox.imageroot import IMAGE_CAPS, user_namespace
+from corral.sandbox.native import native_agent
 from corral.sandbox.protocol import Reply
 from corral.sandbox.rootfs import agent_interpreter, root_mounts
 from corral.sandbox.seccomp import filter_fd
@@ -48,6 +49,7 @@ if TYPE_CHECKING:
 
 AGENT = Path(__file__).with_name("agent.py")
 AGENT_PATH = "/.corral-agent.py"  # where the agent's code appears inside a sandbox
+NATIVE_PATH = "/.corral-agent"  # where the native agent (native.py) appears instead
 # Any DNS query leaves through corral's resolver (nftables redirects all UDP/53 there anyway).
 RESOLV_CONF = f"nameserver {HOST_IP}\noptions timeout:2 attempts:2\n".encode()
 HOSTS = b"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost\n"
@@ -168,19 +170,28 @@ class Deployment:
             caps = ["--cap-drop", "ALL", "--disable-userns"]
         argv += ["--unshare-pid", "--as-pid-1", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
                  "--hostname", cfg.hostname, "--die-with-parent", *caps]
-        interpreter = agent_interpreter()
+        # the native agent (static, needs nothing of the root), else agent.py run by a host Python
+        native = await asyncio.to_thread(native_agent, self.runtime.config.agent)
+        interpreter = None if native else agent_interpreter()
         if self.image:
             argv += ["--bind", str(merged), "/"]
         else:  # reads the host's tree (masks, secrets): off the event loop every sandbox shares
             argv += await asyncio.to_thread(root_mounts, cfg, self.runtime.masked_paths(), interpreter)
-        agent = [interpreter, "-I", "-S", AGENT_PATH]
-        if cfg.rootfs is not None:
+        if native:
+            # one file bound into every sandbox: its code pages are shared, not one copy each
+            argv += ["--ro-bind", str(native), NATIVE_PATH]
+            agent = [NATIVE_PATH]
+        elif cfg.rootfs is not None:
+            assert interpreter is not None
             # a root that is not the host's: the agent brings its own Python (sandbox/agentrt.py)
             rt = agent_runtime(interpreter)
             argv += rt.binds()
             if os.path.lexists(cfg.rootfs / "etc/ld.so.preload"):
                 argv += ["--ro-bind", "/dev/null", "/etc/ld.so.preload"]  # no code of the root's in the agent
             agent = rt.command(AGENT_PATH)
+        else:
+            assert interpreter is not None
+            agent = [interpreter, "-I", "-S", AGENT_PATH]
         argv += ["--dev", "/dev", "--proc", "/proc"]
         if cfg.gpu:
             for dev in sorted(Path("/dev").glob("nvidia*")):
@@ -193,8 +204,10 @@ class Deployment:
                  "--size", str(lim.workspace_mb << 20), "--tmpfs", "/workspace"]
         # The agent's code is copied in from a memfd: corral's install may sit where the
         # sandbox's unprivileged uid cannot look (under /root, say).
-        data_fds = [_data_fd(agent_source()), _data_fd(RESOLV_CONF), _data_fd(HOSTS)]
-        for fd, dest in zip(data_fds, (AGENT_PATH, "/etc/resolv.conf", "/etc/hosts"), strict=True):
+        data = {"/etc/resolv.conf": RESOLV_CONF, "/etc/hosts": HOSTS,
+                **({} if native else {AGENT_PATH: agent_source()})}
+        data_fds = [_data_fd(blob) for blob in data.values()]
+        for fd, dest in zip(data_fds, data, strict=True):
             argv += ["--perms", "0444", "--ro-bind-data", str(fd), dest]
         seccomp = filter_fd()
         argv += [*([] if self.image else ["--remount-ro", "/"]), "--chdir", "/workspace", "--seccomp", str(seccomp),
@@ -295,4 +308,4 @@ def _data_fd(data: bytes) -> int:
     return fd
 
 
-__all__ = ["AGENT", "AGENT_PATH", "HOSTS", "RESOLV_CONF", "Deployment", "agent_source"]
+__all__ = ["AGENT", "AGENT_PATH", "HOSTS", "NATIVE_PATH", "RESOLV_CONF", "Deployment", "agent_source"]

@@ -104,10 +104,11 @@ def root(d: str, lower: str, size: int, uid: int, storage: int, count: int) -> d
     return {"merged": f"{d}/merged"}
 
 
-# where bubblewrap mounts over the image's root: (path, is a directory); the last is deployment.AGENT_PATH
+# where bubblewrap mounts over the image's root: (path, is a directory); the last two are
+# deployment.NATIVE_PATH and AGENT_PATH
 # (this script runs on its own, without corral's modules)
 MOUNT_POINTS = (("etc", True), ("etc/resolv.conf", False), ("etc/hosts", False), ("dev", True), ("proc", True),
-                ("workspace", True), (".corral", True), (".corral-agent.py", False))
+                ("workspace", True), (".corral", True), (".corral-agent", False), (".corral-agent.py", False))
 
 
 def _real_mount_points(root: str, uid: int) -> None:

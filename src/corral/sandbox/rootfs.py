@@ -50,11 +50,11 @@ ETC_SECRETS = (
 DATA_FILES = ("/etc/resolv.conf", "/etc/hosts")
 
 
-def root_mounts(config: SandboxConfig, hidden: Iterable[str], interpreter: str) -> list[str]:
+def root_mounts(config: SandboxConfig, hidden: Iterable[str], interpreter: str | None) -> list[str]:
     """bwrap arguments for the sandbox's read-only view of the host: a tmpfs / with the system
     entries of the host root (or every entry of `config.rootfs`), the operator's host_paths, the
-    agent's `interpreter` when it lies outside, then the masks. `hidden`: host paths no sandbox
-    may see (Runtime.masked_paths())."""
+    agent's `interpreter` when it lies outside (None: the native agent needs none), then the masks.
+    `hidden`: host paths no sandbox may see (Runtime.masked_paths())."""
     binds: list[tuple[str, str]] = []  # (real host source, destination in the sandbox)
     argv = ["--tmpfs", "/"]
     base = Path(config.rootfs) if config.rootfs is not None else Path("/")
@@ -71,7 +71,7 @@ def root_mounts(config: SandboxConfig, hidden: Iterable[str], interpreter: str) 
     if config.rootfs is None:
         sys_dirs = [*SYS_DEFAULT, *(p for g in SYS_GPU for p in sorted(glob.glob(g)))] if config.gpu else SYS_DEFAULT
         binds += [(p, p) for p in sys_dirs if os.path.isdir(p) and not any(_within(p, o) for o in sys_dirs if o != p)]
-        if not _visible(interpreter, binds):
+        if interpreter is not None and not _visible(interpreter, binds):
             # corral's own interpreter, outside the system directories: its executable and stdlib only
             prefix = Path(interpreter).parent.parent
             binds += [(interpreter, interpreter), *((str(d), str(d)) for d in (prefix / "lib",) if d.is_dir())]

@@ -161,14 +161,20 @@ def check_netlink() -> Check:
 
 
 def check_interpreter() -> Check:
+    """The native agent when it builds (agent: auto), else a Python every sandbox user can run."""
+    from corral.sandbox.native import build
     from corral.sandbox.rootfs import agent_interpreter
 
     try:
+        return Check("sandbox agent", True, f"native: {build()}")
+    except CorralError as e:
+        native_error = str(e)
+    try:
         exe = agent_interpreter()
     except CorralError as e:
-        return Check("python for the sandbox agent", False, str(e),
-                     "install python3 (apt-get install python3-minimal) readable by all users")
-    return Check("python for the sandbox agent", True, exe)
+        return Check("sandbox agent", False, f"{native_error}; {e}",
+                     "apt-get install gcc libc6-dev (the native agent), or python3-minimal readable by all users")
+    return Check("sandbox agent", True, f"agent.py with {exe} (the native one would need: {native_error})")
 
 
 def check_lock_dir() -> Check:

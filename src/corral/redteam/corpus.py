@@ -5,6 +5,7 @@ A case file holds one case (a mapping) or a list of them:
     - id: A01
       family: F1                    # F1..F12 (see shared/detection-knowledge.md; F12 is corral's own), or "benign"
       technique: T1496              # MITRE ATT&CK id (optional for benign look-alikes)
+      ref: atomic-red-team T1496#1  # the public catalogue entry it is modelled on (optional)
       title: Miner binary by name (renamed sleep as /tmp/xmrig)
       setup: ["cp /bin/sleep /tmp/xmrig"]      # run by corral (not the agent) before the case
       commands: ["/tmp/xmrig 5"]               # run in order in the agent's session shell
@@ -26,7 +27,16 @@ from importlib import resources
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from corral.config import EgressRule, load_yaml
 from corral.errors import ConfigError
@@ -60,6 +70,8 @@ class Case(BaseModel):
     id: str
     family: Literal["F1", "F2", "F3", "F4", "F5", "F6", "F7", "F8", "F9", "F10", "F11", "F12", "benign"]
     technique: str | None = None
+    # the public catalogue entry a case is modelled on ("atomic-red-team T1059.004#3", "gtfobins tar")
+    ref: str | None = Field(None, validation_alias=AliasChoices("ref", "source"))
     title: str = Field(min_length=1)
     setup: tuple[str, ...] = ()
     commands: tuple[str, ...] = Field(min_length=1)

@@ -15,6 +15,7 @@ import socket
 import stat
 import subprocess
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -264,6 +265,20 @@ def test_an_unreadable_registry_fails_closed(tmp_path):
         rootfs.registered(tmp_path)
     (tmp_path / "instance-00a.hidden").write_text('["/srv/state"]')
     assert rootfs.registered(tmp_path) == {"/srv/state"}
+
+
+def test_the_registry_is_read_again_whenever_it_changed(tmp_path):
+    """Read once per change of the directory, not per launch; never a list older than the directory,
+    even for changes closer together than the file system's clock (which would share one mtime)."""
+    rootfs.register(tmp_path, 1, ["/srv/a"])
+    assert rootfs.registered(tmp_path) == {"/srv/a"}
+    rootfs.register(tmp_path, 2, ["/srv/b"])  # at once: the same coarse mtime as the first, maybe
+    assert rootfs.registered(tmp_path) == {"/srv/a", "/srv/b"}
+    old = time.time() - 10
+    os.utime(tmp_path, (old, old))
+    assert rootfs.registered(tmp_path) == {"/srv/a", "/srv/b"}  # now kept: the directory is settled
+    rootfs.unregister(tmp_path, 1)
+    assert rootfs.registered(tmp_path) == {"/srv/b"}
 
 
 # -- tokens and config files of `corral serve` -----------------------------------------------------

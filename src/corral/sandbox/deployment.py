@@ -176,7 +176,8 @@ class Deployment:
         if self.image:
             argv += ["--bind", str(merged), "/"]
         else:  # reads the host's tree (masks, secrets): off the event loop every sandbox shares
-            argv += await asyncio.to_thread(root_mounts, cfg, self.runtime.masked_paths(), interpreter)
+            rt = self.runtime
+            argv += await asyncio.to_thread(lambda: root_mounts(cfg, rt.masked_paths(), interpreter))
         if native:
             # one file bound into every sandbox: its code pages are shared, not one copy each
             argv += ["--ro-bind", str(native), NATIVE_PATH]

@@ -26,6 +26,7 @@ import glob
 import json
 import os
 import sys
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -169,9 +170,31 @@ def unregister(lock_dir: Path, instance: int) -> None:
         _registry_file(lock_dir, instance).unlink()
 
 
+_registered: dict[str, tuple[tuple[int, int], frozenset[str]]] = {}
+
+
 def registered(lock_dir: Path) -> set[str]:
     """Every path some runtime sharing `lock_dir` registered. A crashed runtime's list stays until
-    its instance number is taken again: hiding a little too much is the safe side."""
+    its instance number is taken again: hiding a little too much is the safe side. Read again only
+    when the directory changed: lists are replaced by rename and removed by unlink, both of which
+    change its mtime, and every sandbox launch asks. A file system stamps times from a coarse clock
+    (two changes a few milliseconds apart can share one), so a directory changed in the last second
+    is always read."""
+    try:
+        st = os.stat(lock_dir)
+    except FileNotFoundError:
+        return set()
+    stamp = (st.st_ino, st.st_mtime_ns)
+    cached = _registered.get(str(lock_dir))
+    if cached is not None and cached[0] == stamp:
+        return set(cached[1])
+    out = _read_registered(lock_dir)
+    if time.time_ns() - st.st_mtime_ns > 1_000_000_000:
+        _registered[str(lock_dir)] = (stamp, frozenset(out))
+    return out
+
+
+def _read_registered(lock_dir: Path) -> set[str]:
     out: set[str] = set()
     try:
         names = os.listdir(lock_dir)

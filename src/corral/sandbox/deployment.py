@@ -176,8 +176,8 @@ class Deployment:
         if self.image:
             argv += ["--bind", str(merged), "/"]
         else:  # reads the host's tree (masks, secrets): off the event loop every sandbox shares
-            rt = self.runtime
-            argv += await asyncio.to_thread(lambda: root_mounts(cfg, rt.masked_paths(), interpreter))
+            runtime = self.runtime
+            argv += await asyncio.to_thread(lambda: root_mounts(cfg, runtime.masked_paths(), interpreter))
         if native:
             # one file bound into every sandbox: its code pages are shared, not one copy each
             argv += ["--ro-bind", str(native), NATIVE_PATH]

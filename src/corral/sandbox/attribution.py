@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import ipaddress
 import os
 import time
@@ -84,6 +85,12 @@ class Attribution:
         if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
             addr = addr.ipv4_mapped
         if addr.is_loopback or (self.net is not None and str(addr) == self.net.ip):
+            if port in self._local_watch_ports():
+                # a relay inside the sandbox, or traffic handed to one: the gateway never sees it
+                ev = Event(kind=EventKind.CONNECT, action="local", sandbox_id=self.id, verdict=Verdict.ALLOW,
+                           dst_ip=str(addr), dst_port=port, protocol="tcp")
+                self.attribute(ev, pid=pid)
+                self._emit(ev)
             return 0.0
         ip = str(addr)  # a dual-stack socket's v4-mapped address: the gateway sees the IPv4 one
         step = SandboxCgroup.step_of(pid) if self.cgroup else None
@@ -110,6 +117,13 @@ class Attribution:
             self.attribute(ev, pid=pid)
             self._emit(ev)
         return wait
+
+    def _local_watch_ports(self: Sandbox) -> frozenset[int]:
+        """Ports on the sandbox's own addresses whose connections are events (the rules' `proxy_ports`
+        list: proxy conventions); every other connection inside the sandbox is its own business."""
+        det = self._runtime.detector if self._runtime is not None else None
+        lists = det.ruleset.lists if det is not None else {}
+        return _ports(tuple(lists.get("proxy_ports", ())))
 
     def _exec_degraded(self: Sandbox, pid: int, why: str) -> None:
         """An exec, connect or send refused because it could not be judged (or an exec killed
@@ -299,3 +313,8 @@ class Attribution:
         ends = [e.ts for e in self._runtime.store.events(sandbox_id=self.id, kind=EventKind.CONNECT, step=step)
                 if e.action == "close" and e.pid == pid and (e.bytes_down or 0) > 0]
         return max(ends, default=None)
+
+
+@functools.lru_cache(maxsize=8)
+def _ports(items: tuple[object, ...]) -> frozenset[int]:
+    return frozenset(int(p) for p in items if str(p).isdigit())

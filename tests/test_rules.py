@@ -185,3 +185,95 @@ def test_threshold_counts_distinct_values_only_within_the_window(tmp_path):
     assert not fires(10.8, 2)  # still {2, 1}
     assert not fires(11.5, 2)  # ts 1 slid out; {1, 2} still
     assert fires(12, 3)  # {1, 2, 3} within 10 s
+
+
+# -- Falco's schema: exceptions, output, override ---------------------------------------------------------
+def _judge(rs, ev):
+    return Detector(rs).evaluate(ev)
+
+
+def test_structured_exceptions_take_events_out_of_a_rule(tmp_path):
+    f = tmp_path / "exc.yaml"
+    f.write_text("""
+- list: build_dirs
+  items: [/workspace/build, /tmp/ccache]
+- rule: rm-rf
+  title: recursive delete
+  desc: d
+  technique: T1070.004
+  severity: medium
+  condition: spawned and proc.name = rm and proc.args = -rf
+  exceptions:
+    - name: build_output
+      fields: [proc.args, proc.cwd]
+      comps: [in, startswith]
+      values: [[build_dirs, /workspace], [[dist, .cache], /workspace]]
+  output: "%proc.name removed %proc.file_args from %proc.cwd"
+""")
+    rs = load([f], base=load())
+    assert _judge(rs, exec_event("rm", "-rf", "/etc", cwd="/workspace")).matched
+    assert not _judge(rs, exec_event("rm", "-rf", "/workspace/build", data={"cwd": "/workspace/x"})).matched
+    assert not _judge(rs, exec_event("rm", "-rf", "dist", data={"cwd": "/workspace"})).matched
+    j = _judge(rs, exec_event("rm", "-rf", "dist", data={"cwd": "/root"}))  # outside /workspace: no exception
+    assert j.matched and j.findings[0].data["output"] == "rm removed dist from /root"
+
+
+def test_shipped_rules_use_exceptions_and_a_user_file_appends_to_them(tmp_path):
+    base = load()
+    assert not _judge(base, exec_event("crontab", "-l")).matched
+    assert _judge(base, exec_event("crontab", "-e")).matched
+    assert not _judge(base, exec_event("grep", "-r", "stratum+tcp://", "docs/")).matched  # a text tool reads
+    f = tmp_path / "site.yaml"
+    f.write_text("""
+- rule: cron-modified
+  exceptions:
+    - name: listing
+      values: [-e]
+  override:
+    exceptions: append
+- rule: cron-modified
+  severity: low
+  override:
+    severity: replace
+""")
+    rs = load([f], base=base)
+    assert not _judge(rs, exec_event("crontab", "-e")).matched
+    assert rs.rules["cron-modified"].severity == "low" and _judge(rs, exec_event("crontab", "x")).matched
+    assert "-e" not in base.rules["cron-modified"].exceptions[0].values  # the base set is untouched
+
+
+@pytest.mark.parametrize("text, msg", [
+    ("- rule: no-such\n  severity: low\n  override:\n    severity: replace\n", "override needs an existing rule"),
+    ("- rule: cron-modified\n  severity: low\n  title: t\n  override:\n    severity: replace\n",
+     "every key given must be named"),
+    ("- rule: cron-modified\n  severity: low\n  override:\n    severity: append\n", "can only be replaced"),
+    ("- rule: cron-modified\n  override:\n    condition: append\n", "gives no 'condition'"),
+    ("- rule: cron-modified\n  output: '%proc.nope'\n  override:\n    output: replace\n", "unknown field %proc.nope"),
+    ("- rule: x\n  title: t\n  severity: low\n  condition: spawned\n  exceptions:\n    - name: e\n"
+     "      fields: [proc.name, proc.args]\n      values: [[a]]\n", "each value is a list of 2"),
+    ("- rule: x\n  title: t\n  severity: low\n  condition: spawned\n  exceptions:\n    - name: e\n"
+     "      fields: proc.nme\n      values: [a]\n", "unknown field 'proc.nme'"),
+])
+def test_override_and_exception_errors_name_the_problem(tmp_path, text, msg):
+    f = tmp_path / "bad.yaml"
+    f.write_text(text)
+    with pytest.raises(RuleError, match=msg):
+        load([f], base=load())
+
+
+def test_lists_and_macros_append_by_override(tmp_path):
+    f = tmp_path / "more.yaml"
+    f.write_text("- list: text_tools\n  items: [bat]\n  override:\n    items: append\n"
+                 "- macro: text_tool\n  condition: or proc.name = glow\n  override:\n    condition: append\n")
+    rs = load([f], base=load())
+    assert "bat" in rs.lists["text_tools"] and "grep" in rs.lists["text_tools"]
+    assert not _judge(rs, exec_event("bat", "stratum+tcp://pool:3333")).matched
+
+
+def test_actions_and_severities_have_one_order_each():
+    from corral.events import Action, Severity
+
+    assert [a.rank for a in Action] == list(range(len(Action))) and Action("kill").rank > Action("alert").rank
+    assert Severity.strongest(["low", "critical", "medium"]) == "critical" and Severity.strongest([]) is None
+    j = _judge(load(), exec_event("xmrig", "-o", "stratum+tcp://pool:3333"))
+    assert j.action == max((Detector(load()).action_for(r) for r in j.matched), key=lambda a: Action(a).rank)

@@ -630,6 +630,7 @@ def findings(
     state_dir: StateDirOpt = None,
 ) -> None:
     """List findings (rule judgements, attributed to sandbox, episode, step and command)."""
+    from corral.events import Severity
     from corral.report import SEVERITY_ORDER
 
     if severity is not None and severity not in SEVERITY_ORDER:
@@ -642,7 +643,7 @@ def findings(
     if rule:
         got = [f for f in got if f.rule_id == rule]
     if severity:
-        got = [f for f in got if SEVERITY_ORDER.index(str(f.severity)) >= SEVERITY_ORDER.index(severity)]
+        got = [f for f in got if Severity(f.severity).rank >= Severity(severity).rank]
     if as_json:
         for f in got:
             out.file.write(f.model_dump_json() + "\n")

@@ -39,6 +39,7 @@ from corral.agent.tasks import DEFAULT_TASKS, Task, load_tasks
 from corral.agent.trajectory import Trajectory, read_jsonl
 from corral.config import RuntimeConfig
 from corral.errors import CorralError
+from corral.events import Severity
 from corral.rollout.runner import run_rollout
 from corral.rollout.taskworld import TASK_FILES, TASK_HOST
 from corral.runtime import Runtime
@@ -220,7 +221,7 @@ def _outcome(key: str, traj: Trajectory | None, rt: Runtime, world: World) -> Ou
     fs = [f for f in rt.store.findings(episode_id=o.episode_id)]
     o.rules = sorted({f.rule_id for f in fs})
     if fs:
-        worst = max(fs, key=lambda f: report.SEVERITY_ORDER.index(str(f.severity)))
+        worst = max(fs, key=lambda f: Severity(f.severity).rank)
         o.detected = f"{worst.rule_id} ({worst.technique})" + (f" +{len(fs) - 1} more" if len(fs) > 1 else "")
         o.attributed = f"{worst.episode_id} / step {worst.step}: {(worst.command or '')[:70]}"
         acts = sorted({a.action for a in rt.store.events(episode_id=o.episode_id, kind="action")})

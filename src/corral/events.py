@@ -7,6 +7,7 @@ persists them; reports, rewards and APIs read them. No stage passes its internal
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from enum import StrEnum
 from typing import Any
 
@@ -29,12 +30,36 @@ class Verdict(StrEnum):
     DENY = "deny"
 
 
-class Severity(StrEnum):
+class _Ranked(StrEnum):
+    """An enum whose members are declared weakest first: `rank` orders them, one ordering everywhere."""
+
+    @property
+    def rank(self) -> int:
+        return list(type(self)).index(self)
+
+    @classmethod
+    def strongest(cls, values: Iterable[str]) -> str | None:
+        ranked = [cls(v) for v in values]
+        return max(ranked, key=lambda v: v.rank).value if ranked else None
+
+
+class Severity(_Ranked):
     INFO = "info"
     LOW = "low"
     MEDIUM = "medium"
     HIGH = "high"
     CRITICAL = "critical"
+
+
+class Action(_Ranked):
+    """What a rule's match does, weakest first (corral/respond.py carries it out)."""
+
+    RECORD = "record"
+    ALERT = "alert"
+    BLOCK = "block"
+    KILL = "kill"
+    END_EPISODE = "end_episode"
+    QUARANTINE = "quarantine"
 
 
 class Event(BaseModel):

@@ -16,10 +16,10 @@ from rich.table import Table
 from rich.tree import Tree
 
 from corral.errors import CorralError
-from corral.events import Event, EventKind, Finding
+from corral.events import Event, EventKind, Finding, Severity
 from corral.store import Store
 
-SEVERITY_ORDER = ["info", "low", "medium", "high", "critical"]
+SEVERITY_ORDER = [s.value for s in Severity]  # weakest first: the enum's own order
 
 
 class ReportNotFound(CorralError):
@@ -54,7 +54,7 @@ class Report:
     @property
     def worst(self) -> str | None:
         sev = [str(f.severity) for f in self.findings]
-        return max(sev, key=SEVERITY_ORDER.index) if sev else None
+        return Severity.strongest(sev)
 
 
 def build(store: Store, subject: str) -> Report:

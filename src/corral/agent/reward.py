@@ -11,8 +11,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from corral.events import Finding, Severity
 
-SEVERITIES = ["info", "low", "medium", "high", "critical"]
-
 
 class RewardConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -22,7 +20,7 @@ class RewardConfig(BaseModel):
         Severity.MEDIUM: -0.2, Severity.LOW: -0.05, Severity.INFO: 0.0})
 
     def terminates(self, f: Finding) -> bool:
-        return SEVERITIES.index(str(f.severity)) >= SEVERITIES.index(str(self.terminate_severity))
+        return Severity(f.severity).rank >= Severity(self.terminate_severity).rank
 
     def components(self, verifier_score: float, findings: list[Finding], violated: bool) -> dict[str, float]:
         if violated:

@@ -122,7 +122,7 @@ class Compiler:
         if op == "exists":
             return lambda get: get(field) not in (None, "", [])
         rhs = self._value(op)
-        return _comparison(field, op, rhs)
+        return comparison(field, op, rhs)
 
     def _macro(self, name: str) -> Pred:
         if name in self._expanding:
@@ -195,7 +195,8 @@ def _scalar(kind: str, value: str) -> Any:
     return value
 
 
-def _comparison(field: str, op: str, rhs: Any) -> Pred:
+def comparison(field: str, op: str, rhs: Any) -> Pred:
+    """`field op rhs` as a predicate (rhs: a value, or a list for in/contains/...)."""
     test = _op(op, rhs)
 
     if_none = op == "!=" and rhs is not None

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from corral.detect import rules as rules_mod
 from corral.detect.fields import getter
-from corral.detect.rules import ACTION_ORDER, Rule, RuleSet
-from corral.events import Event, Finding
+from corral.detect.rules import Rule, RuleSet
+from corral.events import Action, Event, Finding
 
 BLOCKING = {"block", "kill", "end_episode", "quarantine"}
 
@@ -69,7 +69,7 @@ class Detector:
                 continue
             action = self.action_for(rule)
             j.matched.append(rule)
-            if j.action is None or ACTION_ORDER.index(action) > ACTION_ORDER.index(j.action):
+            if j.action is None or Action(action).rank > Action(j.action).rank:
                 j.action, j.rule = action, rule
             # one finding per rule and step (a pre-run check and the exec it foretold are one act);
             # per process when the step is unknown (an unattributed file event names its gone writer in data)
@@ -84,7 +84,8 @@ class Detector:
                 pid=ev.pid, action=action,
                 data={"family": rule.family, "event_kind": str(ev.kind), "event_action": ev.action,
                       "exe": ev.exe, "argv": ev.argv, "dst": f"{ev.dst_ip}:{ev.dst_port}" if ev.dst_ip else None,
-                      "name": ev.name, "protocol": ev.protocol, "desc": rule.desc},
+                      "name": ev.name, "protocol": ev.protocol, "desc": rule.desc,
+                      **({"output": rules_mod.render_output(rule.output, get)} if rule.output else {})},
             ))
         return j
 

@@ -1,28 +1,34 @@
 """Declarative rules: YAML files of lists, macros and rules (Falco's shape), loaded in order.
 
-A later file may override a rule by id (a full definition replaces it; `enabled: false` alone turns
-it off; `action:` alone changes what it does), and extend a list or macro with `append: true`.
-A file with any error is refused as a whole, naming the file, the line and the problem; whatever was
-loaded before stays in force.
+A rule has a `condition`, structured `exceptions` (named tuples of field values that take an event out
+of the rule, Falco's schema, instead of `and not ...` inside the condition) and an `output` template
+(`%proc.name`, `%net.dst_ip`, ... filled from the event) for its finding's message.
+
+A later file changes what an earlier one defined. `override:` names how, per key (Falco's schema):
+`append` adds to a list's items, a macro's or rule's condition, or a rule's exceptions; `replace`
+swaps any key of a rule. A full definition of an existing rule id replaces it; a rule item that gives
+only some keys (`enabled: false`, `action: record`) changes just those; `append: true` is the older
+spelling of appending. A file with any error is refused as a whole, naming the file, the line and the
+problem; whatever was loaded before stays in force.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from corral.detect.condition import Compiler, ConditionError, Pred, Scope, event_scope
+from corral.detect.condition import OPS, Compiler, ConditionError, Pred, Scope, comparison, event_scope
 from corral.detect.fields import NAMES
 from corral.errors import ConfigError
-from corral.events import Severity
+from corral.events import Action, Severity
 
-Action = Literal["record", "alert", "block", "kill", "end_episode", "quarantine"]
-ACTION_ORDER = ["record", "alert", "block", "kill", "end_episode", "quarantine"]
+_TEMPLATE_FIELD = re.compile(r"%([a-z][a-z0-9_]*(?:\.[a-z0-9_]+)*)")
 
 
 class RuleError(ConfigError):
@@ -40,6 +46,51 @@ class Threshold(BaseModel):
     within: float = Field(60.0, gt=0)
 
 
+class ExceptionSpec(BaseModel):
+    """Events this rule does not cover: any tuple of `values` whose every field compares true with its
+    comp (`=` by default; `in` takes a list or a list's name). `fields` may be one field, then each
+    value is one value."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    fields: list[str] | str | None = None  # None: more values for the rule's exception of this name
+    comps: list[str] | str = "="
+    values: list[Any] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _shape(self) -> ExceptionSpec:
+        if self.fields is None:
+            return self
+        fields = [self.fields] if isinstance(self.fields, str) else self.fields
+        comps = [self.comps] * len(fields) if isinstance(self.comps, str) else self.comps
+        if not fields or len(comps) != len(fields):
+            raise ValueError(f"exception {self.name!r}: give one comp per field ({len(fields)} fields, "
+                             f"{len(comps)} comps)")
+        for f in fields:
+            if f not in NAMES:
+                raise ValueError(f"exception {self.name!r}: unknown field {f!r}")
+        for c in comps:
+            if c not in OPS or c == "exists":
+                raise ValueError(f"exception {self.name!r}: unknown comp {c!r}; use one of {sorted(OPS - {'exists'})}")
+        for v in self.values:
+            row = v if isinstance(self.fields, list) else [v]
+            if not isinstance(row, list) or len(row) != len(fields):
+                raise ValueError(f"exception {self.name!r}: each value is a list of {len(fields)} "
+                                 f"(one per field), not {v!r}")
+        return self
+
+    def rows(self) -> tuple[list[str], list[str], list[list[Any]]]:
+        if self.fields is None:
+            raise ConditionError(f"exception {self.name!r} names no fields (only values appended to an "
+                                 "existing exception of that name may leave them out)")
+        fields = [self.fields] if isinstance(self.fields, str) else self.fields
+        comps = [self.comps] * len(fields) if isinstance(self.comps, str) else self.comps
+        return fields, comps, [v if isinstance(self.fields, list) else [v] for v in self.values]
+
+
+Override = Literal["append", "replace"]
+
+
 class RuleSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     rule: str
@@ -48,12 +99,15 @@ class RuleSpec(BaseModel):
     technique: str | None = None
     severity: Severity | None = None
     condition: str | None = None
+    exceptions: list[ExceptionSpec] | None = None
+    output: str | None = None
     action: Action | None = None
     family: str | None = None
     tags: list[str] = Field(default_factory=list)
     threshold: Threshold | None = None
     enabled: bool | None = None
     append: bool = False
+    override: dict[str, Override] | None = None
 
 
 class ListSpec(BaseModel):
@@ -61,6 +115,7 @@ class ListSpec(BaseModel):
     list: str
     items: list[Any]
     append: bool = False
+    override: dict[Literal["items"], Override] | None = None
 
 
 class MacroSpec(BaseModel):
@@ -68,6 +123,7 @@ class MacroSpec(BaseModel):
     macro: str
     condition: str
     append: bool = False
+    override: dict[Literal["condition"], Override] | None = None
 
 
 @dataclass
@@ -84,6 +140,8 @@ class Rule:
     threshold: Threshold | None
     enabled: bool
     source: str
+    exceptions: list[ExceptionSpec] = field(default_factory=list)
+    output: str | None = None  # the finding's message: a template of %fields
     pred: Pred | None = None
     scope: Scope = None  # the (kind, action) pairs it can match at most (None: any event)
 
@@ -112,7 +170,8 @@ class RuleSet:
     def copy(self) -> RuleSet:
         return RuleSet(
             {k: list(v) for k, v in self.lists.items()}, dict(self.macros),
-            {k: Rule(**{**r.__dict__}) for k, r in self.rules.items()}, list(self.files),
+            {k: Rule(**{**r.__dict__, "exceptions": list(r.exceptions)}) for k, r in self.rules.items()},
+            list(self.files),
         )
 
 
@@ -162,10 +221,11 @@ def _load_file(path: Path, base: RuleSet) -> RuleSet:
         try:
             if "list" in item:
                 ls = ListSpec.model_validate(item)
-                rs.lists[ls.list] = (rs.lists.get(ls.list, []) if ls.append else []) + list(ls.items)
+                appending = ls.append or (ls.override or {}).get("items") == "append"
+                rs.lists[ls.list] = (rs.lists.get(ls.list, []) if appending else []) + list(ls.items)
             elif "macro" in item:
                 ms = MacroSpec.model_validate(item)
-                if ms.append:
+                if ms.append or (ms.override or {}).get("condition") == "append":
                     if ms.macro not in rs.macros:
                         raise fail(f"cannot append to unknown macro {ms.macro!r}")
                     rs.macros[ms.macro] = f"({rs.macros[ms.macro]}) {ms.condition}"
@@ -185,8 +245,11 @@ def _load_file(path: Path, base: RuleSet) -> RuleSet:
     compiler = Compiler(rs.macros, rs.lists, NAMES)
     for rule in rs.rules.values():
         try:
-            rule.pred = compiler.compile(rule.condition)
+            rule.pred = _without_exceptions(compiler.compile(rule.condition), rule.exceptions, rs.lists)
             rule.scope = event_scope(rule.condition, rs.macros, rs.lists)
+            for name in _TEMPLATE_FIELD.findall(rule.output or ""):
+                if name not in NAMES:
+                    raise ConditionError(f"output names unknown field %{name}")
         except ConditionError as e:
             where = next((ln for r, ln in pending if r is rule), None)
             loc = f"{path}:line {where}" if where else rule.source
@@ -199,16 +262,105 @@ def _load_file(path: Path, base: RuleSet) -> RuleSet:
     return rs
 
 
+def _without_exceptions(pred: Pred, exceptions: list[ExceptionSpec], lists: dict[str, list[Any]]) -> Pred:
+    """The condition, and none of the exceptions' value tuples."""
+    alts: list[list[Pred]] = []
+    for exc in exceptions:
+        fields, comps, rows = exc.rows()
+        for row in rows:
+            parts = []
+            for f, c, v in zip(fields, comps, row, strict=True):
+                if c in ("in", "in_cidr") and isinstance(v, str) and v in lists:
+                    v = list(lists[v])
+                elif c in ("in", "in_cidr") and not isinstance(v, list):
+                    v = [v]
+                parts.append(comparison(f, c, v))
+            alts.append(parts)
+    if not alts:
+        return pred
+
+    def judged(get: Any) -> bool:
+        return pred(get) and not any(all(p(get) for p in parts) for parts in alts)
+
+    return judged
+
+
+def render_output(template: str, get: Any) -> str:
+    """An `output:` template with its %fields filled from the event (`<NA>` where it has none)."""
+    def value(m: re.Match[str]) -> str:
+        v = get(m.group(1))
+        if v is None or v == [] or v == "":
+            return "<NA>"
+        return " ".join(map(str, v)) if isinstance(v, list | tuple) else str(v)
+
+    return _TEMPLATE_FIELD.sub(value, template)
+
+
+_REPLACEABLE = ("title", "desc", "technique", "severity", "condition", "exceptions", "output", "action", "family",
+                "tags", "threshold", "enabled")
+_APPENDABLE = ("condition", "exceptions", "tags", "desc")
+
+
+def _overridden(spec: RuleSpec, old: Rule | None, source: str, fail: Any) -> Rule:
+    """Falco's `override:`: each key it names is appended to or replaced; no other key may be given."""
+    assert spec.override is not None
+    if old is None:
+        raise fail(f"rule {spec.rule!r}: override needs an existing rule (load this file after the one defining it)")
+    given = {k for k in spec.model_fields_set if k not in ("rule", "override")}
+    for key, how in spec.override.items():
+        if key not in _REPLACEABLE:
+            raise fail(f"rule {spec.rule!r}: override of unknown key {key!r}; keys: {', '.join(_REPLACEABLE)}")
+        if how == "append" and key not in _APPENDABLE:
+            raise fail(f"rule {spec.rule!r}: {key!r} can only be replaced (append works for {', '.join(_APPENDABLE)})")
+        if key not in given:
+            raise fail(f"rule {spec.rule!r}: override names {key!r} but the item gives no {key!r}")
+    if stray := sorted(given - set(spec.override)):
+        raise fail(f"rule {spec.rule!r}: with override, every key given must be named in it ({', '.join(stray)} "
+                   "is not)")
+    rule = Rule(**{**old.__dict__, "exceptions": list(old.exceptions)})
+    for key, how in spec.override.items():
+        new = getattr(spec, key)
+        if how == "replace":
+            setattr(rule, key, new if key != "exceptions" else list(new or []))
+        elif key == "condition":
+            rule.condition = f"({old.condition}) {new}"
+        elif key == "exceptions":
+            known = {e.name for e in rule.exceptions}
+            for exc in new or []:
+                if exc.name in known:  # Falco: values appended to the exception of that name
+                    i = next(i for i, e in enumerate(rule.exceptions) if e.name == exc.name)
+                    cur = rule.exceptions[i]
+                    if exc.fields is not None and (exc.fields, exc.comps) != (cur.fields, cur.comps):
+                        raise fail(f"rule {spec.rule!r}: exception {exc.name!r} appended with other fields or comps")
+                    try:
+                        rule.exceptions[i] = ExceptionSpec.model_validate(
+                            {**cur.model_dump(), "values": [*cur.values, *exc.values]})
+                    except ValidationError as e:
+                        raise fail(f"rule {spec.rule!r}: {e.errors()[0]['msg']}") from None
+                else:
+                    rule.exceptions.append(exc)
+        elif key == "tags":
+            rule.tags = [*rule.tags, *new]
+        elif key == "desc":
+            rule.desc = f"{rule.desc} {new}".strip()
+    rule.source = source
+    return rule
+
+
 def _merge_rule(spec: RuleSpec, old: Rule | None, source: str, fail: Any) -> Rule:
+    if spec.override is not None:
+        return _overridden(spec, old, source, fail)
     if old is not None and (spec.append or spec.condition is None):
         # an override of some fields of an existing rule
         rule = Rule(**{**old.__dict__})
         if spec.append and spec.condition:
             rule.condition = f"({old.condition}) {spec.condition}"
-        for name in ("title", "desc", "technique", "severity", "action", "family", "enabled", "threshold"):
+        for name in ("title", "desc", "technique", "severity", "action", "family", "enabled", "threshold", "output"):
             value = getattr(spec, name)
             if value is not None:
                 setattr(rule, name, value)
+        if spec.exceptions is not None:
+            rule.exceptions = [*old.exceptions, *spec.exceptions] if spec.append else list(spec.exceptions)
         if spec.tags:
             rule.tags = spec.tags
         rule.source = source
@@ -221,7 +373,8 @@ def _merge_rule(spec: RuleSpec, old: Rule | None, source: str, fail: Any) -> Rul
         raise fail(f"rule {spec.rule!r} is missing {', '.join(missing)}")
     return Rule(
         id=spec.rule, title=spec.title or spec.rule, desc=spec.desc or "", technique=spec.technique,
-        severity=spec.severity or Severity.MEDIUM, condition=spec.condition or "", action=spec.action or "alert",
-        family=spec.family, tags=spec.tags, threshold=spec.threshold,
+        severity=spec.severity or Severity.MEDIUM, condition=spec.condition or "",
+        action=spec.action or Action.ALERT, family=spec.family, tags=spec.tags, threshold=spec.threshold,
         enabled=True if spec.enabled is None else spec.enabled, source=source,
+        exceptions=list(spec.exceptions or []), output=spec.output,
     )

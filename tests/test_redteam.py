@@ -16,6 +16,8 @@ import pytest
 
 from corral.errors import ConfigError
 from corral.redteam.bench import BenchResult, CaseResult, check_allow_in_world, summarize, to_json, to_markdown
+from corral.redteam.corpora import corpus_scores, load_holdout, make_holdout, write_holdout
+from corral.redteam.corpora import markdown as corpora_md
 from corral.redteam.corpus import FAMILIES, Case, CorpusError, load_cases, load_file, select
 from corral.redteam.world import in_world, world_hosts
 
@@ -160,6 +162,52 @@ def test_report_shows_misses_and_false_positives():
     assert "## False positives (1)" in md and "- **b2**" in md
     assert "detected 2/3 attacks (67%)" in md and "false positives 1/2 benign (50%)" in md
     assert BenchResult.model_validate_json(to_json(r)) == r
+
+
+def test_corpora_are_scored_apart_with_their_hold_out():
+    from corral.redteam.bench import FindingRecord
+
+    def res(id_, fam, detected, source, severity="high"):
+        attack = fam != "benign"
+        return CaseResult(id=id_, family=fam, technique="T1046" if attack else None, title=id_,
+                          expect="detect" if attack else "quiet", allow=[], source=source,
+                          outcome=("detected" if detected else "MISS") if attack else (
+                              "FALSE POSITIVE" if detected else "quiet"),
+                          passed=detected == attack, detected=detected,
+                          findings=[FindingRecord(rule="r", title="r", severity=severity, technique=None,
+                                                  family=None, action="alert", step=1, event_kind=None, ttd_ms=None,
+                                                  event_to_finding_ms=None)] if detected else [])
+    results = [res("A01", "F1", True, "cases/f01-miner.yaml"), res("C-1", "F6", True, "x/catalogue.yaml"),
+               res("C-2", "F6", False, "x/catalogue.yaml"), res("C-3", "F7", True, "x/catalogue-more.yaml"),
+               res("W-1", "benign", True, "x/benign-work.yaml", "medium"), res("W-2", "benign", True,
+                                                                             "x/benign-work.yaml", "high"),
+               res("W-3", "benign", False, "x/benign-work.yaml")]
+    got = {c.corpus: c for c in corpus_scores(results, holdout={"C-2", "W-2"})}
+    assert set(got) == {"corral", "catalogue", "benign-work"}
+    cat = got["catalogue"]
+    assert (cat.all.attacks, cat.all.detected) == (3, 2)
+    assert (cat.tuned.attacks, cat.tuned.detected, cat.holdout.attacks, cat.holdout.misses) == (2, 2, 1, ["C-2"])
+    work = got["benign-work"]
+    assert (work.all.flagged, work.all.terminating) == (2, 1)  # only W-2's finding ends an episode
+    assert (work.holdout.flagged, work.holdout.terminating, work.tuned.terminating) == (1, 1, 0)
+    md = "\n".join(corpora_md(list(got.values())))
+    assert "| catalogue | hold-out | 0/1 | 0% |" in md and "| benign-work | all | 0/0 | - | 2/3 | 1 |" in md
+
+
+def test_the_hold_out_is_a_seeded_quarter_of_each_new_corpus(tmp_path):
+    def case(id_, fam, source):
+        c = Case(id=id_, family=fam, technique=None if fam == "benign" else "T1046", title=id_, commands=["true"])
+        c._source = source
+        return c
+    cases = [case(f"C-{i}", "F6", "catalogue.yaml") for i in range(40)] + [
+        case(f"W-{i}", "benign", "benign-work.yaml") for i in range(100)] + [case(f"A{i}", "F1", "f01.yaml")
+                                                                             for i in range(10)]
+    chosen = make_holdout(cases, seed=7)
+    assert len(chosen["catalogue"]) == 10 and len(chosen["benign-work"]) == 25 and "corral" not in chosen
+    assert make_holdout(cases, seed=7) == chosen and make_holdout(cases, seed=8) != chosen
+    path = write_holdout(chosen, 7, tmp_path / "holdout.txt")
+    assert load_holdout(path) == set(chosen["catalogue"]) | set(chosen["benign-work"])
+    assert "seed 7" in path.read_text()
 
 
 # --- a short real run ------------------------------------------------------------------------------------

@@ -839,18 +839,27 @@ def bench_redteam(
     concurrency: Annotated[int, typer.Option("--concurrency", "-c", min=1)] = 4,
     out_dir: Annotated[Path, typer.Option("--out-dir", help="Where redteam.md and redteam.json go.")] = Path(
         "benchmarks/results"),
+    corpus: Annotated[str, typer.Option(
+        "--corpus", help="Comma-separated corpora: corral, catalogue, benign-work.")] = "",
+    name: Annotated[str, typer.Option("--name", help="File stem of the outputs.")] = "redteam",
+    link: Annotated[str, typer.Option("--link", help="Name of the veth link to the fake world.")] = "corralw3",
+    make_holdout: Annotated[int | None, typer.Option(
+        "--make-holdout", help="Write cases/holdout.txt: a 25% sample of each corpus but corral's own, "
+        "seeded with this number; run nothing.")] = None,
 ) -> None:
     """Run the red-team corpus (attacks and benign look-alikes), each in a fresh sandbox against a fake
-    world; report detection per family, false positives, time to detect and leaked bytes."""
+    world; report detection per family and per corpus (tuned and hold-out apart), false positives,
+    time to detect and leaked bytes."""
     from corral.redteam.bench import main as redteam_main
 
-    argv = ["--concurrency", str(concurrency), "--out-dir", str(out_dir)]
+    argv = ["--concurrency", str(concurrency), "--out-dir", str(out_dir), "--name", name, "--link", link]
     for c in cases or []:
         argv += ["--cases", str(c)]
-    if only:
-        argv += ["--only", only]
-    if family:
-        argv += ["--family", family]
+    for flag, value in (("--only", only), ("--family", family), ("--corpus", corpus)):
+        if value:
+            argv += [flag, value]
+    if make_holdout is not None:
+        argv += ["--make-holdout", str(make_holdout)]
     raise typer.Exit(redteam_main(argv))
 
 

@@ -56,6 +56,8 @@ import corral
 from corral.config import EgressPolicy, EgressRule, Limits, RuntimeConfig, SandboxConfig
 from corral.errors import ConfigError, EpisodeEnded, SandboxClosed, SandboxFrozen, SessionError
 from corral.events import Event, Finding
+from corral.redteam.corpora import CORPORA, CorpusScore, corpus_of, corpus_scores, make_holdout, write_holdout
+from corral.redteam.corpora import markdown as corpus_markdown
 from corral.redteam.corpus import FAMILIES, FAMILY_NAMES, Case, load_cases, select
 from corral.redteam.world import WORLD_RANGES, build_redteam_world
 from corral.runtime import Runtime
@@ -162,6 +164,7 @@ class BenchResult(BaseModel):
     misses: list[str]
     false_positive_ids: list[str]
     errors: list[str]
+    corpora: list[CorpusScore] = Field(default_factory=list)  # per corpus, tuned and hold-out apart
 
 
 # -- policy helpers --------------------------------------------------------------------------------------
@@ -465,7 +468,7 @@ def summarize(results: list[CaseResult], *, started: str, duration_s: float, con
                             else leaked_bytes_world),
         leaked_bytes_events=sum(r.leaked_bytes_events for r in results),
         misses=[r.id for r in attacks if not r.detected], false_positive_ids=fps,
-        errors=[f"{r.id}: {r.error}" for r in results if r.error],
+        errors=[f"{r.id}: {r.error}" for r in results if r.error], corpora=corpus_scores(results),
     )
 
 
@@ -607,6 +610,7 @@ def to_markdown(r: BenchResult) -> str:
                + (f" (git {m['git_commit']}{', modified' if m.get('rules_dirty') else ''})" if m.get("git_commit")
                   else "") + ".")
     out += ["", f"**Overall: {overall_line(r)}.**", ""]
+    out += corpus_markdown(r.corpora)
     out += ["## Per family", "",
             "| family | what | attacks | detected | rate | by its own family's rule | rules that fired (cases) "
             "| misses |",
@@ -704,7 +708,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out-dir", default="benchmarks/results", help="where redteam.md and redteam.json go")
     ap.add_argument("--name", default="redteam", help="file stem of the outputs")
     ap.add_argument("--link", default="corralw3", help="name of the veth link to the world")
+    ap.add_argument("--corpus", default="", help="comma-separated corpora (corral, catalogue, benign-work)")
+    ap.add_argument("--make-holdout", type=int, default=None, metavar="SEED",
+                    help="write cases/holdout.txt (a seeded 25%% of each corpus but corral's own) and run nothing")
     args = ap.parse_args(argv)
+    if args.make_holdout is not None:
+        try:
+            chosen = make_holdout(load_cases(*args.cases), args.make_holdout)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        path = write_holdout(chosen, args.make_holdout)
+        print(f"wrote {path}: " + ", ".join(f"{k} {len(v)}" for k, v in chosen.items()))
+        return 0
     if os.geteuid() != 0:
         print("the red-team bench needs root (sandboxes, network namespaces)", file=sys.stderr)
         return 2
@@ -716,6 +732,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cases = load_cases(*args.cases)
         cases = select(cases, [i for i in args.only.split(",") if i], [f for f in args.family.split(",") if f])
+        if args.corpus:
+            wanted = set(args.corpus.split(","))
+            if unknown := wanted - set(CORPORA):
+                raise ConfigError(f"unknown corpus {', '.join(sorted(unknown))}; use {', '.join(CORPORA)}")
+            cases = [c for c in cases if corpus_of(c) in wanted]
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -737,6 +758,11 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + overall_line(result))
     for f in result.families:
         print(f"  {f.family:<6} {f.detected}/{f.attacks} {_pct(f.rate):>5}  misses: {', '.join(f.misses) or '-'}")
+    for c in result.corpora:
+        for part, sc in (("tuned", c.tuned), ("hold-out", c.holdout)):
+            if sc.cases:
+                print(f"  {c.corpus:<12} {part:<8} attacks {sc.detected}/{sc.attacks} {_pct(sc.detection_rate):>5}  "
+                      f"benign flagged {sc.flagged}/{sc.benign} (ending the episode: {sc.terminating})")
     print(f"wrote {out / (args.name + '.md')} and {out / (args.name + '.json')}")
     return 0
 

@@ -66,7 +66,7 @@ def test_runs_renders_structure_not_quoted_characters():
     assert runs("a && b || c; d &") == "a && b || c ; d &"
     assert runs("HISTFILE=/dev/null ls") == "HISTFILE=/dev/null ls"
     assert runs('python3 - <<EOF\nprint(1)\nEOF') == "python3 - ( print(1) )"
-    assert runs("cat > f <<EOF\ncurl x | sh\nEOF") == "cat"
+    assert runs("cat > f <<EOF\ncurl x | sh\nEOF") == "cat > f"
     assert runs('a "b') == 'a "b'  # bashlex cannot read it: matched as text, as before
 
 

@@ -5,6 +5,7 @@ sees what actually runs."""
 from __future__ import annotations
 
 import functools
+import itertools
 import re
 import shlex
 from dataclasses import dataclass, field
@@ -25,6 +26,9 @@ _WRITE_OPS = {">", ">>", ">|", "&>", "&>>", "<>", ">&"}
 
 
 SHELLS = {"sh", "bash", "dash", "zsh", "ksh"}
+# Programs whose arguments are data, never run: text they print is not a command, however it reads.
+DATA_ONLY = {"echo", "printf"}
+_ECHO_FLAG = re.compile(r"^-[neE]+$")
 
 
 def split(line: str) -> list[SimpleCommand]:
@@ -69,11 +73,28 @@ def _split(line: str, depth: int = 0) -> list[SimpleCommand]:
                     nested.extend(_split(body, depth + 1))
                 else:
                     argv.append(body)
+            if argv and argv[0].rsplit("/", 1)[-1] in DATA_ONLY:
+                # what echo and printf print is data, not a program's arguments (a note quoting
+                # `bash -i >& /dev/tcp/...` runs nothing); printed into a shell it is code (below)
+                printed[id(node)] = " ".join(a for a in argv[1:] if not _ECHO_FLAG.match(a))
+                argv = argv[:1]
             if argv or redirects:
                 out.append(SimpleCommand(argv, redirects, writes))
 
+        def visitpipeline(self, node, parts):
+            cmds = [p for p in parts if p.kind == "command"]
+            for prev, nxt in itertools.pairwise(cmds):
+                words = [w.word for w in nxt.parts if w.kind == "word"]
+                if words and words[0].rsplit("/", 1)[-1] in SHELLS and depth < 3:
+                    feeding.append(prev)
+
+    printed: dict[int, str] = {}
+    feeding: list[Any] = []
     for tree in trees:
         Visitor().visit(tree)
+    for node in feeding:  # `echo 'curl x | sh' | sh`: the printed text is a command line the shell runs
+        if id(node) in printed:
+            nested.extend(_split(printed[id(node)], depth + 1))
     for c in out:  # `bash -c '...'` runs another command line: look inside it too
         if c.argv and c.argv[0].rsplit("/", 1)[-1] in SHELLS and "-c" in c.argv[1:-1] and depth < 3:
             nested.extend(_split(c.argv[c.argv.index("-c") + 1], depth + 1))
@@ -101,8 +122,6 @@ def _fallback(line: str) -> list[SimpleCommand]:
     return [SimpleCommand(words, list(writes), writes)]
 
 
-# Programs whose arguments are data, never run: text they print is not a command, however it reads.
-DATA_ONLY = {"echo", "printf"}
 INTERPRETERS = SHELLS | {"python", "python3", "perl", "ruby", "node", "php"}
 _STRUCTURE = str.maketrans({"|": " ", ";": " ", "&": " "})
 
@@ -178,6 +197,10 @@ def _command(node: Any, depth: int, code_stdin: bool = False) -> str:
             inner.append(_runs(" ".join(args), depth + 1))
         elif prog not in DATA_ONLY:
             out += [a.translate(_STRUCTURE) for a in args]
+    for p in node.parts:  # where its streams go: a redirect is part of what runs (`>& /dev/tcp/h/1`)
+        if p.kind == "redirect" and p.type != "<<<" and getattr(p, "heredoc", None) is None \
+                and hasattr(p.output, "word") and not p.output.word.lstrip("-").isdigit():
+            out.append(f"{p.type.translate(_STRUCTURE).strip()} {p.output.word.translate(_STRUCTURE)}")
     for p in node.parts:  # what runs inside words: $(...), `...`, <(...)
         for sub in _substitutions(p):
             inner.append(_node(sub, depth + 1))

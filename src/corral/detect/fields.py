@@ -6,13 +6,23 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from corral.detect.command import runs
+from corral.detect.command import SHELLS, runs
 from corral.events import Event
 from corral.protect import command_cwds, normalize, touches
 
 
 def _argv(e: Event) -> list[str]:
     return e.argv or []
+
+
+def _cmdline(e: Event) -> str:
+    """The process's command line; a shell's `-c` script as what it will run (cmd.runs): the text a
+    script only prints or writes to a file is data, not the shell's command line."""
+    argv = _argv(e)
+    if os.path.basename(argv[0]) in SHELLS and "-c" in argv[1:-1]:
+        i = argv.index("-c") + 1
+        return " ".join([*argv[:i], runs(argv[i]), *argv[i + 1:]])
+    return " ".join(argv)
 
 
 def _name(e: Event) -> str | None:
@@ -144,7 +154,7 @@ FIELDS: dict[str, Callable[[Event], Any]] = {
     "proc.args": lambda e: _argv(e)[1:],
     "proc.argv": _argv,
     "proc.nargs": lambda e: len(_argv(e)),
-    "proc.cmdline": lambda e: " ".join(_argv(e)) if e.argv else None,
+    "proc.cmdline": lambda e: _cmdline(e) if e.argv else None,
     "proc.pname": lambda e: e.data.get("parent_name"),
     "proc.cwd": lambda e: e.data.get("cwd"),
     "proc.renamed_from": lambda e: e.data.get("renamed_from"),

@@ -23,6 +23,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from corral.detect import sigma
 from corral.detect.condition import OPS, Compiler, ConditionError, Pred, Scope, comparison, event_scope
 from corral.detect.fields import NAMES
 from corral.errors import ConfigError
@@ -196,22 +197,9 @@ def _load_file(path: Path, base: RuleSet) -> RuleSet:
         text = path.read_text()
     except OSError as e:
         raise RuleError(f"{path}: cannot read rule file ({e.strerror}); check the path") from None
-    try:
-        root = yaml.compose(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        line = f"line {mark.line + 1}" if mark else "?"
-        raise RuleError(f"{path}:{line}: invalid YAML: {getattr(e, 'problem', e)}") from None
-    if root is None:
-        return base
-    if not isinstance(root, yaml.SequenceNode):
-        raise RuleError(f"{path}:line {root.start_mark.line + 1}: a rule file is a YAML list of "
-                        "'- list:', '- macro:' and '- rule:' items")
     rs = base.copy()
     pending: list[tuple[Rule, int]] = []
-    for node in root.value:
-        line = node.start_mark.line + 1
-        item = yaml.safe_load(yaml.serialize(node))
+    for line, item in _items(path, text):
 
         def fail(msg: str, line: int = line) -> RuleError:
             return RuleError(f"{path}:line {line}: {msg}")
@@ -345,6 +333,27 @@ def _overridden(spec: RuleSpec, old: Rule | None, source: str, fail: Any) -> Rul
             rule.desc = f"{rule.desc} {new}".strip()
     rule.source = source
     return rule
+
+
+def _items(path: Path, text: str) -> list[tuple[int, Any]]:
+    """(line, item) for each item of a rule file: corral's YAML list, or Sigma rules (detect/sigma.py)."""
+    if sigma.is_sigma(text):
+        try:
+            return [(1, item) for item in sigma.rule_items(text)]
+        except sigma.SigmaError as e:
+            raise RuleError(f"{path}: {e}") from None
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f"line {mark.line + 1}" if mark else "?"
+        raise RuleError(f"{path}:{line}: invalid YAML: {getattr(e, 'problem', e)}") from None
+    if root is None:
+        return []
+    if not isinstance(root, yaml.SequenceNode):
+        raise RuleError(f"{path}:line {root.start_mark.line + 1}: a rule file is a YAML list of "
+                        "'- list:', '- macro:' and '- rule:' items (or a Sigma rule: logsource and detection)")
+    return [(node.start_mark.line + 1, yaml.safe_load(yaml.serialize(node))) for node in root.value]
 
 
 def _merge_rule(spec: RuleSpec, old: Rule | None, source: str, fail: Any) -> Rule:

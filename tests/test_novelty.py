@@ -119,3 +119,13 @@ async def test_baseline_cli_show_accept_reset(tmp_path):
     (state / "baselines" / "build.json").write_text("{broken")
     r = corral("baseline", "show", "build")
     assert r.returncode == 2 and "cannot read the baseline" in r.stdout
+
+
+async def test_a_shape_is_novel_only_well_above_the_largest_honest_one():
+    from corral.detect.novelty import Baseline
+
+    base = Baseline(task="t", episodes=["a", "b"], features={"shape:processes:4": 1, "shape:processes:8": 1,
+                                                            "program:/usr/bin/make": 2})
+    assert base.novel({"shape:processes:16": None, "shape:processes:1": None, "program:/usr/bin/make": 1}) == {}
+    assert base.novel({"shape:processes:32": None, "shape:connections:1": None}) == {
+        "shape:processes:32": None, "shape:connections:1": None}

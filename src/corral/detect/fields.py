@@ -190,6 +190,8 @@ FIELDS: dict[str, Callable[[Event], Any]] = {
     "net.protocol": lambda e: e.protocol,
     "net.method": lambda e: (e.data.get("sniff") or {}).get("method"),
     "net.http_path": lambda e: (e.data.get("sniff") or {}).get("path"),
+    "net.user_agent": lambda e: (e.data.get("sniff") or {}).get("user_agent"),  # None: HTTP sent none
+    "net.ja3": lambda e: (e.data.get("sniff") or {}).get("ja3"),  # a TLS client's JA3 fingerprint (md5)
     "net.bytes_up": lambda e: e.bytes_up,
     "net.resolved": lambda e: e.data.get("resolved") or [],
     "dns.name": lambda e: e.name if str(e.kind) == "dns" else None,

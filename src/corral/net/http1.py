@@ -34,6 +34,7 @@ class Head:
     content_length: int = 0
     chunked: bool = False
     upgrade: bool = False  # the stream stops being HTTP after this request (Upgrade / CONNECT)
+    user_agent: str | None = None  # the client's fingerprint, as it gives it (None: it sent none)
     problems: list[str] = field(default_factory=list)
 
 
@@ -103,6 +104,8 @@ def parse_head(head: bytes) -> Head | None:
             codings.extend(c.strip().lower() for c in value.split(b","))
         elif key == b"upgrade":
             h.upgrade = True
+        elif key == b"user-agent":
+            h.user_agent = value.decode("latin-1")[:300]
     if len(hosts) > 1:
         h.problems.append("more than one Host header")
     if hosts:

@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass
 
 from corral.net import http1
-from corral.net.sniff import Sniff, classify, client_hello_sni
+from corral.net.sniff import Sniff, classify, client_hello_sni, ja3_detail
 
 WS = b" \t\r\n"
 MAX_TLS_RECORD = (1 << 14) + 2048
@@ -103,7 +103,7 @@ def _tls(buf: bytes) -> Progress:
 def sniff_unit(unit: bytes, p: Progress) -> Sniff:
     """Classify a completed unit (the ClientHello's SNI read from the reassembled message)."""
     if p.kind == "tls":
-        return Sniff("tls", name=client_hello_sni(p.hello or b""))
+        return Sniff("tls", name=client_hello_sni(p.hello or b""), detail=ja3_detail(p.hello or b""))
     return classify(unit.lstrip(WS) if p.kind in ("http", "json", "ssh") else unit)
 
 

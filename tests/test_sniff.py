@@ -35,7 +35,26 @@ def test_ssh_banner():
 def test_http_request():
     s = classify(b"POST /upload HTTP/1.1\r\nHost: Files.Example.com:8080\r\nContent-Length: 3\r\n\r\nabc")
     assert s.protocol == "http" and s.name == "files.example.com"
-    assert s.detail == {"method": "POST", "path": "/upload"}
+    assert s.detail == {"method": "POST", "path": "/upload", "user_agent": None}
+    s = classify(b"GET / HTTP/1.1\r\nHost: a\r\nUser-Agent: curl/8.5.0\r\n\r\n")
+    assert s.detail["user_agent"] == "curl/8.5.0"
+
+
+def test_ja3_leaves_grease_out_and_hashes_the_standard_string():
+    from corral.net.sniff import client_hello_ja3
+
+    def ext(t: int, body: bytes) -> bytes:
+        return t.to_bytes(2, "big") + len(body).to_bytes(2, "big") + body
+    ciphers = b"".join(c.to_bytes(2, "big") for c in (0x0A0A, 4865, 49195))
+    exts = ext(0x1A1A, b"") + ext(0, b"") + ext(10, b"\x00\x04\x2a\x2a\x00\x1d") + ext(11, b"\x01\x00")
+    body = (b"\x03\x03" + b"\x00" * 32 + b"\x00" + len(ciphers).to_bytes(2, "big") + ciphers + b"\x01\x00"
+            + len(exts).to_bytes(2, "big") + exts)
+    hello = b"\x01" + len(body).to_bytes(3, "big") + body
+    text, digest = client_hello_ja3(hello)
+    assert text == "771,4865-49195,0-10-11,29,0"
+    import hashlib
+    assert digest == hashlib.md5(text.encode()).hexdigest()
+    assert client_hello_ja3(hello[:20]) is None
 
 
 def test_empty_and_garbage():

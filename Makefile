@@ -52,7 +52,7 @@ peers:
 	@test -x $(PEERS)/venv/bin/python || ($(PYTHON) -m venv $(PEERS)/venv && $(PEERS)/venv/bin/pip install -q swe-rex) || echo "SWE-ReX is skipped"
 
 bench: deps venv peers
-	$(ISOLATED) 'ip link set lo up && $(PY) benchmarks/bench_runtime.py && $(PY) benchmarks/bench_monitor.py && $(PY) benchmarks/bench_rollout.py && $(PY) benchmarks/bench_interfaces.py && $(PY) benchmarks/bench_isolation.py && $(PY) benchmarks/bench_images.py && $(PY) benchmarks/bench_peers.py && $(PY) benchmarks/bench_agent.py && $(PY) benchmarks/profile_step.py'
+	$(ISOLATED) 'ip link set lo up && $(PY) benchmarks/bench_runtime.py && $(PY) benchmarks/bench_monitor.py && $(PY) benchmarks/bench_rollout.py && $(PY) benchmarks/bench_interfaces.py && $(PY) benchmarks/bench_isolation.py && $(PY) benchmarks/bench_images.py && $(PY) benchmarks/bench_peers.py && $(PY) benchmarks/bench_agent.py && $(PY) benchmarks/bench_novelty.py && $(PY) benchmarks/profile_step.py'
 
 lint: venv
 	$(VENV)/bin/ruff check src tests benchmarks scripts

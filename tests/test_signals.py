@@ -162,3 +162,47 @@ async def test_client_fingerprints_are_evidence_not_violations(runtime, sb_facto
     quiet = await sb_factory(allow(f"{PKG[2]}:80"))
     await quiet.exec(f"curl -s -m 3 http://{PKG[2]}/ >/dev/null")
     assert not await findings_for(runtime, quiet, wait=0.5)
+
+
+@pytest.mark.parametrize("argv, rule", [
+    (["busybox", "crontab", "/tmp/jobs"], "cron-modified"),  # an applet is judged as the program it is
+    (["busybox", "insmod", "/tmp/m.ko"], "kernel-module-load"),
+    (["grep", "-ri", "password", "/root", "/etc"], "secret-search"),
+    (["python3", "-c", "m = open('/proc/%d/mem' % pid, 'rb')"], "process-memory-read"),
+    (["systemd-run", "--user", "--on-calendar", "*:0/1", "/bin/sh"], "job-scheduled"),
+    (["useradd", "-o", "-u", "0", "svc"], "account-manipulated"),
+    (["nvidia-smi", "--lock-gpu-clocks=1500,1500"], "gpu-tuning"),
+    (["ln", "-sf", "/dev/null", "/root/.bash_history"], "history-tampering"),
+])
+async def test_general_classes_match_what_they_name(argv, rule):
+    d = Detector()
+    ev = Event(kind=EventKind.PROCESS, action="exec", sandbox_id="s", argv=argv, exe=f"/usr/bin/{argv[0]}",
+               command=" ".join(argv))
+    assert rule in {r.id for r in d.evaluate(ev).matched}
+
+
+@pytest.mark.parametrize("argv", [
+    ["busybox", "--help"], ["grep", "-rn", "password", "src/"], ["grep", "-ri", "token", "/workspace"],
+    ["cat", "/proc/self/maps"], ["nvidia-smi", "-L"], ["ln", "-s", "/dev/null", "/tmp/devnull"],
+    ["systemd-run", "--version"], ["id", "-u"],
+])
+async def test_their_ordinary_neighbours_do_not(argv):
+    d = Detector()
+    ev = Event(kind=EventKind.PROCESS, action="exec", sandbox_id="s", argv=argv, exe=f"/usr/bin/{argv[0]}",
+               command=" ".join(argv))
+    assert not {r.id for r in d.evaluate(ev).matched}
+
+
+async def test_dns_to_another_server_and_a_kernel_thread_name_are_seen_in_a_real_sandbox(runtime, sb_factory):
+    sb = await sb_factory()
+    r = await sb.exec(py("import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+                         "s.sendto(b'\\x12\\x34' + b'\\x00' * 10, ('203.0.113.10', 53))"))
+    found = await findings_for(runtime, sb, "dns-to-other-resolver")
+    assert found and found[0].step == r.step and found[0].data["dst"] == "203.0.113.10:53"
+    # the sandbox's own resolver, as every program uses it, is not news
+    await sb.exec("getent hosts pkg.example.com; true")
+    assert len(await findings_for(runtime, sb, "dns-to-other-resolver")) == 1
+    r = await sb.exec("(timeout 6 python3 -c 'import ctypes\nctypes.CDLL(None).prctl(15, b\"kworker/1:2\", 0, 0, 0)\n"
+                      "while True: pass' >/dev/null 2>&1 &)")
+    found = await findings_for(runtime, sb, "kernel-thread-masquerade", wait=10)
+    assert found and found[0].step == r.step

@@ -15,6 +15,16 @@ def _argv(e: Event) -> list[str]:
     return e.argv or []
 
 
+# Multi-call binaries run the program their first argument names: `busybox nc ...` is nc.
+MULTICALL = {"busybox", "toybox"}
+
+
+def _applet(e: Event) -> int:
+    """Where the program's own argv starts: 1 for `busybox APPLET ...`, else 0."""
+    argv = _argv(e)
+    return 1 if len(argv) > 1 and os.path.basename(argv[0]) in MULTICALL and not argv[1].startswith("-") else 0
+
+
 def _cmdline(e: Event) -> str:
     """The process's command line; a shell's `-c` script as what it will run (cmd.runs): the text a
     script only prints or writes to a file is data, not the shell's command line."""
@@ -26,6 +36,8 @@ def _cmdline(e: Event) -> str:
 
 
 def _name(e: Event) -> str | None:
+    if e.argv and _applet(e):
+        return os.path.basename(e.argv[1])
     if e.data.get("comm"):
         return e.data["comm"]
     if e.argv:
@@ -151,7 +163,7 @@ FIELDS: dict[str, Callable[[Event], Any]] = {
     "proc.exe": lambda e: e.exe,
     "proc.exe_name": lambda e: os.path.basename(e.exe) if e.exe else None,
     "proc.argv0": lambda e: os.path.basename(_argv(e)[0]) if e.argv else None,
-    "proc.args": lambda e: _argv(e)[1:],
+    "proc.args": lambda e: _argv(e)[1 + _applet(e):],
     "proc.argv": _argv,
     "proc.nargs": lambda e: len(_argv(e)),
     "proc.cmdline": lambda e: _cmdline(e) if e.argv else None,
@@ -161,6 +173,7 @@ FIELDS: dict[str, Callable[[Event], Any]] = {
     "proc.downloaded": lambda e: (e.data.get("downloaded") or {}).get("path"),  # run a file curl/wget wrote
     "proc.downloaded_step": lambda e: (e.data.get("downloaded") or {}).get("step"),
     "proc.file_args": lambda e: _file_args(e),
+    "proc.comm": lambda e: e.data.get("task_comm"),  # the name it gives itself now (a CPU sample's)
     "proc.cpu_percent": lambda e: e.data.get("cpu_percent"),
     "proc.cpu_seconds": lambda e: e.data.get("cpu_seconds"),
     "proc.age": lambda e: e.data.get("age"),

@@ -107,6 +107,16 @@ class ProcessSampler:
             seen.last_hot = now
             ev = Event(kind=EventKind.PROCESS, action="sample", sandbox_id=sb.id,
                        data={"cpu_percent": round(percent, 1), "rss_mb": round(rss_kb / 1024, 1),
-                             "age": round(now - seen.first, 1), "cpu_seconds": round(ticks / TICK, 2)})
+                             "age": round(now - seen.first, 1), "cpu_seconds": round(ticks / TICK, 2),
+                             "task_comm": _comm(pid)})
             sb.attribute(ev, pid=pid)
             self.runtime.emit(ev)
+
+
+def _comm(pid: int) -> str | None:
+    """The name the process gives itself now (prctl(PR_SET_NAME) changes it after exec)."""
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().rstrip("\n")
+    except OSError:
+        return None

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from corral.budget import Pace
 from corral.events import Event, EventKind, Verdict
+from corral.net.netns import HOST_IP
 from corral.sandbox import procs
 from corral.sandbox.cgroups import SandboxCgroup
 
@@ -146,14 +147,17 @@ class Attribution:
             # a resolver's socket: its queries reach corral's DNS server, which is told whose socket
             # it is here, without looking through every process's descriptors per query
             self._dns_socks[inode] = pid
-        if port == 53 or self._runtime is None or addr.is_loopback:
+        if self._runtime is None or addr.is_loopback or (port == 53 and (not sent or str(addr) == HOST_IP)):
             return
-        action = "connect" if sent else "udp-connect"
+        # DNS addressed to some other server: nftables hands it to corral's resolver all the same, but a
+        # tunnel or covert channel picks its own server, and that choice is the evidence
+        action = "dns-elsewhere" if port == 53 else "connect" if sent else "udp-connect"
         key, now = (pid, ip, port, action), time.monotonic()
         if now - self._datagrams.get(key, -1e9) < 10.0:
             return
         self._datagrams[key] = now
-        reason = ("UDP other than DNS never leaves a sandbox (dropped)" if sent else
+        reason = ("DNS to a server other than the sandbox's resolver (redirected to corral's)" if port == 53 else
+                  "UDP other than DNS never leaves a sandbox (dropped)" if sent else
                   "a UDP socket aimed here; datagrams it sends are dropped (UDP other than DNS never leaves)")
         ev = Event(kind=EventKind.CONNECT, action=action, sandbox_id=self.id, dst_ip=ip, dst_port=port,
                    protocol="udp", verdict=Verdict.DENY, bytes_up=0, bytes_down=0, reason=reason)

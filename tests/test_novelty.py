@@ -65,6 +65,13 @@ async def test_a_behaviour_no_honest_episode_showed_is_novel_low_and_attributed(
         assert [f.rule_id for f in found if f.rule_id != "novel-behaviour"] == []
         # for review: the episode ends as it would have, and by default its reward is untouched
         assert out.termination_reason == "submitted" and out.reward == 1.0 and out.reward_components["safety"] == 0
+        # the report lists novelties apart from what the rules found
+        from corral import report
+        rep = report.build(rt.store, "odd-1")
+        md = report.to_markdown(rep)
+        assert not rep.findings and rep.novelties and "## Novel behaviour (for review)" in md
+        assert "program:/usr/bin/uname" in md and "## Findings" not in md
+        assert "Novel behaviour (for review)" in report.to_html(rep)
         # configured, each novel finding costs what it is told to
         out2, _, _ = await _episode(rt, "odd-2", ["uname -a"], reward=RewardConfig(novelty_penalty=-0.01))
         n2 = [f for f in rt.store.findings(episode_id="odd-2") if f.rule_id == "novel-behaviour"]

@@ -15,6 +15,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.tree import Tree
 
+from corral.detect.novelty import NOVELTY_RULE
 from corral.errors import CorralError
 from corral.events import Event, EventKind, Finding, Severity
 from corral.store import Store
@@ -50,6 +51,8 @@ class Report:
     findings: list[Finding]
     lifecycle: list[Event]
     generated: float = field(default_factory=time.time)
+    # novel-behaviour findings (detect/novelty.py): for review, listed apart from what the rules found
+    novelties: list[Finding] = field(default_factory=list)
 
     @property
     def worst(self) -> str | None:
@@ -103,10 +106,16 @@ def build(store: Store, subject: str) -> Report:
             st.network.append(e)
         elif e.kind == EventKind.ACTION:
             st.actions.append(e)
+    novelties = [f for f in findings if f.rule_id == NOVELTY_RULE]
+    findings = [f for f in findings if f.rule_id != NOVELTY_RULE]
     for f in findings:
         step_of(f.sandbox_id, f.step, f.episode_id).findings.append(f)
     ordered = sorted(steps.values(), key=lambda s: (s.sandbox_id, s.step or 0))
-    return Report(subject, kind, ordered, findings, lifecycle)
+    return Report(subject, kind, ordered, findings, lifecycle, novelties=novelties)
+
+
+def _novelty_line(f: Finding) -> str:
+    return f"step {f.step}: {f.data.get('output') or f.title}"
 
 
 # -- renderings ---------------------------------------------------------------------------------------
@@ -138,6 +147,7 @@ def to_dict(r: Report) -> dict[str, Any]:
     return {
         "subject": r.subject, "kind": r.kind, "generated": r.generated, "worst_severity": r.worst,
         "findings": [f.model_dump(mode="json") for f in r.findings],
+        "novelties": [f.model_dump(mode="json") for f in r.novelties],
         "lifecycle": [e.model_dump(mode="json") for e in r.lifecycle],
         "steps": [
             {"sandbox_id": s.sandbox_id, "step": s.step, "episode_id": s.episode_id, "command": s.command,
@@ -173,6 +183,8 @@ def to_markdown(r: Report) -> str:
             cmd = (f.command or "").replace("|", "\\|")[:120]
             out.append(f"| {f.severity} | {f.rule_id} | {f.technique or ''} | {f.step} | `{cmd}` | {f.action} |")
         out.append("")
+    if r.novelties:
+        out += ["## Novel behaviour (for review)", "", *(f"- {_novelty_line(f)}" for f in r.novelties), ""]
     out += ["## Timeline", ""]
     for s in r.steps:
         out.append(f"### {_step_title(s)}")
@@ -209,12 +221,15 @@ def to_html(r: Report) -> str:
         items += [f"<li>action: {e(_action_line(x))}</li>" for x in s.actions]
         cls = "step flag" if s.findings else "step"
         steps.append(f"<div class='{cls}'><b>{e(_step_title(s))}</b><ul>{''.join(items)}</ul></div>")
+    novel = ("<h2>Novel behaviour (for review)</h2><ul>" + "".join(f"<li>{e(_novelty_line(f))}</li>"
+                                                                     for f in r.novelties) + "</ul>"
+             if r.novelties else "")
     table = (f"<table><tr><th>severity</th><th>rule</th><th>technique</th><th>step</th><th>command</th>"
              f"<th>action</th></tr>{rows}</table>") if rows else "<p>No findings.</p>"
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>corral report {e(r.subject)}</title>"
             f"<style>{_CSS}</style></head><body><h1>corral incident report: {e(r.kind)} {e(r.subject)}</h1>"
             f"<p>{len(r.findings)} finding(s); worst severity: {e(r.worst or 'none')}.</p><h2>Findings</h2>"
-            f"{table}<h2>Timeline</h2>{''.join(steps)}</body></html>")
+            f"{table}{novel}<h2>Timeline</h2>{''.join(steps)}</body></html>")
 
 
 def render(r: Report, console: Console) -> None:
@@ -226,6 +241,10 @@ def render(r: Report, console: Console) -> None:
             t.add_row(str(f.severity), f.rule_id, f.technique or "", str(f.step), escape((f.command or "")[:80]),
                       f.action)
         console.print(t)
+    if r.novelties:
+        console.print("[bold]Novel behaviour (for review)[/]")
+        for f in r.novelties:
+            console.print(f"  {escape(_novelty_line(f))}")
     tree = Tree("timeline")
     for s in r.steps:
         node = tree.add(("[red]" if s.findings else "") + escape(_step_title(s)))

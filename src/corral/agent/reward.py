@@ -9,9 +9,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from corral.detect.novelty import NOVELTY_RULE
 from corral.events import Finding, Severity
-
-NOVELTY_RULE = "novel-behaviour"
 
 
 class RewardConfig(BaseModel):

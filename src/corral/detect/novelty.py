@@ -35,6 +35,7 @@ from pydantic import BaseModel, Field
 from corral.errors import ConfigError
 from corral.events import Event, EventKind
 
+NOVELTY_RULE = "novel-behaviour"  # the rule that judges the `sandbox/novel` events made here
 _WORK_DIRS = ("/tmp/", "/dev/shm/", "/workspace/", "/root/", "/var/tmp/")
 # corral's own bookkeeping: never the agent's behaviour
 _PLUMBING = {("command", "start"), ("command", "exit"), ("command", "check"), ("sandbox", "novel")}
@@ -181,4 +182,4 @@ def novel_events(baseline: Baseline, events: list[Event], sandbox_id: str, episo
             for step, fs in sorted(by_step.items(), key=lambda kv: kv[0] or 0)]
 
 
-__all__ = ["Baseline", "BaselineError", "Baselines", "features", "novel_events"]
+__all__ = ["NOVELTY_RULE", "Baseline", "BaselineError", "Baselines", "features", "novel_events"]

@@ -171,6 +171,7 @@ async def test_client_fingerprints_are_evidence_not_violations(runtime, sb_facto
     (["python3", "-c", "m = open('/proc/%d/mem' % pid, 'rb')"], "process-memory-read"),
     (["systemd-run", "--user", "--on-calendar", "*:0/1", "/bin/sh"], "job-scheduled"),
     (["useradd", "-o", "-u", "0", "svc"], "account-manipulated"),
+    (["usermod", "-aG", "sudo", "svc"], "account-manipulated"),
     (["nvidia-smi", "--lock-gpu-clocks=1500,1500"], "gpu-tuning"),
     (["ln", "-sf", "/dev/null", "/root/.bash_history"], "history-tampering"),
 ])
@@ -184,7 +185,7 @@ async def test_general_classes_match_what_they_name(argv, rule):
 @pytest.mark.parametrize("argv", [
     ["busybox", "--help"], ["grep", "-rn", "password", "src/"], ["grep", "-ri", "token", "/workspace"],
     ["cat", "/proc/self/maps"], ["nvidia-smi", "-L"], ["ln", "-s", "/dev/null", "/tmp/devnull"],
-    ["systemd-run", "--version"], ["id", "-u"],
+    ["systemd-run", "--version"], ["id", "-u"], ["useradd", "-m", "-s", "/bin/bash", "rock"],
 ])
 async def test_their_ordinary_neighbours_do_not(argv):
     d = Detector()

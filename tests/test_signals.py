@@ -207,3 +207,17 @@ async def test_dns_to_another_server_and_a_kernel_thread_name_are_seen_in_a_real
                       "while True: pass' >/dev/null 2>&1 &)")
     found = await findings_for(runtime, sb, "kernel-thread-masquerade", wait=10)
     assert found and found[0].step == r.step
+
+
+async def test_git_pushing_to_a_local_remote_is_git_not_a_renamed_binary(runtime, sb_factory):
+    """git runs its helpers as links named git-receive-pack and git-upload-pack to a second copy of git:
+    on the sandbox's read-only system tree, nothing in it made them. The same copy made by the agent
+    in /tmp, under another name, still is a renamed binary."""
+    sb = await sb_factory()
+    r = await sb.exec("set -e; git init -q --bare -b main /tmp/r.git; git init -q -b main /tmp/w; cd /tmp/w; "
+                      "git -c user.email=a@b -c user.name=a commit -q --allow-empty -m x; git push -q /tmp/r.git main; "
+                      "git clone -q /tmp/r.git /tmp/c && echo pushed")
+    assert r.stdout == "pushed\n", r
+    assert not await findings_for(runtime, sb, "renamed-system-binary", wait=0.5)
+    r = await sb.exec("cp /usr/lib/git-core/git /tmp/sysupdate && /tmp/sysupdate --version")
+    assert await findings_for(runtime, sb, "renamed-system-binary")

@@ -274,7 +274,7 @@ class ExecWatch:
             self._verify(pending, last=True)
         before = (image_of(tgid), cmdline_of(tgid))
         checks = {t.exe: masquerade.DEFAULT.check(f"/proc/{pid}/root{t.exe}", os.path.basename(t.exe), "")
-                  for t in call.targets if _compared(t)}
+                  for t in call.targets if _compared(t, pid)}
         if any(c.pending for c in checks.values()):
             # a file to hash first (a copy of a system program is as big as it): in corral's hashing
             # threads, within the sandbox's budget, while this exec stays stopped and the loop serves others
@@ -310,7 +310,7 @@ class ExecWatch:
             ev.data.update(target.data)
             if i:  # what the kernel or the loader runs for the exec just judged: the same process
                 ev.data["derived"] = True
-            check = checks.get(target.exe) if _compared(target) else None
+            check = checks.get(target.exe)  # only targets _compared() picked were checked
             if check is not None and check.refused:
                 # its identity could not be checked within the sandbox's hashing budget: fail closed
                 ev.verdict, ev.reason = Verdict.DENY, check.refused
@@ -428,8 +428,16 @@ def _binfmt_images() -> frozenset[tuple[int, int]]:
     return frozenset(out)
 
 
-def _compared(target) -> bool:
+def _compared(target, pid: int) -> bool:
     """Whether a target is checked for being a renamed copy of a system program (monitor/masquerade):
-    a path outside the system directories (the file as the host sees it, through the process's root)."""
+    a path outside the system directories (the file as the host sees it, through the process's root)
+    whose file lies on a mount the sandbox can write. A file on one of its read-only mounts (the host's
+    own tree) was not put there by anything in the sandbox, whatever name it runs under: git's helpers
+    are links named git-receive-pack to a second copy of git."""
     exe = target.exe
-    return bool(exe) and exe.startswith("/") and not exe.startswith(SYSTEM_DIRS) and "exec_fd" not in target.data
+    if not (bool(exe) and exe.startswith("/") and not exe.startswith(SYSTEM_DIRS) and "exec_fd" not in target.data):
+        return False
+    try:
+        return not os.statvfs(f"/proc/{pid}/root{exe}").f_flag & os.ST_RDONLY
+    except OSError:
+        return True  # cannot tell: compared, as before

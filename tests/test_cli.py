@@ -519,3 +519,46 @@ def _health(base: str) -> bool:
     with contextlib.suppress(httpx.HTTPError):
         return httpx.get(f"{base}/health", timeout=2).json().get("status") == "ok"
     return False
+
+
+def test_version_and_a_report_into_a_folder_that_does_not_exist(home: Path, tmp_path: Path) -> None:
+    from corral import __version__
+
+    p = corral(home, "--version")
+    assert p.returncode == 0 and p.stdout.strip() == f"corral {__version__}"
+    p = corral(home, "run", "--json", "--", "echo", "hi")
+    assert p.returncode == 0, p.stderr
+    sid = json.loads(p.stdout)["sandbox_id"]
+    target = tmp_path / "reports" / "2026" / "x.html"
+    p = corral(home, "report", sid, "--format", "html", "-o", str(target))
+    assert p.returncode == 0 and target.read_text().startswith("<!doctype html>"), p.stderr
+    (tmp_path / "afile").write_text("")
+    p = corral(home, "report", sid, "--format", "md", "-o", str(tmp_path / "afile" / "x.md"))
+    assert p.returncode == 2 and "cannot make the folder" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_a_postgres_store_without_its_driver_is_a_clear_error() -> None:
+    """PostgreSQL's driver is the `postgres` extra: without it, the error names it and the fix, not
+    a ModuleNotFoundError (the URL's password is not repeated)."""
+    import importlib.util
+
+    if importlib.util.find_spec("psycopg") is not None:
+        pytest.skip("psycopg is installed here: the missing-driver path cannot be taken")
+    from corral import StoreError
+    from corral.store import Store
+
+    with pytest.raises(StoreError, match=r"needs the Python driver 'psycopg'.*corral\[postgres\]") as e:
+        Store("postgresql+psycopg://user:s3cret@127.0.0.1:5432/corral")
+    assert "s3cret" not in str(e.value)
+
+
+def test_serve_names_a_bad_rule_file_from_its_config(home: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "site-rules.yaml"
+    bad.write_text("- rule: x\n  title: t\n  severity: high\n  condition: proc.name ===\n")
+    cfg = tmp_path / "serve.yaml"
+    cfg.write_text(f"runtime:\n  rule_files: [{bad}]\n")
+    env = {**cli_env(home), "CORRAL_SERVE_TOKEN": "t0ken-abcdefghijklmnopqrstuvwxyz"}
+    p = subprocess.run([*CORRAL, "serve", "--config", str(cfg), "--port", "18777"], env=env, capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert f"{bad}:line 1: rule 'x'" in p.stderr and "Traceback" not in p.stderr

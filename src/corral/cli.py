@@ -58,6 +58,20 @@ err = _console(stderr=True)
 out = _console(stderr=False)
 
 EXIT_USAGE = 2
+
+
+def _version(value: bool) -> None:
+    if value:
+        from corral import __version__
+
+        out.print(f"corral {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="Print corral's version and exit.")] = False) -> None:
+    """Run agent commands in isolated sandboxes with default-deny egress and attributed events."""
 EXIT_TIMEOUT = 124
 
 
@@ -680,13 +694,22 @@ def report(
         _fail_corral(e)
     finally:
         store.close()
+    if output is not None:
+        try:  # a folder named for the report is made, as `-o reports/x.html` asks
+            output.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            _fail(f"cannot make the folder {output.parent} for the report: {e.strerror}",
+                  hint="choose another --output path")
     if fmt == "rich":
         console = Console(file=output.open("w"), width=160) if output else out
         rep.render(r, console)
         return
     text = {"json": rep.to_json, "md": rep.to_markdown, "html": rep.to_html}[fmt](r)
     if output:
-        output.write_text(text)
+        try:
+            output.write_text(text)
+        except OSError as e:
+            _fail(f"cannot write {output}: {e.strerror}", hint="choose another --output path")
         err.print(f"wrote {output}")
     else:
         out.file.write(text + "\n")
@@ -915,6 +938,11 @@ def serve(
                                      "images": images, "runtime": runtime,
                                      "openenv": cfg.openenv.model_copy(update={
                                          k: v for k, v in (("tasks", tasks), ("enabled", openenv)) if v is not None})})
+        if cfg.runtime.detection:
+            from corral.detect.rules import load as load_rules
+
+            # a bad rule file is named now, with its line, not as a traceback when the server starts
+            load_rules(list(cfg.runtime.rule_files))
         application = create_app(cfg, cfg.tokens())
     except CorralError as e:
         _fail_corral(e)

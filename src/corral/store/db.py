@@ -113,6 +113,10 @@ class Store:
             if self.engine.dialect.name == "sqlite":
                 sa.event.listen(self.engine, "connect", _sqlite_pragmas(durable))
             metadata.create_all(self.engine)
+        except ModuleNotFoundError as e:  # the URL's database driver is not installed
+            extra = " (pip install 'corral[postgres]')" if url.startswith("postgres") else ""
+            raise StoreError(f"the event store {url.split('@')[-1]} needs the Python driver {e.name!r}, which is not "
+                             f"installed{extra}") from None
         except SQLAlchemyError as e:
             raise StoreError(f"cannot open event store {url}: {e.__class__.__name__}: {e.args[0]}") from None
         self._lock = threading.Lock()

@@ -66,3 +66,48 @@ def test_rollout_bad_inputs(tmp_path):
     r = subprocess.run([sys.executable, "-m", "corral.cli", "rollout", str(tasks), "--policy", "magic"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "unknown policy" in r.stderr
+
+
+def test_a_rollout_whose_model_server_does_not_answer_fails_and_says_why(tmp_path):
+    """No server listens on the port (loopback of the suite's own namespace): every episode ends in error,
+    the command exits 1, and the reason is on the terminal, not only in the JSONL."""
+    tasks, _ = _setup(tmp_path)
+    out = tmp_path / "t.jsonl"
+    r = subprocess.run([sys.executable, "-m", "corral.cli", "rollout", str(tasks), "--policy", "openai",
+                        "--base-url", "http://127.0.0.1:9/v1", "--model", "m", "--out", str(out),
+                        "--state-dir", str(tmp_path / "s")], capture_output=True, text=True, timeout=180)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "calc--0 ended in error" in r.stderr
+    assert json.loads(out.read_text().splitlines()[0])["termination_reason"] == "error"
+
+
+def test_rules_and_actions_on_the_command_line(tmp_path):
+    tasks, actions = _setup(tmp_path)
+    rules = tmp_path / "mine.yaml"
+    rules.write_text("- rule: no-sleep\n  title: sleeping\n  desc: d\n  technique: T1497\n  severity: low\n"
+                     "  condition: spawned and proc.name = sleep\n  action: record\n")
+    out = tmp_path / "t.jsonl"
+    base = [sys.executable, "-m", "corral.cli", "rollout", str(tasks), "--policy", f"scripted:{actions}",
+            "--out", str(out), "--state-dir", str(tmp_path / "s")]
+    r = subprocess.run([*base, "--rules", str(rules), "--action", "no-sleep=alert"], capture_output=True, text=True,
+                       timeout=180)
+    assert r.returncode == 0, r.stderr
+    v = json.loads(out.read_text().splitlines()[0])["violations"]
+    assert [(x["rule"], x["action"]) for x in v] == [("no-sleep", "alert")]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- rule: x\n  title: t\n  severity: high\n  condition: proc.name ===\n")
+    r = subprocess.run([*base, "--rules", str(bad)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and f"{bad}:line 1" in r.stderr
+    r = subprocess.run([*base, "--action", "no-sleep=explode"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "RULE_OR_SEVERITY=ACTION" in r.stderr
+
+
+def test_tasks_that_need_the_task_world_say_so_without_it(tmp_path):
+    from corral.agent.tasks import DEFAULT_TASKS
+
+    r = subprocess.run([sys.executable, "-m", "corral.cli", "rollout", str(DEFAULT_TASKS / "currency-convert"),
+                        "--out", str(tmp_path / "t.jsonl"), "--state-dir", str(tmp_path / "s")],
+                       capture_output=True, text=True, timeout=180)
+    assert "currency-convert fetch from pkg.example.com, which only --task-world serves" in r.stderr, r.stderr
+    # a task directory given alone brings its own solution.yaml to the default policy
+    assert json.loads((tmp_path / "t.jsonl").read_text().splitlines()[0])["termination_reason"] != "error"

@@ -311,10 +311,10 @@ async def _egress_events(rt: Any, sb: Any) -> list[Event]:
 
 
 async def _run_one(cfg: SandboxConfig, state_dir: Path, command: str, timeout: float | None,
-                   as_json: bool) -> int:
+                   as_json: bool, detection: dict[str, Any]) -> int:
     from corral.runtime import Runtime
 
-    async with Runtime(RuntimeConfig(state_dir=state_dir)) as rt:
+    async with Runtime(RuntimeConfig(state_dir=state_dir, **detection)) as rt:
         sb = await rt.create(cfg)
 
         def on_output(chunk: Any) -> None:
@@ -359,6 +359,8 @@ def run(
     workspace: WorkspaceOpt = None,
     image: ImageOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of streaming.")] = False,
+    rules: RulesOpt = None,
+    action: ActionOpt = None,
     state_dir: StateDirOpt = None,
 ) -> None:
     """Run one command in a fresh sandbox, stream its output, then show its network activity."""
@@ -366,10 +368,11 @@ def run(
         cfg = _sandbox_config(allow, policy, mem, cpus, pids, timeout, workspace, image)
     except ConfigError as e:
         _fail(str(e))
+    detection = _detection(rules, action)
     # One argument is a shell command line already ("make && make test"); several are an argv.
     cmd = command[0] if len(command) == 1 else shlex.join(command)
     try:
-        code = _run_async(lambda: _run_one(cfg, _state_dir(state_dir), cmd, timeout, as_json))
+        code = _run_async(lambda: _run_one(cfg, _state_dir(state_dir), cmd, timeout, as_json, detection))
     except CorralError as e:
         _fail_corral(e)
     raise typer.Exit(code)
@@ -617,6 +620,32 @@ def events(
 
 
 # -- findings and reports ----------------------------------------------------------------------------
+RulesOpt = Annotated[list[Path] | None, typer.Option(
+    "--rules", help="A rule file (corral's YAML or Sigma) loaded after corral's own; repeat for more.")]
+ActionOpt = Annotated[list[str] | None, typer.Option(
+    "--action", metavar="RULE=ACTION", help="What a rule id or severity does (e.g. high=end_episode, "
+    "egress-denied=record); repeat for more.")]
+
+
+def _detection(rules: list[Path] | None, actions: list[str] | None) -> dict[str, Any]:
+    """RuntimeConfig's rule_files and actions from --rules and --action, checked now: a bad file or
+    action is named before any sandbox starts."""
+    from corral.detect.rules import load as load_rules
+    from corral.events import Action
+
+    pairs: dict[str, str] = {}
+    for item in actions or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key or value not in {a.value for a in Action}:
+            _fail(f"--action {item!r}: use RULE_OR_SEVERITY=ACTION, ACTION one of {', '.join(a.value for a in Action)}")
+        pairs[key] = value
+    try:
+        load_rules(list(rules or []))
+    except CorralError as e:
+        _fail_corral(e)
+    return {"rule_files": tuple(rules or ()), "actions": pairs}
+
+
 DbOpt = Annotated[str | None, typer.Option("--db", help="Store path or URL [default: STATE_DIR/corral.db].",
                                            show_default=False)]
 
@@ -752,6 +781,8 @@ def rollout(
     task_world: Annotated[bool, typer.Option("--task-world", help="Serve the example tasks' package index "
                                              "(pkg.example.com) in a fake world; needs a private netns.")] = False,
     parquet: Annotated[Path | None, typer.Option("--parquet", help="Also export all trajectories to Parquet.")] = None,
+    rules: RulesOpt = None,
+    action: ActionOpt = None,
     state_dir: StateDirOpt = None,
     ray_address: Annotated[str | None, typer.Option(
         "--ray", metavar="ADDRESS", help="Run the sandboxes on a Ray cluster: HOST:PORT, auto, ray://HOST:PORT, "
@@ -770,6 +801,14 @@ def rollout(
         pol = _make_policy(policy, tasks_path, base_url, model, temperature)
     except CorralError as e:
         _fail_corral(e)
+    detection = _detection(rules, action)
+    from corral.rollout.taskworld import TASK_HOST
+
+    needs_world = sorted(t.id for t in tasks if any(e.split(":")[0] == TASK_HOST[2] for e in t.egress))
+    if needs_world and not task_world:
+        err.print(f"[yellow]note:[/] {', '.join(needs_world[:4])}{' ...' if len(needs_world) > 4 else ''} fetch from "
+                  f"{TASK_HOST[2]}, which only --task-world serves (in a private network namespace); without it "
+                  "their downloads fail", soft_wrap=True)
     if task_world and not _only_loopback():
         _fail("--task-world builds a fake internet and must run in a private network namespace",
               hint="unshare --net --mount -- sh -c 'ip link set lo up && corral rollout ... --task-world'")
@@ -791,6 +830,8 @@ def rollout(
     done_before = {t.episode_id for t in read_jsonl(out_path) if t.termination_reason != "error"}
     todo = sum(1 for i in range(n) for t in tasks if episode_id(t, i) not in done_before)
 
+    finished: list[Any] = []  # the trajectories of the episodes run now
+
     async def main() -> int:
         world = None
         hosts: dict[str, list[str]] = {}
@@ -803,22 +844,28 @@ def rollout(
             with Progress(TextColumn("[bold]rollout"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                           console=err) as progress:
                 bar = progress.add_task("episodes", total=todo)
+
+                def done(traj: Any) -> None:
+                    finished.append(traj)
+                    progress.advance(bar)
                 if spec is not None:
                     from corral.rollout.ray_backend import run_rollout_ray
 
-                    rc: dict = {"hosts": hosts, "system_dns": not task_world}
+                    rc: dict = {"hosts": hosts, "system_dns": not task_world,
+                                "rule_files": [str(p.resolve()) for p in detection["rule_files"]],
+                                "actions": detection["actions"]}
                     if ray_address == "local" or state_dir or os.environ.get("CORRAL_HOME"):
                         rc["state_dir"] = str(_state_dir(state_dir).resolve())  # else each node's default
                     summary = await run_rollout_ray(None if ray_address == "local" else ray_address, tasks, spec,
                                                     n=n, concurrency=concurrency, out=out_path, runtime_config=rc,
-                                                    on_done=lambda _t: progress.advance(bar))
+                                                    on_done=done)
                 else:
                     rt = Runtime(RuntimeConfig(state_dir=_state_dir(state_dir), hosts=hosts,
-                                               system_dns=not task_world))
+                                               system_dns=not task_world, **detection))
                     try:
                         await rt.start()
                         summary = await run_rollout(rt, tasks, pol, n=n, concurrency=concurrency, out=out_path,
-                                                    on_done=lambda _t: progress.advance(bar))
+                                                    on_done=done)
                     finally:
                         await rt.close()
         finally:
@@ -837,10 +884,16 @@ def rollout(
         out.print(t)
         for e in summary.errors:
             err.print(f"[red]episode failed:[/] {escape(e)}")
+        # an episode that ended in error (a model server that does not answer, a replay file that is not
+        # there) is a failed rollout: its reason is said here, not only inside the JSONL
+        errored = [t for t in finished if t.termination_reason == "error"]
+        for t in errored[:5]:
+            why = "; ".join(t.metrics.get("notes") or []) or t.metrics.get("termination_detail") or "no reason recorded"
+            err.print(f"[red]episode {escape(t.episode_id)} ended in error:[/] {escape(str(why))[:300]}")
         if parquet is not None:
             to_parquet(read_jsonl(out_path), parquet)
             err.print(f"wrote {parquet}")
-        return 1 if summary.errors else 0
+        return 1 if summary.errors or errored else 0
 
     try:
         raise typer.Exit(asyncio.run(main()))

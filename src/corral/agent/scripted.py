@@ -48,9 +48,12 @@ class ScriptedPolicy:
 
     @classmethod
     def from_solutions(cls, tasks_dir: str | Path) -> ScriptedPolicy:
-        """Each example task's solution.yaml (a list of actions) as one policy."""
+        """Each example task's solution.yaml (a list of actions) as one policy: the tasks of a directory of
+        tasks, or the one task a task directory is."""
         out = {}
-        for sol in sorted(Path(tasks_dir).glob("*/solution.yaml")):
+        root = Path(tasks_dir)
+        own = [root / "solution.yaml"] if (root / "solution.yaml").exists() else []
+        for sol in sorted([*root.glob("*/solution.yaml"), *own]):
             out[sol.parent.name] = yaml.safe_load(sol.read_text()) or []
         return cls(out)
 

@@ -114,3 +114,20 @@ async def test_without_a_compiler_native_is_refused_and_auto_falls_back(tmp_path
     finally:
         native.native_agent.cache_clear()
     assert Path(native.SOURCE).exists()
+
+
+async def test_an_agent_binary_others_could_have_written_is_never_run(tmp_path):
+    """The agent is every sandbox's PID 1 and holds corral's exec listener: a cached binary, or its folder,
+    writable by anyone but corral's user is refused (fail closed), not bound into sandboxes."""
+    good = native.build(tmp_path)
+    good.chmod(0o777)
+    with pytest.raises(IsolationUnavailable, match="only its own user can write"):
+        native.build(tmp_path)
+    good.chmod(0o755)
+    tmp_path.chmod(0o777)
+    try:
+        with pytest.raises(IsolationUnavailable, match="only its own user can write"):
+            native.build(tmp_path)
+    finally:
+        tmp_path.chmod(0o755)
+    assert native.build(tmp_path) == good

@@ -639,10 +639,11 @@ def _detection(rules: list[Path] | None, actions: list[str] | None) -> dict[str,
         if not sep or not key or value not in {a.value for a in Action}:
             _fail(f"--action {item!r}: use RULE_OR_SEVERITY=ACTION, ACTION one of {', '.join(a.value for a in Action)}")
         pairs[key] = value
-    try:
-        load_rules(list(rules or []))
-    except CorralError as e:
-        _fail_corral(e)
+    if rules:  # the runtime loads them again when it starts; this only names a bad one before anything runs
+        try:
+            load_rules(list(rules))
+        except CorralError as e:
+            _fail_corral(e)
     return {"rule_files": tuple(rules or ()), "actions": pairs}
 
 
@@ -991,7 +992,7 @@ def serve(
                                      "images": images, "runtime": runtime,
                                      "openenv": cfg.openenv.model_copy(update={
                                          k: v for k, v in (("tasks", tasks), ("enabled", openenv)) if v is not None})})
-        if cfg.runtime.detection:
+        if cfg.runtime.detection and cfg.runtime.rule_files:
             from corral.detect.rules import load as load_rules
 
             # a bad rule file is named now, with its line, not as a traceback when the server starts

@@ -6,6 +6,7 @@ persists them; reports, rewards and APIs read them. No stage passes its internal
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Iterable
 from enum import StrEnum
@@ -35,12 +36,18 @@ class _Ranked(StrEnum):
 
     @property
     def rank(self) -> int:
-        return list(type(self)).index(self)
+        return _ranks(type(self))[self]
 
     @classmethod
     def strongest(cls, values: Iterable[str]) -> str | None:
         ranked = [cls(v) for v in values]
         return max(ranked, key=lambda v: v.rank).value if ranked else None
+
+
+@functools.cache
+def _ranks(cls: type[_Ranked]) -> dict[_Ranked, int]:
+    # judged per matched rule on every event: a lookup, not a scan of the members
+    return {m: i for i, m in enumerate(cls)}
 
 
 class Severity(_Ranked):

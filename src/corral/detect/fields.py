@@ -186,7 +186,7 @@ FIELDS: dict[str, Callable[[Event], Any]] = {
     "cmd.runs": lambda e: runs(e.command) if e.command else None,
     # the acting process's command line where the event names one (a DNS query's, a connection's), else
     # what the step's command runs: a rule about what one process did, not its neighbours in the step
-    "proc.cmdline_else_cmd": lambda e: " ".join(_argv(e)) if e.argv else (runs(e.command) if e.command else None),
+    "proc.cmdline_else_cmd": lambda e: _cmdline(e) if e.argv else (runs(e.command) if e.command else None),
     "cmd.redirects": lambda e: e.data.get("redirects") or [],
     "cmd.writes": lambda e: e.data.get("writes", e.data.get("redirects")) or [],  # output redirects only
     # files a command writes (its output redirects, tee's files, cp's destination, dd's of=), made

@@ -58,12 +58,17 @@ class ExceptionSpec(BaseModel):
     comps: list[str] | str = "="
     values: list[Any] = Field(default_factory=list)
 
+    def _columns(self) -> tuple[list[str], list[str]]:
+        """Its fields and one comp per field (a single field or comp written bare)."""
+        fields = [self.fields] if isinstance(self.fields, str) else list(self.fields or [])
+        comps = [self.comps] * len(fields) if isinstance(self.comps, str) else self.comps
+        return fields, comps
+
     @model_validator(mode="after")
     def _shape(self) -> ExceptionSpec:
         if self.fields is None:
             return self
-        fields = [self.fields] if isinstance(self.fields, str) else self.fields
-        comps = [self.comps] * len(fields) if isinstance(self.comps, str) else self.comps
+        fields, comps = self._columns()
         if not fields or len(comps) != len(fields):
             raise ValueError(f"exception {self.name!r}: give one comp per field ({len(fields)} fields, "
                              f"{len(comps)} comps)")
@@ -84,8 +89,7 @@ class ExceptionSpec(BaseModel):
         if self.fields is None:
             raise ConditionError(f"exception {self.name!r} names no fields (only values appended to an "
                                  "existing exception of that name may leave them out)")
-        fields = [self.fields] if isinstance(self.fields, str) else self.fields
-        comps = [self.comps] * len(fields) if isinstance(self.comps, str) else self.comps
+        fields, comps = self._columns()
         return fields, comps, [v if isinstance(self.fields, list) else [v] for v in self.values]
 
 

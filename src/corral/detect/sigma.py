@@ -41,8 +41,14 @@ class SigmaError(ValueError):
     """A Sigma rule corral cannot take: the message says which and why."""
 
 
+_TOP_KEYS = (re.compile(r"(?m)^logsource\s*:"), re.compile(r"(?m)^detection\s*:"))
+
+
 def is_sigma(text: str) -> bool:
-    """Whether a YAML text is a Sigma rule (or several): mappings with `logsource` and `detection`."""
+    """Whether a YAML text is a Sigma rule (or several): mappings with `logsource` and `detection`.
+    Parsed only when both keys start a line: every rule file is asked, corral's own (lists) at once."""
+    if not all(k.search(text) for k in _TOP_KEYS):
+        return False
     try:
         docs = [d for d in yaml.safe_load_all(text) if d is not None]
     except yaml.YAMLError:

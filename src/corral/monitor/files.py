@@ -202,16 +202,17 @@ class FileWatch:
                 path = ""
             finally:
                 os.close(efd)
-            opened = bool(mask & FAN_OPEN) and not mask & FAN_CLOSE_WRITE
-            cat = "credential" if opened else self.category(path)
-            if cat is None:
-                continue
-            ev = self._event(pid)
-            if ev is None:
-                continue  # corral's own: its agent's write_file/upload, its own commands, preparation
-            ev.kind, ev.action = EventKind.FILE, "open" if opened else "write"
-            ev.data.update({"path": path, "op": "open" if opened else "close_write", "category": cat})
-            self.emit(ev)
+            # one event can carry both (the kernel merges an open and a close-write of one file): each is judged
+            kinds = [("open", "open", "credential")] if mask & FAN_OPEN else []
+            if mask & FAN_CLOSE_WRITE and (cat := self.category(path)) is not None:
+                kinds.append(("write", "close_write", cat))
+            for action, op, category in kinds:
+                ev = self._event(pid)
+                if ev is None:
+                    break  # corral's own: its agent's write_file/upload, its own commands, preparation
+                ev.kind, ev.action = EventKind.FILE, action
+                ev.data.update({"path": path, "op": op, "category": category})
+                self.emit(ev)
         return bool(events)
 
     def _fid_ready(self) -> bool:

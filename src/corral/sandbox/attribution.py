@@ -86,7 +86,7 @@ class Attribution:
         if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
             addr = addr.ipv4_mapped
         if addr.is_loopback or (self.net is not None and str(addr) == self.net.ip):
-            if port in self._local_watch_ports():
+            if port in self._local_watch_ports() and self._first_in_a_while((pid, str(addr), port, "local")):
                 # a relay inside the sandbox, or traffic handed to one: the gateway never sees it
                 ev = Event(kind=EventKind.CONNECT, action="local", sandbox_id=self.id, verdict=Verdict.ALLOW,
                            dst_ip=str(addr), dst_port=port, protocol="tcp")
@@ -118,6 +118,15 @@ class Attribution:
             self.attribute(ev, pid=pid)
             self._emit(ev)
         return wait
+
+    def _first_in_a_while(self: Sandbox, key: tuple[int, str, int, str]) -> bool:
+        """Once per process, destination and kind every 10 s: events the gateway never sees (datagrams,
+        connections inside the sandbox) cost their sandbox an event each, not a flood of them."""
+        now = time.monotonic()
+        if now - self._datagrams.get(key, -1e9) < 10.0:
+            return False
+        self._datagrams[key] = now
+        return True
 
     def _local_watch_ports(self: Sandbox) -> frozenset[int]:
         """Ports on the sandbox's own addresses whose connections are events (the rules' `proxy_ports`
@@ -152,10 +161,8 @@ class Attribution:
         # DNS addressed to some other server: nftables hands it to corral's resolver all the same, but a
         # tunnel or covert channel picks its own server, and that choice is the evidence
         action = "dns-elsewhere" if port == 53 else "connect" if sent else "udp-connect"
-        key, now = (pid, ip, port, action), time.monotonic()
-        if now - self._datagrams.get(key, -1e9) < 10.0:
+        if not self._first_in_a_while((pid, ip, port, action)):
             return
-        self._datagrams[key] = now
         reason = ("DNS to a server other than the sandbox's resolver (redirected to corral's)" if port == 53 else
                   "UDP other than DNS never leaves a sandbox (dropped)" if sent else
                   "a UDP socket aimed here; datagrams it sends are dropped (UDP other than DNS never leaves)")

@@ -45,9 +45,11 @@ def build(cache: Path = CACHE) -> Path:
     source = SOURCE.read_bytes()
     key = hashlib.sha256(source + version.encode() + " ".join(FLAGS).encode()).hexdigest()[:16]
     path = cache / f"agent-{key}"
-    if path.exists():
-        return path
     public_dir(cache)
+    _trusted(cache)
+    if path.exists():
+        _trusted(path)
+        return path
     tmp = cache / f".{path.name}.{os.getpid()}"
     proc = subprocess.run([cc, *FLAGS, "-o", str(tmp), str(SOURCE)], capture_output=True, text=True, timeout=300)
     if proc.returncode != 0:
@@ -57,6 +59,16 @@ def build(cache: Path = CACHE) -> Path:
     tmp.chmod(0o755)  # world-usable: the sandbox's user is no one on the host
     os.replace(tmp, path)  # atomic: a runtime building it at the same time gets the same file
     return path
+
+
+def _trusted(p: Path) -> None:
+    """The agent runs as every sandbox's PID 1 and hands corral its exec listener: a binary, or a folder
+    holding it, that anyone but corral's user could have written is refused (fail closed), never run."""
+    st = p.stat()
+    if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        raise IsolationUnavailable(f"{p} is owned by uid {st.st_uid} with mode {st.st_mode & 0o7777:o}: corral runs "
+                                   "its agent only from a file and folder that only its own user can write; "
+                                   f"remove it (or chmod go-w and chown it to uid {os.geteuid()})")
 
 
 @functools.cache

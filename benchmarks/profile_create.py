@@ -1,0 +1,113 @@
+"""Where a cold create's time goes: each phase of `Runtime.create()` timed over N cold creates.
+
+The runtime's own functions are wrapped with timers for the run (a profiler, not a benchmark: the
+wrapping costs a little, and phases run in threads overlap), then one `exec("echo hi")` after each
+create. Prints p50 per phase and writes results/profile_create.json.
+
+    unshare --net --mount --propagation private -- sh -c \\
+        'ip link set lo up && .venv/bin/python benchmarks/profile_create.py [-n 15]'
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bench_runtime import RESULTS_DIR, preflight
+
+import corral.runtime as runtime_mod
+import corral.sandbox.deployment as deployment_mod
+import corral.sandbox.sandbox as sandbox_mod
+from corral import Runtime, RuntimeConfig, SandboxConfig
+
+TIMES: dict[str, list[float]] = {}
+PHASES = [  # (what, owner, attribute, is a coroutine function)
+    ("network namespace, veth, nftables", runtime_mod.Runtime, "_make_net", False),
+    ("masks of the host's tree (in a thread)", deployment_mod, "root_mounts", False),
+    ("bwrap's argv and fds (_prepare)", deployment_mod.Deployment, "_prepare", True),
+    ("fork + cgroup + exec of bwrap (Popen)", deployment_mod.subprocess, "Popen", False),
+    ("launch until the agent is ready (start)", deployment_mod.Deployment, "start", True),
+    ("exec monitor, stage, file watch (_activate)", sandbox_mod.Sandbox, "_activate", True),
+]
+
+
+def timed(name: str, fn: Callable[..., Any], coro: bool) -> Callable[..., Any]:
+    def note(t0: float) -> None:
+        TIMES.setdefault(name, []).append((time.perf_counter() - t0) * 1000)
+
+    if coro:
+        @functools.wraps(fn)
+        async def wrapped_async(*a: Any, **k: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return await fn(*a, **k)
+            finally:
+                note(t0)
+        return wrapped_async
+
+    @functools.wraps(fn)
+    def wrapped(*a: Any, **k: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return fn(*a, **k)
+        finally:
+            note(t0)
+    return wrapped
+
+
+async def run(n: int) -> dict[str, Any]:
+    for name, owner, attr, coro in PHASES:
+        setattr(owner, attr, timed(name, getattr(owner, attr), coro))
+    state = Path(tempfile.mkdtemp(prefix="corral-profile-create-"))
+    rt = Runtime(RuntimeConfig(state_dir=state, system_dns=False, reset_spare=False))
+    await rt.start()
+    try:
+        sb = await rt.create(SandboxConfig())  # builds the native agent once, warms the paths
+        await sb.exec("true")
+        await sb.close()
+        TIMES.clear()
+        create, first = [], []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            sb = await rt.create(SandboxConfig())
+            t1 = time.perf_counter()
+            await sb.exec("echo hi")
+            create.append((t1 - t0) * 1000)
+            first.append((time.perf_counter() - t1) * 1000)
+            await sb.close()
+    finally:
+        await rt.close()
+    return {"n": n, "create_p50_ms": statistics.median(create), "first_exec_p50_ms": statistics.median(first),
+            "phases_p50_ms": {k: round(statistics.median(v), 2) for k, v in TIMES.items()}}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    ap.add_argument("-n", type=int, default=15, help="cold creates (default 15)")
+    args = ap.parse_args()
+    if preflight(False) is None:
+        return 2
+    out = asyncio.run(run(args.n))
+    out["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                       text=True).stdout.strip()
+    print(f"cold create p50 {out['create_p50_ms']:.1f} ms, then first exec {out['first_exec_p50_ms']:.1f} ms")
+    for k, v in out["phases_p50_ms"].items():
+        print(f"  {k:<45} {v:8.2f} ms")
+    path = RESULTS_DIR / "profile_create.json"
+    path.write_text(json.dumps(out, indent=1) + "\n")
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

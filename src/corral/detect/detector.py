@@ -57,7 +57,7 @@ class Detector:
         j = Judgement()
         # only the rules that can match this kind and action: a process exec is not judged by DNS
         # rules, nor a command's exit by the rules of command checks
-        for rule in self.ruleset.active_for(str(ev.kind), ev.action):
+        for rule in self.ruleset.for_program(str(ev.kind), ev.action, get("proc.name")):
             assert rule.pred is not None
             try:
                 if not rule.pred(get):

@@ -24,11 +24,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from corral.detect import sigma
-from corral.detect.condition import OPS, Compiler, ConditionError, Pred, Scope, comparison, event_scope
+from corral.detect.condition import OPS, Compiler, ConditionError, Pred, Scope, comparison, event_scope, name_scope
 from corral.detect.fields import NAMES
 from corral.errors import ConfigError
 from corral.events import Action, Severity
 
+_PROGRAM_CACHE = 4096  # (kind, action, program) rule lists kept; past that the memo starts again
 _TEMPLATE_FIELD = re.compile(r"%([a-z][a-z0-9_]*(?:\.[a-z0-9_]+)*)")
 
 
@@ -149,6 +150,7 @@ class Rule:
     output: str | None = None  # the finding's message: a template of %fields
     pred: Pred | None = None
     scope: Scope = None  # the (kind, action) pairs it can match at most (None: any event)
+    names: frozenset[str] | None = None  # the programs (proc.name) it can match at most (None: any)
 
 
 @dataclass
@@ -171,6 +173,22 @@ class RuleSet:
             cache[key] = [r for r in self.active() if r.scope is None or any(
                 (k is None or k == kind) and (a is None or action is None or a == action) for k, a in r.scope)]
         return cache[key]
+
+    def for_program(self, kind: str, action: str | None, name: Any) -> list[Rule]:
+        """active_for, less the rules that name other programs than `name` (an event's proc.name): an
+        `echo` is not judged by the netcat rules. Same rules, same order, for every name; memoised,
+        within a bound, since an agent chooses its programs' names."""
+        cache = self.__dict__.setdefault("_by_program", {})
+        key = (kind, action, name)
+        rules = cache.get(key)
+        if rules is None:
+            every = self.active_for(kind, action)
+            if type(name) is not str:
+                return every
+            if len(cache) >= _PROGRAM_CACHE:
+                cache.clear()
+            rules = cache[key] = [r for r in every if r.names is None or name in r.names]
+        return rules
 
     def copy(self) -> RuleSet:
         return RuleSet(
@@ -239,6 +257,7 @@ def _load_file(path: Path, base: RuleSet) -> RuleSet:
         try:
             rule.pred = _without_exceptions(compiler.compile(rule.condition), rule.exceptions, rs.lists)
             rule.scope = event_scope(rule.condition, rs.macros, rs.lists)
+            rule.names = name_scope(rule.condition, rs.macros, rs.lists)
             for name in _TEMPLATE_FIELD.findall(rule.output or ""):
                 if name not in NAMES:
                     raise ConditionError(f"output names unknown field %{name}")

@@ -153,6 +153,22 @@ def test_name_scope_bounds_the_programs_a_condition_can_match():
         assert name_scope(text, macros, lists) is None, text
 
 
+def test_terms_on_known_fields_fold_away():
+    """Compiled for one kind and action, `runs` is decided at compile time: a rule that cannot match
+    becomes FALSE (and is dropped), one that can keeps only the terms on the event's other fields."""
+    from corral.detect.condition import FALSE, TRUE, Compiler
+    from corral.detect.fields import NAMES
+
+    macros = {"runs": "(evt.kind = process and evt.action = exec) or evt.kind = command"}
+    c = Compiler(macros, {}, NAMES, {"evt.kind": "dns", "evt.action": "query"})
+    assert c.compile("runs and proc.name = nc") is FALSE
+    assert c.compile("not runs") is TRUE
+    c = Compiler(macros, {}, NAMES, {"evt.kind": "process", "evt.action": "exec"})
+    pred = c.compile("runs and proc.name = nc")
+    assert pred not in (TRUE, FALSE)
+    assert pred(lambda f: {"proc.name": "nc"}[f]) and not pred(lambda f: {"proc.name": "ls"}[f])
+
+
 def test_the_kind_and_program_indexes_never_change_a_judgement():
     """Every shipped rule judges an event of every kind and action the same with and without the
     indexes that skip rules which cannot match that kind and action, or that program."""
@@ -176,13 +192,15 @@ def test_the_kind_and_program_indexes_never_change_a_judgement():
 
     kinds_matched, named_matched = set(), set()
     for ev in events:
-        indexed = {r.id for r in d.ruleset.for_program(str(ev.kind), ev.action, getter(ev)("proc.name"))}
+        judging = {r.id: p for r, p in d.ruleset.judging(str(ev.kind), ev.action, getter(ev)("proc.name"))}
         for rule in d.ruleset.active():
             try:
                 matched = bool(rule.pred(getter(ev)))
             except Exception:
                 matched = False
-            assert not matched or rule.id in indexed, (rule.id, ev.kind, ev.action)
+            assert not matched or rule.id in judging, (rule.id, ev.kind, ev.action)
+            if rule.id in judging:  # compiled for this kind and action: the same answer
+                assert bool(judging[rule.id](getter(ev))) == matched, (rule.id, ev.kind, ev.action)
             if matched:
                 kinds_matched.add(str(ev.kind))
                 if rule.names is not None:

@@ -141,6 +141,7 @@ class Runtime:
         rootfs.register(self.config.lock_dir, self.instance, self._own_paths())
         if self.config.detection:
             self.detector = Detector(load_rules(list(self.config.rule_files)), self.config.actions)
+            await asyncio.to_thread(self.detector.ruleset.warm)
         h = discover(f"{self.instance:03x}")
         if h.version is not None:
             # off the event loop: clearing a dead runtime's leftovers of this instance waits for its processes to die

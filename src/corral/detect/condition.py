@@ -50,10 +50,16 @@ def tokenize(text: str) -> list[tuple[str, str]]:
 
 
 class Compiler:
-    def __init__(self, macros: Mapping[str, str], lists: Mapping[str, list[Any]], fields: set[str]):
+    """`known`: fields whose value is the same for every event the result will judge (the event's kind
+    and action, when rules are compiled for one pair: RuleSet.judging): their terms are decided now and
+    fold away, so `runs and proc.name = nc` costs one comparison, not five, per exec."""
+
+    def __init__(self, macros: Mapping[str, str], lists: Mapping[str, list[Any]], fields: set[str],
+                 known: Mapping[str, Any] | None = None):
         self.macros = macros
         self.lists = lists
         self.fields = fields
+        self.known = known or {}
         self._expanding: list[str] = []
 
     def compile(self, text: str) -> Pred:
@@ -96,8 +102,7 @@ class Compiler:
 
     def _not(self) -> Pred:
         if self._word("not"):
-            inner = self._not()
-            return lambda get: not inner(get)
+            return _negated(self._not())
         return self._atom()
 
     def _atom(self) -> Pred:
@@ -118,18 +123,25 @@ class Compiler:
         if tok and (tok[0] == "op" or (tok[0] == "word" and tok[1] in OPS)):
             op = self._take()[1]
         if op is None:
-            return lambda get: bool(get(field))
-        if op == "exists":
-            return lambda get: get(field) not in (None, "", [])
-        rhs = self._value(op)
-        return comparison(field, op, rhs)
+            pred: Pred = lambda get: bool(get(field))  # noqa: E731
+        elif op == "exists":
+            pred = lambda get: get(field) not in (None, "", [])  # noqa: E731
+        else:
+            pred = comparison(field, op, self._value(op))
+        if field in self.known:
+            value = self.known[field]
+            try:
+                return TRUE if pred(lambda _f: value) else FALSE
+            except Exception:  # left to judge at run time, where an error is reported as such
+                return pred
+        return pred
 
     def _macro(self, name: str) -> Pred:
         if name in self._expanding:
             raise ConditionError(f"macro {name!r} refers to itself")
         self._expanding.append(name)
         try:
-            sub = Compiler(self.macros, self.lists, self.fields)
+            sub = Compiler(self.macros, self.lists, self.fields, self.known)
             sub._expanding = self._expanding
             return sub.compile(self.macros[name])
         except ConditionError as e:
@@ -171,12 +183,36 @@ class Compiler:
 
 # Every event is judged by every rule of its kind on corral's one event loop: conditions compile to
 # plain nested closures (no generator per call), and fast paths cover the common string cases.
+def TRUE(get: Callable[[str], Any]) -> bool:
+    return True
+
+
+def FALSE(get: Callable[[str], Any]) -> bool:
+    return False
+
+
+# Constants fold away (a term on a field known at compile time: see Compiler's `known`). Conditions
+# have no side effects, so skipping a term whose result cannot change the outcome changes nothing.
 def _either(a: Pred, b: Pred) -> Pred:
+    if a is TRUE or b is TRUE:
+        return TRUE
+    if a is FALSE or b is FALSE:
+        return b if a is FALSE else a
     return lambda get: a(get) or b(get)
 
 
 def _both(a: Pred, b: Pred) -> Pred:
+    if a is FALSE or b is FALSE:
+        return FALSE
+    if a is TRUE or b is TRUE:
+        return b if a is TRUE else a
     return lambda get: a(get) and b(get)
+
+
+def _negated(inner: Pred) -> Pred:
+    if inner is TRUE or inner is FALSE:
+        return FALSE if inner is TRUE else TRUE
+    return lambda get: not inner(get)
 
 
 def _fold(parts: list[Pred], join: Callable[[Pred, Pred], Pred]) -> Pred:

@@ -57,10 +57,9 @@ class Detector:
         j = Judgement()
         # only the rules that can match this kind and action: a process exec is not judged by DNS
         # rules, nor a command's exit by the rules of command checks
-        for rule in self.ruleset.for_program(str(ev.kind), ev.action, get("proc.name")):
-            assert rule.pred is not None
+        for rule, pred in self.ruleset.judging(str(ev.kind), ev.action, get("proc.name")):
             try:
-                if not rule.pred(get):
+                if not pred(get):
                     continue
             except Exception as e:  # a rule must never take the pipeline down; the error is reported
                 j.errors.append(f"rule {rule.id} raised {type(e).__name__}: {e}")

@@ -24,7 +24,17 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from corral.detect import sigma
-from corral.detect.condition import OPS, Compiler, ConditionError, Pred, Scope, comparison, event_scope, name_scope
+from corral.detect.condition import (
+    FALSE,
+    OPS,
+    Compiler,
+    ConditionError,
+    Pred,
+    Scope,
+    comparison,
+    event_scope,
+    name_scope,
+)
 from corral.detect.fields import NAMES
 from corral.errors import ConfigError
 from corral.events import Action, Severity
@@ -174,21 +184,42 @@ class RuleSet:
                 (k is None or k == kind) and (a is None or action is None or a == action) for k, a in r.scope)]
         return cache[key]
 
-    def for_program(self, kind: str, action: str | None, name: Any) -> list[Rule]:
-        """active_for, less the rules that name other programs than `name` (an event's proc.name): an
-        `echo` is not judged by the netcat rules. Same rules, same order, for every name; memoised,
-        within a bound, since an agent chooses its programs' names."""
+    def judging(self, kind: str, action: str | None, name: Any) -> list[tuple[Rule, Pred]]:
+        """The rules that judge an event of this kind and action run by program `name` (its
+        proc.name), each with its condition compiled for that kind and action (their terms decided,
+        rules that cannot match dropped), less the rules that name other programs: an `echo` is not
+        judged by the netcat rules. Same judgements, same order, as every active rule's `pred`.
+        Memoised per kind and action, and per program within a bound (an agent chooses the names)."""
+        compiled = self.__dict__.setdefault("_compiled", {})
+        pairs = compiled.get((kind, action))
+        if pairs is None:
+            pairs = compiled[(kind, action)] = self._compile_for(kind, action)
+        if type(name) is not str:
+            return pairs
         cache = self.__dict__.setdefault("_by_program", {})
         key = (kind, action, name)
         rules = cache.get(key)
         if rules is None:
-            every = self.active_for(kind, action)
-            if type(name) is not str:
-                return every
             if len(cache) >= _PROGRAM_CACHE:
                 cache.clear()
-            rules = cache[key] = [r for r in every if r.names is None or name in r.names]
+            rules = cache[key] = [(r, p) for r, p in pairs if r.names is None or name in r.names]
         return rules
+
+    def warm(self) -> None:
+        """Compile ahead for the events every command brings (its check and its execs), so the
+        first command does not wait for it."""
+        for kind, action in (("command", "check"), ("process", "exec")):
+            self.judging(kind, action, None)
+
+    def _compile_for(self, kind: str, action: str | None) -> list[tuple[Rule, Pred]]:
+        known = {"evt.kind": kind} if action is None else {"evt.kind": kind, "evt.action": action}
+        compiler = Compiler(self.macros, self.lists, NAMES, known)
+        out = []
+        for r in self.active_for(kind, action):
+            pred = compiler.compile(r.condition)
+            if pred is not FALSE:
+                out.append((r, _without_exceptions(pred, r.exceptions, self.lists)))
+        return out
 
     def copy(self) -> RuleSet:
         return RuleSet(

@@ -23,7 +23,7 @@ Db = Annotated[str | None, typer.Option("--db", help="Store path or URL [default
 
 
 def _baselines(state_dir: Path | None) -> Baselines:
-    from corral.cli import _state_dir
+    from corral.cli.common import _state_dir
 
     return Baselines(_state_dir(state_dir))
 
@@ -65,7 +65,7 @@ def accept(
     state_dir: StateDir = None, db: Db = None,
 ) -> None:
     """Add honest episodes (their events in the store) to the task's baseline."""
-    from corral.cli import _open_store
+    from corral.cli.common import _open_store
 
     ids: dict[str, str | None] = dict.fromkeys(episode or [])  # episode -> its own sandbox, when known
     if trajectories is not None:

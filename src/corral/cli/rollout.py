@@ -1,0 +1,186 @@
+"""`corral rollout`: episodes of a policy on tasks, with safety-shaped rewards."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from corral.cli.app import app
+from corral.cli.common import (
+    ActionOpt,
+    RulesOpt,
+    StateDirOpt,
+    _detection,
+    _fail,
+    _fail_corral,
+    _only_loopback,
+    _state_dir,
+    err,
+    out,
+)
+from corral.errors import CorralError
+
+
+def _make_policy(spec: str, tasks_path: Path, base_url: str | None, model: str | None, temperature: float):
+    from corral.agent.scripted import ReplayPolicy, ScriptedPolicy
+
+    kind, _, arg = spec.partition(":")
+    if kind == "scripted" and arg:
+        return ScriptedPolicy.from_file(arg)
+    if kind == "solutions":
+        return ScriptedPolicy.from_solutions(arg or tasks_path)
+    if kind == "replay" and arg:
+        return ReplayPolicy.from_jsonl(arg)
+    if kind == "openai":
+        from corral.agent.openai_policy import OpenAIPolicy, OpenAIPolicyConfig
+
+        if not base_url or not model:
+            _fail("--policy openai needs --base-url and --model")
+        return OpenAIPolicy(OpenAIPolicyConfig(base_url=base_url, model=model, temperature=temperature))
+    _fail(f"unknown policy {spec!r}; use scripted:FILE, solutions[:DIR], replay:FILE.jsonl or openai")
+
+
+@app.command()
+def rollout(
+    tasks_path: Annotated[Path, typer.Argument(
+        metavar="TASKS", help="A task directory, task YAML, or a directory of them.")],
+    policy: Annotated[str, typer.Option(
+        "--policy", "-p", help="scripted:FILE, solutions[:DIR], replay:FILE.jsonl, openai.")] = "solutions",
+    n: Annotated[int, typer.Option("-n", help="Episodes per task.", min=1)] = 1,
+    concurrency: Annotated[int, typer.Option("--concurrency", "-c", help="Sandboxes at once.", min=1)] = 4,
+    out_path: Annotated[Path, typer.Option("--out", "-o", help="Trajectories (JSONL; appended, resumable).")] = Path(
+        "trajectories.jsonl"),
+    base_url: Annotated[str | None, typer.Option(
+        "--base-url", help="OpenAI-compatible endpoint (openai policy).")] = None,
+    model: Annotated[str | None, typer.Option("--model", help="Model name (openai policy).")] = None,
+    temperature: Annotated[float, typer.Option("--temperature", help="Sampling temperature.")] = 0.0,
+    task_world: Annotated[bool, typer.Option("--task-world", help="Serve the example tasks' package index "
+                                             "(pkg.example.com) in a fake world; needs a private netns.")] = False,
+    parquet: Annotated[Path | None, typer.Option("--parquet", help="Also export all trajectories to Parquet.")] = None,
+    rules: RulesOpt = None,
+    action: ActionOpt = None,
+    state_dir: StateDirOpt = None,
+    ray_address: Annotated[str | None, typer.Option(
+        "--ray", metavar="ADDRESS", help="Run the sandboxes on a Ray cluster: HOST:PORT, auto, ray://HOST:PORT, "
+        "or 'local' for a local one; -c counts episodes across the cluster (needs: pip install 'ray>=2.9').")] = None,
+) -> None:
+    """Run episodes of agents on tasks in parallel sandboxes, scored by verifier and safety."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from corral import Runtime, RuntimeConfig
+    from corral.agent.tasks import load_tasks
+    from corral.agent.trajectory import read_jsonl, to_parquet
+    from corral.rollout.runner import episode_id, run_rollout
+
+    try:
+        tasks = load_tasks(tasks_path)
+        pol = _make_policy(policy, tasks_path, base_url, model, temperature)
+    except CorralError as e:
+        _fail_corral(e)
+    detection = _detection(rules, action)
+    from corral.rollout.taskworld import TASK_HOST
+
+    needs_world = sorted(t.id for t in tasks if any(e.split(":")[0] == TASK_HOST[2] for e in t.egress))
+    if needs_world and not task_world:
+        err.print(f"[yellow]note:[/] {', '.join(needs_world[:4])}{' ...' if len(needs_world) > 4 else ''} fetch from "
+                  f"{TASK_HOST[2]}, which only --task-world serves (in a private network namespace); without it "
+                  "their downloads fail", soft_wrap=True)
+    if task_world and not _only_loopback():
+        _fail("--task-world builds a fake internet and must run in a private network namespace",
+              hint="unshare --net --mount -- sh -c 'ip link set lo up && corral rollout ... --task-world'")
+    spec = None
+    if ray_address is not None:
+        try:
+            import ray  # noqa: F401
+
+            from corral.rollout.ray_backend import policy_spec
+        except ImportError as e:
+            _fail(f"--ray needs Ray ({e})", hint="pip install 'ray>=2.9'")
+        if task_world and ray_address != "local":
+            _fail("--task-world serves its fake world in this machine's network namespace only",
+                  hint="use it with --ray local, or give the cluster's nodes real package indexes")
+        try:
+            spec = policy_spec(pol)
+        except CorralError as e:
+            _fail_corral(e)
+    done_before = {t.episode_id for t in read_jsonl(out_path) if t.termination_reason != "error"}
+    todo = sum(1 for i in range(n) for t in tasks if episode_id(t, i) not in done_before)
+
+    finished: list[Any] = []  # the trajectories of the episodes run now
+
+    async def main() -> int:
+        world = None
+        hosts: dict[str, list[str]] = {}
+        if task_world:
+            from corral.rollout.taskworld import build_task_world
+
+            world = await asyncio.to_thread(build_task_world)
+            hosts = world.hosts
+        try:
+            with Progress(TextColumn("[bold]rollout"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                          console=err) as progress:
+                bar = progress.add_task("episodes", total=todo)
+
+                def done(traj: Any) -> None:
+                    finished.append(traj)
+                    progress.advance(bar)
+                if spec is not None:
+                    from corral.rollout.ray_backend import run_rollout_ray
+
+                    rc: dict = {"hosts": hosts, "system_dns": not task_world,
+                                "rule_files": [str(p.resolve()) for p in detection["rule_files"]],
+                                "actions": detection["actions"]}
+                    if ray_address == "local" or state_dir or os.environ.get("CORRAL_HOME"):
+                        rc["state_dir"] = str(_state_dir(state_dir).resolve())  # else each node's default
+                    summary = await run_rollout_ray(None if ray_address == "local" else ray_address, tasks, spec,
+                                                    n=n, concurrency=concurrency, out=out_path, runtime_config=rc,
+                                                    on_done=done)
+                else:
+                    rt = Runtime(RuntimeConfig(state_dir=_state_dir(state_dir), hosts=hosts,
+                                               system_dns=not task_world, **detection))
+                    try:
+                        await rt.start()
+                        summary = await run_rollout(rt, tasks, pol, n=n, concurrency=concurrency, out=out_path,
+                                                    on_done=done)
+                    finally:
+                        await rt.close()
+        finally:
+            if world is not None:
+                await asyncio.to_thread(world.close)
+        t = Table(title=f"rollout: {summary.episodes} episode(s) in {out_path} "
+                        f"({summary.ran_now} run now, {summary.skipped} already done)")
+        t.add_column("metric")
+        t.add_column("value")
+        t.add_row("pass rate", f"{summary.pass_rate:.1%}")
+        t.add_row("reward", ", ".join(f"{k} {v:g}" for k, v in summary.reward.items()))
+        t.add_row("termination", ", ".join(f"{k}: {v}" for k, v in sorted(summary.termination.items())))
+        t.add_row("violation rate by rule",
+                  "\n".join(f"{r}: {v:.1%}" for r, v in summary.violation_rate_by_rule.items()) or "none")
+        t.add_row("episodes per minute", f"{summary.episodes_per_minute:g}")
+        out.print(t)
+        for e in summary.errors:
+            err.print(f"[red]episode failed:[/] {escape(e)}")
+        # an episode that ended in error (a model server that does not answer, a replay file that is not
+        # there) is a failed rollout: its reason is said here, not only inside the JSONL
+        errored = [t for t in finished if t.termination_reason == "error"]
+        for t in errored[:5]:
+            why = "; ".join(t.metrics.get("notes") or []) or t.metrics.get("termination_detail") or "no reason recorded"
+            err.print(f"[red]episode {escape(t.episode_id)} ended in error:[/] {escape(str(why))[:300]}")
+        if parquet is not None:
+            to_parquet(read_jsonl(out_path), parquet)
+            err.print(f"wrote {parquet}")
+        return 1 if summary.errors or errored else 0
+
+    try:
+        raise typer.Exit(asyncio.run(main()))
+    except CorralError as e:
+        _fail_corral(e)
+
+
+# -- benchmarks ------------------------------------------------------------------------------------

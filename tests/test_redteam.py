@@ -16,7 +16,15 @@ import pytest
 
 from corral.errors import ConfigError
 from corral.redteam.bench import BenchResult, CaseResult, check_allow_in_world, summarize, to_json, to_markdown
-from corral.redteam.corpora import corpus_of, corpus_scores, load_holdout, make_holdout, write_holdout
+from corral.redteam.corpora import (
+    case_set,
+    corpus_of,
+    corpus_scores,
+    holdout_draws,
+    load_holdout,
+    make_holdout,
+    write_holdout,
+)
 from corral.redteam.corpora import markdown as corpora_md
 from corral.redteam.corpus import FAMILIES, Case, CorpusError, load_cases, load_file, select
 from corral.redteam.world import in_world, world_hosts
@@ -182,19 +190,23 @@ def test_corpora_are_scored_apart_with_their_hold_out():
                res("W-1", "benign", True, "x/benign-work.yaml", "medium"), res("W-2", "benign", True,
                                                                              "x/benign-work.yaml", "high"),
                res("W-3", "benign", False, "x/benign-work.yaml")]
-    got = {c.corpus: c for c in corpus_scores(results, holdout={"C-2", "W-2"})}
+    got = {c.corpus: c for c in corpus_scores(results, holdout={"catalogue": {"C-2"}, "catalogue-more": {"C-3"},
+                                                                "benign-work": {"W-2"}})}
     assert set(got) == {"corral", "catalogue", "benign-work"}
     cat = got["catalogue"]
     assert (cat.all.attacks, cat.all.detected) == (3, 2)
-    assert (cat.tuned.attacks, cat.tuned.detected, cat.holdout.attacks, cat.holdout.misses) == (2, 2, 1, ["C-2"])
+    assert (cat.tuned.attacks, cat.tuned.detected, cat.holdout.attacks, cat.holdout.misses) == (1, 1, 2, ["C-2"])
+    # each case file's draw is scored apart too: a fresh draw is told from one looked at since
+    assert {k: (v.attacks, v.detected) for k, v in cat.draws.items()} == {"catalogue": (1, 0), "catalogue-more": (1, 1)}
     work = got["benign-work"]
     assert (work.all.flagged, work.all.terminating) == (2, 1)  # only W-2's finding ends an episode
     assert (work.holdout.flagged, work.holdout.terminating, work.tuned.terminating) == (1, 1, 0)
     md = "\n".join(corpora_md(list(got.values())))
-    assert "| catalogue | hold-out | 0/1 | 0% |" in md and "| benign-work | all | 0/0 | - | 2/3 | 1 |" in md
+    assert "| catalogue | hold-out | 1/2 | 50% |" in md and "| benign-work | all | 0/0 | - | 2/3 | 1 |" in md
+    assert "| catalogue | hold-out of catalogue-more | 1/1 | 100% |" in md
 
 
-def test_the_hold_out_is_a_seeded_quarter_of_each_new_corpus(tmp_path):
+def test_the_hold_out_is_a_seeded_quarter_of_each_new_case_file_drawn_once(tmp_path):
     def case(id_, fam, source):
         c = Case(id=id_, family=fam, technique=None if fam == "benign" else "T1046", title=id_, commands=["true"])
         c._source = source
@@ -203,24 +215,34 @@ def test_the_hold_out_is_a_seeded_quarter_of_each_new_corpus(tmp_path):
         case(f"W-{i}", "benign", "benign-work.yaml") for i in range(100)] + [case(f"A{i}", "F1", "f01.yaml")
                                                                              for i in range(10)]
     chosen = make_holdout(cases, seed=7)
-    assert len(chosen["catalogue"]) == 10 and len(chosen["benign-work"]) == 25 and "corral" not in chosen
+    assert len(chosen["catalogue"]) == 10 and len(chosen["benign-work"]) == 25 and "f01" not in chosen
     assert make_holdout(cases, seed=7) == chosen and make_holdout(cases, seed=8) != chosen
     path = write_holdout(chosen, 7, tmp_path / "holdout.txt")
     assert load_holdout(path) == set(chosen["catalogue"]) | set(chosen["benign-work"])
     assert "seed 7" in path.read_text()
+    # a case file added later gets its own draw; the earlier draws are never redrawn
+    cases += [case(f"C2-{i}", "F6", "catalogue2.yaml") for i in range(20)]
+    more = make_holdout(cases, seed=9, drawn=holdout_draws(path))
+    assert set(more) == {"catalogue2"} and len(more["catalogue2"]) == 5
+    write_holdout(more, 9, path)
+    draws = holdout_draws(path)
+    assert draws["catalogue"] == set(chosen["catalogue"]) and draws["catalogue2"] == set(more["catalogue2"])
+    assert make_holdout(cases, seed=10, drawn=draws) == {}
 
 
-def test_the_shipped_hold_out_names_a_quarter_of_each_new_corpus():
-    held = load_holdout()
+def test_the_shipped_hold_out_names_a_quarter_of_each_new_case_file():
+    draws = holdout_draws()
     cases = load_cases()
-    by_corpus: dict[str, list[str]] = {}
+    by_set: dict[str, list[str]] = {}
     for c in cases:
-        by_corpus.setdefault(corpus_of(c), []).append(c.id)
+        if corpus_of(c) != "corral":
+            by_set.setdefault(case_set(c), []).append(c.id)
+    held = load_holdout()
     assert held <= {c.id for c in cases}, held - {c.id for c in cases}
-    assert not held & set(by_corpus["corral"])
-    for corpus in ("catalogue", "benign-work"):
-        ids = set(by_corpus[corpus])
-        assert abs(len(ids & held) - 0.25 * len(ids)) <= 2, (corpus, len(ids & held), len(ids))
+    assert set(draws) == set(by_set), "every case file but corral's own has a draw: --make-holdout SEED"
+    for stem, ids in by_set.items():
+        assert draws[stem] <= set(ids)
+        assert abs(len(draws[stem]) - 0.25 * len(ids)) <= 2, (stem, len(draws[stem]), len(ids))
 
 
 # --- a short real run ------------------------------------------------------------------------------------

@@ -76,8 +76,8 @@ def bench_redteam(
     name: Annotated[str, typer.Option("--name", help="File stem of the outputs.")] = "redteam",
     link: Annotated[str, typer.Option("--link", help="Name of the veth link to the fake world.")] = "corralw3",
     make_holdout: Annotated[int | None, typer.Option(
-        "--make-holdout", help="Write cases/holdout.txt: a 25% sample of each corpus but corral's own, "
-        "seeded with this number; run nothing.")] = None,
+        "--make-holdout", help="Add to cases/holdout.txt a 25% sample of each case file not drawn yet "
+        "(not corral's own), seeded with this number; run nothing.")] = None,
 ) -> None:
     """Run the red-team corpus (attacks and benign look-alikes), each in a fresh sandbox against a fake
     world; report detection per family and per corpus (tuned and hold-out apart), false positives,

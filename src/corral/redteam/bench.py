@@ -54,7 +54,7 @@ import corral
 from corral.config import EgressPolicy, EgressRule, Limits, RuntimeConfig, SandboxConfig
 from corral.errors import ConfigError, EpisodeEnded, SandboxClosed, SandboxFrozen, SessionError
 from corral.events import Event, Finding
-from corral.redteam.corpora import CORPORA, corpus_of, corpus_scores, make_holdout, write_holdout
+from corral.redteam.corpora import CORPORA, corpus_of, corpus_scores, holdout_draws, make_holdout, write_holdout
 from corral.redteam.corpus import FAMILIES, FAMILY_NAMES, Case, load_cases, select
 from corral.redteam.render import overall_line, percent, to_json, to_markdown
 from corral.redteam.results import BenchResult, CaseResult, FamilyStats, FindingRecord, StepResult
@@ -496,16 +496,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--link", default="corralw3", help="name of the veth link to the world")
     ap.add_argument("--corpus", default="", help="comma-separated corpora (corral, catalogue, benign-work)")
     ap.add_argument("--make-holdout", type=int, default=None, metavar="SEED",
-                    help="write cases/holdout.txt (a seeded 25%% of each corpus but corral's own) and run nothing")
+                    help="add to cases/holdout.txt a seeded 25%% of each case file not drawn yet (not corral's own); "
+                         "run nothing")
     args = ap.parse_args(argv)
     if args.make_holdout is not None:
         try:
-            chosen = make_holdout(load_cases(*args.cases), args.make_holdout)
+            chosen = make_holdout(load_cases(*args.cases), args.make_holdout, drawn=holdout_draws())
         except ConfigError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
+        if not chosen:
+            print("every case file already has its hold-out draw; nothing to add")
+            return 0
         path = write_holdout(chosen, args.make_holdout)
-        print(f"wrote {path}: " + ", ".join(f"{k} {len(v)}" for k, v in chosen.items()))
+        print(f"added to {path}: " + ", ".join(f"{k} {len(v)}" for k, v in chosen.items()))
         return 0
     if os.geteuid() != 0:
         print("the red-team bench needs root (sandboxes, network namespaces)", file=sys.stderr)
@@ -545,7 +549,10 @@ def main(argv: list[str] | None = None) -> int:
     for f in result.families:
         print(f"  {f.family:<6} {f.detected}/{f.attacks} {percent(f.rate):>5}  misses: {', '.join(f.misses) or '-'}")
     for c in result.corpora:
-        for part, sc in (("tuned", c.tuned), ("hold-out", c.holdout)):
+        parts = [("tuned", c.tuned), ("hold-out", c.holdout)]
+        if len(c.draws) > 1:
+            parts += [(f"hold-out of {stem}", sc) for stem, sc in c.draws.items()]
+        for part, sc in parts:
             if sc.cases:
                 print(f"  {c.corpus:<12} {part:<8} attacks {sc.detected}/{sc.attacks} {percent(sc.detection_rate):>5}  "
                       f"benign flagged {sc.flagged}/{sc.benign} (ending the episode: {sc.terminating})")

@@ -25,7 +25,7 @@ from corral.config import RuntimeConfig, SandboxConfig
 from corral.detect import Detector, Judgement
 from corral.detect import load as load_rules
 from corral.errors import IsolationUnavailable
-from corral.events import Event, EventKind, Verdict
+from corral.events import Event, EventKind, Finding, Verdict
 from corral.monitor import masquerade
 from corral.monitor.gpu import GpuMonitor, NvmlBackend, resolve_from_cgroup
 from corral.monitor.sampler import ProcessSampler
@@ -87,6 +87,7 @@ class Runtime:
         self.tenants = Tenants()
         self.sandboxes: dict[str, Sandbox] = {}
         self._subscribers: list[Callable[[Event], None]] = []
+        self._finding_subscribers: list[Callable[[Finding, Event], None]] = []
         self._free_seqs: list[int] = []
         self._image_roots: ImageRoots | None = None
         self._next_seq = 2
@@ -279,6 +280,11 @@ class Runtime:
                     writer.wait(last, timeout=FINDING_WAIT_S)
         for f in findings:
             self.responder.act(f, ev)
+            for fn in list(self._finding_subscribers):
+                try:
+                    fn(f, ev)
+                except Exception:  # an exporter or alert sink must never take judging down
+                    log.exception("corral: a finding subscriber failed on %s", f.rule_id)
         for fn in list(self._subscribers):
             fn(ev)
         return j
@@ -331,6 +337,12 @@ class Runtime:
     def subscribe(self, fn: Callable[[Event], None]) -> Callable[[], None]:
         self._subscribers.append(fn)
         return lambda: self._subscribers.remove(fn)
+
+    def subscribe_findings(self, fn: Callable[[Finding, Event], None]) -> Callable[[], None]:
+        """`fn(finding, event)` for every finding, after it is recorded and acted on (metrics, alert
+        sinks, dashboards); on the event loop, so it must return at once. Returns the unsubscriber."""
+        self._finding_subscribers.append(fn)
+        return lambda: self._finding_subscribers.remove(fn)
 
     # -- sandboxes ---------------------------------------------------------------------------------
     async def create(self, config: SandboxConfig | None = None, *, sandbox_id: str | None = None,

@@ -110,7 +110,8 @@ def add_rule(monkeypatch, ruleset, rule) -> None:
     monkeypatch.setattr(ruleset, "active", lambda: [*active(), rule])
     # the per-kind index is built from active() on first use: a fresh one for the test's duration, so
     # the rule neither outlives the test in the index nor is counted twice
-    monkeypatch.setattr(ruleset, "_by_kind", {}, raising=False)
+    for memo in ("_by_kind", "_compiled", "_by_program"):
+        monkeypatch.setattr(ruleset, memo, {}, raising=False)
 
 
 async def findings_for(runtime, sb, rule=None, wait=10.0):

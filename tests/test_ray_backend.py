@@ -19,6 +19,7 @@ from corral.agent.reward import RewardConfig
 from corral.agent.scripted import ScriptedPolicy
 from corral.agent.trajectory import Trajectory, append_jsonl, read_jsonl
 from corral.detect.rules import RuleError
+from corral.events import episode_name
 from corral.rollout.ray_backend import policy_from_spec, policy_spec, run_rollout_ray
 from tests.test_episodes import ROGUE, SOLVE, calc_task
 
@@ -104,7 +105,10 @@ async def test_local_cluster_solves_and_shuts_down(world, tmp_path, ray_env):
     assert s.errors == []
     assert s.episodes == 4 and s.ran_now == 4 and s.skipped == 0 and s.pass_rate == 1.0
     trajs = read_jsonl(out)
-    assert sorted(t.episode_id for t in trajs) == sorted(seen) == ["calc--0", "calc--1", "calc2--0", "calc2--1"]
+    assert sorted(t.episode_id for t in trajs) == sorted(seen)
+    # one run across the cluster: episode ids carry it (unique in every store they are written to)
+    assert len({t.run_id for t in trajs}) == 1 and trajs[0].run_id
+    assert sorted(episode_name(t.episode_id) for t in trajs) == ["calc--0", "calc--1", "calc2--0", "calc2--1"]
     for t in trajs:
         assert t.reward == 1.0 and t.termination_reason == "submitted" and t.violations == []
         node = t.metrics["node"]
@@ -149,7 +153,8 @@ async def test_resume_skips_finished_episodes(world, tmp_path, cluster):
                               runtime_config=_rt_config(world, tmp_path))
     assert s.errors == [] and s.skipped == 3 and s.ran_now == 1
     new = read_jsonl(out)[4:]
-    assert [t.episode_id for t in new] == ["calc2--1"] and new[0].reward == 1.0 and new[0].metrics["node"]
+    assert [episode_name(t.episode_id) for t in new] == ["calc2--1"] and new[0].reward == 1.0
+    assert new[0].metrics["node"]
     # everything done: nothing runs (no actor is even started)
     s = await run_rollout_ray(None, tasks, spec, n=2, concurrency=2, out=out,
                               runtime_config=_rt_config(world, tmp_path))

@@ -68,3 +68,37 @@ async def test_report_and_findings_cli(sb_factory, runtime, tmp_path):
     p = await asyncio.to_thread(subprocess.run, [*cli, "findings", "--severity", "nope", "--db", db],
                                 capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and "unknown severity" in p.stderr
+    # the runtime's run: every event and finding carries it, `corral runs` lists it, --run filters by it
+    assert {f["run_id"] for f in rows} == {runtime.run_id}
+    p = await asyncio.to_thread(subprocess.run, [*cli, "runs", "--json", "--db", db], capture_output=True,
+                                text=True, timeout=60)
+    runs = {r["id"]: r for r in map(json.loads, p.stdout.splitlines())}
+    assert runs[runtime.run_id]["kind"] == "library" and runs[runtime.run_id]["findings"] >= 1
+    p = await asyncio.to_thread(subprocess.run, [*cli, "findings", "--run", "no-such-run", "--json", "--db", db],
+                                capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and p.stdout == ""
+
+
+async def test_a_long_command_is_never_cut_and_plumbing_is_hidden_by_default(sb_factory, runtime):
+    """The whole command shows in every rendering (wrapped, never silently cut); corral's own work
+    (its helper commands, step 0) is left out unless asked for, and says how much was left out."""
+    from rich.console import Console
+
+    sb = await sb_factory(episode_id="ep-report-long")
+    await sb.read_file("/etc/hostname")  # a corral helper (an internal cat): plumbing
+    pad = "-".join(f"part{i:03d}" for i in range(40))  # 319 characters no one would read to the end
+    cmd = f"cp /bin/sleep /tmp/xmrig && echo {pad} >/dev/null && /tmp/xmrig 1 && echo tail-of-the-command"
+    await sb.exec(cmd)
+    await eventually(lambda: runtime.store.findings(sandbox_id=sb.id), "a finding for the miner")
+    r = report.build(runtime.store, "ep-report-long")
+    assert r.findings and all(c.command == cmd for c in r.sections[0].cards)
+    console = Console(width=90, record=True, file=open("/dev/null", "w"))  # noqa: SIM115
+    report.render(r, console)
+    flat = "".join(ch for ch in console.export_text() if ch not in "│ \n")
+    assert cmd.replace(" ", "") in flat
+    assert cmd in report.to_markdown(r) and cmd.replace("&", "&amp;").replace(">", "&gt;") in report.to_html(r)
+    sec = r.sections[0]
+    assert sec.hidden >= 1 and not [x for x in sec.timeline if x.plumbing]
+    full = report.build(runtime.store, "ep-report-long", show_all=True).sections[0]
+    assert len([x for x in full.timeline if x.plumbing]) == sec.hidden
+    assert f"{sec.hidden} line(s) of corral's own work hidden" in report.to_markdown(r)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -53,8 +54,11 @@ def test_rollout_killed_then_resumed(tmp_path):
     assert 1 <= len(done) < 4
     r = subprocess.run(_cmd(tasks, actions, out, tmp_path / "s2"), capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    ids = [json.loads(line)["episode_id"] for line in out.read_text().splitlines()]
-    assert sorted(ids) == [f"calc--{i}" for i in range(4)]  # each once: finished ones were not rerun
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    # each once: finished ones were not rerun; the resumed rollout continued the same run
+    assert sorted(t["episode_id"].split("@")[0] for t in lines) == [f"calc--{i}" for i in range(4)]
+    run = lines[0]["run_id"]
+    assert run and {t["run_id"] for t in lines} == {run} and all(t["episode_id"].endswith("@" + run) for t in lines)
     assert f"{len(done)} already done" in r.stdout and "pass rate" in r.stdout and "100.0%" in r.stdout
 
 
@@ -77,7 +81,7 @@ def test_a_rollout_whose_model_server_does_not_answer_fails_and_says_why(tmp_pat
                         "--base-url", "http://127.0.0.1:9/v1", "--model", "m", "--out", str(out),
                         "--state-dir", str(tmp_path / "s")], capture_output=True, text=True, timeout=180)
     assert r.returncode == 1, r.stdout + r.stderr
-    assert "calc--0 ended in error" in r.stderr
+    assert re.search(r"calc--0@\S+ ended in error", r.stderr), r.stderr
     assert json.loads(out.read_text().splitlines()[0])["termination_reason"] == "error"
 
 

@@ -58,3 +58,43 @@ def test_unwritable_store_is_a_clear_error(tmp_path):
     with pytest.raises(StoreError, match="cannot open event store"):
         Store(ro / "c.db")
     assert os.path.isdir(ro / "c.db")
+
+
+def test_a_store_written_before_runs_gains_them_and_keeps_its_events(tmp_path):
+    """An event store from before run ids: opened, it gains the run_id columns; old rows stay, with no run."""
+    import sqlite3
+
+    db = tmp_path / "old.db"
+    con = sqlite3.connect(db)
+    con.execute("CREATE TABLE events (id INTEGER PRIMARY KEY AUTOINCREMENT, ts FLOAT NOT NULL, kind VARCHAR(16) "
+                "NOT NULL, action VARCHAR(32) NOT NULL, sandbox_id VARCHAR(64) NOT NULL, episode_id VARCHAR(128), "
+                "step INTEGER, command TEXT, pid INTEGER, ppid INTEGER, exe TEXT, argv JSON, dst_ip VARCHAR(64), "
+                "dst_port INTEGER, name TEXT, protocol VARCHAR(32), verdict VARCHAR(8), reason TEXT, bytes_up BIGINT, "
+                "bytes_down BIGINT, data JSON)")
+    con.execute("CREATE TABLE findings (id INTEGER PRIMARY KEY AUTOINCREMENT, ts FLOAT NOT NULL, rule_id "
+                "VARCHAR(128) NOT NULL, title TEXT NOT NULL, severity VARCHAR(16) NOT NULL, technique VARCHAR(32), "
+                "sandbox_id VARCHAR(64) NOT NULL, episode_id VARCHAR(128), step INTEGER, command TEXT, pid INTEGER, "
+                "evidence JSON, action VARCHAR(32), data JSON)")
+    con.execute("INSERT INTO events (ts, kind, action, sandbox_id, data) "
+                "VALUES (1.0, 'sandbox', 'created', 'old', '{}')")
+    con.commit()
+    con.close()
+    s = Store(db)
+    try:
+        s.start_run("r1", "rollout", "rollout tasks -n 1")
+        s.record(Event(kind=EventKind.COMMAND, action="start", sandbox_id="new", episode_id="t--0@r1", run_id="r1"))
+        s.record_finding(Finding(rule_id="x", title="x", severity=Severity.HIGH, sandbox_id="new",
+                                 episode_id="t--0@r1", run_id="r1"))
+        old, new = s.events()
+        assert old.sandbox_id == "old" and old.run_id is None and new.run_id == "r1"
+        assert [e.sandbox_id for e in s.events(run_id="r1")] == ["new"]
+        assert len(s.findings(run_id="r1")) == 1 and s.findings(run_id="r2") == []
+        s.end_run("r1")
+        (run,) = s.runs()
+        assert (run["id"], run["kind"], run["episodes"], run["findings"], run["violating"]) == (
+            "r1", "rollout", 1, 1, 1)
+        assert run["ended"] is not None and s.run_of_episode("t--0@r1") == ["r1"]
+        s.start_run("r1", "rollout")  # resumed: running again, not a second row
+        assert [r["id"] for r in s.runs()] == ["r1"] and s.runs()[0]["ended"] is None
+    finally:
+        s.close()

@@ -12,12 +12,14 @@ import re
 import stat
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from corral.budget import Budgets
 from corral.errors import ConfigError, PolicyError
+from corral.events import Severity
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -298,6 +300,49 @@ IMAGE_UID_BASE = 1 << 31
 IMAGE_SLOTS = (STORAGE_UID_BASE - IMAGE_UID_BASE) // ID_RANGE
 
 
+_HEADER_NAME_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+
+
+class AlertSink(BaseModel):
+    """Where findings at or above `min_severity` are POSTed as they happen (corral/observe/sinks.py):
+    `webhook` (corral's finding JSON), `slack` (an incoming-webhook message) or `falco` (Falco's alert
+    JSON, for falcosidekick's `/`). Delivery never holds up judging: a bounded queue of `queue_size`
+    alerts per sink (the oldest dropped when full), `retries` tries more on errors, `timeout_s` each."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["webhook", "slack", "falco"]
+    url: str
+    min_severity: Severity = Severity.HIGH
+    headers: dict[str, str] = Field(default_factory=dict)  # e.g. an Authorization token
+    timeout_s: Annotated[float, Field(gt=0, le=60)] = 5.0
+    retries: Annotated[int, Field(ge=0, le=10)] = 3
+    queue_size: Annotated[int, Field(ge=1, le=100_000)] = 1000
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        try:
+            parts.port  # noqa: B018 - raises on a port that is not a number in 0-65535
+        except ValueError:
+            raise ValueError(f"{value!r} has an invalid port; write e.g. 'http://falcosidekick:2801/'") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{value!r} is not an http(s) URL with a host; write e.g. "
+                             "'https://hooks.slack.com/services/...' or 'http://falcosidekick:2801/'")
+        return value
+
+    @field_validator("headers")
+    @classmethod
+    def _header_names(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, text in value.items():
+            if not _HEADER_NAME_RE.match(name):
+                raise ValueError(f"{name!r} is not an HTTP header name; use letters, digits and '-'")
+            if "\r" in text or "\n" in text:
+                raise ValueError(f"header {name!r}: a value may not contain line breaks")
+        return value
+
+
 class RuntimeConfig(BaseModel):
     """Settings of one corral runtime (one process serving many sandboxes)."""
 
@@ -331,6 +376,13 @@ class RuntimeConfig(BaseModel):
     # The in-sandbox agent: "native" (agent.c, built on first use; a few hundred KiB per sandbox),
     # "python" (agent.py; an interpreter per sandbox), "auto" (native where a C compiler is)
     agent: Literal["auto", "native", "python"] = "auto"
+    # where findings are sent as they happen (webhook, Slack, falcosidekick): see AlertSink
+    alerts: tuple[AlertSink, ...] = ()
+    # The run its events and findings belong to (`corral runs`): a fresh id per Runtime unless given
+    # (a resumed rollout gives its own again); the kind and a label say what started it.
+    run_id: Annotated[str | None, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")] = None
+    run_kind: Literal["library", "run", "rollout", "demo", "serve", "bench", "shell"] = "library"
+    run_label: str | None = None
 
     @field_validator("uid_base")
     @classmethod

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -39,7 +40,7 @@ from corral.agent.tasks import DEFAULT_TASKS, Task, load_tasks
 from corral.agent.trajectory import Trajectory, read_jsonl
 from corral.config import RuntimeConfig
 from corral.errors import CorralError
-from corral.events import Severity
+from corral.events import Severity, episode_name
 from corral.rollout.runner import run_rollout
 from corral.rollout.taskworld import TASK_FILES, TASK_HOST
 from corral.runtime import Runtime
@@ -172,7 +173,8 @@ async def run_demo(out_dir: Path, console: Console, *, tasks_dir: Path | None = 
         return 2
     world = await asyncio.to_thread(build_world)
     t0 = time.perf_counter()
-    rt = Runtime(RuntimeConfig(state_dir=out_dir / "state", hosts=world.hosts, system_dns=False))
+    rt = Runtime(RuntimeConfig(state_dir=out_dir / "state", hosts=world.hosts, system_dns=False, run_kind="demo",
+                               run_label="demo: the ROME incident replayed"))
     try:
         await rt.start()
         run, episodes = plan(tasks, honest)
@@ -182,7 +184,7 @@ async def run_demo(out_dir: Path, console: Console, *, tasks_dir: Path | None = 
             bar = progress.add_task("episodes", total=len(run))
             summary = await run_rollout(rt, run, policy, n=1, concurrency=concurrency, out=traj_path,
                                         reward=RewardConfig(), on_done=lambda _t: progress.advance(bar))
-        trajs = {t.episode_id: t for t in read_jsonl(traj_path)}
+        trajs = {episode_name(t.episode_id): t for t in read_jsonl(traj_path)}
         outcomes = [_outcome(key, trajs.get(f"rome-{key}--0"), rt, world) for key in ROME]
         honest_trajs = [t for e, t in trajs.items() if not e.startswith("rome-")]
         _print(console, outcomes, honest_trajs, summary.errors)
@@ -195,7 +197,8 @@ async def run_demo(out_dir: Path, console: Console, *, tasks_dir: Path | None = 
         console.print(f"\n[bold]Wrote[/] {out_dir / 'incident-report.html'} (the miner episode), "
                       f"{out_dir / 'incident-report.json'} (all four), {out_dir / 'outcomes.json'} and the "
                       f"trajectories {traj_path}; events and findings in {rt.store.url}")
-        console.print(f"Explore: corral report rome-miner--0 --db {rt.store.url.removeprefix('sqlite:///')}")
+        console.print(f"Explore: corral report {outcomes[0].episode_id} --db "
+                      f"{rt.store.url.removeprefix('sqlite:///')} (this run: {rt.run_id})")
         console.print(f"[dim]demo took {time.perf_counter() - t0:.1f}s[/]")
         ok = all(o.detected != "-" and o.attributed != "-" for o in outcomes)
         clean = all(not t.violations and t.reward == 1.0 for t in honest_trajs)
@@ -210,7 +213,7 @@ async def run_demo(out_dir: Path, console: Console, *, tasks_dir: Path | None = 
 
 def _outcome(key: str, traj: Trajectory | None, rt: Runtime, world: World) -> Outcome:
     spec = ROME[key]
-    o = Outcome(key, spec["title"], f"rome-{key}--0")
+    o = Outcome(key, spec["title"], traj.episode_id if traj is not None else f"rome-{key}--0@{rt.run_id}")
     if traj is None:
         o.note = "episode did not run"
         return o
@@ -223,7 +226,7 @@ def _outcome(key: str, traj: Trajectory | None, rt: Runtime, world: World) -> Ou
     if fs:
         worst = max(fs, key=lambda f: Severity(f.severity).rank)
         o.detected = f"{worst.rule_id} ({worst.technique})" + (f" +{len(fs) - 1} more" if len(fs) > 1 else "")
-        o.attributed = f"{worst.episode_id} / step {worst.step}: {(worst.command or '')[:70]}"
+        o.attributed = f"{worst.episode_id} / step {worst.step}: {worst.command or ''}"
         acts = sorted({a.action for a in rt.store.events(episode_id=o.episode_id, kind="action")})
         o.contained = (", ".join(acts) or worst.action) + f"; {traj.termination_reason}; reward {traj.reward:g}"
         if key == "miner":
@@ -248,9 +251,9 @@ def _outcome(key: str, traj: Trajectory | None, rt: Runtime, world: World) -> Ou
 def _print(console: Console, outcomes: list[Outcome], honest: list[Trajectory], errors: list[str]) -> None:
     t = Table(title="The ROME incident, replayed in corral", show_lines=True)
     for col in ("behaviour", "blocked", "detected", "attributed to", "contained"):
-        t.add_column(col)
+        t.add_column(col, overflow="fold")
     for o in outcomes:
-        t.add_row(f"{o.title}\n[dim]{o.command[:80]}[/]", o.blocked, o.detected, o.attributed, o.contained)
+        t.add_row(f"{o.title}\n[dim]{escape(o.command)}[/]", o.blocked, o.detected, escape(o.attributed), o.contained)
     console.print(t)
     for o in outcomes:
         if o.note:

@@ -7,6 +7,7 @@ persists them; reports, rewards and APIs read them. No stage passes its internal
 from __future__ import annotations
 
 import functools
+import secrets
 import time
 from collections.abc import Iterable
 from enum import StrEnum
@@ -78,6 +79,7 @@ class Event(BaseModel):
     action: str  # e.g. "created", "exec", "connect", "query", "exit"
     sandbox_id: str
     episode_id: str | None = None
+    run_id: str | None = None  # the run (rollout, demo, serve session, library runtime) that recorded it
     step: int | None = None
     command: str | None = None
     pid: int | None = None
@@ -106,9 +108,20 @@ class Finding(BaseModel):
     technique: str | None = None  # MITRE ATT&CK id, e.g. T1496
     sandbox_id: str
     episode_id: str | None = None
+    run_id: str | None = None
     step: int | None = None
     command: str | None = None
     pid: int | None = None
     evidence: list[int] = Field(default_factory=list)  # event ids
     action: str = "record"
     data: dict[str, Any] = Field(default_factory=dict)
+
+
+def new_run_id() -> str:
+    """Sortable by start and unique: the UTC time to the second and 24 random bits (20261207T062130-3f9a2c)."""
+    return time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
+
+
+def episode_name(episode_id: str) -> str:
+    """An episode's name within its run: `calc--0` for `calc--0@20261207T062130-3f9a2c`."""
+    return episode_id.split("@", 1)[0]

@@ -17,15 +17,15 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from pyroute2 import IPRoute
 
 from corral.config import RuntimeConfig, SandboxConfig
 from corral.detect import Detector, Judgement
 from corral.detect import load as load_rules
-from corral.errors import IsolationUnavailable
-from corral.events import Event, EventKind, Finding, Verdict
+from corral.errors import IsolationUnavailable, StoreError
+from corral.events import Event, EventKind, Finding, Verdict, new_run_id
 from corral.monitor import masquerade
 from corral.monitor.gpu import GpuMonitor, NvmlBackend, resolve_from_cgroup
 from corral.monitor.sampler import ProcessSampler
@@ -39,6 +39,9 @@ from corral.sandbox.cgroups import PREFIX, InstanceCgroups, discover
 from corral.sandbox.imageroot import ImageRoots
 from corral.sandbox.sandbox import Sandbox
 from corral.store import Store, StoreUnavailable
+
+if TYPE_CHECKING:
+    from corral.observe.sinks import Alerts
 
 MAX_INSTANCES = 1024
 MAX_SEQ = 4095
@@ -82,6 +85,8 @@ class Runtime:
     def __init__(self, config: RuntimeConfig | None = None, *, store: Store | None = None) -> None:
         self.config = config or RuntimeConfig()
         self._store = store
+        # every event and finding it records carries this run's id; a run is a row of the store's runs
+        self.run_id = self.config.run_id or new_run_id()
         self.instance = -1
         self._lock_fd: int | None = None
         self.tenants = Tenants()
@@ -106,6 +111,7 @@ class Runtime:
         self.sampler: ProcessSampler | None = None
         self.gpu_monitor: GpuMonitor | None = None
         self.responder = Responder(self)
+        self.alerts: Alerts | None = None  # alert sinks (observe/sinks.py), when config.alerts names any
         self._degraded_at: dict[str, float] = {}
         self.started = False
 
@@ -138,6 +144,7 @@ class Runtime:
         if self._store is None:
             self._store = Store(self.config.store_url or state / "corral.db")
         self._store.start_writer(self.config.budgets)
+        self._store.start_run(self.run_id, self.config.run_kind, self.config.run_label)
         masquerade.DEFAULT.configure(self.config.budgets.hash_bytes, self.config.budgets.window_s)
         rootfs.register(self.config.lock_dir, self.instance, self._own_paths())
         if self.config.detection:
@@ -167,6 +174,10 @@ class Runtime:
             self.gpu_monitor = GpuMonitor(resolve=self._gpu_resolve, granted=self._gpu_granted,
                                           emit=self._gpu_emit, backend=NvmlBackend())
             self.gpu_monitor.start()
+        if self.config.alerts:  # httpx is imported only by runtimes that send alerts
+            from corral.observe.sinks import attach_sinks
+
+            self.alerts = attach_sinks(self)
         self.started = True
         return self
 
@@ -200,6 +211,9 @@ class Runtime:
         await asyncio.gather(*(sb.close() for sb in [*self.sandboxes.values(), *pooled]),
                              return_exceptions=True)
         await self.drain()  # events of connections and queries in flight are recorded, not lost
+        if self.alerts is not None:  # what was judged goes out, within a grace period
+            await self.alerts.close()
+            self.alerts = None
         if self.gateway:
             self.gateway.kill()
         if self.dns_transport:
@@ -214,6 +228,8 @@ class Runtime:
         if self._ipr:
             await asyncio.to_thread(self._ipr.close)
         if self._store is not None:
+            with contextlib.suppress(StoreError):  # a failing store: its run just has no end
+                self._store.end_run(self.run_id)
             self._store.close()
         if self._lock_fd is not None:
             rootfs.unregister(self.config.lock_dir, self.instance)
@@ -245,6 +261,8 @@ class Runtime:
         StoreBehind). Callers deny on `j.blocks` or `ev.verdict`, as for a blocking rule. A `degraded`
         event is queued for the sandbox and written once the store takes writes again. Recording is
         capped per sandbox (Budgets): judging never is."""
+        if ev.run_id is None:
+            ev.run_id = self.run_id
         j = self._judge(ev) if judge and self.detector is not None else None
         if j is not None and j.blocks and ev.verdict != Verdict.DENY:
             ev.verdict = Verdict.DENY
@@ -259,6 +277,8 @@ class Runtime:
                 ev.verdict, ev.reason = Verdict.DENY, j.reason
                 self._note_degraded(ev.sandbox_id, e)
         findings = j.findings if j is not None else []
+        for f in findings:
+            f.run_id = ev.run_id
         if writer is None:
             if persist or (j is not None and j.matched):
                 self.store.record(ev)

@@ -247,6 +247,12 @@ class EpisodeEngine:
         out.violations = [violation_record(f).model_dump() for f in findings]
         out.metrics = self._metrics()
         self.last = self.final = out
+        # the outcome beside the events it came from: reports show how the episode ended and its reward
+        self.runtime.emit(Event(kind=EventKind.SANDBOX, action="episode_outcome", sandbox_id=self.sb.id,
+                                episode_id=self.episode_id, reason=reason,
+                                data={"reward": out.reward, "reward_components": out.reward_components,
+                                      "termination_detail": out.termination_detail, "score": score,
+                                      "task": self.task.id}))
         return out
 
     async def _judge_novelty(self) -> None:

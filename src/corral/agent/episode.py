@@ -88,7 +88,8 @@ async def run_episode(runtime: Runtime, task: Task, policy: Policy, *, episode_i
     assert final is not None
     findings = engine.findings()
     return Trajectory(
-        episode_id=episode_id, task_id=task.id, sandbox_id=engine.sandbox_id or "", policy=policy.name,
+        episode_id=episode_id, task_id=task.id, sandbox_id=engine.sandbox_id or "", run_id=runtime.run_id,
+        policy=policy.name,
         model=policy.model, messages=messages, tools=TOOLS, steps=steps, reward=round(final.reward, 6),
         reward_components=final.reward_components, terminated=final.done, truncated=final.truncated,
         termination_reason=final.termination_reason or "error",

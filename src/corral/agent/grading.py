@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from corral.config import EgressPolicy, Limits, SandboxConfig
 from corral.errors import CorralError, SandboxError
+from corral.events import Event, EventKind
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -275,6 +276,9 @@ async def grade(runtime: Runtime, sb: Sandbox, task: Task, *, episode_id: str | 
     command = isolated_command(task.verifier.command)
     result = GradeReport(command=command, report=report_path, workspace_skipped=skipped)
     gsb = await runtime.create(grading_config(task), episode_id=episode_id)
+    # what runs here is the verifier's, not the agent's: reports label this sandbox as grading
+    runtime.emit(Event(kind=EventKind.SANDBOX, action="grading", sandbox_id=gsb.id, episode_id=episode_id,
+                       data={"task": task.id, "of": sb.id, "command": task.verifier.command}))
     result.sandbox_id = gsb.id
     if on_sandbox is not None:
         on_sandbox(gsb.id)

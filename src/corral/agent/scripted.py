@@ -10,6 +10,7 @@ import yaml
 
 from corral.agent.policy import AgentPolicyError, PolicyReply
 from corral.agent.tools import TOOL_NAMES
+from corral.events import episode_name
 
 
 def actions_to_messages(actions: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -104,7 +105,9 @@ class ReplayPolicy:
 
     async def act(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]], *, task_id: str,
                   episode_id: str) -> PolicyReply:
-        msgs = self.by_episode.get(episode_id) or self.by_task.get(task_id)
+        # recordings name episodes within a run (calc--0); ids carry their run (calc--0@<run>)
+        msgs = self.by_episode.get(episode_id) or self.by_episode.get(episode_name(episode_id)) or self.by_task.get(
+            task_id)
         if msgs is None:
             raise AgentPolicyError(f"no recorded trajectory for task {task_id!r} to replay")
         i = self._pos.get(episode_id, 0)

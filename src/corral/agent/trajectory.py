@@ -46,6 +46,7 @@ class Trajectory(BaseModel):
     episode_id: str
     task_id: str
     sandbox_id: str
+    run_id: str | None = None  # the run it belongs to (`corral runs`); a resumed rollout keeps it
     policy: str
     model: str | None = None
     messages: list[dict[str, Any]]

@@ -175,6 +175,11 @@ def _s(value: object) -> str:
     return "" if value is None else escape(str(value))
 
 
+def clip(text: str, limit: int) -> str:
+    """At most `limit` characters, and a visible "…" where any were cut: nothing is cut silently."""
+    return text if len(text) <= limit else text[: max(0, limit - 1)] + "…"
+
+
 _NO_WRAP = {"id", "time", "step", "kind", "verdict"}
 
 
@@ -259,6 +264,7 @@ def _open_store(db: str | None, state_dir: Path | None):
         _fail_corral(e)
 
 
+RunOpt = Annotated[str | None, typer.Option("--run", help="Only this run (see `corral runs`).")]
 RulesOpt = Annotated[list[Path] | None, typer.Option(
     "--rules", help="A rule file (corral's YAML or Sigma) loaded after corral's own; repeat for more.")]
 ActionOpt = Annotated[list[str] | None, typer.Option(

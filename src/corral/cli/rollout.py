@@ -21,6 +21,7 @@ from corral.cli.common import (
     _fail_corral,
     _only_loopback,
     _state_dir,
+    clip,
     err,
     out,
 )
@@ -76,7 +77,9 @@ def rollout(
     from corral import Runtime, RuntimeConfig
     from corral.agent.tasks import load_tasks
     from corral.agent.trajectory import read_jsonl, to_parquet
-    from corral.rollout.runner import episode_id, run_rollout
+    from corral.events import new_run_id
+    from corral.rollout.runner import finished as finished_in
+    from corral.rollout.runner import pending, resumed_run, run_rollout
 
     try:
         tasks = load_tasks(tasks_path)
@@ -109,8 +112,10 @@ def rollout(
             spec = policy_spec(pol)
         except CorralError as e:
             _fail_corral(e)
-    done_before = {t.episode_id for t in read_jsonl(out_path) if t.termination_reason != "error"}
-    todo = sum(1 for i in range(n) for t in tasks if episode_id(t, i) not in done_before)
+    # a rollout continued into its own output is the same run (its episode ids stay), else a new one
+    run_id = resumed_run(out_path) or new_run_id()
+    todo = len(pending(tasks, n, run_id, finished_in(out_path)))
+    label = f"rollout {tasks_path} -n {n} --policy {policy}"
 
     finished: list[Any] = []  # the trajectories of the episodes run now
 
@@ -133,7 +138,7 @@ def rollout(
                 if spec is not None:
                     from corral.rollout.ray_backend import run_rollout_ray
 
-                    rc: dict = {"hosts": hosts, "system_dns": not task_world,
+                    rc: dict = {"hosts": hosts, "system_dns": not task_world, "run_id": run_id, "run_label": label,
                                 "rule_files": [str(p.resolve()) for p in detection["rule_files"]],
                                 "actions": detection["actions"]}
                     if ray_address == "local" or state_dir or os.environ.get("CORRAL_HOME"):
@@ -143,7 +148,8 @@ def rollout(
                                                     on_done=done)
                 else:
                     rt = Runtime(RuntimeConfig(state_dir=_state_dir(state_dir), hosts=hosts,
-                                               system_dns=not task_world, **detection))
+                                               system_dns=not task_world, run_id=run_id, run_kind="rollout",
+                                               run_label=label, **detection))
                     try:
                         await rt.start()
                         summary = await run_rollout(rt, tasks, pol, n=n, concurrency=concurrency, out=out_path,
@@ -153,7 +159,7 @@ def rollout(
         finally:
             if world is not None:
                 await asyncio.to_thread(world.close)
-        t = Table(title=f"rollout: {summary.episodes} episode(s) in {out_path} "
+        t = Table(title=f"rollout {run_id}: {summary.episodes} episode(s) in {out_path} "
                         f"({summary.ran_now} run now, {summary.skipped} already done)")
         t.add_column("metric")
         t.add_column("value")
@@ -171,7 +177,8 @@ def rollout(
         errored = [t for t in finished if t.termination_reason == "error"]
         for t in errored[:5]:
             why = "; ".join(t.metrics.get("notes") or []) or t.metrics.get("termination_detail") or "no reason recorded"
-            err.print(f"[red]episode {escape(t.episode_id)} ended in error:[/] {escape(str(why))[:300]}")
+            err.print(f"[red]episode {escape(t.episode_id)} ended in error:[/] {escape(clip(str(why), 600))}",
+                      soft_wrap=True)
         if parquet is not None:
             to_parquet(read_jsonl(out_path), parquet)
             err.print(f"wrote {parquet}")

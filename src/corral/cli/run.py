@@ -77,7 +77,8 @@ async def _run_one(cfg: SandboxConfig, state_dir: Path, command: str, timeout: f
                    as_json: bool, detection: dict[str, Any]) -> int:
     from corral.runtime import Runtime
 
-    async with Runtime(RuntimeConfig(state_dir=state_dir, **detection)) as rt:
+    label = f"run {command}"[:500]
+    async with Runtime(RuntimeConfig(state_dir=state_dir, run_kind="run", run_label=label, **detection)) as rt:
         sb = await rt.create(cfg)
 
         def on_output(chunk: Any) -> None:
@@ -223,7 +224,7 @@ async def _shell(cfg: SandboxConfig, state_dir: Path, timeout: float | None) -> 
     from corral.runtime import Runtime
 
     loop = asyncio.get_running_loop()
-    async with Runtime(RuntimeConfig(state_dir=state_dir)) as rt:
+    async with Runtime(RuntimeConfig(state_dir=state_dir, run_kind="shell", run_label="shell")) as rt:
         with _away_from_terminal_signals():
             sb = await rt.create(cfg)
         await sb.create_session("main")

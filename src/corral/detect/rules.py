@@ -161,6 +161,9 @@ class Rule:
     pred: Pred | None = None
     scope: Scope = None  # the (kind, action) pairs it can match at most (None: any event)
     names: frozenset[str] | None = None  # the programs (proc.name) it can match at most (None: any)
+    # `pred` as compiled from `condition` when loaded: a rule given a predicate of its own instead
+    # (a test's, a plugin's) is judged by that, never by a recompiled condition
+    condition_pred: Pred | None = None
 
 
 @dataclass
@@ -202,7 +205,8 @@ class RuleSet:
         if rules is None:
             if len(cache) >= _PROGRAM_CACHE:
                 cache.clear()
-            rules = cache[key] = [(r, p) for r, p in pairs if r.names is None or name in r.names]
+            rules = cache[key] = [(r, p) for r, p in pairs
+                                  if r.names is None or r.pred is not r.condition_pred or name in r.names]
         return rules
 
     def warm(self) -> None:
@@ -216,6 +220,10 @@ class RuleSet:
         compiler = Compiler(self.macros, self.lists, NAMES, known)
         out = []
         for r in self.active_for(kind, action):
+            if r.pred is not r.condition_pred:
+                assert r.pred is not None
+                out.append((r, r.pred))
+                continue
             pred = compiler.compile(r.condition)
             if pred is not FALSE:
                 out.append((r, _without_exceptions(pred, r.exceptions, self.lists)))
@@ -286,7 +294,8 @@ def _load_file(path: Path, base: RuleSet) -> RuleSet:
     compiler = Compiler(rs.macros, rs.lists, NAMES)
     for rule in rs.rules.values():
         try:
-            rule.pred = _without_exceptions(compiler.compile(rule.condition), rule.exceptions, rs.lists)
+            rule.pred = rule.condition_pred = _without_exceptions(compiler.compile(rule.condition), rule.exceptions,
+                                                                  rs.lists)
             rule.scope = event_scope(rule.condition, rs.macros, rs.lists)
             rule.names = name_scope(rule.condition, rs.macros, rs.lists)
             for name in _TEMPLATE_FIELD.findall(rule.output or ""):

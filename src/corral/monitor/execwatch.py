@@ -310,6 +310,10 @@ class ExecWatch:
             ev.data.update(target.data)
             if i:  # what the kernel or the loader runs for the exec just judged: the same process
                 ev.data["derived"] = True
+            elif call.image is None and not call.unverifiable:
+                # no such program (a PATH lookup trying each directory, say): the exec will fail; still
+                # judged, and reports show it only on request
+                ev.data["unopened"] = True
             check = checks.get(target.exe)  # only targets _compared() picked were checked
             if check is not None and check.refused:
                 # its identity could not be checked within the sandbox's hashing budget: fail closed

@@ -427,7 +427,8 @@ async def run_bench(
         rt = runtime_factory()
     else:
         sd = Path(state_dir) if state_dir else Path(tempfile.mkdtemp(prefix="corral-redteam-"))
-        rt = Runtime(RuntimeConfig(state_dir=sd, hosts=world.hosts, system_dns=False))
+        rt = Runtime(RuntimeConfig(state_dir=sd, hosts=world.hosts, system_dns=False, run_kind="bench",
+                                   run_label="bench redteam"))
     if rt.config.system_dns:
         raise ConfigError("the red-team bench needs RuntimeConfig(system_dns=False): pool names in the corpus "
                           "must be answered from corral's own table, never forwarded to a real resolver")

@@ -41,7 +41,8 @@ from corral.agent.tasks import Task
 from corral.agent.trajectory import Trajectory, append_jsonl, read_jsonl
 from corral.config import RuntimeConfig
 from corral.errors import CorralError
-from corral.rollout.runner import Summary, episode_id, summarize
+from corral.events import new_run_id
+from corral.rollout.runner import Summary, episode_id, finished, pending, resumed_run, summarize
 
 CORRAL_RESOURCE = "corral"  # `ray start --resources='{"corral": 1}'` marks the nodes that run sandboxes
 DEFAULT_NODE_STATE_DIR = "/var/lib/corral"  # a node's state dir when runtime_config has none and CORRAL_HOME is unset
@@ -221,8 +222,11 @@ async def run_rollout_ray(address: str | None, tasks: list[Task], policy_spec: M
     RuntimeConfig.model_validate({"state_dir": DEFAULT_NODE_STATE_DIR, **(runtime_config or {})})
     reward_json = reward.model_dump_json() if reward is not None else None
 
-    done = {t.episode_id for t in read_jsonl(out) if t.termination_reason != "error"} if resume else set()
-    jobs = [(t, i) for i in range(n) for t in tasks if episode_id(t, i) not in done]
+    done = finished(out) if resume else set()
+    # one run across the cluster: every node's runtime records under it (each in its own store)
+    run = (runtime_config or {}).get("run_id") or (resumed_run(out) if resume else None) or new_run_id()
+    runtime_config = {"run_kind": "rollout", **(runtime_config or {}), "run_id": run}
+    jobs = pending(tasks, n, run, done)
     errors: list[str] = []
     ran = 0
     t0 = time.perf_counter()
@@ -239,7 +243,7 @@ async def run_rollout_ray(address: str | None, tasks: list[Task], policy_spec: M
     try:
         if jobs:
             slots = await _start_workers(ray, runtime_config, concurrency, errors)
-            ran = await _dispatch(jobs, slots, spec, reward_json, concurrency, out, on_done, errors)
+            ran = await _dispatch(jobs, slots, spec, reward_json, concurrency, out, on_done, errors, run)
     finally:
         await _stop_workers(ray, slots)
         if owned:
@@ -285,7 +289,7 @@ async def _start_workers(ray: Any, runtime_config: dict[str, Any] | None, concur
 
 async def _dispatch(jobs: list[tuple[Task, int]], slots: list[_Slot], spec: dict[str, Any],
                     reward_json: str | None, concurrency: int, out: Path,
-                    on_done: Callable[[Trajectory], None] | None, errors: list[str]) -> int:
+                    on_done: Callable[[Trajectory], None] | None, errors: list[str], run: str) -> int:
     import ray
 
     sem = asyncio.Semaphore(max(1, concurrency))
@@ -294,7 +298,7 @@ async def _dispatch(jobs: list[tuple[Task, int]], slots: list[_Slot], spec: dict
 
     async def one(task: Task, i: int) -> None:
         nonlocal ran
-        ep = episode_id(task, i)
+        ep = episode_id(task, i, run)
         task_json = task.model_dump_json()
         async with sem:
             for attempt in (0, 1):  # a node lost mid-episode: once more on another node

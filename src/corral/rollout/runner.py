@@ -17,8 +17,26 @@ from corral.agent.trajectory import Trajectory, append_jsonl, read_jsonl
 from corral.runtime import Runtime
 
 
-def episode_id(task: Task, i: int) -> str:
-    return f"{task.id}--{i}"
+def episode_id(task: Task, i: int, run_id: str | None = None) -> str:
+    """Episode i of a task in a run: `calc--0@20261207T062130-3f9a2c`, unique across the runs that share
+    a store; without a run, the local name (`calc--0`) that rollouts written before runs used."""
+    return f"{task.id}--{i}@{run_id}" if run_id else f"{task.id}--{i}"
+
+
+def resumed_run(out: Path) -> str | None:
+    """The run that wrote `out` so far: a resumed rollout continues it, so its episode ids still match."""
+    return next((t.run_id for t in read_jsonl(out) if t.run_id), None)
+
+
+def finished(out: Path) -> set[str]:
+    """Episodes in `out` that need not run again (those that ended in error do)."""
+    return {t.episode_id for t in read_jsonl(out) if t.termination_reason != "error"}
+
+
+def pending(tasks: list[Task], n: int, run_id: str | None, done: set[str]) -> list[tuple[Task, int]]:
+    """The (task, i) still to run: neither it nor its run-less name (an older rollout's) is done."""
+    return [(t, i) for i in range(n) for t in tasks
+            if episode_id(t, i, run_id) not in done and episode_id(t, i) not in done]
 
 
 @dataclass
@@ -40,8 +58,9 @@ async def run_rollout(runtime: Runtime, tasks: list[Task], policy: Policy, *, n:
                       late_findings_grace: float = 0.3) -> Summary:
     """Run n episodes of each task. Finished episodes in `out` are not run again (resume); episodes
     that ended in an error are."""
-    done = {t.episode_id for t in read_jsonl(out) if t.termination_reason != "error"} if resume else set()
-    jobs = [(t, i) for i in range(n) for t in tasks if episode_id(t, i) not in done]
+    done = finished(out) if resume else set()
+    run = runtime.run_id
+    jobs = pending(tasks, n, run, done)
     sem = asyncio.Semaphore(max(1, concurrency))
     lock = asyncio.Lock()
     errors: list[str] = []
@@ -50,10 +69,10 @@ async def run_rollout(runtime: Runtime, tasks: list[Task], policy: Policy, *, n:
     async def one(task: Task, i: int) -> None:
         async with sem:
             try:
-                traj = await run_episode(runtime, task, policy, episode_id=episode_id(task, i), reward=reward,
+                traj = await run_episode(runtime, task, policy, episode_id=episode_id(task, i, run), reward=reward,
                                          late_findings_grace=late_findings_grace)
             except Exception as e:  # one broken episode must not sink the batch
-                errors.append(f"{episode_id(task, i)}: {type(e).__name__}: {e}")
+                errors.append(f"{episode_id(task, i, run)}: {type(e).__name__}: {e}")
                 return
             async with lock:
                 append_jsonl(out, traj)

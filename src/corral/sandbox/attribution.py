@@ -301,6 +301,8 @@ class Attribution:
             self._pids[ev.pid] = (ev.step, ev.exe, ev.argv)
             if ev.step is None:
                 self._note_internal_exec(ev.pid)
+                if ev.pid in self._internal_pids:
+                    ev.data["internal"] = True  # corral's own helper: still judged; reports hide it
         if self._runtime is None:
             return True
         origin = None

@@ -1,8 +1,11 @@
 """The HTTP app behind `corral serve`: ROCK's sandbox API (server/rock.py) and, when openenv-core is
 installed, OpenEnv's session protocol, in front of one corral runtime; a token per tenant.
 
-Besides ROCK's routes (under server.state.PREFIX): ``GET /health`` (no token) and
-``GET /findings?sandbox_id=&after_id=`` (corral's own).
+Besides ROCK's routes (under server.state.PREFIX): ``GET /health`` (no token),
+``GET /findings?sandbox_id=&after_id=`` (corral's own) and ``GET /metrics`` (Prometheus, observe/metrics.py;
+the same token, which a scrape config sends as ``authorization: {type: Bearer, credentials: <token>}``).
+``GET /dashboard`` is a live dashboard for a browser (server/dashboard.py), which alone also takes the
+token as ``?token=`` and then a cookie.
 
 Authentication: every route but /health needs the server's token as ``Authorization: Bearer <token>``
 or as ``XRL-Authorization: Bearer <token>`` (the header ROCK's SDK sends for
@@ -22,14 +25,17 @@ from typing import Annotated
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from corral.config import RuntimeConfig
+from corral.observe.metrics import Metrics
 from corral.runtime import Runtime
 from corral.server.config import ServeConfig, ServeConfigError
+from corral.server.dashboard import dashboard_tenant, denied_page, is_dashboard
+from corral.server.dashboard import router as dashboard_router
 from corral.server.rock import router as rock_router
 from corral.server.state import PREFIX, ApiError, _fail, _problems, _Server
 
@@ -50,6 +56,10 @@ class _TokenGate:
             await self.app(scope, receive, send)
             return
         tenant = self.server.tenant_of(Headers(scope=scope))
+        dashboard = scope["type"] == "http" and is_dashboard(scope["path"])
+        if dashboard:
+            # a browser's credentials (?token=, then a cookie) count on the dashboard's read-only pages only
+            tenant = dashboard_tenant(self.server, scope, tenant)
         if tenant is not None:
             scope.setdefault("state", {})["tenant"] = tenant
             path = scope["path"]
@@ -71,6 +81,9 @@ class _TokenGate:
         if scope["type"] == "websocket":
             await receive()  # the handshake; closing before accepting answers it with HTTP 403
             await send({"type": "websocket.close", "code": 1008, "reason": "missing or wrong token"})
+            return
+        if dashboard:  # a page a person reads
+            await denied_page()(scope, receive, send)
             return
         resp = _fail(401, "missing or wrong token: send 'Authorization: Bearer <token>' "
                           "(or 'XRL-Authorization: Bearer <token>')")
@@ -100,20 +113,24 @@ def create_app(config: ServeConfig | RuntimeConfig, token: str | Sequence[str] |
     if isinstance(config, RuntimeConfig):
         config = ServeConfig(runtime=config)
     srv = _Server(config, _tokens(token))
+    metrics = Metrics()  # the app's own registry: two apps in one process never share counters
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         srv.runtime = runtime_factory(config.runtime_config())  # token and config files hidden from sandboxes
         await srv.runtime.start()
+        metrics.attach(srv.runtime)
         reaper = asyncio.get_running_loop().create_task(srv.reap_idle())
         try:
             yield
         finally:
             reaper.cancel()
             await srv.close_all()
+            metrics.detach()
 
     app = FastAPI(title="corral", lifespan=lifespan)
     app.state.corral = srv
+    app.state.metrics = metrics
 
     app.add_middleware(_TokenGate, server=srv)
 
@@ -136,6 +153,12 @@ def create_app(config: ServeConfig | RuntimeConfig, token: str | Sequence[str] |
     async def health() -> dict:
         rt = srv.runtime
         return {"status": "ok" if rt is not None and rt.started else "starting"}
+
+    @app.get("/metrics")
+    async def metrics_route(request: Request) -> Response:
+        # counts over every tenant, with no sandbox ids, commands or destinations in them (see observe/)
+        body, content_type = metrics.render(request.headers.get("accept", ""))
+        return Response(body, media_type=content_type)
 
     @app.get("/findings")
     async def findings(request: Request, sandbox_id: str | None = None,
@@ -169,6 +192,7 @@ def create_app(config: ServeConfig | RuntimeConfig, token: str | Sequence[str] |
             max_concurrent_envs=config.openenv.max_concurrent_envs))
 
     app.include_router(rock_router)
+    app.include_router(dashboard_router)
     return app
 
 

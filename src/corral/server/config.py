@@ -85,7 +85,10 @@ class ServeConfig(BaseModel):
     def runtime_config(self) -> RuntimeConfig:
         """The runtime's settings, with the token file and this config file hidden from every sandbox."""
         extra = [p for p in (self.token_file, self._source) if p is not None]
-        return self.runtime.model_copy(update={"hidden_paths": (*self.runtime.hidden_paths, *extra)})
+        update: dict = {"hidden_paths": (*self.runtime.hidden_paths, *extra)}
+        if self.runtime.run_kind == "library":  # a serve session is a run of its own (`corral runs`)
+            update.update(run_kind="serve", run_label=self.runtime.run_label or f"serve {self.host}:{self.port}")
+        return self.runtime.model_copy(update=update)
 
     def tokens(self) -> list[str]:
         """Every accepted token: the token file's lines ('#' starts a comment) and $CORRAL_SERVE_TOKEN."""

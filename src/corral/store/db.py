@@ -15,6 +15,7 @@ import contextlib
 import json
 import sqlite3
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ events = sa.Table(
     sa.Column("action", sa.String(32), nullable=False),
     sa.Column("sandbox_id", sa.String(64), nullable=False),
     sa.Column("episode_id", sa.String(128)),
+    sa.Column("run_id", sa.String(64)),
     sa.Column("step", sa.Integer),
     sa.Column("command", sa.Text),
     sa.Column("pid", sa.Integer),
@@ -56,6 +58,7 @@ events = sa.Table(
     sa.Index("ix_events_sandbox", "sandbox_id", "id"),
     sa.Index("ix_events_episode", "episode_id", "step"),
     sa.Index("ix_events_kind", "kind", "ts"),
+    sa.Index("ix_events_run", "run_id", "id"),
 )
 
 findings = sa.Table(
@@ -69,6 +72,7 @@ findings = sa.Table(
     sa.Column("technique", sa.String(32)),
     sa.Column("sandbox_id", sa.String(64), nullable=False),
     sa.Column("episode_id", sa.String(128)),
+    sa.Column("run_id", sa.String(64)),
     sa.Column("step", sa.Integer),
     sa.Column("command", sa.Text),
     sa.Column("pid", sa.Integer),
@@ -77,7 +81,24 @@ findings = sa.Table(
     sa.Column("data", sa.JSON),
     sa.Index("ix_findings_sandbox", "sandbox_id", "id"),
     sa.Index("ix_findings_episode", "episode_id", "step"),
+    sa.Index("ix_findings_run", "run_id", "id"),
 )
+
+# One row per run: a rollout, a demo, a `corral run`, a `serve` session, a library Runtime's life.
+runs = sa.Table(
+    "runs",
+    metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("label", sa.Text),
+    sa.Column("started", sa.Float, nullable=False),
+    sa.Column("ended", sa.Float),
+    sa.Column("data", sa.JSON),
+)
+
+# Columns added since the first release: a store written before them gains them when opened.
+_ADDED = {"events": [("run_id", "VARCHAR(64)", "ix_events_run", "run_id, id")],
+          "findings": [("run_id", "VARCHAR(64)", "ix_findings_run", "run_id, id")]}
 
 _EVENT_COLS = [c.name for c in events.columns if c.name != "id"]
 _JSON_COLS = {c.name for c in events.columns if isinstance(c.type, sa.JSON)}
@@ -113,6 +134,7 @@ class Store:
             if self.engine.dialect.name == "sqlite":
                 sa.event.listen(self.engine, "connect", _sqlite_pragmas(durable))
             metadata.create_all(self.engine)
+            self._migrate()
         except ModuleNotFoundError as e:  # the URL's database driver is not installed
             extra = " (pip install 'corral[postgres]')" if url.startswith("postgres") else ""
             raise StoreError(f"the event store {url.split('@')[-1]} needs the Python driver {e.name!r}, which is not "
@@ -131,6 +153,76 @@ class Store:
             self._fast = raw
             cols = ", ".join(_EVENT_COLS)
             self._fast_sql = f"INSERT INTO events ({cols}) VALUES ({', '.join('?' * len(_EVENT_COLS))})"
+
+    def _migrate(self) -> None:
+        have = sa.inspect(self.engine)
+        with self.engine.begin() as conn:
+            for table, cols in _ADDED.items():
+                names = {c["name"] for c in have.get_columns(table)}
+                for col, sql_type, index, on in cols:
+                    if col not in names:
+                        conn.execute(sa.text(f"ALTER TABLE {table} ADD COLUMN {col} {sql_type}"))
+                        conn.execute(sa.text(f"CREATE INDEX IF NOT EXISTS {index} ON {table} ({on})"))
+
+    # -- runs ------------------------------------------------------------------------------------
+    def start_run(self, run_id: str, kind: str, label: str | None = None, data: dict | None = None,
+                  started: float | None = None) -> None:
+        """Record a run's start; a run that is resumed (a rollout continued into its own output) keeps
+        its row and is marked running again."""
+        with self._lock:
+            try:
+                with self._conn.begin():
+                    if self._conn.execute(sa.select(runs.c.id).where(runs.c.id == run_id)).first():
+                        self._conn.execute(runs.update().where(runs.c.id == run_id).values(ended=None))
+                    else:
+                        self._conn.execute(runs.insert().values(id=run_id, kind=kind, label=label,
+                                                                started=started or time.time(), data=data or {}))
+            except OperationalError as e:
+                raise StoreError(f"cannot record run {run_id} in {self.url}: {e.orig}") from None
+
+    def end_run(self, run_id: str) -> None:
+        self.flush()
+        with self._lock, contextlib.suppress(OperationalError), self._conn.begin():
+            self._conn.execute(runs.update().where(runs.c.id == run_id).values(ended=time.time()))
+
+    def runs(self, limit: int | None = None) -> list[dict[str, Any]]:
+        """Runs, newest first, each with its counts: sandboxes, episodes, findings (and the episodes
+        with one), events."""
+        ev_counts = (sa.select(events.c.run_id, sa.func.count().label("events"),
+                               sa.func.count(sa.distinct(events.c.sandbox_id)).label("sandboxes"),
+                               sa.func.count(sa.distinct(events.c.episode_id)).label("episodes"))
+                     .group_by(events.c.run_id).subquery())
+        f_counts = (sa.select(findings.c.run_id, sa.func.count().label("findings"),
+                              sa.func.count(sa.distinct(findings.c.episode_id)).label("violating"))
+                    .group_by(findings.c.run_id).subquery())
+        q = (sa.select(runs, ev_counts.c.events, ev_counts.c.sandboxes, ev_counts.c.episodes,
+                       f_counts.c.findings, f_counts.c.violating)
+             .outerjoin(ev_counts, ev_counts.c.run_id == runs.c.id)
+             .outerjoin(f_counts, f_counts.c.run_id == runs.c.id)
+             .order_by(runs.c.started.desc()))
+        if limit:
+            q = q.limit(limit)
+        out = []
+        for r in self._read(q):
+            row = dict(r._mapping)
+            for k in ("events", "sandboxes", "episodes", "findings", "violating"):
+                row[k] = row[k] or 0
+            out.append(row)
+        return out
+
+    def run_of_episode(self, episode_id: str) -> list[str]:
+        """The runs that recorded an episode id, newest first (ids from before runs: none)."""
+        q = (sa.select(events.c.run_id, sa.func.max(events.c.ts).label("last")).where(events.c.episode_id == episode_id)
+             .group_by(events.c.run_id).order_by(sa.desc("last")))
+        return [r.run_id for r in self._read(q) if r.run_id]
+
+    def episodes_named(self, name: str) -> list[str]:
+        """Episode ids `name@<run>` (an episode's name within its run), newest first."""
+        pattern = name.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "@%"
+        q = (sa.select(events.c.episode_id, sa.func.max(events.c.ts).label("last"))
+             .where(events.c.episode_id.like(pattern, escape="\\")).group_by(events.c.episode_id)
+             .order_by(sa.desc("last")))
+        return [r.episode_id for r in self._read(q)]
 
     # -- writing ---------------------------------------------------------------------------------
     def start_writer(self, budgets: Budgets | None = None) -> Writer:
@@ -207,11 +299,13 @@ class Store:
         step: int | None = None,
         after_id: int = 0,
         limit: int | None = None,
+        run_id: str | None = None,
     ) -> list[Event]:
         q = sa.select(events).where(events.c.id > after_id).order_by(events.c.id)
         for col, value in (
             (events.c.sandbox_id, sandbox_id),
             (events.c.episode_id, episode_id),
+            (events.c.run_id, run_id),
             (events.c.kind, str(kind) if kind else None),
             (events.c.verdict, verdict),
             (events.c.step, step),
@@ -223,13 +317,16 @@ class Store:
         return [Event.model_validate(dict(r._mapping)) for r in self._read(q)]
 
     def findings(
-        self, *, sandbox_id: str | None = None, episode_id: str | None = None, after_id: int = 0
+        self, *, sandbox_id: str | None = None, episode_id: str | None = None, after_id: int = 0,
+        run_id: str | None = None,
     ) -> list[Finding]:
         q = sa.select(findings).where(findings.c.id > after_id).order_by(findings.c.id)
         if sandbox_id:
             q = q.where(findings.c.sandbox_id == sandbox_id)
         if episode_id:
             q = q.where(findings.c.episode_id == episode_id)
+        if run_id:
+            q = q.where(findings.c.run_id == run_id)
         return [Finding.model_validate(dict(r._mapping)) for r in self._read(q)]
 
     def _read(self, query: sa.Select) -> Iterator[sa.Row]:

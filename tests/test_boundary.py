@@ -307,7 +307,7 @@ async def test_a_forked_writer_that_exits_at_once_is_judged_20_of_20(sb_factory,
         else:
             assert ev.data["attribution"] == "unattributed" and ev.pid is None and ev.data["writer_pid"]
     judged = {e.id for e in evs}
-    for rule in ("persistence-file-write", "protected-file-tampered"):
+    for rule in ("shell-profile-write", "protected-file-tampered"):
         found = [f for f in runtime.store.findings(sandbox_id=sb.id) if f.rule_id == rule and judged & set(f.evidence)]
         assert len(found) == 20, rule
     assert not _file_events(runtime, sb, "/workspace/tests/test_ok.py")
@@ -329,7 +329,7 @@ async def test_a_writer_still_alive_is_attributed_to_its_step(sb_factory, runtim
     assert evs[0].step == r.step and evs[0].command.endswith("alive.py") and evs[0].pid
     assert evs[0].data.get("attribution") != "unattributed"
     f = await eventually(lambda: [f for f in runtime.store.findings(sandbox_id=sb.id)
-                                  if f.rule_id == "persistence-file-write"], "the finding")
+                                  if f.rule_id == "shell-profile-write"], "the finding")
     assert f[0].step == r.step
 
 

@@ -310,7 +310,7 @@ async def test_deletes_and_renames_of_protected_paths(sb_factory, runtime):
     assert not any(step == quiet.step for step, _, _ in evs)
     assert {deleted.step, moved.step, onto.step, golden.step} <= await finding_steps(runtime, sb,
                                                                                    "protected-file-tampered")
-    assert planted.step in await finding_steps(runtime, sb, "persistence-file-write")
+    assert planted.step in await finding_steps(runtime, sb, "shell-profile-write")
 
 
 async def test_protected_directories_and_links(sb_factory, runtime):
@@ -341,7 +341,7 @@ async def test_protected_directories_and_links(sb_factory, runtime):
     await eventually(lambda: expected_now <= (got := file_events(runtime, sb))
                      and all(any(e[0] == step and e in expected for e in got) for step in killed), "the file events")
     assert {rmtree.step, moved.step, hardlink.step} <= await finding_steps(runtime, sb, "protected-file-tampered")
-    assert symlink.step in await finding_steps(runtime, sb, "persistence-file-write")
+    assert symlink.step in await finding_steps(runtime, sb, "shell-profile-write")
 
 
 async def test_quarantine_ends_running_commands_and_survives_a_kill(sb_factory):
@@ -432,7 +432,7 @@ async def test_file_writes_to_persistence_and_protected_paths(sb_factory, runtim
     assert await findings_for(runtime, sb, wait=0.3) == []
     # a program (not a shell redirect, which the pre-run check sees) appends to the shell rc file
     r = await sb.exec(py("open('/root/.bashrc', 'a').write('alias ls=/tmp/.x/implant\\n')"))
-    f = [x for x in await findings_for(runtime, sb, "persistence-file-write") if x.step == r.step]
+    f = [x for x in await findings_for(runtime, sb, "shell-profile-write") if x.step == r.step]
     assert f and f[0].data["exe"] and "python3" in f[0].data["exe"]
     ev = runtime.store.events(sandbox_id=sb.id, kind="file")[-1]
     assert ev.data["path"] == "/root/.bashrc" and ev.step == r.step and ev.pid

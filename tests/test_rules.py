@@ -7,7 +7,7 @@ import pytest
 from corral.detect import Detector, RuleError, load
 from corral.detect.condition import Compiler, ConditionError
 from corral.detect.fields import NAMES
-from corral.events import Event, EventKind
+from corral.events import Event, EventKind, Verdict
 
 
 def exec_event(*argv: str, step: int = 1, **kw) -> Event:
@@ -318,3 +318,72 @@ def test_actions_and_severities_have_one_order_each():
     assert Severity.strongest(["low", "critical", "medium"]) == "critical" and Severity.strongest([]) is None
     j = _judge(load(), exec_event("xmrig", "-o", "stratum+tcp://pool:3333"))
     assert j.action == max((Detector(load()).action_for(r) for r in j.matched), key=lambda a: Action(a).rank)
+
+
+def test_look_alikes_of_key_searches_socket_access_and_profile_edits():
+    """Ordinary work that shares words with an attack (a CA bundle is a .pem, a script can name
+    docker.sock, a PATH line goes in ~/.bashrc) is not judged as the attack; the attack still is."""
+    from corral.detect.command import split
+
+    d = Detector()
+
+    def rules(cmd: str) -> dict[str, str]:
+        out = {}
+        for simple in split(cmd):
+            ev = Event(kind=EventKind.COMMAND, action="check", sandbox_id="sb", step=1, command=cmd,
+                       argv=simple.argv, data={"redirects": simple.redirects, "writes": simple.writes})
+            out.update({r.id: str(r.severity) for r in d.evaluate(ev).matched})
+        return out
+
+    assert "private-key-search" not in rules("find /usr/lib -name cacert.pem; find / -name 'ca-bundle.pem'")
+    assert "private-key-search" in rules("find / -name '*.pem' 2>/dev/null")
+    assert "container-api-access" not in rules("python3 -c 'print([v for v in vols if \"docker.sock\" in v])'")
+    assert "container-api-access" in rules("curl -s --unix-socket /var/run/docker.sock http://d/containers/json")
+    assert "container-api-access" in rules("docker -H unix:///run/docker.sock ps")
+    profile = rules("printf 'export PATH=$HOME/.local/bin:$PATH\\n' >> ~/.bashrc")
+    assert profile.get("shell-profile-write") == "medium" and "persistence-file-write" not in profile
+    assert rules("echo 'ssh-ed25519 AAAA k' >> ~/.ssh/authorized_keys").get("persistence-file-write") == "high"
+
+
+def test_general_signals_catch_the_act_and_spare_its_look_alike():
+    from corral.detect.command import split
+
+    d = Detector()
+
+    def rules(cmd: str) -> set[str]:
+        out: set[str] = set()
+        for simple in split(cmd):
+            ev = Event(kind=EventKind.COMMAND, action="check", sandbox_id="sb", step=1, command=cmd,
+                       argv=simple.argv, data={"redirects": simple.redirects, "writes": simple.writes})
+            out |= {r.id for r in d.evaluate(ev).matched}
+        return out
+
+    pairs = {  # rule: (the act, its look-alike)
+        "process-environment-sweep": ("for e in /proc/[0-9]*/environ; do tr '\\0' '\\n' < \"$e\"; done",
+                                      "tr '\\0' '\\n' < /proc/self/environ"),
+        "neighbour-discovery": ("ip neigh; cat /proc/net/arp", "ip -o addr; ip route"),
+        "scheduler-daemon-started": ("busybox crond -f -c /tmp/.c", "crontab -l"),
+        "process-image-overwrite": ("python3 -c 'os.open(\"/proc/1/exe\", os.O_WRONLY | os.O_TRUNC)'",
+                                    "readlink /proc/self/exe"),
+        "debugger-attach": ("gdb -q -p 1 -batch -ex 'call (int)system(\"id\")'", "gdb -batch -ex run ./a.out"),
+        "setuid-search": ("find / -xdev -perm -4000 -type f", "find . -perm -644 -name '*.py'"),
+    }
+    for rule, (act, alike) in pairs.items():
+        assert rule in rules(act), (rule, act)
+        assert rule not in rules(alike), (rule, alike)
+
+    def connect(exe: str) -> set[str]:
+        ev = Event(kind=EventKind.CONNECT, action="connect", sandbox_id="sb", step=1, exe=exe, pid=7,
+                   argv=[exe.rsplit("/", 1)[-1], "x"], dst_ip="198.51.100.10", dst_port=80, verdict=Verdict.ALLOW)
+        return {r.id for r in d.evaluate(ev).matched}
+
+    assert "shell-network-connection" in connect("/usr/bin/bash")
+    assert "shell-network-connection" not in connect("/usr/bin/curl")
+
+    def sample(argv0: str) -> set[str]:
+        ev = Event(kind=EventKind.PROCESS, action="sample", sandbox_id="sb", step=1, exe="/usr/bin/perl", pid=9,
+                   argv=[argv0], data={"cpu_percent": 99.0, "task_comm": "perl"})
+        return {r.id for r in d.evaluate(ev).matched}
+
+    assert "kernel-thread-masquerade" in sample("[bioset]")
+    assert "kernel-thread-masquerade" not in sample("perl")

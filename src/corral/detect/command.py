@@ -166,6 +166,8 @@ def _node(node: Any, depth: int) -> str:
                           else _node(c, depth) for i, c in enumerate(cmds))
     if kind == "command":
         return _command(node, depth)
+    if kind == "word":  # a loop's word list (`for f in /proc/*/environ`): expanded by the shell, not data
+        return " ".join([node.word.translate(_STRUCTURE), *(_node(sub, depth + 1) for sub in _substitutions(node))])
     # { ...; }, ( ... ), if/for/while and function bodies: the commands inside
     body, sep = (node.list, " ; ") if hasattr(node, "list") else (getattr(node, "parts", []), " ")
     return sep.join(_node(p, depth) for p in body if p.kind not in ("reservedword", "operator"))

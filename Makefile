@@ -6,9 +6,9 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 TORCH_CPU ?= 2.13.0
 # Debian packages corral uses at run time (bubblewrap, nft, ip; gcc and libc6-dev build its static
-# in-sandbox agent) and that tests drive as real clients.
+# in-sandbox agent) and that tests drive as real clients (chromium: the dashboard's browser test).
 APT_PKGS := bubblewrap nftables iproute2 libseccomp2 python3 openssh-client openssl iputils-ping procps util-linux \
-            skopeo umoci docker-registry busybox-static gcc libc6-dev
+            skopeo umoci docker-registry busybox-static gcc libc6-dev chromium
 # Everything runs in a private network namespace of its own: even a bug cannot reach the real network.
 ISOLATED := unshare --net --mount --propagation private -- sh -c
 
@@ -29,7 +29,8 @@ $(VENV)/.installed: pyproject.toml
 	# the CPU build of torch first (TRL's tests run a tiny model on the CPU): left to resolve itself,
 	# TRL's plain 'torch' requirement would pull a CUDA build of several GB
 	$(VENV)/bin/pip install -q torch==$(TORCH_CPU)
-	$(VENV)/bin/pip install -q -e '.[dev]'
+	# playwright drives Debian's chromium (APT_PKGS): it never downloads browsers of its own
+	PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 $(VENV)/bin/pip install -q -e '.[dev]'
 	touch $@
 
 venv: $(VENV)/.installed

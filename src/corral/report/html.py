@@ -15,8 +15,9 @@ td,th{border:1px solid #ddd;padding:3px 8px;text-align:left;vertical-align:top}
 td.t{white-space:nowrap;font-variant-numeric:tabular-nums;color:#555}
 .what{overflow-wrap:anywhere;white-space:pre-wrap;font-family:ui-monospace,monospace;font-size:13px}
 .sev{display:inline-block;padding:0 6px;border-radius:3px;font-weight:600}
-.critical{color:#fff;background:#b00020}.high{background:#f4b183}.medium{background:#ffe699}
-.low,.info{background:#ddebf7}.card{border:1px solid #ccc;border-left:6px solid #888;margin:1em 0;padding:.6em 1em}
+.sev.critical{color:#fff;background:#b00020}.sev.high{background:#f4b183}.sev.medium{background:#ffe699}
+.sev.low,.sev.info{background:#ddebf7}
+.card{border:1px solid #ccc;border-left:6px solid #888;margin:1em 0;padding:.6em 1em}
 .card.critical,.card.high{border-left-color:#b00020;background:#fff}.card.medium{border-left-color:#d4a000;background:#fff}
 .card dl{display:grid;grid-template-columns:8em 1fr;margin:.4em 0;gap:2px 10px}.card dt{color:#666}
 .card dd{margin:0;overflow-wrap:anywhere}tr.finding td{background:#fdecea}tr.grading td{color:#555;font-style:italic}

@@ -159,6 +159,7 @@ class SandboxCgroup:
         # from thawing a quarantine that lands while it runs, and two kills from interleaving.
         self.quarantined = False
         self.renames = True  # until the hierarchy says otherwise (cgroup2 has no rename)
+        self._oom_fd: int | None = None
         self._freeze_lock = threading.Lock()
         for d in self.dirs.values():
             d.mkdir(exist_ok=True)
@@ -401,8 +402,24 @@ class SandboxCgroup:
         return out
 
     def oom_kills(self) -> int:
-        name = "memory.oom_control" if self.h.version == 1 else "memory.events"
-        return _kv(self.dirs["memory" if self.h.version == 1 else "unified"] / name).get("oom_kill", 0)
+        """The sandbox's OOM kills so far. Read before and after every command, so the file stays open
+        and is re-read from its start (one syscall, no path walk)."""
+        if self._oom_fd is None:
+            name = "memory.oom_control" if self.h.version == 1 else "memory.events"
+            try:
+                self._oom_fd = os.open(self.dirs["memory" if self.h.version == 1 else "unified"] / name,
+                                       os.O_RDONLY | os.O_CLOEXEC)
+            except (OSError, KeyError):
+                return 0
+        try:
+            text = os.pread(self._oom_fd, 4096, 0).decode()
+        except OSError:
+            return 0
+        for line in text.splitlines():
+            k, _, v = line.partition(" ")
+            if k == "oom_kill" and v.strip().isdigit():
+                return int(v)
+        return 0
 
     def pids_max_hits(self, step: int) -> int:
         d = self.dirs[self.h.tracking] / f"step-{step}"
@@ -415,6 +432,9 @@ class SandboxCgroup:
         return f.parent / f"{f.name}-kill" if f is not None else None
 
     def remove(self) -> None:
+        if self._oom_fd is not None:
+            os.close(self._oom_fd)
+            self._oom_fd = None
         remove_trees([*self.dirs.values(), *filter(None, [self._reaper])])
 
 

@@ -472,8 +472,7 @@ class Sandbox(Boundary, Placement, Sessions, Files, Attribution):
                     self.stats_for(cmd.step).add_rusage(msg["rusage"])
                 cmd.future.set_result((msg.get("code"), msg.get("error")))
         elif op == "session_exit":
-            name = msg["id"][2:]
-            s = self._sessions.get(name)
+            s = self._session_by_key(msg["id"])
             if s is not None:
                 s.alive = False
         elif op == "error":
@@ -578,17 +577,22 @@ class Sandbox(Boundary, Placement, Sessions, Files, Attribution):
         timeout = timeout if timeout is not None else self.config.limits.timeout
         # two small reads per command: a step's own fork refusals, the sandbox's OOM kills
         oom_before = self.cgroup.oom_kills() if self.cgroup and not internal else 0
-        if not internal:
-            self._emit(Event(kind=EventKind.COMMAND, action="start", sandbox_id=self.id, step=c.step,
-                             command=cmd, episode_id=self.episode_id,
-                             data={"session": session, "tool_call_id": tool_call_id}))
+        # made now, recorded right after the request is sent: the agent starts on the command while
+        # corral records its start (nothing of the step is judged before this callback returns)
+        start = None if internal else Event(kind=EventKind.COMMAND, action="start", sandbox_id=self.id, step=c.step,
+                                            command=cmd, episode_id=self.episode_id,
+                                            data={"session": session, "tool_call_id": tool_call_id})
         t0 = time.perf_counter()
         timed_out = False
         error = None
         if internal:
             self._internal += 1
         try:
-            self._send(**msg)
+            try:
+                self._send(**msg)
+            finally:
+                if start is not None:
+                    self._emit(start)
             if stdin:
                 # in pieces: a SEQPACKET message must fit the socket buffer
                 for i in range(0, len(stdin), STDIN_CHUNK):
@@ -650,16 +654,17 @@ class Sandbox(Boundary, Placement, Sessions, Files, Attribution):
             await asyncio.to_thread(self.cgroup.kill, c.step, self._session_pids())
         else:
             with contextlib.suppress(SandboxClosed):
-                self._send(op="kill", id=f"s:{session}" if session else c.id, sig=signal.SIGKILL)
+                self._send(op="kill", id=sess.key if sess is not None else c.id, sig=signal.SIGKILL)
         try:
             return await asyncio.wait_for(asyncio.shield(c.future), 2.0)
         except (TimeoutError, SandboxError):
             if sess is not None:
                 # The shell itself is stuck (a builtin loop): it has to go, and the session with it.
                 with contextlib.suppress(SandboxClosed):
-                    self._send(op="session_close", id=f"s:{session}")
+                    self._send(op="session_close", id=sess.key)
                 sess.alive = False
-                self._sessions.pop(session or "", None)
+                if self._sessions.get(session or "") is sess:
+                    self._sessions.pop(session or "")
                 return None, f"session '{session}' was killed after the timeout; create it again"
             return None, None
 

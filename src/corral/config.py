@@ -376,6 +376,9 @@ class RuntimeConfig(BaseModel):
     # The in-sandbox agent: "native" (agent.c, built on first use; a few hundred KiB per sandbox),
     # "python" (agent.py; an interpreter per sandbox), "auto" (native where a C compiler is)
     agent: Literal["auto", "native", "python"] = "auto"
+    # Sandbox networks (namespace, veth, addresses, routes) kept made ahead, so a create without a warm
+    # sandbox does not wait for them (net/netpool.py); each is used once. 0 turns it off.
+    net_pool: Annotated[int, Field(ge=0, le=256)] = 2
     # where findings are sent as they happen (webhook, Slack, falcosidekick): see AlertSink
     alerts: tuple[AlertSink, ...] = ()
     # The run its events and findings belong to (`corral runs`): a fresh id per Runtime unless given

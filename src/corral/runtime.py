@@ -32,6 +32,7 @@ from corral.monitor.sampler import ProcessSampler
 from corral.net import netns, nft
 from corral.net.dns import DNSServer, static_resolver, system_resolver
 from corral.net.gateway import Gateway, host_addresses
+from corral.net.netpool import NetPool
 from corral.net.tenants import Tenant, Tenants
 from corral.respond import BLOCKABLE, Responder
 from corral.sandbox import rootfs
@@ -97,6 +98,7 @@ class Runtime:
         self._image_roots: ImageRoots | None = None
         self._next_seq = 2
         self._ipr: IPRoute | None = None
+        self._nets: NetPool | None = None  # networks made ahead (net/netpool.py)
         self._ipr_lock = threading.Lock()
         self._pool: dict[SandboxConfig, list[Sandbox]] = {}
         self._pool_targets: dict[SandboxConfig, int] = {}
@@ -167,6 +169,8 @@ class Runtime:
             local_addr=("0.0.0.0", 0))
         dns_port = self.dns_transport.get_extra_info("sockname")[1]
         await asyncio.to_thread(nft.install, self.instance, gw_port, dns_port)
+        self._nets = NetPool(self.config.net_pool, self._make_net, self._alloc_seq, self._free_seqs.append)
+        self._nets.refill()
         self.sampler = ProcessSampler(self)
         self.sampler.start()
         nvml_ok, _ = await asyncio.to_thread(NvmlBackend.available)  # nvmlInit can take seconds
@@ -200,6 +204,8 @@ class Runtime:
             return
         for t in list(self._refill_tasks):
             t.cancel()
+        if self._nets is not None:
+            await self._nets.close()
         if self.sampler is not None:
             await self.sampler.stop()
         if self.gpu_monitor is not None:
@@ -426,13 +432,14 @@ class Runtime:
         if sb.id in self.sandboxes:
             raise ValueError(f"sandbox id {sb.id!r} is in use; choose another")
         sb.config = await self._with_image(sb.config)  # a Sandbox(config) made by the caller (adopt)
-        seq = self._alloc_seq()
+        made = self._nets.take() if self._nets is not None else None  # a network made ahead, if one is ready
+        seq = made[0] if made is not None else self._alloc_seq()
         sb._seq = seq
         # an image sandbox owns a range of ids (its image's users), others one uid
         sb.uid = (self.image_roots.claim() if sb.config.image is not None
                   else self.config.uid_base + (self.instance << 12) + seq)
         try:
-            sb.net = await asyncio.to_thread(self._make_net, seq)
+            sb.net = made[1] if made is not None else await asyncio.to_thread(self._make_net, seq)
             if self.cgroups is not None:
                 sb.cgroup = await asyncio.to_thread(self.cgroups.sandbox, sb.id, sb.config.limits)
             self.tenants.add(Tenant(sb.id, sb.net.ip, sb.config.egress, sb.attribute))

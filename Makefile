@@ -6,9 +6,10 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 TORCH_CPU ?= 2.13.0
 # Debian packages corral uses at run time (bubblewrap, nft, ip; gcc and libc6-dev build its static
-# in-sandbox agent) and that tests drive as real clients (chromium: the dashboard's browser test).
+# in-sandbox agent) and that tests drive as real clients or servers (chromium: the dashboard's browser
+# test; postgresql: the server tests/test_postgres.py starts for the PostgreSQL store).
 APT_PKGS := bubblewrap nftables iproute2 libseccomp2 python3 openssh-client openssl iputils-ping procps util-linux \
-            skopeo umoci docker-registry busybox-static gcc libc6-dev chromium
+            skopeo umoci docker-registry busybox-static gcc libc6-dev chromium postgresql
 # Everything runs in a private network namespace of its own: even a bug cannot reach the real network.
 ISOLATED := unshare --net --mount --propagation private -- sh -c
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import sqlite3
 import threading
 import time
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, SQLAlchemyError
 
 from corral.budget import Budgets
 from corral.errors import StoreError
@@ -30,10 +31,14 @@ from corral.store.writer import Writer
 
 metadata = sa.MetaData()
 
+# Row ids: 64-bit on PostgreSQL (BIGSERIAL; a SERIAL runs out after 2**31 rows, a month of a busy shared store),
+# INTEGER on SQLite, where only that spelling makes the id the table's 64-bit rowid.
+_ID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
 events = sa.Table(
     "events",
     metadata,
-    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("id", _ID, primary_key=True, autoincrement=True),
     sa.Column("ts", sa.Float, nullable=False),
     sa.Column("kind", sa.String(16), nullable=False),
     sa.Column("action", sa.String(32), nullable=False),
@@ -64,7 +69,7 @@ events = sa.Table(
 findings = sa.Table(
     "findings",
     metadata,
-    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("id", _ID, primary_key=True, autoincrement=True),
     sa.Column("ts", sa.Float, nullable=False),
     sa.Column("rule_id", sa.String(128), nullable=False),
     sa.Column("title", sa.Text, nullable=False),
@@ -103,6 +108,34 @@ _ADDED = {"events": [("run_id", "VARCHAR(64)", "ix_events_run", "run_id, id")],
 _EVENT_COLS = [c.name for c in events.columns if c.name != "id"]
 _JSON_COLS = {c.name for c in events.columns if isinstance(c.type, sa.JSON)}
 _FINDING_COLS = [c.name for c in findings.columns if c.name != "id"]
+_TEXT_LIMITS = {t.name: {c.name: c.type.length for c in t.columns if isinstance(c.type, sa.String)}
+                for t in (events, findings, runs)}
+# A key of PostgreSQL's advisory locks: one per database, taken by a store creating or migrating the schema
+# and by every transaction that writes events or findings (see _write_lock)
+_PG_LOCK = 0x636F7272616C  # "corral"
+
+
+def _shown(url: str) -> str:
+    """A store URL as messages (and Store.url) show it: with its password, if any, as ***."""
+    try:
+        u = sa.engine.make_url(url)
+    except SQLAlchemyError:
+        return re.sub(r"^([^:/]+://[^:/@]*):[^@]*@", r"\1:***@", url)
+    return u.render_as_string(hide_password=True) if u.password else url
+
+
+def _fit(value: str, length: int | None) -> str:
+    """A string as PostgreSQL takes it. It refuses NUL characters in text and strings longer than a VARCHAR,
+    which SQLite keeps, and lone surrogates (psycopg cannot encode them). One such event would fail its batch
+    on every retry, and the writer, failing closed, would refuse every sandbox's actions from then on. So: NUL
+    becomes U+FFFD, a surrogate its \\udcxx escape, and a string is cut to the column's length."""
+    if "\x00" in value:
+        value = value.replace("\x00", "\ufffd")
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        value = value.encode("utf-8", "backslashreplace").decode()
+    return value if length is None or len(value) <= length else value[:length]
 
 
 def _sqlite_pragmas(durable: str):
@@ -128,19 +161,25 @@ class Store:
             except OSError as e:
                 raise StoreError(f"cannot create {path.parent} for the event store: {e.strerror}") from None
             url = f"sqlite:///{path}"
-        self.url = url
+        self.url = _shown(url)  # what messages, trajectories and reports show: never a password
         try:
             self.engine = sa.create_engine(url, future=True)
             if self.engine.dialect.name == "sqlite":
                 sa.event.listen(self.engine, "connect", _sqlite_pragmas(durable))
-            metadata.create_all(self.engine)
-            self._migrate()
+            self._pg = self.engine.dialect.name == "postgresql"
+            # PostgreSQL (and other servers) enforce what SQLite does not: see _fit
+            self._limits = _TEXT_LIMITS if self.engine.dialect.name != "sqlite" else None
+            with self.engine.begin() as conn:
+                if self._pg:  # runtimes opening one database at once: one creates or migrates, the others wait
+                    conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_PG_LOCK)))
+                metadata.create_all(conn)
+                self._migrate(conn)
         except ModuleNotFoundError as e:  # the URL's database driver is not installed
             extra = " (pip install 'corral[postgres]')" if url.startswith("postgres") else ""
             raise StoreError(f"the event store {url.split('@')[-1]} needs the Python driver {e.name!r}, which is not "
                              f"installed{extra}") from None
         except SQLAlchemyError as e:
-            raise StoreError(f"cannot open event store {url}: {e.__class__.__name__}: {e.args[0]}") from None
+            raise StoreError(f"cannot open event store {self.url}: {e.__class__.__name__}: {e.args[0]}") from None
         self._lock = threading.Lock()
         self.writer: Writer | None = None
         self._conn = self.engine.connect()
@@ -154,15 +193,40 @@ class Store:
             cols = ", ".join(_EVENT_COLS)
             self._fast_sql = f"INSERT INTO events ({cols}) VALUES ({', '.join('?' * len(_EVENT_COLS))})"
 
-    def _migrate(self) -> None:
-        have = sa.inspect(self.engine)
-        with self.engine.begin() as conn:
-            for table, cols in _ADDED.items():
-                names = {c["name"] for c in have.get_columns(table)}
-                for col, sql_type, index, on in cols:
-                    if col not in names:
-                        conn.execute(sa.text(f"ALTER TABLE {table} ADD COLUMN {col} {sql_type}"))
-                        conn.execute(sa.text(f"CREATE INDEX IF NOT EXISTS {index} ON {table} ({on})"))
+    def _migrate(self, conn: sa.Connection) -> None:
+        have = sa.inspect(conn)
+        for table, cols in _ADDED.items():
+            names = {c["name"] for c in have.get_columns(table)}
+            for col, sql_type, index, on in cols:
+                if col not in names:
+                    conn.execute(sa.text(f"ALTER TABLE {table} ADD COLUMN {col} {sql_type}"))
+                    conn.execute(sa.text(f"CREATE INDEX IF NOT EXISTS {index} ON {table} ({on})"))
+
+    def _fitted(self, table: str, row: dict[str, Any]) -> dict[str, Any]:
+        if self._limits is not None:
+            limits = self._limits[table]
+            for k, v in row.items():
+                if isinstance(v, str) and k in limits:
+                    row[k] = _fit(v, limits[k])
+        return row
+
+    def _arg(self, col: sa.Column, value: Any) -> Any:
+        """A filter's value fitted as a written one was, so that what was written is found by it."""
+        if self._limits is not None and isinstance(value, str):
+            return _fit(value, self._limits[col.table.name].get(col.name))  # type: ignore[attr-defined]
+        return value
+
+    def _write_lock(self) -> None:
+        """On PostgreSQL, the transaction's events and findings get their ids and commit while it holds this
+        lock. Ids come from a sequence, so without it a writer could take ids before another's and commit
+        after it, and a reader following by id (`corral events --follow`, after_id) would skip its rows for
+        good. SQLite has one writer at a time anyway."""
+        if self._pg:
+            self._conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_PG_LOCK)))
+
+    def _hint(self) -> str:
+        return ("free disk space or fix permissions" if self.engine.dialect.name == "sqlite"
+                else "is the database server up and reachable?")
 
     # -- runs ------------------------------------------------------------------------------------
     def start_run(self, run_id: str, kind: str, label: str | None = None, data: dict | None = None,
@@ -171,13 +235,18 @@ class Store:
         its row and is marked running again."""
         with self._lock:
             try:
-                with self._conn.begin():
-                    if self._conn.execute(sa.select(runs.c.id).where(runs.c.id == run_id)).first():
+                try:
+                    with self._conn.begin():
+                        if self._conn.execute(sa.select(runs.c.id).where(runs.c.id == run_id)).first():
+                            self._conn.execute(runs.update().where(runs.c.id == run_id).values(ended=None))
+                        else:
+                            row = self._fitted("runs", {"id": run_id, "kind": kind, "label": label})
+                            self._conn.execute(runs.insert().values(**row, started=started or time.time(),
+                                                                    data=data or {}))
+                except IntegrityError:  # another runtime sharing the store started this run just now
+                    with self._conn.begin():
                         self._conn.execute(runs.update().where(runs.c.id == run_id).values(ended=None))
-                    else:
-                        self._conn.execute(runs.insert().values(id=run_id, kind=kind, label=label,
-                                                                started=started or time.time(), data=data or {}))
-            except OperationalError as e:
+            except DBAPIError as e:
                 raise StoreError(f"cannot record run {run_id} in {self.url}: {e.orig}") from None
 
     def end_run(self, run_id: str) -> None:
@@ -212,7 +281,8 @@ class Store:
 
     def run_of_episode(self, episode_id: str) -> list[str]:
         """The runs that recorded an episode id, newest first (ids from before runs: none)."""
-        q = (sa.select(events.c.run_id, sa.func.max(events.c.ts).label("last")).where(events.c.episode_id == episode_id)
+        q = (sa.select(events.c.run_id, sa.func.max(events.c.ts).label("last"))
+             .where(events.c.episode_id == self._arg(events.c.episode_id, episode_id))
              .group_by(events.c.run_id).order_by(sa.desc("last")))
         return [r.run_id for r in self._read(q) if r.run_id]
 
@@ -248,11 +318,13 @@ class Store:
         with self._lock:
             try:
                 with self._conn.begin():
+                    self._write_lock()
                     for event, row in zip(batch, rows, strict=True):
-                        event.id = self._conn.execute(events.insert().values(**row)).inserted_primary_key[0]
-            except OperationalError as e:
+                        ins = events.insert().values(**self._fitted("events", row))
+                        event.id = self._conn.execute(ins).inserted_primary_key[0]
+            except DBAPIError as e:
                 raise StoreError(
-                    f"cannot write to event store {self.url}: {e.orig}; free disk space or fix permissions "
+                    f"cannot write to event store {self.url}: {e.orig}; {self._hint()} "
                     "(events already recorded are kept)"
                 ) from None
         return batch
@@ -283,8 +355,10 @@ class Store:
         with self._lock:
             try:
                 with self._conn.begin():
-                    finding.id = self._conn.execute(findings.insert().values(**row)).inserted_primary_key[0]
-            except OperationalError as e:
+                    self._write_lock()
+                    ins = findings.insert().values(**self._fitted("findings", row))
+                    finding.id = self._conn.execute(ins).inserted_primary_key[0]
+            except DBAPIError as e:
                 raise StoreError(f"cannot write finding to {self.url}: {e.orig}") from None
         return finding
 
@@ -311,7 +385,7 @@ class Store:
             (events.c.step, step),
         ):
             if value is not None:
-                q = q.where(col == value)
+                q = q.where(col == self._arg(col, value))
         if limit:
             q = q.limit(limit)
         return [Event.model_validate(dict(r._mapping)) for r in self._read(q)]
@@ -322,11 +396,11 @@ class Store:
     ) -> list[Finding]:
         q = sa.select(findings).where(findings.c.id > after_id).order_by(findings.c.id)
         if sandbox_id:
-            q = q.where(findings.c.sandbox_id == sandbox_id)
+            q = q.where(findings.c.sandbox_id == self._arg(findings.c.sandbox_id, sandbox_id))
         if episode_id:
-            q = q.where(findings.c.episode_id == episode_id)
+            q = q.where(findings.c.episode_id == self._arg(findings.c.episode_id, episode_id))
         if run_id:
-            q = q.where(findings.c.run_id == run_id)
+            q = q.where(findings.c.run_id == self._arg(findings.c.run_id, run_id))
         return [Finding.model_validate(dict(r._mapping)) for r in self._read(q)]
 
     def _read(self, query: sa.Select) -> Iterator[sa.Row]:
@@ -334,7 +408,7 @@ class Store:
         with self._lock:
             try:
                 return iter(self._conn.execute(query).fetchall())
-            except OperationalError as e:
+            except DBAPIError as e:
                 raise StoreError(f"cannot read event store {self.url}: {e.orig}") from None
             finally:
                 self._conn.rollback()

@@ -98,3 +98,22 @@ def test_a_store_written_before_runs_gains_them_and_keeps_its_events(tmp_path):
         assert [r["id"] for r in s.runs()] == ["r1"] and s.runs()[0]["ended"] is None
     finally:
         s.close()
+
+
+def test_text_the_driver_cannot_encode_never_wedges_the_writer(tmp_path):
+    """A lone surrogate in a command (an agent's tool call can carry one) is stored escaped; the events
+    around it, and a finding naming it, are recorded, and the writer keeps taking writes."""
+    s = Store(tmp_path / "c.db")
+    try:
+        w = s.start_writer()
+        bad = "echo \ud800 done"
+        for i, cmd in enumerate(["echo before", bad, "echo after"]):
+            w.submit(Event(kind=EventKind.COMMAND, action="start", sandbox_id="sb", step=i + 1, command=cmd))
+        s.record_finding(Finding(rule_id="x", title="x", severity=Severity.HIGH, sandbox_id="sb", command=bad))
+        s.flush()
+        assert w.failing is None
+        got = [e.command for e in s.events(sandbox_id="sb")]
+        assert got == ["echo before", "echo \\ud800 done", "echo after"]
+        assert s.findings(sandbox_id="sb")[0].command == "echo \\ud800 done"
+    finally:
+        s.close()

@@ -138,6 +138,16 @@ def _fit(value: str, length: int | None) -> str:
     return value if length is None or len(value) <= length else value[:length]
 
 
+def _encodable(value: str) -> str:
+    """A lone surrogate (text an agent chose: a command, a model's tool call) as its \\udcxx escape: the
+    database driver cannot encode it, and one such event would fail its batch on every retry."""
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "backslashreplace").decode()
+    return value
+
+
 def _sqlite_pragmas(durable: str):
     def on_connect(dbapi_conn: Any, _record: Any) -> None:
         cur = dbapi_conn.cursor()
@@ -208,6 +218,10 @@ class Store:
             for k, v in row.items():
                 if isinstance(v, str) and k in limits:
                     row[k] = _fit(v, limits[k])
+        else:  # SQLite keeps NUL and any length; a lone surrogate it cannot encode either
+            for k, v in row.items():
+                if isinstance(v, str):
+                    row[k] = _encodable(v)
         return row
 
     def _arg(self, col: sa.Column, value: Any) -> Any:
@@ -338,10 +352,13 @@ class Store:
                 for event, row in zip(batch, rows, strict=True):
                     params = [json.dumps(row[c]) if c in _JSON_COLS and row[c] is not None else row[c]
                               for c in _EVENT_COLS]
-                    cur.execute(self._fast_sql, params)
+                    try:
+                        cur.execute(self._fast_sql, params)
+                    except UnicodeEncodeError:  # checked only when it happens: the common path stays as fast
+                        cur.execute(self._fast_sql, [_encodable(p) if isinstance(p, str) else p for p in params])
                     event.id = cur.lastrowid
                 cur.execute("COMMIT")
-            except sqlite3.Error as e:
+            except (sqlite3.Error, UnicodeEncodeError) as e:
                 with contextlib.suppress(sqlite3.Error):
                     self._fast.execute("ROLLBACK")
                 raise StoreError(

@@ -562,3 +562,11 @@ def test_serve_names_a_bad_rule_file_from_its_config(home: Path, tmp_path: Path)
                        text=True, timeout=60)
     assert p.returncode == 2, p.stderr[-2000:]
     assert f"{bad}:line 1: rule 'x'" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_help_keeps_its_defaults():
+    """Help texts are plain text: a "[default: ...]" in one is shown, not eaten as markup."""
+    r = subprocess.run([*CORRAL, "events", "--help"], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "COLUMNS": "200"})
+    assert r.returncode == 0
+    assert "[default: STATE_DIR/corral.db]" in r.stdout and "[env: CORRAL_HOME; default .corral]" in r.stdout

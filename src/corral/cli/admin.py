@@ -56,7 +56,8 @@ def doctor() -> None:
 
 
 
-bench_app = typer.Typer(help="Benchmarks that measure corral itself.", no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks that measure corral itself.", no_args_is_help=True,
+                        rich_markup_mode=None)
 app.add_typer(bench_app, name="bench")
 app.add_typer(images_app, name="images")
 app.add_typer(baseline_app, name="baseline")

@@ -16,6 +16,8 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # help texts are plain text: "[default: STATE_DIR/corral.db]" is a default to show, not markup
+    rich_markup_mode=None,
 )
 
 

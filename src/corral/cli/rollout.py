@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import os
 from pathlib import Path
 from typing import Annotated, Any
@@ -70,6 +72,11 @@ def rollout(
     ray_address: Annotated[str | None, typer.Option(
         "--ray", metavar="ADDRESS", help="Run the sandboxes on a Ray cluster: HOST:PORT, auto, ray://HOST:PORT, "
         "or 'local' for a local one; -c counts episodes across the cluster (needs: pip install 'ray>=2.9').")] = None,
+    summary_json: Annotated[Path | None, typer.Option(
+        "--summary-json", metavar="FILE", help="Also write the summary (and the run id) as JSON.")] = None,
+    tensorboard: Annotated[Path | None, typer.Option(
+        "--tensorboard", metavar="DIR", help="Log safety metrics as TensorBoard scalars in DIR/RUN, one point per "
+        "-c episodes finished (needs: pip install 'corral[tensorboard]').")] = None,
 ) -> None:
     """Run episodes of agents on tasks in parallel sandboxes, scored by verifier and safety."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -78,6 +85,7 @@ def rollout(
     from corral.agent.tasks import load_tasks
     from corral.agent.trajectory import read_jsonl, to_parquet
     from corral.events import new_run_id
+    from corral.observe.trainer_log import VIOLATION_REASONS
     from corral.rollout.runner import finished as finished_in
     from corral.rollout.runner import pending, resumed_run, run_rollout
 
@@ -116,8 +124,30 @@ def rollout(
     run_id = resumed_run(out_path) or new_run_id()
     todo = len(pending(tasks, n, run_id, finished_in(out_path)))
     label = f"rollout {tasks_path} -n {n} --policy {policy}"
+    safety_log = None
+    if tensorboard is not None:
+        from corral.observe.trainer_log import SafetyLogger
+
+        try:
+            safety_log = SafetyLogger(tensorboard / run_id)
+        except ImportError as e:
+            _fail(f"--tensorboard: {e}", hint="pip install 'corral[tensorboard]'")
 
     finished: list[Any] = []  # the trajectories of the episodes run now
+    counts = {"violated": 0, "findings": 0}  # episodes ended by a violation, findings: the bar shows them
+    unlogged: list[Any] = []  # finished, not yet in TensorBoard
+    logged_before = n * len(tasks) - todo  # episodes of this run already done (a resumed rollout): steps go on
+
+    def log_safety(final: bool = False) -> None:
+        nonlocal safety_log
+        if safety_log is None or not unlogged or (len(unlogged) < concurrency and not final):
+            return
+        try:
+            safety_log.log(unlogged, step=logged_before + len(finished))
+        except Exception as e:  # a full disk must not sink the rollout
+            err.print(f"[yellow]warning:[/] TensorBoard logging stopped: {escape(str(e))}")
+            safety_log = None
+        unlogged.clear()
 
     async def main() -> int:
         world = None
@@ -129,12 +159,16 @@ def rollout(
             hosts = world.hosts
         try:
             with Progress(TextColumn("[bold]rollout"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                          console=err) as progress:
-                bar = progress.add_task("episodes", total=todo)
+                          TextColumn("{task.fields[safety]}"), console=err) as progress:
+                bar = progress.add_task("episodes", total=todo, safety=_safety_text(counts))
 
                 def done(traj: Any) -> None:
                     finished.append(traj)
-                    progress.advance(bar)
+                    counts["violated"] += traj.termination_reason in VIOLATION_REASONS
+                    counts["findings"] += len(traj.violations)
+                    progress.update(bar, advance=1, safety=_safety_text(counts))
+                    unlogged.append(traj)
+                    log_safety()
                 if spec is not None:
                     from corral.rollout.ray_backend import run_rollout_ray
 
@@ -159,6 +193,9 @@ def rollout(
         finally:
             if world is not None:
                 await asyncio.to_thread(world.close)
+            log_safety(final=True)
+            if safety_log is not None:
+                safety_log.close()
         t = Table(title=f"rollout {run_id}: {summary.episodes} episode(s) in {out_path} "
                         f"({summary.ran_now} run now, {summary.skipped} already done)")
         t.add_column("metric")
@@ -182,12 +219,26 @@ def rollout(
         if parquet is not None:
             to_parquet(read_jsonl(out_path), parquet)
             err.print(f"wrote {parquet}")
+        if summary_json is not None:
+            summary_json.parent.mkdir(parents=True, exist_ok=True)
+            summary_json.write_text(json.dumps({"run_id": run_id, "trajectories": str(out_path),
+                                                **dataclasses.asdict(summary)}, indent=2) + "\n")
+            err.print(f"wrote {summary_json}")
+        if safety_log is not None:
+            err.print(f"wrote TensorBoard scalars in {safety_log.tensorboard_dir}")
         return 1 if summary.errors or errored else 0
 
     try:
         raise typer.Exit(asyncio.run(main()))
     except CorralError as e:
         _fail_corral(e)
+
+
+def _safety_text(counts: dict[str, int]) -> str:
+    """The bar's live safety count: episodes that ended in a violation, findings of every severity."""
+    style = "red" if counts["violated"] else "yellow" if counts["findings"] else "green"
+    return (f"[{style}]{counts['violated']} violating episode{'s' * (counts['violated'] != 1)}, "
+            f"{counts['findings']} finding{'s' * (counts['findings'] != 1)}[/]")
 
 
 # -- benchmarks ------------------------------------------------------------------------------------

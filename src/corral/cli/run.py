@@ -235,7 +235,8 @@ async def _shell(cfg: SandboxConfig, state_dir: Path, timeout: float | None) -> 
 
         def on_sigint() -> None:
             if current is not None and not current.done():
-                current.cancel()
+                if not current.cancelling():  # a second Ctrl-C while the first is handled: nothing more
+                    current.cancel()
             else:
                 err.print("\n[dim](type 'exit' or press Ctrl-D to leave)[/]")
 
@@ -261,10 +262,14 @@ async def _shell(cfg: SandboxConfig, state_dir: Path, timeout: float | None) -> 
                 try:
                     res = await current
                 except asyncio.CancelledError:
-                    # The shell may still be running the command: restart the session to stop it.
-                    await sb.close_session("main")
-                    await sb.create_session("main")
-                    err.print("\n[yellow]interrupted; the session was restarted (shell state is reset)[/]")
+                    # The interrupted command's processes are dead (Sandbox._run kills its step, sparing
+                    # the session's shell), and the shell has finished it: the session goes on as it was.
+                    # Only a shell stuck in the command itself (a builtin loop) is killed with it.
+                    if "main" in sb.sessions():
+                        err.print("\n[yellow]interrupted[/]")
+                    else:
+                        await sb.create_session("main")
+                        err.print("\n[yellow]interrupted; the session was restarted (shell state is reset)[/]")
                     last = 130
                     continue
                 finally:

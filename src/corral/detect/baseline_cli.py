@@ -13,7 +13,7 @@ from rich.table import Table
 from corral.detect.novelty import BaselineError, Baselines
 
 baseline_app = typer.Typer(help="Per-task baselines of honest episodes: what no rule names is reported as "
-                                "novel-behaviour (low, for review).", no_args_is_help=True)
+                                "novel-behaviour (low, for review).", no_args_is_help=True, rich_markup_mode=None)
 console = Console()
 StateDir = Annotated[Path | None, typer.Option(
     "--state-dir", help="corral's state directory (baselines/, the event store). [env: CORRAL_HOME; default .corral]",

@@ -13,7 +13,7 @@ from corral.config import RuntimeConfig
 from corral.images.store import ImageError, ImageStore, store_for
 
 images_app = typer.Typer(help="OCI images: pull (skopeo), unpack once (umoci), list, remove, prune.",
-                         no_args_is_help=True)
+                         no_args_is_help=True, rich_markup_mode=None)
 console = Console()
 
 StoreDir = Annotated[Path | None, typer.Option(

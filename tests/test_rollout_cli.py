@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import yaml
 
 VERIFY = ("python3 -c \"import sys; sys.path.append('/workspace'); import calc; "
@@ -115,3 +116,46 @@ def test_tasks_that_need_the_task_world_say_so_without_it(tmp_path):
     assert "currency-convert fetch from pkg.example.com, which only --task-world serves" in r.stderr, r.stderr
     # a task directory given alone brings its own solution.yaml to the default policy
     assert json.loads((tmp_path / "t.jsonl").read_text().splitlines()[0])["termination_reason"] != "error"
+
+
+def test_summary_json_tensorboard_and_the_live_safety_count(tmp_path):
+    """Two tasks, two episodes each: calc sleeps (a low finding of a rule given here) and solves; evil runs
+    `touch` (a high one: the episode ends in a violation)."""
+    from tbevents import read_scalars
+
+    tasks, actions = _setup(tmp_path)
+    evil = tasks / "evil"
+    evil.mkdir()
+    (evil / "task.yaml").write_text(yaml.safe_dump({
+        "instruction": "Do nothing", "verifier": {"command": VERIFY, "score": "exit_code"}}))
+    plan = yaml.safe_load(actions.read_text())
+    plan["calc"][0]["arguments"]["command"] = "sleep 0.1"
+    plan["evil"] = [{"tool": "shell", "arguments": {"command": "touch /tmp/x"}}, {"tool": "submit", "arguments": {}}]
+    actions.write_text(yaml.safe_dump(plan))
+    rules = tmp_path / "mine.yaml"
+    rules.write_text("- rule: no-sleep\n  title: sleeping\n  desc: d\n  technique: T1497\n  severity: low\n"
+                     "  condition: spawned and proc.name = sleep\n  action: record\n"
+                     "- rule: no-touch\n  title: touching\n  desc: d\n  technique: T1070\n  severity: high\n"
+                     "  condition: spawned and proc.name = touch\n  action: record\n")
+    out, summary, tb = tmp_path / "t.jsonl", tmp_path / "out" / "summary.json", tmp_path / "tb"
+    r = subprocess.run([sys.executable, "-m", "corral.cli", "rollout", str(tasks), "--policy", f"scripted:{actions}",
+                        "-n", "2", "-c", "2", "--out", str(out), "--state-dir", str(tmp_path / "s"),
+                        "--rules", str(rules), "--summary-json", str(summary), "--tensorboard", str(tb)],
+                       capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    run = lines[0]["run_id"]
+    s = json.loads(summary.read_text())
+    assert s["run_id"] == run and s["trajectories"] == str(out)
+    assert s["episodes"] == 4 and s["ran_now"] == 4 and s["skipped"] == 0 and s["errors"] == []
+    assert s["pass_rate"] == 0.5 and s["termination"] == {"submitted": 2, "security_violation": 2}
+    assert s["violation_rate_by_rule"] == {"no-sleep": 0.5, "no-touch": 0.5}
+    assert s["reward"]["min"] == -1.0 and s["reward"]["max"] == 0.95 and s["episodes_per_minute"] > 0
+    # the bar's count as it stood when the last episode finished (rich prints it once off a terminal)
+    assert "2 violating episodes, 4 findings" in r.stderr, r.stderr
+    # one point per -c episodes finished, in TB_DIR/RUN
+    scalars = read_scalars(tb / run)
+    assert [step for step, _ in scalars["corral/episodes"]] == [2, 4]
+    assert sum(v for _, v in scalars["corral/violation_rate"]) == 1.0  # 2 of 4, in batches of 2
+    assert {step for step, _ in scalars["corral/rule/no-touch"]} == {2, 4}
+    assert sum(v for _, v in scalars["corral/reward/safety_mean"]) == pytest.approx(-1.05)  # (-1-1-.05-.05)/2

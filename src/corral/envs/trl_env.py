@@ -41,6 +41,21 @@ All instances in a process share one `SyncRuntime`, started on the first `reset`
 An instance may instead be given its own `runtime=` (e.g. `functools.partial(CorralTRLEnv,
 runtime=rt)` as the factory); closing that runtime stays its owner's job.
 
+Safety apart from the task score: TRL logs each reward function under its own name, and
+`get_reward()` is one number. `CorralTRLSplitEnv` is the same environment without `get_reward`; its
+reward comes from two TRL reward functions, `corral_task_reward` (the verifier's score,
+`reward_components["verifier"]`) and `corral_safety_reward` (the violation penalty or the shaped
+penalties, `reward_components["safety"]`), whose sum is what `get_reward()` returns:
+
+    GRPOTrainer(..., environment_factory=CorralTRLSplitEnv,
+                reward_funcs=[corral_task_reward, corral_safety_reward])   # rewards/corral_*_reward/mean
+
+With `CorralTRLEnv` the two can be added with `GRPOConfig(reward_weights=[0.0, 0.0])` to be logged
+only (the trained reward stays `get_reward()`'s). `corral_safety_reward` also logs
+`corral/violation_rate` and `corral/finding_rate` through TRL's `log_metric`, so they reach every
+`report_to` backend. `on_scored(fn)` calls `fn(outcome)` for every rollout scored in this process
+(`corral.observe.trainer_log.SafetyCallback` uses it for per-step safety metrics).
+
 This module imports neither TRL nor torch.
 """
 
@@ -49,18 +64,23 @@ from __future__ import annotations
 import atexit
 import contextlib
 import itertools
+import logging
 import threading
 import uuid
 import weakref
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from corral.agent.reward import RewardConfig
 from corral.agent.tasks import Task, resolve_tasks
 from corral.config import RuntimeConfig
 from corral.envs.episode import Outcome, ToolEpisode
 from corral.errors import CorralError, EnvironmentUsageError, EpisodeEnded, SandboxClosed
+from corral.observe.trainer_log import VIOLATION_REASONS
 from corral.sync import SyncRuntime
+
+log = logging.getLogger(__name__)
 
 PROMPT_SUFFIX = ("\n\nYour working directory is /workspace. Use the tools to inspect and change files and to run "
                  "commands; call submit when the task is done.")
@@ -77,13 +97,14 @@ class _Shared:
     grade_unsubmitted: bool = True
     runtime: SyncRuntime | None = None
     atexit_registered = False
-    envs: weakref.WeakSet[CorralTRLEnv] = weakref.WeakSet()
+    envs: weakref.WeakSet[_TRLEnvBase] = weakref.WeakSet()
     turn = itertools.count()  # rows without a task_id take the tasks in turn, across instances
+    listeners: list[Callable[[Outcome], None]] = []  # on_scored()
 
 
-class CorralTRLEnv:
-    """A corral sandbox episode for `trl.GRPOTrainer(environment_factory=CorralTRLEnv)`; see the module
-    docstring for the contract. Arguments left out use what `configure()` set."""
+class _TRLEnvBase:
+    """Everything of `CorralTRLEnv` but `get_reward`: TRL treats a `get_reward` method as a reward source
+    of its own, so the split environment must not have one at all."""
 
     PROMPT_SUFFIX = PROMPT_SUFFIX
 
@@ -96,7 +117,7 @@ class CorralTRLEnv:
         self._episode: ToolEpisode | None = None  # made on the first reset, when a runtime is needed
         self._stop: tuple[type[Exception], str] | None = None  # why tool calls are refused
         self._outcome: Outcome | None = None
-        self._reward: float | None = None
+        self._final: Outcome | None = None  # the scored outcome (get_reward or the reward functions)
         _Shared.envs.add(self)
 
     # -- configuration (classmethods: TRL exposes only plain functions as tools) ------------------------
@@ -127,6 +148,19 @@ class CorralTRLEnv:
             return _Shared.runtime
 
     @classmethod
+    def on_scored(cls, fn: Callable[[Outcome], None]) -> Callable[[], None]:
+        """Call `fn(outcome)` with the final outcome of every rollout scored in this process (any
+        instance, either class); returns a function that stops it. A listener that raises is logged and
+        never fails the trainer."""
+        with _Shared.lock:
+            _Shared.listeners.append(fn)
+
+        def stop() -> None:
+            with _Shared.lock, contextlib.suppress(ValueError):
+                _Shared.listeners.remove(fn)
+        return stop
+
+    @classmethod
     def shutdown(cls) -> None:
         """Close every instance's sandbox, then the shared runtime. Instances stay usable: the next
         reset starts a new shared runtime."""
@@ -149,26 +183,12 @@ class CorralTRLEnv:
             task: Task | str = self._tasks[next(_Shared.turn) % len(self._tasks)]
         else:
             task = str(task_id)
-        self._stop, self._outcome, self._reward = None, None, None
+        self._stop, self._outcome, self._final = None, None, None
         # unique across instances: the driver's default id counts per instance, and TRL resets a whole pool
         # of instances within the same millisecond
         episode_id = f"trl-{task if isinstance(task, str) else task.id}-{uuid.uuid4().hex[:12]}"
         instruction = self._episode.start(task, episode_id=episode_id)
         return _separator(row.get("prompt")) + instruction + self.PROMPT_SUFFIX
-
-    def get_reward(self) -> float:
-        """The rollout's reward (see the module docstring); computed once, then the sandbox is closed."""
-        if self._reward is not None:
-            return self._reward
-        ep = self._started()
-        out = self._outcome
-        if out is None or not out.done:
-            out = self._finish(ep)
-        self._outcome, self._reward = out, out.reward
-        self._stop = self._stop or (EnvironmentUsageError, "this episode was scored by get_reward(); "
-                                    "reset() starts a new one")
-        ep.close_sandbox()
-        return out.reward
 
     # -- tools ---------------------------------------------------------------------------------------
     def shell(self, command: str) -> str:
@@ -230,7 +250,7 @@ class CorralTRLEnv:
     # -- read-only views (properties are not tools) ------------------------------------------------------
     @property
     def outcome(self) -> Outcome | None:
-        """The last tool call's outcome, or the final one once get_reward() has run."""
+        """The last tool call's outcome, or the final one once the rollout is scored."""
         return self._outcome
 
     @property
@@ -277,6 +297,28 @@ class CorralTRLEnv:
             return f"{out.observation}\n[{self._stop[1]}]"
         return out.observation
 
+    def _score(self) -> Outcome:
+        """The rollout's final outcome (see the module docstring), its reward and reward components;
+        computed once, then the sandbox is closed."""
+        if self._final is not None:
+            return self._final
+        ep = self._started()
+        out = self._outcome
+        if out is None or not out.done:
+            out = self._finish(ep)
+        self._outcome = self._final = out
+        self._stop = self._stop or (EnvironmentUsageError, "this episode was scored (its reward is final); "
+                                    "reset() starts a new one")
+        ep.close_sandbox()
+        with _Shared.lock:
+            listeners = list(_Shared.listeners)
+        for fn in listeners:
+            try:
+                fn(out)
+            except Exception:  # observing the reward never breaks training
+                log.exception("corral: an on_scored listener failed")
+        return out
+
     def _violation_message(self, ep: ToolEpisode, out: Outcome) -> str:
         cause = out.termination_detail or "corral ended the sandbox"
         return (f"security violation: {cause}. The episode is over: no more tool calls are accepted, and its "
@@ -294,11 +336,54 @@ class CorralTRLEnv:
         if self._episode is not None:
             self._episode.close_sandbox()
 
-    def __enter__(self) -> CorralTRLEnv:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._close()
+
+
+class CorralTRLEnv(_TRLEnvBase):
+    """A corral sandbox episode for `trl.GRPOTrainer(environment_factory=CorralTRLEnv)`; see the module
+    docstring for the contract. Arguments left out use what `configure()` set."""
+
+    def get_reward(self) -> float:
+        """The rollout's reward (see the module docstring); computed once, then the sandbox is closed."""
+        return self._score().reward
+
+
+class CorralTRLSplitEnv(_TRLEnvBase):
+    """`CorralTRLEnv` without `get_reward`: its reward comes from the reward functions
+    `corral_task_reward` and `corral_safety_reward`, so TRL logs (and can weight) the task score and
+    safety apart; their sum is `CorralTRLEnv.get_reward()`."""
+
+
+# -- TRL reward functions -------------------------------------------------------------------------------
+def corral_task_reward(environments: list[Any] | None = None, **kwargs: Any) -> list[float | None]:
+    """TRL reward function: each corral rollout's task score, the verifier's (0 after a violation).
+    Rollouts of other environments get None (TRL leaves them out). Scores the rollout if nothing has."""
+    return [None if o is None else float(o.reward_components.get("verifier", 0.0))
+            for o in _scored(environments, "corral_task_reward")]
+
+
+def corral_safety_reward(environments: list[Any] | None = None, **kwargs: Any) -> list[float | None]:
+    """TRL reward function: each corral rollout's safety component, the violation penalty after a
+    violation, else the (negative) shaped penalties of lesser findings; 0 for a clean rollout. Also
+    logs `corral/violation_rate` and `corral/finding_rate` of the batch through TRL's `log_metric`."""
+    outcomes = _scored(environments, "corral_safety_reward")
+    ours = [o for o in outcomes if o is not None]
+    log_metric = kwargs.get("log_metric")
+    if ours and callable(log_metric):
+        log_metric("corral/violation_rate", sum(o.termination_reason in VIOLATION_REASONS for o in ours) / len(ours))
+        log_metric("corral/finding_rate", sum(bool(o.violations) for o in ours) / len(ours))
+    return [None if o is None else float(o.reward_components.get("safety", 0.0)) for o in outcomes]
+
+
+def _scored(environments: list[Any] | None, name: str) -> list[Outcome | None]:
+    if environments is None:
+        raise EnvironmentUsageError(f"{name} reads the rollouts' environments: pass it to a GRPOTrainer whose "
+                                    "environment_factory is CorralTRLSplitEnv (or CorralTRLEnv)")
+    return [e._score() if isinstance(e, _TRLEnvBase) else None for e in environments]
 
 
 def _shared_tasks() -> list[Task]:

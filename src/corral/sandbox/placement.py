@@ -144,7 +144,7 @@ class Placement:
         waiter = None
         session = None
         if key.startswith("s:"):
-            s = self._sessions.get(key[2:])
+            s = self._session_by_key(key)
             if s is not None:
                 s.hostpid = hostpid
                 session = s.index

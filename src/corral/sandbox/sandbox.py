@@ -58,6 +58,8 @@ if TYPE_CHECKING:
 
 STDIN_CHUNK = 48 * 1024
 SPARE_DELAY = 0.2  # seconds from a reset to launching the next spare
+KILL_WAIT = 2.0  # how long a killed command's shell gets to finish it before it is taken for stuck
+KILL_AGAIN = 0.05  # meanwhile, how often what the session's shell went on to start is killed
 log = logging.getLogger("corral")
 
 
@@ -648,15 +650,27 @@ class Sandbox(Boundary, Placement, Sessions, Files, Attribution):
         return res
 
     async def _kill_step(self, c: _Cmd, session: str | None) -> tuple[int | None, str | None]:
-        """Timeout: kill every process the step started, background and daemonized ones included."""
+        """Timeout or interrupt: kill every process the step started, background and daemonized ones
+        included. A session's shell is spared and goes on with the rest of the command (`echo; sleep 30`,
+        the next turn of a loop): what it starts after a kill is killed in turn, until it has finished
+        the command (a kill that came before the shell forked left the new child running, and the
+        session was then closed as stuck)."""
         sess = self._sessions.get(session) if session else None
-        if self.cgroup is not None:
-            await asyncio.to_thread(self.cgroup.kill, c.step, self._session_pids())
-        else:
-            with contextlib.suppress(SandboxClosed):
-                self._send(op="kill", id=sess.key if sess is not None else c.id, sig=signal.SIGKILL)
+        again = sess is not None and self.cgroup is not None
+        deadline = time.monotonic() + KILL_WAIT
         try:
-            return await asyncio.wait_for(asyncio.shield(c.future), 2.0)
+            while True:
+                if self.cgroup is not None:
+                    await asyncio.to_thread(self.cgroup.kill, c.step, self._session_pids())
+                else:
+                    with contextlib.suppress(SandboxClosed):
+                        self._send(op="kill", id=sess.key if sess is not None else c.id, sig=signal.SIGKILL)
+                left = deadline - time.monotonic()
+                try:
+                    return await asyncio.wait_for(asyncio.shield(c.future), min(left, KILL_AGAIN) if again else left)
+                except TimeoutError:
+                    if not again or time.monotonic() >= deadline:
+                        raise
         except (TimeoutError, SandboxError):
             if sess is not None:
                 # The shell itself is stuck (a builtin loop): it has to go, and the session with it.

@@ -29,6 +29,13 @@ class Session:
         self.homing: asyncio.Future | None = None  # its move back to its own cgroup, after a command
         self.interactive = False  # see Sandbox.create_session
 
+    @property
+    def key(self) -> str:
+        """Its name with the agent: one per shell ever started, never a name's. A shell that is closing
+        (killed after an interrupt or a timeout) reports its exit later, maybe once a new session has
+        taken its name; keyed by name, that late exit marked the new one dead."""
+        return f"s:{self.index}:{self.name}"
+
     async def run(self, cmd: str, *, timeout: float | None = None, **kw: Any) -> ExecResult:
         return await self.sandbox.run_in_session(self.name, cmd, timeout=timeout, **kw)
 
@@ -71,7 +78,7 @@ class Sessions:
         self._session_seq += 1
         s.index = self._session_seq
         self._sessions[name] = s
-        key = f"s:{name}"
+        key = s.key
         waiter = asyncio.get_running_loop().create_future()
         self._session_waiters[key] = waiter
         self._send(op="session_new", id=key, env=env, cwd=cwd, shell=self.config.shell, interactive=interactive,
@@ -96,7 +103,7 @@ class Sessions:
                 self._restage(step)
             limit = max_output or self.config.limits.output_bytes
             c = self._register(step, limit, on_output, session=name)
-            msg = {"op": "session_run", "id": c.id, "sid": f"s:{name}", "cmd": cmd, "env": env, "cwd": cwd,
+            msg = {"op": "session_run", "id": c.id, "sid": s.key, "cmd": cmd, "env": env, "cwd": cwd,
                    "max_output": limit, "merge": s.interactive}
             return await self._run(c, cmd, msg, timeout, session=name, internal=False, tool_call_id=tool_call_id)
         finally:
@@ -112,10 +119,14 @@ class Sessions:
         s = self._sessions.pop(name, None)
         if s is not None and s.alive:
             with contextlib.suppress(SandboxClosed):
-                self._send(op="session_close", id=f"s:{name}")
+                self._send(op="session_close", id=s.key)
 
     def sessions(self: Sandbox) -> list[str]:
         return [n for n, s in self._sessions.items() if s.alive]
+
+    def _session_by_key(self: Sandbox, key: str) -> Session | None:
+        """The session an agent message is about; None for one already closed (or replaced)."""
+        return next((s for s in self._sessions.values() if s.key == key), None)
 
 
 async def _home(cg: SandboxCgroup, hostpid: int, index: int, step: int) -> None:

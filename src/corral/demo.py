@@ -41,6 +41,7 @@ from corral.agent.trajectory import Trajectory, read_jsonl
 from corral.config import RuntimeConfig
 from corral.errors import CorralError
 from corral.events import Severity, episode_name
+from corral.report.render import SEVERITY_STYLE
 from corral.rollout.runner import run_rollout
 from corral.rollout.taskworld import TASK_FILES, TASK_HOST
 from corral.runtime import Runtime
@@ -121,6 +122,7 @@ class Outcome:
     blocked: str = "-"
     detected: str = "-"
     attributed: str = "-"
+    severity: str | None = None  # the worst finding's
     contained: str = "-"
     reward: float | None = None
     rules: list[str] = field(default_factory=list)
@@ -225,6 +227,7 @@ def _outcome(key: str, traj: Trajectory | None, rt: Runtime, world: World) -> Ou
     o.rules = sorted({f.rule_id for f in fs})
     if fs:
         worst = max(fs, key=lambda f: Severity(f.severity).rank)
+        o.severity = str(worst.severity)
         o.detected = f"{worst.rule_id} ({worst.technique})" + (f" +{len(fs) - 1} more" if len(fs) > 1 else "")
         o.attributed = f"{worst.episode_id} / step {worst.step}: {worst.command or ''}"
         acts = sorted({a.action for a in rt.store.events(episode_id=o.episode_id, kind="action")})
@@ -253,7 +256,10 @@ def _print(console: Console, outcomes: list[Outcome], honest: list[Trajectory], 
     for col in ("behaviour", "blocked", "detected", "attributed to", "contained"):
         t.add_column(col, overflow="fold")
     for o in outcomes:
-        t.add_row(f"{o.title}\n[dim]{escape(o.command)}[/]", o.blocked, o.detected, escape(o.attributed), o.contained)
+        detected = escape(o.detected)
+        if o.severity:
+            detected = f"[{SEVERITY_STYLE.get(o.severity, '')}]{o.severity.upper()}[/] {detected}"
+        t.add_row(f"{o.title}\n[dim]{escape(o.command)}[/]", o.blocked, detected, escape(o.attributed), o.contained)
     console.print(t)
     for o in outcomes:
         if o.note:

@@ -196,9 +196,12 @@ def findings(
         return
     t = Table("id", "time", "severity", "rule", "technique", "sandbox", "episode", "step", "command", "action",
               title="Findings")
+    from corral.report.render import SEVERITY_STYLE
+
     for f in got:
-        t.add_row(str(f.id), _ts(f.ts), str(f.severity), f.rule_id, f.technique or "", f.sandbox_id,
-                  f.episode_id or "", str(f.step), _s(f.command or ""), f.action)
+        sev = str(f.severity)
+        t.add_row(str(f.id), _ts(f.ts), f"[{SEVERITY_STYLE.get(sev, '')}]{sev}[/]", f.rule_id, f.technique or "",
+                  f.sandbox_id, f.episode_id or "", str(f.step), _s(f.command or ""), f.action)
     out.print(t)
 
 

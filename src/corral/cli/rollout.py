@@ -216,6 +216,9 @@ def rollout(
             why = "; ".join(t.metrics.get("notes") or []) or t.metrics.get("termination_detail") or "no reason recorded"
             err.print(f"[red]episode {escape(t.episode_id)} ended in error:[/] {escape(clip(str(why), 600))}",
                       soft_wrap=True)
+        if len(errored) > 5:
+            err.print(f"[red]... and {len(errored) - 5} more episode(s) ended in error[/] (termination_reason "
+                      f"'error' in {escape(str(out_path))})", soft_wrap=True)
         if parquet is not None:
             to_parquet(read_jsonl(out_path), parquet)
             err.print(f"wrote {parquet}")

@@ -38,6 +38,7 @@ from corral.cli.common import (
     _run_async,
     _sandbox_config,
     _state_dir,
+    clip,
     egress_table,
     err,
     out,
@@ -77,7 +78,7 @@ async def _run_one(cfg: SandboxConfig, state_dir: Path, command: str, timeout: f
                    as_json: bool, detection: dict[str, Any]) -> int:
     from corral.runtime import Runtime
 
-    label = f"run {command}"[:500]
+    label = clip(f"run {command}", 500)
     async with Runtime(RuntimeConfig(state_dir=state_dir, run_kind="run", run_label=label, **detection)) as rt:
         sb = await rt.create(cfg)
 

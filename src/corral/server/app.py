@@ -114,12 +114,23 @@ def create_app(config: ServeConfig | RuntimeConfig, token: str | Sequence[str] |
         config = ServeConfig(runtime=config)
     srv = _Server(config, _tokens(token))
     metrics = Metrics()  # the app's own registry: two apps in one process never share counters
+    otel = config.otel
+    if otel is not None:  # refused now, naming the extra to install, rather than at the first episode
+        from corral.observe.otel import OtelUnavailable, Tracing, require_sdk
+
+        try:
+            require_sdk(exporter=True)
+        except OtelUnavailable as e:
+            raise ServeConfigError(f"otel is configured but {e}; or remove otel: from the config") from None
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         srv.runtime = runtime_factory(config.runtime_config())  # token and config files hidden from sandboxes
         await srv.runtime.start()
         metrics.attach(srv.runtime)
+        # traces (observe/otel.py): an episode a trace, a step a span, sent from the exporter's thread
+        tracing = _app.state.tracing = (Tracing.otlp(otel.endpoint, otel.service_name, runtime=srv.runtime)
+                                        if otel is not None else None)
         reaper = asyncio.get_running_loop().create_task(srv.reap_idle())
         try:
             yield
@@ -127,6 +138,8 @@ def create_app(config: ServeConfig | RuntimeConfig, token: str | Sequence[str] |
             reaper.cancel()
             await srv.close_all()
             metrics.detach()
+            if tracing is not None:  # what the closes ended goes out before the server exits
+                await tracing.aclose()
 
     app = FastAPI(title="corral", lifespan=lifespan)
     app.state.corral = srv

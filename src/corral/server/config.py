@@ -14,6 +14,7 @@
     runtime: {state_dir: /var/lib/corral, rule_files: [/etc/corral/rules.yaml]}   # RuntimeConfig
     sandbox: {limits: {memory_mb: 2048, cpus: 2}, egress: {allow: ["pypi.org:443"]}}  # SandboxConfig
     openenv: {enabled: true, tasks: /srv/tasks, max_concurrent_envs: 32}
+    otel: {endpoint: "http://127.0.0.1:4318/v1/traces", service_name: corral}   # traces (corral[otel])
 
 Tokens are never read from the YAML file itself, which tends to be shared and checked in. The
 token file must be readable by its owner only (``chmod 600``): corral serve refuses it otherwise.
@@ -48,6 +49,14 @@ class OpenEnvSettings(BaseModel):
     reward: RewardConfig = Field(default_factory=RewardConfig)
 
 
+class OtelSettings(BaseModel):
+    """OpenTelemetry traces (corral/observe/otel.py) sent to an OTLP/HTTP collector; needs corral[otel]."""
+
+    model_config = ConfigDict(extra="forbid")
+    endpoint: Annotated[str, Field(pattern=r"^https?://\S+$")] = "http://127.0.0.1:4318/v1/traces"
+    service_name: Annotated[str, Field(min_length=1)] = "corral"
+
+
 class ServeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     host: str = "127.0.0.1"
@@ -70,6 +79,7 @@ class ServeConfig(BaseModel):
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     sandbox: SandboxConfig = Field(default_factory=SandboxConfig)
     openenv: OpenEnvSettings = Field(default_factory=OpenEnvSettings)
+    otel: OtelSettings | None = None  # None: no traces
     _source: Path | None = PrivateAttr(None)  # the YAML file this came from
 
     @classmethod

@@ -30,7 +30,10 @@ from corral.redteam.corpus import FAMILIES, Case, CorpusError, load_cases, load_
 from corral.redteam.world import in_world, world_hosts
 
 IPV4 = re.compile(r"(?<![\d.])(\d{1,3}(?:\.\d{1,3}){3})(?![\d.])")
-URL_HOST = re.compile(r"https?://([^/:\s\"']+)")
+# the host a URL argument names (not its user, nor a URL carried inside another's query string)
+URL_HOST = re.compile(r"(?<![=])https?://(?:[^/@\s\"']*@)?([^/:\s\"'\\]+)")
+# names that never resolve anywhere (RFC 2606, RFC 6761): data in a case (a log line, a browser store)
+RESERVED = (".invalid", ".test", ".example", ".localhost", ".example.com", ".example.net", ".example.org")
 
 
 # --- the corpus ----------------------------------------------------------------------------------------
@@ -58,8 +61,16 @@ def test_corpus_uses_only_the_test_world():
                 addr = ipaddress.ip_address(ip)
                 assert in_world(ip) or addr.is_loopback or ip == "0.0.0.0", f"{c.id}: {ip} is outside the world"
             for host in URL_HOST.findall(line):
-                assert host in names or in_world(host), f"{c.id}: URL host {host} is not a world host"
+                ok = host in names or in_world(host) or _loopback(host) or host.endswith(RESERVED)
+                assert ok, f"{c.id}: URL host {host} is outside the world"
     check_allow_in_world(cases, world_hosts())
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def test_allow_rules_outside_the_world_are_refused():
@@ -107,7 +118,7 @@ def test_malformed_case_file_names_the_file_the_case_and_the_field(tmp_path):
 
 def test_f12_cases_protect_a_verifier_and_cover_each_technique():
     cases = load_cases()
-    f12 = [c for c in cases if c.family == "F12"]
+    f12 = [c for c in cases if c.family == "F12" and corpus_of(c) == "corral"]  # corral's own F12 files
     assert len(f12) >= 15
     # tampering's techniques, evasion of corral's exec monitor (f12-evasion.yaml) and of its gateway
     # (f12-split.yaml: split, late and later protocol units, denied hosts in later requests)

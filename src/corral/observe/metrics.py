@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.exposition import choose_encoder, start_http_server
 
 from corral.events import Action, Event, EventKind, Finding, Verdict
+from corral.observe.follow import Follower
 
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
@@ -44,7 +45,7 @@ def _verdict(ev: Event) -> str:
     return Verdict.DENY.value if ev.verdict == Verdict.DENY else Verdict.ALLOW.value
 
 
-class Metrics:
+class Metrics(Follower):
     """A Prometheus registry of its own (never the process-global one: two runtimes, or a test and an
     app, never share counters) fed by one runtime's hooks.
 
@@ -104,20 +105,6 @@ class Metrics:
     def _counter(self, name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
         self._labels[name] = frozenset(labels)
         return Counter(name, doc, labels, registry=self.registry)
-
-    # -- attaching ---------------------------------------------------------------------------------
-    def attach(self, runtime: Runtime) -> Metrics:
-        """Count `runtime`'s events and findings from now on (a metrics object follows one runtime)."""
-        if self._runtime is not None:
-            raise ValueError("these metrics already follow a runtime; detach() first or make another Metrics")
-        self._runtime = runtime
-        self._unsubscribe = [runtime.subscribe(self.observe_event), runtime.subscribe_findings(self.observe_finding)]
-        return self
-
-    def detach(self) -> None:
-        for undo in self._unsubscribe:
-            undo()
-        self._unsubscribe, self._runtime = [], None
 
     def _active(self) -> float:
         # read at scrape time, from the scraping thread: a length is one atomic read of the dict

@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 from corral.errors import ConfigError
 from corral.events import Event, EventKind, Finding, Severity
+from corral.observe.follow import Follower
 
 try:
     from opentelemetry import trace as otel_trace
@@ -188,7 +189,7 @@ class _Trace(_Kept):
         self.n_steps = self.n_findings = 0
 
 
-class Tracing:
+class Tracing(Follower):
     """Spans for one runtime's episodes, steps and findings (see the module's docstring).
 
     `tracer_provider`: an SDK TracerProvider with the processors and exporters you want; None uses the
@@ -237,19 +238,9 @@ class Tracing:
         return t
 
     # -- attaching ---------------------------------------------------------------------------------
-    def attach(self, runtime: Runtime) -> Tracing:
-        """Trace `runtime`'s episodes from now on (a Tracing follows one runtime)."""
-        if self._runtime is not None:
-            raise ValueError("this Tracing already follows a runtime; detach() first or make another")
-        self._runtime = runtime
-        self._unsubscribe = [runtime.subscribe(self.observe_event), runtime.subscribe_findings(self.observe_finding)]
-        return self
-
     def detach(self) -> None:
         """Stop following the runtime; what is still open ends now (`corral.trace.ended_by: detached`)."""
-        for undo in self._unsubscribe:
-            undo()
-        self._unsubscribe, self._runtime = [], None
+        super().detach()
         now = time.time()
         for tr in list(self._traces.values()):
             self._end(tr, now, "detached")

@@ -4,7 +4,7 @@ through its subscriber hooks, which call on the event loop and must return at on
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Self
 
 if TYPE_CHECKING:
     from corral.events import Event, Finding
@@ -23,7 +23,7 @@ class Follower:
     def observe_finding(self, f: Finding, ev: Event) -> None:
         raise NotImplementedError
 
-    def attach(self, runtime: Runtime):
+    def attach(self, runtime: Runtime) -> Self:
         """Follow `runtime`'s events and findings from now on (one runtime at a time)."""
         if self._runtime is not None:
             raise ValueError(f"this {type(self).__name__} already follows a runtime; detach() first or make "

@@ -434,3 +434,48 @@ async def test_host_path_unix_sockets_are_unreachable(sb_factory, parent):
     finally:
         shutil.rmtree(d, ignore_errors=True)
     assert r.stdout.startswith("REFUSED"), r.stdout + r.stderr
+
+
+def test_the_masks_are_those_of_a_scan_of_every_hidden_path(tmp_path):
+    """root_mounts walks up a path's parents instead of scanning every hidden path (hundreds, with many
+    runtimes), and resolves each directory once: the bwrap arguments are the same as the plain scan's,
+    with links, nested hidden paths, paths that do not exist and '..' among them."""
+    from corral import SandboxConfig
+    from corral.sandbox import rootfs
+
+    (tmp_path / "state" / "sub").mkdir(parents=True)
+    (tmp_path / "state" / "corral.db").write_text("x")
+    (tmp_path / "link").symlink_to(tmp_path / "state")
+    hidden = [str(tmp_path / "state"), str(tmp_path / "state" / "corral.db"), str(tmp_path / "link" / "sub"),
+              str(tmp_path / "missing" / "x"), str(tmp_path / "state" / ".." / "state" / "sub"), "/etc/hostname",
+              "/usr/share/doc", "/usr/share/doc/bash", "/run/corral"]
+
+    def scan_hidden(paths: list[str]) -> set[str]:
+        return {os.path.realpath(p) for p in paths} - {"/"}
+
+    def scan_masks(binds: list[tuple[str, str]], hide: set[str]) -> list[str]:  # the algorithm it replaced
+        out: list[str] = []
+        done: set[str] = set()
+        outer = [h for h in hide if not any(o != h and rootfs._within(h, o) for o in hide)]
+        for h in sorted(outer):
+            for src, dest in binds:
+                if h == src or not rootfs._within(h, src) or any(rootfs._within(src, o) for o in hide):
+                    continue
+                target = os.path.join(dest, os.path.relpath(h, src))
+                if target in done or not os.path.lexists(h):
+                    continue
+                done.add(target)
+                if os.path.isdir(h) and not os.path.islink(h):
+                    out += ["--tmpfs", target, "--remount-ro", target]
+                elif not os.path.islink(h):
+                    out += ["--ro-bind", "/dev/null", target]
+        return out
+
+    assert rootfs._real_paths(hidden) == scan_hidden(hidden)
+    binds = [(os.path.realpath(p), p) for p in ("/usr", "/etc", str(tmp_path))]
+    hide = scan_hidden(hidden)
+    assert rootfs._masks(binds, hide) == scan_masks(binds, hide)
+    argv = rootfs.root_mounts(SandboxConfig(), hidden, None)
+    at = argv.index("/usr/share/doc")
+    assert argv[at - 1: at + 3] == ["--tmpfs", "/usr/share/doc", "--remount-ro", "/usr/share/doc"]
+    assert "/usr/share/doc/bash" not in argv  # inside a hidden directory: gone with it

@@ -378,7 +378,7 @@ class RuntimeConfig(BaseModel):
     agent: Literal["auto", "native", "python"] = "auto"
     # Sandbox networks (namespace, veth, addresses, routes) kept made ahead, so a create without a warm
     # sandbox does not wait for them (net/netpool.py); each is used once. 0 turns it off.
-    net_pool: Annotated[int, Field(ge=0, le=256)] = 2
+    net_pool: Annotated[int, Field(ge=0, le=256)] = 4
     # where findings are sent as they happen (webhook, Slack, falcosidekick): see AlertSink
     alerts: tuple[AlertSink, ...] = ()
     # The run its events and findings belong to (`corral runs`): a fresh id per Runtime unless given

@@ -7,7 +7,9 @@ can be taken" means "no live runtime owns instance i", and only then are its lef
 - the nftables table ``inet corral_{i:03x}`` (of this network namespace);
 - host-side veth links ``corral{i:03x}{seq:03x}`` (of this network namespace);
 - cgroup directories ``corral-{i:03x}`` beneath the cgroup gc itself runs in (any process still in
-  them is one corral started and is killed).
+  them is one corral started and is killed);
+- its list of paths every sandbox hides, ``{lock_dir}/instance-{i:03x}.hidden`` (a dead runtime's
+  paths need no hiding, and every launch reads every list).
 
 A runtime that takes instance i clears these same leftovers of i itself (it holds the lock); gc is
 for the instances nobody takes again. gc holds the instance lock while it removes, so a runtime
@@ -123,12 +125,21 @@ def _root_dirs(image_dir: Path) -> dict[int, list[Path]]:
     return out
 
 
+def _hidden_lists(lock_dir: Path) -> dict[int, list[Path]]:
+    out: dict[int, list[Path]] = {}
+    for f in sorted(lock_dir.glob("instance-*.hidden")) if lock_dir.is_dir() else []:
+        with contextlib.suppress(ValueError):
+            out.setdefault(int(f.name[len("instance-"):-len(".hidden")], 16), []).append(f)
+    return out
+
+
 def collect(dry_run: bool = False, lock_dir: Path = LOCK_DIR,
             image_dir: Path = Path("/var/cache/corral/images")) -> list[str]:
     """Remove leftovers of dead corral runtimes; returns what was (or, dry run, would be) removed."""
     tables, links, cgdirs, roots = _tables(), _links(), _cgroup_dirs(), _root_dirs(image_dir)
+    hidden = _hidden_lists(lock_dir)
     removed: list[str] = []
-    for inst in sorted(set(tables) | set(links) | set(cgdirs) | set(roots)):
+    for inst in sorted(set(tables) | set(links) | set(cgdirs) | set(roots) | set(hidden)):
         with _instance_free(lock_dir, inst, create=not dry_run) as free:
             if not free:
                 continue  # a live runtime owns it
@@ -149,4 +160,8 @@ def collect(dry_run: bool = False, lock_dir: Path = LOCK_DIR,
                 if not dry_run:
                     shutil.rmtree(d, ignore_errors=True)
                 removed.append(f"image roots {d}")
+            for f in hidden.get(inst, []):
+                if not dry_run:
+                    f.unlink(missing_ok=True)
+                removed.append(f"hidden-path list {f}")
     return removed

@@ -18,6 +18,7 @@ from corral.errors import IsolationUnavailable
 from corral.net.netns import SandboxNet
 
 log = logging.getLogger("corral.netpool")
+REFILL_DELAY = 0.05  # seconds after a take before the pool makes its replacement
 
 
 class NetPool:
@@ -33,18 +34,22 @@ class NetPool:
         self.closed = False
 
     def take(self) -> tuple[int, SandboxNet] | None:
-        """A ready network and its sequence number, or None (the caller makes one); refills behind."""
+        """A ready network and its sequence number, or None (the caller makes one); refills behind, a
+        moment later: making one (pyroute2 is Python, holding the GIL) would slow the very create that
+        took it, whose own set-up runs in threads."""
         got = self._ready.pop() if self._ready else None
-        self.refill()
+        self.refill(delay=REFILL_DELAY)
         return got
 
-    def refill(self) -> None:
+    def refill(self, delay: float = 0.0) -> None:
         if self.closed or self.size <= 0 or (self._filling is not None and not self._filling.done()):
             return
         if len(self._ready) < self.size:
-            self._filling = asyncio.get_running_loop().create_task(self._fill())
+            self._filling = asyncio.get_running_loop().create_task(self._fill(delay))
 
-    async def _fill(self) -> None:
+    async def _fill(self, delay: float) -> None:
+        if delay:
+            await asyncio.sleep(delay)
         while not self.closed and len(self._ready) < self.size:
             seq = self._alloc()
             try:

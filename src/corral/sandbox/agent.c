@@ -12,7 +12,11 @@
  * - a session shell's streams are sockets, which cannot be reopened through /proc/<pid>/fd;
  * - corral's own writes walk the path without following any link and rename a temporary file in.
  *
- * Built by corral/sandbox/native.py (cc -static); agent.py stays the fallback where no C compiler is. */
+ * Built by corral/sandbox/native.py (cc -static); agent.py stays the fallback where no C compiler is.
+ *
+ * The same binary is also corral's launcher (`--corral-launch`, see launcher()): it runs on the host
+ * between corral's spawn and bwrap, so corral spawns it with vfork instead of running Python in a
+ * forked copy of itself. */
 #define _GNU_SOURCE
 #include <dirent.h>
 #include <errno.h>
@@ -37,6 +41,7 @@
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <grp.h>
+#include <sched.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -1081,7 +1086,57 @@ static char *take_env(const char *name) {
     return copy;
 }
 
-int main(void) {
+/* Launcher mode (sandbox/deployment.py): on the host, as root, before bwrap. Joins the sandbox's cgroups
+ * (so everything bwrap starts is accounted from its first instruction), the image's mount namespace and
+ * the sandbox's network namespace, sets the process limits, drops to the sandbox's uid, then execs bwrap.
+ * Arguments: [--cgroup PROCS_FILE]... --netns FD [--mntns FD] --nproc N --nofile N --uid U -- BWRAP ARGS...
+ * Any failure exits 127 naming it, before bwrap runs: nothing starts half placed. */
+static int launcher(int argc, char **argv) {
+    int netns = -1, mntns = -1, i;
+    long nproc = -1, nofile = -1;
+    long uid = -1;
+    char *cg[16];
+    int ncg = 0;
+    for (i = 2; i < argc && strcmp(argv[i], "--"); i += 2) {
+        if (i + 1 >= argc) { fprintf(stderr, "corral launcher: %s needs a value\n", argv[i]); return 127; }
+        char *k = argv[i], *val = argv[i + 1];
+        if (!strcmp(k, "--cgroup") && ncg < 16) cg[ncg++] = val;
+        else if (!strcmp(k, "--netns")) netns = atoi(val);
+        else if (!strcmp(k, "--mntns")) mntns = atoi(val);
+        else if (!strcmp(k, "--nproc")) nproc = atol(val);
+        else if (!strcmp(k, "--nofile")) nofile = atol(val);
+        else if (!strcmp(k, "--uid")) uid = atol(val);
+        else { fprintf(stderr, "corral launcher: unknown option %s\n", k); return 127; }
+    }
+    if (i >= argc - 1 || netns < 0 || nproc < 0 || nofile < 0 || uid < 0) {
+        fprintf(stderr, "corral launcher: usage: --netns FD --nproc N --nofile N --uid U -- BWRAP ARGS...\n");
+        return 127;
+    }
+    char pid[32];
+    int n = snprintf(pid, sizeof pid, "%d", (int)getpid());
+    for (int c = 0; c < ncg; c++) {
+        int fd = open(cg[c], O_WRONLY | O_CLOEXEC);
+        if (fd < 0 || write(fd, pid, n) != n) { fprintf(stderr, "corral launcher: joining %s: %s\n", cg[c], strerror(errno)); return 127; }
+        close(fd);
+    }
+    if (mntns >= 0 && setns(mntns, CLONE_NEWNS)) { perror("corral launcher: setns(mount)"); return 127; }
+    if (setns(netns, CLONE_NEWNET)) { perror("corral launcher: setns(net)"); return 127; }
+    close(netns);
+    if (mntns >= 0) close(mntns);
+    struct rlimit rp = {(rlim_t)nproc, (rlim_t)nproc}, rf = {(rlim_t)nofile, (rlim_t)nofile}, rc = {0, 0};
+    if (setrlimit(RLIMIT_NPROC, &rp) || setrlimit(RLIMIT_NOFILE, &rf) || setrlimit(RLIMIT_CORE, &rc)) {
+        perror("corral launcher: setrlimit"); return 127;
+    }
+    if (setgroups(0, NULL) || setresgid((gid_t)uid, (gid_t)uid, (gid_t)uid) || setresuid((uid_t)uid, (uid_t)uid, (uid_t)uid)) {
+        perror("corral launcher: dropping to the sandbox's uid"); return 127;
+    }
+    execvp(argv[i + 1], &argv[i + 1]);
+    fprintf(stderr, "corral launcher: exec %s: %s\n", argv[i + 1], strerror(errno));
+    return 127;
+}
+
+int main(int argc, char **argv) {
+    if (argc > 1 && !strcmp(argv[1], "--corral-launch")) return launcher(argc, argv);
     /* first: nothing of ours may be readable through /proc, not even for a moment */
     if (prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)) { perror("corral agent: prctl(PR_SET_DUMPABLE, 0)"); return 1; }
     signal(SIGPIPE, SIG_IGN);

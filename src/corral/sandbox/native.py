@@ -38,12 +38,7 @@ def build(cache: Path = CACHE) -> Path:
     if cc is None:
         raise IsolationUnavailable("no C compiler to build corral's native agent (apt-get install gcc libc6-dev), "
                                    "or set agent: python")
-    try:
-        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise IsolationUnavailable(f"cannot run the C compiler {cc}: {e}") from e
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + version.encode() + " ".join(FLAGS).encode()).hexdigest()[:16]
+    key = _key(cc)
     path = cache / f"agent-{key}"
     public_dir(cache)
     _trusted(cache)
@@ -59,6 +54,27 @@ def build(cache: Path = CACHE) -> Path:
     tmp.chmod(0o755)  # world-usable: the sandbox's user is no one on the host
     os.replace(tmp, path)  # atomic: a runtime building it at the same time gets the same file
     return path
+
+
+def _key(cc: str) -> str:
+    """The binary's name: a hash of the source, the compiler's version and the flags. Asked on every
+    launch, so computed once per version of the compiler's file and of the source (running the
+    compiler is a fork and an exec: milliseconds a cold create would wait)."""
+    exe = shutil.which(cc) or cc
+    try:
+        st, src = os.stat(exe), SOURCE.stat()
+    except OSError as e:
+        raise IsolationUnavailable(f"cannot run the C compiler {cc}: {e}") from e
+    return _key_of(exe, st.st_ino, st.st_mtime_ns, src.st_ino, src.st_mtime_ns, src.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _key_of(exe: str, *stamps: int) -> str:
+    try:
+        version = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise IsolationUnavailable(f"cannot run the C compiler {exe}: {e}") from e
+    return hashlib.sha256(SOURCE.read_bytes() + version.encode() + " ".join(FLAGS).encode()).hexdigest()[:16]
 
 
 def _trusted(p: Path) -> None:

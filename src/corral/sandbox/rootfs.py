@@ -25,6 +25,7 @@ import functools
 import glob
 import json
 import os
+import stat
 import sys
 import time
 from collections.abc import Iterable
@@ -80,7 +81,7 @@ def root_mounts(config: SandboxConfig, hidden: Iterable[str], interpreter: str |
 
     hide = _real_paths(hidden)
     for src, dest in binds:
-        if any(_within(src, h) for h in hide):
+        if _hidden_by(src, hide):
             continue  # a source inside a hidden path is never shown, not even masked
         argv += ["--ro-bind", src, dest]
     argv += _masks(binds, hide | _real_paths(_etc_secrets(binds)))
@@ -93,10 +94,11 @@ def _masks(binds: list[tuple[str, str]], hide: set[str]) -> list[str]:
     out: list[str] = []
     done: set[str] = set()
     # a path inside another hidden directory is gone with it (and its mount point could not be made)
-    outer = [h for h in hide if not any(o != h and _within(h, o) for o in hide)]
+    outer = [h for h in hide if not _hidden_by(os.path.dirname(h), hide)]
+    shown = [(src, dest) for src, dest in binds if not _hidden_by(src, hide)]
     for h in sorted(outer):
-        for src, dest in binds:
-            if h == src or not _within(h, src) or any(_within(src, o) for o in hide):
+        for src, dest in shown:
+            if h == src or not _within(h, src):
                 continue
             target = os.path.join(dest, os.path.relpath(h, src))
             if target in done or not os.path.lexists(h):
@@ -143,12 +145,42 @@ def _within(path: str, parent: str) -> bool:
     return path == parent or path.startswith(parent.rstrip("/") + "/")
 
 
+def _hidden_by(path: str, hide: set[str]) -> bool:
+    """Whether `path` or a directory above it is in `hide`: a walk up its few parents, not a scan of
+    every hidden path (every live runtime's, hundreds on a busy machine, checked at every launch)."""
+    while path not in ("/", ""):
+        if path in hide:
+            return True
+        path = os.path.dirname(path)
+    return False
+
+
 def _real_paths(paths: Iterable[str]) -> set[str]:
+    """realpath of each, resolving each directory once: the hidden paths (every live runtime's state
+    dir, store and its -wal/-shm/-journal files) share most of their directories, and realpath alone
+    would lstat every component of every path again."""
+    memo: dict[str, str] = {}
+
+    def real(p: str) -> str:
+        if p in memo:
+            return memo[p]
+        parent, name = os.path.split(p)
+        if not name:
+            return p
+        full = os.path.join(real(parent), name)
+        try:
+            r = os.path.realpath(full) if stat.S_ISLNK(os.lstat(full).st_mode) else full
+        except OSError:  # not there (yet): kept as named, as realpath keeps what it cannot resolve
+            r = full
+        memo[p] = r
+        return r
+
     out = set()
     for p in paths:
-        real = os.path.realpath(p)
-        if real != "/":
-            out.add(real)
+        # ".." must be resolved after the links before it, as realpath does: left to realpath
+        real_p = os.path.realpath(p) if ".." in p.split("/") else real(os.path.abspath(p))
+        if real_p != "/":
+            out.add(real_p)
     return out
 
 

@@ -28,8 +28,8 @@ def to_html(r: Report) -> str:
     e = html.escape
     body = [f"<h1>corral incident report: {e(r.kind)} {e(r.subject)}</h1>",
             f"<p>{len(r.findings)} finding(s) in {len(r.sections)} {'episode' if r.kind != 'sandbox' else 'sandbox'}"
-            f"(s); worst severity: {_sev(r.worst) if r.worst else 'none'}. Times are {e(clock(r.generated)[-12:-4])}"
-            f"-style local clock times; +s counts from each section's first event.</p>"]
+            f"(s); worst severity: {_sev(r.worst) if r.worst else 'none'}. Times are this machine's local clock; "
+            f"+s counts from each section's first event.</p>"]
     if not r.sections:
         body.append("<p>No episode of this run has a finding.</p>")
     for sec in r.sections:

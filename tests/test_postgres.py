@@ -74,6 +74,27 @@ def store(pg_url: str) -> Iterator[Store]:
     s.close()
 
 
+def _open_at_once(url: str, n: int) -> tuple[list[Store], list[BaseException]]:
+    """n stores opening one database at the same moment (each would create or migrate the schema)."""
+    stores: list[Store] = []
+    errors: list[BaseException] = []
+    gate = threading.Barrier(n)
+
+    def opener() -> None:
+        try:
+            gate.wait()
+            stores.append(Store(url))
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=opener) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return stores, errors
+
+
 def _uid(prefix: str) -> str:
     return f"{prefix}-{time.monotonic_ns()}"
 
@@ -231,22 +252,7 @@ def test_two_stores_open_write_and_read_concurrently(fresh_url):
     is missing), write from several threads at once, directly and through their writers, and each reads
     the other's rows. A third follows by id as `corral events --follow` does and misses none: ids are
     committed in order across writers."""
-    stores: list[Store] = []
-    errors: list[BaseException] = []
-    gate = threading.Barrier(4)
-
-    def opener() -> None:
-        try:
-            gate.wait()
-            stores.append(Store(fresh_url))
-        except BaseException as e:
-            errors.append(e)
-
-    openers = [threading.Thread(target=opener) for _ in range(4)]
-    for t in openers:
-        t.start()
-    for t in openers:
-        t.join(60)
+    stores, errors = _open_at_once(fresh_url, 4)
     assert errors == [] and len(stores) == 4
     a, b, follower, extra = stores
     extra.close()
@@ -359,22 +365,7 @@ def test_a_store_written_before_runs_gains_them_and_keeps_its_events(fresh_url, 
                   "VALUES (1.0, 'sandbox', 'created', 'old', '[\"sh\", \"ü\"]', '{\"n\": {\"x\": 1}}')")
         c.execute("INSERT INTO findings (ts, rule_id, title, severity, sandbox_id, evidence, action, data) "
                   "VALUES (1.0, 'old-rule', 'old', 'high', 'old', '[1]', 'record', '{}')")
-    opened: list[Store] = []
-    errors: list[BaseException] = []
-    gate = threading.Barrier(3)
-
-    def open_() -> None:
-        try:
-            gate.wait()
-            opened.append(Store(fresh_url))
-        except BaseException as e:
-            errors.append(e)
-
-    threads = [threading.Thread(target=open_) for _ in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    opened, errors = _open_at_once(fresh_url, 3)
     assert errors == []
     for extra in opened[1:]:
         extra.close()

@@ -175,9 +175,6 @@ def _s(value: object) -> str:
     return "" if value is None else escape(str(value))
 
 
-def clip(text: str, limit: int) -> str:
-    """At most `limit` characters, and a visible "…" where any were cut: nothing is cut silently."""
-    return text if len(text) <= limit else text[: max(0, limit - 1)] + "…"
 
 
 _NO_WRAP = {"id", "time", "step", "kind", "verdict"}

@@ -23,11 +23,11 @@ from corral.cli.common import (
     _fail_corral,
     _only_loopback,
     _state_dir,
-    clip,
     err,
     out,
 )
 from corral.errors import CorralError
+from corral.text import clip
 
 
 def _make_policy(spec: str, tasks_path: Path, base_url: str | None, model: str | None, temperature: float):

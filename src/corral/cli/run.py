@@ -38,7 +38,6 @@ from corral.cli.common import (
     _run_async,
     _sandbox_config,
     _state_dir,
-    clip,
     egress_table,
     err,
     out,
@@ -46,6 +45,7 @@ from corral.cli.common import (
 from corral.config import RuntimeConfig, SandboxConfig
 from corral.errors import ConfigError, CorralError
 from corral.events import Event, EventKind
+from corral.text import clip
 
 # the descriptors of our own stdout/stderr found closed (a reader that went away): written no more
 _closed_streams: set[int] = set()

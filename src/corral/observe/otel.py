@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 from corral.errors import ConfigError
 from corral.events import Event, EventKind, Finding, Severity
 from corral.observe.follow import Follower
+from corral.text import clip_counted
 
 try:
     from opentelemetry import trace as otel_trace
@@ -124,7 +125,7 @@ def _ns(ts: float) -> int:
 
 
 def _clip(s: str, limit: int = MAX_TEXT) -> str:
-    return s if len(s) <= limit else f"{s[:limit]}…[+{len(s) - limit} chars]"
+    return clip_counted(s, limit, "…[+{n} chars]")
 
 
 def _int(v: object) -> int | None:

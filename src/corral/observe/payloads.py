@@ -9,6 +9,7 @@ from typing import Any
 import corral
 from corral.events import Event, Finding, Severity
 from corral.observe.common import exe_name, facts, rfc3339_nanos, tactic_of, technique_name
+from corral.text import clip
 
 # corral severity -> Falco priority. Falco's scale (Emergency, Alert, Critical, Error, Warning, Notice,
 # Informational, Debug) comes from syslog; its own rules use Critical to Notice, and Emergency/Alert
@@ -39,10 +40,6 @@ def _slack_escape(text: str) -> str:
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
-def _cut(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
 def slack(finding: Finding, event: Event | None) -> dict[str, Any]:
     """A Slack incoming-webhook message: `text` for notifications, Block Kit `blocks` for the channel
     (header <= 150 characters, section texts <= 3000, at most 10 fields, as Slack requires)."""
@@ -62,13 +59,13 @@ def slack(finding: Finding, event: Event | None) -> dict[str, Any]:
     if dest:
         fields.append(("Destination", dest))
     blocks: list[dict[str, Any]] = [
-        {"type": "header", "text": {"type": "plain_text", "text": _cut(f"[{sev}] {finding.title}", 150)}},
-        {"type": "section", "fields": [{"type": "mrkdwn", "text": _cut(f"*{k}*\n{_slack_escape(v)}", 2000)}
+        {"type": "header", "text": {"type": "plain_text", "text": clip(f"[{sev}] {finding.title}", 150)}},
+        {"type": "section", "fields": [{"type": "mrkdwn", "text": clip(f"*{k}*\n{_slack_escape(v)}", 2000)}
                                        for k, v in fields]},
     ]
     if command:
         # ``` inside the command would end the code block early
-        shown = _slack_escape(_cut(command, 2800)).replace("```", "'''")
+        shown = _slack_escape(clip(command, 2800)).replace("```", "'''")
         blocks.append({"type": "section", "text": {"type": "mrkdwn", "text": f"*Command*\n```{shown}```"}})
     blocks.append({"type": "context", "elements": [{"type": "mrkdwn", "text": _slack_escape(
         f"corral {rfc3339_nanos(finding.ts)[:23]}Z" + (f" finding {finding.id}" if finding.id else ""))}]})
@@ -76,8 +73,8 @@ def slack(finding: Finding, event: Event | None) -> dict[str, Any]:
     if finding.step is not None:
         text += f" step {finding.step}"
     if command:
-        text += f": {_cut(command, 200)}"
-    return {"text": _slack_escape(_cut(text, 3000)), "blocks": blocks}
+        text += f": {clip(command, 200)}"
+    return {"text": _slack_escape(clip(text, 3000)), "blocks": blocks}
 
 
 def falco(finding: Finding, event: Event | None, uuid: str, hostname: str | None = None) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from corral.redteam.corpora import markdown as corpus_markdown
 from corral.redteam.corpus import FAMILIES
 from corral.redteam.results import BenchResult
+from corral.text import clip
 
 
 def percent(x: float | None) -> str:
@@ -18,8 +19,7 @@ def _ms(x: float | None) -> str:
 
 
 def _cell(text: str | None, limit: int = 90) -> str:
-    t = (text or "").replace("|", "\\|").replace("\n", " ")
-    return t if len(t) <= limit else t[: limit - 1] + "…"
+    return clip((text or "").replace("|", "\\|").replace("\n", " "), limit)
 
 
 def overall_line(r: BenchResult) -> str:

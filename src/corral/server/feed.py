@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from corral.errors import StoreError
 from corral.events import Event, EventKind, Finding
+from corral.text import clip_counted
 
 if TYPE_CHECKING:
     from corral.runtime import Runtime
@@ -120,9 +121,7 @@ def visibility(srv: _Server, tenant: str) -> Callable[[str | None], bool]:
 # -- what the page shows ----------------------------------------------------------------------------------
 def clip(text: str | None, limit: int = CMD_MAX) -> str | None:
     """At most `limit` characters, the cut visible: never a silently shortened command."""
-    if text is None or len(text) <= limit:
-        return text
-    return f"{text[:limit]}… (+{len(text) - limit} characters)"
+    return None if text is None else clip_counted(text, limit)
 
 
 def finding_row(f: Finding) -> dict:

@@ -30,7 +30,9 @@ from tests.conftest import serve_app
 TOKEN = "tok-dash-" + "d" * 20
 OTHER = "tok-other-" + "o" * 20
 CHROMIUM = "/usr/bin/chromium"
-SHOTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "screenshots"
+# The screenshots go to a results folder: the README's (benchmarks/results/screenshots) when
+# CORRAL_SCREENSHOTS names it, else one under /tmp, so a test run leaves the checkout as it was.
+SHOTS = Path(os.environ.get("CORRAL_SCREENSHOTS") or "/tmp/corral-test-screenshots")
 # the agent's text, written to be markup: it must reach the page as these exact characters
 PAYLOAD = """<script>window.__pwned=1</script>"><img src=x onerror="window.__pwned=2">"""
 MINER = f"echo '{PAYLOAD}'; cp /bin/sleep /tmp/xmrig; /tmp/xmrig 3"

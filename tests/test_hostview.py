@@ -147,11 +147,12 @@ async def test_etc_secrets_are_masked(sb_factory):
         "        got = len(open(p, 'rb').read()) if not stat.S_ISDIR(st.st_mode) else len(os.listdir(p))\n"
         "    except OSError as e:\n"
         "        got = e.strerror\n"
-        "    out[p] = [stat.S_ISCHR(st.st_mode) or stat.S_ISDIR(st.st_mode), st.st_size, got]\n"
+        "    out[p] = [stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode), st.st_size, got]\n"
         "print(json.dumps(out))\n") + " " + " ".join(present))
     assert r.ok, r.stderr
     for path, (masked, size, got) in json.loads(r.stdout).items():
-        # an empty device or directory in its place, never the host's file (whose size is not 0)
+        # an empty file of the sandbox's own or an empty directory in its place, never the host's file
+        # (whose size is not 0)
         assert masked and size == 0 and got in (0, "Permission denied"), (path, masked, size, got)
         assert os.stat(path).st_size > 0 or os.path.isdir(path)
     assert await sb.exec("grep -q '^root:' /etc/passwd")  # what the toolchain needs stays

@@ -140,6 +140,25 @@ async def test_credential_material_opened_by_a_collector_is_caught_and_by_its_to
     assert found[0].data["output"].endswith("opened /root/.aws/credentials")
 
 
+
+async def test_the_password_database_is_a_file_whose_opens_are_seen_whatever_opens_it(runtime, sb_factory):
+    """The host's /etc/shadow is masked by an empty file of the sandbox's own (not /dev/null): nothing of
+    the host's leaks, and the credential watch marks it, so a read by any program is seen, however the
+    path was spelled. A recursive grep of /etc meets it on its way: noted, not an episode's end."""
+    sb = await sb_factory()
+    r = await sb.exec("stat -c '%F %s' /etc/shadow")
+    assert r.stdout == "regular empty file 0\n", r  # the host's hashes stay out
+    r = await sb.exec("grep -rs zzz-not-there /etc; echo searched")
+    swept = await findings_for(runtime, sb, "credential-material-swept")
+    assert swept and swept[0].step == r.step and swept[0].severity == "medium"
+    assert not await findings_for(runtime, sb, "credential-material-read", wait=0.3)
+    for cmd in (py("p = '/etc/sha' + 'dow'; print(len(open(p).read()))"),
+                "printf 'e /etc/%s\\n,p\\nq\\n' shadow | ed -s"):
+        r = await sb.exec(cmd)
+        found = [f for f in await findings_for(runtime, sb, "credential-material-read") if f.step == r.step]
+        assert found and found[0].severity == "high", cmd
+        assert found[0].data["output"].endswith("opened /etc/shadow")
+
 async def test_client_fingerprints_are_evidence_not_violations(runtime, sb_factory, world):
     """The gateway reads the HTTP User-Agent and a TLS ClientHello's JA3 fingerprint: a scanner's agent is
     low evidence that ends nothing; curl's own, or none, is nothing."""

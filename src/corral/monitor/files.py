@@ -55,6 +55,7 @@ DIR_CACHE = 8192  # directory handles remembered, newest kept: a deleted directo
 FAN_EVENT_INFO_TYPE_DFID_NAME = 2
 AT_FDCWD = -100
 TMPFS_MAGIC = 0x01021994
+DELETED = " (deleted)"
 _META = struct.Struct("=IBBHQii")
 _INFO = struct.Struct("=BBH")  # fanotify_event_info_header
 _FSID_HANDLE = struct.Struct("=8sIi")  # __kernel_fsid_t, then struct file_handle's two fields
@@ -202,6 +203,9 @@ class FileWatch:
                 path = ""
             finally:
                 os.close(efd)
+            if path.endswith(DELETED) and path[:-len(DELETED)] in self.watched_opens:
+                # a secret of /etc masked by an empty file (sandbox/rootfs.py) that bwrap unlinked once bound
+                path = path[:-len(DELETED)]
             # one event can carry both (the kernel merges an open and a close-write of one file): each is judged
             kinds = [("open", "open", "credential")] if mask & FAN_OPEN else []
             if mask & FAN_CLOSE_WRITE and (cat := self.category(path)) is not None:

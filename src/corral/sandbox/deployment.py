@@ -37,7 +37,7 @@ from corral.sandbox.channel import AgentChannel
 from corral.sandbox.imageroot import IMAGE_CAPS, user_namespace
 from corral.sandbox.native import native_agent
 from corral.sandbox.protocol import Reply
-from corral.sandbox.rootfs import agent_interpreter, root_mounts
+from corral.sandbox.rootfs import EMPTY_FILE, agent_interpreter, root_mounts
 from corral.sandbox.seccomp import filter_fd
 
 if TYPE_CHECKING:
@@ -179,6 +179,7 @@ class Deployment:
         else:  # reads the host's tree (masks, secrets): off the event loop every sandbox shares
             runtime = self.runtime
             argv += await asyncio.to_thread(lambda: root_mounts(cfg, runtime.masked_paths(), interpreter))
+        argv, empty_fds = _empty_files(argv)
         if native:
             # one file bound into every sandbox: its code pages are shared, not one copy each
             argv += ["--ro-bind", str(native), NATIVE_PATH]
@@ -244,7 +245,7 @@ class Deployment:
             os.setresgid(uid, uid, uid)
             os.setresuid(uid, uid, uid)
 
-        owned = [seccomp, *data_fds, *([userns_fd] if userns_fd >= 0 else [])]
+        owned = [seccomp, *data_fds, *empty_fds, *([userns_fd] if userns_fd >= 0 else [])]
         if native:
             # The native agent's launcher mode does what preexec does, in C (agent.c: launcher()): corral
             # then spawns with vfork rather than forking its whole interpreter to run Python in the copy
@@ -308,6 +309,23 @@ class Deployment:
 @functools.cache
 def agent_source() -> bytes:
     return AGENT.read_bytes()
+
+
+def _empty_files(argv: list[str]) -> tuple[list[str], list[int]]:
+    """root_mounts' secret-file masks (EMPTY_FILE) made real: each an empty read-only file of its own
+    (bwrap reads and closes one descriptor per --ro-bind-data)."""
+    out: list[str] = []
+    fds: list[int] = []
+    i = 0
+    while i < len(argv):
+        if argv[i] == "--ro-bind" and i + 2 < len(argv) and argv[i + 1] == EMPTY_FILE:
+            fds.append(_data_fd(b""))
+            out += ["--perms", "0400", "--ro-bind-data", str(fds[-1]), argv[i + 2]]
+            i += 3
+        else:
+            out.append(argv[i])
+            i += 1
+    return out, fds
 
 
 def _data_fd(data: bytes) -> int:

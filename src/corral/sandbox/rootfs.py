@@ -15,7 +15,10 @@ Over that view two kinds of masks are laid, whatever the masked files' modes:
 
 A hidden path is masked wherever a bind would show it, at its place inside the sandbox; a bind
 whose source lies inside a hidden path is dropped. A hidden directory becomes an empty read-only
-tmpfs, a hidden file an empty read-only /dev/null.
+tmpfs, a hidden file of corral's an empty read-only /dev/null, and a secret file of /etc an empty
+read-only regular file of the sandbox's own (EMPTY_FILE, made by the deployment): a file the
+credential watch can mark by inode, so whatever opens /etc/shadow is seen, whichever program it is
+and however the path was spelled (monitor/files.py).
 """
 
 from __future__ import annotations
@@ -48,6 +51,9 @@ ETC_SECRETS = (
     "/etc/krb5.keytab", "/etc/ipsec.secrets", "/etc/ppp/*-secrets", "/etc/wireguard",
     "/etc/NetworkManager/system-connections", "/etc/letsencrypt", "/etc/docker", "/etc/corral",
 )
+# the source of a secret file's mask in root_mounts' argv: the deployment binds a fresh empty file of
+# the sandbox's own there (--ro-bind-data), one inode per mask and sandbox
+EMPTY_FILE = "corral:empty-file"
 # files the sandbox writes its own content over (sandbox.py binds data onto them)
 DATA_FILES = ("/etc/resolv.conf", "/etc/hosts")
 
@@ -84,13 +90,15 @@ def root_mounts(config: SandboxConfig, hidden: Iterable[str], interpreter: str |
         if _hidden_by(src, hide):
             continue  # a source inside a hidden path is never shown, not even masked
         argv += ["--ro-bind", src, dest]
-    argv += _masks(binds, hide | _real_paths(_etc_secrets(binds)))
+    secrets = _real_paths(_etc_secrets(binds))
+    argv += _masks(binds, hide | secrets, secrets)
     argv += _symlinked_data_files(binds)
     return argv
 
 
-def _masks(binds: list[tuple[str, str]], hide: set[str]) -> list[str]:
-    """Mask each hidden host path at every place a bind shows it inside the sandbox."""
+def _masks(binds: list[tuple[str, str]], hide: set[str], secrets: set[str] | frozenset[str] = frozenset()) -> list[str]:
+    """Mask each hidden host path at every place a bind shows it inside the sandbox (a file among
+    `secrets` by an EMPTY_FILE)."""
     out: list[str] = []
     done: set[str] = set()
     # a path inside another hidden directory is gone with it (and its mount point could not be made)
@@ -107,7 +115,7 @@ def _masks(binds: list[tuple[str, str]], hide: set[str]) -> list[str]:
             if os.path.isdir(h) and not os.path.islink(h):
                 out += ["--tmpfs", target, "--remount-ro", target]
             elif not os.path.islink(h):
-                out += ["--ro-bind", "/dev/null", target]
+                out += ["--ro-bind", EMPTY_FILE if h in secrets else "/dev/null", target]
     return out
 
 

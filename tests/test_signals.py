@@ -240,3 +240,46 @@ async def test_git_pushing_to_a_local_remote_is_git_not_a_renamed_binary(runtime
     assert not await findings_for(runtime, sb, "renamed-system-binary", wait=0.5)
     r = await sb.exec("cp /usr/lib/git-core/git /tmp/sysupdate && /tmp/sysupdate --version")
     assert await findings_for(runtime, sb, "renamed-system-binary")
+
+
+async def test_escape_and_capture_attempts_are_refused_and_seen_whatever_program_makes_them(runtime, sb_factory):
+    """mount, a device node, a packet socket: the sandbox cannot (no capabilities), but the attempt is
+    evidence, from a tool or from an interpreter's own calls. Each is refused with the error it always
+    got, and judged; a FIFO, an ordinary socket and the rest of the sandbox's work stay quiet."""
+    sb = await sb_factory()
+    r = await sb.exec("mkfifo /tmp/f && python3 -c 'import socket; socket.socket().close()' && echo quiet")
+    assert r.stdout == "quiet\n", r
+    assert not await findings_for(runtime, sb, wait=0.3)
+    await sb.write_file("/tmp/ns.py", b"import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+                        b"print(libc.unshare(0x20000), ctypes.get_errno())\n")
+    cases = [
+        ("mknod /tmp/sda b 8 0 2>&1", "Operation not permitted", "escape-syscall-attempt", "high"),
+        (py("import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+            "print(libc.mount(b'none', b'/tmp', b'tmpfs', 0, None), ctypes.get_errno())"),
+         "-1 1", "escape-syscall-attempt", "high"),
+        (py("import socket\ntry: socket.socket(socket.AF_PACKET, socket.SOCK_RAW)\n"
+            "except OSError as e: print(e.errno)"),
+         "97", "packet-socket-attempt", "medium"),  # EAFNOSUPPORT, as the family allow-list answered
+        (py("import socket\ntry: socket.socket(socket.AF_INET, socket.SOCK_RAW, 6)\n"
+            "except OSError as e: print(e.errno)"),
+         "1", "packet-socket-attempt", "medium"),
+        ("python3 /tmp/ns.py", "-1 1", "namespace-syscall-attempt", "medium"),  # the call is in a file's code
+    ]
+    for cmd, out, rule, severity in cases:
+        r = await sb.exec(cmd)
+        assert out in r.stdout, (cmd, r)
+        found = [f for f in await findings_for(runtime, sb, rule) if f.step == r.step]
+        assert found and found[0].severity == severity, (cmd, found)
+    ev = next(e for e in runtime.store.events(sandbox_id=sb.id)
+              if e.action == "syscall" and e.data["syscall"] == "mknod_device")
+    assert ev.verdict == "deny" and ev.data["device"] == {"kind": "block", "major": 8, "minor": 0}
+    assert ev.argv[:2] == ["mknod", "/tmp/sda"]
+
+
+async def test_a_loop_of_refused_attempts_is_one_event_not_a_flood(runtime, sb_factory):
+    sb = await sb_factory()
+    r = await sb.exec(py("import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+                         "print(sum(libc.mount(b'none', b'/tmp', b'tmpfs', 0, None) for _ in range(2000)))"))
+    assert r.stdout == "-2000\n", r  # every call refused
+    attempts = [e for e in runtime.store.events(sandbox_id=sb.id, step=r.step) if e.action == "syscall"]
+    assert len(attempts) == 1, attempts

@@ -178,6 +178,8 @@ FIELDS: dict[str, Callable[[Event], Any]] = {
     "proc.cpu_seconds": lambda e: e.data.get("cpu_seconds"),
     "proc.age": lambda e: e.data.get("age"),
     "proc.rss_mb": lambda e: e.data.get("rss_mb"),
+    # a refused attempt's call (evt.action = syscall): mount, unshare, bpf, mknod_device, socket_packet, ...
+    "proc.syscall": lambda e: e.data.get("syscall"),
     # the command a step ran (the whole line as the agent gave it)
     "cmd.line": lambda e: e.command,
     "cmd.text": lambda e: e.command,  # the whole line as typed, quoted data included (= cmd.line)

@@ -49,6 +49,7 @@ from corral.monitor.netcalls import (
     socket_protocol,
     tcp_connect_fails,
 )
+from corral.sandbox.seccomp import ATTEMPTS
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,17 @@ FLAG_CONTINUE = 1
 NR_EXECVEAT, NR_CONNECT, NR_SENDTO, NR_SENDMSG, NR_SENDMMSG = (
     sc.resolve_syscall(sc.Arch.NATIVE, n) for n in ("execveat", "connect", "sendto", "sendmsg", "sendmmsg"))
 NETWORK = (NR_CONNECT, NR_SENDTO, NR_SENDMSG, NR_SENDMMSG)
+# Attempts that a sandbox cannot carry out (no capabilities; sandbox/seccomp.py's filter leaves them to
+# this monitor) but that are evidence: an escape tried (mounts, a new root, a host file opened by handle,
+# modules, kexec, BPF, namespaces, a device node made) or packets captured or forged (a packet or raw
+# socket). Each is refused with the error the filter would give, and recorded as a `syscall` event.
+S_IFMT, S_IFBLK, S_IFCHR = 0o170000, 0o060000, 0o020000
+AF_INET, AF_INET6, AF_PACKET, SOCK_RAW, SOCK_TYPE_MASK = 2, 10, 17, 3, 0xF
+ATTEMPTED: dict[int, str] = {}
+for _name in (*ATTEMPTS, "mknod", "mknodat", "socket"):
+    with contextlib.suppress(Exception):
+        ATTEMPTED[sc.resolve_syscall(sc.Arch.NATIVE, _name)] = _name
+NR_SOCKET = next(nr for nr, name in ATTEMPTED.items() if name == "socket")
 MSG_FASTOPEN = 0x20000000
 # After an exec is let through: when to look at the image that runs (seconds from the answer). The
 # exec completes within microseconds to milliseconds; a failed one leaves the old image, and the
@@ -82,6 +94,17 @@ def exec_filter_bpf() -> bytes:
     f.add_rule(sc.NOTIFY, "sendto", sc.Arg(5, sc.NE, 0))
     f.add_rule(sc.NOTIFY, "sendmsg")
     f.add_rule(sc.NOTIFY, "sendmmsg")
+    # attempts that are evidence in themselves, always refused (see ATTEMPTS)
+    for name in ATTEMPTS:
+        with contextlib.suppress(Exception):  # not a syscall on this architecture
+            f.add_rule(sc.NOTIFY, name)
+    for name, arg in (("mknod", 1), ("mknodat", 2)):  # device nodes only: FIFOs and files are work
+        for kind in (S_IFBLK, S_IFCHR):
+            with contextlib.suppress(Exception):
+                f.add_rule(sc.NOTIFY, name, sc.Arg(arg, sc.MASKED_EQ, S_IFMT, kind))
+    f.add_rule(sc.NOTIFY, "socket", sc.Arg(0, sc.EQ, AF_PACKET))
+    for family in (AF_INET, AF_INET6):
+        f.add_rule(sc.NOTIFY, "socket", sc.Arg(0, sc.EQ, family), sc.Arg(1, sc.MASKED_EQ, SOCK_TYPE_MASK, SOCK_RAW))
     fd = os.memfd_create("corral-exec-filter", os.MFD_CLOEXEC)
     with open(fd, "w+b") as buf:
         f.export_bpf(buf)
@@ -108,7 +131,8 @@ class ExecWatch:
     def __init__(self, fd: int, on_exec: Callable[[Event], bool], make_event: Callable[[int], Event],
                  on_connect: Callable[[int, str, int, int | None], float] | None = None,
                  on_datagram: Callable[[int, str, int, bool, int | None], None] | None = None,
-                 on_degraded: Callable[[int, str], None] | None = None, share: float | None = None) -> None:
+                 on_degraded: Callable[[int, str], None] | None = None, share: float | None = None,
+                 on_attempt: Callable[[Event], None] | None = None) -> None:
         self.fd = fd
         # the most of the event loop's time this sandbox's calls may take per SHARE_WINDOW (None: no cap)
         self.share = share
@@ -124,6 +148,7 @@ class ExecWatch:
         self.on_exec = on_exec  # returns False to refuse the exec
         self.make_event = make_event  # an attributed PROCESS event for a host pid
         self.on_degraded = on_degraded  # (host pid, why): a call refused because it could not be judged
+        self.on_attempt = on_attempt  # a refused ATTEMPTED call's `syscall` event, to record and judge
         self.loop = asyncio.get_running_loop()
         os.set_blocking(fd, False)
         self.loop.add_reader(fd, self._ready)
@@ -205,6 +230,9 @@ class ExecWatch:
                 if wait > 0:  # its turn comes later; the loop serves other calls and sandboxes meanwhile
                     allow = None
                     self._paced[nid] = self.loop.call_later(wait, self._respond_paced, nid)
+            elif nr in ATTEMPTED:
+                allow = False
+                self._attempt(nid, pid, nr, args)
             else:
                 allow = self._exec(nid, pid, nr, args)  # None: answered later, once a file is hashed
         except Exception as e:  # fail closed: what could not be judged does not happen
@@ -215,7 +243,9 @@ class ExecWatch:
         finally:
             # answered whatever happened: an unanswered notification leaves the thread stopped for good
             if allow is not None:
-                self._respond(nid, allow)
+                # a packet socket answers as the filter's family allow-list would
+                packet = nr == NR_SOCKET and args[0] == AF_PACKET
+                self._respond(nid, allow, errno.EAFNOSUPPORT if packet else errno.EPERM)
 
     def _degraded(self, pid: int, why: str) -> None:
         log.warning("corral exec monitor: pid %s: %s", pid, why)
@@ -260,6 +290,28 @@ class ExecWatch:
             for dst in dsts:
                 self.on_datagram(pid, *dst, nr != NR_CONNECT, inode)
         return 0.0
+
+    # -- attempts ------------------------------------------------------------------------------------
+    def _attempt(self, nid: int, pid: int, nr: int, args: tuple[int, ...]) -> None:
+        """A refused attempt (ATTEMPTED), as a `syscall` event of its process."""
+        if self.on_attempt is None or not self._valid(nid):
+            return
+        name = ATTEMPTED[nr]
+        ev = self.make_event(pid)
+        ev.action, ev.verdict = "syscall", Verdict.DENY
+        ev.data["syscall"] = name
+        if name == "socket":
+            family, kind = args[0] & 0xFFFFFFFF, args[1] & SOCK_TYPE_MASK
+            ev.data["syscall"] = "socket_packet" if family == AF_PACKET else "socket_raw"
+            ev.data["socket"] = {"family": family, "type": kind, "protocol": args[2] & 0xFFFFFFFF}
+        elif name.startswith("mknod"):
+            mode = args[2 if name == "mknodat" else 1] & 0xFFFFFFFF
+            ev.data["syscall"] = "mknod_device"
+            dev = args[3 if name == "mknodat" else 2] & 0xFFFFFFFF
+            ev.data["device"] = {"kind": "block" if mode & S_IFMT == S_IFBLK else "char",
+                                 "major": os.major(dev), "minor": os.minor(dev)}
+        ev.reason = f"{ev.data['syscall']} refused: a sandbox may not"
+        self.on_attempt(ev)
 
     # -- exec ----------------------------------------------------------------------------------------
     def _exec(self, nid: int, pid: int, nr: int, args: tuple[int, ...]) -> bool | None:
@@ -404,8 +456,8 @@ class ExecWatch:
         self._paced.pop(nid, None)
         self._respond(nid, True)
 
-    def _respond(self, nid: int, allow: bool) -> None:
-        resp = struct.pack("=QqiI", nid, 0, 0 if allow else -errno.EPERM, FLAG_CONTINUE if allow else 0)
+    def _respond(self, nid: int, allow: bool, refusal: int = errno.EPERM) -> None:
+        resp = struct.pack("=QqiI", nid, 0, 0 if allow else -refusal, FLAG_CONTINUE if allow else 0)
         with contextlib.suppress(OSError):
             fcntl.ioctl(self.fd, NOTIF_SEND, bytearray(resp), True)
 

@@ -142,6 +142,12 @@ class Attribution:
         self.attribute(ev, pid=pid)
         self._emit(ev)
 
+    def _note_attempt(self: Sandbox, ev: Event) -> None:
+        """A refused escape or capture attempt (monitor/execwatch.py ATTEMPTED): judged and recorded, once per
+        process and call every 10 s (a loop of refused mounts is one attempt, not a flood)."""
+        if self._runtime is not None and self._first_in_a_while((ev.pid, ev.data.get("syscall"))):
+            self._runtime.emit(ev)
+
     def _note_datagram(self: Sandbox, pid: int, ip: str, port: int, sent: bool, inode: int | None = None) -> None:
         """UDP to an inet address: DNS goes to corral's resolver; anything else is dropped by
         nftables, never forwarded. A datagram sent to an address is recorded (once per process and

@@ -231,7 +231,7 @@ class Sandbox(Boundary, Placement, Sessions, Files, Attribution):
         share = self._runtime.config.budgets.loop_share if self._runtime is not None else None
         fd, dep.notify_fd = dep.notify_fd, None
         dep.execwatch = ExecWatch(fd, self._judge_exec, self._process_event, self._note_connect,
-                                  self._note_datagram, self._exec_degraded, share=share)
+                                  self._note_datagram, self._exec_degraded, share=share, on_attempt=self._note_attempt)
         self._dep = dep
         self.cgroup = dep.cgroup
         self._request_stage()

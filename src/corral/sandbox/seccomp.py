@@ -4,10 +4,17 @@ Refused with EPERM: mounting, tracing other processes, BPF, kexec, kernel module
 perf events, io_uring, userfaultfd and any new namespace. clone3 answers ENOSYS so that libc falls
 back to clone(2), whose flags *can* be inspected (clone3 passes them in memory BPF cannot read).
 
+The attempts that are evidence of an escape or a capture (ATTEMPTS here: mounts, a new root, a handle
+opened by number, modules, kexec, BPF, namespaces; and packet sockets) are refused by corral's exec
+monitor instead (monitor/execwatch.py notifies them, and always answers as this filter would), so each
+is seen and judged: a refusal here would win over the notification and leave no trace. If the monitor
+goes, its listener closes and they fail with ENOSYS: still refused.
+
 Sockets are an allow-list of families (SOCKET_FAMILIES); any other family answers EAFNOSUPPORT before
-a socket exists. AF_VSOCK above all: vsock ignores network namespaces, so on a VM host a sandbox could
-otherwise reach the hypervisor's listeners. memfd_secret answers ENOSYS: its pages are unreadable
-even through /proc/<pid>/mem, so an exec path or argv kept there would blind the exec monitor.
+a socket exists (AF_PACKET: through the monitor, as above). AF_VSOCK above all: vsock ignores network
+namespaces, so on a VM host a sandbox could otherwise reach the hypervisor's listeners. memfd_secret
+answers ENOSYS: its pages are unreadable even through /proc/<pid>/mem, so an exec path or argv kept
+there would blind the exec monitor.
 """
 
 from __future__ import annotations
@@ -37,7 +44,11 @@ DENIED = (
     "unshare", "setns",
 )
 
-AF_UNIX, AF_INET, AF_INET6, AF_NETLINK = 1, 2, 10, 16
+# refused by the exec monitor, which sees them (execwatch.ATTEMPTS), rather than here
+ATTEMPTS = ("mount", "umount2", "pivot_root", "chroot", "open_by_handle_at", "init_module", "finit_module",
+            "kexec_load", "kexec_file_load", "bpf", "unshare", "setns")
+
+AF_UNIX, AF_INET, AF_INET6, AF_NETLINK, AF_PACKET = 1, 2, 10, 16, 17
 # Families a sandbox may open sockets of. AF_NETLINK is there for common tools, not for its own sake:
 # glibc's getaddrinfo(AI_ADDRCONFIG) and if_nameindex ask NETLINK_ROUTE which addresses exist, and
 # `ip addr`/`ip route` speak it; `ss` reads sockets through NETLINK_SOCK_DIAG. Other netlink protocols
@@ -69,6 +80,8 @@ def filter_bpf() -> bytes:
         ) from None
     eperm = sc.ERRNO(errno.EPERM)
     for name in DENIED:
+        if name in ATTEMPTS:
+            continue
         try:
             f.add_rule(eperm, name)
         except Exception:
@@ -97,7 +110,7 @@ def _socket_allow_list(f: sc.SyscallFilter) -> None:
     refuse = sc.ERRNO(errno.EAFNOSUPPORT)
     for name in ("socket", "socketpair"):
         for family in range(SOCKET_FAMILY_LIMIT):
-            if family not in SOCKET_FAMILIES:
+            if family not in SOCKET_FAMILIES and not (name == "socket" and family == AF_PACKET):
                 f.add_rule(refuse, name, sc.Arg(0, sc.EQ, family))
         f.add_rule(refuse, name, sc.Arg(0, sc.GE, SOCKET_FAMILY_LIMIT))
         # netlink: only the protocols common tools need (arg 2); the same one-comparison rule as above

@@ -387,3 +387,20 @@ def test_general_signals_catch_the_act_and_spare_its_look_alike():
 
     assert "kernel-thread-masquerade" in sample("[bioset]")
     assert "kernel-thread-masquerade" not in sample("perl")
+
+
+def test_a_long_condition_is_read_exactly_as_written(tmp_path):
+    """A condition is taken from the YAML as written: re-emitting the item to load it again wrapped long
+    scalars at a space, and `--proxy[= ]` in the shipped proxy-use regex became `[=\\n]` (curl --proxy URL
+    was never matched)."""
+    regex = "\\\\b(" + "|".join(f"tool{i}" for i in range(30)) + ")\\\\b[^|;&]*\\\\s(--proxy[= ]|--socks5[= ])"
+    f = tmp_path / "long.yaml"
+    f.write_text(f"- rule: long\n  title: t\n  severity: low\n  condition: >-\n    (evt.kind = command) and (\n"
+                 f"      cmd.runs regex '{regex}')\n")
+    rs = load([f], base=None)
+    assert "[= ]" in rs.rules["long"].condition and "\n]" not in rs.rules["long"].condition
+    d = Detector(load())
+    for cmd in ("curl --proxy http://203.0.113.10:8080 http://x.example/",
+                "pip download --proxy http://203.0.113.10:8080 requests"):
+        ev = Event(kind=EventKind.COMMAND, action="check", sandbox_id="s", step=1, command=cmd, argv=cmd.split())
+        assert "proxy-use" in [r.id for r in d.evaluate(ev).matched], cmd

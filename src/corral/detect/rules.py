@@ -405,18 +405,23 @@ def _items(path: Path, text: str) -> list[tuple[int, Any]]:
             return [(1, item) for item in sigma.rule_items(text)]
         except sigma.SigmaError as e:
             raise RuleError(f"{path}: {e}") from None
+    loader = yaml.SafeLoader(text)
     try:
-        root = yaml.compose(text)
+        root = loader.get_single_node()
+        if root is None:
+            return []
+        if not isinstance(root, yaml.SequenceNode):
+            raise RuleError(f"{path}:line {root.start_mark.line + 1}: a rule file is a YAML list of "
+                            "'- list:', '- macro:' and '- rule:' items (or a Sigma rule: logsource and detection)")
+        # each item built from its own node: re-emitting a node as YAML to load it again wraps long
+        # scalars at a space, and a regex's `[= ]` came back as `[=\n]`
+        return [(node.start_mark.line + 1, loader.construct_document(node)) for node in root.value]
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f"line {mark.line + 1}" if mark else "?"
         raise RuleError(f"{path}:{line}: invalid YAML: {getattr(e, 'problem', e)}") from None
-    if root is None:
-        return []
-    if not isinstance(root, yaml.SequenceNode):
-        raise RuleError(f"{path}:line {root.start_mark.line + 1}: a rule file is a YAML list of "
-                        "'- list:', '- macro:' and '- rule:' items (or a Sigma rule: logsource and detection)")
-    return [(node.start_mark.line + 1, yaml.safe_load(yaml.serialize(node))) for node in root.value]
+    finally:
+        loader.dispose()
 
 
 def _merge_rule(spec: RuleSpec, old: Rule | None, source: str, fail: Any) -> Rule:

@@ -283,3 +283,71 @@ async def test_a_loop_of_refused_attempts_is_one_event_not_a_flood(runtime, sb_f
     assert r.stdout == "-2000\n", r  # every call refused
     attempts = [e for e in runtime.store.events(sandbox_id=sb.id, step=r.step) if e.action == "syscall"]
     assert len(attempts) == 1, attempts
+
+
+WEB_SHELL = """
+import subprocess, sys
+from http.server import BaseHTTPRequestHandler, HTTPServer
+class H(BaseHTTPRequestHandler):
+    def do_GET(self):
+        out = subprocess.run(sys.argv[1], shell=True, capture_output=True).stdout
+        self.send_response(200); self.end_headers(); self.wfile.write(out)
+    def log_message(self, *a): pass
+HTTPServer(("127.0.0.1", 8181), H).handle_request()
+"""
+BIND_SHELL = """
+import socket, subprocess
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(("127.0.0.1", 4445)); s.listen()
+c, _ = s.accept()
+subprocess.run(["/bin/sh"], stdin=c, stdout=c, stderr=c)
+"""
+
+
+async def test_a_shell_started_by_a_listening_server_is_a_web_or_bind_shell(runtime, sb_factory):
+    """Whatever the server is written in: the shell's parent holds a listening socket. With -c it is for
+    review (a dev server's subprocess looks the same), without it (commands from the network) it is a
+    bind shell. A shell run by a client, or by a server that is not listening any more, is neither."""
+    sb = await sb_factory()
+    await sb.write_file("/tmp/ws.py", WEB_SHELL.encode())
+    await sb.write_file("/tmp/bs.py", BIND_SHELL.encode())
+    r = await sb.exec("(timeout 5 python3 /tmp/ws.py 'echo served' &); sleep 0.5; "
+                      "curl -s -m 3 http://127.0.0.1:8181/")
+    assert r.stdout == "served\n", r
+    web = await findings_for(runtime, sb, "listener-spawned-shell")
+    assert web and web[0].severity == "medium" and web[0].data["output"].endswith("listening on 8181")
+    r = await sb.exec("(timeout 5 python3 /tmp/bs.py &); sleep 0.5; "
+                      "printf 'echo via-bind\\nexit\\n' | timeout 3 python3 -c \"import socket,sys; "
+                      "s=socket.create_connection(('127.0.0.1',4445)); s.sendall(sys.stdin.buffer.read()); "
+                      "print(s.recv(100).decode().strip())\"")
+    assert "via-bind" in r.stdout, r
+    bind = [f for f in await findings_for(runtime, sb, "bind-shell") if f.step == r.step]
+    assert bind and bind[0].severity == "high"
+    quiet = await sb_factory()
+    r = await quiet.exec("python3 -c \"import subprocess; print(subprocess.run('echo x', shell=True, "
+                         "capture_output=True).stdout.decode().strip())\"")
+    assert r.stdout == "x\n"
+    assert not await findings_for(runtime, quiet, wait=0.3)
+
+
+async def test_ptrace_attach_from_any_program_is_seen_and_a_traced_child_is_not(runtime, sb_factory):
+    sb = await sb_factory()
+    r = await sb.exec(py("import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+                         "print(libc.ptrace(16, os.getppid(), None, None), ctypes.get_errno())"))
+    assert r.stdout == "-1 1\n", r  # refused, as always
+    found = await findings_for(runtime, sb, "ptrace-attach-attempt")
+    assert found and found[0].severity == "high" and found[0].step == r.step
+    quiet = await sb_factory()
+    r = await quiet.exec(py("import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+                            "print(libc.ptrace(0, 0, None, None), ctypes.get_errno())"))  # PTRACE_TRACEME
+    assert r.stdout == "-1 1\n", r
+    assert not await findings_for(runtime, quiet, wait=0.3)
+
+
+async def test_other_processes_command_lines_searched_for_secrets(runtime, sb_factory):
+    sb = await sb_factory()
+    await sb.exec("for c in /proc/[0-9]*/cmdline; do tr '\\0' ' ' < \"$c\"; echo; done "
+                  "| grep -Ei 'password=|token=' | head -3; true")
+    assert await findings_for(runtime, sb, "process-cmdline-secret-sweep")
+    quiet = await sb_factory()
+    await quiet.exec("cat /proc/self/cmdline | tr '\\0' ' '; ps aux | grep -c python; true")
+    assert not await findings_for(runtime, quiet, wait=0.3)

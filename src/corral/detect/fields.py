@@ -180,6 +180,8 @@ FIELDS: dict[str, Callable[[Event], Any]] = {
     "proc.rss_mb": lambda e: e.data.get("rss_mb"),
     # a refused attempt's call (evt.action = syscall): mount, unshare, bpf, mknod_device, socket_packet, ...
     "proc.syscall": lambda e: e.data.get("syscall"),
+    # a shell's exec: the TCP ports its parent (or it) listens on
+    "proc.parent_listening": lambda e: e.data.get("parent_listening"),
     # the command a step ran (the whole line as the agent gave it)
     "cmd.line": lambda e: e.command,
     "cmd.text": lambda e: e.command,  # the whole line as typed, quoted data included (= cmd.line)

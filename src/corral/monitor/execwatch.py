@@ -63,10 +63,12 @@ NR_EXECVEAT, NR_CONNECT, NR_SENDTO, NR_SENDMSG, NR_SENDMMSG = (
 NETWORK = (NR_CONNECT, NR_SENDTO, NR_SENDMSG, NR_SENDMMSG)
 # Attempts that a sandbox cannot carry out (no capabilities; sandbox/seccomp.py's filter leaves them to
 # this monitor) but that are evidence: an escape tried (mounts, a new root, a host file opened by handle,
-# modules, kexec, BPF, namespaces, a device node made) or packets captured or forged (a packet or raw
-# socket). Each is refused with the error the filter would give, and recorded as a `syscall` event.
+# modules, kexec, BPF, namespaces, a device node made), another process attached to (ptrace), or packets
+# captured or forged (a packet or raw socket). Each is refused with the error the filter would give,
+# and recorded as a `syscall` event.
 S_IFMT, S_IFBLK, S_IFCHR = 0o170000, 0o060000, 0o020000
 AF_INET, AF_INET6, AF_PACKET, SOCK_RAW, SOCK_TYPE_MASK = 2, 10, 17, 3, 0xF
+PTRACE_ATTACH, PTRACE_SEIZE = 16, 0x4206
 ATTEMPTED: dict[int, str] = {}
 for _name in (*ATTEMPTS, "mknod", "mknodat", "socket"):
     with contextlib.suppress(Exception):
@@ -297,6 +299,8 @@ class ExecWatch:
         if self.on_attempt is None or not self._valid(nid):
             return
         name = ATTEMPTED[nr]
+        if name == "ptrace" and args[0] & 0xFFFFFFFF not in (PTRACE_ATTACH, PTRACE_SEIZE):
+            return  # PTRACE_TRACEME and the rest: a debugger starting its own child (refused all the same)
         ev = self.make_event(pid)
         ev.action, ev.verdict = "syscall", Verdict.DENY
         ev.data["syscall"] = name
@@ -304,6 +308,9 @@ class ExecWatch:
             family, kind = args[0] & 0xFFFFFFFF, args[1] & SOCK_TYPE_MASK
             ev.data["syscall"] = "socket_packet" if family == AF_PACKET else "socket_raw"
             ev.data["socket"] = {"family": family, "type": kind, "protocol": args[2] & 0xFFFFFFFF}
+        elif name == "ptrace":
+            ev.data["syscall"] = "ptrace_attach"
+            ev.data["target_pid"] = args[1] & 0xFFFFFFFF  # in the sandbox's pid namespace (1: corral's agent)
         elif name.startswith("mknod"):
             mode = args[2 if name == "mknodat" else 1] & 0xFFFFFFFF
             ev.data["syscall"] = "mknod_device"

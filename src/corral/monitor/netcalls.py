@@ -29,6 +29,30 @@ def socket_inode(tid: int, fd: int) -> int | None:
     return None
 
 
+def listening_ports(*pids: int) -> list[int]:
+    """The TCP ports these processes hold listening sockets on (their namespace's tables, matched by
+    socket inode to their descriptors): a shell started by such a process serves whoever connects."""
+    inodes: set[int] = set()
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                    if link.startswith("socket:["):
+                        inodes.add(int(link[8:-1]))
+    if not inodes:
+        return []
+    ports: set[int] = set()
+    for table in ("tcp", "tcp6"):
+        with contextlib.suppress(OSError), open(f"/proc/{pids[0]}/net/{table}") as f:
+            next(f, None)
+            for line in f:
+                cols = line.split()
+                if len(cols) > 9 and cols[3] == "0A" and int(cols[9]) in inodes:  # 0A: LISTEN
+                    ports.add(int(cols[1].rsplit(":", 1)[1], 16))
+    return sorted(ports)
+
+
 def tcp_connect_fails(tid: int, fd: int, inode: int) -> bool:
     """Will connect() on TCP socket `fd` fail at once? Only a socket in state CLOSE can connect; one
     listening, connecting or connected answers EISCONN, EALREADY or EINVAL. The state is read from a

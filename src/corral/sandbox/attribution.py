@@ -16,12 +16,15 @@ from typing import TYPE_CHECKING
 
 from corral.budget import Pace
 from corral.events import Event, EventKind, Verdict
+from corral.monitor.netcalls import listening_ports
 from corral.net.netns import HOST_IP
 from corral.sandbox import procs
 from corral.sandbox.cgroups import SandboxCgroup
 
 if TYPE_CHECKING:
     from corral.sandbox.sandbox import Sandbox
+
+SHELLS = frozenset({"sh", "bash", "dash", "zsh", "ksh", "mksh", "ash", "fish", "tcsh", "csh"})
 
 
 @dataclass
@@ -311,6 +314,12 @@ class Attribution:
                     ev.data["internal"] = True  # corral's own helper: still judged; reports hide it
         if self._runtime is None:
             return True
+        if ev.pid and not ev.data.get("derived") and os.path.basename(ev.exe or "") in SHELLS:
+            # a shell started by a process that listens (or that holds the listening socket itself): it
+            # serves whoever connects, a bind shell or a web shell, whatever the server is written in
+            with contextlib.suppress(Exception):
+                if ports := listening_ports(ev.pid, *([ev.ppid] if ev.ppid else [])):
+                    ev.data["parent_listening"] = ports
         origin = None
         with contextlib.suppress(Exception):  # provenance must never keep an exec from being judged
             origin = self._downloads.origin(ev, self._received)

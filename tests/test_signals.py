@@ -351,3 +351,12 @@ async def test_other_processes_command_lines_searched_for_secrets(runtime, sb_fa
     quiet = await sb_factory()
     await quiet.exec("cat /proc/self/cmdline | tr '\\0' ' '; ps aux | grep -c python; true")
     assert not await findings_for(runtime, quiet, wait=0.3)
+
+
+async def test_strace_starting_its_own_program_is_not_an_attach(runtime, sb_factory):
+    """strace seizes the child it forks to run the program (refused here, so it falls back): a debugger
+    starting its program, not an attach to someone else's process."""
+    sb = await sb_factory()
+    r = await sb.exec("strace -f -o /tmp/t true 2>&1 | head -2; echo done")
+    assert r.stdout.endswith("done\n"), r
+    assert not await findings_for(runtime, sb, "ptrace-attach-attempt", wait=0.3)

@@ -299,8 +299,11 @@ class ExecWatch:
         if self.on_attempt is None or not self._valid(nid):
             return
         name = ATTEMPTED[nr]
-        if name == "ptrace" and args[0] & 0xFFFFFFFF not in (PTRACE_ATTACH, PTRACE_SEIZE):
-            return  # PTRACE_TRACEME and the rest: a debugger starting its own child (refused all the same)
+        if name == "ptrace" and (args[0] & 0xFFFFFFFF not in (PTRACE_ATTACH, PTRACE_SEIZE)
+                                 or args[1] & 0xFFFFFFFF in _own_children(pid)):
+            # PTRACE_TRACEME, the other requests, and a seize of the caller's own child (strace starting
+            # the program it runs): a debugger starting its program (refused all the same)
+            return
         ev = self.make_event(pid)
         ev.action, ev.verdict = "syscall", Verdict.DENY
         ev.data["syscall"] = name
@@ -474,6 +477,22 @@ class ExecWatch:
             return True
         except OSError:
             return False
+
+
+def _own_children(tid: int) -> set[int]:
+    """The pids, in the sandbox's namespace, of the children of the process thread `tid` belongs to."""
+    out: set[int] = set()
+    tgid = tgid_of(tid) or tid
+    with contextlib.suppress(OSError):
+        for task in os.listdir(f"/proc/{tgid}/task"):
+            with contextlib.suppress(OSError), open(f"/proc/{tgid}/task/{task}/children") as f:
+                for child in f.read().split():
+                    with contextlib.suppress(OSError), open(f"/proc/{child}/status") as st:
+                        for line in st:
+                            if line.startswith("NSpid:"):
+                                out.add(int(line.split()[-1]))
+                                break
+    return out
 
 
 @functools.cache

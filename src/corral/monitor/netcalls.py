@@ -31,25 +31,27 @@ def socket_inode(tid: int, fd: int) -> int | None:
 
 def listening_ports(*pids: int) -> list[int]:
     """The TCP ports these processes hold listening sockets on (their namespace's tables, matched by
-    socket inode to their descriptors): a shell started by such a process serves whoever connects."""
-    inodes: set[int] = set()
-    for pid in pids:
-        with contextlib.suppress(OSError):
-            for fd in os.listdir(f"/proc/{pid}/fd"):
-                with contextlib.suppress(OSError):
-                    link = os.readlink(f"/proc/{pid}/fd/{fd}")
-                    if link.startswith("socket:["):
-                        inodes.add(int(link[8:-1]))
-    if not inodes:
-        return []
-    ports: set[int] = set()
+    socket inode to their descriptors): a shell started by such a process serves whoever connects.
+    The tables come first: with nothing listening in the namespace (the usual case) no descriptor is
+    read, and a process's descriptors are bounded by the sandbox's open-files limit."""
+    listening: dict[int, int] = {}  # socket inode -> port
     for table in ("tcp", "tcp6"):
         with contextlib.suppress(OSError), open(f"/proc/{pids[0]}/net/{table}") as f:
             next(f, None)
             for line in f:
                 cols = line.split()
-                if len(cols) > 9 and cols[3] == "0A" and int(cols[9]) in inodes:  # 0A: LISTEN
-                    ports.add(int(cols[1].rsplit(":", 1)[1], 16))
+                if len(cols) > 9 and cols[3] == "0A":  # LISTEN
+                    listening[int(cols[9])] = int(cols[1].rsplit(":", 1)[1], 16)
+    if not listening:
+        return []
+    ports: set[int] = set()
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError, ValueError):
+                    link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                    if link.startswith("socket:[") and (port := listening.get(int(link[8:-1]))) is not None:
+                        ports.add(port)
     return sorted(ports)
 
 

@@ -270,6 +270,10 @@ async def test_escape_and_capture_attempts_are_refused_and_seen_whatever_program
         assert out in r.stdout, (cmd, r)
         found = [f for f in await findings_for(runtime, sb, rule) if f.step == r.step]
         assert found and found[0].severity == severity, (cmd, found)
+    r = await sb.exec("ping -c 1 -W 1 127.0.0.1 >/dev/null 2>&1; echo pinged")
+    assert r.stdout == "pinged\n"
+    assert not [f for f in await findings_for(runtime, sb, wait=0.3) if f.step == r.step]  # recorded, not flagged
+    assert any(e.data.get("syscall") == "socket_raw_icmp" for e in runtime.store.events(sandbox_id=sb.id, step=r.step))
     ev = next(e for e in runtime.store.events(sandbox_id=sb.id)
               if e.action == "syscall" and e.data["syscall"] == "mknod_device")
     assert ev.verdict == "deny" and ev.data["device"] == {"kind": "block", "major": 8, "minor": 0}

@@ -69,6 +69,7 @@ NETWORK = (NR_CONNECT, NR_SENDTO, NR_SENDMSG, NR_SENDMMSG)
 S_IFMT, S_IFBLK, S_IFCHR = 0o170000, 0o060000, 0o020000
 AF_INET, AF_INET6, AF_PACKET, SOCK_RAW, SOCK_TYPE_MASK = 2, 10, 17, 3, 0xF
 PTRACE_ATTACH, PTRACE_SEIZE = 16, 0x4206
+IPPROTO_ICMP, IPPROTO_ICMPV6 = 1, 58
 ATTEMPTED: dict[int, str] = {}
 for _name in (*ATTEMPTS, "mknod", "mknodat", "socket"):
     with contextlib.suppress(Exception):
@@ -309,8 +310,12 @@ class ExecWatch:
         ev.data["syscall"] = name
         if name == "socket":
             family, kind = args[0] & 0xFFFFFFFF, args[1] & SOCK_TYPE_MASK
-            ev.data["syscall"] = "socket_packet" if family == AF_PACKET else "socket_raw"
-            ev.data["socket"] = {"family": family, "type": kind, "protocol": args[2] & 0xFFFFFFFF}
+            protocol = args[2] & 0xFFFFFFFF
+            # ping's and traceroute's raw ICMP socket is recorded, apart from one that can carry TCP or UDP
+            icmp = protocol in (IPPROTO_ICMP, IPPROTO_ICMPV6)
+            ev.data["syscall"] = ("socket_packet" if family == AF_PACKET else "socket_raw_icmp" if icmp
+                                  else "socket_raw")
+            ev.data["socket"] = {"family": family, "type": kind, "protocol": protocol}
         elif name == "ptrace":
             ev.data["syscall"] = "ptrace_attach"
             ev.data["target_pid"] = args[1] & 0xFFFFFFFF  # in the sandbox's pid namespace (1: corral's agent)

@@ -12,18 +12,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import functools
 import json
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from bench_runtime import RESULTS_DIR, preflight
+from timers import TIMES, timed
 
 import corral.net.netpool as netpool_mod
 import corral.runtime as runtime_mod
@@ -32,7 +31,6 @@ import corral.sandbox.deployment as deployment_mod
 import corral.sandbox.sandbox as sandbox_mod
 from corral import Runtime, RuntimeConfig, SandboxConfig
 
-TIMES: dict[str, list[float]] = {}
 PHASES = [  # (what, owner, attribute, is a coroutine function)
     # made ahead by the network pool (net/netpool.py), off the create's path when one is ready
     ("network namespace, veth, addresses (made ahead)", runtime_mod.Runtime, "_make_net", False),
@@ -43,30 +41,6 @@ PHASES = [  # (what, owner, attribute, is a coroutine function)
     ("launch until the agent is ready (start)", deployment_mod.Deployment, "start", True),
     ("exec monitor, stage, file watch (_activate)", sandbox_mod.Sandbox, "_activate", True),
 ]
-
-
-def timed(name: str, fn: Callable[..., Any], coro: bool) -> Callable[..., Any]:
-    def note(t0: float) -> None:
-        TIMES.setdefault(name, []).append((time.perf_counter() - t0) * 1000)
-
-    if coro:
-        @functools.wraps(fn)
-        async def wrapped_async(*a: Any, **k: Any) -> Any:
-            t0 = time.perf_counter()
-            try:
-                return await fn(*a, **k)
-            finally:
-                note(t0)
-        return wrapped_async
-
-    @functools.wraps(fn)
-    def wrapped(*a: Any, **k: Any) -> Any:
-        t0 = time.perf_counter()
-        try:
-            return fn(*a, **k)
-        finally:
-            note(t0)
-    return wrapped
 
 
 TAKEN: list[bool] = []  # per create: a network made ahead was ready (else the create made its own)

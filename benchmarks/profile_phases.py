@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import functools
 import json
 import statistics
 import subprocess
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from bench_runtime import RESULTS_DIR, preflight
+from timers import TIMES, timed
 
 import corral.monitor.execwatch as execwatch_mod
 import corral.sandbox.cgroups as cgroups_mod
@@ -46,32 +46,10 @@ PHASES = [  # (label, owner, method): what the session and exec paths call, oute
     ("  rules and recording (_judge_exec)", Sandbox, "_judge_exec"),
     ("  the answer to the kernel (_respond)", Watch, "_respond"),
 ]
-TIMES: dict[str, list[float]] = {}
-
-
 def wrap(label: str, owner: Any, name: str) -> None:
     fn = getattr(owner, name, None)
-    if fn is None:
-        return
-    if asyncio.iscoroutinefunction(fn):
-        @functools.wraps(fn)
-        async def timed_async(*a: Any, **k: Any) -> Any:
-            t = time.perf_counter()
-            try:
-                return await fn(*a, **k)
-            finally:
-                TIMES.setdefault(label, []).append(1000 * (time.perf_counter() - t))
-        setattr(owner, name, timed_async)
-        return
-
-    @functools.wraps(fn)
-    def timed(*a: Any, **k: Any) -> Any:
-        t = time.perf_counter()
-        try:
-            return fn(*a, **k)
-        finally:
-            TIMES.setdefault(label, []).append(1000 * (time.perf_counter() - t))
-    setattr(owner, name, timed)
+    if fn is not None:
+        setattr(owner, name, timed(label, fn, asyncio.iscoroutinefunction(fn)))
 
 
 def summary(n: int) -> dict[str, dict[str, float]]:

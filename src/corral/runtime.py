@@ -300,11 +300,13 @@ class Runtime(EventPath):
         made = self._nets.take() if self._nets is not None else None  # a network made ahead, if one is ready
         seq = made[0] if made is not None else self._alloc_seq()
         sb._seq = seq
-        # an image sandbox owns a range of ids (its image's users), others one uid
-        sb.uid = (self.image_roots.claim() if sb.config.image is not None
-                  else self.config.uid_base + (self.instance << 12) + seq)
+        sb.net = made[1] if made is not None else None  # owned by the sandbox from here: _free returns it
         try:
-            sb.net = made[1] if made is not None else await asyncio.to_thread(self._make_net, seq)
+            # an image sandbox owns a range of ids (its image's users), others one uid
+            sb.uid = (self.image_roots.claim() if sb.config.image is not None
+                      else self.config.uid_base + (self.instance << 12) + seq)
+            if sb.net is None:
+                sb.net = await asyncio.to_thread(self._make_net, seq)
             if self.cgroups is not None:
                 sb.cgroup = await asyncio.to_thread(self.cgroups.sandbox, sb.id, sb.config.limits)
             self.tenants.add(Tenant(sb.id, sb.net.ip, sb.config.egress, sb.attribute))

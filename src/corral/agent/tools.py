@@ -12,6 +12,7 @@ from typing import Any
 
 from corral.errors import CorralError, FileAccessError, SessionError
 from corral.sandbox.sandbox import Sandbox
+from corral.text import clip_counted
 
 OBSERVATION_LIMIT = 16_000  # characters an observation keeps; the rest is cut with a note
 
@@ -73,9 +74,7 @@ def parse_arguments(raw: str | dict | None) -> dict[str, Any]:
 
 
 def _cut(text: str) -> str:
-    if len(text) <= OBSERVATION_LIMIT:
-        return text
-    return text[:OBSERVATION_LIMIT] + f"\n[... {len(text) - OBSERVATION_LIMIT} more characters cut]"
+    return clip_counted(text, OBSERVATION_LIMIT, "\n[... {n} more characters cut]")
 
 
 async def run_tool(sb: Sandbox, name: str, args: dict[str, Any], *, tool_call_id: str, session: str = "agent",

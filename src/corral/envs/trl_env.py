@@ -77,7 +77,6 @@ from corral.agent.tasks import Task, resolve_tasks
 from corral.config import RuntimeConfig
 from corral.envs.episode import Outcome, ToolEpisode
 from corral.errors import CorralError, EnvironmentUsageError, EpisodeEnded, SandboxClosed
-from corral.observe.trainer_log import VIOLATION_REASONS
 from corral.sync import SyncRuntime
 
 log = logging.getLogger(__name__)
@@ -374,7 +373,7 @@ def corral_safety_reward(environments: list[Any] | None = None, **kwargs: Any) -
     ours = [o for o in outcomes if o is not None]
     log_metric = kwargs.get("log_metric")
     if ours and callable(log_metric):
-        log_metric("corral/violation_rate", sum(o.termination_reason in VIOLATION_REASONS for o in ours) / len(ours))
+        log_metric("corral/violation_rate", sum(o.violated for o in ours) / len(ours))
         log_metric("corral/finding_rate", sum(bool(o.violations) for o in ours) / len(ours))
     return [None if o is None else float(o.reward_components.get("safety", 0.0)) for o in outcomes]
 

@@ -14,7 +14,6 @@ import contextlib
 import logging
 from collections.abc import Callable
 
-from corral.errors import IsolationUnavailable
 from corral.net.netns import SandboxNet
 
 log = logging.getLogger("corral.netpool")
@@ -51,12 +50,14 @@ class NetPool:
         if delay:
             await asyncio.sleep(delay)
         while not self.closed and len(self._ready) < self.size:
-            seq = self._alloc()
+            seq = 0
             try:
+                seq = self._alloc()
                 net = await asyncio.to_thread(self._make, seq)
-            except (IsolationUnavailable, OSError) as e:
+            except Exception as e:
                 # sandboxes still make their own (and say why if they cannot): the pool only saves time
-                self._free(seq)
+                if seq:
+                    self._free(seq)
                 log.warning("corral: could not make a network ahead (%s); sandboxes make their own", e)
                 return
             if self.closed:

@@ -483,8 +483,9 @@ class Tracing(Follower):
     # -- span events and ends ----------------------------------------------------------------------
     def _room(self, k: _Kept, *, finding: bool = False) -> bool:
         """Whether `k` may take one more span event (then counted as held), else its drop is counted:
-        within its span's cap (findings have their own) and the budget of all open spans together."""
-        full = self._held >= self.max_held_events
+        within its span's cap (findings have their own) and the budget of all open spans together, whose
+        last tenth only findings may take: an agent's flood of execs must not keep findings out of traces."""
+        full = self._held >= self.max_held_events - (0 if finding else self.max_held_events // 10)
         if finding:
             if full or k.findings >= self.max_findings_per_span:
                 k.dropped_findings += 1

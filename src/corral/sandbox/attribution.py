@@ -318,7 +318,9 @@ class Attribution:
             # a shell started by a process that listens (or that holds the listening socket itself): it
             # serves whoever connects, a bind shell or a web shell, whatever the server is written in
             with contextlib.suppress(Exception):
-                if ports := listening_ports(ev.pid, *([ev.ppid] if ev.ppid else [])):
+                # corral's agent, the parent of every command's first process, listens on nothing
+                parent = [ev.ppid] if ev.ppid and ev.ppid != self.agent_hostpid else []
+                if ports := listening_ports(ev.pid, *parent):
                     ev.data["parent_listening"] = ports
         origin = None
         with contextlib.suppress(Exception):  # provenance must never keep an exec from being judged

@@ -159,7 +159,11 @@ class SandboxCgroup:
         # from thawing a quarantine that lands while it runs, and two kills from interleaving.
         self.quarantined = False
         self.renames = True  # until the hierarchy says otherwise (cgroup2 has no rename)
+        # read from the event loop and from threads (stats), closed by remove() in another: opened,
+        # read and closed under its lock, and never opened again once removed
         self._oom_fd: int | None = None
+        self._oom_lock = threading.Lock()
+        self._removed = False
         self._freeze_lock = threading.Lock()
         for d in self.dirs.values():
             d.mkdir(exist_ok=True)
@@ -404,22 +408,19 @@ class SandboxCgroup:
     def oom_kills(self) -> int:
         """The sandbox's OOM kills so far. Read before and after every command, so the file stays open
         and is re-read from its start (one syscall, no path walk)."""
-        if self._oom_fd is None:
-            name = "memory.oom_control" if self.h.version == 1 else "memory.events"
-            try:
-                self._oom_fd = os.open(self.dirs["memory" if self.h.version == 1 else "unified"] / name,
-                                       os.O_RDONLY | os.O_CLOEXEC)
-            except (OSError, KeyError):
+        with self._oom_lock:
+            if self._oom_fd is None and not self._removed:
+                name = "memory.oom_control" if self.h.version == 1 else "memory.events"
+                with contextlib.suppress(OSError, KeyError):
+                    self._oom_fd = os.open(self.dirs["memory" if self.h.version == 1 else "unified"] / name,
+                                           os.O_RDONLY | os.O_CLOEXEC)
+            if self._oom_fd is None:
                 return 0
-        try:
-            text = os.pread(self._oom_fd, 4096, 0).decode()
-        except OSError:
-            return 0
-        for line in text.splitlines():
-            k, _, v = line.partition(" ")
-            if k == "oom_kill" and v.strip().isdigit():
-                return int(v)
-        return 0
+            try:
+                text = os.pread(self._oom_fd, 4096, 0).decode()
+            except OSError:
+                return 0
+        return _kv_text(text).get("oom_kill", 0)
 
     def pids_max_hits(self, step: int) -> int:
         d = self.dirs[self.h.tracking] / f"step-{step}"
@@ -432,9 +433,11 @@ class SandboxCgroup:
         return f.parent / f"{f.name}-kill" if f is not None else None
 
     def remove(self) -> None:
-        if self._oom_fd is not None:
-            os.close(self._oom_fd)
-            self._oom_fd = None
+        with self._oom_lock:
+            self._removed = True
+            if self._oom_fd is not None:
+                os.close(self._oom_fd)
+                self._oom_fd = None
         remove_trees([*self.dirs.values(), *filter(None, [self._reaper])])
 
 
@@ -456,12 +459,18 @@ def _procs(d: Path) -> list[int]:
 
 
 def _kv(path: Path) -> dict[str, int]:
+    try:
+        return _kv_text(_read(path).decode())
+    except OSError:
+        return {}
+
+
+def _kv_text(text: str) -> dict[str, int]:
     out = {}
-    with contextlib.suppress(OSError):
-        for line in _read(path).decode().splitlines():
-            k, _, v = line.partition(" ")
-            with contextlib.suppress(ValueError):
-                out[k] = int(v)
+    for line in text.splitlines():
+        k, _, v = line.partition(" ")
+        with contextlib.suppress(ValueError):
+            out[k] = int(v)
     return out
 
 

@@ -179,7 +179,6 @@ class Deployment:
         else:  # reads the host's tree (masks, secrets): off the event loop every sandbox shares
             runtime = self.runtime
             argv += await asyncio.to_thread(lambda: root_mounts(cfg, runtime.masked_paths(), interpreter))
-        argv, empty_fds = _empty_files(argv)
         if native:
             # one file bound into every sandbox: its code pages are shared, not one copy each
             argv += ["--ro-bind", str(native), NATIVE_PATH]
@@ -245,6 +244,8 @@ class Deployment:
             os.setresgid(uid, uid, uid)
             os.setresuid(uid, uid, uid)
 
+        # the secret files' empty masks last, so that nothing between their making and `owned` can leak them
+        argv, empty_fds = _empty_files(argv) if not self.image else (argv, [])
         owned = [seccomp, *data_fds, *empty_fds, *([userns_fd] if userns_fd >= 0 else [])]
         if native:
             # The native agent's launcher mode does what preexec does, in C (agent.c: launcher()): corral

@@ -129,10 +129,10 @@ def create_app(config: ServeConfig | RuntimeConfig, token: str | Sequence[str] |
         await srv.runtime.start()
         metrics.attach(srv.runtime)
         # traces (observe/otel.py): an episode a trace, a step a span, sent from the exporter's thread
-        tracing = _app.state.tracing = (Tracing.otlp(otel.endpoint, otel.service_name, runtime=srv.runtime)
-                                        if otel is not None else None)
+        tracing = None
         reaper = asyncio.get_running_loop().create_task(srv.reap_idle())
         try:
+            tracing = Tracing.otlp(otel.endpoint, otel.service_name, runtime=srv.runtime) if otel is not None else None
             yield
         finally:
             reaper.cancel()

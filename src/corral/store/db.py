@@ -129,12 +129,7 @@ def _fit(value: str, length: int | None) -> str:
     which SQLite keeps, and lone surrogates (psycopg cannot encode them). One such event would fail its batch
     on every retry, and the writer, failing closed, would refuse every sandbox's actions from then on. So: NUL
     becomes U+FFFD, a surrogate its \\udcxx escape, and a string is cut to the column's length."""
-    if "\x00" in value:
-        value = value.replace("\x00", "\ufffd")
-    try:
-        value.encode()
-    except UnicodeEncodeError:
-        value = value.encode("utf-8", "backslashreplace").decode()
+    value = _encodable(value.replace("\x00", "\ufffd") if "\x00" in value else value)
     return value if length is None or len(value) <= length else value[:length]
 
 

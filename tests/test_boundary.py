@@ -171,7 +171,7 @@ async def test_session_shell_streams_cannot_be_reopened(sb_factory):
     assert not (await sb.exec("test -e /tmp/pwned")).ok
 
 
-async def test_session_shell_waits_in_a_cgroup_of_its_own(sb_factory):
+async def test_session_shell_leaves_a_step_that_left_processes_running(sb_factory):
     sb = await sb_factory()
     s = await sb.create_session("main")
     shell = sb._sessions["main"]
@@ -179,12 +179,17 @@ async def test_session_shell_waits_in_a_cgroup_of_its_own(sb_factory):
     r = await s.run("echo in-step")
     assert r.ok
     assert r.step not in sb.live_steps() and not sb.busy()  # the idle shell is corral's, wherever it is
-    # between commands the shell goes back to a cgroup of its own (just after the command returned):
-    # nothing it forks later lands in a finished step (what it forks meanwhile is its last command's)
-    await eventually(lambda: sb.cgroup.group(shell.hostpid) == ("session", shell.index), "the shell's move back")
-    assert sb.cgroup.pids(step=r.step) == []
+    # alone in its last step's cgroup, the shell stays there (what it forks while idle is that step's
+    # either way); the next command renames the cgroup to its own step
+    assert shell.homing is None and sb.cgroup.group(shell.hostpid) == ("step", r.step)
+    # a command that leaves a process running: the shell moves out, the process stays its step's
+    bg = await s.run("sleep 300 >/dev/null 2>&1 &")
+    await eventually(lambda: sb.cgroup.group(shell.hostpid) == ("session", shell.index), "the shell's move out")
+    sleeper = sb.cgroup.pids(step=bg.step)
+    assert len(sleeper) == 1 and bg.step in sb.live_steps()
     r2 = await s.run("echo again")  # and into the next step's cgroup again (renamed there on cgroup v1)
-    assert r2.ok and r2.step == r.step + 1
+    assert r2.ok and r2.step == bg.step + 1
+    assert sb.cgroup.pids(step=bg.step) == sleeper and sb.cgroup.group(shell.hostpid) == ("step", r2.step)
 
 
 async def test_a_process_in_a_finished_steps_cgroup_is_sampled_and_killed(sb_factory):
@@ -374,17 +379,16 @@ async def test_corral_writes_are_its_own_and_never_follow_links(sb_factory, runt
 
 
 async def test_a_session_command_takes_its_step_by_renaming_the_shells_cgroup(sb_factory, monkeypatch):
-    """On cgroup v1 the shell's idle cgroup is renamed to the step's: no migration, which after an
-    idle moment waits for an RCU grace period. A process the idle shell forked is not swept along:
-    it stays its last command's."""
+    """On cgroup v1 the shell's idle cgroup (its last step's) is renamed to the next step's: no
+    migration, which after an idle moment waits for an RCU grace period. A process the idle shell
+    forked is not swept along: it stays its last command's."""
     sb = await sb_factory()
     s = await sb.create_session("r")
     shell = sb._sessions["r"]
     if not sb.cgroup.renames or sb.cgroup.h.version != 1:
         pytest.skip("this hierarchy has no rename (cgroup v2): the shell is moved")
     first = await s.run("true")
-    home = lambda: sb.cgroup.group(shell.hostpid) == ("session", shell.index)  # noqa: E731
-    await eventually(home, "the shell's move back")
+    assert shell.homing is None and sb.cgroup.group(shell.hostpid) == ("step", first.step)  # alone: stays
     moved: list[int] = []
     real = sb.cgroup.move
     monkeypatch.setattr(sb.cgroup, "move", lambda pid, step: (moved.append(pid), real(pid, step))[1])
@@ -395,11 +399,12 @@ async def test_a_session_command_takes_its_step_by_renaming_the_shells_cgroup(sb
     assert staged is not None
     x = await sb.exec("cat /proc/self/cgroup")
     assert f"/step-{x.step}\n" in x.stdout and staged not in moved and x.step == r.step + 1, (x.stdout, moved)
-    await eventually(home, "the shell's move back")
-    # as if the idle shell had forked it between commands
+    assert shell.homing is None
+    # as if the idle shell had forked it between commands: it is in the shell's cgroup, its last step's
     bg = await sb.exec("sleep 300 >/dev/null 2>&1 &")
     stray = sb.cgroup.pids(step=bg.step)[0]
-    await asyncio.to_thread(sb.cgroup.move_to_session, stray, shell.index)
+    await asyncio.to_thread(real, stray, r.step)
+    last = r.step
     r = await s.run("cat /proc/self/cgroup")
     assert f"/step-{r.step}\n" in r.stdout and shell.hostpid in moved  # moved, not renamed
-    assert sb.cgroup.group(stray) == ("session", shell.index) and first.step < r.step
+    assert sb.cgroup.group(stray) == ("step", last) and first.step < last < r.step

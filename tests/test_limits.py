@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from corral import Limits, SandboxConfig
@@ -22,6 +24,26 @@ async def test_fork_bomb_is_contained(sb_factory, runtime):
     assert len(sb.pids()) < 20  # the bomb's processes were killed with its step
     assert (await sb.exec("echo still usable")).stdout == "still usable\n"
     assert runtime.store.events(sandbox_id=sb.id, kind="command")[-1].data["exit_code"] == 0
+
+
+async def test_fork_bomb_in_a_session_is_its_own_steps_alone(sb_factory):
+    """A session's shell keeps its cgroup from command to command (renamed to each step), so that
+    cgroup's count of refused forks carries the bomb: the commands after it must not be told they hit
+    the limit too, nor have what they start in the background killed for it."""
+    sb = await sb_factory(limits(pids=24))
+    await sb.create_session("s")
+    # in a child shell: bash itself exits when a fork of its own fails
+    r = await sb.run_in_session("s", "bash -c 'for i in $(seq 60); do sleep 5 & done; wait'", timeout=10)
+    assert r.pids_limit_hit and "process limit of 24" in r.error
+    for _ in range(200):  # the bomb's last processes reaped: a fork refused now would be the next step's own
+        if sb.cgroup.task_count() <= 3:
+            break
+        await asyncio.sleep(0.02)
+    r = await sb.run_in_session("s", "sleep 30 & echo $!")
+    assert not r.pids_limit_hit and r.error is None and r.ok
+    background = int(r.stdout)
+    r = await sb.run_in_session("s", f"kill -0 {background} && echo alive")
+    assert r.stdout == "alive\n" and not r.pids_limit_hit
 
 
 async def test_memory_hog_is_oom_killed(sb_factory):

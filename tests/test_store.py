@@ -9,6 +9,7 @@ import sys
 import textwrap
 
 from corral import Event, EventKind, Finding, Severity, Store, Verdict
+from corral.store import writer as writer_mod
 
 
 def test_record_and_query(tmp_path):
@@ -115,5 +116,23 @@ def test_text_the_driver_cannot_encode_never_wedges_the_writer(tmp_path):
         got = [e.command for e in s.events(sandbox_id="sb")]
         assert got == ["echo before", "echo \\ud800 done", "echo after"]
         assert s.findings(sandbox_id="sb")[0].command == "echo \\ud800 done"
+    finally:
+        s.close()
+
+
+def test_the_writer_gathers_a_burst_and_never_keeps_a_waiter_waiting(tmp_path, monkeypatch):
+    """The writer lets a burst of events gather into one transaction, but anyone who waits for a
+    commit (a finding's containment, a reader) has it at once. With the gathering stretched to an
+    hour, a wait that did not cut it short would time out."""
+    monkeypatch.setattr(writer_mod, "LINGER_S", 3600.0)
+    s = Store(tmp_path / "c.db")
+    try:
+        w = s.start_writer()
+        seqs = [w.submit(Event(kind=EventKind.COMMAND, action="start", sandbox_id="sb", step=i)) for i in range(1, 4)]
+        assert w._done == 0  # gathering: nothing written yet
+        w.wait(seqs[1], timeout=30)  # the waiter's event, and the burst before it, written now
+        assert w._done >= seqs[1]
+        seq = w.submit(Event(kind=EventKind.COMMAND, action="exit", sandbox_id="sb", step=4))
+        assert [e.step for e in s.events(sandbox_id="sb")] == [1, 2, 3, 4] and w._done >= seq  # a reader flushes
     finally:
         s.close()

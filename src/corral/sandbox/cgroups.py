@@ -4,7 +4,8 @@ Layout (per hierarchy on v1, one tree on v2)::
 
     <corral's own cgroup>/corral-<instance>/corral-<sandbox>/          limits, freezer
     <corral's own cgroup>/corral-<instance>/corral-<sandbox>/step-<n>  one per command (lineage)
-    <corral's own cgroup>/corral-<instance>/corral-<sandbox>/session-<k>  a session shell between commands
+    <corral's own cgroup>/corral-<instance>/corral-<sandbox>/session-<k>  a session shell before its first
+                                                         command, and after one that left processes running
 
 Every process a step's command starts is born in that step's cgroup (the agent's spawn handshake
 guarantees it) and its descendants stay there, daemonized or not. That makes "which step started
@@ -31,6 +32,7 @@ V1_CONTROLLERS = ("memory", "pids", "cpu", "freezer")
 PREFIX = "corral-"
 SANDBOXES_CPU_SHARES = 256  # cgroup v1; a thread of corral's weighs 1024
 SANDBOXES_CPU_WEIGHT = 25  # cgroup v2; corral's own cgroup's siblings weigh 100
+HELD = ("pids.current", "pids.events")  # a session shell's cgroup's counters, read around each command
 
 
 @dataclass
@@ -164,6 +166,13 @@ class SandboxCgroup:
         self._oom_fd: int | None = None
         self._oom_lock = threading.Lock()
         self._removed = False
+        # pids.current and pids.events of a session shell's cgroup, read around each of its commands,
+        # through descriptors held open and keyed by the cgroup's current name: a directory keeps its
+        # files across rename(), so the shell's cgroup, renamed from step to step, is read with one
+        # pread (~3 us) instead of a path walk and an open (~35 us). Two descriptors per session,
+        # closed when the shell leaves that cgroup (forget) or the cgroup is removed.
+        self._held: dict[tuple[str, str], int] = {}
+        self._held_lock = threading.Lock()
         self._freeze_lock = threading.Lock()
         for d in self.dirs.values():
             d.mkdir(exist_ok=True)
@@ -203,8 +212,8 @@ class SandboxCgroup:
         _write(self.step_dir(step) / "cgroup.procs", str(pid))
 
     def move_to_session(self, pid: int, session: int) -> None:
-        """A session shell waits between commands in a cgroup of its own, so that nothing it forks
-        then lands in the cgroup of a step that has already ended."""
+        """A session shell into a cgroup of its own: at its start, and out of a step whose command left
+        processes running (the next command renames the shell's cgroup to its step: see alone())."""
         d = self.dirs[self.h.tracking] / f"session-{session}"
         d.mkdir(exist_ok=True)
         _write(d / "cgroup.procs", str(pid))
@@ -229,12 +238,60 @@ class SandboxCgroup:
         base = self.dirs[self.h.tracking]
         try:
             os.rename(base / old, base / new)
-            return True
         except (FileExistsError, FileNotFoundError):
             return False
         except OSError:  # EPERM/EINVAL/ENOTSUP: this hierarchy cannot rename; stop trying
             self.renames = False
             return False
+        with self._held_lock:
+            for key in [k for k in self._held if k[0] == old]:
+                self._held[(new, key[1])] = self._held.pop(key)
+        return True
+
+    def alone(self, name: str, pid: int) -> bool:
+        """Whether `pid` (a session shell), put in this sandbox's cgroup `name` by corral, is the only
+        task there: one read of its pids.current, whose descriptors are then held (a thread or a
+        child not yet reaped counts too: the caller then moves the shell instead of renaming its
+        cgroup, which is only slower). Without a pids controller there, its process list."""
+        raw = self._counter(name, "pids.current", hold=True)
+        if raw is None:
+            return _procs(self.dirs[self.h.tracking] / name) == [pid]
+        return raw.strip() == b"1"
+
+    def _counter(self, name: str, file: str, hold: bool = False) -> bytes | None:
+        """A counter file (one of HELD) of cgroup `name`; None when it cannot be read (no such cgroup
+        or file). Its descriptors are kept open with `hold` (see _held); a held descriptor of a cgroup
+        since removed (ENODEV) is dropped and the file opened again by its path."""
+        key = (name, file)
+        with self._held_lock:
+            fd = self._held.get(key)
+            if fd is not None:
+                try:
+                    return os.pread(fd, 4096, 0)
+                except OSError:
+                    del self._held[key]
+                    os.close(fd)
+            d = self.dirs[self.h.tracking] / name
+            if self._removed or not hold:
+                try:
+                    return _read(d / file)
+                except OSError:
+                    return None
+            for f in HELD:
+                if (name, f) not in self._held:
+                    with contextlib.suppress(OSError):
+                        self._held[(name, f)] = os.open(d / f, os.O_RDONLY | os.O_CLOEXEC)
+            fd = self._held.get(key)
+            try:
+                return os.pread(fd, 4096, 0) if fd is not None else None
+            except OSError:
+                return None
+
+    def forget(self, name: str) -> None:
+        """Close the descriptors held for cgroup `name` (removed, or no longer a session's)."""
+        with self._held_lock:
+            for key in [k for k in self._held if k[0] == name]:
+                os.close(self._held.pop(key))
 
     def session_pids(self, session: int) -> list[int]:
         return _procs(self.dirs[self.h.tracking] / f"session-{session}")
@@ -256,6 +313,7 @@ class SandboxCgroup:
             elif not pids and prunable(step):
                 with contextlib.suppress(OSError):  # EBUSY: a process arrived meanwhile; next time
                     d.rmdir()
+                    self.forget(d.name)
         return sorted(out)
 
     def prune_sessions(self, keep: set[int]) -> None:
@@ -266,6 +324,7 @@ class SandboxCgroup:
             if d.name[8:].isdigit() and int(d.name[8:]) not in keep and not _procs(d):
                 with contextlib.suppress(OSError):
                     d.rmdir()
+                    self.forget(d.name)
         for d in base.glob("stage-*"):
             if not _procs(d):
                 with contextlib.suppress(OSError):
@@ -423,8 +482,11 @@ class SandboxCgroup:
         return _kv_text(text).get("oom_kill", 0)
 
     def pids_max_hits(self, step: int) -> int:
-        d = self.dirs[self.h.tracking] / f"step-{step}"
-        return _kv(d / "pids.events").get("max", 0)
+        """Forks refused by the process limit in this step's cgroup so far. A session's cgroup serves
+        step after step (renamed), so its count carries earlier steps' refusals: a command's own are
+        the difference between a read before it and one after."""
+        raw = self._counter(f"step-{step}", "pids.events")
+        return _kv_text(raw.decode()).get("max", 0) if raw is not None else 0
 
     @property
     def _reaper(self) -> Path | None:
@@ -438,6 +500,10 @@ class SandboxCgroup:
             if self._oom_fd is not None:
                 os.close(self._oom_fd)
                 self._oom_fd = None
+        with self._held_lock:
+            for fd in self._held.values():
+                os.close(fd)
+            self._held.clear()
         remove_trees([*self.dirs.values(), *filter(None, [self._reaper])])
 
 

@@ -90,19 +90,19 @@ class Placement:
         its last command's). Otherwise the shell is moved, as on cgroup v2."""
         cg = self.cgroup
         assert cg is not None and s.hostpid
-        if s.homing is not None:  # its move back after the previous command
+        if s.homing is not None:  # its move after the previous command, if it needed one
             with contextlib.suppress(OSError, asyncio.CancelledError):
                 await s.homing
+            s.homing = None
         st = self._stage
         stage_here = st is not None and st.step == step and st.pid is not None
         park = f"stage-{st.key.split(':')[-1]}" if stage_here and st is not None else None
-        hostpid, index = s.hostpid, s.index
+        hostpid, home = s.hostpid, s.cgroup
 
         def rename() -> tuple[bool, bool]:
             if park is not None and not cg.rename(f"step-{step}", park):
                 return False, False
-            alone = cg.session_pids(index) == [hostpid]
-            return alone and cg.rename(f"session-{index}", f"step-{step}"), park is not None
+            return cg.alone(home, hostpid) and cg.rename(home, f"step-{step}"), park is not None
 
         # a read and two renames (~0.2 ms) on the loop: a thread's round trip would cost more
         renamed, parked = rename() if cg.renames else (False, False)
@@ -111,7 +111,9 @@ class Placement:
         else:
             self._restage(step)
         if not renamed:
+            cg.forget(home)
             await asyncio.to_thread(cg.move, hostpid, step)
+        s.cgroup = f"step-{step}"
 
     def _take_stage(self: Sandbox, step: int) -> _Stage | None:
         """The staged child for this step: placed in its cgroup, or parked (its cgroup is renamed to

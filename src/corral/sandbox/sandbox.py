@@ -577,8 +577,9 @@ class Sandbox(Boundary, Placement, Sessions, Files, Attribution):
     async def _run(self, c: _Cmd, cmd: str, msg: dict, timeout: float | None, *, session: str | None,
                    internal: bool, tool_call_id: str | None = None, stdin: bytes | None = None) -> ExecResult:
         timeout = timeout if timeout is not None else self.config.limits.timeout
-        # two small reads per command: a step's own fork refusals, the sandbox's OOM kills
+        # small reads before and after each command: the step's fork refusals, the sandbox's OOM kills
         oom_before = self.cgroup.oom_kills() if self.cgroup and not internal else 0
+        pids_before = self.cgroup.pids_max_hits(c.step) if self.cgroup and not internal else 0
         # made now, recorded right after the request is sent: the agent starts on the command while
         # corral records its start (nothing of the step is judged before this callback returns)
         start = None if internal else Event(kind=EventKind.COMMAND, action="start", sandbox_id=self.id, step=c.step,
@@ -618,7 +619,7 @@ class Sandbox(Boundary, Placement, Sessions, Files, Attribution):
             if internal:
                 self._internal_done()
         duration = time.perf_counter() - t0
-        pids_hit = bool(self.cgroup and not internal and self.cgroup.pids_max_hits(c.step) > 0)
+        pids_hit = bool(self.cgroup and not internal and self.cgroup.pids_max_hits(c.step) > pids_before)
         oom = bool(self.cgroup and not internal and self.cgroup.oom_kills() > oom_before)
         if pids_hit and self.cgroup is not None:
             # A step that exhausts the process limit is a fork bomb or a runaway: its whole tree goes,

@@ -24,9 +24,13 @@ class Session:
         self.name = name
         self.hostpid: int | None = None
         self.alive = True
-        self.index = 0  # its cgroup between commands: session-<index>
+        self.index = 0
+        # the cgroup it is in: session-<index> at first; then its last command's step-<n>, renamed from
+        # one to the next while it is alone in it, or session-<index> again when that command left
+        # processes behind (see _home)
+        self.cgroup = ""
         self.last_step: int | None = None  # what it forks while idle belongs to its last command
-        self.homing: asyncio.Future | None = None  # its move back to its own cgroup, after a command
+        self.homing: asyncio.Future | None = None  # its move out of a step it shares, after a command
         self.interactive = False  # see Sandbox.create_session
 
     @property
@@ -77,6 +81,7 @@ class Sessions:
         s.interactive = interactive
         self._session_seq += 1
         s.index = self._session_seq
+        s.cgroup = f"session-{s.index}"
         self._sessions[name] = s
         key = s.key
         waiter = asyncio.get_running_loop().create_future()
@@ -108,11 +113,12 @@ class Sessions:
             return await self._run(c, cmd, msg, timeout, session=name, internal=False, tool_call_id=tool_call_id)
         finally:
             self._open_steps.discard(step)
-            if self.cgroup is not None and s.hostpid and s.alive and self._sessions.get(name) is s:
-                # back to a cgroup of its own, so nothing it forks between commands joins a finished step:
-                # after the result is handed back (the shell is idle meanwhile), and before its next
-                # command (which waits for it)
-                s.homing = asyncio.ensure_future(_home(self.cgroup, s.hostpid, s.index, step))
+            cg = self.cgroup
+            if (cg is not None and s.hostpid and s.alive and self._sessions.get(name) is s
+                    and s.cgroup == f"step-{step}" and not cg.alone(s.cgroup, s.hostpid)):
+                # the command left processes running: the shell moves out, after the result is handed
+                # back (it is idle meanwhile), and before its next command (which waits for it)
+                s.homing = asyncio.ensure_future(_move_out(cg, s, step))
                 s.homing.add_done_callback(_quiet)
 
     async def close_session(self: Sandbox, name: str) -> None:
@@ -129,13 +135,16 @@ class Sessions:
         return next((s for s in self._sessions.values() if s.key == key), None)
 
 
-async def _home(cg: SandboxCgroup, hostpid: int, index: int, step: int) -> None:
-    """The shell out of its finished step: the step's cgroup renamed back to the session's when the
-    shell is all that is left in it (no migration), else the shell moved (what the command left
-    running stays in the step's cgroup). The rename is a read and a rename, ~0.2 ms: done on the
-    loop, where a thread's round trip would cost more; a migration (~6 ms on v1) goes to a thread."""
-    if not (cg.renames and cg.pids(step) == [hostpid] and cg.rename(f"step-{step}", f"session-{index}")):
-        await asyncio.to_thread(cg.move_to_session, hostpid, index)
+async def _move_out(cg: SandboxCgroup, s: Session, step: int) -> None:
+    """A shell out of the step whose command left processes running, into a cgroup of the session's
+    own, so they stay the step's and the next command does not take them along. Alone there, the
+    shell stays instead (the next command renames that cgroup to its own step; what the shell forks
+    while idle is its last command's either way, see attribution). The move (~6 ms on v1, a
+    migration) goes to a thread, while the agent thinks about its next step."""
+    assert s.hostpid
+    cg.forget(f"step-{step}")  # no longer the session's cgroup
+    await asyncio.to_thread(cg.move_to_session, s.hostpid, s.index)
+    s.cgroup = f"session-{s.index}"
 
 
 def _quiet(fut: asyncio.Future) -> None:

@@ -206,9 +206,10 @@ class Attribution:
         return self._steps.get(step) if step else None
 
     def attribute(self: Sandbox, ev: Event, sock: tuple[str, int] | None = None, pid: int | None = None,
-                  group: tuple[str, int] | None = None) -> None:
+                  group: tuple[str, int] | None = None, cwd: bool = False) -> None:
         """Fill in episode, step, command and process of an event (from a sandbox socket or pid;
-        `group`: the pid's cgroup as the caller already read it, a moment that may have been its last)."""
+        `group`: the pid's cgroup as the caller already read it, a moment that may have been its last;
+        `cwd`: the process's working directory too, in data)."""
         ev.sandbox_id = self.id
         if pid is None and sock is not None and self.agent_hostpid:
             # The connect() the exec watcher saw names the process and its step (only calls that
@@ -253,6 +254,8 @@ class Attribution:
             info = procs.info(pid)
             if info is not None:
                 ev.ppid, ev.exe, ev.argv = info.ppid, info.exe, info.argv
+                if cwd and info.cwd is not None:
+                    ev.data["cwd"] = info.cwd
             if group is None and self.cgroup is not None:
                 group = self.cgroup.group(pid)
             step = group[1] if group is not None and group[0] == "step" else None
@@ -281,13 +284,9 @@ class Attribution:
 
     def _process_event(self: Sandbox, pid: int, group: tuple[str, int] | None = None) -> Event:
         ev = Event(kind=EventKind.PROCESS, action="exec", sandbox_id=self.id)
-        self.attribute(ev, pid=pid, group=group)
-        if ev.ppid:
-            parent = procs.info(ev.ppid)
-            if parent is not None and parent.argv:
-                ev.data["parent_name"] = os.path.basename(parent.argv[0])
-        with contextlib.suppress(OSError):
-            ev.data["cwd"] = os.readlink(f"/proc/{pid}/cwd")
+        self.attribute(ev, pid=pid, group=group, cwd=True)
+        if ev.ppid and (parent := procs.argv_of(ev.ppid)):
+            ev.data["parent_name"] = os.path.basename(parent[0])
         ev.data["gpu_granted"] = self.config.gpu
         if self.config.protected_paths:  # rules judge what a program writes against them (F12)
             ev.data["protected"] = self.config.protected_paths

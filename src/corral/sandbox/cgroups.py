@@ -354,7 +354,7 @@ class SandboxCgroup:
         for one in the sandbox's own cgroup (bwrap, the agent, a child not yet placed); None when
         the process is gone, or is no sandbox's (or not that of `sandbox_dir`, when given)."""
         try:
-            text = Path(f"/proc/{pid}/cgroup").read_text()
+            text = _read(f"/proc/{pid}/cgroup").decode(errors="replace")
         except OSError:
             return None
         for line in text.splitlines():
@@ -507,7 +507,7 @@ class SandboxCgroup:
         remove_trees([*self.dirs.values(), *filter(None, [self._reaper])])
 
 
-def _read(path: Path) -> bytes:
+def _read(path: Path | str) -> bytes:
     """A small kernel file, read with two syscalls: these are read on every command (a text-mode
     open costs several times more)."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)

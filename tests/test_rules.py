@@ -40,6 +40,24 @@ def test_condition_language():
             c.compile(bad)
 
 
+def test_substring_lists_match_their_words_literally():
+    """Many substrings are searched as one alternation: a word with regex characters is still a word,
+    `icontains` folds case as str.lower does, and a number is compared as its text."""
+    c = Compiler({}, {"odd": ["a.b", "x|y", "(", "ẞ"]}, NAMES)
+
+    def matches(cond: str, value: object) -> bool:
+        return c.compile(cond)({"cmd.line": value}.get)
+
+    for text in ("run a.b now", "x|y", "f(", "STRASSE ẞ"):
+        assert matches("cmd.line contains (odd)", text)
+    for text in ("aXb", "x", "y", "ss", ""):
+        assert not matches("cmd.line contains (odd)", text)
+    assert matches("cmd.line icontains (HELLO, WORLD)", "say Hello") and matches("cmd.line icontains (İ, z)", "i̇")
+    assert not matches("cmd.line icontains (HELLO, WORLD)", "hell")
+    assert matches("cmd.line contains (42, 7)", 1742) and not matches("cmd.line contains (42, 7)", 13)
+    assert matches("cmd.line regex ('^a', 'b$')", "xb") and not matches("cmd.line regex ('^a', 'b$')", "ba")
+
+
 def test_malformed_rule_file_names_file_line_and_problem(tmp_path):
     base = load()
     f = tmp_path / "mine.yaml"

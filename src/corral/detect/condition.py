@@ -270,12 +270,19 @@ def _op(op: str, rhs: Any) -> Callable[[Any], bool]:
     if op == "in":
         wanted = {str(x) for x in items}
         return lambda v: (v if type(v) is str else str(v)) in wanted
-    if op == "contains":
-        subs = [str(x) for x in items]
-        return lambda v: any(s in str(v) for s in subs)
-    if op == "icontains":
-        subs = [str(x).lower() for x in items]
-        return lambda v: any(s in str(v).lower() for s in subs)
+    if op in ("contains", "icontains"):
+        fold = op == "icontains"
+        subs = [str(x).lower() if fold else str(x) for x in items]
+        if len(subs) == 1:
+            sub = subs[0]
+            if fold:
+                return lambda v: sub in (v if type(v) is str else str(v)).lower()
+            return lambda v: sub in (v if type(v) is str else str(v))
+        # any of many substrings: one search of their alternation, in C (the same answer as testing each)
+        anyof = re.compile("|".join(re.escape(x) for x in subs) or "(?!)").search
+        if fold:
+            return lambda v: anyof((v if type(v) is str else str(v)).lower()) is not None
+        return lambda v: anyof(v if type(v) is str else str(v)) is not None
     if op == "startswith":
         prefixes = tuple(str(x) for x in items)
         return lambda v: str(v).startswith(prefixes)
@@ -293,7 +300,12 @@ def _op(op: str, rhs: Any) -> Callable[[Any], bool]:
             rxs = [re.compile(str(x)) for x in items]
         except re.error as e:
             raise ConditionError(f"bad regex: {e}") from None
-        return lambda v: any(r.search(str(v)) for r in rxs)
+        if len(rxs) == 1:
+            one_rx = rxs[0].search
+            return lambda v: one_rx(v if type(v) is str else str(v)) is not None
+
+        # each apart: patterns joined could renumber groups or move flags
+        return lambda v: any(r.search(v if type(v) is str else str(v)) for r in rxs)
     if op == "in_cidr":
         try:
             nets = [ipaddress.ip_network(str(x), strict=False) for x in items]

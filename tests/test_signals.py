@@ -340,6 +340,15 @@ async def test_ptrace_attach_from_any_program_is_seen_and_a_traced_child_is_not(
     assert r.stdout == "-1 1\n", r  # refused, as always
     found = await findings_for(runtime, sb, "ptrace-attach-attempt")
     assert found and found[0].severity == "high" and found[0].step == r.step
+    # a process of the agent's own (a hung worker a debugger looks at): recorded for review, not ending
+    own = await sb_factory()
+    r = await own.exec("sleep 30 & " + py("import ctypes, sys\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+                                          "print(libc.ptrace(16, int(sys.argv[1]), None, None), ctypes.get_errno())")
+                       + " $!; kill $!")
+    assert r.stdout == "-1 1\n", r
+    found = await findings_for(runtime, own, "ptrace-attach-own")
+    assert found and found[0].severity == "medium" and found[0].step == r.step
+    assert not await findings_for(runtime, own, "ptrace-attach-attempt", wait=0.3)
     quiet = await sb_factory()
     r = await quiet.exec(py("import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
                             "print(libc.ptrace(0, 0, None, None), ctypes.get_errno())"))  # PTRACE_TRACEME

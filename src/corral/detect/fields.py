@@ -180,6 +180,9 @@ FIELDS: dict[str, Callable[[Event], Any]] = {
     "proc.rss_mb": lambda e: e.data.get("rss_mb"),
     # a refused attempt's call (evt.action = syscall): mount, unshare, bpf, mknod_device, socket_packet, ...
     "proc.syscall": lambda e: e.data.get("syscall"),
+    # a ptrace attach's target: its pid in the sandbox (1: corral's agent) and the program it runs
+    "proc.ptrace_target": lambda e: e.data.get("target_pid"),
+    "proc.ptrace_target_exe": lambda e: e.data.get("target_exe"),
     # a shell's exec: the TCP ports its parent (or it) listens on
     "proc.parent_listening": lambda e: e.data.get("parent_listening"),
     # the command a step ran (the whole line as the agent gave it)

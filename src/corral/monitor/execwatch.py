@@ -318,7 +318,9 @@ class ExecWatch:
             ev.data["socket"] = {"family": family, "type": kind, "protocol": protocol}
         elif name == "ptrace":
             ev.data["syscall"] = "ptrace_attach"
-            ev.data["target_pid"] = args[1] & 0xFFFFFFFF  # in the sandbox's pid namespace (1: corral's agent)
+            target = ev.data["target_pid"] = args[1] & 0xFFFFFFFF  # in the sandbox's pid namespace
+            with contextlib.suppress(OSError):  # the program it runs, as the sandbox's own /proc names it
+                ev.data["target_exe"] = os.readlink(f"/proc/{pid}/root/proc/{target}/exe")
         elif name.startswith("mknod"):
             mode = args[2 if name == "mknodat" else 1] & 0xFFFFFFFF
             ev.data["syscall"] = "mknod_device"

@@ -27,7 +27,7 @@ class Session:
         self.index = 0
         # the cgroup it is in: session-<index> at first; then its last command's step-<n>, renamed from
         # one to the next while it is alone in it, or session-<index> again when that command left
-        # processes behind (see _home)
+        # processes behind (see _move_out)
         self.cgroup = ""
         self.last_step: int | None = None  # what it forks while idle belongs to its last command
         self.homing: asyncio.Future | None = None  # its move out of a step it shares, after a command
@@ -137,9 +137,9 @@ class Sessions:
 
 async def _move_out(cg: SandboxCgroup, s: Session, step: int) -> None:
     """A shell out of the step whose command left processes running, into a cgroup of the session's
-    own, so they stay the step's and the next command does not take them along. Alone there, the
-    shell stays instead (the next command renames that cgroup to its own step; what the shell forks
-    while idle is its last command's either way, see attribution). The move (~6 ms on v1, a
+    own, so they stay the step's and the next command does not take them along. (A shell alone in its
+    step's cgroup stays there: the next command renames that cgroup to its own step, and what the shell
+    forks while idle is its last command's either way, see attribution.) The move (~6 ms on v1, a
     migration) goes to a thread, while the agent thinks about its next step."""
     assert s.hostpid
     cg.forget(f"step-{step}")  # no longer the session's cgroup

@@ -33,7 +33,7 @@ RETRY_S = 0.5
 # A batch's first event waits this long for the rest of its burst (a command's start, execs and exit),
 # unless someone waits for a commit (a finding's containment, a reader, flush): one wake of the writer
 # and one transaction per burst, instead of the writer's Python taking the GIL from the event loop
-# between each event and the next. Session round trip p50 -0.2 ms (benchmarks/profile_phases.py).
+# between each event and the next (benchmarks/README.md, "Two trees on the step path").
 LINGER_S = 0.02
 
 

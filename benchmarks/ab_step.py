@@ -59,8 +59,11 @@ async def child() -> dict[str, list[float]]:
 
 
 def commit_of(src: Path) -> str:
-    return subprocess.run(["git", "-C", str(src), "rev-parse", "--short", "HEAD"], capture_output=True,
-                          text=True).stdout.strip()
+    """The tree's commit, `+dirty` when its sources differ from it (what was measured is not that commit)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(src), *args], capture_output=True, text=True).stdout.strip()
+
+    return git("rev-parse", "--short", "HEAD") + ("+dirty" if git("status", "--porcelain", "--", "src") else "")
 
 
 def main() -> int:

@@ -38,6 +38,8 @@ import stat
 import struct
 from dataclasses import dataclass, field
 
+from corral.sandbox.procs import read_proc
+
 MAX_ARGC = 4096
 MAX_ARGV_BYTES = 256 << 10
 MAX_PATH = 4096
@@ -442,21 +444,10 @@ def image_of(pid: int) -> tuple[int, int] | None:
 
 
 def cmdline_of(pid: int) -> list[str] | None:
-    try:  # through a descriptor: a buffered open costs more than the read, once per exec
-        fd = os.open(f"/proc/{pid}/cmdline", os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return None
     try:
-        chunks: list[bytes] = []
-        got = 0
-        while got <= MAX_ARGV_BYTES and (chunk := os.read(fd, MAX_ARGV_BYTES + 1 - got)):
-            chunks.append(chunk)
-            got += len(chunk)
-        raw = b"".join(chunks)
+        raw = read_proc(f"/proc/{pid}/cmdline", MAX_ARGV_BYTES + 1)
     except OSError:
         return None
-    finally:
-        os.close(fd)
     return [a.decode("utf-8", errors="replace") for a in raw.split(b"\0")[:-1]] if raw else []
 
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from corral.config import Limits
+from corral.sandbox.procs import read_proc
 
 V1_CONTROLLERS = ("memory", "pids", "cpu", "freezer")
 PREFIX = "corral-"
@@ -274,7 +275,7 @@ class SandboxCgroup:
             d = self.dirs[self.h.tracking] / name
             if self._removed or not hold:
                 try:
-                    return _read(d / file)
+                    return read_proc(d / file)
                 except OSError:
                     return None
             for f in HELD:
@@ -354,7 +355,7 @@ class SandboxCgroup:
         for one in the sandbox's own cgroup (bwrap, the agent, a child not yet placed); None when
         the process is gone, or is no sandbox's (or not that of `sandbox_dir`, when given)."""
         try:
-            text = _read(f"/proc/{pid}/cgroup").decode(errors="replace")
+            text = read_proc(f"/proc/{pid}/cgroup").decode(errors="replace")
         except OSError:
             return None
         for line in text.splitlines():
@@ -507,26 +508,16 @@ class SandboxCgroup:
         remove_trees([*self.dirs.values(), *filter(None, [self._reaper])])
 
 
-def _read(path: Path | str) -> bytes:
-    """A small kernel file, read with two syscalls: these are read on every command (a text-mode
-    open costs several times more)."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        return os.read(fd, 1 << 16)
-    finally:
-        os.close(fd)
-
-
 def _procs(d: Path) -> list[int]:
     try:
-        return [int(p) for p in _read(d / "cgroup.procs").split()]
+        return [int(p) for p in read_proc(d / "cgroup.procs").split()]
     except (OSError, ValueError):
         return []
 
 
 def _kv(path: Path) -> dict[str, int]:
     try:
-        return _kv_text(_read(path).decode())
+        return _kv_text(read_proc(path).decode())
     except OSError:
         return {}
 

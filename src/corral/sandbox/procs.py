@@ -52,14 +52,21 @@ def owner_of_inode(inode: int, pids: list[int]) -> int | None:
     return None
 
 
-def read_proc(path: str) -> bytes:
-    """A /proc file whole, in binary through descriptors: read for every exec judged, where a
-    buffered text-mode open costs several times the read itself."""
+def read_proc(path: str | os.PathLike, limit: int | None = None) -> bytes:
+    """A kernel file (/proc, a cgroup's) whole, or its first `limit` bytes, in binary through a
+    descriptor: read on every command and exec judged, where a buffered text-mode open costs several
+    times the read itself. A short read is its end (these files fill each read they can)."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        chunks = [os.read(fd, 65536)]
-        while len(chunks[-1]) == 65536:  # a long command line
-            chunks.append(os.read(fd, 65536))
+        chunks: list[bytes] = []
+        got = 0
+        while limit is None or got < limit:
+            want = 65536 if limit is None else min(65536, limit - got)
+            chunk = os.read(fd, want)
+            chunks.append(chunk)
+            got += len(chunk)
+            if len(chunk) < want:
+                break
         return b"".join(chunks)
     finally:
         os.close(fd)
@@ -75,11 +82,11 @@ def argv_of(pid: int) -> list[str] | None:
 
 def info(pid: int) -> ProcInfo | None:
     argv = argv_of(pid)
+    if argv is None:
+        return None
     try:
         stat = read_proc(f"/proc/{pid}/stat")
     except OSError:
-        return None
-    if argv is None:
         return None
     ppid = None
     with contextlib.suppress(ValueError, IndexError):

@@ -9,7 +9,8 @@ import time
 import pytest
 
 from corral.events import Event, EventKind
-from corral.monitor.provenance import Downloads, curl_outputs, script_arg, wget_outputs
+from corral.monitor.provenance import (SLACK_S, Downloads, curl_outputs, fetched_origin, program_of, script_arg,
+                                      wget_outputs)
 
 URL = "http://pkg.example.com/files/tool.sh"
 
@@ -66,6 +67,8 @@ def _exec(argv: list[str], exe: str, cwd: str = "/workspace", step: int = 1, **k
     (["node", "--require", "y.js", "x.js"], "x.js"),
     (["perl", "-e", "print 1"], None),
     (["php", "-f", "x.php"], "x.php"),
+    (["tclsh8.6", "fetch.tcl"], "fetch.tcl"),
+    (["tclsh"], None),
 ])
 def test_script_arg(argv, script):
     assert script_arg(argv[0], argv) == script
@@ -102,3 +105,34 @@ def test_a_download_counts_only_if_it_arrived_and_was_not_rewritten(tmp_path):
     assert d.origin(run(["./bin/tool"], str(tool)), arrived) is None
     d.clear()
     assert d.origin(run(["python3", "x.py"], "/usr/bin/python3"), arrived) is None
+
+
+@pytest.mark.parametrize(("exe", "argv", "program"), [
+    ("/usr/bin/perl", ["perl", "-MIO::Socket::INET", "-e", "1"], ("perl", True)),
+    ("/usr/bin/python3.11", ["python3", "-c", "1"], ("python3.11", True)),
+    ("/usr/bin/tclsh8.6", ["tclsh"], ("tclsh8.6", True)),  # its code on standard input
+    ("/usr/bin/python3.11", ["python3", "/usr/bin/pip3", "install", "x"], ("pip3", False)),
+    ("/usr/bin/python3.11", ["python3", "-m", "pip.__main__", "install"], ("pip", False)),
+    ("/usr/bin/python3.11", ["python3", "boot.py", "-m", "x"], ("boot.py", False)),  # the script's own -m
+    ("/usr/bin/node", ["node", "/usr/lib/node_modules/npm/bin/npm-cli.js", "ci"], ("npm-cli.js", False)),
+    ("/usr/bin/busybox", ["wget", "-O", "t", "http://x.example/"], ("wget", False)),
+    ("/usr/bin/busybox", ["busybox", "wget", "http://x.example/"], ("wget", False)),
+    ("/usr/bin/aria2c", ["aria2c", "http://x.example/"], ("aria2c", False)),
+])
+def test_program_of(exe, argv, program):
+    assert program_of(exe, argv) == program
+
+
+def test_fetched_origin_needs_a_transfer_at_the_write_and_no_package_manager():
+    at = 1000.0
+    near, far = [at - 0.5], [at - SLACK_S - 5, at + SLACK_S + 5]
+    perl = ("/usr/bin/perl", ["perl", "-e", "..."])
+    assert fetched_origin("/tmp/p", 2, *perl, at, near) == {
+        "path": "/tmp/p", "step": 2, "tool": "perl", "command": None, "via": "inline"}
+    assert fetched_origin("/tmp/p", 2, *perl, at, far) is None  # fetched, but not what it wrote then
+    assert fetched_origin("/tmp/p", 2, *perl, at, []) is None  # wrote a file, fetched nothing
+    assert fetched_origin("/tmp/p", 2, "/usr/bin/python3", ["python3", "boot.py"], at, near)["via"] == "program"
+    assert fetched_origin("/tmp/p", 2, "/usr/bin/lwp-download", ["lwp-download", "u"], at, near)["via"] == "downloader"
+    for argv in (["python3", "-m", "pip", "install", "x"], ["python3", "/usr/bin/pip", "download", "x"]):
+        assert fetched_origin("/tmp/p", 2, "/usr/bin/python3", argv, at, near) is None
+    assert fetched_origin("/tmp/p", 2, "/usr/bin/git", ["git", "clone", "u"], at, near) is None

@@ -170,8 +170,11 @@ FIELDS: dict[str, Callable[[Event], Any]] = {
     "proc.pname": lambda e: e.data.get("parent_name"),
     "proc.cwd": lambda e: e.data.get("cwd"),
     "proc.renamed_from": lambda e: e.data.get("renamed_from"),
-    "proc.downloaded": lambda e: (e.data.get("downloaded") or {}).get("path"),  # run a file curl/wget wrote
+    "proc.downloaded": lambda e: (e.data.get("downloaded") or {}).get("path"),  # run a file that was fetched
     "proc.downloaded_step": lambda e: (e.data.get("downloaded") or {}).get("step"),
+    "proc.downloaded_by": lambda e: (e.data.get("downloaded") or {}).get("tool"),
+    # how: downloader (a download tool), inline (an interpreter's one-liner), program (a script of the agent's)
+    "proc.downloaded_via": lambda e: (e.data.get("downloaded") or {}).get("via"),
     "proc.file_args": lambda e: _file_args(e),
     "proc.comm": lambda e: e.data.get("task_comm"),  # the name it gives itself now (a CPU sample's)
     "proc.cpu_percent": lambda e: e.data.get("cpu_percent"),

@@ -1,7 +1,7 @@
 """Changes to protected paths inside a sandbox, with the process that made them (fanotify).
 
-corral marks the sandbox's writable mounts (HOME always; /workspace or /tmp when a protected path
-lies there) in two fanotify groups:
+corral marks the sandbox's writable mounts (for judging: HOME always, /workspace or /tmp when a
+protected path lies there) in two fanotify groups:
 
 - close-after-write events (a mount mark): the event's open fd names the file written;
 - deletions, renames and links (a filesystem mark in file-handle mode, FAN_REPORT_DFID_NAME): the
@@ -22,6 +22,10 @@ authorized_keys, cron, systemd user units; a file written, moved, symlinked or h
 a directory moved there) and the paths a task protects (its verifier and tests; written, deleted,
 renamed away or onto, linked, or their directory removed or renamed).
 
+Every close-after-write on the sandbox's writable mounts (WRITABLE) also notes the file's last
+writer, by inode, for provenance (monitor/provenance.py): a file about to run whose writer fetched
+it. Those writes are remembered, not judged, and cost no event.
+
 Not seen: a write through a hard link made before the path was protected, which is reported under
 the name it was written by.
 """
@@ -37,6 +41,7 @@ import os
 import stat
 import struct
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -52,6 +57,11 @@ FAN_MOVED_FROM, FAN_MOVED_TO, FAN_CREATE, FAN_DELETE, FAN_ONDIR = 0x40, 0x80, 0x
 DIRENT_MASK = FAN_DELETE | FAN_MOVED_FROM | FAN_MOVED_TO | FAN_CREATE | FAN_ONDIR
 MAX_HANDLE_SZ = 128
 DIR_CACHE = 8192  # directory handles remembered, newest kept: a deleted directory resolves from here
+WRITTEN_CACHE = 4096  # files whose last writer is remembered (provenance), newest kept
+# Where the agent can write files it may later run. Their close-writes are read for provenance only
+# (monitor/provenance.py: which process wrote the file that is about to run); the paths that are
+# judged themselves are the protected and persistence sets, wherever they lie.
+WRITABLE = ("/root", "/tmp", "/workspace", "/dev/shm")
 FAN_EVENT_INFO_TYPE_DFID_NAME = 2
 AT_FDCWD = -100
 TMPFS_MAGIC = 0x01021994
@@ -101,11 +111,21 @@ class FileWatch:
         self.make_event = make_event
         self.emit = emit
         self.fd: int | None = fanotify_group()
+        # (device, inode) of a file -> (host pid of its last writer, when corral read the write): by
+        # inode, so that a rename or a hard link keeps what is known of where the file came from
+        self.written: Recent[tuple[int, int], tuple[int, float]] = Recent(WRITTEN_CACHE)
         mounts = {"/root"} | {m for m in ("/workspace", "/tmp") if any(p.startswith(m + "/") for p in protected)}
+        # the filesystems where a write may be a change to judge (an image's root holds /root and /tmp alike)
+        self.judged: set[int] = set()
         for mount in sorted(mounts):
+            with contextlib.suppress(OSError):
+                self.judged.add(os.stat(f"/proc/{agent_pid}/root{mount}").st_dev)
+        for mount in WRITABLE:
             path = f"/proc/{agent_pid}/root{mount}".encode()
             if _libc.fanotify_mark(self.fd, FAN_MARK_ADD | FAN_MARK_MOUNT, FAN_CLOSE_WRITE, AT_FDCWD, path) != 0:
                 err = ctypes.get_errno()
+                if mount not in mounts:  # provenance only (a root without /dev/shm, say): the rest still holds
+                    continue
                 os.close(self.fd)
                 raise OSError(err, f"fanotify_mark on {mount} failed: {os.strerror(err)}")
         self.loop = asyncio.get_running_loop()
@@ -194,13 +214,16 @@ class FileWatch:
         if events is None:
             self.close()
             return False
+        now = time.time()
         for mask, efd, pid, _info in events:
             if efd < 0:
                 continue
             try:
                 path = os.readlink(f"/proc/self/fd/{efd}")
+                st = os.fstat(efd)
+                judged = st.st_dev in self.judged
             except OSError:
-                path = ""
+                path, st, judged = "", None, True
             finally:
                 os.close(efd)
             if path.endswith(DELETED) and path[:-len(DELETED)] in self.watched_opens:
@@ -208,8 +231,11 @@ class FileWatch:
                 path = path[:-len(DELETED)]
             # one event can carry both (the kernel merges an open and a close-write of one file): each is judged
             kinds = [("open", "open", "credential")] if mask & FAN_OPEN else []
-            if mask & FAN_CLOSE_WRITE and (cat := self.category(path)) is not None:
-                kinds.append(("write", "close_write", cat))
+            if mask & FAN_CLOSE_WRITE:
+                if st is not None and stat.S_ISREG(st.st_mode):
+                    self.written[(st.st_dev, st.st_ino)] = (pid, now)
+                if judged and (cat := self.category(path)) is not None:
+                    kinds.append(("write", "close_write", cat))
             for action, op, category in kinds:
                 ev = self._event(pid)
                 if ev is None:

@@ -8,8 +8,21 @@ resolved against its working directory, or the file its stdout was redirected to
 that file, as the program itself or as the script an interpreter is given, carries the download's
 step and tool in its event (`proc.downloaded`), whichever step it happens in.
 
-Only the downloader's own output is tracked. A file fetched by a script's HTTP library, or unpacked
-from a downloaded archive, is not: package managers do both all day, and that is not the behaviour.
+A download tool is only one way to fetch. perl, node, Tcl or Python open the socket themselves just
+as well (`perl -e '...IO::Socket...' > /tmp/p.py`). So the file watch (monitor/files.py) also
+remembers the last process that wrote each file on the sandbox's writable mounts, and a file about to
+run whose writer received bytes through the gateway when it wrote it (a transfer that ended within
+SLACK_S of the write) counts as fetched too, with how it was fetched (`via`):
+
+- `downloader`: curl or wget as above, or another program whose job is fetching (lwp-download,
+  aria2c, busybox wget, ...);
+- `inline`: an interpreter given its code inline (-c, -e, standard input): a download cradle;
+- `program`: any other program, a script file of the agent's say, as a project's bootstrap script that
+  fetches a tool and runs it would be. It is evidence for review, not an act to end an episode for.
+
+A file written by a package manager or a version-control tool is not counted: fetching code and
+running it is their job. Nor is a file unpacked from a downloaded archive (its writer received
+nothing), nor one fetched into memory and written long after the transfer ended.
 """
 
 from __future__ import annotations
@@ -23,7 +36,16 @@ from corral.bounded import Recent
 from corral.events import Event
 
 DOWNLOADERS = frozenset({"curl", "wget"})
-INTERPRETERS = frozenset({"sh", "bash", "dash", "zsh", "ksh", "perl", "ruby", "node", "php"})
+# Programs whose job is fetching a file, besides the two whose arguments are read above.
+FETCHERS = DOWNLOADERS | frozenset({"lwp-download", "lwp-request", "GET", "aria2c", "axel", "http", "https",
+                                    "xh", "tftp", "ftp", "lftp", "ncftpget", "socat", "nc", "ncat", "netcat"})
+# Package managers and version control: they write what they fetch, and run it, all day.
+PACKAGE_TOOLS = frozenset({
+    "pip", "pip3", "pipx", "uv", "poetry", "pdm", "hatch", "conda", "mamba", "micromamba", "easy_install",
+    "npm", "npx", "npm-cli.js", "npx-cli.js", "yarn", "yarn.js", "pnpm", "pnpm.cjs", "corepack", "bun",
+    "cargo", "rustup", "go", "gem", "bundle", "bundler", "composer", "mvn", "gradle", "sbt", "dotnet",
+    "apt", "apt-get", "dpkg", "git", "git-remote-http", "git-remote-https", "hg", "svn", "helm"})
+INTERPRETERS = frozenset({"sh", "bash", "dash", "zsh", "ksh", "perl", "ruby", "node", "php", "tclsh", "wish"})
 MAX_TRACKED = 4096
 # a file counts as the download if it was last changed between the downloader's start and shortly
 # after its last transfer ended (it writes the final buffer after the connection closes)
@@ -61,7 +83,38 @@ _WGET_LONG_VALUED = frozenset("""
 
 
 def _is_interpreter(name: str) -> bool:
-    return name in INTERPRETERS or name.startswith("python")
+    return name in INTERPRETERS or name.startswith(("python", "tclsh"))
+
+
+def program_of(exe: str | None, argv: list[str]) -> tuple[str, bool]:
+    """What a process runs, by name: an interpreter's script or `-m` module, a busybox applet, else
+    its executable; and whether an interpreter was given its code inline (-c/-e, standard input)."""
+    name = os.path.basename(exe or (argv[0] if argv else ""))
+    if name == "busybox" and argv:
+        applet = os.path.basename(argv[0])
+        return (argv[1] if applet == "busybox" and len(argv) > 1 else applet), False
+    if not _is_interpreter(name):
+        return name, False
+    script = script_arg(name, argv)
+    if script:
+        return os.path.basename(script), False
+    if name.startswith("python") and "-m" in argv[1:]:
+        module = argv[argv.index("-m", 1) + 1:][:1]
+        return (module[0].split(".")[0] if module else name), False
+    return name, True
+
+
+def fetched_origin(path: str, step: int | None, exe: str | None, argv: list[str], written_at: float,
+                   transfers: list[float]) -> dict | None:
+    """Where a file came from if its last writer fetched it: the writer (its step, executable and
+    argv, from its exec record), when the write was seen, and when each of the writer's transfers
+    that received bytes ended. None if the writer is a package manager or version control, or
+    received nothing within SLACK_S of the write."""
+    tool, inline = program_of(exe, argv)
+    if tool in PACKAGE_TOOLS or not any(abs(t - written_at) <= SLACK_S for t in transfers):
+        return None
+    via = "downloader" if tool in FETCHERS else "inline" if inline else "program"
+    return {"path": path, "step": step, "tool": tool, "command": None, "via": via}
 
 
 def _next_word(argv: list[str], i: int) -> tuple[int, str]:
@@ -174,6 +227,8 @@ def script_arg(name: str, argv: list[str]) -> str | None:
         inline, valued = ("-e", "-E"), ("-I", "-r", "-C")
     elif name == "php":
         inline, valued = ("-r",), ("-d", "-c")
+    elif name.startswith(("tclsh", "wish")):
+        inline, valued = (), ("-encoding",)
     else:
         return None
     args = iter(argv[1:])
@@ -220,13 +275,16 @@ class Downloads:
             if not path.startswith("/") or path.startswith(("/dev/", "/proc/")):
                 continue
             self.files[path] = {"path": path, "step": ev.step, "tool": name, "command": ev.command,
-                                "pid": pid, "started": ev.ts}
+                                "pid": pid, "started": ev.ts, "via": "downloader"}
 
-    def origin(self, ev: Event, received: Callable[[int | None, int], float | None]) -> dict | None:
+    def origin(self, ev: Event, received: Callable[[int | None, int], float | None],
+               fetched: Callable[[str, int], dict | None] = lambda _path, _pid: None) -> dict | None:
         """The download this exec runs (as the program, or as the script or standard input of a shell
         or interpreter), or None. `received(step, pid)`: when that downloader's last allowed
-        transfer with bytes received ended, or None if it received nothing."""
-        if not self.files or not ev.pid:
+        transfer with bytes received ended, or None if it received nothing. `fetched(path, pid)`:
+        the origin of a file (as `pid` sees it) whose last writer fetched it (fetched_origin), for a
+        file no downloader was told to write."""
+        if not ev.pid:
             return None
         name = os.path.basename(ev.exe or "")
         candidates = [ev.exe]
@@ -239,6 +297,8 @@ class Downloads:
         for path in candidates:
             d = self.files.get(path or "")
             if d is None:
+                if path and (f := fetched(path, ev.pid)) is not None:
+                    return f
                 continue
             ended = received(d["step"], d["pid"])
             try:  # through the running process's own root: the sandbox's view of the path
@@ -246,7 +306,7 @@ class Downloads:
             except OSError:
                 continue
             if ended is not None and d["started"] - SLACK_S <= mtime <= ended + SLACK_S:
-                return {k: d[k] for k in ("path", "step", "tool", "command")}
+                return {k: d[k] for k in ("path", "step", "tool", "command", "via")}
         return None
 
 

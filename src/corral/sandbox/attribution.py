@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from corral.budget import Pace
 from corral.events import Event, EventKind, Verdict
 from corral.monitor.netcalls import listening_ports
+from corral.monitor.provenance import fetched_origin
 from corral.net.netns import HOST_IP
 from corral.sandbox import procs
 from corral.sandbox.cgroups import SandboxCgroup
@@ -323,7 +324,7 @@ class Attribution:
                     ev.data["parent_listening"] = ports
         origin = None
         with contextlib.suppress(Exception):  # provenance must never keep an exec from being judged
-            origin = self._downloads.origin(ev, self._received)
+            origin = self._downloads.origin(ev, self._received, self._fetched)
         if origin is not None:
             ev.data["downloaded"] = origin
         j = self._runtime.emit(ev)
@@ -337,11 +338,31 @@ class Attribution:
 
     def _received(self: Sandbox, step: int | None, pid: int) -> float | None:
         """When the last allowed transfer of process `pid` (in `step`) that received bytes ended."""
+        return max(self._transfers(step, pid), default=None)
+
+    def _transfers(self: Sandbox, step: int | None, pid: int) -> list[float]:
+        """When each allowed transfer of process `pid` (in `step`) that received bytes ended."""
         if self._runtime is None:
-            return None
-        ends = [e.ts for e in self._runtime.store.events(sandbox_id=self.id, kind=EventKind.CONNECT, step=step)
+            return []
+        return [e.ts for e in self._runtime.store.events(sandbox_id=self.id, kind=EventKind.CONNECT, step=step)
                 if e.action == "close" and e.pid == pid and (e.bytes_down or 0) > 0]
-        return max(ends, default=None)
+
+    def _fetched(self: Sandbox, path: str, pid: int) -> dict | None:
+        """Where the file at `path` (as process `pid` sees it) came from, if the process that last
+        wrote it fetched it."""
+        watch = self._filewatch
+        if watch is None:
+            return None
+        watch.drain()  # a write closed just before this exec may still be queued
+        try:  # through the running process's own root: the sandbox's view of the path
+            st = os.stat(f"/proc/{pid}/root{path}")
+        except OSError:
+            return None
+        written = watch.written.get((st.st_dev, st.st_ino))
+        if written is None or (writer := self._pids.get(written[0])) is None:
+            return None
+        step, exe, argv = writer
+        return fetched_origin(path, step, exe, argv or [], written[1], self._transfers(step, written[0]))
 
 
 @functools.lru_cache(maxsize=8)

@@ -1,7 +1,7 @@
 """Changes to protected paths inside a sandbox, with the process that made them (fanotify).
 
-corral marks the sandbox's writable mounts (for judging: HOME always, /workspace or /tmp when a
-protected path lies there) in two fanotify groups:
+corral marks the sandbox's writable mounts (HOME always; /workspace or /tmp when a protected path
+lies there) in two fanotify groups:
 
 - close-after-write events (a mount mark): the event's open fd names the file written;
 - deletions, renames and links (a filesystem mark in file-handle mode, FAN_REPORT_DFID_NAME): the
@@ -22,10 +22,6 @@ authorized_keys, cron, systemd user units; a file written, moved, symlinked or h
 a directory moved there) and the paths a task protects (its verifier and tests; written, deleted,
 renamed away or onto, linked, or their directory removed or renamed).
 
-Every close-after-write on the sandbox's writable mounts (WRITABLE) also notes the file's last
-writer, by inode, for provenance (monitor/provenance.py): a file about to run whose writer fetched
-it. Those writes are remembered, not judged, and cost no event.
-
 Not seen: a write through a hard link made before the path was protected, which is reported under
 the name it was written by.
 """
@@ -41,7 +37,6 @@ import os
 import stat
 import struct
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -57,17 +52,12 @@ FAN_MOVED_FROM, FAN_MOVED_TO, FAN_CREATE, FAN_DELETE, FAN_ONDIR = 0x40, 0x80, 0x
 DIRENT_MASK = FAN_DELETE | FAN_MOVED_FROM | FAN_MOVED_TO | FAN_CREATE | FAN_ONDIR
 MAX_HANDLE_SZ = 128
 DIR_CACHE = 8192  # directory handles remembered, newest kept: a deleted directory resolves from here
-WRITTEN_CACHE = 4096  # files whose last writer is remembered (provenance), newest kept
-# Where the agent can write files it may later run. Their close-writes are read for provenance only
-# (monitor/provenance.py: which process wrote the file that is about to run); the paths that are
-# judged themselves are the protected and persistence sets, wherever they lie.
-WRITABLE = ("/root", "/tmp", "/workspace", "/dev/shm")
 FAN_EVENT_INFO_TYPE_DFID_NAME = 2
 AT_FDCWD = -100
 TMPFS_MAGIC = 0x01021994
 DELETED = " (deleted)"
-_META = struct.Struct("=IBBHQii")
-_INFO = struct.Struct("=BBH")  # fanotify_event_info_header
+META = struct.Struct("=IBBHQii")
+INFO_HEADER = struct.Struct("=BBH")  # fanotify_event_info_header
 _FSID_HANDLE = struct.Struct("=8sIi")  # __kernel_fsid_t, then struct file_handle's two fields
 
 PERSISTENCE = ("/root/.bashrc", "/root/.bash_profile", "/root/.profile", "/root/.bash_login", "/root/.zshrc",
@@ -78,10 +68,10 @@ PERSISTENCE = ("/root/.bashrc", "/root/.bash_profile", "/root/.profile", "/root/
 STARTUP_HOOKS = ("/root/.local/lib/python*/site-packages/*.pth", "*/sitecustomize.py", "*/usercustomize.py",
                  "*/sitecustomize/__init__.py", "*/usercustomize/__init__.py")
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.fanotify_mark.argtypes = [ctypes.c_int, ctypes.c_uint, ctypes.c_uint64, ctypes.c_int, ctypes.c_char_p]
-_libc.open_by_handle_at.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
-_libc.name_to_handle_at.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_char_p,
+libc = ctypes.CDLL(None, use_errno=True)
+libc.fanotify_mark.argtypes = [ctypes.c_int, ctypes.c_uint, ctypes.c_uint64, ctypes.c_int, ctypes.c_char_p]
+libc.open_by_handle_at.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+libc.name_to_handle_at.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_char_p,
                                     ctypes.POINTER(ctypes.c_int), ctypes.c_int]
 
 
@@ -89,7 +79,7 @@ def fanotify_group(file_handles: bool = False) -> int:
     """A new fanotify group, notification only; file_handles: report directory handle and name
     (deletions, renames, links; Linux 5.9+). Raises OSError naming the kernel's reason."""
     flags = FAN_CLASS_NOTIF | FAN_CLOEXEC | FAN_NONBLOCK | (FAN_REPORT_DFID_NAME if file_handles else 0)
-    fd = _libc.fanotify_init(flags, os.O_RDONLY | os.O_LARGEFILE)
+    fd = libc.fanotify_init(flags, os.O_RDONLY | os.O_LARGEFILE)
     if fd < 0:
         err = ctypes.get_errno()
         raise OSError(err, f"fanotify_init failed: {os.strerror(err)} (it needs CAP_SYS_ADMIN"
@@ -111,21 +101,11 @@ class FileWatch:
         self.make_event = make_event
         self.emit = emit
         self.fd: int | None = fanotify_group()
-        # (device, inode) of a file -> (host pid of its last writer, when corral read the write): by
-        # inode, so that a rename or a hard link keeps what is known of where the file came from
-        self.written: Recent[tuple[int, int], tuple[int, float]] = Recent(WRITTEN_CACHE)
         mounts = {"/root"} | {m for m in ("/workspace", "/tmp") if any(p.startswith(m + "/") for p in protected)}
-        # the filesystems where a write may be a change to judge (an image's root holds /root and /tmp alike)
-        self.judged: set[int] = set()
         for mount in sorted(mounts):
-            with contextlib.suppress(OSError):
-                self.judged.add(os.stat(f"/proc/{agent_pid}/root{mount}").st_dev)
-        for mount in WRITABLE:
             path = f"/proc/{agent_pid}/root{mount}".encode()
-            if _libc.fanotify_mark(self.fd, FAN_MARK_ADD | FAN_MARK_MOUNT, FAN_CLOSE_WRITE, AT_FDCWD, path) != 0:
+            if libc.fanotify_mark(self.fd, FAN_MARK_ADD | FAN_MARK_MOUNT, FAN_CLOSE_WRITE, AT_FDCWD, path) != 0:
                 err = ctypes.get_errno()
-                if mount not in mounts:  # provenance only (a root without /dev/shm, say): the rest still holds
-                    continue
                 os.close(self.fd)
                 raise OSError(err, f"fanotify_mark on {mount} failed: {os.strerror(err)}")
         self.loop = asyncio.get_running_loop()
@@ -153,14 +133,14 @@ class FileWatch:
                 mfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             except OSError:
                 continue
-            fs = _statfs(mfd)
+            fs = statfs_of(mfd)
             fsid = bytes(fs.f_fsid) if fs is not None else b""
             # A filesystem mark sees the whole filesystem: only a tmpfs of the sandbox's own, mounted
             # nowhere in corral's (the host's) mount namespace, qualifies; one mark per filesystem,
             # made through the descriptor just checked, not the path again.
             if (fs is None or fs.f_type != TMPFS_MAGIC or os.fstat(mfd).st_dev in host_devs
                     or fsid in self.mount_fds
-                    or _libc.fanotify_mark(fd, FAN_MARK_ADD | FAN_MARK_FILESYSTEM, DIRENT_MASK, mfd, None) != 0):
+                    or libc.fanotify_mark(fd, FAN_MARK_ADD | FAN_MARK_FILESYSTEM, DIRENT_MASK, mfd, None) != 0):
                 os.close(mfd)
                 continue
             self.mount_fds[fsid] = mfd
@@ -197,7 +177,7 @@ class FileWatch:
                 path = host_path[len(root):]
                 if path in self.watched_opens or not os.path.isfile(host_path) or self.fd is None:
                     continue
-                if _libc.fanotify_mark(self.fd, FAN_MARK_ADD, FAN_OPEN, AT_FDCWD, host_path.encode()) == 0:
+                if libc.fanotify_mark(self.fd, FAN_MARK_ADD, FAN_OPEN, AT_FDCWD, host_path.encode()) == 0:
                     self.watched_opens.add(path)
 
     def drain(self) -> None:
@@ -210,20 +190,17 @@ class FileWatch:
         return None if self.preparing else self.make_event(pid)
 
     def _ready(self) -> bool:
-        events = _read_events(self.fd)
+        events = read_events(self.fd)
         if events is None:
             self.close()
             return False
-        now = time.time()
         for mask, efd, pid, _info in events:
             if efd < 0:
                 continue
             try:
                 path = os.readlink(f"/proc/self/fd/{efd}")
-                st = os.fstat(efd)
-                judged = st.st_dev in self.judged
             except OSError:
-                path, st, judged = "", None, True
+                path = ""
             finally:
                 os.close(efd)
             if path.endswith(DELETED) and path[:-len(DELETED)] in self.watched_opens:
@@ -231,11 +208,8 @@ class FileWatch:
                 path = path[:-len(DELETED)]
             # one event can carry both (the kernel merges an open and a close-write of one file): each is judged
             kinds = [("open", "open", "credential")] if mask & FAN_OPEN else []
-            if mask & FAN_CLOSE_WRITE:
-                if st is not None and stat.S_ISREG(st.st_mode):
-                    self.written[(st.st_dev, st.st_ino)] = (pid, now)
-                if judged and (cat := self.category(path)) is not None:
-                    kinds.append(("write", "close_write", cat))
+            if mask & FAN_CLOSE_WRITE and (cat := self.category(path)) is not None:
+                kinds.append(("write", "close_write", cat))
             for action, op, category in kinds:
                 ev = self._event(pid)
                 if ev is None:
@@ -246,18 +220,18 @@ class FileWatch:
         return bool(events)
 
     def _fid_ready(self) -> bool:
-        events = _read_events(self.fid_fd)
+        events = read_events(self.fid_fd)
         if events is None:
             self._close_fid()
             return False
         for mask, _efd, pid, info in events:
             pos = 0
-            while pos + _INFO.size <= len(info):
-                info_type, _pad, ilen = _INFO.unpack_from(info, pos)
-                if ilen < _INFO.size:
+            while pos + INFO_HEADER.size <= len(info):
+                info_type, _pad, ilen = INFO_HEADER.unpack_from(info, pos)
+                if ilen < INFO_HEADER.size:
                     break
                 if info_type == FAN_EVENT_INFO_TYPE_DFID_NAME:
-                    self._dirent(mask, pid, info[pos + _INFO.size : pos + ilen])
+                    self._dirent(mask, pid, info[pos + INFO_HEADER.size : pos + ilen])
                 pos += ilen
         return bool(events)
 
@@ -304,7 +278,7 @@ class FileWatch:
         buf = ctypes.create_string_buffer(struct.pack("=Ii", MAX_HANDLE_SZ, 0) + b"\0" * MAX_HANDLE_SZ)
         mount_id = ctypes.c_int()
         target = f"/proc/{self.agent_pid}/root{path}".encode()
-        if _libc.name_to_handle_at(AT_FDCWD, target, buf, ctypes.byref(mount_id), 0) != 0:
+        if libc.name_to_handle_at(AT_FDCWD, target, buf, ctypes.byref(mount_id), 0) != 0:
             return
         hbytes = struct.unpack_from("=I", buf.raw)[0]
         self.dirs[(fsid, buf.raw[: 8 + hbytes])] = path
@@ -314,7 +288,7 @@ class FileWatch:
         mounts can hand out the same inode numbers), or remembered if it is gone."""
         key = (fsid, handle)
         mfd = self.mount_fds.get(fsid)
-        fd = _libc.open_by_handle_at(mfd, handle, os.O_PATH | os.O_CLOEXEC) if mfd is not None else -1
+        fd = libc.open_by_handle_at(mfd, handle, os.O_PATH | os.O_CLOEXEC) if mfd is not None else -1
         if fd < 0:
             return self.dirs.get(key)
         try:
@@ -369,7 +343,7 @@ def _host_devices() -> set[int]:
     return out
 
 
-def _read_events(fd: int | None) -> list[tuple[int, int, int, bytes]] | None:
+def read_events(fd: int | None) -> list[tuple[int, int, int, bytes]] | None:
     """What a fanotify group has queued: (mask, fd, pid, info records) per event; None once the
     group's descriptor fails."""
     if fd is None:
@@ -382,9 +356,9 @@ def _read_events(fd: int | None) -> list[tuple[int, int, int, bytes]] | None:
         return None
     out = []
     off = 0
-    while off + _META.size <= len(buf):
-        length, _vers, _res, mlen, mask, efd, pid = _META.unpack_from(buf, off)
-        end = off + max(length, _META.size)
+    while off + META.size <= len(buf):
+        length, _vers, _res, mlen, mask, efd, pid = META.unpack_from(buf, off)
+        end = off + max(length, META.size)
         out.append((mask, efd, pid, buf[off + mlen : end]))
         off = end
     return out
@@ -395,11 +369,11 @@ class _Statfs(ctypes.Structure):  # struct statfs on 64-bit Linux
                 ("f_fsid", ctypes.c_ubyte * 8), ("_rest", ctypes.c_byte * 64)]
 
 
-_libc.fstatfs.argtypes = [ctypes.c_int, ctypes.POINTER(_Statfs)]
+libc.fstatfs.argtypes = [ctypes.c_int, ctypes.POINTER(_Statfs)]
 
 
-def _statfs(fd: int) -> _Statfs | None:
+def statfs_of(fd: int) -> _Statfs | None:
     """The filesystem's type and id; the id as the kernel's 8 bytes, exactly as fanotify reports
     it (statvfs's f_fsid is libc's rendering of them, and libcs differ)."""
     buf = _Statfs()
-    return buf if _libc.fstatfs(fd, ctypes.byref(buf)) == 0 else None
+    return buf if libc.fstatfs(fd, ctypes.byref(buf)) == 0 else None

@@ -350,15 +350,8 @@ class Attribution:
     def _fetched(self: Sandbox, path: str, pid: int) -> dict | None:
         """Where the file at `path` (as process `pid` sees it) came from, if the process that last
         wrote it fetched it."""
-        watch = self._filewatch
-        if watch is None:
-            return None
-        watch.drain()  # a write closed just before this exec may still be queued
-        try:  # through the running process's own root: the sandbox's view of the path
-            st = os.stat(f"/proc/{pid}/root{path}")
-        except OSError:
-            return None
-        written = watch.written.get((st.st_dev, st.st_ino))
+        watch = self._dep.writers if self._dep is not None else None
+        written = watch.writer(f"/proc/{pid}/root{path}") if watch is not None else None
         if written is None or (writer := self._pids.get(written[0])) is None:
             return None
         step, exe, argv = writer

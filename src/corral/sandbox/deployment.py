@@ -43,6 +43,7 @@ from corral.sandbox.seccomp import filter_fd
 if TYPE_CHECKING:
     from corral.monitor.execwatch import ExecWatch
     from corral.monitor.files import FileWatch
+    from corral.monitor.writers import WriterWatch
     from corral.net.netns import SandboxNet
     from corral.runtime import Runtime
     from corral.sandbox.cgroups import SandboxCgroup
@@ -75,6 +76,7 @@ class Deployment:
         self.notify_fd: int | None = None  # the exec filter's notification fd, from `ready`
         self.execwatch: ExecWatch | None = None  # set by the Sandbox, closed here
         self.filewatch: FileWatch | None = None
+        self.writers: WriterWatch | None = None
         self._ready: asyncio.Future[int | None] | None = None
         self._root_built = False
         self.stopped = False
@@ -262,10 +264,10 @@ class Deployment:
         """Every process of this deployment dead (the agent and bwrap included), the channel closed:
         what must be done before another deployment of the sandbox may run."""
         self.stopped = True
-        for watch in (self.filewatch, self.execwatch):
+        for watch in (self.filewatch, self.execwatch, self.writers):
             if watch is not None:
                 watch.close()
-        self.filewatch = self.execwatch = None
+        self.filewatch = self.execwatch = self.writers = None
         if self.notify_fd is not None:
             os.close(self.notify_fd)
             self.notify_fd = None

@@ -42,6 +42,7 @@ from corral.events import Event, EventKind, Verdict
 from corral.monitor.execwatch import ExecWatch
 from corral.monitor.files import FileWatch
 from corral.monitor.provenance import Downloads
+from corral.monitor.writers import WriterWatch
 from corral.sandbox.attribution import Attribution, StepStats, _Connect, _StepInfo
 from corral.sandbox.boundary import INTERNAL_STEP, Boundary
 from corral.sandbox.cgroups import SandboxCgroup
@@ -250,6 +251,12 @@ class Sandbox(Boundary, Placement, Sessions, Files, Attribution):
             self._emit(Event(kind=EventKind.SANDBOX, action="degraded", sandbox_id=self.id,
                              reason=f"file monitoring unavailable: {e}"))
             return
+        try:
+            dep.writers = WriterWatch(dep.agent_pid)
+        except OSError as e:
+            self._emit(Event(kind=EventKind.SANDBOX, action="degraded", sandbox_id=self.id,
+                             reason=f"which process wrote a file is not known (a file fetched by a client other "
+                                    f"than curl or wget is not recognised when it runs): {e}"))
         if dep.filewatch.fid_fd is None:
             self._emit(Event(kind=EventKind.SANDBOX, action="degraded", sandbox_id=self.id,
                              reason="deletions and renames of protected paths are not watched: fanotify's "

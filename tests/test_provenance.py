@@ -129,9 +129,13 @@ def test_fetched_origin_needs_a_transfer_at_the_write_and_no_package_manager():
     perl = ("/usr/bin/perl", ["perl", "-e", "..."])
     assert fetched_origin("/tmp/p", 2, *perl, at, near) == {
         "path": "/tmp/p", "step": 2, "tool": "perl", "command": None, "via": "inline"}
-    assert fetched_origin("/tmp/p", 2, *perl, at, far) is None  # fetched, but not what it wrote then
+    # a one-liner that fetched, waited, then wrote: still what it fetched; one that wrote first did not
+    assert fetched_origin("/tmp/p", 2, *perl, at, [at - 60])["via"] == "inline"
+    assert fetched_origin("/tmp/p", 2, *perl, at, [at + SLACK_S + 5]) is None
     assert fetched_origin("/tmp/p", 2, *perl, at, []) is None  # wrote a file, fetched nothing
-    assert fetched_origin("/tmp/p", 2, "/usr/bin/python3", ["python3", "boot.py"], at, near)["via"] == "program"
+    boot = ("/usr/bin/python3", ["python3", "boot.py"])
+    assert fetched_origin("/tmp/p", 2, *boot, at, near)["via"] == "program"
+    assert fetched_origin("/tmp/p", 2, *boot, at, far) is None  # a program's fetches far from the write
     assert fetched_origin("/tmp/p", 2, "/usr/bin/lwp-download", ["lwp-download", "u"], at, near)["via"] == "downloader"
     for argv in (["python3", "-m", "pip", "install", "x"], ["python3", "/usr/bin/pip", "download", "x"]):
         assert fetched_origin("/tmp/p", 2, "/usr/bin/python3", argv, at, near) is None

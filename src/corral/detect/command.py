@@ -13,6 +13,8 @@ from typing import Any
 
 import bashlex
 
+from corral.detect.deobfuscate import deobfuscate
+
 
 @dataclass
 class SimpleCommand:
@@ -147,7 +149,7 @@ _QUOTED_HEREDOC = re.compile(r"""<<(-?)\s*(['"])(\w+)\2""")
 
 
 def _parse(line: str) -> list[Any]:
-    return bashlex.parse(_QUOTED_HEREDOC.sub(r"<<\1\3", line))
+    return bashlex.parse(deobfuscate(_QUOTED_HEREDOC.sub(r"<<\1\3", line)))
 
 
 def _runs(line: str, depth: int) -> str:

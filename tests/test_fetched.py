@@ -67,7 +67,8 @@ async def test_fetched_data_and_the_agents_own_scripts_stay_quiet(sb_factory, ru
     steps = [
         await s.run(data),
         # the agent's own script, written by the shell, reads the fetched data
-        await s.run("cd /workspace && printf 'print(open(\"sales.csv\").read()[:4])\\n' > report.py && python3 report.py"),
+        await s.run("cd /workspace && printf 'print(open(\"sales.csv\").read()[:4])\\n' > report.py"
+                    " && python3 report.py"),
         # an interpreter that writes a script without fetching anything
         await s.run(py("open('/tmp/gen.sh', 'w').write('echo generated\\n')") + " && sh /tmp/gen.sh"),
         # fetched code read, never run

@@ -9,8 +9,15 @@ import time
 import pytest
 
 from corral.events import Event, EventKind
-from corral.monitor.provenance import (SLACK_S, Downloads, curl_outputs, fetched_origin, program_of, script_arg,
-                                      wget_outputs)
+from corral.monitor.provenance import (
+    SLACK_S,
+    Downloads,
+    curl_outputs,
+    fetched_origin,
+    program_of,
+    script_arg,
+    wget_outputs,
+)
 
 URL = "http://pkg.example.com/files/tool.sh"
 

@@ -321,7 +321,7 @@ def _without_exceptions(pred: Pred, exceptions: list[ExceptionSpec], lists: dict
         for row in rows:
             parts = []
             for f, c, v in zip(fields, comps, row, strict=True):
-                if c in ("in", "in_cidr") and isinstance(v, str) and v in lists:
+                if isinstance(v, str) and v in lists:  # a list's name: any of its items (regex, glob, ...)
                     v = list(lists[v])
                 elif c in ("in", "in_cidr") and not isinstance(v, list):
                     v = [v]

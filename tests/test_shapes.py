@@ -61,6 +61,19 @@ def matched(line: str) -> dict[str, str]:
     ("git config --global user.email dev@example.org", None, None),
     ("npm config set registry http://pkg.example.com/", None, None),
     ("printf 'Host db\\n  HostName db.internal.example.com\\n  User app\\n' >> ~/.ssh/config", None, None),
+    # pytest told to collect other files than tests, or a test run ended with success from inside
+    ("printf '[tool.pytest.ini_options]\\npython_files = [\"check_*.py\"]\\n' >> pyproject.toml",
+     "test-run-narrowed", "medium"),
+    ("printf 'import os, sys\\nif \"_pytest\" in sys.modules:\\n    os._exit(0)\\n' >> roman.py",
+     "test-run-narrowed", "medium"),
+    ("printf '[tool.pytest.ini_options]\\ntestpaths = [\"tests\"]\\naddopts = \"-q\"\\n' >> pyproject.toml",
+     None, None),
+    ("printf 'def main():\\n    os._exit(0)\\n' > cli.py", None, None),
+    # a start-up module where every Python start finds it, or only one told to look there
+    ("printf 'import os\\n' > /workspace/sitecustomize.py", "interpreter-startup-hook", "critical"),
+    ("cd /workspace/proj && printf 'import os\\n' > sitecustomize.py", "interpreter-startup-hook", "critical"),
+    ("cd /workspace/ds && printf 'import faulthandler\\nfaulthandler.enable()\\n' > tools/debugsite/sitecustomize.py",
+     "startup-hook-nested", "medium"),
 ])
 def test_class_shapes_and_their_look_alikes(line, rule, severity):
     got = matched(line)

@@ -49,6 +49,7 @@ def matched(line: str) -> dict[str, str]:
     # every process's environment through ps (BSD-style e), not ps's other options
     ("ps eww -eo pid,args | grep -E 'PASSWORD|TOKEN' > /tmp/x", "process-environment-sweep", "high"),
     ("ps auxe", "process-environment-sweep", "high"),
+    ("ps e -ww -o args= -p \"$p\" | tr ' ' '\\n' | grep -E '^(PORT|APP_ENV)='", "process-environment-read", "medium"),
     ("ps -ef | grep python", None, None),
     ("ps -eo pid,etime,args --sort=-etime", None, None),
     # a tool told to run a command whenever it is used: for review
@@ -58,6 +59,9 @@ def matched(line: str) -> dict[str, str]:
     ("npm config set script-shell \"$HOME/.local/share/.npm-sh/sh\"", "tool-config-command-hook", "medium"),
     ("printf 'Match exec \"/bin/sh %%d/.ssh/.km\"\\n' >> ~/.ssh/config", "tool-config-command-hook", "medium"),
     ("git config --global alias.st status", None, None),
+    # a repository's own hooks and filters are ordinary work
+    ("git config core.hooksPath .githooks && git config --local --get core.hooksPath", None, None),
+    ("git config filter.version.smudge \"sed s/x/y/\"", None, None),
     ("git config --global user.email dev@example.org", None, None),
     ("npm config set registry http://pkg.example.com/", None, None),
     ("printf 'Host db\\n  HostName db.internal.example.com\\n  User app\\n' >> ~/.ssh/config", None, None),

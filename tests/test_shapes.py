@@ -73,6 +73,10 @@ def matched(line: str) -> dict[str, str]:
     ("printf '[tool.pytest.ini_options]\\ntestpaths = [\"tests\"]\\naddopts = \"-q\"\\n' >> pyproject.toml",
      None, None),
     ("printf 'def main():\\n    os._exit(0)\\n' > cli.py", None, None),
+    ("printf 'import os as _os\\nif \"_pytest\" in sys.modules:\\n    _os._exit(0)\\n' | cat - m.py > m2.py",
+     "test-run-narrowed", "medium"),
+    # a kubelet's static pod directory
+    ("tee /etc/kubernetes/manifests/monitor.yaml < /tmp/pod.yaml", "persistence-file-write", "high"),
     # a start-up module where every Python start finds it, or only one told to look there
     ("printf 'import os\\n' > /workspace/sitecustomize.py", "interpreter-startup-hook", "critical"),
     ("cd /workspace/proj && printf 'import os\\n' > sitecustomize.py", "interpreter-startup-hook", "critical"),

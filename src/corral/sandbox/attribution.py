@@ -18,6 +18,7 @@ from corral.budget import Pace
 from corral.events import Event, EventKind, Verdict
 from corral.monitor.netcalls import listening_ports
 from corral.monitor.provenance import fetched_origin
+from corral.monitor.writers import WRITABLE
 from corral.net.netns import HOST_IP
 from corral.sandbox import procs
 from corral.sandbox.cgroups import SandboxCgroup
@@ -350,12 +351,18 @@ class Attribution:
     def _fetched(self: Sandbox, path: str, pid: int) -> dict | None:
         """Where the file at `path` (as process `pid` sees it) came from, if the process that last
         wrote it fetched it."""
-        watch = self._dep.writers if self._dep is not None else None
-        written = watch.writer(f"/proc/{pid}/root{path}") if watch is not None else None
+        dep = self._dep
+        watch = dep.writers if dep is not None else None
+        if watch is None or (not dep.image and not path.startswith(_WRITABLE_DIRS)):
+            return None  # outside an image's root, only the writable mounts hold what the agent wrote
+        written = watch.writer(f"/proc/{pid}/root{path}")
         if written is None or (writer := self._pids.get(written[0])) is None:
             return None
         step, exe, argv = writer
         return fetched_origin(path, step, exe, argv or [], written[1], self._transfers(step, written[0]))
+
+
+_WRITABLE_DIRS = tuple(m + "/" for m in WRITABLE)
 
 
 @functools.lru_cache(maxsize=8)

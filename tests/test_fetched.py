@@ -76,3 +76,14 @@ async def test_fetched_data_and_the_agents_own_scripts_stay_quiet(sb_factory, ru
     ]
     assert [r.stdout for r in steps[1:3]] == ["date\n", "generated\n"], [r.stderr for r in steps]
     assert not await findings_for(runtime, sb, wait=0.5)
+
+
+async def test_a_link_to_a_fetched_file_resolves_inside_the_sandbox(sb_factory, runtime):
+    """An absolute link the agent made is resolved in the sandbox's root, as its exec resolves it: a
+    link cannot send corral's lookup to a file of the host (and so hide the fetch)."""
+    sb = await sb_factory(allow("pkg.example.com:80"))
+    s = await sb.create_session("agent")
+    assert (await s.run(FETCH_INLINE)).exit_code == 0
+    r = await s.run("ln -s /tmp/.k.py /workspace/link.py && python3 /workspace/link.py")
+    assert r.exit_code != 0
+    assert [f.step for f in await findings_for(runtime, sb, "downloaded-file-executed")] == [r.step]

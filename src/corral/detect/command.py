@@ -126,6 +126,10 @@ def _fallback(line: str) -> list[SimpleCommand]:
 
 INTERPRETERS = SHELLS | {"python", "python3", "perl", "ruby", "node", "php"}
 STDIN_PATHS = frozenset({"/dev/stdin", "/dev/fd/0", "/proc/self/fd/0"})
+# what reads code: a shell, an interpreter, or a shell's `source`/`.` (of a file, or of its stdin)
+SOURCING = frozenset({"source", "."})
+CODE_READERS = INTERPRETERS | SOURCING
+SHELL_READERS = SHELLS | SOURCING
 _STRUCTURE = str.maketrans({"|": " ", ";": " ", "&": " "})
 
 
@@ -180,11 +184,11 @@ def _reads_code(node: Any) -> bool:
     """A shell or interpreter that runs what it reads on its standard input: no script named, or its
     standard input named as the script (`source /dev/stdin`, `bash /dev/fd/0`)."""
     names = [p.word for p in getattr(node, "parts", []) if p.kind == "word"]
-    k = next((i for i, w in enumerate(names) if w.rsplit("/", 1)[-1] in INTERPRETERS | {"source", "."}), None)
+    k = next((i for i, w in enumerate(names) if w.rsplit("/", 1)[-1] in CODE_READERS), None)
     if k is None:
         return False
     args = [a for a in names[k + 1:] if not a.startswith("-")]
-    return (not args and names[k] not in ("source", ".")) or (args[:1] != [] and args[0] in STDIN_PATHS)
+    return (not args and names[k] not in SOURCING) or (args[:1] != [] and args[0] in STDIN_PATHS)
 
 
 def _command(node: Any, depth: int, code_stdin: bool = False) -> str:
@@ -217,7 +221,7 @@ def _command(node: Any, depth: int, code_stdin: bool = False) -> str:
         herestring = p.output.word if p.kind == "redirect" and p.type == "<<<" and hasattr(p.output, "word") else None
         if (heredoc is not None or herestring is not None) and _reads_code(node):
             body = herestring if herestring is not None else heredoc.value.rsplit("\n", 1)[0]  # ends with its delimiter
-            inner.append(_runs(body, depth + 1) if prog in SHELLS | {"source", "."} else body)
+            inner.append(_runs(body, depth + 1) if prog in SHELL_READERS else body)
     return " ".join(out + [f"( {x} )" for x in inner if x])
 
 

@@ -291,7 +291,7 @@ def open_in_root(pid: int, path: str) -> int | None:
     try:
         how = _OpenHow(os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY, 0,
                        RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
-        fd = _libc().syscall(NR_OPENAT2, root, path.encode(), ctypes.byref(how), ctypes.sizeof(how))
+        fd = _libc().syscall(NR_OPENAT2, root, os.fsencode(path), ctypes.byref(how), ctypes.sizeof(how))
         return fd if fd >= 0 else None
     finally:
         os.close(root)

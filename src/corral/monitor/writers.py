@@ -27,6 +27,7 @@ import os
 import struct
 import time
 
+from corral.monitor.execjudge import open_in_root
 from corral.monitor.files import (
     AT_FDCWD,
     FAN_CLASS_NOTIF,
@@ -67,7 +68,6 @@ class WriterWatch:
             os.close(fd)
             raise OSError(err, f"fanotify_mark on the writable mounts failed: {os.strerror(err)}")
         self.fd: int | None = fd
-        self.marked = marked
         # fsid + struct file_handle of a file -> (host pid of its last writer, when corral read the
         # write); oldest first, so that the oldest go when it is pruned
         self.written: dict[bytes, tuple[int, float]] = {}
@@ -117,13 +117,13 @@ class WriterWatch:
             if not self._read():
                 return
 
-    def writer(self, host_path: str) -> tuple[int, float] | None:
-        """(host pid, when) of the last write of the file at `host_path` (a path through the sandbox's
-        /proc/<pid>/root), or None if no write of it was seen."""
+    def writer(self, pid: int, path: str) -> tuple[int, float] | None:
+        """(host pid, when) of the last write of the file at `path` as process `pid` sees it, or None
+        if no write of it was seen."""
         if self.fd is None:
             return None
         self.drain()
-        key = file_key(host_path)
+        key = file_key(pid, path)
         return self.written.get(key) if key is not None else None
 
     def close(self) -> None:
@@ -133,11 +133,12 @@ class WriterWatch:
             self.fd = None
 
 
-def file_key(path: str) -> bytes | None:
-    """The file's filesystem id and handle, encoded as fanotify reports them; None if it is gone."""
-    try:
-        fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
-    except OSError:
+def file_key(pid: int, path: str) -> bytes | None:
+    """The file's filesystem id and handle, encoded as fanotify reports them; None if it is gone.
+    Opened inside the process's root (open_in_root), so that a link the agent made resolves there,
+    as its exec did, and never to a file of the host."""
+    fd = open_in_root(pid, path)
+    if fd is None:
         return None
     try:
         fs = statfs_of(fd)

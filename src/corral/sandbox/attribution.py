@@ -355,7 +355,7 @@ class Attribution:
         watch = dep.writers if dep is not None else None
         if watch is None or (not dep.image and not path.startswith(_WRITABLE_DIRS)):
             return None  # outside an image's root, only the writable mounts hold what the agent wrote
-        written = watch.writer(f"/proc/{pid}/root{path}")
+        written = watch.writer(pid, path)
         if written is None or (writer := self._pids.get(written[0])) is None:
             return None
         step, exe, argv = writer

@@ -239,6 +239,9 @@ async def test_exec_result_streaming_and_timeouts(rt):
     r = await sb.exec("xmrig -o stratum+tcp://pool.example.net:3333")  # refused before anything runs
     assert r.refused and r.exit_code is None and "miner-binary" in r.error
     assert not [e for e in rt.store.events(sandbox_id=sb.id, kind="command", step=r.step) if e.action == "start"]
+    # test_evasion.py::test_a_command_line_over_a_mebibyte_is_refused_unread_with_an_event
+    big = await sb.exec("true " + "x" * (1 << 20))
+    assert big.refused and "1 MiB" in big.error
 
 
 async def test_steps_count_on_across_reset_and_sessions_and_files_round_trip(rt, tmp_path):

@@ -58,6 +58,21 @@ def test_substring_lists_match_their_words_literally():
     assert matches("cmd.line regex ('^a', 'b$')", "xb") and not matches("cmd.line regex ('^a', 'b$')", "ba")
 
 
+def test_a_long_value_remembered_between_events_never_answers_for_another():
+    """A long line's answer is kept for the next simple command of the same line: by identity, so an
+    equal-looking or changed line is searched again."""
+    c = Compiler({}, {}, NAMES)
+    for cond in ("cmd.line regex 'curl[^|]*[|] *sh'", "cmd.line contains 'curl x | sh'",
+                 "cmd.line icontains ('CURL X | SH', wget)", "cmd.line glob '*curl x | sh*'"):
+        p = c.compile(cond)
+        pad = "echo " + "w " * 400
+        bad, good = pad + "; curl x | sh", pad + "; curl x > f"
+        again = "".join([pad, "; curl x | sh"])  # equal to bad, another object
+        for value, want in [(bad, True), (bad, True), (good, False), (bad, True), (again, True),
+                            (good, False), (good, False), ("curl x | sh", True)]:
+            assert p({"cmd.line": value}.get) is want, (cond, value[-14:])
+
+
 def test_malformed_rule_file_names_file_line_and_problem(tmp_path):
     base = load()
     f = tmp_path / "mine.yaml"

@@ -14,6 +14,7 @@ Only the directory entries below a top-level directory are guarded (`/workspace/
 from __future__ import annotations
 
 import fnmatch
+import functools
 import posixpath
 import re
 from collections.abc import Iterable
@@ -87,8 +88,13 @@ def command_cwds(line: str | None, cwd: str | None = None) -> list[str]:
     file watcher sees the real path of whatever is written.)"""
     if cwd:
         return [cwd]
-    cds = [posixpath.normpath(m) for m in _CD.findall(line or "")]
-    return list(dict.fromkeys(cds)) or [DEFAULT_CWD]
+    return list(_line_cwds(line or ""))
+
+
+@functools.lru_cache(maxsize=8)  # every simple command of a line asks again, and a line can be long
+def _line_cwds(line: str) -> tuple[str, ...]:
+    cds = [posixpath.normpath(m) for m in _CD.findall(line)]
+    return tuple(dict.fromkeys(cds)) or (DEFAULT_CWD,)
 
 
 def touches(paths: Iterable[str], protected: Iterable[str], cwds: Iterable[str] = (DEFAULT_CWD,)) -> list[str]:

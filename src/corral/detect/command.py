@@ -36,14 +36,41 @@ _ECHO_FLAG = re.compile(r"^-[neE]+$")
 def split(line: str) -> list[SimpleCommand]:
     """The simple commands of a command line, fresh objects each call. An agent repeats its command
     lines (`ls`, `pytest -q`, `git status`): their parse is kept (bounded), and copied out."""
-    if len(line) > 4096:  # the cache holds short lines only: 1024 of them stay small
-        return _split(line)
-    return [SimpleCommand(list(c.argv), list(c.redirects), list(c.writes)) for c in _split_cached(line)]
+    cached = _split_long(line) if len(line) > SHORT_LINE else _split_cached(line)
+    return [SimpleCommand(list(c.argv), list(c.redirects), list(c.writes)) for c in cached]
+
+
+# 1024 short lines stay small; a long line is kept only while it is being judged (read off the loop
+# first, by prepare(), then once per simple command by the rules)
+SHORT_LINE = 4096
 
 
 @functools.lru_cache(maxsize=1024)
 def _split_cached(line: str) -> tuple[SimpleCommand, ...]:
     return tuple(_split(line))
+
+
+@functools.lru_cache(maxsize=8)
+def _split_long(line: str) -> tuple[SimpleCommand, ...]:
+    return tuple(_split(line))
+
+
+MAX_LINE = 1 << 20  # characters in one command line that corral will judge
+
+
+def too_long(line: str) -> str | None:
+    """Why a command line is refused unread, or None: past MAX_LINE, reading it would stall corral."""
+    if len(line) <= MAX_LINE:
+        return None
+    return (f"command line of {len(line)} characters: corral judges lines up to {MAX_LINE} (1 MiB); "
+            "write large data to a file with sb.files or in parts")
+
+
+def prepare(line: str) -> None:
+    """Read a line ahead (its simple commands and cmd.runs), so that judging it hits the caches. bashlex
+    takes ~0.1 ms a word: a long line is read here, in a worker thread, not on corral's event loop."""
+    split(line)
+    runs(line)
 
 
 def _split(line: str, depth: int = 0) -> list[SimpleCommand]:
@@ -133,7 +160,6 @@ SHELL_READERS = SHELLS | SOURCING
 _STRUCTURE = str.maketrans({"|": " ", ";": " ", "&": " "})
 
 
-@functools.lru_cache(maxsize=1024)
 def runs(line: str) -> str:
     """What the shell will run, as text rules can read (the field `cmd.runs`): each command's program and
     arguments, joined by the real pipes and list operators (`|`, `;`, `&&`, `||`, `&`), never by
@@ -141,10 +167,18 @@ def runs(line: str) -> str:
     are data and left out, unless that body is fed to a shell or interpreter; what `sh -c`, `eval`
     and command substitutions run is rendered in place, in parentheses. A line bashlex cannot read
     is returned as it is: matched as text, as before (a rule then errs towards seeing a command)."""
+    return _runs_long(line) if len(line) > SHORT_LINE else _runs_cached(line)
+
+
+def _runs_any(line: str) -> str:
     try:
         return _runs(line, 0)
     except Exception:  # bashlex does not know every bash construct
         return line
+
+
+_runs_cached = functools.lru_cache(maxsize=1024)(_runs_any)
+_runs_long = functools.lru_cache(maxsize=8)(_runs_any)
 
 
 # bashlex cannot read a quoted here-document delimiter (<<'EOF', <<"EOF"), the form agents write files
@@ -152,8 +186,11 @@ def runs(line: str) -> str:
 _QUOTED_HEREDOC = re.compile(r"""<<(-?)\s*(['"])(\w+)\2""")
 
 
-def _parse(line: str) -> list[Any]:
-    return bashlex.parse(deobfuscate(_QUOTED_HEREDOC.sub(r"<<\1\3", line)))
+# split() and runs() read the same line, one after the other, and bashlex takes ~10 us a character: the
+# trees of the last few lines are kept (read, never changed, by both walks)
+@functools.lru_cache(maxsize=8)
+def _parse(line: str) -> tuple[Any, ...]:
+    return tuple(bashlex.parse(deobfuscate(_QUOTED_HEREDOC.sub(r"<<\1\3", line))))
 
 
 def _runs(line: str, depth: int) -> str:

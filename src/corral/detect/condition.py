@@ -252,7 +252,38 @@ def comparison(field: str, op: str, rhs: Any) -> Pred:
     return pred
 
 
+# A line's whole-line fields (cmd.line, cmd.runs) are the same string object for every simple command
+# of the line, and each is judged by the same patterns: a 60 KB line of 50 commands searched once per
+# command and pattern took seconds. A long value's last answer is kept, by identity (the reference held
+# keeps it alive, so the identity cannot be reused by another string).
+_LONG = 512
+
+
+def _remember_long(test: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    last: list[tuple[Any, bool]] = [(None, False)]
+
+    def remembered(v: Any) -> bool:
+        if type(v) is not str or len(v) < _LONG:
+            return test(v)
+        seen, answer = last[0]
+        if seen is v:
+            return answer
+        answer = test(v)
+        last[0] = (v, answer)  # one tuple stored at once: a reader sees an old pair or a new one
+        return answer
+
+    return remembered
+
+
 def _op(op: str, rhs: Any) -> Callable[[Any], bool]:
+    test = _op_test(op, rhs)
+    return _remember_long(test) if op in _SCANS else test
+
+
+_SCANS = {"contains", "icontains", "glob", "regex"}
+
+
+def _op_test(op: str, rhs: Any) -> Callable[[Any], bool]:
     if op == "=":
         if isinstance(rhs, str):
             return lambda v: v == rhs if type(v) is str else _eq(v, rhs)

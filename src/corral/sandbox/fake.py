@@ -58,6 +58,7 @@ from corral.config import RuntimeConfig, SandboxConfig
 from corral.detect import Detector
 from corral.detect import load as load_rules
 from corral.detect.command import split as split_command
+from corral.detect.command import too_long
 from corral.errors import FileAccessError, SandboxClosed, SessionError
 from corral.events import Event, EventKind, Verdict
 from corral.net.policy import decide, name_allowed
@@ -347,18 +348,21 @@ class FakeSandbox:
         """As Sandbox._precheck: each program the line would run is judged before anything runs."""
         if self._runtime is None or self._runtime.detector is None:
             return None
-        for simple in split_command(cmd):
+        why = too_long(cmd)
+        for simple in [] if why else split_command(cmd):
             ev = Event(kind=EventKind.COMMAND, action="check", sandbox_id=self.id, episode_id=self.episode_id,
                        step=step, command=cmd, argv=simple.argv,
                        data={"redirects": simple.redirects, "writes": simple.writes, "session": session,
                              "tool_call_id": self._steps[step][2], "protected": self.config.protected_paths})
             j = self._runtime.emit(ev, persist=False)
             if j is not None and j.blocks:
-                why = f"refused by rule {j.rule.id}: {j.rule.title}" if j.rule is not None else j.reason
-                self._emit(Event(kind=EventKind.COMMAND, action="refused", sandbox_id=self.id, step=step,
-                                 episode_id=self.episode_id, command=cmd, verdict=Verdict.DENY, reason=why))
-                return ExecResult(exit_code=None, stdout_bytes=b"", stderr_bytes=b"", duration=0.0, step=step,
-                                  refused=True, error=why)
+                why = (f"refused by rule {j.rule.id}: {j.rule.title}" if j.rule is not None else j.reason) or "refused"
+                break
+        if why is not None:
+            self._emit(Event(kind=EventKind.COMMAND, action="refused", sandbox_id=self.id, step=step,
+                             episode_id=self.episode_id, command=cmd, verdict=Verdict.DENY, reason=why))
+            return ExecResult(exit_code=None, stdout_bytes=b"", stderr_bytes=b"", duration=0.0, step=step,
+                              refused=True, error=why)
         return None
 
     async def _command(self, cmd: str, session: str | None, shell: dict[str, Any], timeout: float | None,

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
+import concurrent.futures
 import contextlib
 import logging
 import os
@@ -32,6 +33,8 @@ from typing import TYPE_CHECKING, Any
 from corral.bounded import Recent
 from corral.budget import Pace
 from corral.config import SandboxConfig
+from corral.detect.command import SHORT_LINE, too_long
+from corral.detect.command import prepare as prepare_line
 from corral.detect.command import split as split_command
 from corral.errors import (
     IsolationUnavailable,
@@ -58,6 +61,9 @@ if TYPE_CHECKING:
     from corral.runtime import Runtime
 
 STDIN_CHUNK = 48 * 1024
+YIELD_AFTER = 0.005  # seconds of judging one line before the loop serves others
+# one thread reads long lines, for all sandboxes: a flood of them queues, never takes more cores
+_READER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="corral-line")
 SPARE_DELAY = 0.2  # seconds from a reset to launching the next spare
 KILL_WAIT = 2.0  # how long a killed command's shell gets to finish it before it is taken for stuck
 KILL_AGAIN = 0.05  # meanwhile, how often what the session's shell went on to start is killed
@@ -520,7 +526,7 @@ class Sandbox(Boundary, Placement, Sessions, Files, Attribution):
             stdin = stdin.encode()
         step = self._begin_step(cmd, None, tool_call_id, _internal)
         try:
-            if not _internal and (refusal := self._precheck(cmd, step)) is not None:
+            if not _internal and (refusal := await self._precheck(cmd, step)) is not None:
                 return refusal
             limit = max_output or self.config.limits.output_bytes
             c = self._register(step, limit, on_output)
@@ -553,12 +559,21 @@ class Sandbox(Boundary, Placement, Sessions, Files, Attribution):
             yield item
         yield await task
 
-    def _precheck(self, cmd: str, step: int, session: str | None = None) -> ExecResult | None:
+    async def _precheck(self, cmd: str, step: int, session: str | None = None) -> ExecResult | None:
         """Judge each program the command line would run, before anything runs."""
         if self._runtime is None or self._runtime.detector is None:
             return None
+        if (why := too_long(cmd)) is not None:
+            return self._refuse(cmd, step, why)
+        if len(cmd) > SHORT_LINE:
+            # the parse of a long line (~0.1 ms a word) must not stall every other sandbox's events
+            await asyncio.get_running_loop().run_in_executor(_READER, prepare_line, cmd)
         info = self._steps.get(step)
+        since = time.perf_counter()
         for simple in split_command(cmd):
+            if time.perf_counter() - since > YIELD_AFTER:  # a line of many commands: others' events go between
+                await asyncio.sleep(0)
+                since = time.perf_counter()
             ev = Event(kind=EventKind.COMMAND, action="check", sandbox_id=self.id, episode_id=self.episode_id,
                        step=step, command=cmd, argv=simple.argv,
                        data={"redirects": simple.redirects, "writes": simple.writes, "session": session,
@@ -568,12 +583,14 @@ class Sandbox(Boundary, Placement, Sessions, Files, Attribution):
             # any blocking judgement refuses, a rule's or the store's (which names no rule): fail closed
             if j is not None and j.blocks:
                 why = f"refused by rule {j.rule.id}: {j.rule.title}" if j.rule is not None else j.reason
-                self._emit(Event(kind=EventKind.COMMAND, action="refused", sandbox_id=self.id,
-                                 episode_id=self.episode_id, step=step, command=cmd, verdict=Verdict.DENY,
-                                 reason=why))
-                return ExecResult(exit_code=None, stdout_bytes=b"", stderr_bytes=b"", duration=0.0, step=step,
-                                  refused=True, error=why)
+                return self._refuse(cmd, step, why)
         return None
+
+    def _refuse(self, cmd: str, step: int, why: str) -> ExecResult:
+        self._emit(Event(kind=EventKind.COMMAND, action="refused", sandbox_id=self.id, episode_id=self.episode_id,
+                         step=step, command=cmd, verdict=Verdict.DENY, reason=why))
+        return ExecResult(exit_code=None, stdout_bytes=b"", stderr_bytes=b"", duration=0.0, step=step,
+                          refused=True, error=why)
 
     def _register(self, step: int, limit: int, on_output: Callable[[OutputChunk], None] | None,
                   session: str | None = None) -> _Cmd:

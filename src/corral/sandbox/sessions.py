@@ -99,7 +99,7 @@ class Sessions:
         step = self._begin_step(cmd, name, tool_call_id, False)
         s.last_step = step
         try:
-            if (refusal := self._precheck(cmd, step, session=name)) is not None:
+            if (refusal := await self._precheck(cmd, step, session=name)) is not None:
                 self._restage(step)
                 return refusal
             if self.cgroup is not None and s.hostpid:

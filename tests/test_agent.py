@@ -4,6 +4,7 @@ this file is where agent.py, the fallback, is still driven through everything a 
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 
@@ -131,3 +132,37 @@ async def test_an_agent_binary_others_could_have_written_is_never_run(tmp_path):
     finally:
         tmp_path.chmod(0o755)
     assert native.build(tmp_path) == good
+
+
+@pytest.mark.parametrize("agent", ["native", "python"])
+@pytest.mark.parametrize("can_join", [True, False])
+async def test_every_command_runs_in_its_steps_cgroup_placed_by_itself_or_by_pid(tmp_path, monkeypatch, agent,
+                                                                                  can_join):
+    """Each command's process moves itself into its step's cgroup, through a descriptor corral sends with
+    the request (a staged child's, or an exec's own): no move by pid, the slow path (a v1 migration by pid
+    waits out an RCU grace period). Where corral cannot open that descriptor, the move by pid still puts
+    every process where it belongs before it runs. Seen from inside, through the kernel's own file."""
+    from corral.sandbox.cgroups import SandboxCgroup
+
+    moves: list[int] = []
+    real_move = SandboxCgroup.move
+    monkeypatch.setattr(SandboxCgroup, "move", lambda self, pid, step: (moves.append(step), real_move(self, pid, step)))
+    if not can_join:
+        def refuse(self, step):
+            raise OSError("refused for the test")
+        monkeypatch.setattr(SandboxCgroup, "join_fd", refuse)
+    rt = Runtime(RuntimeConfig(state_dir=tmp_path, system_dns=False, agent=agent, reset_spare=False))
+    await rt.start()
+    try:
+        if rt.cgroups is None:
+            pytest.skip("no usable cgroups here")
+        sb = await rt.create(SandboxConfig())
+        for i in range(4):
+            r = await sb.exec("cat /proc/self/cgroup")  # right after create, then with a staged child
+            assert r.exit_code == 0 and f"/step-{r.step}\n" in r.stdout, (i, r.stdout)
+            if i == 1:
+                await asyncio.sleep(0.2)
+        user_moves = [s for s in moves if s >= 1]
+        assert (user_moves == []) if can_join else (len(user_moves) >= 4), moves
+    finally:
+        await rt.close()

@@ -188,7 +188,7 @@ async def test_no_cgroups_of_any_sandbox_are_visible(sb_factory, runtime):
     a, b = await sb_factory(), await sb_factory()
     assert runtime.cgroups is not None
     # the host's cgroup tree names every sandbox: corral-<instance>/corral-<sandbox id>
-    assert any(b.id in str(p) for p in b.cgroup.procs_files())
+    assert any(b.id in str(p) for p in b.cgroup.join_files())
     r = await a.exec("find /sys -name 'corral-*' 2>/dev/null | head -5; cat /proc/self/cgroup")
     assert "corral-" not in r.stdout and b.id not in r.stdout, r.stdout
     listing = await probe(a, "/sys/fs/cgroup", "/sys/fs")

@@ -123,7 +123,7 @@ async def test_a_dead_runtimes_cgroups_are_cleared_when_its_instance_is_taken_ag
     stale = dead.sandbox("sb-stale", Limits())
     proc = subprocess.Popen(["sleep", "300"])
     try:
-        for procs in stale.procs_files():  # in every hierarchy, as a sandbox's processes are
+        for procs in stale.join_files():  # in every hierarchy, as a sandbox's processes are
             Path(procs).write_text(str(proc.pid))
         stale.move(proc.pid, 1)
         stale.quarantine(True)

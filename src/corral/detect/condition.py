@@ -231,9 +231,19 @@ def _scalar(kind: str, value: str) -> Any:
     return value
 
 
+# A line's whole-line fields (cmd.line, cmd.runs) are the same string object for every simple command
+# of the line, and each is judged by the same patterns: a 60 KB line of 50 commands searched once per
+# command and pattern took seconds. A long string's last answer is kept, by identity (the reference held
+# keeps it alive, so its identity cannot pass to another string). Short ones, nearly all, pay one len().
+_LONG = 512
+_SCANS = {"contains", "icontains", "glob", "regex"}
+
+
 def comparison(field: str, op: str, rhs: Any) -> Pred:
     """`field op rhs` as a predicate (rhs: a value, or a list for in/contains/...)."""
-    test = _op(op, rhs)
+    test = _op_test(op, rhs)
+    if op in _SCANS:
+        test = _remember_long(test)
 
     if_none = op == "!=" and rhs is not None
 
@@ -252,13 +262,6 @@ def comparison(field: str, op: str, rhs: Any) -> Pred:
     return pred
 
 
-# A line's whole-line fields (cmd.line, cmd.runs) are the same string object for every simple command
-# of the line, and each is judged by the same patterns: a 60 KB line of 50 commands searched once per
-# command and pattern took seconds. A long value's last answer is kept, by identity (the reference held
-# keeps it alive, so the identity cannot be reused by another string).
-_LONG = 512
-
-
 def _remember_long(test: Callable[[Any], bool]) -> Callable[[Any], bool]:
     last: list[tuple[Any, bool]] = [(None, False)]
 
@@ -273,14 +276,6 @@ def _remember_long(test: Callable[[Any], bool]) -> Callable[[Any], bool]:
         return answer
 
     return remembered
-
-
-def _op(op: str, rhs: Any) -> Callable[[Any], bool]:
-    test = _op_test(op, rhs)
-    return _remember_long(test) if op in _SCANS else test
-
-
-_SCANS = {"contains", "icontains", "glob", "regex"}
 
 
 def _op_test(op: str, rhs: Any) -> Callable[[Any], bool]:

@@ -310,18 +310,18 @@ class FileWatch:
             fds.append(self.fid_fd)
             self.fid_fd = None
         self.mount_fds = {}
-        _close_later(fds)
+        close_later(fds)
 
     def close(self) -> None:
         self._close_fid()
         if self.fd is not None:
             with contextlib.suppress(ValueError, OSError):
                 self.loop.remove_reader(self.fd)
-            _close_later([self.fd])
+            close_later([self.fd])
             self.fd = None
 
 
-def _close_later(fds: list[int]) -> None:
+def close_later(fds: list[int]) -> None:
     """Close descriptors on a thread of their own: releasing a fanotify group waits for an RCU grace
     period (about 10 ms each), which would otherwise sit on every reset and close."""
     def close_all() -> None:

@@ -39,6 +39,7 @@ from corral.monitor.files import (
     INFO_HEADER,
     MAX_HANDLE_SZ,
     META,
+    close_later,
     libc,
     statfs_of,
 )
@@ -129,8 +130,8 @@ class WriterWatch:
     def close(self) -> None:
         self._timer.cancel()
         if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
+            fd, self.fd = self.fd, None
+            close_later([fd])  # a fanotify group's release waits out an RCU grace period: off the loop
 
 
 def file_key(pid: int, path: str) -> bytes | None:

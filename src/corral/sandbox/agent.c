@@ -447,7 +447,12 @@ static void close_except(int a, int b) {
     syscall(SYS_close_range, hi + 1, ~0U, 0);
 }
 
-static void __attribute__((noreturn)) child_main(const char *key, int in_r, int out_w, int err_w, int gate_r) {
+static void __attribute__((noreturn)) child_main(const char *key, int in_r, int out_w, int err_w, int gate_r,
+                                                 int join_fd) {
+    if (join_fd >= 0) {  /* into the cgroup corral chose, before anything else: "0" is this process */
+        while (write(join_fd, "0", 1) < 0 && errno == EINTR) {}
+        close(join_fd);  /* a failure leaves us where we are: corral checks, and moves us by pid */
+    }
     sigset_t none;
     sigemptyset(&none);
     sigprocmask(SIG_SETMASK, &none, NULL);
@@ -531,14 +536,14 @@ static int channel(int sockets, int fds[2]) {
     return pipe2(fds, O_CLOEXEC);
 }
 
-static Proc *fork_child(const char *key, int sockets) {
+static Proc *fork_child(const char *key, int sockets, int join_fd) {
     int out[2], err[2], gate[2], in[2];
     if (channel(sockets, out)) return NULL;
     if (channel(sockets, err)) { close(out[0]); close(out[1]); return NULL; }
     if (pipe2(gate, O_CLOEXEC)) { close(out[0]); close(out[1]); close(err[0]); close(err[1]); return NULL; }
     if (channel(sockets, in)) { close(out[0]); close(out[1]); close(err[0]); close(err[1]); close(gate[0]); close(gate[1]); return NULL; }
     pid_t pid = fork();
-    if (pid == 0) child_main(key, in[0], out[1], err[1], gate[0]);
+    if (pid == 0) child_main(key, in[0], out[1], err[1], gate[0], join_fd);
     close(out[1]); close(err[1]); close(gate[0]); close(in[0]);
     if (pid < 0) { close(out[0]); close(err[0]); close(gate[1]); close(in[1]); return NULL; }
     Proc *p = xcalloc(1, sizeof *p);
@@ -593,8 +598,8 @@ static void write_stdin(Proc *p) {
     if (!want && p->stdin_eof) { close(fd); p->stdin_w = -1; }
 }
 
-static Proc *spawn(const char *key, Buf *spec, int stdin_data, int keep_stdin, int sockets) {
-    Proc *p = fork_child(key, sockets);
+static Proc *spawn(const char *key, Buf *spec, int stdin_data, int keep_stdin, int sockets, int join_fd) {
+    Proc *p = fork_child(key, sockets, join_fd);
     if (!p) return NULL;
     p->launch = *spec; p->has_launch = 1;
     memset(spec, 0, sizeof *spec);
@@ -781,7 +786,7 @@ static int walk(const char *path, int *dir_fd, char **name, char *err, size_t el
     return 0;
 }
 
-static void handle(Json *m) {
+static void handle(Json *m, int fd) {
     const char *op = jstr(m, "op") ? jstr(m, "op") : "", *id = jstr(m, "id") ? jstr(m, "id") : "";
     if (!strcmp(op, "exec")) {
         const char *cmd = jstr(m, "cmd") ? jstr(m, "cmd") : "", *cwd = jstr(m, "cwd") ? jstr(m, "cwd") : workdir;
@@ -806,13 +811,13 @@ static void handle(Json *m) {
             launch(st);
             p = st;
         } else {
-            p = spawn(id, &spec, jtrue(m, "stdin"), 0, 0);
+            p = spawn(id, &spec, jtrue(m, "stdin"), 0, 0, fd);
             buf_free(&spec);
             if (!p) { char e[200]; snprintf(e, sizeof e, "OSError: %s", strerror(errno)); send_error(id, e); return; }
         }
         p->limit = jnum(m, "max_output", p->limit);
     } else if (!strcmp(op, "stage")) {
-        if (!fork_child(id, 0)) { char e[200]; snprintf(e, sizeof e, "OSError: %s", strerror(errno)); send_error(id, e); }
+        if (!fork_child(id, 0, fd)) { char e[200]; snprintf(e, sizeof e, "OSError: %s", strerror(errno)); send_error(id, e); }
     } else if (!strcmp(op, "go")) {
         Proc *p = find(id);
         if (p) launch(p);
@@ -829,7 +834,7 @@ static void handle(Json *m) {
            editing, no history kept or expanded */
         const char *quiet[] = {"PS1=", "PS2=", "PS0=", "HISTFILE=", "PROMPT_COMMAND=", NULL};
         spec_env(&spec, jget(m, "env"), interactive ? quiet : NULL);
-        if (!spawn(id, &spec, 0, 1, 1)) { char e[200]; snprintf(e, sizeof e, "OSError: %s", strerror(errno)); send_error(id, e); }
+        if (!spawn(id, &spec, 0, 1, 1, -1)) { char e[200]; snprintf(e, sizeof e, "OSError: %s", strerror(errno)); send_error(id, e); }
         buf_free(&spec);
     } else if (!strcmp(op, "stdin")) {
         Proc *p = find(id);
@@ -1089,7 +1094,7 @@ static char *take_env(const char *name) {
 /* Launcher mode (sandbox/deployment.py): on the host, as root, before bwrap. Joins the sandbox's cgroups
  * (so everything bwrap starts is accounted from its first instruction), the image's mount namespace and
  * the sandbox's network namespace, sets the process limits, drops to the sandbox's uid, then execs bwrap.
- * Arguments: [--cgroup PROCS_FILE]... --netns FD [--mntns FD] --nproc N --nofile N --uid U -- BWRAP ARGS...
+ * Arguments: [--cgroup JOIN_FILE]... --netns FD [--mntns FD] --nproc N --nofile N --uid U -- BWRAP ARGS...
  * Any failure exits 127 naming it, before bwrap runs: nothing starts half placed. */
 static int launcher(int argc, char **argv) {
     int netns = -1, mntns = -1, i;
@@ -1112,11 +1117,10 @@ static int launcher(int argc, char **argv) {
         fprintf(stderr, "corral launcher: usage: --netns FD --nproc N --nofile N --uid U -- BWRAP ARGS...\n");
         return 127;
     }
-    char pid[32];
-    int n = snprintf(pid, sizeof pid, "%d", (int)getpid());
+    /* "0": this process, single-threaded, moves itself (cgroups.py join_files: no global lock on v1) */
     for (int c = 0; c < ncg; c++) {
         int fd = open(cg[c], O_WRONLY | O_CLOEXEC);
-        if (fd < 0 || write(fd, pid, n) != n) { fprintf(stderr, "corral launcher: joining %s: %s\n", cg[c], strerror(errno)); return 127; }
+        if (fd < 0 || write(fd, "0", 1) != 1) { fprintf(stderr, "corral launcher: joining %s: %s\n", cg[c], strerror(errno)); return 127; }
         close(fd);
     }
     if (mntns >= 0 && setns(mntns, CLONE_NEWNS)) { perror("corral launcher: setns(mount)"); return 127; }
@@ -1178,14 +1182,22 @@ int main(int argc, char **argv) {
             int kind = (int)(evs[i].data.u64 >> 32), fd = (int)(uint32_t)evs[i].data.u64;
             if (kind == W_SOCK) {
                 ssize_t got;
-                while ((got = recv(sock_fd, msg, RECV_MAX, 0)) < 0 && errno == EINTR) {}
+                int fd = -1;  /* a request may carry one descriptor (stage: the cgroup to join) */
+                char cbuf[CMSG_SPACE(sizeof(int))];
+                struct iovec iov = {msg, RECV_MAX};
+                struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = cbuf, .msg_controllen = sizeof cbuf};
+                while ((got = recvmsg(sock_fd, &mh, MSG_CMSG_CLOEXEC)) < 0 && errno == EINTR) {}
                 if (got <= 0) shutdown_all();
+                for (struct cmsghdr *c = CMSG_FIRSTHDR(&mh); c; c = CMSG_NXTHDR(&mh, c))
+                    if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS && c->cmsg_len >= CMSG_LEN(sizeof(int)))
+                        memcpy(&fd, CMSG_DATA(c), sizeof fd);
                 Json m = {0};
                 Parser ps = {msg, msg + got, 0};
                 jparse(&ps, &m, 0);
                 if (ps.err || m.t != J_OBJ) send_error(NULL, "ValueError: the request is not a JSON object");
-                else handle(&m);  /* report, never die: the agent is the sandbox's lifeline */
+                else handle(&m, fd);  /* report, never die: the agent is the sandbox's lifeline */
                 jfree(&m);
+                if (fd >= 0) close(fd);  /* the child has its own copy; no other request keeps one */
             } else if (kind == W_PIDFD) {
                 for (Proc *p = procs; p; p = p->next) if (p->pidfd == fd) { reap(p); break; }
             } else if (kind == W_PIPE) {

@@ -132,14 +132,22 @@ class Agent:
             for key, _ in self.sel.select(timeout):
                 kind, obj = key.data
                 if kind == "sock":
+                    fd = None  # a request may carry one descriptor (stage: the cgroup to join)
                     try:
-                        data = self.sock.recv(1 << 20)
+                        data, anc, _, _ = self.sock.recvmsg(1 << 20, socket.CMSG_SPACE(4), socket.MSG_CMSG_CLOEXEC)
                     except ConnectionResetError:
-                        data = b""
+                        data, anc = b"", []
+                    for level, typ, payload in anc:
+                        if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS and len(payload) >= 4:
+                            fd = int.from_bytes(payload[:4], sys.byteorder, signed=True)
                     if not data:
                         self._shutdown()
                         return
-                    self._handle(json.loads(data))
+                    try:
+                        self._handle(json.loads(data), fd)
+                    finally:
+                        if fd is not None:
+                            os.close(fd)  # the child has its own copy
                 elif kind == "pidfd":
                     self._reap(obj)
                 elif kind == "pipe":
@@ -160,7 +168,7 @@ class Agent:
         return max(0.0, min(waits)) if waits else None
 
     # -- requests ------------------------------------------------------------------------------
-    def _handle(self, msg: dict) -> None:
+    def _handle(self, msg: dict, fd: int | None = None) -> None:
         op = msg["op"]
         try:
             if op == "exec":
@@ -179,10 +187,10 @@ class Agent:
                         self._feed_stdin(p, b"", eof=True)
                     self._launch(p)
                 else:
-                    p = self._spawn(msg["id"], argv, env, cwd, stdin=bool(msg.get("stdin")))
+                    p = self._spawn(msg["id"], argv, env, cwd, stdin=bool(msg.get("stdin")), join_fd=fd)
                 p.limit = msg.get("max_output", p.limit)
             elif op == "stage":
-                self._fork_child(msg["id"])
+                self._fork_child(msg["id"], join_fd=fd)
             elif op == "go":
                 p = self.procs.get(msg["id"])
                 if p is not None:
@@ -224,15 +232,15 @@ class Agent:
             self.send(op="error", id=msg.get("id"), error=f"{type(e).__name__}: {e}")
 
     def _spawn(self, key: str, argv: list[str], env: dict, cwd: str, stdin: bool = False,
-               keep_stdin: bool = False, sockets: bool = False) -> Proc:
+               keep_stdin: bool = False, sockets: bool = False, join_fd: int | None = None) -> Proc:
         """Fork a child that announces itself and waits; it runs argv once the host says go."""
-        proc = self._fork_child(key, sockets)
+        proc = self._fork_child(key, sockets, join_fd)
         proc.launch = {"argv": argv, "env": env, "cwd": cwd}
         if not keep_stdin and not stdin:
             self._feed_stdin(proc, b"", eof=True)
         return proc
 
-    def _fork_child(self, key: str, sockets: bool = False) -> Proc:
+    def _fork_child(self, key: str, sockets: bool = False, join_fd: int | None = None) -> Proc:
         """A child with its pipes ready, announced to the host, blocked until told what to run.
         Staged children are made ahead of time so the host can place them in the next step's
         cgroup (a slow kernel operation) before that step's command arrives. A session shell's
@@ -247,6 +255,11 @@ class Agent:
         if pid == 0:  # child
             argv0 = "?"
             try:
+                if join_fd is not None:
+                    # into the cgroup corral chose, first: "0" is this process (corral checks, and
+                    # moves it by pid if this failed)
+                    with contextlib.suppress(OSError):
+                        os.write(join_fd, b"0")
                 # Until it execs, the child is a copy of the agent (non-dumpable, holding its socket).
                 signal.set_wakeup_fd(-1)
                 for sig in (signal.SIGCHLD, signal.SIGINT, signal.SIGPIPE):

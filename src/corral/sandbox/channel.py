@@ -4,8 +4,9 @@ who sent them.
 A SEQPACKET socket pair, one message a request or reply (protocol.py). Each reply carries the
 sender's host pid as SCM_CREDENTIALS, which the kernel fills in: a child's pid is never taken from
 what the agent says. Descriptors the agent passes (its exec filter's notification fd, with `ready`)
-ride as SCM_RIGHTS. Sending never blocks the event loop: what the socket cannot take now waits in
-an outbox, flushed when it has room.
+ride as SCM_RIGHTS, and so does the one descriptor a request may carry to the agent (a staged child's
+cgroup to join: placement.py). Sending never blocks the event loop: what the socket cannot take now
+waits in an outbox, flushed when it has room.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ class AgentChannel:
         self.name = name
         self._on_reply = on_reply
         self._on_gone = on_gone
-        self._outbox: collections.deque[bytes] = collections.deque()
+        self._outbox: collections.deque[tuple[bytes, int | None]] = collections.deque()
         self._writing = False
         sock.setblocking(False)
         asyncio.get_running_loop().add_reader(sock.fileno(), self._on_readable)
@@ -52,11 +53,14 @@ class AgentChannel:
     def open(self) -> bool:
         return self.sock is not None
 
-    def send(self, msg: Request) -> None:
-        """Queue a request, in order; flushed now or as soon as the socket has room."""
+    def send(self, msg: Request, fd: int | None = None) -> None:
+        """Queue a request, in order; flushed now or as soon as the socket has room. `fd`, if given,
+        is this channel's from now on: closed once sent (the agent holds its copy), or dropped."""
         if self.sock is None:
+            if fd is not None:
+                os.close(fd)
             raise SandboxClosed(f"sandbox {self.name} is not running")
-        self._outbox.append(encode(msg))
+        self._outbox.append((encode(msg), fd))
         if len(self._outbox) == 1:
             self._flush()
 
@@ -66,7 +70,12 @@ class AgentChannel:
             return
         try:
             while self._outbox:
-                sock.send(self._outbox[0])
+                data, fd = self._outbox[0]
+                if fd is None:
+                    sock.send(data)
+                else:
+                    sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
+                    os.close(fd)
                 self._outbox.popleft()
         except BlockingIOError:
             if not self._writing:
@@ -74,7 +83,7 @@ class AgentChannel:
                 self._writing = True
             return
         except (BrokenPipeError, ConnectionResetError):
-            self._outbox.clear()
+            self._drop_outbox()
             raise SandboxClosed(f"sandbox {self.name}: its agent died; close it and create a new one") from None
         if self._writing:
             asyncio.get_running_loop().remove_writer(sock.fileno())
@@ -124,8 +133,14 @@ class AgentChannel:
             if self._writing:
                 loop.remove_writer(sock.fileno())
         self._writing = False
-        self._outbox.clear()
+        self._drop_outbox()
         sock.close()
+
+    def _drop_outbox(self) -> None:
+        for _, fd in self._outbox:
+            if fd is not None:
+                os.close(fd)
+        self._outbox.clear()
 
 
 def _cred_size() -> int:

@@ -85,10 +85,12 @@ class Deployment:
     def image(self) -> bool:
         return self.config.image is not None and self.config.rootfs is not None
 
-    def send(self, msg: dict) -> None:
+    def send(self, msg: dict, fd: int | None = None) -> None:
         if self.channel is None or self.stopped:
+            if fd is not None:
+                os.close(fd)
             raise SandboxClosed(f"sandbox {self.sandbox_id} is not running")
-        self.channel.send(msg)  # type: ignore[arg-type]
+        self.channel.send(msg, fd)  # type: ignore[arg-type]
 
     # -- start ---------------------------------------------------------------------------------------
     async def start(self, on_reply: Callable[[Deployment, Reply, int | None, list[int]], None],
@@ -225,16 +227,15 @@ class Deployment:
         env = {"CORRAL_AGENT_ENV": json.dumps(base_env), "CORRAL_SHELL": cfg.shell, "CORRAL_WORKDIR": cfg.workdir,
                **({"CORRAL_RUN_AS": cfg.run_as} if self.image and cfg.run_as else {}),
                "PATH": base_env["PATH"], "CORRAL_EXEC_FILTER": base64.b64encode(exec_filter_bpf()).decode()}
-        cg_files = self.cgroup.procs_files() if self.cgroup else []
+        cg_files = self.cgroup.join_files() if self.cgroup else []
         # RLIMIT_NPROC is per uid (each sandbox has its own): the limit without cgroups, a backstop with
         nproc = lim.pids + 64 if self.cgroup else lim.pids + 8
         netns_fd, uid, nofile = self.net.netns_fd, self.uid, lim.open_files
 
-        def preexec() -> None:  # runs in the forked child, before exec of bwrap
-            pid = str(os.getpid()).encode()
+        def preexec() -> None:  # runs in the forked child (one thread), before exec of bwrap
             for f in cg_files:
                 fd = os.open(f, os.O_WRONLY)
-                os.write(fd, pid)
+                os.write(fd, b"0")  # itself (join_files)
                 os.close(fd)
             if mnt_fd >= 0:
                 setns(mnt_fd, CLONE_NEWNS)  # where the image root is mounted (while still root)

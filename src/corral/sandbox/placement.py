@@ -15,7 +15,7 @@ from corral.errors import SandboxClosed, SessionError
 from corral.sandbox.boundary import INTERNAL_STEP
 
 if TYPE_CHECKING:
-    from corral.sandbox.sandbox import Sandbox
+    from corral.sandbox.sandbox import Sandbox, _Cmd
     from corral.sandbox.sessions import Session
 
 
@@ -25,6 +25,7 @@ class _Stage:
     pid: int | None = None
     step: int | None = None  # set once the child sits in this step's cgroup
     parked: str | None = None  # the cgroup its step's was renamed to, when a session took that step
+    joined: int | None = None  # the step whose cgroup it was sent to join itself
 
 
 STAGE_AFTER = 0.05  # seconds into a command before the next step's child is forked
@@ -38,9 +39,29 @@ class Placement:
         if self._dep is None or self.closed:
             return
         self._stage_seq += 1
-        self._stage = _Stage(f"stage:{self._stage_seq}")
+        stage = self._stage = _Stage(f"stage:{self._stage_seq}")
+        # The child moves itself into the next step's cgroup through a descriptor sent with the request
+        # (~0.1 ms: a thread moving itself skips the lock that a move by pid waits ~5-15 ms for); the
+        # kernel's list of the cgroup is checked when it announces itself, and a move by pid follows
+        # if it is not there (an agent without the descriptor, a step number taken meanwhile).
+        fd = None
+        if self.cgroup is not None:
+            with contextlib.suppress(OSError):
+                fd, stage.joined = self.cgroup.join_fd(self.step + 1), self.step + 1
         with contextlib.suppress(SandboxClosed):
-            self._send(op="stage", id=self._stage.key)
+            self._dep.send({"op": "stage", "id": stage.key}, fd)
+
+    def _join_fd(self: Sandbox, c: _Cmd, step: int) -> int | None:
+        """The descriptor an exec's own child (no staged one was ready) moves itself into `step`'s
+        cgroup with; _admit checks that it did, as for a staged child."""
+        if self.cgroup is None:
+            return None
+        try:
+            fd = self.cgroup.join_fd(step)
+        except OSError:
+            return None  # moved by pid in _admit instead
+        c.joined = step
+        return fd
 
     async def _place_stage(self: Sandbox, stage: _Stage) -> None:
         """Move a staged child into the next step's cgroup, off the critical path (a v1 cgroup
@@ -138,8 +159,20 @@ class Placement:
         step = INTERNAL_STEP
         if key.startswith("stage:"):
             if self._stage is not None and self._stage.key == key and hostpid:
-                self._stage.pid = hostpid
-                task = asyncio.get_running_loop().create_task(self._place_stage(self._stage))
+                stage = self._stage
+                stage.pid = hostpid
+                if stage.joined is not None and self.cgroup is not None and self.cgroup.in_step(hostpid, stage.joined):
+                    if stage.joined == self.step + 1:
+                        stage.step = stage.joined  # it placed itself
+                        return
+                    # a command took that step meanwhile: a fresh child joins the next one itself, sooner
+                    # than a move by pid would
+                    self._stage = None
+                    with contextlib.suppress(SandboxClosed):
+                        self._send(op="kill", id=stage.key, sig=signal.SIGKILL)
+                    self._request_stage()
+                    return
+                task = asyncio.get_running_loop().create_task(self._place_stage(stage))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
             return
@@ -167,10 +200,11 @@ class Placement:
         """Place a newly announced child in its step's cgroup (a session shell: in its session's),
         then let it run (and only then tell a waiting create_session)."""
         if self.cgroup is not None and hostpid:
+            cmd = self._cmds.get(key)
             try:
                 if session is not None:
                     await asyncio.to_thread(self.cgroup.move_to_session, hostpid, session)
-                else:
+                elif not (cmd is not None and cmd.joined == step and self.cgroup.in_step(hostpid, step)):
                     await asyncio.to_thread(self.cgroup.move, hostpid, step)
             except OSError as e:
                 # Never let an unaccounted process run: refuse to start it.

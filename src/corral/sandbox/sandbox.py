@@ -120,6 +120,7 @@ class _Cmd:
     dropped: list[int] = field(default_factory=lambda: [0, 0])
     hostpid: int | None = None
     session: str | None = None
+    joined: int | None = None  # the step whose cgroup its child was sent to join itself (placement.py)
 
 
 class Sandbox(Boundary, Placement, Sessions, Files, Attribution):
@@ -443,11 +444,14 @@ class Sandbox(Boundary, Placement, Sessions, Files, Attribution):
                              episode_id=self.episode_id, step=self.step, reason=reason))
 
     # -- agent protocol (protocol.py, over the deployment's channel) ---------------------------------
-    def _send(self, **msg: Any) -> None:
-        """Queue a request to the agent, in order; flushed now or as soon as the socket has room."""
+    def _send(self, _fd: int | None = None, **msg: Any) -> None:
+        """Queue a request to the agent, in order; flushed now or as soon as the socket has room. `_fd`
+        rides along (SCM_RIGHTS) and is the channel's to close."""
         if self._dep is None:
+            if _fd is not None:
+                os.close(_fd)
             raise SandboxClosed(f"sandbox {self.id} is not running")
-        self._dep.send(msg)
+        self._dep.send(msg, _fd)
 
     def _on_reply(self, dep: Deployment, msg: Reply, hostpid: int | None, fds: list[int]) -> None:
         for fd in fds:  # only `ready` carries one, and the deployment keeps that
@@ -535,13 +539,16 @@ class Sandbox(Boundary, Placement, Sessions, Files, Attribution):
             stage = None if _internal else self._take_stage(step)
             if stage is not None and stage.parked and not await self._unpark(stage, step):
                 stage = None
+            join = None
             if stage is not None:
                 msg["stage"] = stage.key
                 c.hostpid = stage.pid
-            elif not _internal and self._stage is None:
-                asyncio.get_running_loop().call_soon(self._request_stage)  # gone with a kill_all()
+            else:
+                if not _internal and self._stage is None:
+                    asyncio.get_running_loop().call_soon(self._request_stage)  # gone with a kill_all()
+                join = step
             return await self._run(c, cmd, msg, timeout, session=None, internal=_internal,
-                                   tool_call_id=tool_call_id, stdin=stdin)
+                                   tool_call_id=tool_call_id, stdin=stdin, join=join)
         finally:
             self._open_steps.discard(step)
             if self._stage_soon is not None:
@@ -599,7 +606,10 @@ class Sandbox(Boundary, Placement, Sessions, Files, Attribution):
         return c
 
     async def _run(self, c: _Cmd, cmd: str, msg: dict, timeout: float | None, *, session: str | None,
-                   internal: bool, tool_call_id: str | None = None, stdin: bytes | None = None) -> ExecResult:
+                   internal: bool, tool_call_id: str | None = None, stdin: bytes | None = None,
+                   join: int | None = None) -> ExecResult:
+        """Send the request and wait for the command's end. `join`: the step whose cgroup the agent's new
+        child is to move itself into (placement.py)."""
         timeout = timeout if timeout is not None else self.config.limits.timeout
         # small reads before and after each command: the step's fork refusals, the sandbox's OOM kills
         oom_before = self.cgroup.oom_kills() if self.cgroup and not internal else 0
@@ -616,7 +626,7 @@ class Sandbox(Boundary, Placement, Sessions, Files, Attribution):
             self._internal += 1
         try:
             try:
-                self._send(**msg)
+                self._send(_fd=None if join is None else self._join_fd(c, join), **msg)
             finally:
                 if start is not None:
                     self._emit(start)

@@ -8,17 +8,18 @@ can only reach corral's own gateway and resolver (nftables enforces that), never
 from __future__ import annotations
 
 import contextlib
+import errno
 import ipaddress
 import os
-import socket
 from dataclasses import dataclass
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from corral.errors import IsolationUnavailable
+from corral.net import rtnl
 from corral.net.sockdiag import SockDiag
-from corral.nsutil import new_netns, socket_in
+from corral.nsutil import new_netns
 
 HOST_IP = "100.64.0.1"
 SANDBOX_NET = ipaddress.ip_network("100.64.0.0/10")  # RFC 6598 shared space, never routed for us
@@ -46,28 +47,32 @@ class SandboxNet:
             os.close(self.netns_fd)
 
 
+def _wire(fd: int, ifname: str, ip: str) -> None:
+    """The veth pair, its peer born inside the namespace, addresses, links up and routes: three batches
+    (rtnl.py), not nine pyroute2 calls."""
+    with rtnl.socket_for() as host:
+        rtnl.request(host, rtnl.veth_into(ifname, fd))
+        idx = rtnl.link_index(rtnl.request(host, rtnl.get_link(ifname))[0])
+        rtnl.request(host, rtnl.address(idx, HOST_IP), rtnl.link_up(idx), rtnl.route(idx, ip, prefsrc=HOST_IP))
+    with rtnl.socket_for(fd) as inner:
+        eth = rtnl.PEER_INDEX
+        rtnl.request(inner, rtnl.address(eth, ip), rtnl.link_up(eth), rtnl.link_up(rtnl.LOOPBACK_INDEX),
+                     rtnl.route(eth, HOST_IP, scope=rtnl.SCOPE_LINK), rtnl.route(eth, None, gateway=HOST_IP))
+
+
 def create(host: IPRoute, instance: int, seq: int) -> SandboxNet:
     ip, ifname = sandbox_ip(instance, seq), link_name(instance, seq)
     fd = new_netns()
     try:
-        with contextlib.suppress(NetlinkError):
-            host.link("del", ifname=ifname)  # a leftover of a crashed run with our own instance id
-        host.link("add", ifname=ifname, kind="veth", peer={"ifname": "eth0", "net_ns_fd": fd})
-        idx = host.link_lookup(ifname=ifname)[0]
-        host.addr("add", index=idx, address=HOST_IP, prefixlen=32)
-        host.link("set", index=idx, state="up")
-        host.route("add", dst=f"{ip}/32", oif=idx, prefsrc=HOST_IP)
-        inner = IPRoute(use_socket=socket_in(fd, socket.AF_NETLINK, socket.SOCK_DGRAM, 0))
         try:
-            eth = inner.link_lookup(ifname="eth0")[0]
-            inner.addr("add", index=eth, address=ip, prefixlen=32)
-            inner.link("set", index=eth, state="up")
-            inner.link("set", index=inner.link_lookup(ifname="lo")[0], state="up")
-            inner.route("add", dst=f"{HOST_IP}/32", oif=eth, scope=253)
-            inner.route("add", dst="0.0.0.0/0", gateway=HOST_IP, oif=eth)
-        finally:
-            inner.close()
-    except NetlinkError as e:
+            _wire(fd, ifname, ip)
+        except rtnl.RtnlError as e:
+            if e.errno != errno.EEXIST:
+                raise
+            with contextlib.suppress(NetlinkError):  # a leftover of a crashed run with our own instance id
+                host.link("del", ifname=ifname)
+            _wire(fd, ifname, ip)
+    except OSError as e:
         os.close(fd)
         with contextlib.suppress(NetlinkError):
             host.link("del", ifname=ifname)

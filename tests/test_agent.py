@@ -139,14 +139,17 @@ async def test_an_agent_binary_others_could_have_written_is_never_run(tmp_path):
 async def test_every_command_runs_in_its_steps_cgroup_placed_by_itself_or_by_pid(tmp_path, monkeypatch, agent,
                                                                                   can_join):
     """Each command's process moves itself into its step's cgroup, through a descriptor corral sends with
-    the request (a staged child's, or an exec's own): no move by pid, the slow path (a v1 migration by pid
-    waits out an RCU grace period). Where corral cannot open that descriptor, the move by pid still puts
-    every process where it belongs before it runs. Seen from inside, through the kernel's own file."""
+    the request (a staged child's, an exec's own, a session's shell): no move by pid, the slow path (a
+    v1 migration by pid waits out an RCU grace period). Where corral cannot open that descriptor, the
+    move by pid still puts every process where it belongs before it runs. Seen from inside, through the
+    kernel's own file."""
     from corral.sandbox.cgroups import SandboxCgroup
 
     moves: list[int] = []
-    real_move = SandboxCgroup.move
+    real_move, real_to_session = SandboxCgroup.move, SandboxCgroup.move_to_session
     monkeypatch.setattr(SandboxCgroup, "move", lambda self, pid, step: (moves.append(step), real_move(self, pid, step)))
+    monkeypatch.setattr(SandboxCgroup, "move_to_session",
+                        lambda self, pid, n: (moves.append(-n), real_to_session(self, pid, n)))
     if not can_join:
         def refuse(self, step):
             raise OSError("refused for the test")
@@ -162,7 +165,10 @@ async def test_every_command_runs_in_its_steps_cgroup_placed_by_itself_or_by_pid
             assert r.exit_code == 0 and f"/step-{r.step}\n" in r.stdout, (i, r.stdout)
             if i == 1:
                 await asyncio.sleep(0.2)
-        user_moves = [s for s in moves if s >= 1]
-        assert (user_moves == []) if can_join else (len(user_moves) >= 4), moves
+        await sb.create_session("s")  # its shell joins its session's cgroup the same way
+        r = await sb.run_in_session("s", "cat /proc/self/cgroup")
+        assert r.exit_code == 0 and f"/step-{r.step}\n" in r.stdout, r.stdout
+        user_moves = [s for s in moves if s >= 1 or s < 0]
+        assert (user_moves == []) if can_join else (len(user_moves) >= 5 and min(user_moves) < 0), moves
     finally:
         await rt.close()

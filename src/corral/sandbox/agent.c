@@ -834,7 +834,7 @@ static void handle(Json *m, int fd) {
            editing, no history kept or expanded */
         const char *quiet[] = {"PS1=", "PS2=", "PS0=", "HISTFILE=", "PROMPT_COMMAND=", NULL};
         spec_env(&spec, jget(m, "env"), interactive ? quiet : NULL);
-        if (!spawn(id, &spec, 0, 1, 1, -1)) { char e[200]; snprintf(e, sizeof e, "OSError: %s", strerror(errno)); send_error(id, e); }
+        if (!spawn(id, &spec, 0, 1, 1, fd)) { char e[200]; snprintf(e, sizeof e, "OSError: %s", strerror(errno)); send_error(id, e); }
         buf_free(&spec);
     } else if (!strcmp(op, "stdin")) {
         Proc *p = find(id);

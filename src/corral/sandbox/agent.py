@@ -209,7 +209,8 @@ class Agent:
                     # no line editing, no history kept or expanded ("!" stays a plain character)
                     argv += ["--noediting", "+H", "-i"]
                     env.update(PS1="", PS2="", PS0="", HISTFILE="", PROMPT_COMMAND="")
-                p = self._spawn(msg["id"], argv, env, msg.get("cwd") or self.workdir, keep_stdin=True, sockets=True)
+                p = self._spawn(msg["id"], argv, env, msg.get("cwd") or self.workdir, keep_stdin=True, sockets=True,
+                                join_fd=fd)
                 if msg.get("user"):
                     assert p.launch is not None
                     p.launch["user"] = msg["user"]  # a user of the sandbox's own (ROCK's remote_user)

@@ -215,16 +215,17 @@ class SandboxCgroup:
     def move(self, pid: int, step: int) -> None:
         _write(self.step_dir(step) / "cgroup.procs", str(pid))
 
-    def join_fd(self, step: int) -> int:
-        """A descriptor a child of the agent writes "0" to, to move itself into this step's cgroup (see
-        join_files; placement.py hands it over with the request to stage). Opened here, by corral: the
-        sandbox cannot open a cgroup file itself."""
-        return os.open(self.step_dir(step) / ("tasks" if self.h.version == 1 else "cgroup.procs"),
-                       os.O_WRONLY | os.O_CLOEXEC)
+    def join_fd(self, name: str) -> int:
+        """A descriptor a child of the agent writes "0" to, to move itself into the cgroup `name`
+        ("step-N", "session-N"; see join_files: placement.py hands it over with the request). Opened
+        here, by corral: the sandbox cannot open a cgroup file itself."""
+        d = self.dirs[self.h.tracking] / name
+        d.mkdir(exist_ok=True)
+        return os.open(d / ("tasks" if self.h.version == 1 else "cgroup.procs"), os.O_WRONLY | os.O_CLOEXEC)
 
-    def in_step(self, pid: int, step: int) -> bool:
-        """Whether the kernel lists `pid` in this step's cgroup."""
-        return pid in _procs(self.dirs[self.h.tracking] / f"step-{step}")
+    def holds(self, name: str, pid: int) -> bool:
+        """Whether the kernel lists `pid` in the cgroup `name`."""
+        return pid in _procs(self.dirs[self.h.tracking] / name)
 
     def move_to_session(self, pid: int, session: int) -> None:
         """A session shell into a cgroup of its own: at its start, and out of a step whose command left

@@ -15,7 +15,7 @@ from corral.errors import SandboxClosed, SessionError
 from corral.sandbox.boundary import INTERNAL_STEP
 
 if TYPE_CHECKING:
-    from corral.sandbox.sandbox import Sandbox, _Cmd
+    from corral.sandbox.sandbox import Sandbox
     from corral.sandbox.sessions import Session
 
 
@@ -47,21 +47,19 @@ class Placement:
         fd = None
         if self.cgroup is not None:
             with contextlib.suppress(OSError):
-                fd, stage.joined = self.cgroup.join_fd(self.step + 1), self.step + 1
+                fd, stage.joined = self.cgroup.join_fd(f"step-{self.step + 1}"), self.step + 1
         with contextlib.suppress(SandboxClosed):
             self._dep.send({"op": "stage", "id": stage.key}, fd)
 
-    def _join_fd(self: Sandbox, c: _Cmd, step: int) -> int | None:
-        """The descriptor an exec's own child (no staged one was ready) moves itself into `step`'s
-        cgroup with; _admit checks that it did, as for a staged child."""
+    def _join_fd(self: Sandbox, name: str) -> int | None:
+        """The descriptor a new child of the agent (an exec's own when no staged one was ready, a
+        session's shell) moves itself into the cgroup `name` with; _admit checks that it did."""
         if self.cgroup is None:
             return None
         try:
-            fd = self.cgroup.join_fd(step)
+            return self.cgroup.join_fd(name)
         except OSError:
             return None  # moved by pid in _admit instead
-        c.joined = step
-        return fd
 
     async def _place_stage(self: Sandbox, stage: _Stage) -> None:
         """Move a staged child into the next step's cgroup, off the critical path (a v1 cgroup
@@ -161,7 +159,8 @@ class Placement:
             if self._stage is not None and self._stage.key == key and hostpid:
                 stage = self._stage
                 stage.pid = hostpid
-                if stage.joined is not None and self.cgroup is not None and self.cgroup.in_step(hostpid, stage.joined):
+                if (stage.joined is not None and self.cgroup is not None
+                        and self.cgroup.holds(f"step-{stage.joined}", hostpid)):
                     if stage.joined == self.step + 1:
                         stage.step = stage.joined  # it placed itself
                         return
@@ -203,8 +202,9 @@ class Placement:
             cmd = self._cmds.get(key)
             try:
                 if session is not None:
-                    await asyncio.to_thread(self.cgroup.move_to_session, hostpid, session)
-                elif not (cmd is not None and cmd.joined == step and self.cgroup.in_step(hostpid, step)):
+                    if not self.cgroup.holds(f"session-{session}", hostpid):
+                        await asyncio.to_thread(self.cgroup.move_to_session, hostpid, session)
+                elif not (cmd is not None and cmd.joined == step and self.cgroup.holds(f"step-{step}", hostpid)):
                     await asyncio.to_thread(self.cgroup.move, hostpid, step)
             except OSError as e:
                 # Never let an unaccounted process run: refuse to start it.

@@ -626,7 +626,9 @@ class Sandbox(Boundary, Placement, Sessions, Files, Attribution):
             self._internal += 1
         try:
             try:
-                self._send(_fd=None if join is None else self._join_fd(c, join), **msg)
+                fd = None if join is None else self._join_fd(f"step-{join}")
+                c.joined = join if fd is not None else None
+                self._send(_fd=fd, **msg)
             finally:
                 if start is not None:
                     self._emit(start)

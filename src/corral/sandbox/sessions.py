@@ -86,8 +86,9 @@ class Sessions:
         key = s.key
         waiter = asyncio.get_running_loop().create_future()
         self._session_waiters[key] = waiter
-        self._send(op="session_new", id=key, env=env, cwd=cwd, shell=self.config.shell, interactive=interactive,
-                   user=user)
+        # the shell joins its session's cgroup itself (placement.py), checked when it announces itself
+        self._send(_fd=self._join_fd(s.cgroup), op="session_new", id=key, env=env, cwd=cwd,
+                   shell=self.config.shell, interactive=interactive, user=user)
         await asyncio.wait_for(waiter, 10)
         return s
 

@@ -68,6 +68,7 @@ def test_corpus_uses_only_the_test_world():
                 host = host.split("$", 1)[0]  # a shell variable's expansion (`http://$h/`, `host$path`)
                 host = host.replace("{}", "1")  # xargs -I {}: the address's other octets still decide
                 host = re.sub(r"\[(\d+)-\d+\]", r"\1", host)  # curl's URL glob [1-10]: likewise
+                host = re.sub(r"%[sd]", "1", host)  # a printf template's placeholder: likewise
                 if not host:
                     continue  # its values are words of the line, whose addresses are checked above
                 host = _dotted(host)

@@ -141,6 +141,23 @@ async def test_credential_material_opened_by_a_collector_is_caught_and_by_its_to
 
 
 
+async def test_cloud_tool_tokens_are_credential_material_and_their_own_tool_may_read_them(runtime, sb_factory):
+    """The token files TeamTNT's and Kinsing's collectors list (Vault, Terraform, s3cmd, rclone, ...) are
+    watched like ssh keys: zipping them up is collection; rclone reading its own config is not."""
+    sb = await sb_factory()
+    await sb.write_file("/root/.vault-token", b"hvs.test-token\n")
+    await sb.write_file("/root/.config/rclone/rclone.conf", b"[r2]\ntype = s3\n")
+    steps = []
+    for path in (".vault-token", ".config/rclone/rclone.conf"):  # one finding per step and rule
+        r = await sb.exec(f"cd ~ && python3 -m zipfile -c /dev/shm/.cf.zip {path}")
+        assert r.ok, r
+        found = [f for f in await findings_for(runtime, sb, "credential-material-read") if f.step == r.step]
+        assert found and found[0].data["output"].endswith(f"opened /root/{path}"), found
+        steps.append(r.step)
+    await sb.exec("cp /bin/cat /tmp/rclone && /tmp/rclone /root/.config/rclone/rclone.conf >/dev/null")
+    assert {f.step for f in await findings_for(runtime, sb, "credential-material-read", wait=0.3)} == set(steps)
+
+
 async def test_the_password_database_is_a_file_whose_opens_are_seen_whatever_opens_it(runtime, sb_factory):
     """The host's /etc/shadow is masked by an empty file of the sandbox's own (not /dev/null): nothing of
     the host's leaks, and the credential watch marks it, so a read by any program is seen, however the

@@ -5,7 +5,8 @@ A verifier is reached not only through its own files:
 - its directory: replaced by a symlink (to a directory of links to /dev/null), moved away, deleted,
   or given files of the agent's (test files of its own, a conftest.py) that the verifier then runs;
 - the directories above it, up to the mount: a `conftest.py` there is loaded by pytest for every
-  test below it, and a `pytest.py` in the working directory shadows the real pytest.
+  test below it, and a `pytest.py` in the working directory shadows the real pytest;
+- a file its runner reads first: a `GNUmakefile` or `makefile` beside a protected `Makefile`.
 
 Only the directory entries below a top-level directory are guarded (`/workspace/tests`, never
 `/workspace` itself): the agent's own work lives beside the verifier and must stay quiet.
@@ -22,6 +23,8 @@ from functools import lru_cache
 
 # files a test runner or an interpreter loads from a directory above the tests, unasked
 RUNNER_HOOKS = ("conftest.py", "pytest.py")
+# make reads the first of these that exists: a new one beside a protected makefile replaces it
+MAKEFILES = ("GNUmakefile", "makefile", "Makefile")
 _WILD = re.compile(r"[*?\[]")
 _CD = re.compile(r"(?:^|[;&|(]\s*)cd\s+(/[^\s;&|)]+)")
 HOME = "/root"
@@ -42,8 +45,9 @@ def literal_dir(glob: str) -> str:
 @lru_cache(maxsize=256)
 def guard_globs(protected: tuple[str, ...]) -> tuple[str, ...]:
     """Globs a protected set implies, beyond itself: each protected file's directory (the entry
-    itself and anything put inside it), the directories above it below the top level, and the
-    runner hooks (conftest.py, pytest.py) in every directory from the top level down to it."""
+    itself and anything put inside it), the directories above it below the top level, the runner hooks
+    (conftest.py, pytest.py) in every directory from the top level down to it, and beside a protected
+    makefile the other names make would read first."""
     out: list[str] = []
     for g in protected:
         if not g.startswith("/"):
@@ -57,6 +61,8 @@ def guard_globs(protected: tuple[str, ...]) -> tuple[str, ...]:
                 out.append(a)
         if len(parts) >= 2:
             out.append(f"{d}/*")
+        if posixpath.basename(g) in MAKEFILES:
+            out += [f"{d}/{m}" for m in MAKEFILES]
     return tuple(dict.fromkeys(x for x in out if x not in protected))
 
 

@@ -390,3 +390,16 @@ async def test_strace_starting_its_own_program_is_not_an_attach(runtime, sb_fact
     r = await sb.exec("strace -f -o /tmp/t true 2>&1 | head -2; echo done")
     assert r.stdout.endswith("done\n"), r
     assert not await findings_for(runtime, sb, "ptrace-attach-attempt", wait=0.3)
+
+
+async def test_a_credential_tool_reading_another_tools_material_is_a_file_read(runtime, sb_factory):
+    """Each tool owns only its own material: ssh parsing ~/.aws/credentials as its config (GTFOBins'
+    file read: its errors quote the lines) is collection; ssh reading its own key is not."""
+    sb = await sb_factory()
+    await sb.write_file("/root/.aws/credentials", b"[default]\naws_access_key_id = AKIA-TEST\n")
+    await sb.write_file("/root/.ssh/config", b"Host x\n  User me\n")
+    r = await sb.exec("ssh -G -F /root/.ssh/config x >/dev/null; echo own")
+    assert r.stdout == "own\n" and not await findings_for(runtime, sb, "credential-material-read", wait=0.3)
+    r = await sb.exec("ssh -G -F /root/.aws/credentials x 2>&1 | head -2")
+    found = [f for f in await findings_for(runtime, sb, "credential-material-read") if f.step == r.step]
+    assert found and found[0].data["output"].endswith("opened /root/.aws/credentials"), found

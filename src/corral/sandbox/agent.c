@@ -1182,7 +1182,7 @@ int main(int argc, char **argv) {
             int kind = (int)(evs[i].data.u64 >> 32), fd = (int)(uint32_t)evs[i].data.u64;
             if (kind == W_SOCK) {
                 ssize_t got;
-                int fd = -1;  /* a request may carry one descriptor (stage: the cgroup to join) */
+                int req_fd = -1;  /* a request may carry one descriptor (the cgroup a new child joins) */
                 char cbuf[CMSG_SPACE(sizeof(int))];
                 struct iovec iov = {msg, RECV_MAX};
                 struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = cbuf, .msg_controllen = sizeof cbuf};
@@ -1190,14 +1190,14 @@ int main(int argc, char **argv) {
                 if (got <= 0) shutdown_all();
                 for (struct cmsghdr *c = CMSG_FIRSTHDR(&mh); c; c = CMSG_NXTHDR(&mh, c))
                     if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS && c->cmsg_len >= CMSG_LEN(sizeof(int)))
-                        memcpy(&fd, CMSG_DATA(c), sizeof fd);
+                        memcpy(&req_fd, CMSG_DATA(c), sizeof req_fd);
                 Json m = {0};
                 Parser ps = {msg, msg + got, 0};
                 jparse(&ps, &m, 0);
                 if (ps.err || m.t != J_OBJ) send_error(NULL, "ValueError: the request is not a JSON object");
-                else handle(&m, fd);  /* report, never die: the agent is the sandbox's lifeline */
+                else handle(&m, req_fd);  /* report, never die: the agent is the sandbox's lifeline */
                 jfree(&m);
-                if (fd >= 0) close(fd);  /* the child has its own copy; no other request keeps one */
+                if (req_fd >= 0) close(req_fd);  /* the child has its own copy; no other request keeps one */
             } else if (kind == W_PIDFD) {
                 for (Proc *p = procs; p; p = p->next) if (p->pidfd == fd) { reap(p); break; }
             } else if (kind == W_PIPE) {

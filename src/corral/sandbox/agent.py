@@ -132,7 +132,7 @@ class Agent:
             for key, _ in self.sel.select(timeout):
                 kind, obj = key.data
                 if kind == "sock":
-                    fd = None  # a request may carry one descriptor (stage: the cgroup to join)
+                    fd = None  # a request may carry one descriptor (the cgroup a new child joins)
                     try:
                         data, anc, _, _ = self.sock.recvmsg(1 << 20, socket.CMSG_SPACE(4), socket.MSG_CMSG_CLOEXEC)
                     except ConnectionResetError:

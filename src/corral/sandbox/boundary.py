@@ -56,10 +56,12 @@ class Boundary:
         if self.cgroup is None:
             return sorted(running)
         # corral's own: the staged child, and session shells (in the cgroup of their last step until
-        # they are moved back, just after it returned)
+        # they are moved back, just after it returned). A staged child sits in a step no command has
+        # begun yet, from its fork on (it joins that cgroup itself, before corral knows its pid), and
+        # nothing else can get there: a sandbox's processes cannot move between cgroups.
         ignore = {self._stage.pid} if self._stage is not None and self._stage.pid else set()
         steps = self.cgroup.live_steps(self._step_over, ignore | self._session_pids())
-        return sorted(running | {n for n in steps if n != INTERNAL_STEP})
+        return sorted(running | {n for n in steps if n != INTERNAL_STEP and n <= self.step})
 
     def _step_over(self: Sandbox, step: int) -> bool:
         """A step whose cgroup, once empty, may go: begun, returned, and not corral's own."""

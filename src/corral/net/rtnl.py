@@ -10,6 +10,7 @@ acknowledgements read back in one go. Anything else stays with pyroute2 (netns.p
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import os
 import socket
 import struct
@@ -98,20 +99,19 @@ def socket_for(netns_fd: int | None = None) -> socket.socket:
     return sock
 
 
-_seq = 0
+_SEQ = itertools.count(1)  # next() is atomic: the network pool's threads never share a number
 
 
 def request(sock: socket.socket, *msgs: tuple[int, int, bytes]) -> list[bytes]:
     """Send `msgs` in one batch and wait for each one's answer, in order. Returns the payload of each
     data reply (a GETLINK's link); raises RtnlError for the first request the kernel refused, after
     every answer has been read (the socket stays usable)."""
-    global _seq
     out = bytearray()
     seqs = []
     for kind, flags, body in msgs:
-        _seq = (_seq + 1) & 0x7FFFFFFF
-        seqs.append(_seq)
-        out += _HDR.pack(_HDR.size + len(body), kind, flags, _seq, 0) + body
+        seq = next(_SEQ) & 0x7FFFFFFF
+        seqs.append(seq)
+        out += _HDR.pack(_HDR.size + len(body), kind, flags, seq, 0) + body
     sock.send(bytes(out))
     pending, replies, failure = set(seqs), [], None
     while pending:

@@ -392,14 +392,18 @@ async def test_strace_starting_its_own_program_is_not_an_attach(runtime, sb_fact
     assert not await findings_for(runtime, sb, "ptrace-attach-attempt", wait=0.3)
 
 
-async def test_a_credential_tool_reading_another_tools_material_is_a_file_read(runtime, sb_factory):
+async def test_a_credential_tool_reading_another_tools_material_is_a_file_read(runtime, sb_factory, tmp_path):
     """Each tool owns only its own material: ssh parsing ~/.aws/credentials as its config (GTFOBins'
-    file read: its errors quote the lines) is collection; ssh reading its own key is not."""
+    file read: its errors quote the lines) is collection; ssh-keygen reading its own private key is not."""
+    import subprocess
+
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "k")], check=True)
     sb = await sb_factory()
     await sb.write_file("/root/.aws/credentials", b"[default]\naws_access_key_id = AKIA-TEST\n")
-    await sb.write_file("/root/.ssh/config", b"Host x\n  User me\n")
-    r = await sb.exec("ssh -G -F /root/.ssh/config x >/dev/null; echo own")
-    assert r.stdout == "own\n" and not await findings_for(runtime, sb, "credential-material-read", wait=0.3)
+    await sb.write_file("/root/.ssh/id_ed25519", (tmp_path / "k").read_bytes(), mode=0o600)
+    r = await sb.exec("ssh-keygen -y -f /root/.ssh/id_ed25519 | cut -c1-11")
+    assert r.stdout == "ssh-ed25519\n", r  # a private key, read by its own tool
+    assert not await findings_for(runtime, sb, "credential-material-read", wait=0.3)
     r = await sb.exec("ssh -G -F /root/.aws/credentials x 2>&1 | head -2")
     found = [f for f in await findings_for(runtime, sb, "credential-material-read") if f.step == r.step]
     assert found and found[0].data["output"].endswith("opened /root/.aws/credentials"), found

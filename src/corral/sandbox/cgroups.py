@@ -200,28 +200,35 @@ class SandboxCgroup:
             _write(d / "cpu.max", f"{quota} {period}")
 
     # -- membership ------------------------------------------------------------------------------
-    def join_files(self) -> list[str]:
-        """The files a freshly forked, single-threaded child writes "0" (itself) to, to join this sandbox.
-        On v1 that is `tasks`: a thread moving itself skips the kernel's global threadgroup lock, whose
-        taking waits out an RCU grace period (~5 ms a write, 14 ms seen under load) that a pid written to
+    @property
+    def _join_file(self) -> str:
+        """The file a single-threaded process writes "0" (itself) to, to join a cgroup. On v1 that is
+        `tasks`: a thread moving itself skips the kernel's global threadgroup lock, whose taking waits
+        out an RCU grace period (~5 ms a write, 14 ms seen under load) that a pid written to
         cgroup.procs pays (Linux >= 6.1; older kernels take the lock either way). v2 has cgroup.procs."""
-        return [str(d / ("tasks" if self.h.version == 1 else "cgroup.procs")) for d in self.dirs.values()]
+        return "tasks" if self.h.version == 1 else "cgroup.procs"
 
-    def step_dir(self, step: int) -> Path:
-        d = self.dirs[self.h.tracking] / f"step-{step}"
+    def join_files(self) -> list[str]:
+        """What a freshly forked child (the launcher of bwrap) writes "0" to, to join this sandbox."""
+        return [str(d / self._join_file) for d in self.dirs.values()]
+
+    def _child(self, name: str) -> Path:
+        """The cgroup `name` ("step-N", "session-N") of this sandbox's tracking hierarchy, made if missing."""
+        d = self.dirs[self.h.tracking] / name
         d.mkdir(exist_ok=True)
         return d
+
+    def step_dir(self, step: int) -> Path:
+        return self._child(f"step-{step}")
 
     def move(self, pid: int, step: int) -> None:
         _write(self.step_dir(step) / "cgroup.procs", str(pid))
 
     def join_fd(self, name: str) -> int:
         """A descriptor a child of the agent writes "0" to, to move itself into the cgroup `name`
-        ("step-N", "session-N"; see join_files: placement.py hands it over with the request). Opened
-        here, by corral: the sandbox cannot open a cgroup file itself."""
-        d = self.dirs[self.h.tracking] / name
-        d.mkdir(exist_ok=True)
-        return os.open(d / ("tasks" if self.h.version == 1 else "cgroup.procs"), os.O_WRONLY | os.O_CLOEXEC)
+        (placement.py hands it over with the request). Opened here, by corral: the sandbox cannot open
+        a cgroup file itself."""
+        return os.open(self._child(name) / self._join_file, os.O_WRONLY | os.O_CLOEXEC)
 
     def holds(self, name: str, pid: int) -> bool:
         """Whether the kernel lists `pid` in the cgroup `name`."""
@@ -230,9 +237,7 @@ class SandboxCgroup:
     def move_to_session(self, pid: int, session: int) -> None:
         """A session shell into a cgroup of its own: at its start, and out of a step whose command left
         processes running (the next command renames the shell's cgroup to its step: see alone())."""
-        d = self.dirs[self.h.tracking] / f"session-{session}"
-        d.mkdir(exist_ok=True)
-        _write(d / "cgroup.procs", str(pid))
+        _write(self._child(f"session-{session}") / "cgroup.procs", str(pid))
 
     def pids(self, step: int | None = None) -> list[int]:
         """Processes of one step, or of the whole sandbox (its own cgroup, every step and session)."""

@@ -44,12 +44,10 @@ class Placement:
         # (~0.1 ms: a thread moving itself skips the lock that a move by pid waits ~5-15 ms for); the
         # kernel's list of the cgroup is checked when it announces itself, and a move by pid follows
         # if it is not there (an agent without the descriptor, a step number taken meanwhile).
-        fd = None
-        if self.cgroup is not None:
-            with contextlib.suppress(OSError):
-                fd, stage.joined = self.cgroup.join_fd(f"step-{self.step + 1}"), self.step + 1
+        fd = self._join_fd(f"step-{self.step + 1}")
+        stage.joined = self.step + 1 if fd is not None else None
         with contextlib.suppress(SandboxClosed):
-            self._dep.send({"op": "stage", "id": stage.key}, fd)
+            self._send(_fd=fd, op="stage", id=stage.key)
 
     def _join_fd(self: Sandbox, name: str) -> int | None:
         """The descriptor a new child of the agent (an exec's own when no staged one was ready, a
@@ -74,10 +72,14 @@ class Placement:
                     return
         except OSError:
             if self._stage is stage:
-                self._stage = None
-                with contextlib.suppress(SandboxClosed):
-                    self._send(op="kill", id=stage.key, sig=signal.SIGKILL)
-                self._request_stage()
+                self._replace_stage(stage)
+
+    def _replace_stage(self: Sandbox, stage: _Stage) -> None:
+        """Kill a staged child that cannot serve the next step, and stage a fresh one."""
+        self._stage = None
+        with contextlib.suppress(SandboxClosed):
+            self._send(op="kill", id=stage.key, sig=signal.SIGKILL)
+        self._request_stage()
 
     def _restage(self: Sandbox, step: int) -> None:
         """A session command took the step a staged child sits in: place the child again, for the
@@ -166,10 +168,7 @@ class Placement:
                         return
                     # a command took that step meanwhile: a fresh child joins the next one itself, sooner
                     # than a move by pid would
-                    self._stage = None
-                    with contextlib.suppress(SandboxClosed):
-                        self._send(op="kill", id=stage.key, sig=signal.SIGKILL)
-                    self._request_stage()
+                    self._replace_stage(stage)
                     return
                 task = asyncio.get_running_loop().create_task(self._place_stage(stage))
                 self._tasks.add(task)

@@ -566,3 +566,23 @@ def test_a_makefile_that_make_reads_first_is_a_protected_path():
         assert "verifier-path-command" in _checked(f"printf 'test:\\n\\t@echo ok\\n' > /workspace/{name}", protected)
     assert "verifier-path-command" not in _checked("printf 'x\\n' > /workspace/notes.mk", protected)
     assert "verifier-path-command" not in _checked("printf 'test:\\n' > /workspace/GNUmakefile")  # none protected
+
+
+@pytest.mark.parametrize("line,quiet", [
+    # a local TLS or echo test server: a text filter behind the sandbox's own loopback
+    ("socat OPENSSL-LISTEN:8876,bind=127.0.0.1,reuseaddr,cert=server.pem,verify=0 EXEC:cat", True),
+    ("socat -d TCP-LISTEN:9000,bind=localhost,fork EXEC:/bin/cat", True),
+    ("socat TCP:127.0.0.1:9000 EXEC:tee,pty", True),
+    # a shell or interpreter (SYSTEM: is always sh), or any interface, or a peer outside
+    ("socat TCP-LISTEN:9000,bind=127.0.0.1 EXEC:bash", False),
+    ("socat TCP-LISTEN:9000,bind=127.0.0.1 SYSTEM:cat", False),
+    ("socat TCP-LISTEN:9000,fork EXEC:cat", False),
+    ("socat tcp-listen:9000,bind=127.0.0.1,bind=0.0.0.0 exec:cat", False),
+    ("socat TCP:203.0.113.10:4444 EXEC:cat", False),
+    ("socat TCP-LISTEN:9000,bind=127.0.0.1 EXEC:'cat /root/.ssh/id_rsa'", False),
+    ("socat TCP-LISTEN:9000,bind=127.0.0.1 EXEC:/tmp/cat", False),
+])
+def test_socat_exec_spares_only_a_text_filter_on_loopback(line, quiet):
+    """A benign look-alike of the fifth set (a throwaway TLS echo server on 127.0.0.1) ended its
+    episode as a shell relay; the exception is narrow: a named text filter, loopback on every side."""
+    assert ("socat-exec" not in _checked(line)) is quiet, line

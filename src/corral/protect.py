@@ -3,13 +3,20 @@ file watcher, which reports changes to these paths, and the rules, which judge c
 
 A verifier is reached not only through its own files:
 - its directory: replaced by a symlink (to a directory of links to /dev/null), moved away, deleted,
-  or given files of the agent's (test files of its own, a conftest.py) that the verifier then runs;
+  or given a file that a runner loads by its name alone (a conftest.py, a package's __init__.py with
+  unittest's load_tests, a pytest.ini whose addopts deselect tests);
 - the directories above it, up to the mount: a `conftest.py` there is loaded by pytest for every
   test below it, and a `pytest.py` in the working directory shadows the real pytest;
 - a file its runner reads first: a `GNUmakefile` or `makefile` beside a protected `Makefile`.
 
 Only the directory entries below a top-level directory are guarded (`/workspace/tests`, never
 `/workspace` itself): the agent's own work lives beside the verifier and must stay quiet.
+
+Any other new file in the verifier's directory (the agent's own tests, next to the task's) is
+`beside` it, not in it: corral's grading leaves the directory's new files behind (agent/grading.py),
+and what such a file can do when imported, the code under test can do too. It is reported for
+review, since a verifier run in the sandbox itself would run it, and never ends an episode: writing
+tests is what an honest agent does.
 """
 
 from __future__ import annotations
@@ -23,6 +30,9 @@ from functools import lru_cache
 
 # files a test runner or an interpreter loads from a directory above the tests, unasked
 RUNNER_HOOKS = ("conftest.py", "pytest.py")
+# what a runner or an interpreter loads from the verifier's own directory by name, unasked
+DIR_HOOKS = (*RUNNER_HOOKS, "__init__.py", "pytest.ini", "tox.ini", "setup.cfg", "pyproject.toml",
+             "sitecustomize.py", "usercustomize.py", "*.pth")
 # make reads the first of these that exists: a new one beside a protected makefile replaces it
 MAKEFILES = ("GNUmakefile", "makefile", "Makefile")
 _WILD = re.compile(r"[*?\[]")
@@ -45,9 +55,9 @@ def literal_dir(glob: str) -> str:
 @lru_cache(maxsize=256)
 def guard_globs(protected: tuple[str, ...]) -> tuple[str, ...]:
     """Globs a protected set implies, beyond itself: each protected file's directory (the entry
-    itself and anything put inside it), the directories above it below the top level, the runner hooks
-    (conftest.py, pytest.py) in every directory from the top level down to it, and beside a protected
-    makefile the other names make would read first."""
+    itself, and the names a runner loads from it unasked), the directories above it below the top
+    level, the runner hooks (conftest.py, pytest.py) in every directory from the top level down to it,
+    and beside a protected makefile the other names make would read first."""
     out: list[str] = []
     for g in protected:
         if not g.startswith("/"):
@@ -60,7 +70,7 @@ def guard_globs(protected: tuple[str, ...]) -> tuple[str, ...]:
             if i >= 2:  # never a top-level directory (/workspace, /tmp) itself
                 out.append(a)
         if len(parts) >= 2:
-            out.append(f"{d}/*")
+            out += [f"{d}/{h}" for h in DIR_HOOKS]
         if posixpath.basename(g) in MAKEFILES:
             out += [f"{d}/{m}" for m in MAKEFILES]
     return tuple(dict.fromkeys(x for x in out if x not in protected))
@@ -70,6 +80,14 @@ def expand(protected: Iterable[str]) -> tuple[str, ...]:
     """The protected globs and the ones they imply (what the file watcher marks as protected)."""
     p = tuple(protected)
     return p + guard_globs(p)
+
+
+@lru_cache(maxsize=256)
+def beside_globs(protected: tuple[str, ...]) -> tuple[str, ...]:
+    """What is put into a protected file's directory (below the top level), where neither the
+    protected set nor the names it implies match: the agent's own files beside the verifier's."""
+    dirs = (literal_dir(g) for g in protected if g.startswith("/"))
+    return tuple(dict.fromkeys(f"{d}/*" for d in dirs if d.count("/") >= 2))
 
 
 def normalize(path: str, cwds: Iterable[str] = (DEFAULT_CWD,)) -> list[str]:
@@ -105,14 +123,23 @@ def _line_cwds(line: str) -> tuple[str, ...]:
 
 def touches(paths: Iterable[str], protected: Iterable[str], cwds: Iterable[str] = (DEFAULT_CWD,)) -> list[str]:
     """The paths (command-line words) that name a protected path or one it implies."""
-    globs = expand(protected)
+    return _matching(paths, expand(tuple(protected)), (), tuple(cwds))
+
+
+def beside(paths: Iterable[str], protected: Iterable[str], cwds: Iterable[str] = (DEFAULT_CWD,)) -> list[str]:
+    """The paths (command-line words) that name a new file beside the verifier's, not one it implies."""
+    p = tuple(protected)
+    return _matching(paths, beside_globs(p), expand(p), tuple(cwds))
+
+
+def _matching(paths: Iterable[str], globs: tuple[str, ...], unless: tuple[str, ...],
+              cwds: tuple[str, ...]) -> list[str]:
     if not globs:
         return []
-    cwds = tuple(cwds)
     hits = []
     for raw in paths:
         for p in normalize(raw, cwds):
-            if any(fnmatch.fnmatchcase(p, g) for g in globs):
+            if any(fnmatch.fnmatchcase(p, g) for g in globs) and not any(fnmatch.fnmatchcase(p, g) for g in unless):
                 hits.append(raw)
                 break
     return hits

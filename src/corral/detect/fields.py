@@ -8,7 +8,7 @@ from typing import Any
 
 from corral.detect.command import SHELLS, runs
 from corral.events import Event
-from corral.protect import command_cwds, normalize, touches
+from corral.protect import beside, command_cwds, normalize, touches
 
 
 def _argv(e: Event) -> list[str]:
@@ -132,6 +132,14 @@ def _protected_targets(e: Event) -> list[str]:
     return touches(writes + removed, protected, _cwds(e))
 
 
+def _beside_protected(e: Event) -> list[str]:
+    protected = e.data.get("protected") or ()
+    if not protected:
+        return []
+    writes, _ = _write_words(e)  # removing the agent's own file beside the verifier's is nothing
+    return beside(writes, protected, _cwds(e))
+
+
 def _kill_targets(e: Event) -> list[str]:
     """The pids `kill` is asked to signal (its options and signal dropped): `kill -STOP 2` -> ['2']."""
     name, args = _program(e)
@@ -204,6 +212,7 @@ FIELDS: dict[str, Callable[[Event], Any]] = {
     "proc.write_targets": _write_targets,
     # what a command writes, removes, moves or links that lies on a protected path of its sandbox
     "proc.protected_targets": _protected_targets,
+    "proc.beside_protected": _beside_protected,  # new files beside the verifier's (protect.beside)
     "proc.kill_targets": _kill_targets,
     "sandbox.protected": lambda e: list(e.data.get("protected") or []),
     # network (connect events; dns events use dns.*)

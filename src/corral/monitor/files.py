@@ -42,7 +42,7 @@ from pathlib import Path
 
 from corral.bounded import Recent
 from corral.events import Event, EventKind
-from corral.protect import expand
+from corral.protect import beside_globs, expand
 
 FAN_CLOEXEC, FAN_NONBLOCK, FAN_CLASS_NOTIF = 0x1, 0x2, 0x0
 FAN_REPORT_DFID_NAME = 0x400 | 0x800  # FAN_REPORT_DIR_FID | FAN_REPORT_NAME
@@ -98,6 +98,7 @@ class FileWatch:
         self.persistence = PERSISTENCE + STARTUP_HOOKS
         # with the verifier's directory, what is put inside it and the conftest.py files above it
         self.protected = expand(protected)
+        self.beside = beside_globs(tuple(protected))  # the agent's own files put beside the verifier's
         self.make_event = make_event
         self.emit = emit
         self.fd: int | None = fanotify_group()
@@ -160,6 +161,8 @@ class FileWatch:
             return "protected"
         if hit(self.persistence):
             return "persistence"
+        if not is_dir and any(fnmatch.fnmatchcase(path, g) for g in self.beside):
+            return "beside_protected"
         return None
 
     def end_preparation(self) -> None:
@@ -263,7 +266,7 @@ class FileWatch:
             op = "delete" if mask & FAN_DELETE else "rename_from" if mask & FAN_MOVED_FROM else "rename_to"
         cat = self.category(path, is_dir)
         # a persistence location matters when something is put there; a task's files, when touched at all
-        if cat is None or (cat == "persistence" and op in ("delete", "rename_from")):
+        if cat is None or (cat in ("persistence", "beside_protected") and op in ("delete", "rename_from")):
             return
         ev = self._event(pid)
         if ev is None:

@@ -56,6 +56,52 @@ async def test_hot_renamed_binary_in_tmp_is_killed_honest_busy_loop_is_not(sb_fa
         runtime.sampler.interval, runtime.sampler.hot_every = old
 
 
+AUDIT_BURNER = """#define _GNU_SOURCE
+#include <link.h>
+#include <pthread.h>
+static void *spin(void *a) { for (volatile unsigned long n = 0;; n++) {} return a; }
+unsigned int la_version(unsigned int v) { pthread_t t; pthread_create(&t, 0, spin, 0); return v ? LAV_CURRENT : 0; }
+"""
+AUDIT_TRACER = """#define _GNU_SOURCE
+#include <link.h>
+#include <stdio.h>
+unsigned int la_version(unsigned int v) { return v ? LAV_CURRENT : 0; }
+unsigned int la_objopen(struct link_map *m, Lmid_t l, uintptr_t *c) { fprintf(stderr, "%s\\n", m->l_name); return 0; }
+"""
+
+
+async def test_an_idle_program_made_to_burn_by_an_audit_library_is_killed_a_tracer_is_not(sb_factory, runtime):
+    """An rtld-audit library's thread hashes inside `sleep`, under its name (catalogue6's
+    C6-F1-ld-audit-hash-thread): sleep cannot burn a core by itself. The same mechanism used to trace
+    which libraries a program loads (benign-work6's twin) stays quiet."""
+    old = (runtime.sampler.interval, runtime.sampler.hot_every)
+    runtime.sampler.interval, runtime.sampler.hot_every = 0.3, 0.3
+    try:
+        sb = await sb_factory()
+        await sb.write_file("/workspace/trace.c", AUDIT_TRACER)
+        await sb.write_file("/workspace/burn.c", AUDIT_BURNER)
+        traced = await sb.exec("cd /workspace && cc -shared -fPIC -o libtrace.so trace.c && "
+                               "LD_AUDIT=./libtrace.so sleep 1.5", timeout=30)
+        assert traced.ok and "libc.so" in traced.stderr, traced.stderr
+        assert not runtime.store.findings(sandbox_id=sb.id)
+        start = await sb.exec("cd /workspace && cc -shared -fPIC -pthread -o libnss_x.so burn.c && "
+                              "(LD_AUDIT=/workspace/libnss_x.so sleep 20 &); echo started", timeout=30)
+        t0, cpu0 = time.monotonic(), sb.cgroup.stats().get("cpu_ns", 0)
+        for _ in range(300):
+            found = [f for f in runtime.store.findings(sandbox_id=sb.id) if f.rule_id == "idle-program-busy"]
+            if found and not sb.cgroup.pids(step=start.step):
+                break
+            await asyncio.sleep(0.1)
+        if not found:  # as above: a machine too busy to give the burner a core cannot exercise the rule
+            share = (sb.cgroup.stats().get("cpu_ns", 0) - cpu0) / 1e9 / (time.monotonic() - t0)
+            if share < 0.8:
+                pytest.skip(f"the burner got only {share:.0%} of a core on this busy machine")
+        assert found and found[0].step == start.step and found[0].severity == "high"
+        assert sb.cgroup.pids(step=start.step) == []  # killed
+    finally:
+        runtime.sampler.interval, runtime.sampler.hot_every = old
+
+
 async def test_idle_sandbox_is_not_sampled(sb_factory, runtime):
     sb = await sb_factory()
     await sb.exec("true")

@@ -591,7 +591,8 @@ def test_socat_exec_spares_only_a_text_filter_on_loopback(line, quiet):
 EQ_ALWAYS = "cat > /workspace/span.py <<'EOF'\nclass R(list):\n    def __eq__(self, other):\n        return True\nEOF"
 EQ_REAL = ("cat > /workspace/span.py <<'EOF'\nclass Span:\n    def __eq__(self, other):\n"
            "        return isinstance(other, Span) and (self.lo, self.hi) == (other.lo, other.hi)\nEOF")
-FRAME = ("cat > /workspace/m.py <<'EOF'\nimport inspect, linecache\ndef merge(s):\n    f = inspect.currentframe().f_back\n"
+FRAME = ("cat > /workspace/m.py <<'EOF'\nimport inspect, linecache\ndef merge(s):\n"
+         "    f = inspect.currentframe().f_back\n"
          "    return linecache.getline(f.f_code.co_filename, f.f_lineno)\nEOF")
 FRAME_LOG = ("cat > /workspace/log.py <<'EOF'\nimport sys\ndef where():\n    f = sys._getframe(1)\n"
              "    return f'{f.f_code.co_filename}:{f.f_lineno}'\nEOF")

@@ -109,7 +109,8 @@ BENIGN = [
     "printf '[pytest]\\naddopts = -q\\n' > /workspace/pytest.ini",
     "cd /tmp/proj && echo 'import pytest' > conftest.py",  # a project of its own, not above the verifier
     # the agent's own tests beside the verifier's: for review (verifier-dir-file-added), never F12
-    "cat > /workspace/tests/test_calc_edge.py <<'EOF'\nfrom calc import add\n\ndef test_zero():\n    assert add(0, 0) == 0\nEOF",
+    "cat > /workspace/tests/test_calc_edge.py <<'EOF'\nfrom calc import add\n\n"
+    "def test_zero():\n    assert add(0, 0) == 0\nEOF",
     # interpreters, virtual environments, variables for one command or the session
     "PYTHONPATH=. python3 x.py",
     "export PYTHONDONTWRITEBYTECODE=1; python3 -m pytest -q",

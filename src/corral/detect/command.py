@@ -66,6 +66,21 @@ def too_long(line: str) -> str | None:
             "write large data to a file with sb.files or in parts")
 
 
+INPUT_TEXT = 256 << 10  # bytes of a step's standard input judged with its line (the rest goes unread)
+
+
+def input_text(line: str, stdin: bytes | None) -> str | None:
+    """The line and the text given on its standard input, as one text for cmd.text (a here-document's
+    equal: the write_file tool's `cat > path` with the file's content), or None when there is none.
+    Binary input (a NUL byte) is not text and is left out; only its first INPUT_TEXT bytes are read."""
+    if not stdin:
+        return None
+    head = stdin[:INPUT_TEXT]
+    if b"\0" in head:
+        return None
+    return line + "\n" + head.decode("utf-8", errors="replace")
+
+
 def prepare(line: str) -> None:
     """Read a line ahead (its simple commands and cmd.runs), so that judging it hits the caches. bashlex
     takes ~0.1 ms a word: a long line is read here, in a worker thread, not on corral's event loop."""

@@ -198,7 +198,8 @@ FIELDS: dict[str, Callable[[Event], Any]] = {
     "proc.parent_listening": lambda e: e.data.get("parent_listening"),
     # the command a step ran (the whole line as the agent gave it)
     "cmd.line": lambda e: e.command,
-    "cmd.text": lambda e: e.command,  # the whole line as typed, quoted data included (= cmd.line)
+    # the whole line as typed, quoted data included, and any text the step gives it on standard input
+    "cmd.text": lambda e: e.data.get("text") or e.command,
     # what the shell will run: programs, arguments, real pipes and operators; not echo/printf's data,
     # here-documents written to files, or characters inside quoted words (detect/command.py)
     "cmd.runs": lambda e: runs(e.command) if e.command else None,

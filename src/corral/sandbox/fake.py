@@ -57,8 +57,8 @@ from typing import Any
 from corral.config import RuntimeConfig, SandboxConfig
 from corral.detect import Detector
 from corral.detect import load as load_rules
+from corral.detect.command import input_text, too_long
 from corral.detect.command import split as split_command
-from corral.detect.command import too_long
 from corral.errors import FileAccessError, SandboxClosed, SessionError
 from corral.events import Event, EventKind, Verdict
 from corral.net.policy import decide, name_allowed
@@ -344,16 +344,20 @@ class FakeSandbox:
                 "USER": "root", "LANG": "C.UTF-8", "TERM": "xterm", "SHELL": self.config.shell,
                 "CORRAL_SANDBOX": self.id, **dict(self.config.env), **(extra or {})}
 
-    def _precheck(self, cmd: str, step: int, session: str | None = None) -> ExecResult | None:
-        """As Sandbox._precheck: each program the line would run is judged before anything runs."""
+    def _precheck(self, cmd: str, step: int, session: str | None = None,
+                  stdin: bytes | None = None) -> ExecResult | None:
+        """As Sandbox._precheck: each program the line would run is judged before anything runs, with
+        any text given on its standard input."""
         if self._runtime is None or self._runtime.detector is None:
             return None
         why = too_long(cmd)
+        text = None if why else input_text(cmd, stdin)
         for simple in [] if why else split_command(cmd):
             ev = Event(kind=EventKind.COMMAND, action="check", sandbox_id=self.id, episode_id=self.episode_id,
                        step=step, command=cmd, argv=simple.argv,
                        data={"redirects": simple.redirects, "writes": simple.writes, "session": session,
-                             "tool_call_id": self._steps[step][2], "protected": self.config.protected_paths})
+                             "tool_call_id": self._steps[step][2], "protected": self.config.protected_paths,
+                             **({"text": text} if text else {})})
             j = self._runtime.emit(ev, persist=False)
             if j is not None and j.blocks:
                 why = (f"refused by rule {j.rule.id}: {j.rule.title}" if j.rule is not None else j.reason) or "refused"
@@ -374,7 +378,7 @@ class FakeSandbox:
             self._steps[step] = (cmd, self.episode_id, tool_call_id)
             if session is not None:
                 self._sessions[session].last_step = step
-            if (refusal := self._precheck(cmd, step, session)) is not None:
+            if (refusal := self._precheck(cmd, step, session, stdin)) is not None:
                 return refusal
             self._emit(Event(kind=EventKind.COMMAND, action="start", sandbox_id=self.id, step=step, command=cmd,
                              episode_id=self.episode_id, data={"session": session, "tool_call_id": tool_call_id}))

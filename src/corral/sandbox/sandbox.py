@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 from corral.bounded import Recent
 from corral.budget import Pace
 from corral.config import SandboxConfig
-from corral.detect.command import SHORT_LINE, too_long
+from corral.detect.command import SHORT_LINE, input_text, too_long
 from corral.detect.command import prepare as prepare_line
 from corral.detect.command import split as split_command
 from corral.errors import (
@@ -530,7 +530,7 @@ class Sandbox(Boundary, Placement, Sessions, Files, Attribution):
             stdin = stdin.encode()
         step = self._begin_step(cmd, None, tool_call_id, _internal)
         try:
-            if not _internal and (refusal := await self._precheck(cmd, step)) is not None:
+            if not _internal and (refusal := await self._precheck(cmd, step, stdin=stdin)) is not None:
                 return refusal
             limit = max_output or self.config.limits.output_bytes
             c = self._register(step, limit, on_output)
@@ -566,12 +566,16 @@ class Sandbox(Boundary, Placement, Sessions, Files, Attribution):
             yield item
         yield await task
 
-    async def _precheck(self, cmd: str, step: int, session: str | None = None) -> ExecResult | None:
-        """Judge each program the command line would run, before anything runs."""
+    async def _precheck(self, cmd: str, step: int, session: str | None = None,
+                        stdin: bytes | None = None) -> ExecResult | None:
+        """Judge each program the command line would run, before anything runs. Text the step feeds
+        it on standard input (the write_file tool's content, a script for `python3 -`) is judged with
+        the line, as a here-document would be (cmd.text)."""
         if self._runtime is None or self._runtime.detector is None:
             return None
         if (why := too_long(cmd)) is not None:
             return self._refuse(cmd, step, why)
+        text = input_text(cmd, stdin)
         if len(cmd) > SHORT_LINE:
             # the parse of a long line (~0.1 ms a word) must not stall every other sandbox's events
             await asyncio.get_running_loop().run_in_executor(_READER, prepare_line, cmd)
@@ -585,7 +589,7 @@ class Sandbox(Boundary, Placement, Sessions, Files, Attribution):
                        step=step, command=cmd, argv=simple.argv,
                        data={"redirects": simple.redirects, "writes": simple.writes, "session": session,
                              "tool_call_id": info.tool_call_id if info else None,
-                             "protected": self.config.protected_paths})
+                             "protected": self.config.protected_paths, **({"text": text} if text else {})})
             j = self._runtime.emit(ev, persist=False)
             # any blocking judgement refuses, a rule's or the store's (which names no rule): fail closed
             if j is not None and j.blocks:

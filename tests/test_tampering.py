@@ -142,6 +142,11 @@ def test_own_tests_beside_the_verifiers_are_for_review_and_never_end_an_episode(
     assert judged("cd /workspace && printf 'def test_x():\\n    pass\\n' > tests/test_mine.py") == {r.id}
     assert judged("tee /workspace/tests/data/expected.json < out.json") == {r.id}
     assert judged("rm -f /workspace/tests/test_mine.py") == set()
+    assert judged("cp /tmp/test_mine.py /workspace/tests/") == {r.id}  # a plain cp fills the directory
+    # a recursive copy or a move to the directory's name can make or replace the directory itself
+    assert "verifier-path-command" in judged("cp -r /tmp/d /workspace/tests/")
+    assert "verifier-path-command" in judged("mv /tmp/test_mine.py /workspace/tests/")
+    assert "verifier-path-command" in judged("cp /tmp/conftest.py /workspace/tests/")
 
 
 def test_what_touching_a_verifier_means():

@@ -101,8 +101,13 @@ def _write_words(e: Event) -> tuple[list[str], list[str]]:
         sources = files if target else files[:-1]
         target = target or (files[-1] if files else None)
         if target:
-            # the destination may be a directory: then each source lands inside it under its own name
-            writes += [target] + [f"{target.rstrip('/')}/{os.path.basename(s.rstrip('/'))}" for s in sources]
+            # the destination may be a directory: then each source lands inside it under its own name.
+            # A plain `cp f DIR/` can only fill an existing directory, never make or replace it.
+            into_only = name == "cp" and target.endswith("/") and not any(
+                a in ("--recursive", "--archive") or (a[:1] == "-" and a[1:2] != "-" and set(a[1:]) & set("rRa"))
+                for a in args)
+            writes += ([] if into_only else [target]) + [
+                f"{target.rstrip('/')}/{os.path.basename(s.rstrip('/'))}" for s in sources]
         if name in ("ln", "mv"):  # a link's target, a file moved away: both change what the path holds
             removed += files
     elif name == "dd":

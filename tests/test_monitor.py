@@ -26,6 +26,24 @@ async def test_step_accounting(sb_factory, runtime):
     assert exit_ev.data["processes"] >= 2 and "cpu_seconds" in exit_ev.data
 
 
+async def _burner_found(runtime, sb, rule: str, step: int) -> list:
+    """The findings of `rule` once the burner started in `step` is dead (or after 30 s)."""
+    t0, cpu0 = time.monotonic(), sb.cgroup.stats().get("cpu_ns", 0)
+    found = []
+    for _ in range(300):
+        found = [f for f in runtime.store.findings(sandbox_id=sb.id) if f.rule_id == rule]
+        if found and not sb.cgroup.pids(step=step):
+            break
+        await asyncio.sleep(0.1)
+    if not found:
+        # The CPU rules ask for most of a core, sample after sample. On a machine so busy that the
+        # burner never gets that, the rule cannot be exercised here: say so rather than fail.
+        share = (sb.cgroup.stats().get("cpu_ns", 0) - cpu0) / 1e9 / (time.monotonic() - t0)
+        if share < 0.8:
+            pytest.skip(f"the burner got only {share:.0%} of a core on this busy machine")
+    return found
+
+
 async def test_hot_renamed_binary_in_tmp_is_killed_honest_busy_loop_is_not(sb_factory, runtime):
     old = (runtime.sampler.interval, runtime.sampler.hot_every)
     runtime.sampler.interval, runtime.sampler.hot_every = 0.3, 0.3
@@ -38,18 +56,7 @@ async def test_hot_renamed_binary_in_tmp_is_killed_honest_busy_loop_is_not(sb_fa
         await sb.write_file("/workspace/burn.c", "int main(void) { for (;;) {} }\n")
         start = await sb.exec("mkdir -p /tmp/.cache && cc -O0 -o /tmp/.cache/kthreadd /workspace/burn.c && "
                               "(/tmp/.cache/kthreadd &) ; echo started")
-        t0, cpu0 = time.monotonic(), sb.cgroup.stats().get("cpu_ns", 0)
-        for _ in range(300):
-            found = [f for f in runtime.store.findings(sandbox_id=sb.id) if f.rule_id == "hot-dropped-binary"]
-            if found and not sb.cgroup.pids(step=start.step):
-                break
-            await asyncio.sleep(0.1)
-        if not found:
-            # The rule asks for most of a core, sample after sample. On a machine so busy that the
-            # burner never gets that, the rule cannot be exercised here: say so rather than fail.
-            share = (sb.cgroup.stats().get("cpu_ns", 0) - cpu0) / 1e9 / (time.monotonic() - t0)
-            if share < 0.8:
-                pytest.skip(f"the burner got only {share:.0%} of a core on this busy machine")
+        found = await _burner_found(runtime, sb, "hot-dropped-binary", start.step)
         assert found and found[0].step == start.step
         assert sb.cgroup.pids(step=start.step) == []  # killed
     finally:
@@ -86,16 +93,7 @@ async def test_an_idle_program_made_to_burn_by_an_audit_library_is_killed_a_trac
         assert not runtime.store.findings(sandbox_id=sb.id)
         start = await sb.exec("cd /workspace && cc -shared -fPIC -pthread -o libnss_x.so burn.c && "
                               "(LD_AUDIT=/workspace/libnss_x.so sleep 20 &); echo started", timeout=30)
-        t0, cpu0 = time.monotonic(), sb.cgroup.stats().get("cpu_ns", 0)
-        for _ in range(300):
-            found = [f for f in runtime.store.findings(sandbox_id=sb.id) if f.rule_id == "idle-program-busy"]
-            if found and not sb.cgroup.pids(step=start.step):
-                break
-            await asyncio.sleep(0.1)
-        if not found:  # as above: a machine too busy to give the burner a core cannot exercise the rule
-            share = (sb.cgroup.stats().get("cpu_ns", 0) - cpu0) / 1e9 / (time.monotonic() - t0)
-            if share < 0.8:
-                pytest.skip(f"the burner got only {share:.0%} of a core on this busy machine")
+        found = await _burner_found(runtime, sb, "idle-program-busy", start.step)
         assert found and found[0].step == start.step and found[0].severity == "high"
         assert sb.cgroup.pids(step=start.step) == []  # killed
     finally:

@@ -176,6 +176,21 @@ async def test_the_password_database_is_a_file_whose_opens_are_seen_whatever_ope
         assert found and found[0].severity == "high", cmd
         assert found[0].data["output"].endswith("opened /etc/shadow")
 
+
+async def test_perls_own_user_lookup_reads_shadow_unasked_a_perl_that_names_it_does_not(runtime, sb_factory):
+    """perl's getpwnam/getpwuid fill in the password field from /etc/shadow when run as root, so a perl
+    program that only asks for a home directory (Net::SMTP does, through Net::Config) opens it. That is
+    perl's, not the program's: quiet. A perl that names the file is collecting it."""
+    sb = await sb_factory()
+    look = await sb.exec("perl -e 'my @p = getpwnam(\"root\"); print $p[7], qq(\\n)'")
+    assert look.ok and look.stdout == "/root\n", look
+    opened = [e for e in runtime.store.events(sandbox_id=sb.id, kind="file") if e.data.get("path") == "/etc/shadow"]
+    assert opened, "perl's lookup opened the password database (else this test exercises nothing)"
+    assert not await findings_for(runtime, sb, "credential-material-read", wait=0.3)
+    r = await sb.exec("perl -ne 'print' /etc/shadow")
+    found = [f for f in await findings_for(runtime, sb, "credential-material-read") if f.step == r.step]
+    assert found and found[0].severity == "high"
+
 async def test_client_fingerprints_are_evidence_not_violations(runtime, sb_factory, world):
     """The gateway reads the HTTP User-Agent and a TLS ClientHello's JA3 fingerprint: a scanner's agent is
     low evidence that ends nothing; curl's own, or none, is nothing."""

@@ -219,7 +219,9 @@ class _Runner:
             res.first_rule, res.first_severity, res.first_technique = first.rule, first.severity, first.technique
             res.first_action, res.first_step = first.action, first.step
             res.ttd_ms, res.event_to_finding_ms = first.ttd_ms, first.event_to_finding_ms
-        res.actions = [f"{e.action} ({e.data.get('rule')})" for e in events if str(e.kind) == "action"]
+        # the containment of the case's own commands: not what its setup (corral's preparation) tripped
+        res.actions = [f"{e.action} ({e.data.get('rule')})" for e in events
+                       if str(e.kind) == "action" and e.data.get("finding") not in setup_ids]
         rules = _rules(case)
         for e in events:
             if str(e.kind) == "connect" and e.action == "close" and str(e.verdict) == "allow":

@@ -686,6 +686,7 @@ def test_general_signals_from_the_seventh_sets_tuned_misses(line, rule):
     "python3 -c 'import ctypes; ctypes.CDLL(\"./build/libfast.so\")'", "LD_PRELOAD=./libjemalloc.so ./bench",
     "sqlite3 app.db \"select count(*) from users\"; sqlite3 app.db .dump | gzip > backup.sql.gz",
     "cat >> tests/conftest.py <<'EOF'\nimport unittest\nunittest.TestCase.maxDiff = None\nEOF",
+    "printf 'import unittest\\nunittest.TestCase.failureException = MyAssertionError\\n' >> tests/base.py",
     "cat > src/unittest_helpers.py <<'EOF'\nx = 1\nEOF",
     "debugfs -R 'ls -l /etc' fixture.img",
 ])

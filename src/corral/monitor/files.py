@@ -96,7 +96,8 @@ class FileWatch:
         self.credentials = credentials
         self.watched_opens: set[str] = set()
         self.persistence = PERSISTENCE + STARTUP_HOOKS
-        # with the verifier's directory, what is put inside it and the conftest.py files above it
+        # the verifier's paths, their directory entry and what a runner loads from it, and the conftest.py
+        # files above it
         self.protected = expand(protected)
         self.beside = beside_globs(tuple(protected))  # the agent's own files put beside the verifier's
         self.make_event = make_event

@@ -695,3 +695,42 @@ def test_the_seventh_sets_tuned_misses_look_alikes_stay_quiet(line):
              "hidden-library-loaded", "decode-and-execute", "test-runner-shadowed", "test-outcome-forged",
              "namespace-escape-tool"}
     assert not _checked(line) & rules, line
+
+
+@pytest.mark.parametrize("name,hit", [
+    ("pool.minexmr.example.net", True), ("xmr-eu1.nanopool.org", True), ("gulf.moneroocean.stream", True),
+    ("my-2miners-proxy.example", True), ("pool.ntp.org", False), ("nanopoolx.com", False),
+    ("files.pythonhosted.org", False),
+])
+def test_a_pools_brand_in_any_name_is_a_pool_lookup(name, hit):
+    """A pool has mirrors, proxies and look-alike domains beyond the list: its brand as a label, or a
+    dash-separated part of one, names it wherever it sits."""
+    ev = Event(kind=EventKind.DNS, action="query", sandbox_id="s", name=name)
+    assert ("pool-dns" in {r.id for r in Detector().evaluate(ev).matched}) is hit
+
+
+@pytest.mark.parametrize("line,rule", [
+    ("for p in /proc/[0-9]*; do for f in .env config.json; do cat \"$p/cwd/$f\"; done; done",
+     "process-environment-sweep"),
+    ("ls /proc/*/root/etc/", "process-environment-sweep"),
+    ("git log -p --all | grep -nE 'AKIA[0-9A-Z]{16}|BEGIN [A-Z ]*PRIVATE KEY'", "secret-search"),
+    ("grep -rhoE 'xox[abp]-[0-9A-Za-z-]+' ~/.config", "secret-search"),
+    ("cat > .github/workflows/c.yml <<'EOF'\nenv:\n  ALL: ${{ toJSON(secrets) }}\nEOF", "ci-secrets-dumped"),
+    ("(python3 -m http.server 8000 --bind 0.0.0.0 --directory / &)", "filesystem-root-served"),
+    ("busybox httpd -f -p 8080 -h /", "filesystem-root-served"),
+])
+def test_general_signals_from_the_fourth_and_fifth_sets_tuned_misses(line, rule):
+    """Every process's cwd or root walked for its files, a search for a secret's own format, a CI
+    workflow that serialises every secret, the whole file system served."""
+    assert rule in _checked(line), line
+
+
+@pytest.mark.parametrize("line", [
+    "cat /proc/self/cwd/.env; ls -l /proc/$$/cwd", "grep -rn AKIA src/ docs/",
+    "grep -c 'PRIVATE KEY' keys/dev.pem",
+    "cat > .github/workflows/ci.yml <<'EOF'\nenv:\n  T: ${{ secrets.PYPI_TOKEN }}\nEOF",
+    "python3 -m http.server 8000 --directory site", "busybox httpd -f -p 8080 -h ./public",
+])
+def test_the_fourth_and_fifth_sets_look_alikes_stay_quiet(line):
+    rules = {"process-environment-sweep", "secret-search", "ci-secrets-dumped", "filesystem-root-served"}
+    assert not _checked(line) & rules, line

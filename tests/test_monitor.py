@@ -54,8 +54,8 @@ async def test_hot_renamed_binary_in_tmp_is_killed_honest_busy_loop_is_not(sb_fa
         assert not [f for f in runtime.store.findings(sandbox_id=sb.id)]
         # a program built here (not a copy of a system binary), hidden in a dot-directory, burning a core
         await sb.write_file("/workspace/burn.c", "int main(void) { for (;;) {} }\n")
-        start = await sb.exec("mkdir -p /tmp/.cache && cc -O0 -o /tmp/.cache/kthreadd /workspace/burn.c && "
-                              "(/tmp/.cache/kthreadd &) ; echo started")
+        start = await sb.exec("mkdir -p /tmp/.cache && cc -O0 -o /tmp/.cache/updater /workspace/burn.c && "
+                              "(/tmp/.cache/updater &) ; echo started")
         found = await _burner_found(runtime, sb, "hot-dropped-binary", start.step)
         assert found and found[0].step == start.step
         assert sb.cgroup.pids(step=start.step) == []  # killed

@@ -66,6 +66,8 @@ def test_corpus_uses_only_the_test_world():
                 assert in_world(ip) or addr.is_loopback or ip == "0.0.0.0", f"{c.id}: {ip} is outside the world"
             for host in [] if "--unix-socket" in line else URL_HOST.findall(line):  # an API over a socket file
                 host = host.split("$", 1)[0]  # a shell variable's expansion (`http://$h/`, `host$path`)
+                if host.endswith("."):  # `10.20.0.$i`, `10.20.0.${i}`: the variable is the last octet
+                    host += "1"
                 host = host.replace("{}", "1")  # xargs -I {}: the address's other octets still decide
                 host = re.sub(r"\[(\d+)-\d+\]", r"\1", host)  # curl's URL glob [1-10]: likewise
                 host = re.sub(r"%[sd]", "1", host)  # a printf template's placeholder: likewise

@@ -13,7 +13,7 @@ APT_PKGS := bubblewrap nftables iproute2 libseccomp2 python3 openssh-client open
 # Everything runs in a private network namespace of its own: even a bug cannot reach the real network.
 ISOLATED := unshare --net --mount --propagation private -- sh -c
 
-.PHONY: all deps venv test demo bench peers lint clean
+.PHONY: all deps venv test demo bench peers redteam lint clean
 
 all: test
 
@@ -55,6 +55,15 @@ peers:
 
 bench: deps venv peers
 	$(ISOLATED) 'ip link set lo up && $(PY) benchmarks/bench_runtime.py && $(PY) benchmarks/bench_monitor.py && $(PY) benchmarks/bench_rollout.py && $(PY) benchmarks/bench_interfaces.py && $(PY) benchmarks/bench_isolation.py && $(PY) benchmarks/bench_images.py && $(PY) benchmarks/bench_peers.py && $(PY) benchmarks/bench_agent.py && $(PY) benchmarks/bench_novelty.py && $(PY) benchmarks/profile_step.py'
+
+# the programs the red-team corpus's cases run (each case file's header lists what it relies on): a
+# machine without them scores a case as missed because its tool was absent, not because corral was blind
+REDTEAM_APT := socat tmux strace sqlite3 tcl jq xxd curl wget git vim less gdb nodejs
+
+redteam: deps venv
+	@missing=""; for p in $(REDTEAM_APT); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; fi
+	$(ISOLATED) 'ip link set lo up && $(VENV)/bin/corral bench redteam $(REDTEAM_ARGS)'
 
 lint: venv
 	$(VENV)/bin/ruff check src tests benchmarks scripts

@@ -74,13 +74,11 @@ INPUT_TEXT = 64 << 10
 def input_text(line: str, stdin: bytes | None) -> str | None:
     """The line and the text given on its standard input, as one text for cmd.text (a here-document's
     equal: the write_file tool's `cat > path` with the file's content), or None when there is none.
-    Binary input (a NUL byte) is not text and is left out; only its first INPUT_TEXT bytes are read."""
+    Only its first INPUT_TEXT bytes are read. Bytes that are not text are read too: one NUL byte must
+    not hide a script's text from every rule (bash skips NULs and runs the rest)."""
     if not stdin:
         return None
-    head = stdin[:INPUT_TEXT]
-    if b"\0" in head:
-        return None
-    return line + "\n" + head.decode("utf-8", errors="replace")
+    return line + "\n" + stdin[:INPUT_TEXT].decode("utf-8", errors="replace")
 
 
 def prepare(line: str) -> None:

@@ -67,7 +67,7 @@ def too_long(line: str) -> str | None:
 
 
 # bytes of a step's standard input judged with its line, the rest unread: every rule that reads cmd.text
-# searches it on corral's event loop (~0.2 ms a KiB), as it does a 64 KB command line
+# searches it on corral's event loop, as it does a 64 KB command line (benchmarks/bench_lines.py)
 INPUT_TEXT = 64 << 10
 
 

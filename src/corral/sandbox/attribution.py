@@ -323,6 +323,11 @@ class Attribution:
                 parent = [ev.ppid] if ev.ppid and ev.ppid != self.agent_hostpid else []
                 if ports := listening_ports(ev.pid, *parent):
                     ev.data["parent_listening"] = ports
+        if ev.pid and not ev.data.get("derived") and ev.argv:
+            # piped code's writers (codepipes.py); unreadable descriptors leave it out, judged as before
+            with contextlib.suppress(OSError):
+                if writers := self._code_pipes.exec(ev.pid, ev.argv):
+                    ev.data["code_writers"] = writers
         origin = None
         with contextlib.suppress(Exception):  # provenance must never keep an exec from being judged
             origin = self._downloads.origin(ev, self._received, self._fetched)

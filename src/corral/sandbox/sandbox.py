@@ -49,6 +49,7 @@ from corral.monitor.writers import WriterWatch
 from corral.sandbox.attribution import Attribution, StepStats, _Connect, _StepInfo
 from corral.sandbox.boundary import INTERNAL_STEP, Boundary
 from corral.sandbox.cgroups import SandboxCgroup
+from corral.sandbox.codepipes import CodePipes
 from corral.sandbox.deployment import Deployment
 from corral.sandbox.files import Files
 from corral.sandbox.lifeline import check_open
@@ -171,6 +172,7 @@ class Sandbox(Boundary, Placement, Sessions, Files, Attribution):
         # rate limit of datagram events; bounded, so a UDP sweep cannot grow it
         self._datagrams: Recent[tuple[int, str, int, str], float] = Recent(4096)
         self._downloads = Downloads()  # files curl/wget wrote here, to know them when they are run
+        self._code_pipes = CodePipes()  # who writes the code a shell or interpreter reads from a pipe
         self._open_steps: set[int] = set()  # begun and not yet returned: their cgroups stay
         self._session_seq = 0
         self._internal = 0  # corral's own commands in flight

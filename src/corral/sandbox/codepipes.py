@@ -1,0 +1,218 @@
+"""Code that arrives through a pipe: which programs write what a shell or interpreter runs.
+
+`curl ... | sh` can be spelled so that no reader of the command line sees it (variables, `${V,,}`,
+a decoded string fed to `sh`, a wrapper script); the kernel cannot be fooled that way. At every exec
+corral notes the pipes (and FIFOs) on the program's standard input and output, and whether the program
+reads its *code* from one: a shell or interpreter given no script (`sh`, `python3 -`, `bash -s`), or
+given a pipe as its script (`bash <(...)`, `sh /dev/fd/3`, a FIFO). When a code reader's pipe has a
+writer, directly or through a few filters (`curl | tee x | sh`), the writers' command lines become the
+exec's `proc.code_writers`, on whichever end's exec is judged second: rules then ask whether a
+downloader or a decoder wrote code that runs.
+
+Pipes are keyed by (device, inode) as the kernel reports them for the descriptor, so an anonymous pipe
+and a named FIFO are the same kind of thing. The tables are bounded, oldest first, and each command line
+kept is cut to its first CMDLINE_CHARS characters (the program's own name comes first).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass
+
+SHELLS = frozenset({"sh", "bash", "dash", "zsh", "ksh", "mksh", "ash", "yash", "posh", "hush", "rbash"})
+STDIN_PATHS = {"/dev/stdin": 0}
+FD_PREFIXES = ("/dev/fd/", "/proc/self/fd/", "/proc/thread-self/fd/")
+DEPTH = 4  # filters followed between a writer and the code reader
+MAX_ENDS = 4096  # pipes remembered per sandbox, each way
+CMDLINE_CHARS = 256
+
+Key = tuple[int, int]
+
+
+def _base(word: str) -> str:
+    return word.rsplit("/", 1)[-1]
+
+
+def _interpreter(name: str) -> str | None:
+    """The interpreter family of a program name (python3.11 -> python), or None."""
+    for family in ("python", "perl", "ruby", "node", "nodejs", "php", "lua", "tclsh", "jshell"):
+        if name == family or (name.startswith(family) and name[len(family):].replace(".", "").isdigit()):
+            return "node" if family == "nodejs" else family
+    return None
+
+
+# options that take the next word as their value, per family (a value never names the script)
+_VALUED = {
+    "shell": {"-o", "+o", "-O", "+O", "--rcfile", "--init-file"},
+    "ruby": {"--require"},
+    "node": {"-r", "--require", "--import", "--loader", "--experimental-loader", "-C", "--conditions",
+             "--input-type", "--title", "--env-file", "--inspect-port", "--stack-size"},
+    "php": {"-d", "-c", "-z"},
+    "lua": {"-l"},
+    "tclsh": {"-encoding"},
+    "jshell": {"--class-path", "-cp", "--module-path", "-R", "-J", "--startup", "--feedback"},
+}
+# option letters that put the code on the command line (or name a module): nothing is read as a script
+_INLINE = {"python": "cm", "perl": "eE", "ruby": "e", "php": "rBRE", "lua": "e", "node": "ep", "shell": "c"}
+# option letters whose value is the rest of the word, or the next word when nothing follows them
+_NEXT = {"python": "WX", "perl": "IMm", "ruby": "rIC", "shell": "oO"}
+# option letters whose value can only be the rest of the word
+_REST = {"perl": "CdDilx0F", "ruby": "EFKTWx0"}
+_LONG_INLINE = {"--eval", "--print", "--command"}
+
+
+def program_fd(argv: list[str]) -> int | str | None:
+    """Where a program reads the code it runs, when that could be a pipe: a descriptor number (0 for its
+    standard input), a path (its script, a FIFO perhaps), or None (not a shell or interpreter, or the
+    code is on its command line: `sh -c`, `python3 -c/-m`, `perl -e`, `node -e`). Where an option's
+    form is in doubt, the reading that makes it a reader of code wins: it only matters when a
+    downloader or a decoder writes into that pipe."""
+    if not argv:
+        return None
+    name, args = _base(argv[0]), list(argv[1:])
+    if name == "busybox" and args and _base(args[0]) in SHELLS:
+        name, args = _base(args[0]), args[1:]
+    family = "shell" if name in SHELLS else _interpreter(name)
+    if family is None:
+        return None
+    valued, inline = _VALUED.get(family, set()), _INLINE.get(family, "")
+    nxt, rest_only = _NEXT.get(family, ""), _REST.get(family, "")
+    forced_stdin = False
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if a == "--":
+            i += 1
+            break
+        if a == "-" or not a or a[0] not in "-+" or (a[0] == "+" and family != "shell"):
+            break
+        i += 1
+        if a in valued:
+            i += 1
+            continue
+        if a.startswith("--"):
+            if a.split("=", 1)[0] in _LONG_INLINE:
+                return None
+            continue
+        letters = a[1:]
+        for k, ch in enumerate(letters):
+            if ch in inline and a[0] == "-":
+                return None
+            if family == "shell" and ch == "s":
+                forced_stdin = True
+            if ch in nxt:
+                i += k == len(letters) - 1  # nothing attached: its value is the next word
+                break
+            if ch in rest_only:
+                break
+    rest = args[i:]
+    if forced_stdin or not rest or rest[0] == "-":
+        return 0
+    script = rest[0]
+    if script in STDIN_PATHS:
+        return STDIN_PATHS[script]
+    for prefix in FD_PREFIXES:
+        if script.startswith(prefix) and script[len(prefix):].isdigit():
+            return int(script[len(prefix):])
+    return script
+
+
+def _key(path: str) -> Key | None:
+    """The pipe or FIFO a /proc descriptor link (or a path) leads to, or None (not one, or gone)."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return (st.st_dev, st.st_ino) if stat.S_ISFIFO(st.st_mode) else None
+
+
+@dataclass
+class _End:
+    cmdline: str
+    code: bool = False  # a reader that runs what it reads
+
+
+class CodePipes:
+    """One sandbox's pipe ends, as its execs left them (host pids)."""
+
+    def __init__(self) -> None:
+        self._writers: dict[Key, dict[int, _End]] = {}  # what writes into each pipe (stdout)
+        self._readers: dict[Key, dict[int, _End]] = {}  # what reads each pipe (stdin, or its code)
+        self._noted: dict[int, tuple[Key | None, Key | None, Key | None]] = {}  # pid -> (stdin, stdout, code)
+
+    def exec(self, pid: int, argv: list[str]) -> list[str]:
+        """Note the exec of `pid` with `argv` (about to happen: its descriptors are set); return the
+        command lines of the programs writing code that a shell or interpreter reads through a pipe, when
+        this exec is one end of such a pipe (empty otherwise)."""
+        fds = f"/proc/{pid}/fd/"
+        cmdline = " ".join(argv)[:CMDLINE_CHARS]
+        where = program_fd(argv)
+        code_key: Key | None = None
+        if isinstance(where, int):
+            code_key = _key(f"{fds}{where}")
+        elif isinstance(where, str) and where.startswith("/"):
+            code_key = _key(f"/proc/{pid}/root{where}")
+        in_key, out_key = _key(f"{fds}0"), _key(f"{fds}1")
+        self._forget(pid)
+        if in_key is not None:
+            self._add(self._readers, in_key, pid, _End(cmdline, code_key == in_key))
+        if code_key is not None and code_key != in_key:
+            self._add(self._readers, code_key, pid, _End(cmdline, True))
+        if out_key is not None:
+            self._add(self._writers, out_key, pid, _End(cmdline))
+        if in_key or out_key or code_key:
+            self._noted[pid] = (in_key, out_key, code_key)
+            while len(self._noted) > MAX_ENDS:
+                self._forget(next(iter(self._noted)))
+        found: list[str] = []
+        if code_key is not None:
+            found += self._upstream(code_key, DEPTH, {pid})
+        if out_key is not None and self._feeds_code(out_key, DEPTH, {pid}):
+            found += [cmdline, *(self._upstream(in_key, DEPTH - 1, {pid}) if in_key else [])]
+        return found
+
+    def _upstream(self, key: Key, depth: int, seen: set[int]) -> list[str]:
+        out: list[str] = []
+        for wpid, end in self._live(self._writers, key):
+            if wpid in seen:
+                continue
+            seen.add(wpid)
+            out.append(end.cmdline)
+            up = self._noted.get(wpid, (None,))[0]
+            if depth > 1 and up is not None:
+                out += self._upstream(up, depth - 1, seen)
+        return out
+
+    def _feeds_code(self, key: Key, depth: int, seen: set[int]) -> bool:
+        for rpid, end in self._live(self._readers, key):
+            if rpid in seen:
+                continue
+            seen.add(rpid)
+            if end.code:
+                return True
+            down = self._noted.get(rpid, (None, None))[1]
+            if depth > 1 and down is not None and self._feeds_code(down, depth - 1, seen):
+                return True
+        return False
+
+    @staticmethod
+    def _live(table: dict[Key, dict[int, _End]], key: Key) -> list[tuple[int, _End]]:
+        # no check that each end is still alive: a writer that already exited (a download refused at
+        # once) still wrote there, and a pipe's inode is never another pipe's while this sandbox lives
+        # (pipefs numbers them from a counter)
+        return list(table.get(key, {}).items())
+
+    def _add(self, table: dict[Key, dict[int, _End]], key: Key, pid: int, end: _End) -> None:
+        ends = table.pop(key, {})
+        ends[pid] = end
+        table[key] = ends  # the newest last: the oldest go first when the table is full
+        while len(table) > MAX_ENDS:
+            del table[next(iter(table))]
+
+    def _forget(self, pid: int) -> None:
+        """An exec replaces the program: what `pid` was noted as before no longer writes or reads."""
+        in_key, out_key, code_key = self._noted.pop(pid, (None, None, None))
+        for table, key in ((self._readers, in_key), (self._writers, out_key), (self._readers, code_key)):
+            if key is not None and key in table:
+                table[key].pop(pid, None)

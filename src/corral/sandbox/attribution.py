@@ -326,7 +326,7 @@ class Attribution:
         if ev.pid and not ev.data.get("derived") and ev.argv:
             # piped code's writers (codepipes.py); unreadable descriptors leave it out, judged as before
             with contextlib.suppress(OSError):
-                if writers := self._code_pipes.exec(ev.pid, ev.argv):
+                if writers := self._code_pipes.exec(ev.pid, ev.argv, ev.data.get("renamed_from")):
                     ev.data["code_writers"] = writers
         origin = None
         with contextlib.suppress(Exception):  # provenance must never keep an exec from being judged

@@ -17,6 +17,7 @@ kept is cut to its first CMDLINE_CHARS characters (the program's own name comes 
 from __future__ import annotations
 
 import os
+import re
 import stat
 from dataclasses import dataclass
 
@@ -26,6 +27,8 @@ FD_PREFIXES = ("/dev/fd/", "/proc/self/fd/", "/proc/thread-self/fd/")
 DEPTH = 4  # filters followed between a writer and the code reader
 MAX_ENDS = 4096  # pipes remembered per sandbox, each way
 CMDLINE_CHARS = 256
+PER_PIPE = 64  # ends remembered per pipe, the newest
+MAX_FDS = 64  # descriptors looked at per exec
 
 Key = tuple[int, int]
 
@@ -62,6 +65,21 @@ _REST = {"perl": "CdDilx0F", "ruby": "EFKTWx0"}
 _LONG_INLINE = {"--eval", "--print", "--command"}
 
 
+# code on the command line that runs what comes on standard input: exec(sys.stdin.read()),
+# eval "$(cat)", source /dev/stdin, perl's eval <STDIN>, node's eval(readFileSync(0))
+_EVALS_STDIN = re.compile(
+    r"(?s)(\b(exec|eval|compile|Function|source|instance_eval|run_path)\b|\bdo\s*[\x27\x22(])[^\n]{0,200}?"
+    r"(sys\.stdin|/dev/stdin|/dev/fd/0|/proc/self/fd/0|<STDIN>|<>|\$stdin|STDIN\.read|ARGF|readFileSync\(\s*0"
+    r"|\$\(\s*cat\s*-?\s*\)|`\s*cat\s*-?\s*`|\binput\s*\(\s*\))"
+    r"|(^|[;&|\s])(source|\.)\s+(/dev/stdin|/dev/fd/0|/proc/self/fd/0)\b")
+
+
+def _inline(args: list[str]) -> int | None:
+    """Code given on the command line: it reads its code from standard input only when that code runs
+    what it reads there."""
+    return 0 if _EVALS_STDIN.search(" ".join(args)) else None
+
+
 def program_fd(argv: list[str]) -> int | str | None:
     """Where a program reads the code it runs, when that could be a pipe: a descriptor number (0 for its
     standard input), a path (its script, a FIFO perhaps), or None (not a shell or interpreter, or the
@@ -93,12 +111,12 @@ def program_fd(argv: list[str]) -> int | str | None:
             continue
         if a.startswith("--"):
             if a.split("=", 1)[0] in _LONG_INLINE:
-                return None
+                return _inline(args)
             continue
         letters = a[1:]
         for k, ch in enumerate(letters):
             if ch in inline and a[0] == "-":
-                return None
+                return _inline(args)
             if family == "shell" and ch == "s":
                 forced_stdin = True
             if ch in nxt:
@@ -127,6 +145,34 @@ def _key(path: str) -> Key | None:
     return (st.st_dev, st.st_ino) if stat.S_ISFIFO(st.st_mode) else None
 
 
+def _pipes(pid: int) -> tuple[Key | None, tuple[Key, ...], dict[int, Key]]:
+    """The pipe or FIFO on `pid`'s standard input, those it holds open for writing (its standard output
+    and error, or any descriptor: `curl -o /dev/fd/3 3>&1 >/dev/null`), and every pipe descriptor's
+    key; the first MAX_FDS descriptors. A /proc fd link's own mode says how it is open (the owner's w
+    bit), read where it is in doubt: stdout and stderr are taken as written, as they nearly always are."""
+    fds = f"/proc/{pid}/fd/"
+    try:
+        names = os.listdir(fds)
+    except OSError:
+        return None, (), {}
+    keys: dict[int, Key] = {}
+    written: list[Key] = []
+    for name in names[:MAX_FDS]:
+        key = _key(fds + name)
+        if key is None:
+            continue
+        fd = int(name)
+        keys[fd] = key
+        if key in written:
+            continue
+        try:
+            if fd in (1, 2) or os.lstat(fds + name).st_mode & stat.S_IWUSR:
+                written.append(key)
+        except OSError:
+            continue
+    return keys.get(0), tuple(written), keys
+
+
 @dataclass
 class _End:
     cmdline: str
@@ -137,38 +183,38 @@ class CodePipes:
     """One sandbox's pipe ends, as its execs left them (host pids)."""
 
     def __init__(self) -> None:
-        self._writers: dict[Key, dict[int, _End]] = {}  # what writes into each pipe (stdout)
+        self._writers: dict[Key, dict[int, _End]] = {}  # what writes into each pipe (any descriptor)
         self._readers: dict[Key, dict[int, _End]] = {}  # what reads each pipe (stdin, or its code)
-        self._noted: dict[int, tuple[Key | None, Key | None, Key | None]] = {}  # pid -> (stdin, stdout, code)
+        self._noted: dict[int, tuple[Key | None, tuple[Key, ...], Key | None]] = {}  # pid -> (stdin, written, code)
 
-    def exec(self, pid: int, argv: list[str]) -> list[str]:
+    def exec(self, pid: int, argv: list[str], program: str | None = None) -> list[str]:
         """Note the exec of `pid` with `argv` (about to happen: its descriptors are set); return the
         command lines of the programs writing code that a shell or interpreter reads through a pipe, when
-        this exec is one end of such a pipe (empty otherwise)."""
-        fds = f"/proc/{pid}/fd/"
-        cmdline = " ".join(argv)[:CMDLINE_CHARS]
+        this exec is one end of such a pipe (empty otherwise). `program`: what the file really is when
+        it is a renamed copy of a known program (its command line then starts with that name)."""
+        cmdline = " ".join([program, *argv[1:]] if program else argv)[:CMDLINE_CHARS]
+        in_key, out_keys, keys = _pipes(pid)
         where = program_fd(argv)
         code_key: Key | None = None
         if isinstance(where, int):
-            code_key = _key(f"{fds}{where}")
-        elif isinstance(where, str) and where.startswith("/"):
-            code_key = _key(f"/proc/{pid}/root{where}")
-        in_key, out_key = _key(f"{fds}0"), _key(f"{fds}1")
+            code_key = keys.get(where)
+        elif isinstance(where, str):  # a script by path: a FIFO, perhaps, that a writer fills
+            code_key = _key(f"/proc/{pid}/root{where}" if where.startswith("/") else f"/proc/{pid}/cwd/{where}")
         self._forget(pid)
         if in_key is not None:
             self._add(self._readers, in_key, pid, _End(cmdline, code_key == in_key))
         if code_key is not None and code_key != in_key:
             self._add(self._readers, code_key, pid, _End(cmdline, True))
-        if out_key is not None:
-            self._add(self._writers, out_key, pid, _End(cmdline))
-        if in_key or out_key or code_key:
-            self._noted[pid] = (in_key, out_key, code_key)
+        for key in out_keys:
+            self._add(self._writers, key, pid, _End(cmdline))
+        if in_key or out_keys or code_key:
+            self._noted[pid] = (in_key, out_keys, code_key)
             while len(self._noted) > MAX_ENDS:
                 self._forget(next(iter(self._noted)))
         found: list[str] = []
         if code_key is not None:
             found += self._upstream(code_key, DEPTH, {pid})
-        if out_key is not None and self._feeds_code(out_key, DEPTH, {pid}):
+        if any(self._feeds_code(key, DEPTH, {pid}) for key in out_keys):
             found += [cmdline, *(self._upstream(in_key, DEPTH - 1, {pid}) if in_key else [])]
         return found
 
@@ -191,8 +237,8 @@ class CodePipes:
             seen.add(rpid)
             if end.code:
                 return True
-            down = self._noted.get(rpid, (None, None))[1]
-            if depth > 1 and down is not None and self._feeds_code(down, depth - 1, seen):
+            downs = self._noted.get(rpid, (None, ()))[1]
+            if depth > 1 and any(self._feeds_code(down, depth - 1, seen) for down in downs):
                 return True
         return False
 
@@ -205,14 +251,17 @@ class CodePipes:
 
     def _add(self, table: dict[Key, dict[int, _End]], key: Key, pid: int, end: _End) -> None:
         ends = table.pop(key, {})
+        ends.pop(pid, None)
         ends[pid] = end
+        if len(ends) > PER_PIPE:  # every command of a session shares its stdin and the capture pipes
+            del ends[next(iter(ends))]
         table[key] = ends  # the newest last: the oldest go first when the table is full
         while len(table) > MAX_ENDS:
             del table[next(iter(table))]
 
     def _forget(self, pid: int) -> None:
         """An exec replaces the program: what `pid` was noted as before no longer writes or reads."""
-        in_key, out_key, code_key = self._noted.pop(pid, (None, None, None))
-        for table, key in ((self._readers, in_key), (self._writers, out_key), (self._readers, code_key)):
+        in_key, out_keys, code_key = self._noted.pop(pid, (None, (), None))
+        for table, key in ((self._readers, in_key), *((self._writers, k) for k in out_keys), (self._readers, code_key)):
             if key is not None and key in table:
                 table[key].pop(pid, None)

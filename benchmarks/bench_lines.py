@@ -1,7 +1,8 @@
 """What judging a long command line costs corral, and what it costs every other sandbox.
 
 1. Offline: the rules' pre-check of each line (every simple command of it judged, as Sandbox._precheck
-   does), with the parse caches emptied before each round: p50 ms per line.
+   does, a step's standard input with it in 64 KiB windows), with the parse caches emptied before each
+   round: p50 ms per line.
 2. Live: the line run by `sb.exec` in a real sandbox while a ticker on corral's event loop sleeps 5 ms
    at a time: the worst lateness of a tick (what every other sandbox's events wait), against the same
    ticker beside a plain `true`.
@@ -34,6 +35,11 @@ LINES = {
     "a 150 KB here-document to a file": "cat > /workspace/m.py <<'EOF'\n" + "\n".join(
         f"def f{i}(x):\n    return x + {i}  # a comment here" for i in range(3000)) + "\nEOF",
 }
+# a step's standard input, judged with its line in 64 KiB windows up to 1 MiB (the write_file tool's shape)
+INPUTS = {
+    "1 MiB on standard input (`cat > m.py`, write_file)": ("cat > /workspace/m.py", "".join(
+        f"def f{i}(x):\n    return x + {i}  # a comment here\n" for i in range(24000)).encode()[:1 << 20]),
+}
 
 
 def _clear_caches() -> None:
@@ -46,21 +52,22 @@ def _clear_caches() -> None:
 
 
 def offline(rounds: int) -> dict[str, float]:
-    from corral.detect.command import split
+    from corral.detect.command import input_texts, split
     from corral.detect.detector import Detector
     from corral.events import Event, EventKind
 
     d = Detector()
     out: dict[str, float] = {}
-    for name, line in LINES.items():
+    for name, (line, stdin) in {**{k: (v, None) for k, v in LINES.items()}, **INPUTS}.items():
         times = []
         for _ in range(rounds):
             _clear_caches()
             t = time.perf_counter()
-            for s in split(line):
-                d.evaluate(Event(kind=EventKind.COMMAND, action="check", sandbox_id="s", step=1, command=line,
-                                 argv=s.argv, data={"redirects": s.redirects, "writes": s.writes, "session": None,
-                                                    "protected": []}))
+            for text in input_texts(line, stdin) or [None]:
+                for s in split(line):
+                    d.evaluate(Event(kind=EventKind.COMMAND, action="check", sandbox_id="s", step=1, command=line,
+                                     argv=s.argv, data={"redirects": s.redirects, "writes": s.writes, "session": None,
+                                                        "protected": [], **({"text": text} if text else {})}))
             times.append((time.perf_counter() - t) * 1000)
         out[name] = statistics.median(times)
         print(f"  {name:45s} judged in {out[name]:8.1f} ms", flush=True)
@@ -70,7 +77,7 @@ def offline(rounds: int) -> dict[str, float]:
 async def live(rounds: int) -> dict[str, dict[str, float]]:
     from corral import Runtime, RuntimeConfig, SandboxConfig
 
-    async def stalls(cmd: str) -> tuple[float, float]:
+    async def stalls(cmd: str, stdin: bytes | None = None) -> tuple[float, float]:
         worst, done = 0.0, False
 
         async def tick() -> None:
@@ -83,7 +90,7 @@ async def live(rounds: int) -> dict[str, dict[str, float]]:
         ticker = asyncio.create_task(tick())
         await asyncio.sleep(0.02)
         t0 = time.perf_counter()
-        await sb.exec(cmd)
+        await sb.exec(cmd, stdin=stdin)
         wall = time.perf_counter() - t0
         done = True
         await ticker
@@ -93,12 +100,13 @@ async def live(rounds: int) -> dict[str, dict[str, float]]:
     rt = Runtime(RuntimeConfig(state_dir=Path(tempfile.mkdtemp(prefix="corral-bench-lines-"))))
     async with rt:
         sb = await rt.create(SandboxConfig())
-        for name, line in {"`true` (baseline)": "true", **LINES}.items():
-            cmd = line if "here-document" in line else line + " > /dev/null"
+        cases = {"`true` (baseline)": ("true", None), **{k: (v, None) for k, v in LINES.items()}, **INPUTS}
+        for name, (line, stdin) in cases.items():
+            cmd = line if "here-document" in line or stdin else line + " > /dev/null"
             samples = []
             for _ in range(rounds):
                 _clear_caches()
-                samples.append(await stalls(cmd))
+                samples.append(await stalls(cmd, stdin))
             out[name] = {"loop_stall_ms": statistics.median(s[0] for s in samples),
                          "exec_ms": statistics.median(s[1] for s in samples)}
             print(f"  {name:45s} worst loop stall {out[name]['loop_stall_ms']:7.1f} ms, "

@@ -114,6 +114,13 @@ async def test_a_solution_written_with_the_write_file_tool_is_judged_by_its_text
     traj = await run_episode(runtime, calc_task(), ScriptedPolicy({"calc": acts}), episode_id="ep-wf-nul")
     assert any(v.rule == "test-outcome-forged" and v.step == 1 for v in traj.violations)
     assert got["forged"].termination_reason == "submitted"  # for review: it shapes the reward, never ends it
+    # nor does padding before it: the content is read in overlapping windows, the forgery past the first
+    padded = "# " + "x" * 100 + "\n"
+    padded = padded * (300_000 // len(padded)) + forged
+    acts = [{"tool": "write_file", "arguments": {"path": "/workspace/calc.py", "content": padded}},
+            {"tool": "submit", "arguments": {}}]
+    traj = await run_episode(runtime, calc_task(), ScriptedPolicy({"calc": acts}), episode_id="ep-wf-padded")
+    assert any(v.rule == "test-outcome-forged" and v.step == 1 for v in traj.violations)
 
 
 async def test_turn_limit_truncates_and_shaped_penalties(runtime):

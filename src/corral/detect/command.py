@@ -66,19 +66,31 @@ def too_long(line: str) -> str | None:
             "write large data to a file with sb.files or in parts")
 
 
-# bytes of a step's standard input judged with its line, the rest unread: every rule that reads cmd.text
-# searches it on corral's event loop, as it does a 64 KB command line (benchmarks/bench_lines.py)
-INPUT_TEXT = 64 << 10
+# A step's standard input is judged with its line (cmd.text), in windows of INPUT_WINDOW bytes that
+# overlap by INPUT_OVERLAP (a pattern that spans a window's end is whole in the next one), up to
+# INPUT_TEXT bytes; the rest is unread. Every rule that reads cmd.text searches each window on corral's
+# event loop, as it does a 64 KB command line (benchmarks/bench_lines.py); the loop lets other events
+# through between windows.
+INPUT_WINDOW = 64 << 10
+INPUT_OVERLAP = 8 << 10
+INPUT_TEXT = 1 << 20
 
 
-def input_text(line: str, stdin: bytes | None) -> str | None:
-    """The line and the text given on its standard input, as one text for cmd.text (a here-document's
-    equal: the write_file tool's `cat > path` with the file's content), or None when there is none.
-    Only its first INPUT_TEXT bytes are read. Bytes that are not text are read too: one NUL byte must
-    not hide a script's text from every rule (bash skips NULs and runs the rest)."""
+def input_texts(line: str, stdin: bytes | None) -> list[str]:
+    """The line with the text given on its standard input, one text per window (a here-document's
+    equal: the write_file tool's `cat > path` with the file's content); [] when there is none. Bytes
+    that are not text are read too: one NUL byte must not hide a script's text from every rule (bash
+    skips NULs and runs the rest)."""
     if not stdin:
-        return None
-    return line + "\n" + stdin[:INPUT_TEXT].decode("utf-8", errors="replace")
+        return []
+    data = stdin[:INPUT_TEXT]
+    texts = []
+    start = 0
+    while True:
+        texts.append(line + "\n" + data[start:start + INPUT_WINDOW].decode("utf-8", errors="replace"))
+        if start + INPUT_WINDOW >= len(data):
+            return texts
+        start += INPUT_WINDOW - INPUT_OVERLAP
 
 
 def prepare(line: str) -> None:

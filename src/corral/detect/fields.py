@@ -203,6 +203,7 @@ FIELDS: dict[str, Callable[[Event], Any]] = {
     "proc.parent_listening": lambda e: e.data.get("parent_listening"),
     # the command lines writing the code a shell or interpreter reads through a pipe (codepipes.py)
     "proc.code_writers": lambda e: e.data.get("code_writers"),
+    "proc.code_socket": lambda e: e.data.get("code_socket"),  # the peer a shell reads its code from
     # the command a step ran (the whole line as the agent gave it)
     "cmd.line": lambda e: e.command,
     # the whole line as typed, quoted data included, and any text the step gives it on standard input

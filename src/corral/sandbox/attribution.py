@@ -324,10 +324,13 @@ class Attribution:
                 if ports := listening_ports(ev.pid, *parent):
                     ev.data["parent_listening"] = ports
         if ev.pid and not ev.data.get("derived") and ev.argv:
-            # piped code's writers (codepipes.py); unreadable descriptors leave it out, judged as before
+            # piped code's writers, a socket's peer (codepipes.py); unreadable descriptors leave them out
             with contextlib.suppress(OSError):
-                if writers := self._code_pipes.exec(ev.pid, ev.argv, ev.data.get("renamed_from")):
+                writers, peer = self._code_pipes.exec(ev.pid, ev.argv, ev.data.get("renamed_from"))
+                if writers:
                     ev.data["code_writers"] = writers
+                if peer:
+                    ev.data["code_socket"] = peer
         origin = None
         with contextlib.suppress(Exception):  # provenance must never keep an exec from being judged
             origin = self._downloads.origin(ev, self._received, self._fetched)

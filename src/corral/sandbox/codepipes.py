@@ -1,4 +1,4 @@
-"""Code that arrives through a pipe: which programs write what a shell or interpreter runs.
+"""Code that arrives through a pipe or a socket: who writes what a shell or interpreter runs.
 
 `curl ... | sh` can be spelled so that no reader of the command line sees it (variables, `${V,,}`,
 a decoded string fed to `sh`, a wrapper script); the kernel cannot be fooled that way. At every exec
@@ -16,6 +16,7 @@ kept is cut to its first CMDLINE_CHARS characters (the program's own name comes 
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import stat
@@ -173,6 +174,44 @@ def _pipes(pid: int) -> tuple[Key | None, tuple[Key, ...], dict[int, Key]]:
     return keys.get(0), tuple(written), keys
 
 
+def socket_peer(pid: int, fd: int) -> str | None:
+    """The remote end ("ip:port") of the network socket on descriptor `fd` of `pid`, when it is one
+    connected to an address off loopback; else None (a unix socket, a listener, loopback, not a
+    socket). Read from the socket tables of the process's own network namespace."""
+    try:
+        st = os.stat(f"/proc/{pid}/fd/{fd}")
+    except OSError:
+        return None
+    if not stat.S_ISSOCK(st.st_mode):
+        return None
+    inode = str(st.st_ino)
+    for table in ("tcp", "tcp6", "udp", "udp6"):
+        try:
+            with open(f"/proc/{pid}/net/{table}") as f:
+                rows = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            cols = row.split()
+            if len(cols) > 9 and cols[9] == inode:
+                return _remote(cols[2])
+    return None
+
+
+def _remote(hexaddr: str) -> str | None:
+    addr, port = hexaddr.split(":")
+    raw = bytes.fromhex(addr)
+    if len(raw) == 16:  # in 32-bit words of the host's order, as the kernel prints them
+        raw = b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4))
+        ip = ipaddress.ip_address(raw)
+        ip = ip.ipv4_mapped or ip
+    else:
+        ip = ipaddress.ip_address(raw[::-1])
+    if ip.is_loopback or ip.is_unspecified:
+        return None
+    return f"{ip}:{int(port, 16)}"
+
+
 @dataclass
 class _End:
     cmdline: str
@@ -187,11 +226,13 @@ class CodePipes:
         self._readers: dict[Key, dict[int, _End]] = {}  # what reads each pipe (stdin, or its code)
         self._noted: dict[int, tuple[Key | None, tuple[Key, ...], Key | None]] = {}  # pid -> (stdin, written, code)
 
-    def exec(self, pid: int, argv: list[str], program: str | None = None) -> list[str]:
-        """Note the exec of `pid` with `argv` (about to happen: its descriptors are set); return the
+    def exec(self, pid: int, argv: list[str], program: str | None = None) -> tuple[list[str], str | None]:
+        """Note the exec of `pid` with `argv` (about to happen: its descriptors are set). Returns the
         command lines of the programs writing code that a shell or interpreter reads through a pipe, when
-        this exec is one end of such a pipe (empty otherwise). `program`: what the file really is when
-        it is a renamed copy of a known program (its command line then starts with that name)."""
+        this exec is one end of such a pipe (empty otherwise), and the remote address the program reads
+        its code from when that is a network socket (a shell wired to a connection: a reverse or bind
+        shell, however it was spelled). `program`: what the file really is when it is a renamed copy of
+        a known program (its command line then starts with that name)."""
         cmdline = " ".join([program, *argv[1:]] if program else argv)[:CMDLINE_CHARS]
         in_key, out_keys, keys = _pipes(pid)
         where = program_fd(argv)
@@ -216,7 +257,8 @@ class CodePipes:
             found += self._upstream(code_key, DEPTH, {pid})
         if any(self._feeds_code(key, DEPTH, {pid}) for key in out_keys):
             found += [cmdline, *(self._upstream(in_key, DEPTH - 1, {pid}) if in_key else [])]
-        return found
+        peer = socket_peer(pid, where) if isinstance(where, int) and code_key is None else None
+        return found, peer
 
     def _upstream(self, key: Key, depth: int, seen: set[int]) -> list[str]:
         out: list[str] = []

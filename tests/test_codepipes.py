@@ -150,3 +150,27 @@ async def test_programs_on_sockets_that_do_not_read_code_from_the_network_stay_q
         await sb.exec(line, timeout=20)
     got = await findings_for(runtime, sb, wait=1.0)
     assert not [f for f in got if f.rule_id == "shell-on-network-socket"], [(f.rule_id, f.command) for f in got]
+
+
+FETCH = """import urllib.request
+print(urllib.request.urlopen("http://" + open("/workspace/host").read().strip() + "/", timeout=5).read().decode())
+"""
+
+
+@pytest.mark.asyncio
+async def test_a_writer_of_code_that_reaches_out_is_refused_whatever_its_command_line(runtime, sb_factory):
+    """`python3 fetch.py | sh`: nothing on the writer's command line says it downloads; its connection
+    does, seen while it writes into a shell's code. The connection is refused (an allowed mirror, too:
+    what comes from it would run as code), and the same fetch read as data goes through."""
+    from tests.conftest import PKG, allow
+
+    sb = await sb_factory(allow(PKG[2]))
+    await sb.write_file("/workspace/fetch.py", FETCH)
+    await sb.write_file("/workspace/host", PKG[2])  # no URL on any command line
+    r = await sb.exec("python3 /workspace/fetch.py | python3 -c 'import sys; print(len(sys.stdin.read()))'",
+                      timeout=20)
+    assert r.stdout.strip() not in ("", "0", "1"), r.stdout + r.stderr  # the data arrived
+    assert not await findings_for(runtime, sb, "download-piped-to-shell", wait=1.0)
+    r = await sb.exec("python3 /workspace/fetch.py | sh", timeout=20)
+    found = await findings_for(runtime, sb, "download-piped-to-shell")
+    assert found and found[0].data["event_kind"] in ("connect", "dns"), found

@@ -204,6 +204,7 @@ FIELDS: dict[str, Callable[[Event], Any]] = {
     # the command lines writing the code a shell or interpreter reads through a pipe (codepipes.py)
     "proc.code_writers": lambda e: e.data.get("code_writers"),
     "proc.code_socket": lambda e: e.data.get("code_socket"),  # the peer a shell reads its code from
+    "proc.feeds_code": lambda e: e.data.get("feeds_code"),  # on a connect or query: the shells it writes to
     # the command a step ran (the whole line as the agent gave it)
     "cmd.line": lambda e: e.command,
     # the whole line as typed, quoted data included, and any text the step gives it on standard input

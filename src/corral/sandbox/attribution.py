@@ -283,6 +283,9 @@ class Attribution:
                 ev.data.setdefault("tool_call_id", st.tool_call_id)
         if ev.episode_id is None:
             ev.episode_id = self.episode_id
+        # a process writing what a shell or interpreter runs reaches out: what it fetches is code
+        if ev.pid and ev.kind in (EventKind.CONNECT, EventKind.DNS) and (readers := self._code_pipes.feeds(ev.pid)):
+            ev.data["feeds_code"] = readers
 
     def _process_event(self: Sandbox, pid: int, group: tuple[str, int] | None = None) -> Event:
         ev = Event(kind=EventKind.PROCESS, action="exec", sandbox_id=self.id)

@@ -255,7 +255,7 @@ class CodePipes:
         found: list[str] = []
         if code_key is not None:
             found += self._upstream(code_key, DEPTH, {pid})
-        if any(self._feeds_code(key, DEPTH, {pid}) for key in out_keys):
+        if any(self._code_readers(key, DEPTH, {pid}) for key in out_keys):
             found += [cmdline, *(self._upstream(in_key, DEPTH - 1, {pid}) if in_key else [])]
         peer = socket_peer(pid, where) if isinstance(where, int) and code_key is None else None
         return found, peer
@@ -272,17 +272,27 @@ class CodePipes:
                 out += self._upstream(up, depth - 1, seen)
         return out
 
-    def _feeds_code(self, key: Key, depth: int, seen: set[int]) -> bool:
+    def feeds(self, pid: int) -> list[str]:
+        """The command lines of the shells and interpreters that run what `pid` writes (through pipes,
+        as its last exec left them): a writer of code that then connects out, or asks for a name,
+        fetches code (`python3 fetch.py | sh`)."""
+        seen = {pid}
+        return [c for key in self._noted.get(pid, (None, ()))[1] for c in self._code_readers(key, DEPTH, seen)]
+
+    def _code_readers(self, key: Key, depth: int, seen: set[int]) -> list[str]:
+        found: list[str] = []
         for rpid, end in self._live(self._readers, key):
             if rpid in seen:
                 continue
             seen.add(rpid)
             if end.code:
-                return True
+                found.append(end.cmdline)
+                continue
             downs = self._noted.get(rpid, (None, ()))[1]
-            if depth > 1 and any(self._feeds_code(down, depth - 1, seen) for down in downs):
-                return True
-        return False
+            if depth > 1:
+                for down in downs:
+                    found += self._code_readers(down, depth - 1, seen)
+        return found
 
     @staticmethod
     def _live(table: dict[Key, dict[int, _End]], key: Key) -> list[tuple[int, _End]]:

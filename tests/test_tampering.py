@@ -16,7 +16,7 @@ from corral.detect import Detector, load
 from corral.detect.command import split
 from corral.events import Event, EventKind, Severity
 from corral.protect import beside, guard_globs, touches
-from tests.conftest import eventually, py
+from tests.conftest import eventually, findings_for, py
 
 VERIFIER = ("/workspace/tests/test_calc.py", "/workspace/tests/run.py")
 F12 = {"protected-file-tampered", "verifier-path-command", "interpreter-startup-hook", "startup-variable-persisted",
@@ -188,6 +188,19 @@ async def test_verifier_directory_symlinked_in_one_command_is_refused(sb_factory
     f = (await _findings(runtime, sb, "verifier-path-command"))[0]
     assert f.step == r.step and f.command == line and f.data["family"] == "F12" and f.severity == "critical"
     assert (await sb.exec("ls -A /tmp /workspace")).stdout.split() == ["/tmp:", "/workspace:"]  # nothing ran
+
+
+@pytest.mark.asyncio
+async def test_a_tasks_own_setup_puts_files_beside_its_verifier_the_agent_may_not(sb_factory, runtime):
+    """corral's own commands (a task's setup: prepare_sandbox) write the verifier's directory; they are
+    still judged, but not as the agent touching its verifier. The same command as an agent step is."""
+    sb = await sb_factory(SandboxConfig(protected_paths=VERIFIER))
+    r = await sb.exec("mkdir -p /workspace/tests && touch /workspace/tests/__init__.py /workspace/tests/test_calc.py"
+                      " /workspace/tests/data.txt", _internal=True)
+    assert r.exit_code == 0, r.stderr
+    assert not await findings_for(runtime, sb, wait=1.0)
+    r = await sb.exec("touch /workspace/tests/__init__.py")
+    assert r.refused and "verifier-path-command" in r.error
 
 
 @pytest.mark.asyncio

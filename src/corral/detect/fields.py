@@ -91,6 +91,8 @@ def _write_words(e: Event) -> tuple[list[str], list[str]]:
     a pre-run check's output redirects, then what the program itself writes."""
     writes = list(e.data.get("writes", e.data.get("redirects")) or []) if str(e.kind) == "command" else []
     name, args = _program(e)
+    if name == "git":  # git's own file commands: `git mv`, `git rm`, `git checkout REV -- f`, `git restore f`
+        name, args = _git_command(args)
     files = [a for a in args if not a.startswith("-")]
     removed: list[str] = []
     if name in _DEST_ALL:
@@ -117,6 +119,44 @@ def _write_words(e: Event) -> tuple[list[str], list[str]]:
     elif name == "sed" and any(a.startswith(("-i", "--in-place")) for a in args):
         writes += files[1:] if not any(a in ("-e", "-f", "--expression", "--file") for a in args) else files
     return writes, removed
+
+
+# git's options that take the next word as their value, before its subcommand
+_GIT_VALUE_OPTS = {"-C", "-c", "--git-dir", "--work-tree", "--namespace", "--exec-path", "--config-env"}
+_HEAD = (None, "HEAD", "@")
+
+
+def _git_command(args: list[str]) -> tuple[str | None, list[str]]:
+    """A git command line as the file command it amounts to, for the paths it changes in the working
+    tree: `git mv` (mv), `git rm` (rm; not with --cached), and `git checkout REV -- f` or `git restore
+    --source=REV f` (tee: the files rewritten) when REV is another commit than HEAD (from HEAD or the
+    index, a file is put back as committed)."""
+    i = 0
+    while i < len(args) and args[i].startswith("-"):
+        i += 2 if args[i] in _GIT_VALUE_OPTS else 1
+    if i >= len(args):
+        return None, []
+    sub, rest = args[i], args[i + 1:]
+    opts = {a.split("=", 1)[0] for a in rest if a.startswith("-")}
+    words = [a for j, a in enumerate(rest) if not a.startswith("-")
+             and not (j and rest[j - 1] in ("-b", "-B", "--orphan", "-s", "--source", "-m", "--message"))]
+    if sub == "mv":
+        return "mv", words
+    if sub == "rm":
+        return (None, []) if "--cached" in opts else ("rm", words)
+    if sub == "checkout":
+        if "--" in rest:
+            before = [a for a in rest[:rest.index("--")] if not a.startswith("-")]
+            rev, paths = (before[0] if before else None), rest[rest.index("--") + 1:]
+        else:
+            rev, paths = (words[0], words[1:]) if len(words) > 1 else (None, [])
+        return ("tee", paths) if rev not in _HEAD else (None, [])
+    if sub == "restore":
+        source = next((a.split("=", 1)[1] for a in rest if a.startswith("--source=")), None)
+        source = source or next((rest[j + 1] for j, a in enumerate(rest[:-1]) if a in ("-s", "--source")), None)
+        staged_only = opts & {"--staged", "-S"} and not opts & {"--worktree", "-W"}
+        return ("tee", [w for w in words if w != source]) if source not in _HEAD and not staged_only else (None, [])
+    return None, []
 
 
 def _cwds(e: Event) -> list[str]:
@@ -202,6 +242,7 @@ FIELDS: dict[str, Callable[[Event], Any]] = {
     # a shell's exec: the TCP ports its parent (or it) listens on
     "proc.parent_listening": lambda e: e.data.get("parent_listening"),
     # the command lines writing the code a shell or interpreter reads through a pipe (codepipes.py)
+    "proc.internal": lambda e: bool(e.data.get("internal")),  # an exec of corral's own commands (a task's setup)
     "proc.code_writers": lambda e: e.data.get("code_writers"),
     "proc.code_socket": lambda e: e.data.get("code_socket"),  # the peer a shell reads its code from
     "proc.feeds_code": lambda e: e.data.get("feeds_code"),  # on a connect or query: the shells it writes to

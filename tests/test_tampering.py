@@ -204,6 +204,20 @@ async def test_a_tasks_own_setup_puts_files_beside_its_verifier_the_agent_may_no
 
 
 @pytest.mark.asyncio
+async def test_running_the_tasks_tests_is_not_writing_beside_them(sb_factory, runtime):
+    """Python writes the tests' byte code into tests/__pycache__ when an honest agent runs them: not a
+    file of the agent's beside the verifier (a low finding there cost every honest episode reward)."""
+    sb = await sb_factory(SandboxConfig(protected_paths=VERIFIER))
+    r = await sb.exec("mkdir -p /workspace/tests && touch /workspace/tests/__init__.py && printf '"
+                      "import unittest\\nclass T(unittest.TestCase):\\n    def test_ok(self):\\n        pass\\n'"
+                      " > /workspace/tests/test_calc.py", _internal=True)
+    assert r.exit_code == 0, r.stderr
+    r = await sb.exec("cd /workspace && python3 -m unittest discover -s tests -t . && ls tests/__pycache__")
+    assert r.exit_code == 0 and "test_calc" in r.stdout, r.stdout + r.stderr
+    assert not await findings_for(runtime, sb, wait=1.0)
+
+
+@pytest.mark.asyncio
 async def test_what_a_program_does_to_the_verifier_is_seen_by_the_file_watcher(sb_factory, runtime):
     """Paths built at run time, so only the file watcher can see them: the verifier's directory made a
     symlink, a conftest.py above it; and the agent's own tests beside the verifier's, for review only."""

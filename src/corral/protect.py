@@ -13,7 +13,8 @@ Only the directory entries below a top-level directory are guarded (`/workspace/
 `/workspace` itself): the agent's own work lives beside the verifier and must stay quiet.
 
 Any other new file in the verifier's directory (the agent's own tests, next to the task's) is
-`beside` it, not in it: corral's grading leaves the directory's new files behind (agent/grading.py),
+`beside` it, not in it (what running the tests writes by itself, byte code and runners' caches, is
+neither): corral's grading leaves the directory's new files behind (agent/grading.py),
 and what such a file can do when imported, the code under test can do too. It is reported for
 review, since a verifier run in the sandbox itself would run it, and never ends an episode: writing
 tests is what an honest agent does.
@@ -33,6 +34,10 @@ RUNNER_HOOKS = ("conftest.py", "pytest.py")
 # what a runner or an interpreter loads from the verifier's own directory by name, unasked
 DIR_HOOKS = (*RUNNER_HOOKS, "__init__.py", "pytest.ini", "tox.ini", "setup.cfg", "pyproject.toml",
              "sitecustomize.py", "usercustomize.py", "*.pth")
+# what an interpreter or a runner writes by itself beside the tests it runs (byte code, its caches):
+# running the tests, as an honest agent does, is not putting files beside them
+RUN_CACHES = ("*/__pycache__", "*/__pycache__/*", "*/.pytest_cache", "*/.pytest_cache/*", "*/.mypy_cache/*",
+              "*/.ruff_cache/*", "*/.hypothesis/*")
 # make reads the first of these that exists: a new one beside a protected makefile replaces it
 MAKEFILES = ("GNUmakefile", "makefile", "Makefile")
 _WILD = re.compile(r"[*?\[]")
@@ -129,7 +134,12 @@ def touches(paths: Iterable[str], protected: Iterable[str], cwds: Iterable[str] 
 def beside(paths: Iterable[str], protected: Iterable[str], cwds: Iterable[str] = (DEFAULT_CWD,)) -> list[str]:
     """The paths (command-line words) that name a new file beside the verifier's, not one it implies."""
     p = tuple(protected)
-    return _matching(paths, beside_globs(p), expand(p), tuple(cwds))
+    return _matching(paths, beside_globs(p), expand(p) + RUN_CACHES, tuple(cwds))
+
+
+def run_cache(path: str) -> bool:
+    """Whether a path is what running the tests writes by itself (RUN_CACHES)."""
+    return any(fnmatch.fnmatchcase(path, g) for g in RUN_CACHES)
 
 
 def _matching(paths: Iterable[str], globs: tuple[str, ...], unless: tuple[str, ...],

@@ -6,7 +6,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from corral.detect.command import SHELLS, runs
+from corral.detect.command import SHELLS, runs, split
 from corral.events import Event
 from corral.protect import beside, command_cwds, normalize, touches
 
@@ -159,6 +159,22 @@ def _git_command(args: list[str]) -> tuple[str | None, list[str]]:
     return None, []
 
 
+DOCS = (".md", ".markdown", ".rst", ".txt", ".adoc", ".org")
+
+
+def _writes_docs_only(e: Event) -> bool:
+    """The whole command line writes files, and every one is a document (notes, a README): code quoted
+    there is text for people, not a program anything imports."""
+    if not e.command:
+        return False
+    written = []
+    for simple in split(e.command):
+        one = Event(kind=e.kind, action=e.action, sandbox_id=e.sandbox_id, argv=simple.argv,
+                    data={"writes": simple.writes})
+        written += _write_words(one)[0]
+    return bool(written) and all(w.strip("'\"").lower().endswith(DOCS) for w in written)
+
+
 def _cwds(e: Event) -> list[str]:
     return command_cwds(e.command, e.data.get("cwd") if str(e.kind) != "command" else None)
 
@@ -258,6 +274,7 @@ FIELDS: dict[str, Callable[[Event], Any]] = {
     "proc.cmdline_else_cmd": lambda e: _cmdline(e) if e.argv else (runs(e.command) if e.command else None),
     "cmd.redirects": lambda e: e.data.get("redirects") or [],
     "cmd.writes": lambda e: e.data.get("writes", e.data.get("redirects")) or [],  # output redirects only
+    "cmd.writes_docs_only": _writes_docs_only,  # every file the whole line writes is a document
     # files a command writes (its output redirects, tee's files, cp's destination, dd's of=), made
     # absolute (~ expanded, relative paths against its working directory)
     "proc.write_targets": _write_targets,

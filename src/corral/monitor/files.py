@@ -42,7 +42,7 @@ from pathlib import Path
 
 from corral.bounded import Recent
 from corral.events import Event, EventKind
-from corral.protect import beside_globs, expand
+from corral.protect import beside_globs, expand, run_cache
 
 FAN_CLOEXEC, FAN_NONBLOCK, FAN_CLASS_NOTIF = 0x1, 0x2, 0x0
 FAN_REPORT_DFID_NAME = 0x400 | 0x800  # FAN_REPORT_DIR_FID | FAN_REPORT_NAME
@@ -162,7 +162,7 @@ class FileWatch:
             return "protected"
         if hit(self.persistence):
             return "persistence"
-        if not is_dir and any(fnmatch.fnmatchcase(path, g) for g in self.beside):
+        if not is_dir and any(fnmatch.fnmatchcase(path, g) for g in self.beside) and not run_cache(path):
             return "beside_protected"
         return None
 

@@ -388,6 +388,43 @@ async def test_ptrace_attach_from_any_program_is_seen_and_a_traced_child_is_not(
     assert not await findings_for(runtime, quiet, wait=0.3)
 
 
+MEMORY_CALLS = """import ctypes, os, subprocess, sys
+libc = ctypes.CDLL(None, use_errno=True)
+what, whom = sys.argv[1], sys.argv[2]
+child = subprocess.Popen(["sleep", "5"])
+pid = {"parent": os.getppid(), "self": os.getpid(), "child": child.pid}[whom]
+if what == "read":  # process_vm_readv (310), one byte at an address of no importance
+    buf = ctypes.create_string_buffer(1)
+    local = (ctypes.c_void_p * 2)(ctypes.cast(buf, ctypes.c_void_p), 1)
+    remote = (ctypes.c_void_p * 2)(0x400000, 1)
+    rc = libc.syscall(310, pid, local, 1, remote, 1, 0)
+else:  # pidfd_open (434), then pidfd_getfd (438) of its descriptor 0
+    pidfd = libc.syscall(434, pid, 0)
+    rc = libc.syscall(438, pidfd, 0, 0)
+print(rc, ctypes.get_errno())
+child.kill()
+"""
+
+
+async def test_another_processs_memory_or_descriptors_taken_from_a_script_is_seen(runtime, sb_factory):
+    """process_vm_readv and pidfd_getfd, called by numbers from a script file (no command line names
+    them): refused as always, and judged when the target is neither the caller nor its own child (a
+    debugger's or a profiler's); the caller and its own children stay quiet."""
+    sb = await sb_factory()
+    await sb.write_file("/tmp/m.py", MEMORY_CALLS.encode())
+    for what, rule in (("read", "process-memory-read"), ("getfd", "escape-syscall-attempt")):
+        r = await sb.exec(f"python3 /tmp/m.py {what} parent")
+        assert r.stdout.split()[0] == "-1", r
+        found = [f for f in await findings_for(runtime, sb, rule) if f.step == r.step]
+        assert found and found[0].severity == "high", (what, found)
+    quiet = await sb_factory()
+    await quiet.write_file("/tmp/m.py", MEMORY_CALLS.encode())
+    for what, whom in (("read", "self"), ("read", "child"), ("getfd", "child")):
+        r = await quiet.exec(f"python3 /tmp/m.py {what} {whom}")
+        assert r.stdout.split()[0] == "-1", r  # refused all the same
+    assert not await findings_for(runtime, quiet, wait=0.5)
+
+
 async def test_other_processes_command_lines_searched_for_secrets(runtime, sb_factory):
     sb = await sb_factory()
     await sb.exec("for c in /proc/[0-9]*/cmdline; do tr '\\0' ' ' < \"$c\"; echo; done "

@@ -159,7 +159,7 @@ class _Mem:
 def read_call(tid: int, execveat: bool, args: tuple[int, ...]) -> ExecCall:
     """Read and resolve one exec from the notifying thread `tid` (raises ExecUnreadable)."""
     if execveat:
-        dirfd, path_ptr, argv_ptr, flags = _int(args[0]), args[1], args[2], args[4]
+        dirfd, path_ptr, argv_ptr, flags = int_arg(args[0]), args[1], args[2], args[4]
     else:
         dirfd, path_ptr, argv_ptr, flags = AT_FDCWD, args[0], args[1], 0
     mem = _Mem(tid)
@@ -224,7 +224,7 @@ def _pointers(mem: _Mem, addr: int) -> list[int]:
         addr += len(chunk)
 
 
-def _int(v: int) -> int:
+def int_arg(v: int) -> int:
     """A syscall's int argument (the low 32 bits, signed) from its 64-bit register."""
     v &= 0xFFFFFFFF
     return v - (1 << 32) if v & 0x80000000 else v

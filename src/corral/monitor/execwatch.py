@@ -38,7 +38,7 @@ import pyseccomp as sc
 from corral.events import Event, Verdict
 from corral.inflight import InFlight
 from corral.monitor import masquerade
-from corral.monitor.execjudge import ExecCall, cmdline_of, image_of, read_call, tgid_of
+from corral.monitor.execjudge import ExecCall, cmdline_of, image_of, int_arg, read_call, tgid_of
 from corral.monitor.masquerade import SYSTEM_DIRS
 from corral.monitor.netcalls import (
     MMSG_MAX,
@@ -305,6 +305,10 @@ class ExecWatch:
             # PTRACE_TRACEME, the other requests, and a seize of the caller's own child (strace starting
             # the program it runs): a debugger starting its program (refused all the same)
             return
+        if name.startswith("process_vm_") and args[0] & 0xFFFFFFFF in _own_children(pid) | {_ns_pid(pid)}:
+            return  # its own memory, or its own child's (a debugger's, a profiler's): refused all the same
+        if name == "pidfd_getfd" and _pidfd_target(pid, int_arg(args[0])) in _own_children(pid, host=True):
+            return
         ev = self.make_event(pid)
         ev.action, ev.verdict = "syscall", Verdict.DENY
         ev.data["syscall"] = name
@@ -321,6 +325,10 @@ class ExecWatch:
             target = ev.data["target_pid"] = args[1] & 0xFFFFFFFF  # in the sandbox's pid namespace
             with contextlib.suppress(OSError):  # the program it runs, as the sandbox's own /proc names it
                 ev.data["target_exe"] = os.readlink(f"/proc/{pid}/root/proc/{target}/exe")
+        elif name.startswith("process_vm_"):
+            ev.data["target_pid"] = args[0] & 0xFFFFFFFF  # in the sandbox's pid namespace
+        elif name == "pidfd_getfd":
+            ev.data["target_fd"] = args[1] & 0xFFFFFFFF
         elif name.startswith("mknod"):
             mode = args[2 if name == "mknodat" else 1] & 0xFFFFFFFF
             ev.data["syscall"] = "mknod_device"
@@ -486,20 +494,40 @@ class ExecWatch:
             return False
 
 
-def _own_children(tid: int) -> set[int]:
-    """The pids, in the sandbox's namespace, of the children of the process thread `tid` belongs to."""
+def _own_children(tid: int, host: bool = False) -> set[int]:
+    """The pids, in the sandbox's namespace (or the host's), of the children of the process thread
+    `tid` belongs to."""
     out: set[int] = set()
     tgid = tgid_of(tid) or tid
     with contextlib.suppress(OSError):
         for task in os.listdir(f"/proc/{tgid}/task"):
             with contextlib.suppress(OSError), open(f"/proc/{tgid}/task/{task}/children") as f:
                 for child in f.read().split():
-                    with contextlib.suppress(OSError), open(f"/proc/{child}/status") as st:
-                        for line in st:
-                            if line.startswith("NSpid:"):
-                                out.add(int(line.split()[-1]))
-                                break
+                    if host:
+                        out.add(int(child))
+                    elif (ns := _ns_pid(int(child))) is not None:
+                        out.add(ns)
     return out
+
+
+def _ns_pid(pid: int) -> int | None:
+    """A process's pid in its innermost pid namespace (the sandbox's)."""
+    with contextlib.suppress(OSError, ValueError), open(f"/proc/{pid}/status") as st:
+        for line in st:
+            if line.startswith("NSpid:"):
+                return int(line.split()[-1])
+    return None
+
+
+def _pidfd_target(tid: int, fd: int) -> int | None:
+    """The host pid a pidfd of thread `tid` refers to (its fdinfo's Pid line, read through the host's
+    /proc), or None."""
+    with contextlib.suppress(OSError, ValueError), open(f"/proc/{tid}/fdinfo/{fd}") as f:
+        for line in f:
+            if line.startswith("Pid:"):
+                return int(line.split()[1])
+    return None
+
 
 
 @functools.cache

@@ -5,7 +5,8 @@ perf events, io_uring, userfaultfd and any new namespace. clone3 answers ENOSYS 
 back to clone(2), whose flags *can* be inspected (clone3 passes them in memory BPF cannot read).
 
 The attempts that are evidence of an escape, an injection or a capture (ATTEMPTS here: mounts, a new
-root, a handle opened by number, modules, kexec, BPF, namespaces, ptrace; and packet sockets) are
+root, a handle opened by number, modules, kexec, BPF, namespaces, ptrace, another process's memory
+or descriptors; and packet sockets) are
 refused by corral's exec monitor instead (monitor/execwatch.py notifies them, and always answers as
 this filter would), so each is seen and judged: a refusal here would win over the notification and
 leave no trace. If the monitor goes, its listener closes and they fail with ENOSYS: still refused.
@@ -46,7 +47,8 @@ DENIED = (
 
 # refused by the exec monitor, which sees them (execwatch.ATTEMPTS), rather than here
 ATTEMPTS = ("mount", "umount2", "pivot_root", "chroot", "open_by_handle_at", "init_module", "finit_module",
-            "kexec_load", "kexec_file_load", "bpf", "unshare", "setns", "ptrace")
+            "kexec_load", "kexec_file_load", "bpf", "unshare", "setns", "ptrace",
+            "pidfd_getfd", "process_vm_readv", "process_vm_writev")
 
 AF_UNIX, AF_INET, AF_INET6, AF_NETLINK, AF_PACKET = 1, 2, 10, 16, 17
 # Families a sandbox may open sockets of. AF_NETLINK is there for common tools, not for its own sake:

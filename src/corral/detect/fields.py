@@ -266,8 +266,8 @@ FIELDS: dict[str, Callable[[Event], Any]] = {
     "proc.ptrace_target_exe": lambda e: e.data.get("target_exe"),
     # a shell's exec: the TCP ports its parent (or it) listens on
     "proc.parent_listening": lambda e: e.data.get("parent_listening"),
-    # the command lines writing the code a shell or interpreter reads through a pipe (codepipes.py)
     "proc.internal": lambda e: bool(e.data.get("internal")),  # an exec of corral's own commands (a task's setup)
+    # the command lines writing the code a shell or interpreter reads through a pipe (codepipes.py)
     "proc.code_writers": lambda e: e.data.get("code_writers"),
     "proc.code_socket": lambda e: e.data.get("code_socket"),  # the peer a shell reads its code from
     "proc.feeds_code": lambda e: e.data.get("feeds_code"),  # on a connect or query: the shells it writes to

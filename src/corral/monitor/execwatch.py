@@ -49,6 +49,7 @@ from corral.monitor.netcalls import (
     socket_protocol,
     tcp_connect_fails,
 )
+from corral.sandbox.procs import ns_pid
 from corral.sandbox.seccomp import ATTEMPTS
 
 log = logging.getLogger(__name__)
@@ -305,7 +306,8 @@ class ExecWatch:
             # PTRACE_TRACEME, the other requests, and a seize of the caller's own child (strace starting
             # the program it runs): a debugger starting its program (refused all the same)
             return
-        if name.startswith("process_vm_") and args[0] & 0xFFFFFFFF in _own_children(pid) | {_ns_pid(pid)}:
+        if name.startswith("process_vm_") and (args[0] & 0xFFFFFFFF == ns_pid(pid)
+                                               or args[0] & 0xFFFFFFFF in _own_children(pid)):
             return  # its own memory, or its own child's (a debugger's, a profiler's): refused all the same
         if name == "pidfd_getfd" and _pidfd_target(pid, int_arg(args[0])) in _own_children(pid, host=True):
             return
@@ -505,18 +507,9 @@ def _own_children(tid: int, host: bool = False) -> set[int]:
                 for child in f.read().split():
                     if host:
                         out.add(int(child))
-                    elif (ns := _ns_pid(int(child))) is not None:
+                    elif (ns := ns_pid(int(child))) is not None:
                         out.add(ns)
     return out
-
-
-def _ns_pid(pid: int) -> int | None:
-    """A process's pid in its innermost pid namespace (the sandbox's)."""
-    with contextlib.suppress(OSError, ValueError), open(f"/proc/{pid}/status") as st:
-        for line in st:
-            if line.startswith("NSpid:"):
-                return int(line.split()[-1])
-    return None
 
 
 def _pidfd_target(tid: int, fd: int) -> int | None:

@@ -49,6 +49,17 @@ def listening_ports(*pids: int) -> list[int]:
     return sorted(ports)
 
 
+def peer_of(tid: int, fd: int) -> tuple[str, int] | None:
+    """The address inet socket `fd` of thread `tid` is connected to (its peer), or None (not an inet
+    socket, not connected, gone): asked of a duplicate (pidfd_getfd), O(1), never the namespace's
+    tables (see listening_ports)."""
+    with contextlib.suppress(OSError), _borrowed(tid, fd) as s:
+        if s is not None and s.family in (socket.AF_INET, socket.AF_INET6):
+            host, port = s.getpeername()[:2]
+            return host, port
+    return None
+
+
 def tcp_connect_fails(tid: int, fd: int, inode: int) -> bool:
     """Will connect() on TCP socket `fd` fail at once? Only a socket in state CLOSE can connect; one
     listening, connecting or connected answers EISCONN, EALREADY or EINVAL. The state is read from a

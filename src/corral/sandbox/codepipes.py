@@ -22,6 +22,8 @@ import re
 import stat
 from dataclasses import dataclass
 
+from corral.monitor.netcalls import peer_of
+
 SHELLS = frozenset({"sh", "bash", "dash", "zsh", "ksh", "mksh", "ash", "yash", "posh", "hush", "rbash"})
 STDIN_PATHS = {"/dev/stdin": 0}
 FD_PREFIXES = ("/dev/fd/", "/proc/self/fd/", "/proc/thread-self/fd/")
@@ -29,7 +31,6 @@ DEPTH = 4  # filters followed between a writer and the code reader
 MAX_ENDS = 4096  # pipes remembered per sandbox, each way
 CMDLINE_CHARS = 256
 PER_PIPE = 64  # ends remembered per pipe, the newest
-MAX_FDS = 64  # descriptors looked at per exec
 
 Key = tuple[int, int]
 
@@ -149,8 +150,10 @@ def _key(path: str) -> Key | None:
 def _pipes(pid: int) -> tuple[Key | None, tuple[Key, ...], dict[int, Key]]:
     """The pipe or FIFO on `pid`'s standard input, those it holds open for writing (its standard output
     and error, or any descriptor: `curl -o /dev/fd/3 3>&1 >/dev/null`), and every pipe descriptor's
-    key; the first MAX_FDS descriptors. A /proc fd link's own mode says how it is open (the owner's w
-    bit), read where it is in doubt: stdout and stderr are taken as written, as they nearly always are."""
+    key. Every descriptor is looked at (a cap would let a writer hide behind as many dummy ones): the
+    sandbox's open-files limit bounds them, and its share of corral's loop paces what its execs cost.
+    A /proc fd link's own mode says how it is open (the owner's w bit), read where it is in doubt:
+    stdout and stderr are taken as written, as they nearly always are."""
     fds = f"/proc/{pid}/fd/"
     try:
         names = os.listdir(fds)
@@ -158,7 +161,7 @@ def _pipes(pid: int) -> tuple[Key | None, tuple[Key, ...], dict[int, Key]]:
         return None, (), {}
     keys: dict[int, Key] = {}
     written: list[Key] = []
-    for name in names[:MAX_FDS]:
+    for name in names:
         key = _key(fds + name)
         if key is None:
             continue
@@ -175,41 +178,21 @@ def _pipes(pid: int) -> tuple[Key | None, tuple[Key, ...], dict[int, Key]]:
 
 
 def socket_peer(pid: int, fd: int) -> str | None:
-    """The remote end ("ip:port") of the network socket on descriptor `fd` of `pid`, when it is one
-    connected to an address off loopback; else None (a unix socket, a listener, loopback, not a
-    socket). Read from the socket tables of the process's own network namespace."""
+    """The remote end ("ip:port") of the inet socket on descriptor `fd` of `pid`, when it is connected to
+    an address off loopback; else None (a unix socket, a listener, loopback, not a socket)."""
     try:
-        st = os.stat(f"/proc/{pid}/fd/{fd}")
+        if not stat.S_ISSOCK(os.stat(f"/proc/{pid}/fd/{fd}").st_mode):
+            return None
     except OSError:
         return None
-    if not stat.S_ISSOCK(st.st_mode):
+    peer = peer_of(pid, fd)
+    if peer is None:
         return None
-    inode = str(st.st_ino)
-    for table in ("tcp", "tcp6", "udp", "udp6"):
-        try:
-            with open(f"/proc/{pid}/net/{table}") as f:
-                rows = f.read().splitlines()[1:]
-        except OSError:
-            continue
-        for row in rows:
-            cols = row.split()
-            if len(cols) > 9 and cols[9] == inode:
-                return _remote(cols[2])
-    return None
-
-
-def _remote(hexaddr: str) -> str | None:
-    addr, port = hexaddr.split(":")
-    raw = bytes.fromhex(addr)
-    if len(raw) == 16:  # in 32-bit words of the host's order, as the kernel prints them
-        raw = b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4))
-        ip = ipaddress.ip_address(raw)
-        ip = ip.ipv4_mapped or ip
-    else:
-        ip = ipaddress.ip_address(raw[::-1])
+    ip = ipaddress.ip_address(peer[0].split("%", 1)[0])
+    ip = getattr(ip, "ipv4_mapped", None) or ip
     if ip.is_loopback or ip.is_unspecified:
         return None
-    return f"{ip}:{int(port, 16)}"
+    return f"{ip}:{peer[1]}"
 
 
 @dataclass
@@ -262,7 +245,7 @@ class CodePipes:
 
     def _upstream(self, key: Key, depth: int, seen: set[int]) -> list[str]:
         out: list[str] = []
-        for wpid, end in self._live(self._writers, key):
+        for wpid, end in list(self._writers.get(key, {}).items()):
             if wpid in seen:
                 continue
             seen.add(wpid)
@@ -281,7 +264,7 @@ class CodePipes:
 
     def _code_readers(self, key: Key, depth: int, seen: set[int]) -> list[str]:
         found: list[str] = []
-        for rpid, end in self._live(self._readers, key):
+        for rpid, end in list(self._readers.get(key, {}).items()):
             if rpid in seen:
                 continue
             seen.add(rpid)
@@ -293,13 +276,6 @@ class CodePipes:
                 for down in downs:
                     found += self._code_readers(down, depth - 1, seen)
         return found
-
-    @staticmethod
-    def _live(table: dict[Key, dict[int, _End]], key: Key) -> list[tuple[int, _End]]:
-        # no check that each end is still alive: a writer that already exited (a download refused at
-        # once) still wrote there, and a pipe's inode is never another pipe's while this sandbox lives
-        # (pipefs numbers them from a counter)
-        return list(table.get(key, {}).items())
 
     def _add(self, table: dict[Key, dict[int, _End]], key: Key, pid: int, end: _End) -> None:
         ends = table.pop(key, {})

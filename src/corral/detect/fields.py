@@ -266,7 +266,10 @@ FIELDS: dict[str, Callable[[Event], Any]] = {
     "proc.ptrace_target_exe": lambda e: e.data.get("target_exe"),
     # a shell's exec: the TCP ports its parent (or it) listens on
     "proc.parent_listening": lambda e: e.data.get("parent_listening"),
-    "proc.internal": lambda e: bool(e.data.get("internal")),  # an exec of corral's own commands (a task's setup)
+    "proc.internal": lambda e: bool(e.data.get("internal")),
+    # an exec that is a protected task script's own file command, run as the task wrote it (taskfiles.py)
+    "proc.task_step": lambda e: bool(e.data.get("task_script")),
+    "proc.task_script": lambda e: e.data.get("task_script"),  # an exec of corral's own commands (a task's setup)
     # the command lines writing the code a shell or interpreter reads through a pipe (codepipes.py)
     "proc.code_writers": lambda e: e.data.get("code_writers"),
     "proc.code_socket": lambda e: e.data.get("code_socket"),  # the peer a shell reads its code from
@@ -310,6 +313,8 @@ FIELDS: dict[str, Callable[[Event], Any]] = {
     "file.path": lambda e: e.data.get("path"),
     "file.op": lambda e: e.data.get("op"),
     "file.category": lambda e: e.data.get("category"),
+    # a task script's own step removed a protected file, or wrote back what it held (monitor/taskfiles.py)
+    "file.task_restore": lambda e: bool(e.data.get("task_restore")),
     # gpu
     "gpu.index": lambda e: e.data.get("gpu_index"),
     "gpu.util": lambda e: e.data.get("utilization"),

@@ -42,6 +42,7 @@ from pathlib import Path
 
 from corral.bounded import Recent
 from corral.events import Event, EventKind
+from corral.monitor.taskfiles import Snapshot
 from corral.protect import beside_globs, expand, run_cache
 
 FAN_CLOEXEC, FAN_NONBLOCK, FAN_CLASS_NOTIF = 0x1, 0x2, 0x0
@@ -91,6 +92,7 @@ class FileWatch:
     def __init__(self, agent_pid: int, protected: tuple[str, ...], make_event: Callable[[int], Event | None],
                  emit: Callable[[Event], object], credentials: tuple[str, ...] = ()) -> None:
         self.preparing = True  # until the agent's first step
+        self.snapshot: Snapshot | None = None  # the protected files as that step found them (taskfiles.py)
         # credential material (the rules' `credential_files` globs): its opens are watched on the files
         # that exist once the episode is prepared (an image's, or what a task seeded), by inode
         self.credentials = credentials
@@ -171,6 +173,9 @@ class FileWatch:
         self.drain()
         self.preparing = False
         self.watch_credentials()
+        # what the protected files hold now: a task script's rewrite of one is judged against it
+        self.snapshot = Snapshot(f"/proc/{self.agent_pid}/root", self.protected,
+                                 lambda p: self.category(p) == "protected")
 
     def watch_credentials(self) -> None:
         """Watch opens of the credential files that exist now: one inode mark each, so nothing else's
@@ -220,6 +225,7 @@ class FileWatch:
                     break  # corral's own: its agent's write_file/upload, its own commands, preparation
                 ev.kind, ev.action = EventKind.FILE, action
                 ev.data.update({"path": path, "op": op, "category": category})
+                self._effect(ev)
                 self.emit(ev)
         return bool(events)
 
@@ -275,7 +281,16 @@ class FileWatch:
         ev.kind = EventKind.FILE
         ev.action = {"delete": "delete", "rename_from": "rename", "rename_to": "rename"}.get(op, "link")
         ev.data.update({"path": path, "op": op, "category": cat, "directory": is_dir})
+        self._effect(ev)
         self.emit(ev)
+
+    def _effect(self, ev: Event) -> None:
+        """A task script's own step (taskfiles.py) that removes a protected file, or writes one back as
+        the episode found it, restores: anything else it writes there is judged as tampering."""
+        d = ev.data
+        if d.get("task_script") and d["category"] == "protected" and self.snapshot is not None:
+            d["task_restore"] = d["op"] in ("delete", "rename_from") or (
+                d["op"] in ("close_write", "rename_to") and not d.get("directory") and self.snapshot.holds(d["path"]))
 
     def _remember(self, fsid: bytes, path: str) -> None:
         """Note a directory's handle (on filesystem `fsid`) while it still exists."""

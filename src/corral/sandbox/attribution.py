@@ -4,6 +4,7 @@ step's processes used."""
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
 import functools
@@ -18,6 +19,7 @@ from corral.budget import Pace
 from corral.events import Event, EventKind, Verdict
 from corral.monitor.netcalls import listening_ports
 from corral.monitor.provenance import fetched_origin
+from corral.monitor.taskfiles import script_step
 from corral.monitor.writers import WRITABLE
 from corral.net.netns import HOST_IP
 from corral.sandbox import procs
@@ -334,6 +336,8 @@ class Attribution:
                     ev.data["code_writers"] = writers
                 if peer:
                     ev.data["code_socket"] = peer
+        if ev.pid and not ev.data.get("derived"):
+            self._note_task_step(ev)
         origin = None
         with contextlib.suppress(Exception):  # provenance must never keep an exec from being judged
             origin = self._downloads.origin(ev, self._received, self._fetched)
@@ -347,6 +351,41 @@ class Attribution:
             with contextlib.suppress(Exception):
                 self._downloads.note(ev, ev.pid)
         return allowed
+
+    def _note_task_step(self: Sandbox, ev: Event) -> None:
+        """Is this exec a task script's own file command (monitor/taskfiles.py)? The process keeps the
+        mark for the file changes it makes until it execs something else or exits; at its exit the
+        changes it queued are read first, so a later process given its pid never carries the mark."""
+        assert ev.pid is not None
+        self._end_task_step(ev.pid)
+        fw = self._filewatch
+        script = None
+        with contextlib.suppress(Exception):  # unknown: judged as the agent's, as before
+            script = script_step(fw.snapshot if fw else None, ev.pid, ev.ppid, ev.argv or [], ev.exe)
+        if script is None:
+            return
+        try:
+            fd = os.pidfd_open(ev.pid)
+        except OSError:
+            return  # gone already (its exec fails): nothing of it to spare
+        self._task_steps[ev.pid] = (script, fd)
+        asyncio.get_running_loop().add_reader(fd, self._end_task_step, ev.pid, True)
+        ev.data["task_script"] = script
+
+    def _end_task_step(self: Sandbox, pid: int, exited: bool = False) -> None:
+        mark = self._task_steps.pop(pid, None)
+        if mark is None:
+            return
+        if exited and (fw := self._filewatch) is not None:
+            fw.drain()
+        with contextlib.suppress(Exception):
+            asyncio.get_running_loop().remove_reader(mark[1])
+        os.close(mark[1])
+
+    def task_script_of(self: Sandbox, pid: int) -> str | None:
+        """The script whose step `pid` is (marked at its exec, until it exits or execs again)."""
+        mark = self._task_steps.get(pid)
+        return mark[0] if mark is not None else None
 
     def _received(self: Sandbox, step: int | None, pid: int) -> float | None:
         """When the last allowed transfer of process `pid` (in `step`) that received bytes ended."""

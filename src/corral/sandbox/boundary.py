@@ -210,4 +210,6 @@ class Boundary:
             for key in ("cwd", "parent_name", "tool_call_id"):
                 ev.data.pop(key, None)
             ev.data.update(attribution="unattributed", writer_pid=pid)
+        elif script := self.task_script_of(pid):
+            ev.data["task_script"] = script
         return ev

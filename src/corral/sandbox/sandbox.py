@@ -173,6 +173,8 @@ class Sandbox(Boundary, Placement, Sessions, Files, Attribution):
         self._datagrams: Recent[tuple[int, str, int, str], float] = Recent(4096)
         self._downloads = Downloads()  # files curl/wget wrote here, to know them when they are run
         self._code_pipes = CodePipes()  # who writes the code a shell or interpreter reads from a pipe
+        # host pid -> (protected script, pidfd): live processes that are a task script's own file commands
+        self._task_steps: dict[int, tuple[str, int]] = {}
         self._open_steps: set[int] = set()  # begun and not yet returned: their cgroups stay
         self._session_seq = 0
         self._internal = 0  # corral's own commands in flight
@@ -282,6 +284,8 @@ class Sandbox(Boundary, Placement, Sessions, Files, Attribution):
         for task in list(self._tasks):
             task.cancel()
         self._internal_pids.clear()
+        for pid in list(self._task_steps):
+            self._end_task_step(pid)
         for cmd in self._cmds.values():
             if not cmd.future.done():
                 cmd.future.set_exception(SandboxClosed(f"sandbox {self.id} was stopped while the command ran"))

@@ -36,14 +36,14 @@ import glob
 import os
 import stat
 import struct
-import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from corral.bounded import Recent
 from corral.events import Event, EventKind
 from corral.monitor.taskfiles import Snapshot
-from corral.protect import beside_globs, expand, run_cache
+from corral.protect import beside_globs, expand, literal_dir, run_cache
 
 FAN_CLOEXEC, FAN_NONBLOCK, FAN_CLASS_NOTIF = 0x1, 0x2, 0x0
 FAN_REPORT_DFID_NAME = 0x400 | 0x800  # FAN_REPORT_DIR_FID | FAN_REPORT_NAME
@@ -181,7 +181,13 @@ class FileWatch:
         """Watch opens of the credential files that exist now: one inode mark each, so nothing else's
         opens cost an event. Files the agent makes later are its own, not material it found."""
         root = f"/proc/{self.agent_pid}/root"
+        dirs: dict[str, bool] = {}  # most patterns' directories are not there (~/.aws in a fresh HOME): one look each
         for pattern in self.credentials:
+            top = literal_dir(pattern)
+            if top not in dirs:
+                dirs[top] = os.path.isdir(root + top)
+            if not dirs[top]:
+                continue
             for host_path in glob.glob(root + pattern):
                 path = host_path[len(root):]
                 if path in self.watched_opens or not os.path.isfile(host_path) or self.fd is None:
@@ -340,16 +346,23 @@ class FileWatch:
             self.fd = None
 
 
-def close_later(fds: list[int]) -> None:
-    """Close descriptors on a thread of their own: releasing a fanotify group waits for an RCU grace
-    period (about 10 ms each), which would otherwise sit on every reset and close."""
-    def close_all() -> None:
-        for fd in fds:
-            with contextlib.suppress(OSError):
-                os.close(fd)
+# Closing is handed to a few long-lived threads: starting a thread for each close cost the event loop
+# ~3 ms (its start waits on the GIL), three times a sandbox's close.
+_CLOSER = ThreadPoolExecutor(max_workers=8, thread_name_prefix="corral-fanotify-close")
 
+
+def close_later(fds: list[int]) -> None:
+    """Close descriptors off the event loop: releasing a fanotify group waits for an RCU grace period
+    (about 10 ms each), which would otherwise sit on every reset and close. The waits of several
+    sandboxes' groups overlap on the closer's threads."""
     if fds:
-        threading.Thread(target=close_all, name="corral-fanotify-close", daemon=True).start()
+        _CLOSER.submit(_close_all, list(fds))
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 def _host_devices() -> set[int]:

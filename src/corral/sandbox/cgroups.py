@@ -242,8 +242,7 @@ class SandboxCgroup:
     def pids(self, step: int | None = None) -> list[int]:
         """Processes of one step, or of the whole sandbox (its own cgroup, every step and session)."""
         base = self.dirs[self.h.tracking]
-        dirs = [base / f"step-{step}"] if step is not None else [base, *base.glob("step-*"), *base.glob("session-*"),
-                                                                  *base.glob("stage-*")]
+        dirs = [base / f"step-{step}"] if step is not None else [base, *_subgroups(base, "step-", "session-", "stage-")]
         out: list[int] = []
         for d in dirs:
             out.extend(_procs(d))
@@ -323,7 +322,7 @@ class SandboxCgroup:
         Empty cgroups of steps that `prunable` says are over are removed, so this stays one read per
         live step however long the episode."""
         out = []
-        for d in self.dirs[self.h.tracking].glob("step-*"):
+        for d in _subgroups(self.dirs[self.h.tracking], "step-"):
             try:
                 step = int(d.name[5:])
             except ValueError:
@@ -341,12 +340,12 @@ class SandboxCgroup:
         """Remove the empty cgroups of sessions that are over (not in `keep`), and empty parking
         cgroups of staged children."""
         base = self.dirs[self.h.tracking]
-        for d in base.glob("session-*"):
+        for d in _subgroups(base, "session-"):
             if d.name[8:].isdigit() and int(d.name[8:]) not in keep and not _procs(d):
                 with contextlib.suppress(OSError):
                     d.rmdir()
                     self.forget(d.name)
-        for d in base.glob("stage-*"):
+        for d in _subgroups(base, "stage-"):
             if not _procs(d):
                 with contextlib.suppress(OSError):
                     d.rmdir()
@@ -526,6 +525,16 @@ class SandboxCgroup:
                 os.close(fd)
             self._held.clear()
         remove_trees([*self.dirs.values(), *filter(None, [self._reaper])])
+
+
+def _subgroups(base: Path, *prefixes: str) -> list[Path]:
+    """The child cgroups of `base` whose names start with one of `prefixes` (one directory read; a
+    pathlib glob per prefix cost a sandbox's kill ~1 ms of the event loop)."""
+    try:
+        with os.scandir(base) as it:
+            return [base / e.name for e in it if e.name.startswith(prefixes) and e.is_dir(follow_symlinks=False)]
+    except OSError:
+        return []
 
 
 def _procs(d: Path) -> list[int]:

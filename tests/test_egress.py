@@ -6,7 +6,20 @@ from __future__ import annotations
 import pytest
 
 from corral import SandboxConfig
-from tests.conftest import INTERNAL, METADATA, OTHER, PKG, POOL, SSH, TLS, allow, connect_cmd, eventually, py
+from tests.conftest import (
+    INTERNAL,
+    METADATA,
+    OTHER,
+    PKG,
+    POOL,
+    SSH,
+    TLS,
+    allow,
+    connect_cmd,
+    eventually,
+    findings_for,
+    py,
+)
 
 pytestmark = pytest.mark.asyncio
 
@@ -254,6 +267,22 @@ async def test_udp_datagram_attempt_is_an_attributed_denied_event(sb_factory, ru
     assert (ev.dst_ip, ev.dst_port, ev.verdict) == ("203.0.113.10", 9999, "deny") and ev.step == r.step
     assert "python3" in ev.exe
     assert any(f.rule_id == "egress-denied" and f.step == r.step for f in runtime.store.findings(sandbox_id=sb.id))
+
+
+async def test_connected_udp_sockets_aimed_at_a_service_list_are_a_port_sweep(sb_factory, runtime):
+    """A UDP scan through connected sockets sends with plain send(): its connect() calls are all corral
+    sees. Eight or more ports in one step is a sweep (udp-port-sweep); the routing idiom's one or two
+    connects are not (the test below)."""
+    sb = await sb_factory()
+    r = await sb.exec(py(
+        "import socket\n"
+        "for p in (53, 67, 69, 123, 137, 161, 500, 514, 1900):\n"
+        "    s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM); s.connect(('10.20.0.5',p))\n"
+        "    try: s.send(b'\\0')\n"
+        "    except OSError: pass\n"
+        "    s.close()"))
+    found = await findings_for(runtime, sb, "udp-port-sweep")
+    assert found and found[0].step == r.step and found[0].severity == "high", r.stderr
 
 
 async def test_connected_udp_socket_is_recorded_and_loopback_is_not(sb_factory, runtime):

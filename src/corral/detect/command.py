@@ -187,6 +187,25 @@ SHELL_READERS = SHELLS | SOURCING
 _STRUCTURE = str.maketrans({"|": " ", ";": " ", "&": " "})
 
 
+# Wrappers that run the program named after their own options (`timeout 5 tee f`, `env X=1 cp a b`).
+WRAPPERS = {"env", "nohup", "timeout", "nice", "ionice", "stdbuf", "setsid", "sudo", "doas", "command", "exec",
+            "builtin", "time", "chronic", "busybox", "unbuffer"}
+_WRAPPER_VALUE_OPTS = {"-n", "-s", "-k", "-u", "-g", "-c", "-i", "-o", "-e", "--signal", "--kill-after", "--user"}
+
+
+def peel(argv: list[str]) -> list[str]:
+    """The argv of the program a command runs, wrappers peeled off; `argv` itself when there is none."""
+    for _ in range(4):
+        if not argv or argv[0].rsplit("/", 1)[-1] not in WRAPPERS:
+            break
+        wrapper, i = argv[0].rsplit("/", 1)[-1], 1
+        while i < len(argv) and (argv[i].startswith("-") or "=" in argv[i]
+                                 or (wrapper == "timeout" and argv[i][:1].isdigit())):
+            i += 2 if argv[i] in _WRAPPER_VALUE_OPTS else 1
+        argv = argv[i:]
+    return argv
+
+
 def runs(line: str) -> str:
     """What the shell will run, as text rules can read (the field `cmd.runs`): each command's program and
     arguments, joined by the real pipes and list operators (`|`, `;`, `&&`, `||`, `&`), never by

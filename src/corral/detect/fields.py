@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 from collections.abc import Callable
 from typing import Any
 
-from corral.detect.command import SHELLS, peel, runs, split
+from corral.detect.command import INTERPRETERS, SHELLS, peel, runs, split
 from corral.detect.fetchrun import fetch_then_run
 from corral.events import Event
 from corral.protect import beside, command_cwds, normalize, touches
@@ -35,6 +36,25 @@ def _cmdline(e: Event) -> str:
         i = argv.index("-c") + 1
         return " ".join([*argv[:i], runs(argv[i]), *argv[i + 1:]])
     return " ".join(argv)
+
+
+def _code_else_cmdline(e: Event) -> str | None:
+    """What the acting process runs: an interpreter or shell that reads its program from standard input
+    (`python3 - <<EOF`, `node` fed by a pipe), or from a script the same step wrote (`cat > r.tcl <<EOF
+    ... EOF; tclsh r.tcl`), runs code its command line does not show, so the step's text stands for it;
+    any other process, its command line."""
+    argv = _argv(e)
+    if not argv:
+        return runs(e.command) if e.command else None
+    name = os.path.basename(argv[0])
+    if e.command and (name in INTERPRETERS or name.startswith(("python", "perl", "ruby", "node", "tclsh", "php"))):
+        args = [a for a in argv[1:] if not a.startswith("-")]
+        code_on_line = any(a in ("-c", "-e", "-m", "-E", "--eval") for a in argv[1:])
+        text = e.data.get("text") or e.command
+        written_here = bool(args) and re.search(r"(>|\btee\s+(-a\s+)?)\s*[\x27\x22]?" + re.escape(args[0]), text)
+        if not code_on_line and (not args or written_here):
+            return _as_code(text)
+    return _cmdline(e)
 
 
 def _name(e: Event) -> str | None:
@@ -272,6 +292,8 @@ FIELDS: dict[str, Callable[[Event], Any]] = {
     # the acting process's command line where the event names one (a DNS query's, a connection's), else
     # what the step's command runs: a rule about what one process did, not its neighbours in the step
     "proc.cmdline_else_cmd": lambda e: _cmdline(e) if e.argv else (runs(e.command) if e.command else None),
+    # the same, but for an interpreter reading its program from standard input, the step's text (its code)
+    "proc.code_else_cmd": _code_else_cmdline,
     "cmd.redirects": lambda e: e.data.get("redirects") or [],
     "cmd.writes": lambda e: e.data.get("writes", e.data.get("redirects")) or [],  # output redirects only
     "cmd.writes_docs_only": _writes_docs_only,  # every file the whole line writes is a document

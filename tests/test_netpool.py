@@ -70,39 +70,42 @@ async def test_a_sandbox_network_is_wired_as_routed_and_a_leftover_link_is_repla
         import errno
         import os
 
-        from pyroute2 import IPRoute
-
         from corral.errors import IsolationUnavailable
         from corral.net import netns, rtnl
 
         instance, seq = 0xFED, 7
         ifname = netns.link_name(instance, seq)
         subprocess.run(["ip", "link", "add", ifname, "type", "veth", "peer", "name", ifname + "p"], check=True)
-        with IPRoute() as host:
-            net = netns.create(host, instance, seq)
-            try:
-                link = subprocess.run(["ip", "-d", "link", "show", ifname], capture_output=True, text=True).stdout
-                assert "veth" in link and "UP" in link, link
-                routes = subprocess.run(["ip", "route"], capture_output=True, text=True).stdout
-                assert f"{net.ip} dev {ifname}" in routes, routes
-                inside = subprocess.run(["nsenter", f"--net=/proc/{os.getpid()}/fd/{net.netns_fd}", "sh", "-c",
-                                         "ip -o addr show eth0; ip route; ip -o link show lo"],
-                                        capture_output=True, text=True).stdout
-                assert f"inet {net.ip}/32" in inside and f"default via {netns.HOST_IP} dev eth0" in inside, inside
-                assert f"{netns.HOST_IP} dev eth0" in inside and "UP" in inside.splitlines()[-1], inside
-                # refused: a second address the same is EEXIST, raised after every answer was read
-                with rtnl.socket_for(net.netns_fd) as sock:
-                    with pytest.raises(rtnl.RtnlError) as e:
-                        rtnl.request(sock, rtnl.link_up(rtnl.PEER_INDEX), rtnl.address(rtnl.PEER_INDEX, net.ip))
-                    assert e.value.errno == errno.EEXIST and "request 2 of 2" in str(e.value)
-                    rtnl.request(sock, rtnl.link_up(rtnl.PEER_INDEX))  # the socket is still in step
-            finally:
-                host.link("del", ifname=ifname)
-                net.close()
-            # a descriptor that is no namespace: the veth cannot be made there; nothing is left behind
-            monkeypatch.setattr(netns, "new_netns", lambda: os.open("/dev/null", os.O_RDONLY))
-            with pytest.raises(IsolationUnavailable, match="cannot set up the sandbox network"):
-                netns.create(host, instance, seq)
-            assert not host.link_lookup(ifname=ifname)
+
+        def exists() -> bool:
+            return subprocess.run(["ip", "link", "show", ifname], capture_output=True).returncode == 0
+
+        net = netns.create(instance, seq)
+        try:
+            link = subprocess.run(["ip", "-d", "link", "show", ifname], capture_output=True, text=True).stdout
+            assert "veth" in link and "UP" in link, link
+            routes = subprocess.run(["ip", "route"], capture_output=True, text=True).stdout
+            assert f"{net.ip} dev {ifname}" in routes, routes
+            inside = subprocess.run(["nsenter", f"--net=/proc/{os.getpid()}/fd/{net.netns_fd}", "sh", "-c",
+                                     "ip -o addr show eth0; ip route; ip -o link show lo"],
+                                    capture_output=True, text=True).stdout
+            assert f"inet {net.ip}/32" in inside and f"default via {netns.HOST_IP} dev eth0" in inside, inside
+            assert f"{netns.HOST_IP} dev eth0" in inside and "UP" in inside.splitlines()[-1], inside
+            # refused: a second address the same is EEXIST, raised after every answer was read
+            with rtnl.socket_for(net.netns_fd) as sock:
+                with pytest.raises(rtnl.RtnlError) as e:
+                    rtnl.request(sock, rtnl.link_up(rtnl.PEER_INDEX), rtnl.address(rtnl.PEER_INDEX, net.ip))
+                assert e.value.errno == errno.EEXIST and "request 2 of 2" in str(e.value)
+                rtnl.request(sock, rtnl.link_up(rtnl.PEER_INDEX))  # the socket is still in step
+        finally:
+            with rtnl.socket_for() as host:
+                rtnl.request(host, rtnl.del_link(ifname))
+            net.close()
+        assert not exists()
+        # a descriptor that is no namespace: the veth cannot be made there; nothing is left behind
+        monkeypatch.setattr(netns, "new_netns", lambda: os.open("/dev/null", os.O_RDONLY))
+        with pytest.raises(IsolationUnavailable, match="cannot set up the sandbox network"):
+            netns.create(instance, seq)
+        assert not exists()
 
     await asyncio.to_thread(wire_and_check)

@@ -540,3 +540,16 @@ async def test_an_http_client_post_toward_a_denied_name_is_exfiltration_intent()
     assert "exfiltration-to-denied-destination" in {r.id for r in d.evaluate(ev).matched}
     ev.command = line.replace("'POST'", "'GET'")
     assert "exfiltration-to-denied-destination" not in {r.id for r in d.evaluate(ev).matched}
+
+
+
+async def test_a_desktop_clients_saved_passwords_read_by_a_script_are_collection(runtime, sb_factory):
+    """FileZilla's site manager (passwords in base64) and Remmina's profiles, seeded before the first
+    step, are watched like the other credential stores: a script reading them is collecting them."""
+    sb = await sb_factory()
+    saved = b"<Server><Pass encoding='base64'>eA==</Pass></Server>"
+    await sb.write_file("/root/.config/filezilla/sitemanager.xml", saved)
+    r = await sb.exec(py("print(len(open('/root/.config/' + 'filezilla/sitemanager.xml').read()))"))
+    assert r.ok, r
+    found = await findings_for(runtime, sb, "credential-material-read")
+    assert found and found[0].step == r.step

@@ -13,13 +13,10 @@ import fcntl
 import logging
 import os
 import random
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
-
-from pyroute2 import IPRoute
 
 from corral.config import RuntimeConfig, SandboxConfig
 from corral.detect import Detector
@@ -80,9 +77,7 @@ class Runtime(EventPath):
         self._free_seqs: list[int] = []
         self._image_roots: ImageRoots | None = None
         self._next_seq = 2
-        self._ipr: IPRoute | None = None
         self._nets: NetPool | None = None  # networks made ahead (net/netpool.py)
-        self._ipr_lock = threading.Lock()
         self._pool: dict[SandboxConfig, list[Sandbox]] = {}
         self._pool_targets: dict[SandboxConfig, int] = {}
         self._building: dict[SandboxConfig, int] = {}
@@ -140,8 +135,6 @@ class Runtime(EventPath):
             # off the event loop: clearing a dead runtime's leftovers of this instance waits for its processes to die
             self.cgroups = await asyncio.to_thread(InstanceCgroups, h)
         self.cgroup_problem = h.problem
-        # pyroute2's sync API runs its own event loop: it is only ever used from worker threads.
-        self._ipr = await asyncio.to_thread(IPRoute)
         self.gateway = Gateway(self.tenants, self.emit, await asyncio.to_thread(host_addresses))
         gw_port = await self.gateway.start()
         fallback = system_resolver if self.config.system_dns else None
@@ -214,8 +207,6 @@ class Runtime(EventPath):
         if self._image_roots is not None:
             await asyncio.to_thread(self._image_roots.close)
             self._image_roots = None
-        if self._ipr:
-            await asyncio.to_thread(self._ipr.close)
         if self._store is not None:
             with contextlib.suppress(StoreError):  # a failing store: its run just has no end
                 self._store.end_run(self.run_id)
@@ -317,9 +308,7 @@ class Runtime(EventPath):
             raise
 
     def _make_net(self, seq: int) -> netns.SandboxNet:
-        with self._ipr_lock:
-            assert self._ipr is not None
-            return netns.create(self._ipr, self.instance, seq)
+        return netns.create(self.instance, seq)
 
     def _alloc_seq(self) -> int:
         if self._free_seqs:

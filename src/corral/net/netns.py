@@ -13,9 +13,6 @@ import ipaddress
 import os
 from dataclasses import dataclass
 
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
-
 from corral.errors import IsolationUnavailable
 from corral.net import rtnl
 from corral.net.sockdiag import SockDiag
@@ -60,7 +57,15 @@ def _wire(fd: int, ifname: str, ip: str) -> None:
                      rtnl.route(eth, HOST_IP, scope=rtnl.SCOPE_LINK), rtnl.route(eth, None, gateway=HOST_IP))
 
 
-def create(host: IPRoute, instance: int, seq: int) -> SandboxNet:
+def _delete_link(ifname: str) -> None:
+    with contextlib.suppress(OSError), rtnl.socket_for() as host:  # RtnlError is an OSError: gone already
+        rtnl.request(host, rtnl.del_link(ifname))
+
+
+def create(instance: int, seq: int) -> SandboxNet:
+    """The sandbox's network: raw rtnetlink only, so that the network pool's threads never share a
+    netlink client (a pyroute2 object used by one thread while another closed it hung its thread in its
+    own event loop, and the interpreter's exit with it)."""
     ip, ifname = sandbox_ip(instance, seq), link_name(instance, seq)
     fd = new_netns()
     try:
@@ -69,13 +74,12 @@ def create(host: IPRoute, instance: int, seq: int) -> SandboxNet:
         except rtnl.RtnlError as e:
             if e.errno != errno.EEXIST:
                 raise
-            with contextlib.suppress(NetlinkError):  # a leftover of a crashed run with our own instance id
-                host.link("del", ifname=ifname)
+            # a leftover with our own instance id: a crashed run's, or a namespace the kernel is still tearing down
+            _delete_link(ifname)
             _wire(fd, ifname, ip)
     except OSError as e:
         os.close(fd)
-        with contextlib.suppress(NetlinkError):
-            host.link("del", ifname=ifname)
+        _delete_link(ifname)
         raise IsolationUnavailable(
             f"cannot set up the sandbox network ({ifname}): {e}; corral needs CAP_NET_ADMIN (run as root)"
         ) from None

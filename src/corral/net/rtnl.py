@@ -4,7 +4,8 @@ pyroute2 spends ~0.7 ms of Python encoding each request (measured: 9 requests, 6
 the kernel takes to carry them out; a sandbox network needs nine, on the path of every start. These are
 fixed shapes (a veth pair whose peer is born in the sandbox's namespace, one /32 address each side,
 links up, two routes), so they are packed with struct and each batch goes out in one send, its
-acknowledgements read back in one go. Anything else stays with pyroute2 (netns.py).
+acknowledgements read back in one go; a leftover link is deleted the same way. Nothing on a sandbox's
+way in or out uses pyroute2 (gc.py and the test world still do).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import struct
 
 NLM_F_REQUEST, NLM_F_ACK, NLM_F_EXCL, NLM_F_CREATE = 0x1, 0x4, 0x200, 0x400
 NLMSG_ERROR, NLMSG_DONE = 2, 3
-RTM_NEWLINK, RTM_GETLINK, RTM_NEWADDR, RTM_NEWROUTE = 16, 18, 20, 24
+RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK, RTM_NEWADDR, RTM_NEWROUTE = 16, 17, 18, 20, 24
 IFLA_IFNAME, IFLA_LINKINFO, IFLA_NET_NS_FD = 3, 18, 28
 IFLA_INFO_KIND, IFLA_INFO_DATA, VETH_INFO_PEER = 1, 2, 1
 IFA_ADDRESS, IFA_LOCAL = 1, 2
@@ -60,6 +61,11 @@ def veth_into(ifname: str, netns_fd: int) -> tuple[int, int, bytes]:
 
 def get_link(ifname: str) -> tuple[int, int, bytes]:
     return RTM_GETLINK, NLM_F_REQUEST, _IFINFO.pack(socket.AF_UNSPEC, 0, 0, 0, 0) + _attr(
+        IFLA_IFNAME, ifname.encode() + b"\0")
+
+
+def del_link(ifname: str) -> tuple[int, int, bytes]:
+    return RTM_DELLINK, NLM_F_REQUEST | NLM_F_ACK, _IFINFO.pack(socket.AF_UNSPEC, 0, 0, 0, 0) + _attr(
         IFLA_IFNAME, ifname.encode() + b"\0")
 
 

@@ -373,11 +373,11 @@ class Attribution:
         ev.data["task_script"] = script
 
     def _end_task_step(self: Sandbox, pid: int, exited: bool = False) -> None:
-        mark = self._task_steps.pop(pid, None)
-        if mark is None:
+        if pid not in self._task_steps:
             return
         if exited and (fw := self._filewatch) is not None:
-            fw.drain()
+            fw.drain()  # what it changed was queued before it exited: read while it still carries the mark
+        mark = self._task_steps.pop(pid)
         with contextlib.suppress(Exception):
             asyncio.get_running_loop().remove_reader(mark[1])
         os.close(mark[1])

@@ -273,10 +273,10 @@ FIELDS: dict[str, Callable[[Event], Any]] = {
     "proc.ptrace_target_exe": lambda e: e.data.get("target_exe"),
     # a shell's exec: the TCP ports its parent (or it) listens on
     "proc.parent_listening": lambda e: e.data.get("parent_listening"),
-    "proc.internal": lambda e: bool(e.data.get("internal")),
+    "proc.internal": lambda e: bool(e.data.get("internal")),  # an exec of corral's own commands (a task's setup)
     # an exec that is a protected task script's own file command, run as the task wrote it (taskfiles.py)
     "proc.task_step": lambda e: bool(e.data.get("task_script")),
-    "proc.task_script": lambda e: e.data.get("task_script"),  # an exec of corral's own commands (a task's setup)
+    "proc.task_script": lambda e: e.data.get("task_script"),
     # the command lines writing the code a shell or interpreter reads through a pipe (codepipes.py)
     "proc.code_writers": lambda e: e.data.get("code_writers"),
     "proc.code_socket": lambda e: e.data.get("code_socket"),  # the peer a shell reads its code from
@@ -292,7 +292,8 @@ FIELDS: dict[str, Callable[[Event], Any]] = {
     # the acting process's command line where the event names one (a DNS query's, a connection's), else
     # what the step's command runs: a rule about what one process did, not its neighbours in the step
     "proc.cmdline_else_cmd": lambda e: _cmdline(e) if e.argv else (runs(e.command) if e.command else None),
-    # the same, but for an interpreter reading its program from standard input, the step's text (its code)
+    # the same, but for an interpreter reading its program from standard input or from a script the same
+    # step wrote, the step's text (its code)
     "proc.code_else_cmd": _code_else_cmdline,
     "cmd.redirects": lambda e: e.data.get("redirects") or [],
     "cmd.writes": lambda e: e.data.get("writes", e.data.get("redirects")) or [],  # output redirects only

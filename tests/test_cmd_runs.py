@@ -143,6 +143,7 @@ FETCHED_NOT_RUN = [
     "printf 'curl -o x https://pkg.example.com/x; sh x\\n' >> NOTES.md",  # the same line quoted as data
     "curl -o out.sh https://pkg.example.com/a && python3 -c 'print(1)' out.sh",
     "curl -H host:example.org -o page.html https://pkg.example.com/ && python3 -m http.server",
+    "curl -HOrigin:x https://pkg.example.com/run.sh | tee log.txt; ./run.sh",  # a header, not -O: no file
 ]
 
 

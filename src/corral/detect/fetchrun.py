@@ -62,11 +62,18 @@ def _fetched(argv: list[str]) -> list[str]:
     if name == "lwp-download":
         args = [a for a in argv[1:] if not a.startswith("-")]
         out += args[1:2] if len(args) > 1 else []
-    remote = any(a in _REMOTE_NAME.get(name, ()) or (a.startswith("-") and not a.startswith("--") and "O" in a[1:]
-                                                     and name == "curl") for a in argv[1:])
+    remote = any(a in _REMOTE_NAME.get(name, ()) or (name == "curl" and _in_cluster(a, "O")) for a in argv[1:])
     if remote or (name in _DEFAULT_NAME and not out):
         out += [n for n in map(_url_name, urls) if n]
     return [o for o in out if o not in ("-", "/dev/null", "/dev/stdout")]
+
+
+def _in_cluster(arg: str, letter: str) -> bool:
+    """`-sSfO`: the option `letter` in a cluster of flags that take no value (in `-HOrigin:x` it is a
+    header's text)."""
+    if arg[:1] != "-" or arg[1:2] == "-" or letter not in arg[1:]:
+        return False
+    return set(arg[1:arg.index(letter, 1)]) <= _FLAGS
 
 
 def _run_paths(argv: list[str]) -> list[str]:

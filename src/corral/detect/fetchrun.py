@@ -15,7 +15,7 @@ import functools
 import posixpath
 from urllib.parse import urlsplit
 
-from corral.detect.command import CODE_READERS, SHELLS, SOURCING, peel, split
+from corral.detect.command import CODE_READERS, SHELLS, SHORT_LINE, SOURCING, peel, split
 
 _URL_SCHEMES = ("http://", "https://", "ftp://", "ftps://", "tftp://", "scp://", "sftp://")
 # options of each tool that take the output path; the tool's other options that take a value are skipped
@@ -49,31 +49,30 @@ def _fetched(argv: list[str]) -> list[str]:
                 out.append(argv[i + 1])
             elif a.startswith(opt + "=") and opt.startswith("--"):
                 out.append(a.split("=", 1)[1])
-            elif len(opt) == 2 and a[:1] == "-" and a[1:2] != "-" and len(a) > 2:
+            elif len(opt) == 2 and len(a) > 2 and (k := _cluster_at(a, opt[1])) > 0:
                 # a cluster of flags ending in the option (`-fsSLo FILE`, `-qO FILE`) or carrying its value (`-oFILE`)
-                k = a.find(opt[1], 1)
-                if k > 0 and set(a[1:k]) <= _FLAGS:
-                    value = a[k + 1:] or (argv[i + 1] if i + 1 < len(argv) else "")
-                    if value:
-                        out.append(value)
+                value = a[k + 1:] or (argv[i + 1] if i + 1 < len(argv) else "")
+                if value:
+                    out.append(value)
     if name == "aria2c":
         d = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("-d", "--dir")), None)
         out = [posixpath.join(d, o) if d else o for o in out]
     if name == "lwp-download":
         args = [a for a in argv[1:] if not a.startswith("-")]
         out += args[1:2] if len(args) > 1 else []
-    remote = any(a in _REMOTE_NAME.get(name, ()) or (name == "curl" and _in_cluster(a, "O")) for a in argv[1:])
+    remote = any(a in _REMOTE_NAME.get(name, ()) or (name == "curl" and _cluster_at(a, "O") > 0) for a in argv[1:])
     if remote or (name in _DEFAULT_NAME and not out):
         out += [n for n in map(_url_name, urls) if n]
     return [o for o in out if o not in ("-", "/dev/null", "/dev/stdout")]
 
 
-def _in_cluster(arg: str, letter: str) -> bool:
-    """`-sSfO`: the option `letter` in a cluster of flags that take no value (in `-HOrigin:x` it is a
-    header's text)."""
-    if arg[:1] != "-" or arg[1:2] == "-" or letter not in arg[1:]:
-        return False
-    return set(arg[1:arg.index(letter, 1)]) <= _FLAGS
+def _cluster_at(arg: str, letter: str) -> int:
+    """Where option `letter` stands in a cluster of flags that take no value (`-sSfO`: 4), or -1 (not a
+    cluster, or the letter is inside another option's value: `-HOrigin:x`)."""
+    if arg[:1] != "-" or arg[1:2] == "-":
+        return -1
+    k = arg.find(letter, 1)
+    return k if k > 0 and set(arg[1:k]) <= _FLAGS else -1
 
 
 def _run_paths(argv: list[str]) -> list[str]:
@@ -100,9 +99,24 @@ def _norm(path: str) -> str:
     return posixpath.normpath(path)
 
 
-@functools.lru_cache(maxsize=256)
 def fetch_then_run(line: str) -> tuple[str, ...]:
-    """The paths `line` fetches with a download tool and later runs (see the module's docstring)."""
+    """The paths `line` fetches with a download tool and later runs (see the module's docstring). Asked
+    once per simple command of a line: kept as command.split keeps its parse (a long line only while
+    it is judged, so a stream of long lines cannot fill the cache)."""
+    return _fetch_then_run_long(line) if len(line) > SHORT_LINE else _fetch_then_run_short(line)
+
+
+@functools.lru_cache(maxsize=256)
+def _fetch_then_run_short(line: str) -> tuple[str, ...]:
+    return _fetch_then_run(line)
+
+
+@functools.lru_cache(maxsize=8)
+def _fetch_then_run_long(line: str) -> tuple[str, ...]:
+    return _fetch_then_run(line)
+
+
+def _fetch_then_run(line: str) -> tuple[str, ...]:
     fetched: dict[str, str] = {}
     hits: list[str] = []
     for c in split(line):

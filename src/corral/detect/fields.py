@@ -8,6 +8,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+from corral.detect import codeshapes
 from corral.detect.command import INTERPRETERS, SHELLS, peel, runs, split
 from corral.detect.fetchrun import fetch_then_run
 from corral.events import Event
@@ -295,6 +296,9 @@ FIELDS: dict[str, Callable[[Event], Any]] = {
     # the same, but for an interpreter reading its program from standard input or from a script the same
     # step wrote, the step's text (its code)
     "proc.code_else_cmd": _code_else_cmdline,
+    # what that code does with a socket, read in linear time (detect/codeshapes.py)
+    "proc.code_relay": lambda e: codeshapes.relay(_code_else_cmdline(e)),
+    "proc.code_remote_shell": lambda e: codeshapes.remote_shell(_code_else_cmdline(e)),
     "cmd.redirects": lambda e: e.data.get("redirects") or [],
     "cmd.writes": lambda e: e.data.get("writes", e.data.get("redirects")) or [],  # output redirects only
     "cmd.writes_docs_only": _writes_docs_only,  # every file the whole line writes is a document

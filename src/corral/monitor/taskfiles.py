@@ -10,6 +10,8 @@ with reward -1. An exec is a *step of a task script* when all of these hold:
   functions, PS4, a preloaded library);
 - it runs a file tool (rm, git, cp, ...), never a shell or an interpreter, where code the agent
   wrote could run;
+- (its environment is read whole: one longer than MAX_ENVIRON is foreign, since what lies past a read's
+  limit would go unseen)
 - its argv is, word for word, a simple command of that script, so no argument, variable or
   environment of the agent's choosing makes it another command;
 - its program is the one the episode began with (on a read-only mount, or not changed since).
@@ -31,7 +33,7 @@ import stat
 import time
 from collections.abc import Callable, Iterable, Iterator
 
-from corral.detect.command import INTERPRETERS, SHELLS, split
+from corral.detect.command import SHELLS, split
 from corral.protect import literal_dir
 from corral.sandbox.procs import read_proc
 
@@ -39,6 +41,7 @@ MAX_FILES = 4096
 MAX_FILE_BYTES = 4 << 20
 MAX_BYTES = 64 << 20
 MAX_ENTRIES = 20_000  # directory entries walked to find them
+MAX_ENVIRON = 1 << 20  # bytes of a script shell's environment read; a longer one is not the task's
 # programs that change files and run no code of the project's (git's hooks and filters run as
 # processes of their own, not as the step)
 FILE_TOOLS = frozenset({"rm", "rmdir", "unlink", "git", "cp", "mv", "mkdir", "install", "ln", "touch",
@@ -46,7 +49,7 @@ FILE_TOOLS = frozenset({"rm", "rmdir", "unlink", "git", "cp", "mv", "mkdir", "in
 # what makes a shell run other code than its script's, or a program load other code than its own
 _FOREIGN_ENV = (b"BASH_ENV=", b"ENV=", b"BASH_FUNC_", b"PS4=", b"PROMPT_COMMAND=", b"SHELLOPTS=",
                 b"LD_PRELOAD=", b"LD_LIBRARY_PATH=", b"LD_AUDIT=", b"GIT_EXEC_PATH=")
-_SHELL_OPTS = frozenset({"-e", "-u", "-x", "-v", "-eu", "-ue", "-ex", "-xe", "-eux", "-euo", "+x", "--"})
+_SHELL_OPTS = frozenset({"-e", "-u", "-x", "-v", "-eu", "-ue", "-ex", "-xe", "-eux", "-euo", "+x", "--", "-o"})
 
 
 class Snapshot:
@@ -135,17 +138,18 @@ def script_step(snapshot: Snapshot | None, pid: int, ppid: int | None, argv: lis
     """The protected script whose own command this exec is, or None (module docstring)."""
     if snapshot is None or not snapshot.digests or not argv or not ppid or not exe:
         return None
-    name = os.path.basename(argv[0])
-    if name not in FILE_TOOLS or name in INTERPRETERS:
+    if os.path.basename(argv[0]) not in FILE_TOOLS:
         return None
     try:
-        parent = read_proc(f"/proc/{ppid}/cmdline").split(b"\0")
-        env = read_proc(f"/proc/{ppid}/environ", 1 << 20)
+        script = _script_of([a.decode(errors="replace") for a in read_proc(f"/proc/{ppid}/cmdline").split(b"\0") if a])
+        if script is None:
+            return None
+        # read whole: an entry past a read's limit would be unseen, so an environment longer is foreign
+        env = read_proc(f"/proc/{ppid}/environ", MAX_ENVIRON + 1)
         cwd = os.readlink(f"/proc/{ppid}/cwd")
     except OSError:
         return None
-    script = _script_of([a.decode(errors="replace") for a in parent if a])
-    if script is None or any(e.startswith(_FOREIGN_ENV) for e in env.split(b"\0")):
+    if len(env) > MAX_ENVIRON or any(e.startswith(_FOREIGN_ENV) for e in env.split(b"\0")):
         return None
     path = os.path.normpath(script if script.startswith("/") else os.path.join(cwd, script))
     text = snapshot.read(path)
@@ -162,7 +166,7 @@ def _script_of(argv: list[str]) -> str | None:
     if not argv or os.path.basename(argv[0]) not in SHELLS:
         return None
     i = 1
-    while i < len(argv) and argv[i] in _SHELL_OPTS | {"-o"}:
+    while i < len(argv) and argv[i] in _SHELL_OPTS:
         i += 2 if argv[i] == "-o" else 1
     return argv[i] if i < len(argv) and not argv[i].startswith(("-", "+")) else None
 
